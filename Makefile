@@ -1,0 +1,27 @@
+# Two entry points, both self-contained on a fresh machine:
+#   make demo   venv + install + local prefill/decode demo
+#   make test   venv + install + test suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test venv clean
+
+venv: $(STAMP)
+
+# torch==2.13.0 goes in first so pip keeps the CPU wheel on machines that have it.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install "torch==2.13.0"
+	$(PY) -m pip install -e ".[torch,mlx,dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/pdc demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis
