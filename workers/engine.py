@@ -162,3 +162,26 @@ class Engine(Protocol):
     def release(self, request_id: str) -> None:
         """Drop the cache for ``request_id``; a no-op if there is none."""
         ...
+
+
+def check_layout(got: KVLayout, expected: KVLayout) -> None:
+    """Raise ``ValueError`` unless an incoming layout is the one this engine uses."""
+    if got != expected:
+        raise ValueError(f"KV layout {got} does not match this engine's {expected}")
+
+
+def join_layer(slices: list[KVSlice], layer: int, layout: KVLayout) -> tuple[np.ndarray, np.ndarray]:
+    """One layer's slices joined in token order: keys and values, each
+    ``[kv_heads, num_tokens, head_dim]``. Raises unless the slices cover
+    ``[0, layout.num_tokens)`` exactly once."""
+    parts = sorted((s for s in slices if s.layer == layer), key=lambda s: s.start)
+    next_start = 0
+    for part in parts:
+        if part.start != next_start:
+            raise ValueError(f"layer {layer}: expected a slice at token {next_start}, got one at {part.start}")
+        next_start += part.num_tokens
+    if next_start != layout.num_tokens:
+        raise ValueError(f"layer {layer}: slices cover {next_start} of {layout.num_tokens} tokens")
+    keys = np.concatenate([p.keys for p in parts], axis=1)  # [kv_heads, tokens, head_dim]
+    values = np.concatenate([p.values for p in parts], axis=1)
+    return keys, values

@@ -1,0 +1,161 @@
+"""The MLX engine: an mlx-lm model on Apple silicon (or mlx[cpu] on Linux).
+
+mlx-lm's attention layers write through ``cache.update_and_fetch(keys, values)``
+with post-RoPE ``[batch, kv_heads, tokens, head_dim]`` arrays. ``_StreamingKVCache``
+overrides that method: it evaluates the layer's new K/V at once (MLX is lazy;
+``mx.eval`` here forces exactly the computation up to this layer) and hands it
+to the caller's sink before the next layer is even built.
+
+This is the only module that imports mlx or mlx-lm.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+from mlx_lm.models.cache import KVCache
+from mlx_lm.utils import load_model
+
+from workers.engine import KVLayout, KVSlice, PrefillResult, SamplingParams, SliceSink, check_layout, join_layer
+from workers.model_config import check_tokenizer, read_model_spec
+from workers.sampling import sample
+
+log = logging.getLogger(__name__)
+
+_MX_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+_WIRE_NAMES = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}
+
+LayerHook = Callable[[int, mx.array, mx.array], None]
+
+
+class _StreamingKVCache(KVCache):
+    """mlx-lm's KVCache, reporting each layer's new K/V as it is written."""
+
+    def __init__(self, layer: int, hook: LayerHook | None = None) -> None:
+        super().__init__()
+        self.layer = layer
+        self.hook = hook
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        out = super().update_and_fetch(keys, values)
+        if self.hook is not None:
+            self.hook(self.layer, keys, values)
+        return out
+
+
+def _set_cache_state(cache: KVCache, keys: mx.array, values: mx.array) -> None:
+    """Fill ``cache`` with ``[1, kv_heads, tokens, head_dim]`` K/V (mlx-lm 0.32 API)."""
+    cache.state = (keys, values, keys.shape[2])
+
+
+class MLXEngine:
+    """mlx-lm model behind the ``Engine`` protocol."""
+
+    name = "mlx"
+
+    def __init__(self, model_dir: str | Path, dtype: str | None = None) -> None:
+        self.spec = read_model_spec(model_dir)
+        check_tokenizer(model_dir)
+        self.model, _ = load_model(Path(model_dir))
+        if dtype is not None:
+            self.model.set_dtype(_MX_DTYPES[dtype])
+        self.dtype = dtype or _weights_dtype(self.model)
+        self.device = f"mlx:{mx.default_device()}"
+        self._caches: dict[str, list[_StreamingKVCache]] = {}
+        log.info("mlx engine: %s (%s) on %s in %s", model_dir, self.spec.model_type, self.device, self.dtype)
+
+    @property
+    def layout_dtype(self) -> str:
+        return self.dtype
+
+    def kv_layout(self, num_tokens: int) -> KVLayout:
+        return KVLayout(self.spec.num_layers, self.spec.kv_heads, self.spec.head_dim, self.dtype, num_tokens)
+
+    def prefill(
+        self, request_id: str, token_ids: list[int], on_slice: SliceSink, chunk_size: int = 128
+    ) -> PrefillResult:
+        if not token_ids:
+            raise ValueError("prefill needs at least one token")
+        started = time.perf_counter()
+        cache = self._new_cache()
+        self._caches[request_id] = cache
+        logits = None
+        for start in range(0, len(token_ids), chunk_size):
+            hook = self._slice_hook(start, on_slice)
+            for layer_cache in cache:
+                layer_cache.hook = hook
+            logits = self.model(mx.array([token_ids[start : start + chunk_size]]), cache=cache)
+            mx.eval(logits)
+        for layer_cache in cache:
+            layer_cache.hook = None
+        last = _to_numpy(logits[0, -1].astype(mx.float32))  # [vocab]
+        return PrefillResult(logits=last, num_tokens=len(token_ids), compute_s=time.perf_counter() - started)
+
+    def load_kv(self, request_id: str, layout: KVLayout, slices: list[KVSlice]) -> None:
+        check_layout(layout, self.kv_layout(layout.num_tokens))
+        cache = self._new_cache()
+        for layer, layer_cache in enumerate(cache):
+            keys, values = join_layer(slices, layer, layout)
+            # [kv_heads, tokens, head_dim] -> [1, kv_heads, tokens, head_dim]
+            _set_cache_state(layer_cache, self._to_mx(keys)[None], self._to_mx(values)[None])
+        mx.eval([c.keys for c in cache] + [c.values for c in cache])
+        self._caches[request_id] = cache
+
+    def decode(self, request_id: str, first_token: int, params: SamplingParams) -> Iterator[int]:
+        cache = self._cache_of(request_id)
+        token = first_token
+        for step in range(1, params.max_tokens):
+            if token in params.stop_token_ids:
+                return
+            logits = self.model(mx.array([[token]]), cache=cache)
+            token = sample(_to_numpy(logits[0, -1].astype(mx.float32)), params, step)
+            yield token
+
+    def release(self, request_id: str) -> None:
+        self._caches.pop(request_id, None)
+
+    def _new_cache(self) -> list[_StreamingKVCache]:
+        return [_StreamingKVCache(i) for i in range(len(self.model.layers))]
+
+    def _cache_of(self, request_id: str) -> list[_StreamingKVCache]:
+        try:
+            return self._caches[request_id]
+        except KeyError:
+            raise KeyError(f"no KV cache for request {request_id!r}; prefill or load_kv first") from None
+
+    def _slice_hook(self, start: int, on_slice: SliceSink) -> LayerHook:
+        def hook(layer: int, keys: mx.array, values: mx.array) -> None:
+            mx.eval(keys, values)  # compute this layer now, not at the end of the graph
+            # [1, kv_heads, chunk, head_dim] -> [kv_heads, chunk, head_dim]
+            on_slice(KVSlice(layer, start, _to_wire(keys[0]), _to_wire(values[0]), self.dtype))
+
+        return hook
+
+    def _to_mx(self, array: np.ndarray) -> mx.array:
+        if self.dtype == "bfloat16":
+            return mx.array(array).view(mx.bfloat16)  # uint16 bit patterns
+        return mx.array(array)
+
+
+def _to_wire(array: mx.array) -> np.ndarray:
+    """A numpy copy of ``array``; bf16 becomes its uint16 bit patterns."""
+    if array.dtype == mx.bfloat16:
+        array = array.view(mx.uint16)
+    return np.array(array, copy=True)
+
+
+def _to_numpy(array: mx.array) -> np.ndarray:
+    return np.array(array, copy=False)
+
+
+def _weights_dtype(model: object) -> str:
+    """The compute dtype: that of the first floating-point parameter."""
+    for _, weight in tree_flatten(model.parameters()):
+        if weight.dtype in _WIRE_NAMES:
+            return _WIRE_NAMES[weight.dtype]
+    return "float32"

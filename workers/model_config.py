@@ -1,0 +1,186 @@
+"""Read a Hugging Face ``config.json`` and decide whether pdcluster can hand its KV over.
+
+Pure Python (no torch, no mlx): the scheduler and both engines share it.
+
+The KV handoff contract covers models whose cache is plain per-layer K/V with
+full (global) attention. Architectures whose cache holds anything else are
+refused with an error that names the architecture and the reason, until they
+are handled and tested:
+
+* sliding-window layers (a rotating window, not the whole prefix);
+* attention sinks (extra learned logits the cache must carry);
+* MLA (a compressed latent instead of per-head K/V);
+* linear attention or SSM state (a recurrent state instead of K/V).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+# model_type values whose cache is plain per-layer K/V, tested in both engines.
+SUPPORTED_ARCHES: frozenset[str] = frozenset(
+    {"llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe"}
+)
+
+_SLIDING = "has sliding-window attention layers, whose cache is a rotating window rather than the whole prefix"
+_SINKS = "uses attention sinks (and sliding-window layers), which the plain K/V contract does not carry"
+_MLA = "caches MLA latents (compressed joint K/V), not per-head keys and values"
+_STATE = "keeps linear-attention or SSM state, which is not a per-layer K/V cache"
+
+# Known architectures outside the contract, with the reason.
+REFUSED_ARCHES: dict[str, str] = {
+    "gemma2": _SLIDING,
+    "gemma3": _SLIDING,
+    "gemma3_text": _SLIDING,
+    "gemma3n": _SLIDING,
+    "gemma4": _SLIDING,
+    "gemma4_text": _SLIDING,
+    "cohere2": _SLIDING,
+    "exaone4": _SLIDING,
+    "gpt_oss": _SINKS,
+    "deepseek_v2": _MLA,
+    "deepseek_v3": _MLA,
+    "deepseek_v32": _MLA,
+    "kimi_k2": _MLA,
+    "minicpm3": _MLA,
+    "glm4_moe_lite": _MLA,
+    "mamba": _STATE,
+    "mamba2": _STATE,
+    "jamba": _STATE,
+    "falcon_h1": _STATE,
+    "nemotron_h": _STATE,
+    "granitemoehybrid": _STATE,
+    "qwen3_next": _STATE,
+    "qwen3_5": _STATE,
+    "qwen3_5_moe": _STATE,
+    "recurrent_gemma": _STATE,
+    "rwkv7": _STATE,
+    "lfm2": _STATE,
+    "lfm2_moe": _STATE,
+    "kimi_linear": _STATE,
+    "bailing_moe_linear": _STATE,
+    "minimax": _STATE,
+}
+
+_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+
+
+class UnsupportedModelError(ValueError):
+    """The model exists but its cache is outside the KV handoff contract."""
+
+
+class ModelFolderError(ValueError):
+    """The model folder is missing a file pdcluster needs."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the rest of pdcluster needs to know about a checkpoint."""
+
+    model_type: str
+    num_layers: int
+    num_heads: int
+    kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    dtype: str  # checkpoint compute dtype: float32 | float16 | bfloat16
+    eos_token_ids: tuple[int, ...]
+
+    def kv_bytes_per_token(self, dtype: str | None = None) -> int:
+        """K plus V bytes for one token over all layers."""
+        itemsize = 4 if (dtype or self.dtype) == "float32" else 2
+        return 2 * self.num_layers * self.kv_heads * self.head_dim * itemsize
+
+
+def load_config(model_dir: str | Path) -> dict:
+    """Parse ``config.json`` in ``model_dir`` with a clear error if it is absent."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise ModelFolderError(f"{model_dir}: no config.json; is this a Hugging Face model folder?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelFolderError(f"{path}: not valid JSON ({e})") from None
+
+
+def check_supported(config: dict) -> None:
+    """Raise ``UnsupportedModelError`` unless the cache is plain full-attention K/V."""
+    arch = _text_config(config).get("model_type") or "<missing model_type>"
+    cfg = _text_config(config)
+    if arch in REFUSED_ARCHES:
+        raise UnsupportedModelError(f"architecture {arch!r} is not supported: it {REFUSED_ARCHES[arch]}")
+    if arch not in SUPPORTED_ARCHES:
+        raise UnsupportedModelError(
+            f"architecture {arch!r} is unknown to pdcluster; supported: {', '.join(sorted(SUPPORTED_ARCHES))}"
+        )
+    if _uses_sliding_window(cfg):
+        raise UnsupportedModelError(
+            f"architecture {arch!r} with sliding_window={cfg.get('sliding_window')} is not supported: "
+            f"it {_SLIDING}"
+        )
+    if cfg.get("kv_lora_rank") or cfg.get("q_lora_rank"):
+        raise UnsupportedModelError(f"architecture {arch!r} is not supported: it {_MLA}")
+
+
+def read_model_spec(model_dir: str | Path) -> ModelSpec:
+    """Load, check and summarise a model folder's config."""
+    config = load_config(model_dir)
+    check_supported(config)
+    return spec_from_config(config)
+
+
+def spec_from_config(config: dict) -> ModelSpec:
+    """Summarise an already checked config dict."""
+    cfg = _text_config(config)
+    num_heads = int(cfg["num_attention_heads"])
+    hidden = int(cfg["hidden_size"])
+    dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32")
+    return ModelSpec(
+        model_type=cfg["model_type"],
+        num_layers=int(cfg["num_hidden_layers"]),
+        num_heads=num_heads,
+        kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
+        head_dim=int(cfg.get("head_dim") or hidden // num_heads),
+        hidden_size=hidden,
+        vocab_size=int(cfg["vocab_size"]),
+        max_position_embeddings=int(cfg.get("max_position_embeddings") or 2048),
+        dtype=_DTYPES.get(dtype, "float32"),
+        eos_token_ids=_eos_ids(cfg.get("eos_token_id")),
+    )
+
+
+def check_tokenizer(model_dir: str | Path) -> Path:
+    """Return the tokenizer file, or raise ``ModelFolderError`` naming what is missing."""
+    folder = Path(model_dir)
+    for name in ("tokenizer.json", "tokenizer.model"):
+        if (folder / name).is_file():
+            return folder / name
+    raise ModelFolderError(
+        f"{model_dir}: no tokenizer (expected tokenizer.json or tokenizer.model); "
+        "pdcluster needs the tokenizer beside the weights"
+    )
+
+
+def _text_config(config: dict) -> dict:
+    # Multimodal checkpoints nest the language model's config.
+    return config.get("text_config") or config
+
+
+def _uses_sliding_window(cfg: dict) -> bool:
+    layer_types = cfg.get("layer_types") or []
+    if any(t != "full_attention" for t in layer_types):
+        return True
+    if cfg.get("use_sliding_window") is False:
+        return False
+    return cfg.get("sliding_window") not in (None, 0)
+
+
+def _eos_ids(value: object) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, list):
+        return tuple(int(v) for v in value)
+    return (int(value),)

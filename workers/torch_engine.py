@@ -1,0 +1,161 @@
+"""The torch engine: a transformers causal LM on CUDA, MPS or CPU.
+
+Layer-wise streaming comes from ``_StreamingCache``, a ``DynamicCache`` whose
+``update`` is called by every attention layer with that layer's freshly
+computed (post-RoPE) K/V for the current chunk. The hook copies the chunk to
+the host and hands it to the caller's sink before the next layer runs, so the
+first layers' KV can be on the wire while later layers still compute.
+
+This is the only module that imports torch or transformers.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from workers.engine import KVLayout, KVSlice, PrefillResult, SamplingParams, SliceSink, check_layout, join_layer
+from workers.model_config import check_tokenizer, read_model_spec
+from workers.sampling import sample
+
+log = logging.getLogger(__name__)
+
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+LayerHook = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+def pick_device(requested: str | None = None) -> str:
+    """``requested`` if given, else CUDA, then MPS, then CPU."""
+    if requested and requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+class _StreamingCache(DynamicCache):
+    """A DynamicCache that reports each layer's new K/V as it is written."""
+
+    def __init__(self, config: object, hook: LayerHook | None = None) -> None:
+        super().__init__(config=config)
+        self.hook = hook
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if self.hook is not None:
+            self.hook(layer_idx, key_states, value_states)
+        return out
+
+
+class TorchEngine:
+    """transformers model behind the ``Engine`` protocol."""
+
+    name = "torch"
+
+    def __init__(self, model_dir: str | Path, device: str | None = None, dtype: str | None = None) -> None:
+        self.spec = read_model_spec(model_dir)
+        check_tokenizer(model_dir)
+        self.device = pick_device(device)
+        self.dtype = dtype or _default_dtype(self.spec.dtype, self.device)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            str(model_dir), dtype=_TORCH_DTYPES[self.dtype]
+        ).to(self.device)
+        self.model.eval()
+        self._caches: dict[str, _StreamingCache] = {}
+        log.info("torch engine: %s (%s) on %s in %s", model_dir, self.spec.model_type, self.device, self.dtype)
+
+    @property
+    def layout_dtype(self) -> str:
+        return self.dtype
+
+    def kv_layout(self, num_tokens: int) -> KVLayout:
+        return KVLayout(self.spec.num_layers, self.spec.kv_heads, self.spec.head_dim, self.dtype, num_tokens)
+
+    @torch.inference_mode()
+    def prefill(
+        self, request_id: str, token_ids: list[int], on_slice: SliceSink, chunk_size: int = 128
+    ) -> PrefillResult:
+        if not token_ids:
+            raise ValueError("prefill needs at least one token")
+        started = time.perf_counter()
+        cache = _StreamingCache(self.model.config)
+        self._caches[request_id] = cache
+        logits = None
+        for start in range(0, len(token_ids), chunk_size):
+            chunk = token_ids[start : start + chunk_size]
+            cache.hook = self._slice_hook(start, on_slice)
+            ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
+            logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        cache.hook = None
+        last = logits[0, -1].float().cpu().numpy()  # [vocab]
+        return PrefillResult(logits=last, num_tokens=len(token_ids), compute_s=time.perf_counter() - started)
+
+    def load_kv(self, request_id: str, layout: KVLayout, slices: list[KVSlice]) -> None:
+        check_layout(layout, self.kv_layout(layout.num_tokens))
+        cache = _StreamingCache(self.model.config)
+        for layer in range(layout.num_layers):
+            keys, values = join_layer(slices, layer, layout)
+            # [kv_heads, tokens, head_dim] -> [1, kv_heads, tokens, head_dim]
+            cache.update(self._to_torch(keys)[None], self._to_torch(values)[None], layer)
+        self._caches[request_id] = cache
+
+    def decode(self, request_id: str, first_token: int, params: SamplingParams) -> Iterator[int]:
+        cache = self._cache_of(request_id)
+        token = first_token
+        for step in range(1, params.max_tokens):
+            if token in params.stop_token_ids:
+                return
+            logits = self._step(cache, token)
+            token = sample(logits, params, step)
+            yield token
+
+    def release(self, request_id: str) -> None:
+        self._caches.pop(request_id, None)
+
+    @torch.inference_mode()
+    def _step(self, cache: _StreamingCache, token: int) -> np.ndarray:
+        ids = torch.tensor([[token]], dtype=torch.long, device=self.device)
+        logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+        return logits[0, -1].float().cpu().numpy()  # [vocab]
+
+    def _cache_of(self, request_id: str) -> _StreamingCache:
+        try:
+            return self._caches[request_id]
+        except KeyError:
+            raise KeyError(f"no KV cache for request {request_id!r}; prefill or load_kv first") from None
+
+    def _slice_hook(self, start: int, on_slice: SliceSink) -> LayerHook:
+        def hook(layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+            # [1, kv_heads, chunk, head_dim] -> [kv_heads, chunk, head_dim]
+            on_slice(KVSlice(layer, start, _to_wire(keys[0]), _to_wire(values[0]), self.dtype))
+
+        return hook
+
+    def _to_torch(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        if self.dtype == "bfloat16":
+            tensor = tensor.view(torch.int16).view(torch.bfloat16)  # uint16 bit patterns
+        return tensor.to(self.device)
+
+
+def _to_wire(tensor: torch.Tensor) -> np.ndarray:
+    """A host numpy copy of ``tensor``; bf16 becomes its uint16 bit patterns."""
+    tensor = tensor.detach().contiguous().cpu()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(np.uint16)
+    return tensor.numpy()
+
+
+def _default_dtype(checkpoint_dtype: str, device: str) -> str:
+    # CPUs run fp16 slowly and without some kernels; compute in fp32 there.
+    if device == "cpu" and checkpoint_dtype == "float16":
+        return "float32"
+    return checkpoint_dtype
