@@ -165,9 +165,15 @@ class Engine(Protocol):
 
 
 def check_layout(got: KVLayout, expected: KVLayout) -> None:
-    """Raise ``ValueError`` unless an incoming layout is the one this engine uses."""
-    if got != expected:
-        raise ValueError(f"KV layout {got} does not match this engine's {expected}")
+    """Raise ``ValueError`` unless an incoming layout fits this engine's model.
+
+    The dtype may differ: the receiving engine casts at its own edge."""
+    for name in ("num_layers", "kv_heads", "head_dim"):
+        if getattr(got, name) != getattr(expected, name):
+            raise ValueError(
+                f"KV layout mismatch: {name} is {getattr(got, name)} on the wire but "
+                f"{getattr(expected, name)} in this engine's model; are both nodes serving the same model?"
+            )
 
 
 def join_layer(slices: list[KVSlice], layer: int, layout: KVLayout) -> tuple[np.ndarray, np.ndarray]:

@@ -102,7 +102,8 @@ class MLXEngine:
         for layer, layer_cache in enumerate(cache):
             keys, values = join_layer(slices, layer, layout)
             # [kv_heads, tokens, head_dim] -> [1, kv_heads, tokens, head_dim]
-            _set_cache_state(layer_cache, self._to_mx(keys)[None], self._to_mx(values)[None])
+            keys_mx = self._to_mx(keys, layout.dtype)[None]
+            _set_cache_state(layer_cache, keys_mx, self._to_mx(values, layout.dtype)[None])
         mx.eval([c.keys for c in cache] + [c.values for c in cache])
         self._caches[request_id] = cache
 
@@ -136,10 +137,12 @@ class MLXEngine:
 
         return hook
 
-    def _to_mx(self, array: np.ndarray) -> mx.array:
-        if self.dtype == "bfloat16":
-            return mx.array(array).view(mx.bfloat16)  # uint16 bit patterns
-        return mx.array(array)
+    def _to_mx(self, array: np.ndarray, wire_dtype: str) -> mx.array:
+        """Wire array -> mx.array in this engine's dtype."""
+        tensor = mx.array(array)
+        if wire_dtype == "bfloat16":
+            tensor = tensor.view(mx.bfloat16)  # uint16 bit patterns
+        return tensor.astype(_MX_DTYPES[self.dtype])
 
 
 def _to_wire(array: mx.array) -> np.ndarray:

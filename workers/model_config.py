@@ -184,3 +184,21 @@ def _eos_ids(value: object) -> tuple[int, ...]:
     if isinstance(value, list):
         return tuple(int(v) for v in value)
     return (int(value),)
+
+
+def resolve_model(model: str | Path) -> Path:
+    """A local model folder for ``model``: the folder itself, or a hub id
+    downloaded into the Hugging Face cache (needs network and ``huggingface_hub``)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or str(model).startswith((".", "/", "~")) or str(model).count("/") != 1:
+        raise ModelFolderError(f"{model}: no such model folder")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ModelFolderError(f"{model}: not a local folder, and huggingface_hub is not installed to fetch it") from None
+    try:
+        return Path(snapshot_download(str(model), allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
+    except Exception as e:  # offline, unknown repo, gated repo ...
+        raise ModelFolderError(f"{model}: not a local folder, and fetching it from the hub failed: {e}") from None

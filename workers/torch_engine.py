@@ -104,7 +104,8 @@ class TorchEngine:
         for layer in range(layout.num_layers):
             keys, values = join_layer(slices, layer, layout)
             # [kv_heads, tokens, head_dim] -> [1, kv_heads, tokens, head_dim]
-            cache.update(self._to_torch(keys)[None], self._to_torch(values)[None], layer)
+            keys_t = self._to_torch(keys, layout.dtype)[None]
+            cache.update(keys_t, self._to_torch(values, layout.dtype)[None], layer)
         self._caches[request_id] = cache
 
     def decode(self, request_id: str, first_token: int, params: SamplingParams) -> Iterator[int]:
@@ -139,11 +140,12 @@ class TorchEngine:
 
         return hook
 
-    def _to_torch(self, array: np.ndarray) -> torch.Tensor:
+    def _to_torch(self, array: np.ndarray, wire_dtype: str) -> torch.Tensor:
+        """Wire array -> tensor on this device in this engine's dtype."""
         tensor = torch.from_numpy(np.ascontiguousarray(array))
-        if self.dtype == "bfloat16":
+        if wire_dtype == "bfloat16":
             tensor = tensor.view(torch.int16).view(torch.bfloat16)  # uint16 bit patterns
-        return tensor.to(self.device)
+        return tensor.to(device=self.device, dtype=_TORCH_DTYPES[self.dtype])
 
 
 def _to_wire(tensor: torch.Tensor) -> np.ndarray:
