@@ -34,7 +34,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
-    return int(args.run(args) or 0)
+    try:
+        return int(args.run(args) or 0)
+    except ValueError as e:  # bad model folders, unsupported architectures, bad flags
+        print(f"pdc: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pdc: interrupted", file=sys.stderr)
+        return 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     _add_make_model(sub)
     _add_check_handoff(sub)
+    _add_demo(sub)
     return parser
 
 
@@ -110,6 +118,36 @@ def _run_check_handoff(args: argparse.Namespace) -> int:
         dtype=args.dtype, device=args.device,
     )
     return run_check_handoff(config, as_json=args.json)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="run the built-in demo on the tiny model",
+        description=(
+            "Build the tiny model on first use (cached under ~/.cache/pdcluster), prefill a prompt "
+            "on torch, stream its KV over loopback TCP to MLX (torch when MLX is missing), decode "
+            "there and check the tokens against a single-engine run."
+        ),
+    )
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from cluster.paths import tiny_model_dir
+    from workers.handoff import HandoffConfig, run_check_handoff
+
+    decode = "mlx" if _importable("mlx.core") else "torch"
+    config = HandoffConfig(model=str(tiny_model_dir()), prefill_engine="torch", decode_engine=decode)
+    return run_check_handoff(config)
+
+
+def _importable(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
 
 
 if __name__ == "__main__":

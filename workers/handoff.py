@@ -209,6 +209,7 @@ def run_check_handoff(config: HandoffConfig, as_json: bool = False) -> int:
     print(f"check-handoff: {config.prefill_engine} prefill -> {config.decode_engine} decode on {config.model}")
     result = check_handoff(config)
     print(format_report(result))
+    print(f"  generated text    {_detokenize(Path(result.model), result.handoff_tokens)!r}")
     if as_json:
         summary = asdict(result)
         print(json.dumps(summary))
@@ -235,6 +236,12 @@ def format_report(r: HandoffResult) -> str:
             f"    {r.decode_engine} alone{' ' * (10 - len(r.decode_engine))}{r.reference_tokens[max(0, i - 3): i + 5]}",
         ]
     return "\n".join(lines)
+
+
+def _detokenize(model_dir: Path, token_ids: list[int]) -> str:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(model_dir / "tokenizer.json")).decode(token_ids)
 
 
 def _human_bytes(n: int) -> str:
