@@ -1,0 +1,432 @@
+"""KV data plane: one request's KV cache over one TCP connection.
+
+The prefill node's ``KVSender`` writes ``begin``, then one ``kv`` frame per
+layer slice the moment the engine emits it, then ``end`` with the first
+sampled token (or ``abort`` if prefill fails). The decode node's
+``KVReceiver`` reads that stream under one deadline for the whole transfer,
+validates every frame against the layout it announced (and the layout the
+decode side reserved for), and checks that each layer's tokens
+``[0, num_tokens)`` arrive exactly once, in any chunk order.
+
+Any malformed or unexpected frame raises ``FrameError`` and fails only this
+transfer; the caller closes the connection. Payload bytes are never copied in
+Python: the sender hands numpy buffers to ``sendmsg``, the receiver
+``recv_into``s fresh numpy arrays, or a ``KVArena`` the decode side reserved
+(and pre-faulted) before the transfer.
+"""
+from __future__ import annotations
+
+import bisect
+import contextlib
+import math
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+
+from workers.engine import KVLayout, KVSlice, numpy_dtype
+from workers.kv_codec import (
+    Abort,
+    Begin,
+    Buffer,
+    End,
+    FrameError,
+    FrameReader,
+    KVHeader,
+    encode_abort,
+    encode_begin,
+    encode_end,
+    encode_kv,
+)
+
+SOCKET_BUFFER_BYTES = 4 << 20
+DEFAULT_SEND_TIMEOUT_S = 30.0
+
+T = TypeVar("T")
+
+
+class TransferAborted(RuntimeError):
+    """The sender aborted the transfer; ``reason`` says why."""
+
+    def __init__(self, rid: str, reason: str) -> None:
+        super().__init__(f"KV transfer {rid!r} aborted by sender: {reason}")
+        self.rid = rid
+        self.reason = reason
+
+
+# ---------------------------------------------------------------- sockets
+
+
+def tune_socket(sock: socket.socket) -> None:
+    """TCP_NODELAY and large kernel buffers, best effort."""
+    for level, option, value in (
+        (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
+        (socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES),
+        (socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES),
+    ):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(level, option, value)
+
+
+def connect(host: str, port: int, *, timeout: float) -> socket.socket:
+    """A tuned TCP connection to a KV receiver; ``timeout`` bounds each wait."""
+    sock = socket.create_connection((host, port), timeout=timeout)
+    tune_socket(sock)
+    return sock
+
+
+def send_buffers(sock: socket.socket, buffers: list[Buffer]) -> int:
+    """``sendmsg`` all of ``buffers``, resuming after partial sends; return bytes sent."""
+    views = [memoryview(b).cast("B") for b in buffers]
+    total = sum(len(v) for v in views)
+    while views:
+        sent = sock.sendmsg(views)
+        while views and sent >= len(views[0]):
+            sent -= len(views[0])
+            views.pop(0)
+        if sent:
+            views[0] = views[0][sent:]
+    return total
+
+
+class OneShotServer(Generic[T]):
+    """Listens on ``host:port``, accepts one connection in a thread and runs
+    ``handler`` on it; ``result()`` returns what the handler returned or
+    re-raises what it raised. The connection is closed after the handler."""
+
+    def __init__(
+        self, handler: Callable[[socket.socket], T], host: str = "127.0.0.1", port: int = 0,
+        *, accept_timeout: float = 10.0,
+    ) -> None:
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        tune_socket(self._listener)  # buffer sizes must precede listen() to scale the window
+        self._listener.bind((host, port))
+        self._listener.listen(1)
+        self._listener.settimeout(accept_timeout)
+        self.host, self.port = self._listener.getsockname()[:2]
+        self._handler = handler
+        self._result: T | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._serve, name=f"kv-serve-{self.port}", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        try:
+            with self._listener:
+                conn, _ = self._listener.accept()
+            with conn:
+                tune_socket(conn)
+                self._result = self._handler(conn)
+        except BaseException as exc:  # handed to result()
+            self._error = exc
+
+    def result(self, timeout: float) -> T:
+        """Wait up to ``timeout`` seconds for the handler's outcome."""
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"KV server on port {self.port} still running after {timeout}s")
+        if self._error is not None:
+            raise self._error
+        return self._result  # type: ignore[return-value]
+
+
+def serve_once(
+    handler: Callable[[socket.socket], T], host: str = "127.0.0.1", port: int = 0,
+    *, accept_timeout: float = 10.0,
+) -> OneShotServer[T]:
+    """Start a ``OneShotServer``; its ``port`` is bound when this returns."""
+    return OneShotServer(handler, host, port, accept_timeout=accept_timeout)
+
+
+# ---------------------------------------------------------------- sender
+
+
+class KVSender:
+    """Writes one transfer to ``sock``: ``begin``, ``send_slice``*, then ``end``
+    or ``abort``. Used as a context manager, an exception before ``end``
+    sends ``abort`` with the exception as reason (best effort).
+
+    ``timeout`` bounds each wait for the socket to accept more bytes."""
+
+    def __init__(self, sock: socket.socket, *, timeout: float = DEFAULT_SEND_TIMEOUT_S) -> None:
+        self.sock = sock
+        self.sock.settimeout(timeout)
+        self.bytes_sent = 0
+        self.rid: str | None = None
+        self.layout: KVLayout | None = None
+        self.finished = False
+
+    def begin(self, rid: str, layout: KVLayout, meta: dict[str, Any] | None = None) -> None:
+        """Announce transfer ``rid`` of a cache shaped ``layout``."""
+        if self.rid is not None:
+            raise RuntimeError(f"KVSender already began transfer {self.rid!r}")
+        self._send(encode_begin(rid, layout, meta))
+        self.rid, self.layout = rid, layout
+
+    def send_slice(self, kv_slice: KVSlice) -> None:
+        """Send one layer's K/V for a token range. The arrays are not copied;
+        once this returns their bytes are in the kernel and they may be reused."""
+        layout = self._require_open()
+        _check_slice(kv_slice, layout)
+        self._send(encode_kv(self.rid, kv_slice))  # type: ignore[arg-type]
+
+    def end(self, first_token: int, meta: dict[str, Any] | None = None) -> None:
+        """Close the transfer with the first sampled token."""
+        self._require_open()
+        self._send(encode_end(self.rid, first_token, meta))  # type: ignore[arg-type]
+        self.finished = True
+
+    def abort(self, reason: str) -> None:
+        """Tell the receiver this transfer will not complete."""
+        self._require_open()
+        self.finished = True
+        self._send(encode_abort(self.rid, reason))  # type: ignore[arg-type]
+
+    def _require_open(self) -> KVLayout:
+        if self.layout is None:
+            raise RuntimeError("KVSender.begin() has not been called")
+        if self.finished:
+            raise RuntimeError(f"KV transfer {self.rid!r} already ended or aborted")
+        return self.layout
+
+    def _send(self, buffers: list[Buffer]) -> None:
+        try:
+            self.bytes_sent += send_buffers(self.sock, buffers)
+        except BaseException:
+            self.finished = True  # a frame may be half sent: nothing more can follow it
+            raise
+
+    def __enter__(self) -> KVSender:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # after a socket error the stream is unusable, and finished is already set
+        if exc is not None and self.layout is not None and not self.finished:
+            with contextlib.suppress(OSError):
+                self.abort(f"{exc_type.__name__}: {exc}")  # type: ignore[union-attr]
+
+
+def _check_slice(kv_slice: KVSlice, layout: KVLayout) -> None:
+    """Catch a sender-side bug here rather than as a FrameError on the peer."""
+    ntok = kv_slice.keys.shape[1] if kv_slice.keys.ndim == 3 else -1
+    shape = (layout.kv_heads, ntok, layout.head_dim)
+    dtype = numpy_dtype(layout.dtype)
+    problems = []
+    if kv_slice.dtype != layout.dtype:
+        problems.append(f"dtype {kv_slice.dtype!r} != layout dtype {layout.dtype!r}")
+    for name, array in (("keys", kv_slice.keys), ("values", kv_slice.values)):
+        if array.shape != shape or array.dtype != dtype:
+            problems.append(f"{name} {array.dtype}{list(array.shape)} != {dtype}{list(shape)}")
+    if not 0 <= kv_slice.layer < layout.num_layers:
+        problems.append(f"layer {kv_slice.layer} outside 0..{layout.num_layers - 1}")
+    if not (kv_slice.start >= 0 and 0 < ntok <= layout.num_tokens - kv_slice.start):
+        problems.append(f"tokens [{kv_slice.start}, {kv_slice.start + ntok}) "
+                        f"outside [0, {layout.num_tokens})")
+    if problems:
+        raise ValueError("KV slice does not fit the transfer's layout: " + "; ".join(problems))
+
+
+# ---------------------------------------------------------------- receiver
+
+
+class KVArena:
+    """Receive memory reserved in advance for one layout: exactly
+    ``layout.total_bytes``, carved into C-contiguous slice arrays in arrival
+    order. A complete transfer fills it exactly, since overlaps are rejected
+    before their payload is read.
+
+    ``prefault=True`` touches every page now, so the transfer does not pay
+    for first-touch page faults. Each ``receive`` into the arena starts from
+    its beginning, so slices of an earlier transfer are overwritten."""
+
+    def __init__(self, layout: KVLayout, *, prefault: bool = True) -> None:
+        self.layout = layout
+        self.memory = np.empty(layout.total_bytes, np.uint8)
+        if prefault:
+            self.memory.fill(0)
+        self._used = 0
+
+    def allocate(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """The next ``shape`` array of ``dtype``; an ``Allocator``."""
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        if self._used + nbytes > len(self.memory):
+            raise FrameError(
+                f"KV arena for {self.layout} exhausted: {self._used} of {len(self.memory)} bytes "
+                f"used, next slice needs {nbytes}"
+            )
+        chunk = self.memory[self._used : self._used + nbytes]
+        self._used += nbytes
+        return chunk.view(dtype).reshape(shape)
+
+    def reset(self) -> None:
+        """Hand the memory out again from the start."""
+        self._used = 0
+
+
+class TokenCoverage:
+    """Which tokens of each layer have arrived. Rejects overlaps; adjacent
+    ranges merge, so a complete layer is the single range ``[0, num_tokens)``.
+    Memory grows with the slices that arrived, not with the announced layout."""
+
+    def __init__(self, layout: KVLayout) -> None:
+        self.num_layers = layout.num_layers
+        self.num_tokens = layout.num_tokens
+        self._ranges: dict[int, tuple[list[int], list[int]]] = {}  # layer -> (starts, ends)
+
+    def add(self, layer: int, start: int, num_tokens: int) -> None:
+        """Record tokens ``[start, start + num_tokens)`` of ``layer``."""
+        end = start + num_tokens
+        starts, ends = self._ranges.setdefault(layer, ([], []))
+        i = bisect.bisect_right(starts, start)  # ranges before i start at or before `start`
+        for j in (i - 1, i):
+            if 0 <= j < len(starts) and starts[j] < end and start < ends[j]:
+                raise FrameError(
+                    f"kv frame layer {layer} tokens [{start}, {end}) overlap tokens "
+                    f"[{starts[j]}, {ends[j]}) already received"
+                )
+        joins_prev = i > 0 and ends[i - 1] == start
+        joins_next = i < len(starts) and starts[i] == end
+        if joins_prev and joins_next:
+            ends[i - 1] = ends.pop(i)
+            starts.pop(i)
+        elif joins_prev:
+            ends[i - 1] = end
+        elif joins_next:
+            starts[i] = start
+        else:
+            starts.insert(i, start)
+            ends.insert(i, end)
+
+    def first_gap(self) -> tuple[int, int, int] | None:
+        """``(layer, start, end)`` of the first missing token range, or None."""
+        if self.num_tokens == 0:
+            return None
+        for layer in range(self.num_layers):
+            starts, ends = self._ranges.get(layer, ([], []))
+            position = 0
+            for start, end in zip(starts, ends, strict=True):
+                if start > position:
+                    return layer, position, start
+                position = end
+            if position < self.num_tokens:
+                return layer, position, self.num_tokens
+        return None
+
+
+@dataclass
+class ReceivedKV:
+    """A completed transfer. Times are ``time.monotonic()`` on the receiver;
+    ``last_byte_at`` is None when the layout has no tokens."""
+
+    rid: str
+    layout: KVLayout
+    slices: list[KVSlice]  # arrival order
+    first_token: int
+    meta: dict[str, Any] | None
+    bytes_received: int
+    first_byte_at: float
+    last_byte_at: float | None
+    begin_meta: dict[str, Any] | None = None
+
+    def layer_arrays(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """Keys and values of ``layer``, each ``[kv_heads, num_tokens, head_dim]``."""
+        if not 0 <= layer < self.layout.num_layers:
+            raise IndexError(f"layer {layer} outside 0..{self.layout.num_layers - 1}")
+        parts = sorted((s for s in self.slices if s.layer == layer), key=lambda s: s.start)
+        if len(parts) == 1:
+            return parts[0].keys, parts[0].values
+        if not parts:
+            empty = np.empty(
+                (self.layout.kv_heads, 0, self.layout.head_dim), numpy_dtype(self.layout.dtype)
+            )
+            return empty, empty.copy()
+        keys = np.concatenate([s.keys for s in parts], axis=1)  # [kv_heads, num_tokens, head_dim]
+        values = np.concatenate([s.values for s in parts], axis=1)  # [kv_heads, num_tokens, head_dim]
+        return keys, values
+
+
+class KVReceiver:
+    """Reads one transfer per connection. ``on_slice`` (optional) is called
+    with each slice as soon as it is validated, in arrival order."""
+
+    def __init__(self, on_slice: Callable[[KVSlice], None] | None = None) -> None:
+        self.on_slice = on_slice
+
+    def receive(
+        self, sock: socket.socket, *, expect_rid: str | None = None,
+        expected_layout: KVLayout | None = None, timeout: float, arena: KVArena | None = None,
+    ) -> ReceivedKV:
+        """Read ``begin``, kv frames and ``end`` within ``timeout`` seconds in all.
+
+        Slices are received into ``arena`` when given (its layout is then the
+        expected one; it is reset first), else into fresh arrays. Raises
+        ``FrameError`` for anything malformed or unexpected (``FrameTimeout``
+        when the deadline passes), ``TransferAborted`` when the sender aborts.
+        Does not close ``sock``."""
+        deadline = time.monotonic() + timeout
+        if arena is not None:
+            if expected_layout not in (None, arena.layout):
+                raise ValueError(f"arena layout {arena.layout} != expected {expected_layout}")
+            expected_layout = arena.layout
+            arena.reset()
+        allocate = np.empty if arena is None else arena.allocate
+        reader = FrameReader(sock)
+        begin = self._read_begin(reader, expect_rid, expected_layout, deadline)
+        coverage = TokenCoverage(begin.layout)
+        slices: list[KVSlice] = []
+        last_kv_at: float | None = None
+        while True:
+            header = reader.read_header(rid=begin.rid, layout=begin.layout, deadline=deadline)
+            if isinstance(header, KVHeader):
+                coverage.add(header.layer, header.start, header.num_tokens)
+                kv_slice = reader.read_payload(header, deadline=deadline, allocate=allocate)
+                last_kv_at = reader.last_frame_at
+                slices.append(kv_slice)
+                if self.on_slice is not None:
+                    self.on_slice(kv_slice)
+            elif isinstance(header, End):
+                _check_complete(coverage)
+                return ReceivedKV(
+                    begin.rid, begin.layout, slices, header.first_token, header.meta,
+                    reader.bytes_received, reader.first_byte_at, last_kv_at,  # type: ignore[arg-type]
+                    begin_meta=begin.meta,
+                )
+            elif isinstance(header, Abort):
+                raise TransferAborted(header.rid, header.reason)
+            else:
+                raise FrameError(f"second begin frame in transfer {begin.rid!r}")
+
+    @staticmethod
+    def _read_begin(
+        reader: FrameReader, expect_rid: str | None, expected_layout: KVLayout | None,
+        deadline: float,
+    ) -> Begin:
+        frame = reader.read_frame(rid=expect_rid, layout=None, deadline=deadline)
+        if isinstance(frame, Abort):
+            raise TransferAborted(frame.rid, frame.reason)
+        if not isinstance(frame, Begin):
+            kind = "end" if isinstance(frame, End) else type(frame).__name__
+            raise FrameError(f"expected a begin frame first, got {kind}")
+        if expected_layout is not None and frame.layout != expected_layout:
+            raise FrameError(
+                f"begin header field 'layout': expected {expected_layout}, got {frame.layout}"
+            )
+        return frame
+
+
+def _check_complete(coverage: TokenCoverage) -> None:
+    gap = coverage.first_gap()
+    if gap is not None:
+        layer, start, end = gap
+        raise FrameError(
+            f"end frame before full coverage: layer {layer} is missing tokens [{start}, {end})"
+        )
