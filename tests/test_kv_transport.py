@@ -23,10 +23,8 @@ from workers.kv_transport import (
     ReceivedKV,
     TokenCoverage,
     TransferAborted,
-    connect,
-    send_buffers,
-    serve_once,
 )
+from workers.kv_net import connect, send_buffers, serve_once
 
 LAYOUT = KVLayout(num_layers=4, kv_heads=2, head_dim=8, dtype="bfloat16", num_tokens=50)
 CHUNKS = [(0, 16), (16, 16), (32, 16), (48, 2)]

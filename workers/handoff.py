@@ -12,8 +12,6 @@ token-identity tests.
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from workers.engine import Engine, KVSlice, SamplingParams
+from workers.kv_net import connect, serve_once
 from workers.kv_transport import KVReceiver, KVSender, ReceivedKV
 from workers.model_config import read_model_spec, resolve_model
 from workers.sampling import sample
@@ -120,36 +119,23 @@ def generate_handoff(
     (first byte sent to last byte received)."""
     rid = "handoff"
     layout = prefill.kv_layout(len(token_ids))
-    received: dict[str, object] = {}
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        server.settimeout(TRANSFER_TIMEOUT_S)
-        receiver = threading.Thread(target=_receive_one, args=(server, rid, received), daemon=True)
-        receiver.start()
-        with socket.create_connection(server.getsockname()[:2], timeout=TRANSFER_TIMEOUT_S) as conn:
-            sender = KVSender(conn)
-            sent_at = time.monotonic()
-            sender.begin(rid, layout)
-            result = prefill.prefill(rid, token_ids, sender.send_slice, chunk_size=chunk_size)
-            first = sample(result.logits, params, 0)
-            sender.end(first)
-        receiver.join(TRANSFER_TIMEOUT_S)
+    receiver = KVReceiver()
+    server = serve_once(
+        lambda sock: receiver.receive(sock, expect_rid=rid, timeout=TRANSFER_TIMEOUT_S),
+        accept_timeout=TRANSFER_TIMEOUT_S,
+    )
+    with connect(server.host, server.port, timeout=TRANSFER_TIMEOUT_S) as sock, KVSender(sock) as sender:
+        sent_at = time.monotonic()
+        sender.begin(rid, layout)
+        result = prefill.prefill(rid, token_ids, sender.send_slice, chunk_size=chunk_size)
+        first = sample(result.logits, params, 0)
+        sender.end(first)
+    kv = server.result(TRANSFER_TIMEOUT_S)
     prefill.release(rid)
-    if "error" in received:
-        raise received["error"]  # type: ignore[misc]
-    kv: ReceivedKV = received["kv"]  # type: ignore[assignment]
     decode.load_kv(rid, kv.layout, kv.slices)
     tokens = [kv.first_token, *decode.decode(rid, kv.first_token, params)]
     decode.release(rid)
     return tokens, kv, result.compute_s, kv.last_byte_at - sent_at
-
-
-def _receive_one(server: socket.socket, rid: str, out: dict[str, object]) -> None:
-    try:
-        conn, _ = server.accept()
-        with conn:
-            out["kv"] = KVReceiver().receive(conn, expect_rid=rid, timeout=TRANSFER_TIMEOUT_S)
-    except Exception as e:  # handed to the caller's thread
-        out["error"] = e
 
 
 def check_handoff(config: HandoffConfig) -> HandoffResult:
