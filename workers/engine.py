@@ -191,3 +191,22 @@ def join_layer(slices: list[KVSlice], layer: int, layout: KVLayout) -> tuple[np.
     keys = np.concatenate([p.keys for p in parts], axis=1)  # [kv_heads, tokens, head_dim]
     values = np.concatenate([p.values for p in parts], axis=1)
     return keys, values
+
+
+def decode_loop(
+    step: Callable[[int], np.ndarray], first_token: int, params: SamplingParams
+) -> Iterator[int]:
+    """The decode loop both engines share: feed a token, sample the next.
+
+    ``step(token)`` runs one forward pass on the request's cache and returns the
+    new last-position logits ``[vocab]`` as float32. ``first_token`` is not
+    yielded; a stop token is yielded and ends the loop; at most
+    ``params.max_tokens - 1`` tokens come out."""
+    from workers.sampling import sample  # sampling imports this module
+
+    token = first_token
+    for index in range(1, params.max_tokens):
+        if token in params.stop_token_ids:
+            return
+        token = sample(step(token), params, index)
+        yield token

@@ -21,9 +21,8 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import KVCache
 from mlx_lm.utils import load_model
 
-from workers.engine import KVLayout, KVSlice, PrefillResult, SamplingParams, SliceSink, check_layout, join_layer
+from workers.engine import KVLayout, KVSlice, PrefillResult, SamplingParams, SliceSink, check_layout, decode_loop, join_layer
 from workers.model_config import check_tokenizer, read_model_spec
-from workers.sampling import sample
 
 log = logging.getLogger(__name__)
 
@@ -109,13 +108,12 @@ class MLXEngine:
 
     def decode(self, request_id: str, first_token: int, params: SamplingParams) -> Iterator[int]:
         cache = self._cache_of(request_id)
-        token = first_token
-        for step in range(1, params.max_tokens):
-            if token in params.stop_token_ids:
-                return
+
+        def step(token: int) -> np.ndarray:
             logits = self.model(mx.array([[token]]), cache=cache)
-            token = sample(_to_numpy(logits[0, -1].astype(mx.float32)), params, step)
-            yield token
+            return _to_numpy(logits[0, -1].astype(mx.float32))  # [vocab]
+
+        return decode_loop(step, first_token, params)
 
     def release(self, request_id: str) -> None:
         self._caches.pop(request_id, None)

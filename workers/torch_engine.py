@@ -19,9 +19,8 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from workers.engine import KVLayout, KVSlice, PrefillResult, SamplingParams, SliceSink, check_layout, join_layer
+from workers.engine import KVLayout, KVSlice, PrefillResult, SamplingParams, SliceSink, check_layout, decode_loop, join_layer
 from workers.model_config import check_tokenizer, read_model_spec
-from workers.sampling import sample
 
 log = logging.getLogger(__name__)
 
@@ -110,13 +109,7 @@ class TorchEngine:
 
     def decode(self, request_id: str, first_token: int, params: SamplingParams) -> Iterator[int]:
         cache = self._cache_of(request_id)
-        token = first_token
-        for step in range(1, params.max_tokens):
-            if token in params.stop_token_ids:
-                return
-            logits = self._step(cache, token)
-            token = sample(logits, params, step)
-            yield token
+        return decode_loop(lambda token: self._step(cache, token), first_token, params)
 
     def release(self, request_id: str) -> None:
         self._caches.pop(request_id, None)
