@@ -1,0 +1,286 @@
+"""The OpenAI-compatible HTTP API (aiohttp).
+
+Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (streamed as SSE
+ending in ``data: [DONE]``, or not), ``GET /v1/models``, ``GET /health``.
+Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
+Every completion, and the last chunk of a stream, carries a ``pdcluster``
+object with placement and timings.
+
+A client that disconnects closes the backend's iterator, which cancels the
+request on every worker it touched.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from scheduler.request import (
+    Backend,
+    FinishEvent,
+    GenerationRequest,
+    NoCapacityError,
+    RequestFailedError,
+    RequestStats,
+    TokenEvent,
+)
+from scheduler.tokenizer import ChatTemplateError, PromptCodec
+from scheduler.validation import APIError, ParsedRequest, parse_body
+
+log = logging.getLogger(__name__)
+
+BACKEND_KEY = web.AppKey("backend", object)
+
+
+def build_app(backend: Backend) -> web.Application:
+    """The aiohttp application serving ``backend``."""
+    app = web.Application(middlewares=[_errors_as_openai], client_max_size=32 << 20)
+    app[BACKEND_KEY] = backend
+    app.router.add_post("/v1/chat/completions", _chat_completions)
+    app.router.add_post("/v1/completions", _completions)
+    app.router.add_get("/v1/models", _models)
+    app.router.add_get("/health", _health)
+    return app
+
+
+@web.middleware
+async def _errors_as_openai(request: web.Request, handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except APIError as e:
+        return e.response()
+    except NoCapacityError as e:
+        return APIError(503, str(e), "server_error", code="no_capacity").response()
+    except RequestFailedError as e:
+        return APIError(502, str(e), "server_error", code="worker_failed").response()
+    except web.HTTPException as e:
+        if e.status >= 400:
+            return APIError(e.status, e.reason or "error", "invalid_request_error").response()
+        raise
+
+
+async def _models(request: web.Request) -> web.Response:
+    backend: Backend = request.app[BACKEND_KEY]
+    data = [
+        {"id": m.model_id, "object": "model", "created": m.created, "owned_by": "pdcluster",
+         "context_length": m.context_length}
+        for m in backend.models()
+    ]
+    return web.json_response({"object": "list", "data": data})
+
+
+async def _health(request: web.Request) -> web.Response:
+    ready, details = request.app[BACKEND_KEY].health()
+    return web.json_response({"status": "ok" if ready else "unavailable", **details}, status=200 if ready else 503)
+
+
+async def _chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _complete(request, chat=True)
+
+
+async def _completions(request: web.Request) -> web.StreamResponse:
+    return await _complete(request, chat=False)
+
+
+async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
+    arrived = time.monotonic()
+    backend: Backend = request.app[BACKEND_KEY]
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise APIError(400, "request body is not valid JSON", "invalid_request_error") from None
+    parsed = parse_body(body, chat=chat)
+    codec = backend.codec_for(parsed.model)
+    if codec is None:
+        raise APIError(404, f"The model '{parsed.model}' does not exist or no node serves it", "invalid_request_error",
+                       param="model", code="model_not_found")
+    gen = _to_generation(parsed, codec, backend, arrived)
+    reply = _Reply(chat=chat, model=parsed.model, request_id=gen.request_id, created=int(time.time()),
+                   prompt_tokens=len(gen.prompt_token_ids))
+    log.info("request %s: model=%s prompt=%d tokens max_tokens=%d stream=%s",
+             gen.request_id, parsed.model, len(gen.prompt_token_ids), gen.max_tokens, parsed.stream)
+    events = backend.generate(gen)
+    if parsed.stream:
+        return await _stream(request, events, reply, codec, parsed)
+    return await _collect(events, reply, codec, parsed)
+
+
+def _to_generation(parsed: ParsedRequest, codec: PromptCodec, backend: Backend, arrived: float) -> GenerationRequest:
+    try:
+        text = codec.render_chat(parsed.messages) if parsed.messages is not None else parsed.prompt
+    except ChatTemplateError as e:
+        raise APIError(400, str(e), "invalid_request_error", param="messages") from None
+    token_ids = codec.encode(text)
+    if not token_ids:
+        raise APIError(400, "the prompt is empty", "invalid_request_error", param="prompt")
+    entry = next(m for m in backend.models() if m.model_id == parsed.model) if backend.models() else None
+    context = entry.context_length if entry else 0
+    max_tokens = parsed.max_tokens or max(1, min(256, context - len(token_ids)))
+    if context and len(token_ids) + max_tokens > context:
+        raise APIError(
+            400, f"This model's maximum context length is {context} tokens. However, you requested "
+            f"{len(token_ids) + max_tokens} tokens ({len(token_ids)} in the prompt, {max_tokens} for the completion).",
+            "invalid_request_error", param="messages" if parsed.messages is not None else "prompt",
+            code="context_length_exceeded",
+        )
+    return GenerationRequest(
+        request_id=f"{'chatcmpl' if parsed.messages is not None else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+        model=parsed.model, prompt_token_ids=tuple(token_ids), max_tokens=max_tokens,
+        temperature=parsed.temperature, top_p=parsed.top_p, top_k=parsed.top_k, seed=parsed.seed,
+        stop_token_ids=entry.eos_token_ids if entry and not parsed.ignore_eos else (),
+        placement=parsed.placement, arrived_at=arrived,
+    )
+
+
+@dataclass
+class _Reply:
+    """Shapes response objects for one request."""
+
+    chat: bool
+    model: str
+    request_id: str
+    created: int
+    prompt_tokens: int = 0
+
+    @property
+    def object(self) -> str:
+        return "chat.completion" if self.chat else "text_completion"
+
+    def choice(self, text: str, finish_reason: str | None, *, delta: bool, first: bool = False) -> dict:
+        if not self.chat:
+            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        if not delta:
+            return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
+        content = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+        return {"index": 0, "delta": content, "logprobs": None, "finish_reason": finish_reason}
+
+    def envelope(self, choices: list[dict], *, chunk: bool) -> dict:
+        obj = self.object + (".chunk" if chunk and self.chat else "")
+        return {"id": self.request_id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
+
+
+def _usage(stats: RequestStats) -> dict:
+    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
+            "total_tokens": stats.prompt_tokens + stats.completion_tokens}
+
+
+async def _collect(events: AsyncIterator, reply: _Reply, codec: PromptCodec, parsed: ParsedRequest) -> web.Response:
+    text, finish = "", None
+    async for delta, finish in _text_deltas(events, codec, parsed, reply.prompt_tokens):
+        text += delta
+    if finish is None:
+        raise APIError(502, "the request ended without a result", "server_error")
+    body = reply.envelope([reply.choice(text, finish.finish_reason, delta=False)], chunk=False)
+    body["usage"] = _usage(finish.stats)
+    body["pdcluster"] = finish.stats.to_json()
+    return web.json_response(body)
+
+
+async def _stream(
+    request: web.Request, events: AsyncIterator, reply: _Reply, codec: PromptCodec, parsed: ParsedRequest
+) -> web.StreamResponse:
+    deltas = _text_deltas(events, codec, parsed, reply.prompt_tokens)
+    try:
+        first = await anext(deltas, None)  # errors before the first token still get a proper HTTP status
+    except BaseException:
+        await deltas.aclose()
+        raise
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    try:
+        await _send(response, reply.envelope([reply.choice("", None, delta=True, first=True)], chunk=True))
+        item = first
+        while item is not None:
+            delta, finish = item
+            if finish is None:
+                if delta:
+                    await _send(response, reply.envelope([reply.choice(delta, None, delta=True)], chunk=True))
+            else:
+                await _send_final(response, reply, delta, finish, parsed.include_usage)
+            item = await anext(deltas, None)
+    except (ConnectionResetError, RuntimeError) as e:  # client went away
+        log.info("request %s: client disconnected (%s); cancelling", reply.request_id, e)
+    except (RequestFailedError, NoCapacityError) as e:
+        await _send(response, {"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
+    finally:
+        await deltas.aclose()
+    await _write(response, b"data: [DONE]\n\n")
+    return response
+
+
+async def _send_final(response: web.StreamResponse, reply: _Reply, delta: str, finish: FinishEvent, usage: bool) -> None:
+    chunk = reply.envelope([reply.choice(delta, finish.finish_reason, delta=True)], chunk=True)
+    chunk["pdcluster"] = finish.stats.to_json()
+    await _send(response, chunk)
+    if usage:
+        tail = reply.envelope([], chunk=True)
+        tail["usage"] = _usage(finish.stats)
+        tail["pdcluster"] = finish.stats.to_json()
+        await _send(response, tail)
+
+
+async def _send(response: web.StreamResponse, payload: dict) -> None:
+    await _write(response, b"data: " + json.dumps(payload).encode() + b"\n\n")
+
+
+async def _write(response: web.StreamResponse, data: bytes) -> None:
+    try:
+        await response.write(data)
+    except (ConnectionResetError, RuntimeError):
+        pass  # the client is gone; the generator was already closed
+
+
+async def _text_deltas(
+    events: AsyncIterator, codec: PromptCodec, parsed: ParsedRequest, prompt_tokens: int
+) -> AsyncIterator[tuple[str, FinishEvent | None]]:
+    """Backend events -> (text delta, None) ... then (last delta, FinishEvent).
+
+    Applies stop strings: the text ends before the first stop string and the
+    backend request is cancelled."""
+    detok = codec.detokenizer()
+    stop = [s for s in parsed.stop if s]
+    num_tokens = 0
+    held = ""  # text not yet emitted because it may be the start of a stop string
+    try:
+        async for event in events:
+            if isinstance(event, TokenEvent):
+                num_tokens += 1
+                held += detok.push(event.token_id)
+                cut = _find_stop(held, stop)
+                if cut is not None:
+                    # The backend's stats come only with its FinishEvent; report what is known here.
+                    yield held[:cut], FinishEvent("stop", RequestStats("", "", prompt_tokens=prompt_tokens,
+                                                                       completion_tokens=num_tokens))
+                    return
+                safe = len(held) - _longest_stop_prefix(held, stop)
+                if safe > 0:
+                    yield held[:safe], None
+                    held = held[safe:]
+            elif isinstance(event, FinishEvent):
+                held += detok.flush()
+                cut = _find_stop(held, stop)
+                yield (held if cut is None else held[:cut]), event
+                return
+    finally:
+        await events.aclose()
+
+
+def _find_stop(text: str, stops: list[str]) -> int | None:
+    hits = [text.find(s) for s in stops if s in text]
+    return min(hits) if hits else None
+
+
+def _longest_stop_prefix(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                best = max(best, n)
+                break
+    return best

@@ -1,0 +1,243 @@
+"""The OpenAI-compatible API, driven by the official ``openai`` client against a fake backend."""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import openai
+import pytest
+from aiohttp import web
+
+from scheduler.api import build_app
+from scheduler.request import (
+    FinishEvent,
+    GenerationRequest,
+    ModelEntry,
+    NoCapacityError,
+    RequestStats,
+    TokenEvent,
+)
+from scheduler.tokenizer import PromptCodec, TokenizerBundle
+
+MODEL = "tiny"
+REPLY_TEXT = "The quick brown fox jumps over the lazy dog."
+
+
+class FakeBackend:
+    """Answers every request with REPLY_TEXT; records requests and cancellations."""
+
+    def __init__(self, codec: PromptCodec, ready: bool = True, capacity: bool = True) -> None:
+        self.codec, self.ready, self.capacity = codec, ready, capacity
+        self.requests: list[GenerationRequest] = []
+        self.closed_early = 0
+        self.token_delay_s = 0.0
+
+    def models(self) -> list[ModelEntry]:
+        return [ModelEntry(MODEL, context_length=512, eos_token_ids=(2,))]
+
+    def codec_for(self, model: str) -> PromptCodec | None:
+        return self.codec if model == MODEL else None
+
+    def health(self) -> tuple[bool, dict]:
+        return self.ready, {"nodes": [{"node_id": "p0"}, {"node_id": "d0"}] if self.ready else []}
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
+        if not self.capacity:
+            raise NoCapacityError("no decode-capable node is available")
+        self.requests.append(request)
+        ids = self.codec.encode(REPLY_TEXT)[: request.max_tokens]
+        finished = False
+        try:
+            for token in ids:
+                if self.token_delay_s:
+                    await asyncio.sleep(self.token_delay_s)
+                yield TokenEvent(token)
+            finished = True
+            stats = RequestStats("p0", "d0", kv_bytes=1234, ttft_s=0.01, tpot_s=0.002,
+                                 prompt_tokens=len(request.prompt_token_ids), completion_tokens=len(ids))
+            yield FinishEvent("length" if len(ids) == request.max_tokens else "stop", stats)
+        finally:
+            if not finished:
+                self.closed_early += 1
+
+
+@pytest.fixture(scope="module")
+def codec(make_tiny_model) -> PromptCodec:
+    folder: Path = make_tiny_model("llama")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    return PromptCodec(TokenizerBundle((folder / "tokenizer.json").read_text(), config["chat_template"]))
+
+
+class ServerThread:
+    """The aiohttp app on 127.0.0.1:<ephemeral> in a background event loop."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.runner = web.AppRunner(app, handler_cancellation=True)
+        ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
+        self.thread.start()
+        assert ready.wait(10), "server did not start"
+
+    def _run(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self.runner.setup())
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        self.loop.run_until_complete(site.start())
+        self.port = site._server.sockets[0].getsockname()[1]
+        ready.set()
+        self.loop.run_forever()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture()
+def backend(codec: PromptCodec) -> FakeBackend:
+    return FakeBackend(codec)
+
+
+@pytest.fixture()
+def server(backend: FakeBackend):
+    srv = ServerThread(build_app(backend))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture()
+def client(server: ServerThread) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=20, max_retries=0)
+
+
+def test_chat_completion_returns_text_usage_and_pdcluster_object(client: openai.OpenAI, backend: FakeBackend) -> None:
+    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=100)
+    assert reply.choices[0].message.content == REPLY_TEXT
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.usage.prompt_tokens == len(backend.requests[0].prompt_token_ids)
+    extra = reply.model_extra["pdcluster"]
+    assert extra["prefill_node"] == "p0" and extra["decode_node"] == "d0" and extra["kv_bytes"] == 1234
+    prompt_text = backend.codec.decode(list(backend.requests[0].prompt_token_ids))
+    assert "hi" in prompt_text and "assistant" in prompt_text  # the chat template was applied
+
+
+def test_streamed_chat_reassembles_the_text_and_ends_with_usage(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=100, stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == REPLY_TEXT
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    assert chunks[-1].model_extra["pdcluster"]["decode_node"] == "d0"
+
+
+def test_text_completion_honours_max_tokens(client: openai.OpenAI) -> None:
+    reply = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=3)
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.completion_tokens == 3
+    assert REPLY_TEXT.startswith(reply.choices[0].text)
+
+
+def test_stop_string_truncates_and_cancels(client: openai.OpenAI, backend: FakeBackend) -> None:
+    reply = client.completions.create(model=MODEL, prompt="x", max_tokens=100, stop=["fox"])
+    assert reply.choices[0].text == "The quick brown "
+    assert reply.choices[0].finish_reason == "stop"
+    assert backend.closed_early == 1
+
+
+def test_placement_extension_reaches_the_backend(client: openai.OpenAI, backend: FakeBackend) -> None:
+    client.completions.create(model=MODEL, prompt="x", max_tokens=2, extra_body={"pdcluster": {"placement": "colocated"}})
+    assert backend.requests[-1].placement == "colocated"
+
+
+def test_models_lists_the_served_model(client: openai.OpenAI) -> None:
+    assert [m.id for m in client.models.list()] == [MODEL]
+
+
+def _raw(server: ServerThread, path: str, body: bytes | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(server.url + path, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _assert_openai_error(body: dict) -> None:
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"} and body["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        (b"{not json", None),
+        (json.dumps({"model": MODEL}).encode(), "messages"),
+        (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 7}).encode(), "temperature"),
+        (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}).encode(), "max_tokens"),
+        (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 2}).encode(), "n"),
+        (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "pdcluster": {"placement": "moon"}}).encode(), "pdcluster.placement"),
+        (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x " * 600}]}).encode(), "messages"),
+    ],
+    ids=["malformed-json", "no-messages", "bad-temperature", "bad-max-tokens", "n-2", "bad-placement", "too-long"],
+)
+def test_bad_requests_get_400_in_openai_shape(server: ServerThread, body: bytes, param: str | None) -> None:
+    status, reply = _raw(server, "/v1/chat/completions", body)
+    assert status == 400
+    _assert_openai_error(reply)
+    assert reply["error"]["param"] == param
+
+
+def test_prompt_beyond_context_says_context_length_exceeded(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt="word " * 600, max_tokens=10)
+    assert err.value.code == "context_length_exceeded"
+
+
+def test_unknown_model_is_404(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    assert err.value.code == "model_not_found"
+
+
+def test_no_capacity_is_503(codec: PromptCodec) -> None:
+    srv = ServerThread(build_app(FakeBackend(codec, ready=False, capacity=False)))
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", timeout=10, max_retries=0)
+        with pytest.raises(openai.InternalServerError) as err:
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
+        assert err.value.status_code == 503
+        status, body = _raw(srv, "/health")
+        assert status == 503 and body["status"] == "unavailable"
+    finally:
+        srv.stop()
+
+
+def test_health_is_200_with_nodes_when_ready(server: ServerThread) -> None:
+    status, body = _raw(server, "/health")
+    assert status == 200 and len(body["nodes"]) == 2
+
+
+def test_client_disconnect_mid_stream_cancels_the_request(client: openai.OpenAI, backend: FakeBackend) -> None:
+    backend.token_delay_s = 0.2
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=100, stream=True)
+    next(iter(stream))
+    stream.close()
+    for _ in range(50):  # bounded wait: up to 5 s
+        if backend.closed_early:
+            break
+        threading.Event().wait(0.1)
+    assert backend.closed_early == 1
