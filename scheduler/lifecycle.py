@@ -1,0 +1,193 @@
+"""One request's life across workers, once placement has chosen them.
+
+NOTE on the algorithm. The decode side is opened first: its Decode stream
+reserves KV memory under a lease and answers with ``reserved`` (where the KV
+should go). Only then is the prefill node asked to prefill and push the KV
+straight to that address; the scheduler never touches KV bytes. Tokens stream
+back on the Decode stream. Two things can end a request early, and both cancel
+it on every worker it touched: the prefill call failing (a dead or broken
+prefill node must not leave the decode node waiting for its lease to run out)
+and the caller closing the iterator (a disconnected client). Colocated
+requests skip the prefill call: the decode node prefills locally.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from proto import pdcluster_pb2 as pb
+from scheduler.placement import Placement
+from scheduler.request import FinishEvent, GenerationRequest, RequestFailedError, RequestStats, TokenEvent
+
+log = logging.getLogger(__name__)
+
+
+class WorkerAPI(Protocol):
+    """The calls the scheduler makes on one worker; each has a deadline."""
+
+    def decode(self, request: pb.DecodeRequest, timeout: float) -> AsyncIterator[pb.DecodeEvent]: ...
+
+    async def prefill(self, request: pb.PrefillRequest, timeout: float) -> pb.PrefillReply: ...
+
+    async def cancel(self, request_id: str, timeout: float) -> bool: ...
+
+
+@dataclass(frozen=True)
+class LifecycleConfig:
+    """Deadlines for one request's worker calls."""
+
+    request_timeout_s: float = 600.0  # whole Decode stream
+    prefill_timeout_s: float = 300.0
+    lease_s: float = 30.0  # decode frees its reservation if no KV by then
+    cancel_timeout_s: float = 5.0
+    chunk_size: int = 0  # 0: the worker's default
+
+    def __post_init__(self) -> None:
+        if min(self.request_timeout_s, self.prefill_timeout_s, self.lease_s, self.cancel_timeout_s) <= 0:
+            raise ValueError("every timeout must be positive")
+
+
+def sampling_of(request: GenerationRequest) -> pb.SamplingParams:
+    params = pb.SamplingParams(
+        max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
+        top_k=request.top_k, stop_token_ids=list(request.stop_token_ids),
+    )
+    if request.seed is not None:
+        params.seed = request.seed
+    return params
+
+
+async def run_request(
+    request: GenerationRequest, placement: Placement, worker: Callable[[str], WorkerAPI],
+    config: LifecycleConfig = LifecycleConfig(),
+) -> AsyncIterator[TokenEvent | FinishEvent]:
+    """Drive one request; yields tokens then one FinishEvent."""
+    run = _Run(request, placement, worker, config)
+    finished = False
+    try:
+        async for event in run.events():
+            if isinstance(event, FinishEvent):
+                finished = True
+            yield event
+    finally:
+        await run.close(cancel_workers=not finished)
+
+
+class _Run:
+    """State of one request in flight."""
+
+    def __init__(self, request: GenerationRequest, placement: Placement,
+                 worker: Callable[[str], WorkerAPI], config: LifecycleConfig) -> None:
+        self.request, self.placement, self.config = request, placement, config
+        self.decoder = worker(placement.decode_node)
+        self.prefiller = worker(placement.prefill_node) if placement.prefill_node else None
+        self.prefill_task: asyncio.Task | None = None
+        self.pending: asyncio.Future | None = None  # the Decode stream read in flight
+        self.token_times: list[float] = []
+        self.started = time.monotonic()
+
+    async def events(self) -> AsyncIterator[TokenEvent | FinishEvent]:
+        stream = self.decoder.decode(self._decode_request(), timeout=self.config.request_timeout_s)
+        stream_iter = aiter(stream)
+        while True:
+            event = await self._next_event(stream_iter)
+            if event is None:
+                raise RequestFailedError(f"decode node {self.placement.decode_node} ended the stream without a result")
+            kind = event.WhichOneof("event")
+            if kind == "reserved":
+                self._start_prefill(event.reserved)
+            elif kind == "token":
+                self.token_times.append(time.monotonic())
+                yield TokenEvent(event.token.token_id)
+            elif kind == "done":
+                yield FinishEvent(event.done.finish_reason or "stop", await self._stats(event.done.timings))
+                return
+
+    async def _next_event(self, stream_iter: AsyncIterator[pb.DecodeEvent]) -> pb.DecodeEvent | None:
+        """The next Decode event, failing fast if the prefill call fails first.
+
+        The pending read survives a prefill completion: cancelling a pending
+        read would tear down the stream."""
+        if self.pending is None:
+            self.pending = asyncio.ensure_future(anext(stream_iter, None))
+        while True:
+            waiting = {self.pending}
+            if self.prefill_task is not None and not self.prefill_task.done():
+                waiting.add(self.prefill_task)
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if self.pending in done:
+                break
+            self._raise_if_prefill_failed()
+        pending, self.pending = self.pending, None
+        try:
+            return pending.result()
+        except Exception as e:
+            raise RequestFailedError(f"decode on {self.placement.decode_node} failed: {e}") from e
+
+    def _raise_if_prefill_failed(self) -> None:
+        task = self.prefill_task
+        if task is None or not task.done():
+            return
+        error = task.exception() if not task.cancelled() else asyncio.CancelledError("prefill cancelled")
+        if error is not None:
+            raise RequestFailedError(f"prefill on {self.placement.prefill_node} failed: {error}") from error
+
+    def _start_prefill(self, reserved: pb.Reserved) -> None:
+        if self.prefiller is None:
+            return
+        prefill_request = pb.PrefillRequest(
+            request_id=self.request.request_id, prompt_token_ids=list(self.request.prompt_token_ids),
+            sampling=sampling_of(self.request), kv_host=reserved.kv_host, kv_port=reserved.kv_port,
+            transfer_token=reserved.transfer_token, chunk_size=self.config.chunk_size, codec=self.placement.codec,
+        )
+        self.prefill_task = asyncio.ensure_future(
+            self.prefiller.prefill(prefill_request, timeout=self.config.prefill_timeout_s)
+        )
+
+    def _decode_request(self) -> pb.DecodeRequest:
+        return pb.DecodeRequest(
+            request_id=self.request.request_id, prompt_token_ids=list(self.request.prompt_token_ids),
+            sampling=sampling_of(self.request), local_prefill=self.placement.colocated,
+            lease_s=self.config.lease_s, codec=self.placement.codec,
+        )
+
+    async def _stats(self, timings: pb.Timings) -> RequestStats:
+        prefill_s = timings.prefill_s
+        queue_s = timings.queue_s
+        if self.prefill_task is not None:
+            try:
+                reply = await asyncio.wait_for(asyncio.shield(self.prefill_task), self.config.cancel_timeout_s)
+            except Exception as e:
+                raise RequestFailedError(f"prefill on {self.placement.prefill_node} failed: {e}") from e
+            prefill_s, queue_s = reply.prefill_s or prefill_s, reply.queue_s
+        arrived = self.request.arrived_at or self.started
+        first = self.token_times[0] if self.token_times else time.monotonic()
+        num = len(self.token_times)
+        return RequestStats(
+            prefill_node=self.placement.prefill_node or self.placement.decode_node,
+            decode_node=self.placement.decode_node, codec=self.placement.codec,
+            kv_bytes=timings.kv_bytes, queue_s=queue_s, prefill_s=prefill_s,
+            transfer_s=timings.transfer_s, exposed_transfer_s=timings.exposed_transfer_s,
+            ttft_s=first - arrived,
+            tpot_s=(self.token_times[-1] - first) / (num - 1) if num > 1 else 0.0,
+            prompt_tokens=len(self.request.prompt_token_ids), completion_tokens=num,
+        )
+
+    async def close(self, *, cancel_workers: bool) -> None:
+        if self.pending is not None and not self.pending.done():
+            self.pending.cancel()
+        if self.prefill_task is not None and not self.prefill_task.done():
+            self.prefill_task.cancel()
+        if not cancel_workers:
+            return
+        log.info("request %s: cancelling on %s", self.request.request_id,
+                 ", ".join(filter(None, [self.placement.prefill_node, self.placement.decode_node])))
+        workers = [self.decoder] + ([self.prefiller] if self.prefiller else [])
+        for w in workers:
+            with contextlib.suppress(Exception):
+                await w.cancel(self.request.request_id, timeout=self.config.cancel_timeout_s)

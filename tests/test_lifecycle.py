@@ -1,0 +1,112 @@
+"""Request lifecycle over fake workers: ordering, failure and cancellation."""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from proto import pdcluster_pb2 as pb
+from scheduler.lifecycle import LifecycleConfig, run_request
+from scheduler.placement import Placement
+from scheduler.request import FinishEvent, GenerationRequest, RequestFailedError, TokenEvent
+
+FAST = LifecycleConfig(request_timeout_s=5, prefill_timeout_s=5, lease_s=5, cancel_timeout_s=1)
+
+
+class FakeWorker:
+    def __init__(self, name: str, *, prefill_fails: bool = False) -> None:
+        self.name, self.prefill_fails = name, prefill_fails
+        self.prefill_requests: list[pb.PrefillRequest] = []
+        self.decode_requests: list[pb.DecodeRequest] = []
+        self.cancelled: list[str] = []
+        self.kv_arrived = asyncio.Event()
+
+    async def decode(self, request: pb.DecodeRequest, timeout: float) -> AsyncIterator[pb.DecodeEvent]:
+        self.decode_requests.append(request)
+        if not request.local_prefill:
+            yield pb.DecodeEvent(reserved=pb.Reserved(kv_host="127.0.0.1", kv_port=4242, transfer_token=b"tok"))
+            await asyncio.wait_for(self.kv_arrived.wait(), timeout)  # a real decode node waits for its lease
+        for i in range(request.sampling.max_tokens):
+            await asyncio.sleep(0.001)
+            yield pb.DecodeEvent(token=pb.Token(token_id=100 + i, index=i))
+        yield pb.DecodeEvent(done=pb.Done(finish_reason="length", timings=pb.Timings(kv_bytes=999, transfer_s=0.5)))
+
+    async def prefill(self, request: pb.PrefillRequest, timeout: float) -> pb.PrefillReply:
+        self.prefill_requests.append(request)
+        await asyncio.sleep(0.01)
+        if self.prefill_fails:
+            raise ConnectionError("prefill node went away")
+        peer.kv_arrived.set()
+        return pb.PrefillReply(first_token=100, prefill_s=0.25, kv_bytes=999)
+
+    async def cancel(self, request_id: str, timeout: float) -> bool:
+        self.cancelled.append(request_id)
+        return True
+
+
+peer: FakeWorker  # the decode worker a fake prefill "sends" to
+
+
+def _request(max_tokens: int = 4, placement: str | None = None) -> GenerationRequest:
+    return GenerationRequest("req-1", "m", (1, 2, 3), max_tokens=max_tokens, placement=placement)
+
+
+async def _collect(gen: AsyncIterator) -> list:
+    return [e async for e in gen]
+
+
+def _workers(**prefill_kwargs) -> dict[str, FakeWorker]:
+    global peer
+    workers = {"p": FakeWorker("p", **prefill_kwargs), "d": FakeWorker("d")}
+    peer = workers["d"]
+    return workers
+
+
+def test_disaggregated_request_opens_decode_first_then_prefills_to_its_address() -> None:
+    workers = _workers()
+    events = asyncio.run(_collect(run_request(_request(), Placement("p", "d"), workers.__getitem__, FAST)))
+    assert [e.token_id for e in events if isinstance(e, TokenEvent)] == [100, 101, 102, 103]
+    finish = events[-1]
+    assert isinstance(finish, FinishEvent) and finish.finish_reason == "length"
+    assert (finish.stats.prefill_node, finish.stats.decode_node) == ("p", "d")
+    assert finish.stats.kv_bytes == 999 and finish.stats.prefill_s == 0.25 and finish.stats.ttft_s > 0
+    prefill = workers["p"].prefill_requests[0]
+    assert (prefill.kv_host, prefill.kv_port, prefill.transfer_token) == ("127.0.0.1", 4242, b"tok")
+    assert not workers["d"].decode_requests[0].local_prefill
+    assert workers["p"].cancelled == workers["d"].cancelled == []
+
+
+def test_colocated_request_prefills_on_the_decode_node_only() -> None:
+    workers = _workers()
+    events = asyncio.run(_collect(run_request(_request(), Placement(None, "d"), workers.__getitem__, FAST)))
+    assert events[-1].stats.prefill_node == events[-1].stats.decode_node == "d"
+    assert workers["d"].decode_requests[0].local_prefill
+    assert workers["p"].prefill_requests == []
+
+
+def test_failed_prefill_fails_the_request_fast_and_cancels_both_workers() -> None:
+    workers = _workers(prefill_fails=True)
+
+    async def scenario() -> float:
+        start = asyncio.get_running_loop().time()
+        with pytest.raises(RequestFailedError, match="prefill on p failed"):
+            await _collect(run_request(_request(), Placement("p", "d"), workers.__getitem__, FAST))
+        return asyncio.get_running_loop().time() - start
+
+    assert asyncio.run(scenario()) < FAST.lease_s  # did not wait for the decode lease
+    assert workers["d"].cancelled == ["req-1"] and workers["p"].cancelled == ["req-1"]
+
+
+def test_closing_the_stream_early_cancels_on_both_workers() -> None:
+    workers = _workers()
+
+    async def scenario() -> None:
+        gen = run_request(_request(max_tokens=50), Placement("p", "d"), workers.__getitem__, FAST)
+        async for event in gen:
+            if isinstance(event, TokenEvent):
+                break
+        await gen.aclose()
+
+    asyncio.run(scenario())
+    assert workers["d"].cancelled == ["req-1"] and workers["p"].cancelled == ["req-1"]
