@@ -1,0 +1,298 @@
+"""Discovery over real mDNS, bound to 127.0.0.1 only; static peers and liveness with fake probes.
+
+Every zeroconf instance here is created with ``interfaces=LOOPBACK``. Node ids carry
+a random suffix so concurrent test runs on the same machine do not see each other's
+nodes as ours. Every wait is bounded.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+
+from cluster.discovery import SERVICE_TYPE, Advertiser, Browser, NodeTable, discover_once, parse_peer
+from cluster.node import NodeInfo
+
+LOOPBACK = ["127.0.0.1"]
+KFP = "kfp-good-1234"
+WAIT_S = 10.0  # bound on any wait that should end in ~2 s
+TEST_TIMEOUT_S = 30.0
+
+
+def make_node(name: str, **overrides: object) -> NodeInfo:
+    fields: dict[str, object] = dict(
+        node_id=f"t-{name}-{uuid.uuid4().hex[:8]}",
+        roles=("prefill", "decode"),
+        engine="torch",
+        model_id="tiny-llama",
+        weights_fingerprint="wfp-1",
+        host="127.0.0.1",
+        grpc_port=50051,
+        kv_port=50052,
+        device="cpu",
+        tflops=1.5,
+        mem_bw_gbps=20.0,
+        free_mem_bytes=2**30,
+        version="0.1.0",
+        key_fingerprint=KFP,
+        source="mdns",
+    )
+    fields.update(overrides)
+    return NodeInfo(**fields)  # type: ignore[arg-type]
+
+
+def run(coro: Coroutine[Any, Any, None]) -> None:
+    asyncio.run(asyncio.wait_for(coro, TEST_TIMEOUT_S))
+
+
+async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = WAIT_S) -> float:
+    """Poll ``predicate`` until true; return the seconds it took, fail after ``timeout``."""
+    start = time.monotonic()
+    for _ in range(int(timeout / 0.05)):
+        if predicate():
+            return time.monotonic() - start
+        await asyncio.sleep(0.05)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def test_advertised_node_appears_in_browser_with_its_profile() -> None:
+    async def body() -> None:
+        node = make_node("appear")
+        changes: list[tuple[str, NodeInfo | None]] = []
+        async with Browser(LOOPBACK, KFP, on_change=lambda i, n: changes.append((i, n))) as browser:
+            async with Advertiser(node, LOOPBACK):
+                await wait_until(lambda: node.node_id in browser.nodes, "the node to appear")
+                assert browser.nodes[node.node_id] == node  # every field, host from the A record
+                assert (node.node_id, node) in changes
+                assert node.node_id not in browser.refused
+
+    run(body())
+
+
+def test_browser_started_after_the_advertiser_still_finds_the_node() -> None:
+    async def body() -> None:
+        node = make_node("late")
+        async with Advertiser(node, LOOPBACK):
+            async with Browser(LOOPBACK, KFP) as browser:
+                await wait_until(lambda: node.node_id in browser.nodes, "an already-advertised node")
+
+    run(body())
+
+
+def test_updating_the_advertisement_updates_the_browser_table() -> None:
+    async def body() -> None:
+        node = make_node("update")
+        newer = dataclasses.replace(node, free_mem_bytes=123456789, tflops=2.75, roles=("decode",))
+        async with Browser(LOOPBACK, KFP) as browser:
+            async with Advertiser(node, LOOPBACK) as advertiser:
+                await wait_until(lambda: node.node_id in browser.nodes, "the node to appear")
+                await advertiser.update(newer)
+                await wait_until(lambda: browser.nodes.get(node.node_id) == newer, "the updated profile")
+                with pytest.raises(ValueError, match="cannot rename"):
+                    await advertiser.update(dataclasses.replace(newer, node_id="other"))
+
+    run(body())
+
+
+def test_node_that_unregisters_is_removed_from_browser_and_table() -> None:
+    async def body() -> None:
+        node = make_node("leave")
+        changes: list[tuple[str, NodeInfo | None]] = []
+        table = NodeTable(KFP, interfaces=LOOPBACK, on_change=lambda i, n: changes.append((i, n)))
+        async with table:
+            advertiser = Advertiser(node, LOOPBACK)
+            await advertiser.start()
+            try:
+                await wait_until(lambda: node in table.snapshot(), "the node to appear in the table")
+            finally:
+                await advertiser.stop()
+            await wait_until(lambda: node.node_id not in table.browser.nodes, "the goodbye to remove the node")
+            assert node not in table.snapshot()
+            assert changes[-1] == (node.node_id, None)
+
+    run(body())
+
+
+def test_node_failing_health_is_dropped_within_bounded_time_and_returns_when_healthy() -> None:
+    async def body() -> None:
+        node = make_node("health")
+        healthy = {"ok": True}
+        checked: list[str] = []
+
+        async def health(address: str) -> bool:
+            checked.append(address)
+            return healthy["ok"]
+
+        table = NodeTable(KFP, interfaces=LOOPBACK, health=health, interval=0.05, max_failures=3, call_timeout=0.5)
+        async with Advertiser(node, LOOPBACK), table:
+            await wait_until(lambda: node in table.snapshot(), "the node to appear")
+            healthy["ok"] = False
+            took = await wait_until(lambda: node not in table.snapshot(), "the unhealthy node to be dropped", 3.0)
+            assert took < 2.0, f"dropped after {took:.2f} s"
+            assert "failed 3 health checks in a row" in table.down[node.node_id]
+            assert node.node_id in table.browser.nodes  # still advertised, yet not offered to the scheduler
+            healthy["ok"] = True
+            await wait_until(lambda: node in table.snapshot(), "the node to come back")
+        assert set(checked) == {"127.0.0.1:50051"}
+
+    run(body())
+
+
+def test_health_check_that_hangs_counts_as_a_failure() -> None:
+    async def body() -> None:
+        node = make_node("hang", source="static")
+
+        async def probe(address: str) -> NodeInfo:
+            return node
+
+        async def hang(address: str) -> bool:
+            await asyncio.sleep(3600)
+            return True
+
+        table = NodeTable(KFP, use_mdns=False, peers=["127.0.0.1:50051"], probe=probe, health=hang,
+                          max_failures=2, call_timeout=0.05)
+        await table.check_once()
+        assert table.snapshot() == [node]
+        await table.check_once()
+        assert table.snapshot() == []
+
+    run(body())
+
+
+def test_node_with_wrong_key_fingerprint_is_refused_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="cluster.discovery")
+
+    intruder = make_node("intruder", key_fingerprint="kfp-evil-9999")
+
+    async def body() -> None:
+        async with Browser(LOOPBACK, KFP) as browser:
+            async with Advertiser(intruder, LOOPBACK):
+                await wait_until(lambda: intruder.node_id in browser.refused, "the intruder to be refused")
+                assert intruder.node_id not in browser.nodes
+                reason = browser.refused[intruder.node_id]
+                assert "kfp-evil-9999" in reason and KFP in reason
+            await wait_until(lambda: intruder.node_id not in browser.refused, "the refusal to clear on goodbye")
+
+    run(body())
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    logged = [m for m in warnings if intruder.node_id in m]
+    assert logged, warnings
+    assert all(s in logged[0] for s in ("127.0.0.1:50051", "kfp-evil-9999", KFP))
+
+
+def test_malformed_txt_record_over_mdns_is_refused_with_the_reason() -> None:
+    from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf  # raw zeroconf: our Advertiser cannot send garbage
+
+    async def body() -> None:
+        node = make_node("garbled")
+        txt = {k: v for k, v in node.to_txt().items() if k != "kfp"} | {"tflops": "fast"}
+        name = f"{node.node_id}.{SERVICE_TYPE}"
+        info = AsyncServiceInfo(SERVICE_TYPE, name, port=node.grpc_port, properties=txt,
+                                server=f"{node.node_id}.local.", parsed_addresses=["127.0.0.1"])
+        aiozc = AsyncZeroconf(interfaces=LOOPBACK)
+        try:
+            async with Browser(LOOPBACK, KFP) as browser:
+                await asyncio.wait_for(await aiozc.async_register_service(info), WAIT_S)
+                await wait_until(lambda: node.node_id in browser.refused, "the garbled record to be refused")
+                assert node.node_id not in browser.nodes
+                reason = browser.refused[node.node_id]
+                assert "malformed TXT record" in reason and "missing TXT items ['kfp']" in reason
+        finally:
+            await asyncio.wait_for(aiozc.async_close(), WAIT_S)
+
+    run(body())
+
+
+def test_static_peers_come_from_the_probe_with_source_static() -> None:
+    async def body() -> None:
+        good = make_node("static", host="0.0.0.0", grpc_port=9999)  # what the node says of itself
+        evil = make_node("evilstatic", key_fingerprint="kfp-evil")
+        probed: list[str] = []
+
+        async def probe(address: str) -> NodeInfo:
+            probed.append(address)
+            if address == "127.0.0.1:7001":
+                return good
+            if address == "127.0.0.1:7002":
+                return evil
+            raise ConnectionRefusedError("connection refused")
+
+        peers = ["127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003"]
+        async with NodeTable(KFP, use_mdns=False, peers=peers, probe=probe, interval=0.05) as table:
+            await wait_until(lambda: len(table.snapshot()) == 1, "the static peer to be probed")
+            [node] = table.snapshot()
+            assert node.source == "static" and node.node_id == good.node_id
+            assert node.grpc_address == "127.0.0.1:7001"  # the address we were given, not the node's own view
+            assert evil.node_id in table.refused and "kfp-evil" in table.refused[evil.node_id]
+            await wait_until(lambda: probed.count("127.0.0.1:7003") >= 2, "the unreachable peer to be retried")
+            assert probed.count("127.0.0.1:7001") == 1  # resolved once, not re-probed while healthy
+            tried = "\n".join(table.tried)
+            assert "mdns: off" in tried
+            assert f"static peer 127.0.0.1:7001: ok (node {good.node_id})" in tried
+            assert "static peer 127.0.0.1:7002: refused" in tried
+            assert "static peer 127.0.0.1:7003: probe failed: ConnectionRefusedError: connection refused" in tried
+
+    run(body())
+
+
+def test_node_table_reports_how_long_a_dropped_node_has_been_silent_using_its_clock() -> None:
+    async def body() -> None:
+        now = {"t": 100.0}
+        node = make_node("clock", source="static")
+        results = iter([True, False, False, True])
+
+        probed: list[str] = []
+
+        async def probe(address: str) -> NodeInfo:
+            probed.append(address)
+            return node
+
+        async def health(address: str) -> bool:
+            return next(results)
+
+        table = NodeTable(KFP, use_mdns=False, peers=["127.0.0.1:50051"], probe=probe, health=health,
+                          max_failures=2, clock=lambda: now["t"])
+        for _ in range(3):  # checks at t = 100 (ok), 102.5, 105
+            await table.check_once()
+            now["t"] += 2.5
+        assert table.snapshot() == []
+        assert table.down == {node.node_id: "failed 2 health checks in a row, last ok 7.5 s ago"}
+        await table.check_once()
+        assert table.snapshot() == [node] and table.down == {}
+        assert probed == ["127.0.0.1:50051"] * 2  # re-probed when it came back
+
+    run(body())
+
+
+def test_discover_once_finds_an_advertised_node() -> None:
+    async def body() -> None:
+        node = make_node("once")
+        intruder = make_node("onceintruder", key_fingerprint="kfp-other")
+        advertisers = [Advertiser(node, LOOPBACK), Advertiser(intruder, LOOPBACK)]
+        await asyncio.gather(*(a.start() for a in advertisers))
+        try:
+            nodes, refused = await discover_once(2.0, LOOPBACK, KFP)
+        finally:
+            await asyncio.gather(*(a.stop() for a in advertisers))
+        assert node in nodes
+        assert intruder not in nodes and intruder.node_id in refused
+
+    run(body())
+
+
+def test_service_type_and_peer_parsing() -> None:
+    assert SERVICE_TYPE == "_pdcluster._tcp.local."
+    assert parse_peer("10.0.0.5:50051") == ("10.0.0.5", 50051)
+    assert parse_peer("[fe80::1]:7000") == ("fe80::1", 7000)
+    assert parse_peer("spark.local:1") == ("spark.local", 1)
+    for bad in ("10.0.0.5", "10.0.0.5:", ":50051", "host:0", "host:99999", "host:http"):
+        with pytest.raises(ValueError, match="expected host:port"):
+            parse_peer(bad)
+    with pytest.raises(ValueError, match="need a probe"):
+        NodeTable(KFP, use_mdns=False, peers=["10.0.0.5:50051"])
