@@ -1,0 +1,176 @@
+"""``pdc up``: the whole cluster on one machine, each part a real process.
+
+The launcher starts one prefill worker, one decode worker and the scheduler as
+child processes of its own, all discovering each other over mDNS on the
+loopback interface, and waits until the scheduler's ``/health`` says ready.
+Children get ``PR_SET_PDEATHSIG`` on Linux, so they die with the launcher even
+if it is killed hard; a normal exit (Ctrl-C, SIGTERM) stops them in order with
+SIGTERM, then SIGKILL after a grace period. No orphans either way.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+READY_TIMEOUT_S = 300.0
+STOP_GRACE_S = 10.0
+
+
+@dataclass(frozen=True)
+class UpConfig:
+    """One local cluster."""
+
+    model: str
+    port: int = 8000
+    prefill_engine: str = "torch"
+    decode_engine: str = "mlx"
+    host: str = LOOPBACK
+    cluster_key_file: str | None = None
+    log_dir: str | None = None  # child logs; a temp folder when None
+    extra_worker_args: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        for role in ("prefill_engine", "decode_engine"):
+            if getattr(self, role) not in ("torch", "mlx"):
+                raise ValueError(f"{role} must be 'torch' or 'mlx', got {getattr(self, role)!r}")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+
+
+class LocalCluster:
+    """Start, wait for and stop the processes of one local cluster."""
+
+    def __init__(self, config: UpConfig) -> None:
+        self.config = config
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+        self._tmp = tempfile.TemporaryDirectory(prefix="pdc-up-")
+        self.log_dir = Path(config.log_dir or self._tmp.name)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.key_file = config.cluster_key_file or self._ephemeral_key()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.host}:{self.config.port}"
+
+    def start(self) -> None:
+        """Start the scheduler and both workers, in that order."""
+        common = ["--cluster-key-file", self.key_file]
+        mdns = ["--mdns-interface", LOOPBACK]
+        self._spawn("scheduler", ["serve", "--host", self.config.host, "--port", str(self.config.port), *common, *mdns])
+        for role, engine in (("prefill", self.config.prefill_engine), ("decode", self.config.decode_engine)):
+            self._spawn(f"{role}-worker", [
+                "worker", "--role", role, "--engine", engine, "--model", self.config.model,
+                "--host", LOOPBACK, "--node-id", f"local-{role}-{engine}", *common, *mdns,
+                *self.config.extra_worker_args,
+            ])
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> dict:
+        """Block until ``/health`` is 200 (both roles known); raise on timeout or a dead child."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        return json.loads(resp.read())
+            time.sleep(0.25)
+        raise TimeoutError(f"the local cluster was not ready after {timeout:.0f} s; logs in {self.log_dir}")
+
+    def stop(self) -> None:
+        """SIGTERM every child (workers first), then SIGKILL what is left after the grace period."""
+        for name, proc in reversed(self.procs):
+            if proc.poll() is None:
+                log.info("stopping %s (pid %d)", name, proc.pid)
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for name, proc in self.procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in %.0f s; killing it", name, STOP_GRACE_S)
+                proc.kill()
+                proc.wait(5)
+        self.procs.clear()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        logfile = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (owned by the child)
+        cmd = [sys.executable, "-m", "cluster.cli", *args]
+        log.info("starting %s: %s", name, " ".join(cmd))
+        proc = subprocess.Popen(
+            cmd, stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        logfile.close()
+        self.procs.append((name, proc))
+
+    def _check_alive(self) -> None:
+        for name, proc in self.procs:
+            if proc.poll() is not None:
+                tail = (self.log_dir / f"{name}.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"{name} exited with code {proc.returncode}:\n{tail}")
+
+    def _ephemeral_key(self) -> str:
+        from cluster.auth import generate_key, write_config
+
+        path = Path(self._tmp.name) / "cluster.json"
+        write_config(path, generate_key())
+        return str(path)
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the launcher dies (Linux prctl)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def run_up(config: UpConfig) -> int:
+    """``pdc up``: run in the foreground until Ctrl-C or SIGTERM."""
+    cluster = LocalCluster(config)
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    previous = signal.signal(signal.SIGTERM, on_signal)
+    try:
+        cluster.start()
+        health = cluster.wait_ready()
+        nodes = ", ".join(n.get("node_id", "?") for n in health.get("nodes", []))
+        print(f"pdcluster is up: {cluster.url}/v1 (nodes: {nodes}); logs in {cluster.log_dir}. Ctrl-C to stop.")
+        while not stopping:
+            cluster._check_alive()
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("pdcluster: shutting down")
+        cluster.stop()
+        signal.signal(signal.SIGTERM, previous)
+    return 0

@@ -1,0 +1,97 @@
+"""``pdc status``: what this machine can see of the cluster."""
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import asdict, dataclass
+
+from cluster.discovery import SERVICE_TYPE, discover_once
+from cluster.node import NodeInfo
+
+COLUMNS = ("node", "roles", "engine", "model", "address", "kv", "device", "TFLOPS", "GB/s", "free mem", "source")
+
+
+@dataclass(frozen=True)
+class StatusConfig:
+    timeout_s: float = 3.0
+    peers: tuple[str, ...] = ()
+    interfaces: tuple[str, ...] | None = None
+    cluster_key_file: str | None = None
+    as_json: bool = False
+
+    def __post_init__(self) -> None:
+        if self.timeout_s <= 0:
+            raise ValueError("--timeout must be positive")
+
+
+async def run_status(config: StatusConfig) -> int:
+    from cluster.auth import load_cluster_key
+
+    key = load_cluster_key(config.cluster_key_file)
+    interfaces = list(config.interfaces) if config.interfaces else None
+    nodes, refused = await discover_once(config.timeout_s, interfaces, key.fingerprint)
+    peer_nodes, peer_errors = await _probe_peers(config.peers, key)
+    nodes = sorted({n.node_id: n for n in [*nodes, *peer_nodes]}.values(), key=lambda n: n.node_id)
+    if config.as_json:
+        print(json.dumps({"nodes": [asdict(n) for n in nodes], "refused": refused, "peer_errors": peer_errors}))
+        return 0 if nodes else 1
+    if nodes:
+        print(format_table(nodes))
+    for node_id, reason in refused.items():
+        print(f"refused {node_id}: {reason}")
+    for peer, error in peer_errors.items():
+        print(f"peer {peer}: {error}")
+    if not nodes:
+        print(nothing_found(config, key.fingerprint, bool(refused)))
+        return 1
+    return 0
+
+
+async def _probe_peers(peers: tuple[str, ...], key) -> tuple[list[NodeInfo], dict[str, str]]:
+    from workers.client import WorkerClient, node_from_info
+
+    found, errors = [], {}
+    for peer in peers:
+        client = WorkerClient(peer, key)
+        try:
+            found.append(node_from_info(await client.info(timeout=3.0), peer, source="static"))
+        except Exception as e:
+            errors[peer] = f"{type(e).__name__}: {getattr(e, 'details', lambda: str(e))() or e}"
+        finally:
+            await client.close()
+    return found, errors
+
+
+def format_table(nodes: list[NodeInfo]) -> str:
+    rows = [COLUMNS] + [
+        (n.node_id, "/".join(n.roles), n.engine, n.model_id, n.grpc_address, str(n.kv_port), n.device,
+         f"{n.tflops:.1f}", f"{n.mem_bw_gbps:.0f}", _gib(n.free_mem_bytes), n.source)
+        for n in nodes
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def nothing_found(config: StatusConfig, fingerprint: str, any_refused: bool) -> str:
+    where = ", ".join(config.interfaces) if config.interfaces else "all interfaces"
+    tried = [f"mDNS browse for {SERVICE_TYPE} on {where} for {config.timeout_s:.0f} s "
+             f"(cluster key fingerprint {fingerprint})"]
+    tried += [f"static peer {p}" for p in config.peers]
+    hints = [
+        "is a worker running? start one with `pdc worker --role both --engine torch --model DIR`",
+        "networks that drop multicast (VPNs, Wi-Fi client isolation, macOS over SSH): pass --peers host:port",
+    ]
+    if any_refused:
+        hints.insert(0, "nodes answered but use another cluster key: copy the key file from `pdc init` to every node")
+    return "no pdcluster nodes found.\ntried:\n" + "\n".join(f"  - {t}" for t in tried) + \
+        "\nhints:\n" + "\n".join(f"  - {h}" for h in hints)
+
+
+def _gib(num_bytes: int) -> str:
+    return f"{num_bytes / (1 << 30):.1f} GiB" if num_bytes else "?"
+
+
+if __name__ == "__main__":
+    raise SystemExit(asyncio.run(run_status(StatusConfig())))

@@ -1,0 +1,202 @@
+"""``pdc serve``: the scheduler as a long-lived service.
+
+Wires the pure parts together: the live node table (mDNS, static peers, health
+checks), one gRPC client per worker, per-model tokenizers fetched from a
+worker's Info (no weights are loaded here, so this runs on a NAS or a Pi), the
+placement policy, the request lifecycle and the HTTP API. This module and the
+client it imports are the scheduler's only contact with gRPC and zeroconf.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from cluster.auth import ClusterKey
+from cluster.discovery import NodeTable
+from cluster.node import NodeInfo
+from proto import pdcluster_pb2 as pb
+from scheduler.api import build_app
+from scheduler.lifecycle import LifecycleConfig, run_request
+from scheduler.placement import POLICIES, NodeView, Policy
+from scheduler.request import (
+    FinishEvent,
+    GenerationRequest,
+    ModelEntry,
+    NoCapacityError,
+    TokenEvent,
+)
+from scheduler.tokenizer import PromptCodec, TokenizerBundle
+from workers.client import WorkerClient, node_from_info
+
+log = logging.getLogger(__name__)
+
+INFO_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """One scheduler process."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    peers: tuple[str, ...] = ()
+    mdns: bool = True
+    mdns_interfaces: tuple[str, ...] | None = None
+    policy: str = "fastest-pair"
+    health_interval_s: float = 1.0
+    lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}; choose from {sorted(POLICIES)}")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+
+
+@dataclass
+class _ModelRecord:
+    entry: ModelEntry
+    codec: PromptCodec
+
+
+class ClusterBackend:
+    """The ``Backend`` the HTTP API serves: nodes, models, placement, lifecycle."""
+
+    def __init__(self, config: SchedulerConfig, key: ClusterKey) -> None:
+        self.config, self.key = config, key
+        self.policy: Policy = POLICIES[config.policy]()
+        self.clients: dict[str, WorkerClient] = {}  # grpc address -> client
+        self.models_by_id: dict[str, _ModelRecord] = {}
+        self.active: dict[str, int] = {}  # node id -> requests in flight here
+        self.table = NodeTable(
+            key.fingerprint, use_mdns=config.mdns,
+            interfaces=list(config.mdns_interfaces) if config.mdns_interfaces else None,
+            peers=config.peers, probe=self._probe, health=self._health,
+            interval=config.health_interval_s, call_timeout=config.health_interval_s,
+            on_change=self._on_node_change,
+        )
+
+    async def start(self) -> None:
+        await self.table.start()
+
+    async def stop(self) -> None:
+        await self.table.stop()
+        for client in self.clients.values():
+            await client.close()
+
+    # ---------------------------------------------------------------- Backend
+
+    def models(self) -> list[ModelEntry]:
+        live = {n.model_id for n in self.table.snapshot() if n.can_decode}
+        return [r.entry for model_id, r in sorted(self.models_by_id.items()) if model_id in live]
+
+    def codec_for(self, model: str) -> PromptCodec | None:
+        record = self.models_by_id.get(model)
+        return record.codec if record and any(m.model_id == model for m in self.models()) else None
+
+    def health(self) -> tuple[bool, dict]:
+        nodes = self.table.snapshot()
+        ready = any(n.can_prefill for n in nodes) and any(n.can_decode for n in nodes)
+        return ready, {"nodes": [_node_json(n, self.active.get(n.node_id, 0)) for n in nodes],
+                       "refused": self.table.refused, "models": [m.model_id for m in self.models()]}
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
+        nodes = {n.node_id: n for n in self.table.snapshot() if n.model_id == request.model}
+        if not nodes:
+            raise NoCapacityError(f"no node serves model {request.model!r} right now")
+        placement = self.policy.place(request, [self._view(n) for n in nodes.values()])
+        log.info("request %s: prefill=%s decode=%s codec=%s", request.request_id,
+                 placement.prefill_node or f"{placement.decode_node} (colocated)", placement.decode_node, placement.codec)
+        touched = [n for n in {placement.prefill_node, placement.decode_node} if n]
+        for node_id in touched:
+            self.active[node_id] = self.active.get(node_id, 0) + 1
+        try:
+            async for event in run_request(request, placement, lambda nid: self._client(nodes[nid]), self.config.lifecycle):
+                if isinstance(event, FinishEvent):
+                    s = event.stats
+                    log.info("request %s: done (%s) %d tokens, ttft %.3f s, tpot %.4f s, kv %d B, exposed %.3f s",
+                             request.request_id, event.finish_reason, s.completion_tokens, s.ttft_s, s.tpot_s,
+                             s.kv_bytes, s.exposed_transfer_s)
+                yield event
+        finally:
+            for node_id in touched:
+                self.active[node_id] -= 1
+
+    # ---------------------------------------------------------------- nodes
+
+    def _client(self, node: NodeInfo) -> WorkerClient:
+        return self._client_at(node.grpc_address)
+
+    def _view(self, node: NodeInfo) -> NodeView:
+        return NodeView(node.node_id, node.roles, node.engine, node.model_id, node.tflops, node.mem_bw_gbps,
+                        node.free_mem_bytes, self.active.get(node.node_id, 0))
+
+    async def _probe(self, address: str) -> NodeInfo:
+        info = await self._client_at(address).info(timeout=INFO_TIMEOUT_S)
+        return node_from_info(info, address, source="static")
+
+    async def _health(self, address: str) -> bool:
+        try:
+            return (await self._client_at(address).health(timeout=self.config.health_interval_s)).ok
+        except Exception:
+            return False
+
+    def _client_at(self, address: str) -> WorkerClient:
+        if address not in self.clients:
+            self.clients[address] = WorkerClient(address, self.key)
+        return self.clients[address]
+
+    def _on_node_change(self, node_id: str, node: NodeInfo | None) -> None:
+        if node is None:
+            log.info("node %s left", node_id)
+            return
+        log.info("node %s: %s %s %s at %s (%.1f TFLOPS, %.0f GB/s)", node_id, "/".join(node.roles), node.engine,
+                 node.model_id, node.grpc_address, node.tflops, node.mem_bw_gbps)
+        if node.model_id not in self.models_by_id:
+            asyncio.get_running_loop().create_task(self._learn_model(node))
+
+    async def _learn_model(self, node: NodeInfo) -> None:
+        """Fetch tokenizer and chat template for ``node``'s model from the node itself."""
+        try:
+            info: pb.InfoReply = await self._client(node).info(timeout=INFO_TIMEOUT_S)
+        except Exception as e:
+            log.warning("could not fetch model info from %s: %s", node.node_id, e)
+            return
+        m = info.model
+        bundle = TokenizerBundle(m.tokenizer_json, m.chat_template, m.bos_token, m.eos_token)
+        entry = ModelEntry(m.model_id, m.max_position_embeddings, tuple(m.eos_token_ids))
+        self.models_by_id.setdefault(m.model_id, _ModelRecord(entry, PromptCodec(bundle)))
+        log.info("model %s: %s, %d layers, context %d (tokenizer from %s)", m.model_id, m.model_type,
+                 m.num_layers, m.max_position_embeddings, node.node_id)
+
+
+def _node_json(node: NodeInfo, active: int) -> dict:
+    return {"node_id": node.node_id, "roles": list(node.roles), "engine": node.engine, "model": node.model_id,
+            "address": node.grpc_address, "device": node.device, "tflops": node.tflops,
+            "mem_bw_gbps": node.mem_bw_gbps, "source": node.source, "active_requests": active}
+
+
+async def serve(config: SchedulerConfig, key: ClusterKey) -> None:
+    """Run until SIGINT/SIGTERM."""
+    backend = ClusterBackend(config, key)
+    await backend.start()
+    runner = web.AppRunner(build_app(backend), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port)
+    await site.start()
+    log.warning("scheduler listening on http://%s:%d/v1 (policy %s)", config.host, config.port, config.policy)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.warning("scheduler shutting down")
+        await runner.cleanup()
+        await backend.stop()
