@@ -23,7 +23,7 @@ class SamplingParams(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class NodeProfile(_message.Message):
-    __slots__ = ("node_id", "roles", "engine", "device", "tflops", "mem_bw_gbps", "free_mem_bytes", "version", "grpc_address", "kv_port")
+    __slots__ = ("node_id", "roles", "engine", "device", "tflops", "mem_bw_gbps", "free_mem_bytes", "version", "grpc_address", "kv_port", "key_fingerprint")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLES_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class NodeProfile(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     GRPC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     KV_PORT_FIELD_NUMBER: _ClassVar[int]
+    KEY_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     roles: _containers.RepeatedScalarFieldContainer[str]
     engine: str
@@ -44,7 +45,8 @@ class NodeProfile(_message.Message):
     version: str
     grpc_address: str
     kv_port: int
-    def __init__(self, node_id: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., engine: _Optional[str] = ..., device: _Optional[str] = ..., tflops: _Optional[float] = ..., mem_bw_gbps: _Optional[float] = ..., free_mem_bytes: _Optional[int] = ..., version: _Optional[str] = ..., grpc_address: _Optional[str] = ..., kv_port: _Optional[int] = ...) -> None: ...
+    key_fingerprint: str
+    def __init__(self, node_id: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., engine: _Optional[str] = ..., device: _Optional[str] = ..., tflops: _Optional[float] = ..., mem_bw_gbps: _Optional[float] = ..., free_mem_bytes: _Optional[int] = ..., version: _Optional[str] = ..., grpc_address: _Optional[str] = ..., kv_port: _Optional[int] = ..., key_fingerprint: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("model_id", "fingerprint", "model_type", "num_layers", "kv_heads", "head_dim", "dtype", "vocab_size", "max_position_embeddings", "eos_token_ids", "tokenizer_json", "chat_template", "bos_token", "eos_token")

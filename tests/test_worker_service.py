@@ -1,0 +1,608 @@
+"""The worker service: tokens, leases, failure isolation, cancellation, auth.
+
+Two real worker processes (torch prefill, MLX decode) on 127.0.0.1 prove the
+disaggregated path end to end; the rest run workers in this process (MLX on
+both sides, which loads in milliseconds) so that a test can wrap an engine or
+read a worker's lease table directly.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from grpc import aio
+
+from cluster.auth import AuthError, ClusterKey, generate_key, write_config
+from conftest import have
+from proto import pdcluster_pb2 as pb
+from workers.client import WorkerClient, node_from_info
+from workers.dataplane import open_kv_connection
+from workers.engine import KVSlice, SamplingParams
+from workers.kv_codec import encode_begin, encode_kv
+from workers.kv_net import send_buffers
+from workers.service import Worker, WorkerConfig
+from workers.worker_info import model_fingerprint
+
+pytestmark = pytest.mark.skipif(not have("mlx.core"), reason="needs the mlx extra (decode engine)")
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = [(7 * i + 3) % 1000 + 10 for i in range(300)]  # > 2 prefill chunks of 128
+GREEDY = pb.SamplingParams(max_tokens=16)
+STREAM_TIMEOUT_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def model(make_tiny_model: Callable[..., Path]) -> Path:
+    return make_tiny_model("llama")
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def run(body: Callable[[], Any], timeout: float = 120.0) -> Any:
+    """Run an async test body under one overall deadline."""
+    return asyncio.run(asyncio.wait_for(body(), timeout))
+
+
+def config(model: Path, key: ClusterKey, role: str, **overrides: Any) -> WorkerConfig:
+    return WorkerConfig(role=role, engine="mlx", model=str(model), cluster_key=key, advertise=False,
+                        node_id=f"test-{role}", grace_s=1.0, **overrides)
+
+
+@contextlib.asynccontextmanager
+async def started(*workers: Worker) -> AsyncIterator[list[WorkerClient]]:
+    """Start workers one after another (engine imports are not thread-safe) and
+    yield a client per worker; stop everything afterwards."""
+    clients: list[WorkerClient] = []
+    try:
+        for worker in workers:
+            await worker.start()
+            clients.append(WorkerClient(worker.grpc_address, worker.config.cluster_key))
+        yield clients
+    finally:
+        for client in clients:
+            await client.close()
+        for worker in workers:
+            await worker.stop()
+
+
+async def collect(call: Any) -> tuple[list[int], pb.Done | None]:
+    tokens, done = [], None
+    async for event in call:
+        if event.HasField("token"):
+            assert event.token.index == len(tokens)
+            tokens.append(event.token.token_id)
+        elif event.HasField("done"):
+            done = event.done
+    return tokens, done
+
+
+async def colocated(decoder: WorkerClient, rid: str, sampling: pb.SamplingParams = GREEDY) -> tuple[list[int], pb.Done]:
+    request = pb.DecodeRequest(request_id=rid, prompt_token_ids=PROMPT, sampling=sampling, local_prefill=True)
+    return await collect(decoder.decode(request, timeout=STREAM_TIMEOUT_S))
+
+
+async def reserve(decoder: WorkerClient, rid: str, *, lease_s: float = 30.0,
+                  sampling: pb.SamplingParams = GREEDY) -> tuple[Any, pb.Reserved]:
+    """Open a disaggregated Decode; return the call and its ``reserved`` event."""
+    call = decoder.decode(pb.DecodeRequest(request_id=rid, prompt_token_ids=PROMPT, sampling=sampling,
+                                           lease_s=lease_s), timeout=STREAM_TIMEOUT_S)
+    first = await asyncio.wait_for(call.read(), 30)
+    assert first.HasField("reserved"), first
+    return call, first.reserved
+
+
+def prefill_request(rid: str, reserved: pb.Reserved, sampling: pb.SamplingParams = GREEDY) -> pb.PrefillRequest:
+    return pb.PrefillRequest(request_id=rid, prompt_token_ids=PROMPT, sampling=sampling, kv_host=reserved.kv_host,
+                             kv_port=reserved.kv_port, transfer_token=reserved.transfer_token)
+
+
+async def disaggregated(prefiller: WorkerClient, decoder: WorkerClient, rid: str,
+                        sampling: pb.SamplingParams = GREEDY) -> tuple[list[int], pb.Done, pb.PrefillReply]:
+    call, reserved = await reserve(decoder, rid, sampling=sampling)
+    prefill = asyncio.ensure_future(prefiller.prefill(prefill_request(rid, reserved, sampling), timeout=30))
+    tokens, done = await collect(call)
+    return tokens, done, await prefill
+
+
+async def status_code(awaitable: Any) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(aio.AioRpcError) as failure:
+        await awaitable
+    return failure.value.code(), failure.value.details()
+
+
+async def settled(client: WorkerClient, timeout: float = 10.0) -> pb.HealthReply:
+    """Health once the worker holds no request, lease or reserved byte (or the last seen)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        health = await client.health()
+        idle = health.active_requests == health.active_leases == health.reserved_kv_bytes == 0
+        if idle or time.monotonic() > deadline:
+            return health
+        await asyncio.sleep(0.05)
+
+
+def held_caches(worker: Worker) -> dict[str, Any]:
+    engine = worker.engines.engine
+    return dict(getattr(engine, "inner", engine)._caches)
+
+
+def corrupt_slice_frames(rid: str, layout: Any) -> list[Any]:
+    """A begin frame, then a kv frame whose payload no longer matches its checksum."""
+    keys = np.ones((layout.kv_heads, 4, layout.head_dim), np.float32)
+    frames = encode_begin(rid, layout) + encode_kv(rid, KVSlice(0, 0, keys, keys.copy(), layout.dtype))
+    keys[0, 0, 0] = 2.0  # after the checksum was taken; the frame sends these very bytes
+    return frames
+
+
+class GatedEngine:
+    """A real engine whose prefill pauses after its first slice until ``gate`` opens."""
+
+    def __init__(self, inner: Any, entered: threading.Event, gate: threading.Event) -> None:
+        self.inner, self.entered, self.gate = inner, entered, gate
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def prefill(self, request_id: str, token_ids: list[int], on_slice: Any, chunk_size: int = 128) -> Any:
+        first = [True]
+
+        def sink(kv_slice: KVSlice) -> None:
+            on_slice(kv_slice)
+            if first[0]:
+                first[0] = False
+                self.entered.set()
+                self.gate.wait(20)
+
+        return self.inner.prefill(request_id, token_ids, sink, chunk_size)
+
+
+def gated_worker(model: Path, key: ClusterKey, entered: threading.Event, gate: threading.Event) -> Worker:
+    from workers.mlx_engine import MLXEngine
+
+    return Worker(config(model, key, "prefill"),
+                  engine_factory=lambda: GatedEngine(MLXEngine(model, dtype="float32"), entered, gate))
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+# ---------------------------------------------------------------- config and info
+
+
+def test_worker_config_rejects_bad_values_and_picks_a_node_id(model: Path) -> None:
+    key = generate_key()
+    cfg = WorkerConfig(role="both", engine="mlx", model=str(model), cluster_key=key)
+    assert cfg.roles == ("prefill", "decode") and re.fullmatch(r"[A-Za-z0-9._-]{1,63}", cfg.node_id)
+    for bad in ({"role": "router"}, {"engine": "jax"}, {"port": 70000}, {"lease_s": 0}, {"chunk_size": 0},
+                {"send_mode": "udp"}, {"node_id": "has space"}, {"dtype": "int8"}, {"port": 5000, "kv_port": 5000}):
+        with pytest.raises(ValueError):
+            replace(cfg, **bad)
+    with pytest.raises(ValueError, match="ClusterKey"):
+        replace(cfg, cluster_key="00" * 32)
+
+
+def test_info_carries_tokenizer_template_fingerprint_and_profile(model: Path) -> None:
+    key = generate_key()
+    worker = Worker(config(model, key, "decode", model_id="tiny"))
+
+    async def body() -> None:
+        async with started(worker) as (client,):
+            info = await client.info()
+            tokenizer_config = json.loads((model / "tokenizer_config.json").read_text())
+            assert info.model.tokenizer_json == (model / "tokenizer.json").read_text()
+            assert info.model.chat_template == tokenizer_config["chat_template"]
+            assert (info.model.eos_token, info.model.model_id) == ("<|im_end|>", "tiny")
+            assert info.model.fingerprint == model_fingerprint(model)
+            assert (info.model.num_layers, info.model.kv_heads, info.model.dtype) == (4, 2, "float32")
+            node = node_from_info(info, worker.grpc_address)
+            assert (node.node_id, node.roles, node.engine) == ("test-decode", ("decode",), "mlx")
+            assert (node.kv_port, node.key_fingerprint) == (worker.kv_port, key.fingerprint)
+            assert node.grpc_port == worker.port
+
+    run(body)
+
+
+def test_fingerprint_changes_with_the_weights(model: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(model, copy)
+    assert model_fingerprint(copy) == model_fingerprint(model)
+    with open(copy / "model.safetensors", "ab") as f:
+        f.write(b"\0")
+    assert model_fingerprint(copy) != model_fingerprint(model)
+
+
+# ---------------------------------------------------------------- tokens
+
+
+def test_seeded_sampling_gives_the_same_tokens_disaggregated_and_colocated(model: Path) -> None:
+    key = generate_key()
+    sampling = pb.SamplingParams(max_tokens=12, temperature=0.9, top_k=50, seed=1234)
+
+    async def body() -> None:
+        async with started(Worker(config(model, key, "prefill")), Worker(config(model, key, "decode"))) as (p, d):
+            split, done, _ = await disaggregated(p, d, "seeded", sampling)
+            alone, _ = await colocated(d, "seeded-colocated", sampling)
+            assert split == alone and len(split) == 12
+            assert done.finish_reason == "length"
+            other, _ = await colocated(d, "other-seed", pb.SamplingParams(max_tokens=12, temperature=0.9, top_k=50, seed=99))
+            assert other != alone  # the seed matters, so equality above is not luck
+
+    run(body)
+
+
+# ---------------------------------------------------------------- leases
+
+
+def test_lease_expires_when_kv_never_arrives_and_the_reservation_is_freed(model: Path) -> None:
+    key = generate_key()
+    worker = Worker(config(model, key, "decode"))
+
+    async def body() -> None:
+        async with started(worker) as (d,):
+            call, reserved = await reserve(d, "never", lease_s=0.5)
+            assert reserved.reserved_kv_bytes == worker.engines.engine.kv_layout(len(PROMPT)).total_bytes
+            assert (await d.health()).active_leases == 1
+            began = time.monotonic()
+            code, details = await status_code(collect(call))
+            assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "lease" in details
+            assert 0.3 < time.monotonic() - began < 5
+            health, stats = await settled(d), await d.stats()
+            assert (health.active_leases, health.reserved_kv_bytes, health.active_requests) == (0, 0, 0)
+            assert (stats.leases_expired, stats.requests_failed) == (1, 1)
+            with pytest.raises(AuthError):  # a late sender is turned away at the handshake
+                await asyncio.to_thread(open_kv_connection, reserved.kv_host, reserved.kv_port, key,
+                                        reserved.transfer_token, timeout=5)
+
+    run(body)
+
+
+def test_transfer_that_stalls_midway_fails_at_the_lease_deadline_and_is_cut(model: Path) -> None:
+    key = generate_key()
+    worker = Worker(config(model, key, "decode"))
+
+    async def body() -> None:
+        async with started(worker) as (d,):
+            call, reserved = await reserve(d, "stalls", lease_s=1.0)
+            sock = await asyncio.to_thread(open_kv_connection, reserved.kv_host, reserved.kv_port, key,
+                                           reserved.transfer_token, timeout=5)
+            with sock:
+                layout = worker.engines.engine.kv_layout(len(PROMPT))
+                keys = np.zeros((layout.kv_heads, 8, layout.head_dim), np.float32)
+                send_buffers(sock, encode_begin("stalls", layout) + encode_kv("stalls", KVSlice(0, 0, keys, keys, "float32")))
+                code, details = await status_code(collect(call))  # ... and then nothing more
+                assert code == grpc.StatusCode.DEADLINE_EXCEEDED, details
+                sock.settimeout(5)
+                assert await asyncio.to_thread(sock.recv, 1) == b""  # the decode side hung up
+            assert (await settled(d)).active_leases == 0
+            assert (await d.stats()).leases_expired == 1
+
+    run(body)
+
+
+def test_limits_and_bad_requests_fail_with_precise_codes(model: Path) -> None:
+    key = generate_key()
+
+    async def body() -> None:
+        async with started(Worker(config(model, key, "decode", max_leases=1))) as (d,):
+            call, _ = await reserve(d, "holder")
+            duplicate = pb.DecodeRequest(request_id="holder", prompt_token_ids=PROMPT, sampling=GREEDY)
+            assert (await status_code(collect(d.decode(duplicate, timeout=10))))[0] == grpc.StatusCode.ALREADY_EXISTS
+            full = pb.DecodeRequest(request_id="second", prompt_token_ids=PROMPT, sampling=GREEDY)
+            assert (await status_code(collect(d.decode(full, timeout=10))))[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+            call.cancel()
+            await settled(d)
+            for bad in (pb.DecodeRequest(request_id="oov", prompt_token_ids=[10**6], sampling=GREEDY),
+                        pb.DecodeRequest(request_id="empty", sampling=GREEDY),
+                        pb.DecodeRequest(request_id="no-max", prompt_token_ids=PROMPT),
+                        pb.DecodeRequest(request_id="codec", prompt_token_ids=PROMPT, sampling=GREEDY, codec="zstd")):
+                code, details = await status_code(collect(d.decode(bad, timeout=10)))
+                assert code == grpc.StatusCode.INVALID_ARGUMENT, (bad.request_id, details)
+            reserved = pb.Reserved(kv_host="127.0.0.1", kv_port=1, transfer_token=b"t")
+            code, _ = await status_code(d.prefill(prefill_request("p", reserved), timeout=10))
+            assert code == grpc.StatusCode.FAILED_PRECONDITION  # a decode-only worker does not prefill
+            assert (await settled(d)).active_requests == 0
+
+    run(body)
+
+
+# ---------------------------------------------------------------- failure isolation
+
+
+def test_malformed_kv_frame_fails_only_its_own_request(model: Path) -> None:
+    key = generate_key()
+    decoder = Worker(config(model, key, "decode"))
+
+    async def body() -> None:
+        async with started(Worker(config(model, key, "prefill")), decoder) as (p, d):
+            reference, _ = await colocated(d, "reference")
+            bad_call, bad = await reserve(d, "bad")
+            good_call, good = await reserve(d, "good")
+            layout = decoder.engines.engine.kv_layout(len(PROMPT))
+
+            def send_garbage() -> None:
+                with open_kv_connection(bad.kv_host, bad.kv_port, key, bad.transfer_token, timeout=5) as sock:
+                    send_buffers(sock, corrupt_slice_frames("bad", layout))
+                    sock.settimeout(5)
+                    sock.recv(1)  # until the decode side drops us
+
+            good_prefill = asyncio.ensure_future(p.prefill(prefill_request("good", good), timeout=30))
+            bad_outcome, good_outcome, _ = await asyncio.gather(
+                status_code(collect(bad_call)), collect(good_call), asyncio.to_thread(send_garbage))
+            assert bad_outcome[0] == grpc.StatusCode.DATA_LOSS and "checksum" in bad_outcome[1]
+            assert good_outcome[0] == reference
+            assert (await good_prefill).first_token == reference[0]
+            stats = await d.stats()
+            assert (stats.requests_failed, stats.requests_total) == (1, 3)
+            assert (await settled(d)).active_leases == 0
+
+    run(body)
+
+
+# ---------------------------------------------------------------- cancellation
+
+
+def test_cancel_frees_lease_and_cache_on_both_workers(model: Path) -> None:
+    key = generate_key()
+    entered, gate = threading.Event(), threading.Event()
+    prefiller, decoder = gated_worker(model, key, entered, gate), Worker(config(model, key, "decode"))
+
+    async def body() -> None:
+        async with started(prefiller, decoder) as (p, d):
+            call, reserved = await reserve(d, "cancel-me")
+            prefill = asyncio.ensure_future(p.prefill(prefill_request("cancel-me", reserved), timeout=30))
+            await wait_for(entered.is_set)  # the first slice has left; prefill is mid-way
+            await wait_for(lambda: decoder.leases.find("cancel-me").state == "receiving")
+            assert held_caches(prefiller) and (await p.health()).active_requests == 1
+            assert await d.cancel("cancel-me") and await p.cancel("cancel-me")
+            assert (await status_code(collect(call)))[0] == grpc.StatusCode.CANCELLED
+            gate.set()
+            assert (await status_code(prefill))[0] == grpc.StatusCode.CANCELLED
+            for client in (p, d):
+                health = await settled(client)
+                assert (health.active_requests, health.active_leases, health.reserved_kv_bytes) == (0, 0, 0)
+                assert (await client.stats()).requests_cancelled == 1
+            assert held_caches(prefiller) == held_caches(decoder) == {}
+            assert not await d.cancel("cancel-me")  # nothing left to find
+
+    run(body)
+
+
+def test_decode_client_disconnect_frees_lease_and_cache_on_both_workers(model: Path) -> None:
+    key = generate_key()
+    entered, gate = threading.Event(), threading.Event()
+    prefiller, decoder = gated_worker(model, key, entered, gate), Worker(config(model, key, "decode"))
+
+    async def body() -> None:
+        async with started(prefiller, decoder) as (p, d):
+            call, reserved = await reserve(d, "walk-away")
+            prefill = asyncio.ensure_future(p.prefill(prefill_request("walk-away", reserved), timeout=30))
+            await wait_for(entered.is_set)
+            call.cancel()  # the client goes away; nobody calls Cancel
+            health = await settled(d)
+            assert (health.active_requests, health.active_leases, health.reserved_kv_bytes) == (0, 0, 0)
+            gate.set()  # the prefill node finds its KV stream cut and gives up
+            code, details = await status_code(prefill)
+            assert code == grpc.StatusCode.UNAVAILABLE, details
+            assert (await settled(p)).active_requests == 0
+            assert held_caches(prefiller) == held_caches(decoder) == {}
+            assert (await d.stats()).requests_cancelled == 1
+
+    run(body)
+
+
+def test_cancel_or_disconnect_during_generation_releases_the_decode_cache(model: Path) -> None:
+    key = generate_key()
+    decoder = Worker(config(model, key, "decode"))
+    endless = pb.SamplingParams(max_tokens=4000)
+
+    async def body() -> None:
+        async with started(decoder) as (d,):
+            for rid, stop in (("cancelled", lambda call: d.cancel("cancelled")),
+                              ("abandoned", lambda call: asyncio.sleep(0, call.cancel()))):
+                request = pb.DecodeRequest(request_id=rid, prompt_token_ids=PROMPT, sampling=endless,
+                                           local_prefill=True)
+                call = d.decode(request, timeout=STREAM_TIMEOUT_S)
+                for _ in range(3):
+                    assert (await call.read()).HasField("token")
+                assert f"{rid}#decode" in held_caches(decoder)
+                await stop(call)
+                with contextlib.suppress(aio.AioRpcError, asyncio.CancelledError):
+                    async for _ in call:  # drain what was in flight
+                        pass
+                health = await settled(d)
+                assert (health.active_requests, health.active_leases) == (0, 0)
+                assert held_caches(decoder) == {} and decoder.engines.held == set()
+            stats = await d.stats()
+            assert stats.requests_cancelled == 2 and stats.tokens_generated < 1000
+
+    run(body)
+
+
+# ---------------------------------------------------------------- real processes
+
+
+@dataclass
+class WorkerProcess:
+    proc: subprocess.Popen
+    lines: list[str]
+    ready: threading.Event
+    log: Path
+
+    @property
+    def grpc(self) -> str:
+        return re.search(r"grpc=(\S+)", self._ready_line()).group(1)
+
+    def _ready_line(self) -> str:
+        return next(line for line in self.lines if " ready: " in line)
+
+    def tail(self) -> str:
+        return "".join(self.lines)[-3000:] + self.log.read_text(errors="replace")[-3000:]
+
+
+def start_worker_process(role: str, engine: str, model: Path, key_file: Path, log: Path) -> WorkerProcess:
+    cmd = [sys.executable, "-m", "workers.service", "worker", "--role", role, "--engine", engine,
+           "--model", str(model), "--host", "127.0.0.1", "--no-advertise", "--cluster-key-file", str(key_file),
+           "--node-id", f"proc-{role}", "--dtype", "float32"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log.open("wb"),
+                            stdin=subprocess.DEVNULL, text=True)
+    worker = WorkerProcess(proc, [], threading.Event(), log)
+
+    def read() -> None:
+        for line in proc.stdout:  # ends when the process closes stdout
+            worker.lines.append(line)
+            if " ready: " in line:
+                worker.ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    return worker
+
+
+@pytest.fixture(scope="module")
+def processes(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A torch prefill worker and an MLX decode worker, each its own process."""
+    if not have("torch"):
+        pytest.skip("needs the torch extra (prefill engine)")
+    tmp = tmp_path_factory.mktemp("workers")
+    key = generate_key()
+    key_file = write_config(tmp / "cluster.json", key)
+    workers = {role: start_worker_process(role, engine, model, key_file, tmp / f"{role}.log")
+               for role, engine in (("prefill", "torch"), ("decode", "mlx"))}
+    try:
+        for role, worker in workers.items():
+            if not worker.ready.wait(120):
+                pytest.fail(f"{role} worker did not start:\n{worker.tail()}")
+        yield key, workers
+    finally:
+        for worker in workers.values():
+            if worker.proc.poll() is None:
+                worker.proc.send_signal(signal.SIGTERM)
+        for worker in workers.values():
+            try:
+                worker.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                worker.proc.kill()
+                worker.proc.wait(5)
+
+
+def test_torch_prefill_process_to_mlx_decode_process_matches_the_decode_engine_alone(model: Path, processes: Any) -> None:
+    from workers.handoff import generate_alone, load_engine
+
+    key, workers = processes
+    reference, _ = generate_alone(load_engine("mlx", model, "float32"), PROMPT, SamplingParams(max_tokens=16), 128)
+
+    async def body() -> None:
+        async with WorkerClient(workers["prefill"].grpc, key) as p, WorkerClient(workers["decode"].grpc, key) as d:
+            split, done, reply = await disaggregated(p, d, "split")
+            alone, alone_done = await colocated(d, "colocated")
+            assert split == alone == reference, (split, alone, reference)
+            t = done.timings
+            assert (t.prompt_tokens, t.completion_tokens, done.finish_reason) == (300, 16, "length")
+            kv_bytes = 300 * 2 * 4 * 2 * 16 * 4  # tokens * (K, V) * layers * kv_heads * head_dim * fp32
+            assert t.kv_bytes == reply.kv_bytes >= kv_bytes
+            assert t.prefill_s > 0 and t.transfer_s > 0 and t.exposed_transfer_s >= 0 and t.decode_s > 0
+            assert reply.first_token == split[0] and reply.send_s > 0
+            assert alone_done.timings.kv_bytes == 0  # colocated: nothing crossed the network
+            assert (await p.stats()).kv_bytes_sent == (await d.stats()).kv_bytes_received == t.kv_bytes
+
+    run(body)
+
+
+FAKE_PREFILL = """
+import sys, time
+import numpy as np
+from cluster.auth import ClusterKey
+from workers.dataplane import open_kv_connection
+from workers.engine import KVLayout, KVSlice
+from workers.kv_transport import KVSender
+host, port, token, rid, key = sys.argv[1:6]
+sock = open_kv_connection(host, int(port), ClusterKey.from_hex(key), bytes.fromhex(token), timeout=10)
+layout = KVLayout(4, 2, 16, "float32", 300)
+sender = KVSender(sock)
+sender.begin(rid, layout)
+keys = np.zeros((2, 128, 16), np.float32)
+for layer in range(2):
+    sender.send_slice(KVSlice(layer, 0, keys, keys, "float32"))
+print("half sent", flush=True)
+time.sleep(60)
+"""
+
+
+def test_prefill_process_killed_mid_transfer_fails_the_decode_promptly(processes: Any) -> None:
+    key, workers = processes
+
+    async def body() -> None:
+        async with WorkerClient(workers["decode"].grpc, key) as d:
+            call, reserved = await reserve(d, "orphan", lease_s=60)
+            fake = subprocess.Popen(
+                [sys.executable, "-c", FAKE_PREFILL, reserved.kv_host, str(reserved.kv_port),
+                 reserved.transfer_token.hex(), "orphan", key.hex()],
+                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                line = await asyncio.wait_for(asyncio.to_thread(fake.stdout.readline), 30)
+                assert line.strip() == "half sent", fake.stderr.read() if fake.poll() is not None else line
+                fake.kill()
+                began = time.monotonic()
+                code, details = await status_code(collect(call))
+                assert code == grpc.StatusCode.DATA_LOSS and "connection closed" in details, details
+                assert time.monotonic() - began < 5  # the disconnect ends it, not the 60 s lease
+            finally:
+                fake.kill()
+                fake.wait(5)
+            health = await settled(d)
+            assert (health.active_leases, health.reserved_kv_bytes, health.active_requests) == (0, 0, 0)
+
+    run(body)
+
+
+def test_worker_process_refuses_a_wrong_key_on_both_planes(processes: Any) -> None:
+    key, workers = processes
+    stranger = generate_key()
+
+    async def body() -> None:
+        async with WorkerClient(workers["decode"].grpc, stranger) as intruder:
+            assert (await status_code(intruder.info()))[0] == grpc.StatusCode.UNAUTHENTICATED
+            request = pb.DecodeRequest(request_id="x", prompt_token_ids=PROMPT, sampling=GREEDY, local_prefill=True)
+            assert (await status_code(collect(intruder.decode(request, timeout=10))))[0] == grpc.StatusCode.UNAUTHENTICATED
+        async with WorkerClient(workers["decode"].grpc, key) as d:
+            call, reserved = await reserve(d, "guarded")
+            for wrong_key, token in ((stranger, reserved.transfer_token), (key, b"not-the-token")):
+                with pytest.raises(AuthError):
+                    await asyncio.to_thread(open_kv_connection, reserved.kv_host, reserved.kv_port, wrong_key,
+                                            token, timeout=5)
+            assert (await d.health()).active_leases == 1  # refused connections did not touch the lease
+            call.cancel()
+            assert (await settled(d)).active_leases == 0
+
+    run(body)
+
+
+def test_worker_processes_stop_cleanly_on_sigterm(processes: Any) -> None:
+    _, workers = processes
+    for worker in workers.values():
+        worker.proc.send_signal(signal.SIGTERM)
+    for role, worker in workers.items():
+        assert worker.proc.wait(20) == 0, worker.tail()
+        assert "shutting down" in worker.log.read_text(), role

@@ -1,0 +1,110 @@
+"""A small asyncio client for one worker's control plane.
+
+Every call is signed with the cluster key and carries a deadline. Servers and
+clients share ``CHANNEL_OPTIONS``: ``Info`` replies carry a whole
+``tokenizer.json`` (up to ~10 MB for large vocabularies), above gRPC's 4 MB
+default.
+"""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from grpc import aio
+
+from cluster.auth import ClusterKey, auth_interceptors
+from proto import pdcluster_pb2 as pb
+from proto import pdcluster_pb2_grpc as pb_grpc
+
+MAX_MESSAGE_BYTES = 64 << 20
+
+CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+]
+
+SERVER_OPTIONS: list[tuple[str, int]] = [
+    *CHANNEL_OPTIONS,
+    ("grpc.so_reuseport", 0),  # two workers must never share a port by accident
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+DEFAULT_TIMEOUT_S = 10.0
+
+if TYPE_CHECKING:
+    from cluster.node import NodeInfo
+
+
+class WorkerClient:
+    """``async with WorkerClient("host:port", key) as w: await w.health()``."""
+
+    def __init__(self, address: str, key: ClusterKey, *, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        self.address = address
+        self.timeout = timeout
+        self._channel = aio.insecure_channel(
+            address, options=CHANNEL_OPTIONS, interceptors=auth_interceptors(key)
+        )
+        self._stub = pb_grpc.WorkerStub(self._channel)
+
+    async def info(self, timeout: float | None = None) -> pb.InfoReply:
+        """Model, tokenizer, chat template and node profile."""
+        return await self._stub.Info(pb.InfoRequest(), timeout=timeout or self.timeout)
+
+    async def health(self, timeout: float | None = None) -> pb.HealthReply:
+        return await self._stub.Health(pb.HealthRequest(), timeout=timeout or self.timeout)
+
+    async def stats(self, timeout: float | None = None) -> pb.StatsReply:
+        return await self._stub.Stats(pb.StatsRequest(), timeout=timeout or self.timeout)
+
+    async def cancel(self, request_id: str, timeout: float | None = None) -> bool:
+        """Cancel ``request_id`` on this worker; whether it was running here."""
+        reply = await self._stub.Cancel(pb.CancelRequest(request_id=request_id), timeout=timeout or self.timeout)
+        return reply.found
+
+    async def prefill(self, request: pb.PrefillRequest, timeout: float) -> pb.PrefillReply:
+        """Prefill and push the KV; returns once the last byte left."""
+        return await self._stub.Prefill(request, timeout=timeout)
+
+    def decode(self, request: pb.DecodeRequest, timeout: float) -> aio.UnaryStreamCall:
+        """The Decode stream (``reserved``, ``token``*, ``done``); iterate it
+        with ``async for``, or ``.read()`` one event at a time. ``timeout``
+        bounds the whole stream; ``.cancel()`` ends it and frees the lease."""
+        return self._stub.Decode(request, timeout=timeout)
+
+    async def decode_events(self, request: pb.DecodeRequest, timeout: float) -> AsyncIterator[pb.DecodeEvent]:
+        """``decode`` as an async iterator that cancels the call if abandoned."""
+        call = self.decode(request, timeout=timeout)
+        try:
+            async for event in call:
+                yield event
+        finally:
+            call.cancel()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> WorkerClient:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+
+def node_from_info(info: pb.InfoReply, address: str, source: str = "static") -> NodeInfo:
+    """The ``NodeInfo`` of the worker at ``address`` (``host:port``) from its Info reply."""
+    from cluster.node import NodeInfo
+
+    host, _, port = address.rpartition(":")
+    node, model = info.node, info.model
+    return NodeInfo(
+        node_id=node.node_id, roles=tuple(node.roles), engine=node.engine, model_id=model.model_id,
+        weights_fingerprint=model.fingerprint, host=host.strip("[]"), grpc_port=int(port),
+        kv_port=node.kv_port, device=node.device, tflops=node.tflops, mem_bw_gbps=node.mem_bw_gbps,
+        free_mem_bytes=node.free_mem_bytes, version=node.version, key_fingerprint=node.key_fingerprint,
+        source=source,
+    )

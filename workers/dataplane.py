@@ -1,0 +1,281 @@
+"""The worker's ends of the KV data plane.
+
+Decode side, ``KVListener``: one listening socket per worker. Each accepted
+connection gets its own thread, which runs the cluster-key handshake, claims
+the lease named by the transfer token the sender presented, and receives the
+transfer into it under the lease's deadline. Whatever ends the transfer (its
+``end`` frame, a malformed frame, the sender vanishing, the deadline) is
+delivered to that lease alone; the connection is then closed.
+
+Prefill side, ``KVPusher``: sends one transfer while the engine computes. In
+``threaded`` mode the engine thread only queues each slice (bounded by bytes)
+and a sender thread owns the socket, so a slow link stalls compute only when
+the queue is full; ``direct`` mode sends from the engine thread itself
+(``sendmsg`` releases the GIL, but a full socket buffer blocks compute).
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+from cluster.auth import AuthError, ClusterKey, client_handshake, server_handshake
+from workers.engine import KVLayout, KVSlice
+from workers.kv_codec import Begin, FrameError, FrameReader
+from workers.kv_net import connect, tune_socket
+from workers.kv_transport import KVReceiver, KVSender, ReceivedKV
+from workers.leases import Lease, LeaseTable
+
+log = logging.getLogger(__name__)
+
+ACCEPT_POLL_S = 0.5
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """A completed transfer and the wall-clock time of its last KV byte."""
+
+    kv: ReceivedKV
+    last_byte_wall: float | None
+
+
+class _LeaseReceiver(KVReceiver):
+    """A ``KVReceiver`` that accepts the leased layout in any wire dtype: the
+    prefill engine's compute dtype may differ from ours, and ``load_kv``
+    casts at our edge."""
+
+    def __init__(self, layout: KVLayout) -> None:
+        super().__init__()
+        self.layout = layout
+
+    def _read_begin(self, reader: FrameReader, expect_rid: str | None,  # type: ignore[override]
+                    expected_layout: KVLayout | None, deadline: float) -> Begin:
+        begin = KVReceiver._read_begin(reader, expect_rid, None, deadline)
+        if replace(begin.layout, dtype=self.layout.dtype) != self.layout:
+            raise FrameError(f"begin header field 'layout': expected {self.layout} (any dtype), "
+                             f"got {begin.layout}")
+        return begin
+
+
+class KVListener:
+    """Accepts authenticated KV transfers and routes each to its lease."""
+
+    def __init__(
+        self, leases: LeaseTable, key: ClusterKey, host: str = "127.0.0.1", port: int = 0, *,
+        handshake_timeout: float = 10.0, max_connections: int = 64,
+    ) -> None:
+        self.leases = leases
+        self.key = key
+        self.handshake_timeout = handshake_timeout
+        self.num_refused = 0
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._closed = threading.Event()
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        tune_socket(self._sock)  # buffer sizes must precede listen() to scale the window
+        self._sock.bind((host, port))
+        self._sock.listen(max_connections)
+        self._sock.settimeout(ACCEPT_POLL_S)
+        self.host, self.port = self._sock.getsockname()[:2]
+        self._thread = threading.Thread(target=self._accept_loop, name=f"kv-listen-{self.port}", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop accepting; transfers in flight end with their leases."""
+        self._closed.set()
+        self._thread.join(timeout)
+        self._sock.close()
+
+    def _accept_loop(self) -> None:
+        while not self._closed.is_set():
+            try:
+                conn, peer = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if not self._closed.is_set():
+                    log.exception("KV listener on port %d failed", self.port)
+                return
+            if not self._slots.acquire(blocking=False):
+                log.warning("KV connection from %s refused: too many open connections", peer)
+                conn.close()
+                continue
+            threading.Thread(target=self._serve, args=(conn, peer), name=f"kv-recv-{peer[1]}",
+                             daemon=True).start()
+
+    def _serve(self, conn: socket.socket, peer: tuple[Any, ...]) -> None:
+        try:
+            with conn:
+                tune_socket(conn)
+                claimed: list[Lease] = []
+
+                def claim(token: bytes) -> bool:
+                    lease = self.leases.claim(token, conn)
+                    claimed.extend([lease] if lease is not None else [])
+                    return lease is not None
+
+                try:
+                    server_handshake(conn, self.key, self.handshake_timeout, accept_token=claim)
+                except AuthError as e:
+                    self.num_refused += 1
+                    log.warning("KV connection from %s refused: %s", peer[0], e)
+                    for lease in claimed:  # claimed, then the sender vanished before our proof
+                        self.leases.deliver(lease, error=e)
+                    return
+                self._receive(conn, claimed[0])
+        finally:
+            self._slots.release()
+
+    def _receive(self, conn: socket.socket, lease: Lease) -> None:
+        try:
+            kv = _LeaseReceiver(lease.layout).receive(
+                conn, expect_rid=lease.request_id, timeout=max(lease.remaining(), 0.0)
+            )
+        except BaseException as e:  # delivered to this lease's request only
+            self.leases.deliver(lease, error=e)
+            return
+        last_wall = None if kv.last_byte_at is None else time.time() - (time.monotonic() - kv.last_byte_at)
+        self.leases.deliver(lease, result=Arrival(kv, last_wall))
+
+
+def open_kv_connection(host: str, port: int, key: ClusterKey, transfer_token: bytes, *,
+                       timeout: float) -> socket.socket:
+    """Connect to a decode worker's KV port and pass its handshake (blocking)."""
+    sock = connect(host, port, timeout=timeout)
+    client_handshake(sock, key, transfer_token, timeout)
+    return sock
+
+
+# ---------------------------------------------------------------- sending
+
+
+class KVPushError(RuntimeError):
+    """The KV stream to the decode worker broke; the transfer cannot complete."""
+
+
+class KVPusher:
+    """Sends one transfer: ``begin``, ``send_slice``*, then ``end`` or ``abort``.
+
+    ``done`` resolves when the last frame has left (or the stream broke). The
+    caller owns the socket and closes it after ``done``."""
+
+    def __init__(self, sock: socket.socket, *, threaded: bool = True,
+                 max_queued_bytes: int = 256 << 20, timeout: float = 30.0) -> None:
+        self.sock = sock
+        self.threaded = threaded
+        self.max_queued_bytes = max_queued_bytes
+        self.timeout = timeout
+        self.done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self.first_byte_at: float | None = None
+        self.last_byte_at: float | None = None
+        self._sender = KVSender(sock, timeout=timeout)
+        self._queue: collections.deque[tuple[str, Any, int]] = collections.deque()
+        self._queued_bytes = 0
+        self._error: BaseException | None = None
+        self._cond = threading.Condition()
+        self._closed = False
+        if threaded:
+            threading.Thread(target=self._drain, name="kv-push", daemon=True).start()
+
+    @property
+    def bytes_sent(self) -> int:
+        return self._sender.bytes_sent
+
+    def begin(self, rid: str, layout: KVLayout, meta: dict[str, Any] | None = None) -> None:
+        self._put("begin", (rid, layout, meta), 0)
+
+    def send_slice(self, kv_slice: KVSlice) -> None:
+        """Queue (or send) one slice; raises ``KVPushError`` once the stream broke."""
+        self._put("kv", kv_slice, kv_slice.nbytes)
+
+    def end(self, first_token: int, meta: dict[str, Any] | None = None) -> None:
+        self._put("end", (first_token, meta), 0)
+
+    def abort(self, reason: str) -> None:
+        """Best effort: tell the receiver the transfer will not complete."""
+        with contextlib.suppress(KVPushError):
+            self._put("abort", reason, 0)
+
+    def close(self) -> None:
+        """Stop. Before ``done`` this gives up on the transfer: it wakes an
+        engine thread waiting for queue room and a send blocked on the socket."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if not self.done.done():
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+
+    def _put(self, kind: str, item: Any, nbytes: int) -> None:
+        if not self.threaded:
+            self._send(kind, item)
+            return
+        with self._cond:
+            room = self._cond.wait_for(
+                lambda: self._error is not None or self._closed or not self._queue
+                or self._queued_bytes + nbytes <= self.max_queued_bytes,
+                timeout=self.timeout,
+            )
+            if self._closed:
+                raise KVPushError("KV transfer stopped")
+            if self._error is not None:
+                raise KVPushError(f"KV stream broke: {self._error}") from self._error
+            if not room:
+                raise KVPushError(f"KV sender made no progress for {self.timeout:.0f}s")
+            self._queue.append((kind, item, nbytes))
+            self._queued_bytes += nbytes
+            self._cond.notify_all()
+
+    def _drain(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queue or self._closed, timeout=ACCEPT_POLL_S)
+                if not self._queue:
+                    if self._closed:
+                        self._finish(KVPushError("KV pusher closed before the transfer ended"))
+                        return
+                    continue
+                kind, item, nbytes = self._queue.popleft()
+            try:
+                self._send(kind, item)
+            except BaseException as e:
+                with self._cond:
+                    self._error = e
+                    self._queue.clear()
+                    self._cond.notify_all()
+                self._finish(e)
+                return
+            with self._cond:
+                self._queued_bytes -= nbytes
+                self._cond.notify_all()
+            if kind in ("end", "abort"):
+                return
+
+    def _send(self, kind: str, item: Any) -> None:
+        if self.first_byte_at is None:
+            self.first_byte_at = time.monotonic()
+        if kind == "begin":
+            self._sender.begin(*item)
+        elif kind == "kv":
+            self._sender.send_slice(item)
+        elif kind == "end":
+            self._sender.end(*item)
+        else:
+            self._sender.abort(item)
+        self.last_byte_at = time.monotonic()
+        if kind in ("end", "abort"):
+            self._finish(None)
+
+    def _finish(self, error: BaseException | None) -> None:
+        if self.done.done():
+            return
+        if error is None:
+            self.done.set_result(None)
+        else:
+            self.done.set_exception(error)

@@ -1,0 +1,374 @@
+"""``pdc worker``: one process = one engine + the gRPC ``Worker`` service + a KV listener.
+
+Start-up builds everything once from one ``WorkerConfig``: the engine (on its
+own thread), the lease table, the KV data-plane listener and the gRPC server,
+both behind the cluster key. The worker then prints one line with its bound
+addresses, hands its node description to the discovery hook (``on_started``),
+and serves until SIGINT or SIGTERM, when it stops the server with a grace
+period, which ends every request and frees every lease.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import re
+import secrets
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from grpc import aio
+
+from cluster.auth import AuthServerInterceptor, ClusterKey, load_cluster_key
+from proto import pdcluster_pb2 as pb
+from proto import pdcluster_pb2_grpc as pb_grpc
+from workers.client import SERVER_OPTIONS
+from workers.dataplane import KVListener
+from workers.engine import Engine
+from workers.engine_thread import EngineThread
+from workers.leases import LeaseTable
+from workers.model_config import read_model_spec, resolve_model
+from workers.servicer import ServiceSettings, WorkerServicer
+from workers.worker_info import free_memory_bytes, model_info, pdcluster_version
+
+log = logging.getLogger(__name__)
+
+ROLES: dict[str, tuple[str, ...]] = {"prefill": ("prefill",), "decode": ("decode",), "both": ("prefill", "decode")}
+ENGINES = ("torch", "mlx")
+SEND_MODES = ("thread", "direct")
+DTYPES = ("float32", "float16", "bfloat16")
+_WILDCARD_HOSTS = ("", "0.0.0.0", "::")
+
+# Called once the worker serves, with its node description (the fields of
+# cluster.node.NodeInfo); may return an async function that undoes it (e.g.
+# stops advertising), which runs before the server stops.
+OnStarted = Callable[[dict[str, Any]], Awaitable[Callable[[], Awaitable[None]] | None]]
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """One worker process, built once at start-up."""
+
+    role: str  # prefill | decode | both
+    engine: str  # torch | mlx
+    model: str  # a model folder, or a hub id when online
+    cluster_key: ClusterKey
+    host: str = "127.0.0.1"  # bind address of both planes
+    port: int = 0  # gRPC; 0 picks a free port
+    kv_port: int = 0  # KV data plane; 0 picks a free port
+    advertise_host: str | None = None  # address peers use; default: host, or this machine's IP if host is a wildcard
+    device: str | None = None  # torch: cuda, mps or cpu (default: best available)
+    dtype: str | None = None  # compute dtype (default: the checkpoint's)
+    node_id: str = ""  # "" picks <hostname>-<engine>-<random>
+    model_id: str | None = None  # name clients use (default: the model folder's name)
+    lease_s: float = 30.0  # default lease when a Decode does not set one
+    chunk_size: int = 128  # default prefill chunk
+    max_leases: int = 16
+    max_reserved_bytes: int | None = None  # None: no limit on reserved KV bytes
+    connect_timeout_s: float = 10.0  # prefill -> decode KV connect + handshake
+    send_timeout_s: float = 30.0  # longest the KV stream may make no progress
+    handshake_timeout_s: float = 10.0  # KV listener side
+    send_mode: str = "thread"  # thread: a sender thread drains a bounded queue; direct: send on the engine thread
+    max_queued_bytes: int = 256 << 20  # KV slices queued ahead of the sender thread
+    tflops: float = 0.0  # declared compute, for placement (0: unknown)
+    mem_bw_gbps: float = 0.0  # declared memory bandwidth, GB/s (0: unknown)
+    peers: tuple[str, ...] = ()  # static host:port peers, for the discovery hook
+    advertise: bool = True  # advertise over mDNS (through the discovery hook)
+    mdns_interfaces: tuple[str, ...] | None = None  # None: all interfaces
+    grace_s: float = 5.0  # shutdown grace for in-flight RPCs
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {sorted(ROLES)}, got {self.role!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if not self.model:
+            raise ValueError("model is required (a model folder or hub id)")
+        if not isinstance(self.cluster_key, ClusterKey):
+            raise ValueError("cluster_key must be a ClusterKey (see cluster.auth.load_cluster_key)")
+        for name in ("port", "kv_port"):
+            if not 0 <= getattr(self, name) < 65536:
+                raise ValueError(f"{name} must be in [0, 65535], got {getattr(self, name)}")
+        if self.port and self.port == self.kv_port:
+            raise ValueError(f"port and kv_port must differ, both are {self.port}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.send_mode not in SEND_MODES:
+            raise ValueError(f"send_mode must be one of {SEND_MODES}, got {self.send_mode!r}")
+        for name in ("lease_s", "connect_timeout_s", "send_timeout_s", "handshake_timeout_s", "grace_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("chunk_size", "max_leases", "max_queued_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_reserved_bytes is not None and self.max_reserved_bytes < 1:
+            raise ValueError(f"max_reserved_bytes must be >= 1 or None, got {self.max_reserved_bytes}")
+        if self.tflops < 0 or self.mem_bw_gbps < 0:
+            raise ValueError("tflops and mem_bw_gbps must be >= 0")
+        if not self.node_id:
+            object.__setattr__(self, "node_id", _auto_node_id(self.engine))
+        elif not re.fullmatch(r"[A-Za-z0-9._-]{1,63}", self.node_id):
+            raise ValueError(f"node_id {self.node_id!r}: need 1-63 characters from [A-Za-z0-9._-]")
+        object.__setattr__(self, "peers", tuple(self.peers))
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return ROLES[self.role]
+
+    @property
+    def public_host(self) -> str:
+        """The address other nodes use to reach this worker."""
+        if self.advertise_host:
+            return self.advertise_host
+        return _this_machine_ip() if self.host in _WILDCARD_HOSTS else self.host
+
+
+class Worker:
+    """A running worker: ``await start()``, serve, ``await stop()``.
+
+    ``engine_factory`` replaces the engine built from the config (tests wrap
+    a real engine with this); it runs on the engine thread."""
+
+    def __init__(self, config: WorkerConfig, *, engine_factory: Callable[[], Engine] | None = None) -> None:
+        self.config = config
+        self._engine_factory = engine_factory
+        self.engines: EngineThread | None = None
+        self.leases = LeaseTable(max_leases=config.max_leases, max_reserved_bytes=config.max_reserved_bytes)
+        self.listener: KVListener | None = None
+        self.server: aio.Server | None = None
+        self.servicer: WorkerServicer | None = None
+        self.port = 0
+        self.model_info: pb.ModelInfo | None = None
+
+    @property
+    def grpc_address(self) -> str:
+        return f"{_bracket(self.config.public_host)}:{self.port}"
+
+    @property
+    def kv_port(self) -> int:
+        return self.listener.port if self.listener else 0
+
+    async def start(self) -> None:
+        """Load the model, then open the KV listener and the gRPC server."""
+        config = self.config
+        model_dir = resolve_model(config.model)
+        spec = read_model_spec(model_dir)  # refuses unsupported architectures before loading weights
+        factory = self._engine_factory or (lambda: _load_engine(config, model_dir))
+        self.engines = EngineThread(factory, name=f"engine-{config.engine}")
+        engine = await self.engines.start()
+        self.model_info = model_info(model_dir, spec, engine, config.model_id)
+        self.listener = KVListener(self.leases, config.cluster_key, config.host, config.kv_port,
+                                   handshake_timeout=config.handshake_timeout_s,
+                                   max_connections=config.max_leases + 16)
+        settings = ServiceSettings(
+            can_prefill="prefill" in config.roles, can_decode="decode" in config.roles,
+            kv_host=config.public_host, kv_port=self.listener.port, chunk_size=config.chunk_size,
+            lease_s=config.lease_s, connect_timeout_s=config.connect_timeout_s,
+            send_timeout_s=config.send_timeout_s, threaded_send=config.send_mode == "thread",
+            max_queued_bytes=config.max_queued_bytes,
+        )
+        self.servicer = WorkerServicer(settings, self.engines, self.leases, spec, self.model_info,
+                                       self.profile, config.cluster_key)
+        self.server = aio.server(interceptors=[AuthServerInterceptor(config.cluster_key)], options=SERVER_OPTIONS)
+        pb_grpc.add_WorkerServicer_to_server(self.servicer, self.server)
+        self.port = self.server.add_insecure_port(f"{_bracket(config.host)}:{config.port}")
+        if not self.port:
+            raise OSError(f"cannot bind gRPC to {config.host}:{config.port}")
+        await self.server.start()
+
+    async def stop(self) -> None:
+        """Stop serving: in-flight RPCs get ``grace_s``, then every lease is freed."""
+        try:
+            if self.server is not None:
+                await self.server.stop(self.config.grace_s)
+        finally:
+            if self.listener is not None:
+                self.listener.close()
+            if self.engines is not None:
+                self.engines.shutdown()
+
+    def profile(self) -> pb.NodeProfile:
+        """This node's ``NodeProfile`` (free memory measured now)."""
+        config = self.config
+        return pb.NodeProfile(
+            node_id=config.node_id, roles=list(config.roles), engine=config.engine,
+            device=self.engines.engine.device if self.engines else "", tflops=config.tflops,
+            mem_bw_gbps=config.mem_bw_gbps, free_mem_bytes=free_memory_bytes(), version=pdcluster_version(),
+            grpc_address=self.grpc_address, kv_port=self.kv_port,
+            key_fingerprint=config.cluster_key.fingerprint,
+        )
+
+    def node_info(self) -> dict[str, Any]:
+        """What discovery advertises: the fields of ``cluster.node.NodeInfo``."""
+        profile = self.profile()
+        return {
+            "node_id": profile.node_id, "roles": tuple(profile.roles), "engine": profile.engine,
+            "model_id": self.model_info.model_id if self.model_info else "",
+            "weights_fingerprint": self.model_info.fingerprint if self.model_info else "",
+            "host": self.config.public_host, "grpc_port": self.port, "kv_port": self.kv_port,
+            "device": profile.device, "tflops": profile.tflops, "mem_bw_gbps": profile.mem_bw_gbps,
+            "free_mem_bytes": profile.free_mem_bytes, "version": profile.version,
+            "key_fingerprint": profile.key_fingerprint,
+        }
+
+    async def __aenter__(self) -> Worker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+async def run_worker(config: WorkerConfig, on_started: OnStarted | None = None) -> None:
+    """Serve until SIGINT or SIGTERM. ``on_started`` is the discovery hook."""
+    worker = Worker(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    undo: Callable[[], Awaitable[None]] | None = None
+    try:
+        await worker.start()
+        print(f"pdc worker {config.node_id} ready: role={config.role} engine={config.engine} "
+              f"model={worker.model_info.model_id} grpc={worker.grpc_address} "
+              f"kv={_bracket(config.public_host)}:{worker.kv_port} key={config.cluster_key.fingerprint}",
+              flush=True)
+        if on_started is not None:
+            undo = await on_started(worker.node_info())
+        await stop.wait()
+        log.warning("worker %s: shutting down", config.node_id)
+    finally:
+        if undo is not None:
+            with contextlib.suppress(Exception):
+                await undo()
+        await worker.stop()
+
+
+def advertise_with_mdns(config: WorkerConfig) -> OnStarted:
+    """The discovery hook the CLI uses: advertise this node with ``cluster.discovery``.
+
+    A node that cannot advertise keeps serving (static ``--peers`` still reach it)."""
+    async def on_started(node: dict[str, Any]) -> Callable[[], Awaitable[None]] | None:
+        try:
+            from cluster.discovery import Advertiser
+            from cluster.node import NodeInfo
+
+            interfaces = list(config.mdns_interfaces) if config.mdns_interfaces else None
+            advertiser = Advertiser(NodeInfo(**node), interfaces=interfaces)
+            await advertiser.start()
+        except Exception as e:
+            log.warning("worker %s: not advertised over mDNS (%s: %s); reach it with --peers %s:%d",
+                        node["node_id"], type(e).__name__, e, node["host"], node["grpc_port"])
+            return None
+        return advertiser.stop
+
+    return on_started
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def add_worker_parser(sub: Any) -> None:
+    """``pdc worker``: serve one engine to the cluster."""
+    p = sub.add_parser(
+        "worker",
+        help="serve one engine (prefill, decode or both) to the cluster",
+        description=(
+            "Load a model on one engine and serve it over gRPC (control plane) and a raw TCP port "
+            "(KV data plane), both authenticated with the cluster key (see `pdc init`). Prints one "
+            "line with the bound addresses, advertises itself over mDNS unless --no-advertise, and "
+            "runs until Ctrl-C or SIGTERM."
+        ),
+    )
+    p.add_argument("--role", choices=sorted(ROLES), required=True, help="what this worker does")
+    p.add_argument("--engine", choices=ENGINES, required=True, help="torch (transformers) or mlx (mlx-lm)")
+    p.add_argument("--model", required=True, help="model folder (or hub id when online)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=0, help="gRPC port (default: a free one)")
+    p.add_argument("--kv-port", type=int, default=0, help="KV data-plane port (default: a free one)")
+    p.add_argument("--advertise-host", default=None, help="address other nodes use (default: --host)")
+    p.add_argument("--peers", default="", help="static peers, host:port,... (where multicast does not work)")
+    p.add_argument("--no-advertise", action="store_true", help="do not advertise over mDNS")
+    p.add_argument("--mdns-interface", action="append", default=None, help="advertise only on this address (repeatable)")
+    p.add_argument("--cluster-key-file", default=None, help="cluster key (default: $PDC_CLUSTER_KEY, then `pdc init`'s file)")
+    p.add_argument("--node-id", default="", help="node id (default: <hostname>-<engine>-<random>)")
+    p.add_argument("--model-id", default=None, help="model name clients send (default: the folder name)")
+    p.add_argument("--device", default=None, help="torch device: cuda, mps or cpu (default: best available)")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--lease-s", type=float, default=30.0, help="free a reservation whose KV has not arrived by then")
+    p.add_argument("--chunk-size", type=int, default=128, help="prefill chunk in tokens (default: 128)")
+    p.add_argument("--max-leases", type=int, default=16, help="concurrent KV reservations (default: 16)")
+    p.add_argument("--tflops", type=float, default=0.0, help="declared compute for placement (default: unknown)")
+    p.add_argument("--mem-bw-gbps", type=float, default=0.0, help="declared memory bandwidth, GB/s (default: unknown)")
+    p.add_argument("--send-mode", choices=SEND_MODES, default="thread", help="KV sending: sender thread or engine thread")
+    p.set_defaults(run=run_worker_command)
+
+
+def config_from_args(args: argparse.Namespace) -> WorkerConfig:
+    """``pdc worker`` flags -> ``WorkerConfig`` (reads the cluster key)."""
+    return WorkerConfig(
+        role=args.role, engine=args.engine, model=args.model, cluster_key=load_cluster_key(args.cluster_key_file),
+        host=args.host, port=args.port, kv_port=args.kv_port, advertise_host=args.advertise_host,
+        device=args.device, dtype=args.dtype, node_id=args.node_id, model_id=args.model_id,
+        lease_s=args.lease_s, chunk_size=args.chunk_size, max_leases=args.max_leases,
+        tflops=args.tflops, mem_bw_gbps=args.mem_bw_gbps, send_mode=args.send_mode,
+        peers=tuple(p.strip() for p in args.peers.split(",") if p.strip()),
+        advertise=not args.no_advertise,
+        mdns_interfaces=tuple(args.mdns_interface) if args.mdns_interface else None,
+    )
+
+
+def run_worker_command(args: argparse.Namespace, on_started: OnStarted | None = None) -> int:
+    """CLI body of ``pdc worker``; ``on_started`` overrides the mDNS hook."""
+    config = config_from_args(args)
+    hook = on_started or (advertise_with_mdns(config) if config.advertise else None)
+    asyncio.run(run_worker(config, hook))
+    return 0
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _load_engine(config: WorkerConfig, model_dir: Path) -> Engine:
+    from workers.handoff import load_engine
+
+    return load_engine(config.engine, model_dir, config.dtype, config.device)  # type: ignore[arg-type]
+
+
+def _auto_node_id(engine: str) -> str:
+    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname().split(".")[0]).strip("-") or "node"
+    return f"{host[:48]}-{engine}-{secrets.token_hex(2)}"
+
+
+def _this_machine_ip() -> str:
+    """The local address of the default route (a UDP connect sends no packet)."""
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("192.0.2.1", 9))  # TEST-NET-1: never routed anywhere real
+        return s.getsockname()[0]
+    return socket.gethostname()
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m workers.service worker ...``: ``pdc worker`` without the rest of the CLI."""
+    parser = argparse.ArgumentParser(prog="pdc")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail to stderr")
+    add_worker_parser(parser.add_subparsers(title="commands", metavar="COMMAND", required=True))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
