@@ -53,7 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     _add_make_model(sub)
     _add_check_handoff(sub)
+    from cluster.auth import add_init_parser
+    from workers.kv_bench import add_bench_parser
+    from workers.service import add_worker_parser
+
+    add_init_parser(sub)
+    add_worker_parser(sub)
+    _add_serve(sub)
+    _add_up(sub)
     _add_demo(sub)
+    _add_status(sub)
+    add_bench_parser(sub)
     return parser
 
 
@@ -120,26 +130,146 @@ def _run_check_handoff(args: argparse.Namespace) -> int:
     return run_check_handoff(config, as_json=args.json)
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the scheduler: an OpenAI-compatible API over the discovered workers",
+        description=(
+            "Run the scheduler service. It discovers workers over mDNS (and --peers), fetches each "
+            "model's tokenizer and chat template from a worker (it loads no weights), places every "
+            "request (prefill node, decode node) and serves /v1/chat/completions, /v1/completions, "
+            "/v1/models and /health."
+        ),
+    )
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    p.add_argument("--peers", default="", help="static workers, host:port,... (gRPC addresses)")
+    p.add_argument("--no-mdns", action="store_true", help="do not browse mDNS; use --peers only")
+    p.add_argument("--mdns-interface", action="append", default=None, help="browse only on this address (repeatable)")
+    p.add_argument("--cluster-key-file", default=None, help="cluster key (default: $PDC_CLUSTER_KEY, then `pdc init`'s file)")
+    p.add_argument("--policy", default="fastest-pair", help="placement policy (default: fastest-pair)")
+    p.add_argument("--lease-s", type=float, default=30.0, help="decode-side KV reservation lease (default: 30)")
+    p.set_defaults(run=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from cluster.auth import load_cluster_key
+    from scheduler.lifecycle import LifecycleConfig
+    from scheduler.service import SchedulerConfig, serve
+
+    logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    config = SchedulerConfig(
+        host=args.host, port=args.port, peers=_split(args.peers), mdns=not args.no_mdns,
+        mdns_interfaces=tuple(args.mdns_interface) if args.mdns_interface else None, policy=args.policy,
+        lifecycle=LifecycleConfig(lease_s=args.lease_s),
+    )
+    asyncio.run(serve(config, load_cluster_key(args.cluster_key_file)))
+    return 0
+
+
+def _add_up(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "up",
+        help="run a whole cluster on this machine (scheduler + prefill worker + decode worker)",
+        description=(
+            "Start the scheduler, one prefill worker and one decode worker, each a real process, "
+            "finding each other over mDNS on 127.0.0.1. Without --model the built-in tiny model is "
+            "made on first use. Runs in the foreground; Ctrl-C or SIGTERM stops everything."
+        ),
+    )
+    p.add_argument("--model", default=None, help="model folder (default: the built-in tiny model)")
+    p.add_argument("--port", type=int, default=8000, help="scheduler HTTP port (default: 8000)")
+    p.add_argument("--prefill-engine", choices=("torch", "mlx"), default="torch", help="default: torch")
+    p.add_argument("--decode-engine", choices=("torch", "mlx"), default=None, help="default: mlx, or torch without MLX")
+    p.add_argument("--cluster-key-file", default=None, help="cluster key (default: a fresh key for this run)")
+    p.add_argument("--log-dir", default=None, help="where the processes log (default: a temp folder)")
+    p.set_defaults(run=_run_up)
+
+
+def _up_config(args: argparse.Namespace, port: int) -> "UpConfig":
+    from cluster.launcher import UpConfig
+    from cluster.paths import tiny_model_dir
+
+    decode = args.decode_engine or ("mlx" if _importable("mlx.core") else "torch")
+    return UpConfig(model=args.model or str(tiny_model_dir()), port=port, prefill_engine=args.prefill_engine,
+                    decode_engine=decode, cluster_key_file=args.cluster_key_file, log_dir=args.log_dir)
+
+
+def _run_up(args: argparse.Namespace) -> int:
+    from cluster.launcher import run_up
+
+    logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    return run_up(_up_config(args, args.port))
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="run the built-in demo on the tiny model",
+        help="start a local cluster, send one streamed chat request, print what happened",
         description=(
-            "Build the tiny model on first use (cached under ~/.cache/pdcluster), prefill a prompt "
-            "on torch, stream its KV over loopback TCP to MLX (torch when MLX is missing), decode "
-            "there and check the tokens against a single-engine run."
+            "Run `pdc up` on the tiny model (or --model), send one streamed chat request with the "
+            "official openai client, print which node prefilled and which decoded, KV bytes, transfer "
+            "and exposed transfer, TTFT and tokens/s, and whether the text matches a single-node run. "
+            "Then shut the cluster down."
         ),
     )
+    p.add_argument("--model", default=None, help="model folder (default: the built-in tiny model)")
+    p.add_argument("--port", type=int, default=0, help="scheduler HTTP port (default: a free one)")
+    p.add_argument("--prefill-engine", choices=("torch", "mlx"), default="torch", help="default: torch")
+    p.add_argument("--decode-engine", choices=("torch", "mlx"), default=None, help="default: mlx, or torch without MLX")
+    p.add_argument("--cluster-key-file", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--log-dir", default=None, help="where the processes log (default: a temp folder)")
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens to generate (default: 32)")
     p.set_defaults(run=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from cluster.paths import tiny_model_dir
-    from workers.handoff import HandoffConfig, run_check_handoff
+    from cluster.demo import run_demo
 
-    decode = "mlx" if _importable("mlx.core") else "torch"
-    config = HandoffConfig(model=str(tiny_model_dir()), prefill_engine="torch", decode_engine=decode)
-    return run_check_handoff(config)
+    return run_demo(_up_config(args, args.port or _free_port()), max_tokens=args.max_tokens)
+
+
+def _add_status(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "status",
+        help="list the nodes this machine can see, with their profiles",
+        description=(
+            "Browse mDNS for pdcluster nodes (and probe --peers over gRPC) and print them as a table. "
+            "Nodes advertising another cluster key are listed as refused, with the reason. When "
+            "nothing is found, says what was tried and what usually fixes it."
+        ),
+    )
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds to browse (default: 3)")
+    p.add_argument("--peers", default="", help="static workers to probe, host:port,...")
+    p.add_argument("--mdns-interface", action="append", default=None, help="browse only on this address (repeatable)")
+    p.add_argument("--cluster-key-file", default=None, help="cluster key (default: $PDC_CLUSTER_KEY, then `pdc init`'s file)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(run=_run_status)
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from cluster.status import StatusConfig, run_status
+
+    config = StatusConfig(timeout_s=args.timeout, peers=_split(args.peers),
+                          interfaces=tuple(args.mdns_interface) if args.mdns_interface else None,
+                          cluster_key_file=args.cluster_key_file, as_json=args.json)
+    return asyncio.run(run_status(config))
+
+
+def _split(csv: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in csv.split(",") if p.strip())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _importable(module: str) -> bool:
