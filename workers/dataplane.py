@@ -135,7 +135,7 @@ class KVListener:
     def _receive(self, conn: socket.socket, lease: Lease) -> None:
         try:
             kv = _LeaseReceiver(lease.layout).receive(
-                conn, expect_rid=lease.request_id, timeout=max(lease.remaining(), 0.0)
+                conn, expect_rid=lease.request_id, timeout=max(lease.remaining(), 0.0), idle_timeout=lease.lease_s
             )
         except BaseException as e:  # delivered to this lease's request only
             self.leases.deliver(lease, error=e)
@@ -187,6 +187,13 @@ class KVPusher:
     def bytes_sent(self) -> int:
         return self._sender.bytes_sent
 
+    @property
+    def send_s(self) -> float:
+        """First byte to last byte handed to the kernel."""
+        if self.first_byte_at is None or self.last_byte_at is None:
+            return 0.0
+        return self.last_byte_at - self.first_byte_at
+
     def begin(self, rid: str, layout: KVLayout, meta: dict[str, Any] | None = None) -> None:
         self._put("begin", (rid, layout, meta), 0)
 
@@ -214,6 +221,8 @@ class KVPusher:
 
     def _put(self, kind: str, item: Any, nbytes: int) -> None:
         if not self.threaded:
+            if self._closed:
+                raise KVPushError("KV transfer stopped")
             self._send(kind, item)
             return
         with self._cond:

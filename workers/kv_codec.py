@@ -342,10 +342,13 @@ class FrameReader:
     buffers, under a caller-given ``time.monotonic()`` deadline.
 
     Tracks ``bytes_received``, ``first_byte_at`` (first byte of the stream)
-    and ``last_frame_at`` (last byte of the latest frame)."""
+    and ``last_frame_at`` (last byte of the latest frame). With ``idle_timeout``,
+    a sender that goes that long without sending a byte fails the read even
+    before the deadline."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, idle_timeout: float | None = None) -> None:
         self.sock = sock
+        self.idle_timeout = idle_timeout
         self.bytes_received = 0
         self.first_byte_at: float | None = None
         self.last_frame_at: float | None = None
@@ -394,10 +397,14 @@ class FrameReader:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise self._timeout(what, got, len(view))
-            self.sock.settimeout(remaining)
+            idle = self.idle_timeout is not None and self.idle_timeout < remaining
+            self.sock.settimeout(self.idle_timeout if idle else remaining)
             try:
                 n = self.sock.recv_into(view[got:])
             except TimeoutError:  # socket.timeout
+                if idle:
+                    raise FrameTimeout(f"the sender stalled: no bytes for {self.idle_timeout:g}s while "
+                                       f"waiting for {what} ({got} of {len(view)} bytes received)") from None
                 raise self._timeout(what, got, len(view)) from None
             except ConnectionError as exc:
                 raise FrameError(f"connection lost while reading {what}: {exc}") from exc

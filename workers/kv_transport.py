@@ -275,8 +275,10 @@ class KVReceiver:
     def receive(
         self, sock: socket.socket, *, expect_rid: str | None = None,
         expected_layout: KVLayout | None = None, timeout: float, arena: KVArena | None = None,
+        idle_timeout: float | None = None,
     ) -> ReceivedKV:
-        """Read ``begin``, kv frames and ``end`` within ``timeout`` seconds in all.
+        """Read ``begin``, kv frames and ``end`` within ``timeout`` seconds in all,
+        and with no gap longer than ``idle_timeout`` between bytes when given.
 
         Slices are received into ``arena`` when given (its layout is then the
         expected one; it is reset first), else into fresh arrays. Raises
@@ -290,7 +292,7 @@ class KVReceiver:
             expected_layout = arena.layout
             arena.reset()
         allocate = np.empty if arena is None else arena.allocate
-        reader = FrameReader(sock)
+        reader = FrameReader(sock, idle_timeout=idle_timeout)
         begin = self._read_begin(reader, expect_rid, expected_layout, deadline)
         coverage = TokenCoverage(begin.layout)
         slices: list[KVSlice] = []

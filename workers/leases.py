@@ -33,6 +33,9 @@ from workers.engine import KVLayout
 TOKEN_BYTES = 16
 
 
+MAX_TRANSFER_S = 900.0  # a claimed transfer must complete within this
+
+
 class LeaseError(RuntimeError):
     """A reservation could not be made; ``reason`` is a gRPC-ish category."""
 
@@ -52,6 +55,7 @@ class Lease:
     token: bytes | None  # None: colocated, no transfer expected
     kv: asyncio.Future[Any]
     state: str = "waiting"  # waiting -> receiving -> done; or loaded (colocated)
+    lease_s: float = 0.0  # also the longest silence allowed mid-transfer
     _sock: socket.socket | None = field(default=None, repr=False)
 
     def remaining(self, now: float | None = None) -> float:
@@ -61,8 +65,10 @@ class Lease:
 class LeaseTable:
     """Live leases of one worker, bounded by count and reserved bytes."""
 
-    def __init__(self, *, max_leases: int, max_reserved_bytes: int | None = None) -> None:
+    def __init__(self, *, max_leases: int, max_reserved_bytes: int | None = None,
+                 max_transfer_s: float = MAX_TRANSFER_S) -> None:
         self.max_leases = max_leases
+        self.max_transfer_s = max_transfer_s
         self.max_reserved_bytes = max_reserved_bytes
         self.num_expired = 0
         self._by_rid: dict[str, Lease] = {}
@@ -96,7 +102,7 @@ class LeaseTable:
                 )
             token = secrets.token_bytes(TOKEN_BYTES) if remote else None
             lease = Lease(request_id, layout, layout.total_bytes, time.monotonic() + lease_s, token,
-                          loop.create_future(), state="waiting" if remote else "loaded")
+                          loop.create_future(), state="waiting" if remote else "loaded", lease_s=lease_s)
             self._by_rid[request_id] = lease
             if token is not None:
                 self._by_token[token] = lease
@@ -115,6 +121,9 @@ class LeaseTable:
                 return None
             lease.state = "receiving"
             lease._sock = sock
+            # The lease bounds how long the prefill node may take to connect; once it
+            # has, a long prefill keeps streaming, bounded by max_transfer_s.
+            lease.deadline = time.monotonic() + self.max_transfer_s
             return lease
 
     def deliver(self, lease: Lease, result: Any = None, error: BaseException | None = None) -> None:
