@@ -1,15 +1,12 @@
-"""Placement: where a request prefills, where it decodes, and with which codec.
+"""What placement decides over: node and link views in, a ``Placement`` out.
 
-Pure Python over plain dataclasses, so policies run the same way in the live
-scheduler and in tests with fake node lists. A policy is a small class with a
-``place`` method; ``POLICIES`` maps names to classes.
+Pure Python over plain dataclasses, so the policies in ``scheduler/policy.py``
+run the same way in the live scheduler, in the simulator and in tests with
+fake node lists.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
-
-from scheduler.request import GenerationRequest, NoCapacityError
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -47,38 +44,25 @@ class Placement:
         return self.prefill_node is None
 
 
-class Policy(Protocol):
-    def place(self, request: GenerationRequest, nodes: list[NodeView]) -> Placement:
-        """Choose nodes for ``request`` among ``nodes`` (all serve its model)."""
-        ...
+@dataclass(frozen=True)
+class LinkView:
+    """A measured (or declared) prefill -> decode link."""
+
+    gbps: float  # payload bandwidth, gigabits per second
+    latency_s: float = 0.0
 
 
-class FastestPair:
-    """Prefill on the prefill-capable node with the most TFLOPS, decode on the
-    decode-capable node with the most memory bandwidth; colocated when only
-    one node exists or the request asks for it. Ties go to the less busy node."""
+@dataclass(frozen=True)
+class ClusterView:
+    """Everything a policy may look at for one request."""
 
-    def place(self, request: GenerationRequest, nodes: list[NodeView]) -> Placement:
-        decoders = [n for n in nodes if n.can_decode]
-        if not decoders:
-            raise NoCapacityError(f"no decode-capable node serves model {request.model!r}")
-        decode = max(decoders, key=lambda n: (n.mem_bw_gbps, -n.active_requests, n.node_id))
-        if request.placement == "colocated":
-            return Placement(None, _best_colocated(decoders).node_id)
-        prefillers = [n for n in nodes if n.can_prefill and n.node_id != decode.node_id]
-        if not prefillers:
-            if request.placement == "disaggregated":
-                raise NoCapacityError(
-                    f"disaggregated placement needs a prefill-capable node other than {decode.node_id!r}"
-                )
-            return Placement(None, _best_colocated(decoders).node_id)
-        prefill = max(prefillers, key=lambda n: (n.tflops, -n.active_requests, n.node_id))
-        return Placement(prefill.node_id, decode.node_id)
+    nodes: tuple[NodeView, ...]
+    links: dict[tuple[str, str], LinkView] = field(default_factory=dict)  # (prefill, decode) -> link
+    model_config: dict | None = None  # the model's Hugging Face config.json, for cost models
+    weight_format: str | None = None
 
+    def link(self, src: str, dst: str) -> LinkView | None:
+        return self.links.get((src, dst))
 
-def _best_colocated(decoders: list[NodeView]) -> NodeView:
-    # A colocated node does both phases: prefer one that can prefill too, then bandwidth.
-    return max(decoders, key=lambda n: (n.can_prefill, n.mem_bw_gbps, -n.active_requests, n.node_id))
-
-
-POLICIES: dict[str, type] = {"fastest-pair": FastestPair}
+    def node(self, node_id: str) -> NodeView:
+        return next(n for n in self.nodes if n.node_id == node_id)

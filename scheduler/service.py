@@ -22,7 +22,8 @@ from cluster.node import NodeInfo
 from proto import pdcluster_pb2 as pb
 from scheduler.api import build_app
 from scheduler.lifecycle import LifecycleConfig, run_request
-from scheduler.placement import POLICIES, NodeView, Policy
+from scheduler.placement import ClusterView, NodeView
+from scheduler.policy import Policy, load_policy
 from scheduler.request import (
     FinishEvent,
     GenerationRequest,
@@ -52,8 +53,6 @@ class SchedulerConfig:
     lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise ValueError(f"unknown policy {self.policy!r}; choose from {sorted(POLICIES)}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
 
@@ -69,7 +68,7 @@ class ClusterBackend:
 
     def __init__(self, config: SchedulerConfig, key: ClusterKey) -> None:
         self.config, self.key = config, key
-        self.policy: Policy = POLICIES[config.policy]()
+        self.policy: Policy = load_policy(config.policy)
         self.clients: dict[str, WorkerClient] = {}  # grpc address -> client
         self.models_by_id: dict[str, _ModelRecord] = {}
         self.active: dict[str, int] = {}  # node id -> requests in flight here
@@ -109,7 +108,7 @@ class ClusterBackend:
         nodes = {n.node_id: n for n in self.table.snapshot() if n.model_id == request.model}
         if not nodes:
             raise NoCapacityError(f"no node serves model {request.model!r} right now")
-        placement = self.policy.place(request, [self._view(n) for n in nodes.values()])
+        placement = self.policy.place(request, ClusterView(tuple(self._view(n) for n in nodes.values())))
         log.info("request %s: prefill=%s decode=%s codec=%s", request.request_id,
                  placement.prefill_node or f"{placement.decode_node} (colocated)", placement.decode_node, placement.codec)
         touched = [n for n in {placement.prefill_node, placement.decode_node} if n]
