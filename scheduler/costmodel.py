@@ -1,0 +1,622 @@
+"""Cost model: how long prefill, decode and the KV handoff take on given hardware.
+
+Pure Python over plain dataclasses (no torch, no mlx), read from a model's
+Hugging Face ``config.json`` dict. Units: seconds, bytes, FLOPs; GB = 1e9 bytes.
+
+The model is a roofline with efficiency factors (achieved / peak):
+
+* prefill of n new tokens on d cached =
+  max(linear FLOPs / (peak x e.compute) + attention FLOPs / (peak x e.attention),
+      bytes touched / (bandwidth x e.bandwidth));
+* decode of one token at depth d =
+  max(active weight bytes / (bandwidth x e.bandwidth)
+      + KV bytes read / (bandwidth x e.kv_bandwidth), FLOPs / (peak x e.compute));
+* transfer = bytes / link rate + latency, and ``exposed_transfer`` for the part
+  that layer-wise streaming does not hide behind prefill.
+
+Efficiencies belong to a (device, engine, weight format) combination: those
+fitted from a measured table live in ``CALIBRATED`` and apply to that
+combination only; every other combination gets ``GENERIC[weight_format]``.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+# Bits stored per weight, scales included.
+WEIGHT_BITS: dict[str, float] = {
+    "fp32": 32.0,
+    "bf16": 16.0,
+    "fp16": 16.0,
+    # E4M3/E5M2 with one scale per tensor or per 128x128 block: < 0.01 bit extra.
+    "fp8": 8.0,
+    # Per-output-channel scales: negligible (llama.cpp Q8_0, fp16 scale per 32, is 8.5).
+    "int8": 8.0,
+    # 32 4-bit weights + one fp16 scale per group: (32*4 + 16) / 32 (llama.cpp Q4_0;
+    # GPTQ/AWQ with 128-groups and a 4-bit zero point come to about 4.16).
+    "int4": 4.5,
+    # OCP Microscaling (MX) v1.0: 32 FP4 E2M1 elements share one 8-bit E8M0 scale.
+    "mxfp4": 4.25,
+}
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """One accelerator as the cost model sees it (peaks, not achieved rates)."""
+
+    name: str
+    tflops: float  # peak dense fp16/bf16 tensor TFLOPS, no sparsity
+    mem_bw_gbps: float  # peak memory bandwidth, GB/s
+    mem_gb: float  # memory the accelerator can address, GB
+
+    def __post_init__(self) -> None:
+        if min(self.tflops, self.mem_bw_gbps, self.mem_gb) <= 0:
+            raise ValueError(f"hardware {self.name!r}: tflops, mem_bw_gbps and mem_gb must be > 0")
+
+
+@dataclass(frozen=True)
+class Link:
+    """A network link: nominal line rate, the share of it left for payload, latency."""
+
+    name: str
+    gbit_s: float  # nominal line rate, Gb/s
+    latency_s: float  # one-way latency of a small message through the OS stack
+    payload_efficiency: float = 0.94  # payload / line rate (TCP over 1500-byte Ethernet frames)
+
+    def __post_init__(self) -> None:
+        if self.gbit_s <= 0 or self.latency_s < 0 or not 0 < self.payload_efficiency <= 1:
+            raise ValueError(f"link {self.name!r}: need gbit_s > 0, latency_s >= 0, 0 < payload_efficiency <= 1")
+
+    @property
+    def bytes_per_s(self) -> float:
+        return self.gbit_s * 1e9 / 8 * self.payload_efficiency
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    """Parameter, FLOP and KV figures of one model, from its config.json.
+
+    Parameters are split so each phase can count what it reads:
+    ``layer_params`` is everything in the decoder layers except routed experts
+    (attention, norms, routers, dense and shared MLPs) plus the final norm.
+    """
+
+    name: str
+    num_layers: int
+    hidden_size: int
+    embedding_params: int  # input token table: one row read per token
+    unembedding_params: int  # lm_head (the same matrix when tied)
+    tied_embeddings: bool
+    layer_params: int
+    expert_params: int  # one routed expert; 0 for a dense model
+    num_experts: int  # routed experts per MoE layer
+    experts_per_token: int
+    num_moe_layers: int
+    attn_flops_per_pair: int  # per layer, per (query, key) pair: QK^T and PV
+    kv_elems_per_token: int  # per layer, per token: 2*kv_heads*head_dim, or MLA latent + rope key
+    layer_windows: tuple[int | None, ...]  # per layer: None = full attention, else sliding window
+    dense_format: str = "bf16"  # everything but the routed experts
+    expert_format: str = "bf16"
+
+    def __post_init__(self) -> None:
+        for fmt in (self.dense_format, self.expert_format):
+            _check_format(fmt)
+        if len(self.layer_windows) != self.num_layers:
+            raise ValueError(f"{self.name}: {len(self.layer_windows)} layer windows for {self.num_layers} layers")
+
+    @property
+    def weight_format(self) -> str:
+        """The format of the bulk of the weights: it keys the efficiency lookup."""
+        return self.expert_format if self.num_moe_layers else self.dense_format
+
+    @property
+    def _untied_unembedding(self) -> int:
+        return 0 if self.tied_embeddings else self.unembedding_params
+
+    @property
+    def total_params(self) -> int:
+        experts = self.num_moe_layers * self.num_experts * self.expert_params
+        return self.embedding_params + self._untied_unembedding + self.layer_params + experts
+
+    @property
+    def active_params(self) -> int:
+        """Parameters one token uses, embedding table included (Qwen's model-card
+        convention; OpenAI's gpt-oss "active" figure leaves the embedding out)."""
+        experts = self.num_moe_layers * self.experts_per_token * self.expert_params
+        return self.embedding_params + self._untied_unembedding + self.layer_params + experts
+
+    @property
+    def layer_active_params(self) -> int:
+        """Decoder-layer parameters one token multiplies by: 2 FLOPs each."""
+        return self.layer_params + self.num_moe_layers * self.experts_per_token * self.expert_params
+
+    @property
+    def total_weight_bytes(self) -> float:
+        dense = self.embedding_params + self._untied_unembedding + self.layer_params
+        experts = self.num_moe_layers * self.num_experts * self.expert_params
+        return dense * _bytes(self.dense_format) + experts * _bytes(self.expert_format)
+
+    @property
+    def decode_weight_bytes(self) -> float:
+        """Weight bytes one decode step reads: active layers plus lm_head."""
+        dense = (self.layer_params + self.unembedding_params) * _bytes(self.dense_format)
+        experts = self.num_moe_layers * self.experts_per_token * self.expert_params
+        return dense + experts * _bytes(self.expert_format)
+
+    def expected_experts_touched(self, num_tokens: int) -> float:
+        """Distinct experts per MoE layer that num_tokens tokens route to, with
+        uniform independent routing: E * (1 - (1 - k/E)^n)."""
+        if not self.num_experts:
+            return 0.0
+        return self.num_experts * (1 - (1 - self.experts_per_token / self.num_experts) ** num_tokens)
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in WEIGHT_BITS:
+        raise ValueError(f"unknown weight format {fmt!r}; known: {', '.join(WEIGHT_BITS)}")
+
+
+def _bytes(fmt: str) -> float:
+    return WEIGHT_BITS[fmt] / 8
+
+
+# --------------------------------------------------------------- config.json -> ModelCost
+
+
+def model_cost(
+    config: Mapping[str, Any],
+    name: str | None = None,
+    *,
+    dense_format: str | None = None,
+    expert_format: str | None = None,
+) -> ModelCost:
+    """Build the ModelCost of a Hugging Face ``config.json`` dict.
+
+    Handles dense and MoE (Mixtral/Qwen/gpt-oss/DeepSeek keys), GQA, MLA,
+    sliding-window layers and gpt-oss attention sinks. Formats default to the
+    checkpoint's native ones (``quantization_config``, else ``torch_dtype``).
+    """
+    hidden = int(_need(config, "hidden_size"))
+    num_layers = int(_need(config, "num_hidden_layers"))
+    vocab = int(_need(config, "vocab_size"))
+    attn_params, flops_per_pair, kv_elems = _attention_shape(config, hidden)
+    moe_layers = _moe_layers(config, num_layers)
+    num_experts = _num_experts(config)
+    k = int(config.get("num_experts_per_tok") or config.get("experts_per_token") or 0)
+    expert = _expert_params(config, hidden) if num_experts else 0
+    dense_mlp = 3 * hidden * int(config.get("intermediate_size") or 0) + _mlp_bias(config, hidden)
+    moe_extra = _router_params(config, hidden, num_experts) + _shared_expert_params(config, hidden)
+    num_moe = sum(moe_layers)
+    layer = num_layers * (attn_params + 2 * hidden) + hidden
+    layer += num_moe * moe_extra + (num_layers - num_moe) * dense_mlp
+    native_dense, native_expert = _native_formats(config)
+    return ModelCost(
+        name=name or str(config.get("_name_or_path") or config.get("model_type") or "model"),
+        num_layers=num_layers,
+        hidden_size=hidden,
+        embedding_params=vocab * hidden,
+        unembedding_params=vocab * hidden,
+        tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+        layer_params=layer,
+        expert_params=expert,
+        num_experts=num_experts if num_moe else 0,
+        experts_per_token=k if num_moe else 0,
+        num_moe_layers=num_moe,
+        attn_flops_per_pair=flops_per_pair,
+        kv_elems_per_token=kv_elems,
+        layer_windows=_layer_windows(config, num_layers),
+        dense_format=dense_format or native_dense,
+        expert_format=expert_format or native_expert,
+    )
+
+
+def _need(config: Mapping[str, Any], key: str) -> Any:
+    if config.get(key) is None:
+        raise ValueError(f"config.json lacks {key!r}, which the cost model needs")
+    return config[key]
+
+
+def _attention_shape(config: Mapping[str, Any], hidden: int) -> tuple[int, int, int]:
+    """(params per layer, FLOPs per (query, key) pair per layer, KV elements per token per layer)."""
+    heads = int(_need(config, "num_attention_heads"))
+    if config.get("kv_lora_rank"):  # MLA (DeepSeek-V2/V3): the cache holds the latent + rope key
+        rank, rope = int(config["kv_lora_rank"]), int(config["qk_rope_head_dim"])
+        nope, v_dim = int(config["qk_nope_head_dim"]), int(config["v_head_dim"])
+        q_rank = int(config.get("q_lora_rank") or 0)
+        q = hidden * q_rank + q_rank + q_rank * heads * (nope + rope) if q_rank else hidden * heads * (nope + rope)
+        kv = hidden * (rank + rope) + rank + rank * heads * (nope + v_dim)
+        params = q + kv + heads * v_dim * hidden
+        return params, 2 * heads * (nope + rope) + 2 * heads * v_dim, rank + rope
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    q_dim, kv_dim = heads * head_dim, kv_heads * head_dim
+    params = hidden * (q_dim + 2 * kv_dim) + q_dim * hidden
+    model_type = str(config.get("model_type", ""))
+    if config.get("attention_bias"):
+        params += q_dim + 2 * kv_dim + hidden
+    elif model_type.startswith("qwen2"):  # q/k/v biases are hard-wired in Qwen2
+        params += q_dim + 2 * kv_dim
+    if model_type.startswith("qwen3"):  # per-head q_norm and k_norm
+        params += 2 * head_dim
+    if model_type == "gpt_oss":  # one learned sink logit per head
+        params += heads
+    return params, 4 * q_dim, 2 * kv_dim
+
+
+def _num_experts(config: Mapping[str, Any]) -> int:
+    for key in ("num_local_experts", "num_experts", "n_routed_experts"):
+        if config.get(key):
+            return int(config[key])
+    return 0
+
+
+def _moe_layers(config: Mapping[str, Any], num_layers: int) -> list[bool]:
+    if not _num_experts(config):
+        return [False] * num_layers
+    first_dense = int(config.get("first_k_dense_replace") or 0)  # DeepSeek
+    freq = int(config.get("moe_layer_freq") or 1)
+    step = int(config.get("decoder_sparse_step") or 1)  # Qwen MoE
+    dense_only = set(config.get("mlp_only_layers") or ())
+    return [
+        i >= first_dense and i % freq == 0 and (i + 1) % step == 0 and i not in dense_only
+        for i in range(num_layers)
+    ]
+
+
+def _expert_params(config: Mapping[str, Any], hidden: int) -> int:
+    inter = int(config.get("moe_intermediate_size") or _need(config, "intermediate_size"))
+    params = 3 * hidden * inter  # gate, up, down
+    if config.get("model_type") == "gpt_oss":  # gate_up and down biases
+        params += 2 * inter + hidden
+    return params
+
+
+def _router_params(config: Mapping[str, Any], hidden: int, num_experts: int) -> int:
+    bias = num_experts if config.get("model_type") in ("gpt_oss", "deepseek_v3") else 0
+    return hidden * num_experts + bias
+
+
+def _shared_expert_params(config: Mapping[str, Any], hidden: int) -> int:
+    if config.get("n_shared_experts"):  # DeepSeek
+        return int(config["n_shared_experts"]) * 3 * hidden * int(config["moe_intermediate_size"])
+    if config.get("shared_expert_intermediate_size"):  # Qwen2-MoE, with a sigmoid gate
+        return 3 * hidden * int(config["shared_expert_intermediate_size"]) + hidden
+    return 0
+
+
+def _mlp_bias(config: Mapping[str, Any], hidden: int) -> int:
+    return 2 * int(config.get("intermediate_size") or 0) + hidden if config.get("mlp_bias") else 0
+
+
+def _layer_windows(config: Mapping[str, Any], num_layers: int) -> tuple[int | None, ...]:
+    window = config.get("sliding_window")
+    if config.get("layer_types"):
+        types = list(config["layer_types"])
+        if len(types) != num_layers:
+            raise ValueError(f"layer_types has {len(types)} entries for {num_layers} layers")
+        return tuple(int(window) if t == "sliding_attention" and window else None for t in types)
+    if not window or config.get("use_sliding_window") is False:
+        return (None,) * num_layers
+    window = int(window)
+    if config.get("sliding_window_pattern"):  # Gemma: every pattern-th layer is global
+        pattern = int(config["sliding_window_pattern"])
+        return tuple(None if (i + 1) % pattern == 0 else window for i in range(num_layers))
+    if config.get("use_sliding_window") and config.get("max_window_layers") is not None:  # Qwen2
+        first = int(config["max_window_layers"])
+        return tuple(window if i >= first else None for i in range(num_layers))
+    return (window,) * num_layers  # Mistral-style: every layer slides
+
+
+def _native_formats(config: Mapping[str, Any]) -> tuple[str, str]:
+    """(dense format, expert format) of the checkpoint as published."""
+    method = (config.get("quantization_config") or {}).get("quant_method")
+    if method == "mxfp4":  # gpt-oss: experts in MXFP4, attention/router/embeddings in bf16
+        return "bf16", "mxfp4"
+    if method == "fp8":
+        return "fp8", "fp8"
+    dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
+    fmt = {"float16": "fp16", "float32": "fp32"}.get(dtype, "bf16")
+    return fmt, fmt
+
+
+# --------------------------------------------------------------- KV and attention
+
+
+def _tokens_held(num_tokens: int, window: int | None) -> int:
+    return num_tokens if window is None else min(num_tokens, window)
+
+
+def kv_bytes_per_layer(model: ModelCost, num_tokens: int, dtype_bytes: float = 2.0) -> list[float]:
+    """KV bytes each layer holds for a context of num_tokens: a sliding layer
+    holds at most its window."""
+    per_token = model.kv_elems_per_token * dtype_bytes
+    return [_tokens_held(num_tokens, w) * per_token for w in model.layer_windows]
+
+
+def kv_bytes(model: ModelCost, num_tokens: int, dtype_bytes: float = 2.0) -> float:
+    """KV bytes a context of num_tokens holds, all layers."""
+    return sum(kv_bytes_per_layer(model, num_tokens, dtype_bytes))
+
+
+def kv_bytes_per_token(model: ModelCost, num_tokens: int = 1, dtype_bytes: float = 2.0) -> float:
+    """Mean KV bytes per token at context num_tokens (falls with depth past a window)."""
+    if num_tokens < 1:
+        raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+    return kv_bytes(model, num_tokens, dtype_bytes) / num_tokens
+
+
+def _pairs_upto(num_tokens: int, window: int | None) -> int:
+    """Causal (query, key) pairs among the first num_tokens positions."""
+    if window is None or num_tokens <= window:
+        return num_tokens * (num_tokens + 1) // 2
+    return window * (window + 1) // 2 + (num_tokens - window) * window
+
+
+def attention_flops(model: ModelCost, num_new: int, num_cached: int = 0) -> float:
+    """FLOPs of QK^T and PV for num_new tokens attending causally to
+    num_cached + themselves; the term that grows with context."""
+    pairs = sum(
+        _pairs_upto(num_cached + num_new, w) - _pairs_upto(num_cached, w) for w in model.layer_windows
+    )
+    return float(pairs * model.attn_flops_per_pair)
+
+
+def linear_flops(model: ModelCost, num_new: int) -> float:
+    """FLOPs of the weight matmuls: 2 per active parameter per token, and the
+    lm_head for the last token only (engines skip the other prompt logits)."""
+    return 2.0 * (num_new * model.layer_active_params + model.unembedding_params)
+
+
+# --------------------------------------------------------------- efficiency
+
+
+# Above 1 only when an engine moves fewer bytes than the ModelCost counts (a
+# smaller on-disk format than the native one); far above, the model is wrong.
+_MAX_EFFICIENCY = 1.5
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """Achieved / peak for one (device, engine, weight format) combination."""
+
+    compute: float  # weight matmuls in prefill, against peak TFLOPS
+    attention: float  # the context term (QK^T, PV) in prefill, against peak TFLOPS
+    bandwidth: float  # weight reads in decode, against peak memory bandwidth
+    kv_bandwidth: float  # KV-cache reads in decode, against peak memory bandwidth
+    source: str = "generic"
+
+    def __post_init__(self) -> None:
+        for field in ("compute", "attention", "bandwidth", "kv_bandwidth"):
+            value = getattr(self, field)
+            if not 0 < value <= _MAX_EFFICIENCY:
+                raise ValueError(f"efficiency {field}={value} is outside (0, {_MAX_EFFICIENCY}]")
+
+
+# Generic defaults, per weight format, for every combination without a measured table.
+# compute: large-batch bf16 GEMMs reach about 70-80 % of peak (cuBLAS on NVIDIA, MLX on
+#   Apple); exo's Spark and M3 Ultra prefill times imply 75-90 %. Dequantising 8-bit
+#   weights costs some of it, 4-bit more (llama.cpp's MXFP4 MoE measured 0.13-0.51).
+# attention: FlashAttention-2 forward reaches 50-70 % of peak on NVIDIA, Metal less.
+# bandwidth: streaming reads reach 75-90 % of peak; decode adds launch gaps.
+# kv_bandwidth: decode attention reads the cache in scattered tiles, below a stream.
+_BASE = {"attention": 0.5, "bandwidth": 0.75, "kv_bandwidth": 0.5}
+GENERIC: dict[str, Efficiency] = {
+    "fp32": Efficiency(compute=0.75, **_BASE),
+    "bf16": Efficiency(compute=0.75, **_BASE),
+    "fp16": Efficiency(compute=0.75, **_BASE),
+    "fp8": Efficiency(compute=0.6, **_BASE),
+    "int8": Efficiency(compute=0.6, **_BASE),
+    "int4": Efficiency(compute=0.4, **_BASE),
+    "mxfp4": Efficiency(compute=0.4, **_BASE),
+}
+
+_LLAMACPP_TABLE = "calibrate() on llama.cpp's gpt-oss-120b llama-bench table (catalog.LLAMACPP_GPT_OSS_120B)"
+
+# Fitted by calibrate(); tests recompute them from the table.
+CALIBRATED: dict[tuple[str, str, str], Efficiency] = {
+    # The Spark's bandwidth factor is high because llama.cpp's GGUF keeps the
+    # non-expert weights at ~8.5 bits where the native checkpoint (counted here)
+    # has bf16: llama.cpp reads ~3.6 GB per token, not 5.0 (true factor ~0.7).
+    ("dgx-spark", "llamacpp", "mxfp4"): Efficiency(
+        compute=0.1330, attention=0.3280, bandwidth=0.9728, kv_bandwidth=0.6386, source=_LLAMACPP_TABLE
+    ),
+    ("mac-m4-max", "llamacpp", "mxfp4"): Efficiency(
+        compute=0.5082, attention=0.1765, bandwidth=0.5550, kv_bandwidth=0.2442, source=_LLAMACPP_TABLE
+    ),
+}
+
+
+def efficiency(device: str, engine: str, weight_format: str) -> Efficiency:
+    """Efficiency of ``engine`` running ``weight_format`` weights on ``device``:
+    the calibrated factors for that exact combination, else the generic ones."""
+    _check_format(weight_format)
+    return CALIBRATED.get((device, engine, weight_format), GENERIC[weight_format])
+
+
+# --------------------------------------------------------------- time
+
+
+def prefill_time(model: ModelCost, hw: Hardware, eff: Efficiency, num_new: int, num_cached: int = 0) -> float:
+    """Seconds to prefill num_new tokens on top of num_cached cached ones: the
+    larger of the compute time and the weight-read floor (a roofline)."""
+    return max(
+        prefill_compute_time(model, hw, eff, num_new, num_cached),
+        prefill_floor_time(model, hw, eff, num_new, num_cached),
+    )
+
+
+def prefill_compute_time(
+    model: ModelCost, hw: Hardware, eff: Efficiency, num_new: int, num_cached: int = 0
+) -> float:
+    """Linear FLOPs / (peak x e.compute) + attention FLOPs / (peak x e.attention)."""
+    peak = hw.tflops * 1e12
+    linear = linear_flops(model, num_new) / (peak * eff.compute)
+    return linear + attention_flops(model, num_new, num_cached) / (peak * eff.attention)
+
+
+def prefill_floor_time(
+    model: ModelCost, hw: Hardware, eff: Efficiency, num_new: int, num_cached: int = 0
+) -> float:
+    """Bytes touched / (bandwidth x e.bandwidth): the dense weights, the experts
+    the prompt routes to, and the KV of the whole context, each read once."""
+    touched = model.num_moe_layers * model.expected_experts_touched(num_new) * model.expert_params
+    weights = model.decode_weight_bytes - _active_expert_bytes(model) + touched * _bytes(model.expert_format)
+    return (weights + kv_bytes(model, num_cached + num_new)) / (hw.mem_bw_gbps * 1e9 * eff.bandwidth)
+
+
+def _active_expert_bytes(model: ModelCost) -> float:
+    return model.num_moe_layers * model.experts_per_token * model.expert_params * _bytes(model.expert_format)
+
+
+def decode_time(model: ModelCost, hw: Hardware, eff: Efficiency, depth: int) -> float:
+    """Seconds to decode one token with depth tokens already cached (batch 1):
+    active weights / (bandwidth x e.bandwidth) + KV read / (bandwidth x e.kv_bandwidth),
+    floored by its FLOPs at peak x e.compute."""
+    bandwidth = hw.mem_bw_gbps * 1e9
+    memory = model.decode_weight_bytes / (bandwidth * eff.bandwidth)
+    memory += kv_bytes(model, depth + 1) / (bandwidth * eff.kv_bandwidth)
+    flops = linear_flops(model, 1) + attention_flops(model, 1, depth)
+    return max(memory, flops / (hw.tflops * 1e12 * eff.compute))
+
+
+def mean_decode_time(model: ModelCost, hw: Hardware, eff: Efficiency, depth: int, num_tokens: int) -> float:
+    """Mean seconds per token over num_tokens decoded from depth on (1 / tok/s)."""
+    return sum(decode_time(model, hw, eff, depth + i) for i in range(num_tokens)) / num_tokens
+
+
+def transfer_time(num_bytes: float, link: Link) -> float:
+    """Seconds to move num_bytes over link: bytes / payload rate + latency."""
+    return num_bytes / link.bytes_per_s + link.latency_s
+
+
+def exposed_transfer(
+    model: ModelCost,
+    link: Link,
+    num_tokens: int,
+    prefill_s: float,
+    *,
+    num_chunks: int = 1,
+    dtype_bytes: float = 2.0,
+) -> float:
+    """Seconds from the end of prefill to the last KV byte landing, when each
+    layer's slice is sent as soon as that layer finishes.
+
+    Model: prefill runs the prompt in ``num_chunks`` chunks through L layers at
+    a uniform pace, so layer i of chunk j is ready at P * (j + (i+1)/L) / C; the
+    link sends slices in that order, one at a time, at rate R, and the last
+    byte arrives one latency after it leaves. Simulating that queue gives the
+    answer for uneven layers (sliding windows) too.
+
+    Derivation of the closed form (C = 1, L layers of b = T/L seconds each on
+    the link, T = total bytes / R): slice i starts when both it is ready and
+    the link is free, so the link finishes at max over i of
+    (P*i/L + (L - i + 1) * b). That is linear in i, so the maximum sits at an
+    end: i = 1 gives P/L + T (the link is the bottleneck and never idles once
+    it starts), i = L gives P + T/L (prefill is the bottleneck and only the
+    last slice is left). Subtracting P:
+
+        exposed = max(T - P * (L-1)/L, T/L) + latency
+
+    The rougher max(0, T - P*(L-1)/L) + T/L bounds it from above by at most
+    T/L. Streaming hides the transfer (exposed = T/L + latency) exactly when
+    T <= P, i.e. when link bytes/s >= KV bytes per token x prefill tokens/s.
+    A sliding layer sends only the last ``window`` tokens the decode side keeps.
+    """
+    layer_bytes = kv_bytes_per_layer(model, num_tokens, dtype_bytes)
+    num_layers = len(layer_bytes)
+    link_free = 0.0
+    for chunk in range(num_chunks):
+        for i, size in enumerate(layer_bytes):
+            ready = prefill_s * (chunk + (i + 1) / num_layers) / num_chunks
+            link_free = max(link_free, ready) + size / num_chunks / link.bytes_per_s
+    return link_free - prefill_s + link.latency_s
+
+
+# --------------------------------------------------------------- calibration
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    """One llama-bench depth: prefill and decode tokens/s after ``depth`` cached tokens."""
+
+    depth: int
+    prefill_tok_s: float
+    decode_tok_s: float
+
+
+@dataclass(frozen=True)
+class BenchTable:
+    """A measured ``llama-bench -p num_prompt -n num_gen -d depth`` table for one
+    (device, engine, weight format) combination."""
+
+    hardware: Hardware
+    model: ModelCost
+    engine: str
+    rows: tuple[BenchRow, ...]
+    num_prompt: int = 2048
+    num_gen: int = 32
+    source: str = ""
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.hardware.name, self.engine, self.model.weight_format)
+
+
+def predict_row(
+    model: ModelCost, hw: Hardware, eff: Efficiency, depth: int, num_prompt: int, num_gen: int
+) -> BenchRow:
+    """What the cost model predicts llama-bench reports at ``depth``:
+    num_prompt / prefill time, and 1 / mean decode time over num_gen tokens."""
+    return BenchRow(
+        depth=depth,
+        prefill_tok_s=num_prompt / prefill_time(model, hw, eff, num_prompt, depth),
+        decode_tok_s=1 / mean_decode_time(model, hw, eff, depth, num_gen),
+    )
+
+
+def calibrate(table: BenchTable) -> Efficiency:
+    """Fit the four efficiencies of ``table``'s combination to its rows.
+
+    Prefill time t = a * linear FLOPs + b * attention FLOPs(depth), with
+    a = 1/(peak x compute) and b = 1/(peak x attention); decode time
+    m = u * weight bytes + v * mean KV bytes(depth), with u = 1/(bw x bandwidth)
+    and v = 1/(bw x kv_bandwidth). Each pair is linear least squares in
+    relative error. Assumes the rows are compute-bound in prefill (the weight
+    floor is below the fitted compute time; the fit checks this).
+    """
+    model, hw, n, g = table.model, table.hardware, table.num_prompt, table.num_gen
+    times = [n / row.prefill_tok_s for row in table.rows]
+    a, b = _fit_relative(
+        [linear_flops(model, n)] * len(times), [attention_flops(model, n, r.depth) for r in table.rows], times
+    )
+    steps = [1 / row.decode_tok_s for row in table.rows]
+    mean_kv = [sum(kv_bytes(model, r.depth + i + 1) for i in range(g)) / g for r in table.rows]
+    u, v = _fit_relative([model.decode_weight_bytes] * len(steps), mean_kv, steps)
+    peak, bandwidth = hw.tflops * 1e12, hw.mem_bw_gbps * 1e9
+    eff = Efficiency(
+        compute=1 / (a * peak),
+        attention=1 / (b * peak),
+        bandwidth=1 / (u * bandwidth),
+        kv_bandwidth=1 / (v * bandwidth),
+        source=f"calibrate() on {table.source or 'a measured table'}",
+    )
+    for row in table.rows:
+        if prefill_floor_time(model, hw, eff, n, row.depth) > prefill_compute_time(model, hw, eff, n, row.depth):
+            raise ValueError(f"{table.key}: the weight-read floor binds at depth {row.depth}; the fit assumes not")
+    return eff
+
+
+def _fit_relative(x1: Sequence[float], x2: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
+    """Least squares for y ~ a*x1 + b*x2 in relative error: minimise sum((a*x1 + b*x2)/y - 1)^2."""
+    p = [xi / yi for xi, yi in zip(x1, y)]
+    q = [xi / yi for xi, yi in zip(x2, y)]
+    spp, sqq, spq = sum(v * v for v in p), sum(v * v for v in q), sum(i * j for i, j in zip(p, q))
+    sp, sq = sum(p), sum(q)
+    det = spp * sqq - spq * spq
+    if det <= 0:
+        raise ValueError("table rows do not separate the two terms (need at least two distinct depths)")
+    a, b = (sp * sqq - sq * spq) / det, (sq * spp - sp * spq) / det
+    if a <= 0 or b <= 0:
+        raise ValueError(f"fit gives a non-positive coefficient (a={a:.3g}, b={b:.3g}): is the table this model's?")
+    return a, b
