@@ -22,6 +22,7 @@ class NodeView:
     free_mem_bytes: int = 0
     active_requests: int = 0  # requests in flight on this node (our engines run one at a time)
     hardware: str = ""  # catalog name ("dgx-spark", ...) when known: selects calibrated efficiencies
+    device_kind: str = ""  # "cuda", "mps", "cpu", "mlx:gpu", ... (for generic efficiencies)
     prefill_backlog_s: float = 0.0  # predicted seconds of prefill work already queued here
 
     @property

@@ -12,9 +12,11 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import itertools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from scheduler import catalog, costmodel
 from scheduler.placement import ClusterView, NodeView, Placement
 from scheduler.request import GenerationRequest, NoCapacityError
 
@@ -101,11 +103,103 @@ class FastestPair:
         return forced(request, cluster, decode, prefill)
 
 
+@dataclass(frozen=True)
+class Estimate:
+    """A cost-model prediction for one candidate placement."""
+
+    placement: Placement
+    ttft_s: float
+    e2e_s: float
+
+
+class Predictor:
+    """Cost-model predictions for placements of one request on one ClusterView.
+
+    Nodes without a catalog hardware name use their advertised TFLOPS and
+    bandwidth with the generic efficiencies; links without a measurement are
+    treated as unknown, which rules remote prefill out (nothing to predict with).
+    """
+
+    def __init__(self, request: GenerationRequest, cluster: ClusterView) -> None:
+        if cluster.model_config is None:
+            raise ValueError("cost-model policies need the model's config.json in the ClusterView")
+        self.request, self.cluster = request, cluster
+        self.model = costmodel.model_cost(cluster.model_config)
+        self.format = cluster.weight_format or self.model.weight_format
+        self.num_prompt = len(request.prompt_token_ids) - request.cached_prefix_tokens
+
+    def prefill_s(self, node: NodeView) -> float:
+        hw, eff = self._hardware(node)
+        return costmodel.prefill_time(self.model, hw, eff, self.num_prompt, self.request.cached_prefix_tokens)
+
+    def tpot_s(self, node: NodeView) -> float:
+        """Per-token decode time at mid-generation depth; in-flight requests share the engine."""
+        hw, eff = self._hardware(node)
+        depth = len(self.request.prompt_token_ids) + self.request.max_tokens // 2
+        return costmodel.decode_time(self.model, hw, eff, depth) * (1 + node.active_requests)
+
+    def estimate(self, prefill: NodeView | None, decode: NodeView) -> Estimate | None:
+        """Predicted TTFT and end-to-end time, or None when the link is unknown."""
+        if prefill is None:
+            ttft = decode.prefill_backlog_s + self.prefill_s(decode)
+        else:
+            link = self.cluster.link(prefill.node_id, decode.node_id)
+            if link is None:
+                return None
+            prefill_s = self.prefill_s(prefill)
+            net = costmodel.Link("measured", link.gbps, link.latency_s, payload_efficiency=1.0)
+            exposed = costmodel.exposed_transfer(self.model, net, len(self.request.prompt_token_ids), prefill_s)
+            ttft = prefill.prefill_backlog_s + prefill_s + exposed
+        e2e = ttft + (self.request.max_tokens - 1) * self.tpot_s(decode)
+        return Estimate(Placement(prefill.node_id if prefill else None, decode.node_id), ttft, e2e)
+
+    def _hardware(self, node: NodeView) -> tuple[costmodel.Hardware, costmodel.Efficiency]:
+        if node.hardware:
+            hw = catalog.hardware(node.hardware)
+            hw = costmodel.Hardware(hw.name, node.tflops or hw.tflops, node.mem_bw_gbps or hw.mem_bw_gbps, hw.mem_gb)
+        else:
+            hw = costmodel.Hardware(node.node_id, max(node.tflops, 1e-3), max(node.mem_bw_gbps, 1e-3), 1.0)
+        engine = "llamacpp" if node.engine == "llamacpp" else node.engine
+        return hw, costmodel.efficiency(node.hardware or node.device_kind, engine, self.format)
+
+
+class Roofline:
+    """Minimise predicted end-to-end time over every (prefill, decode) pair,
+    colocated included, counting current queues."""
+
+    def place(self, request: GenerationRequest, cluster: ClusterView) -> Placement:
+        predictor = Predictor(request, cluster)
+        decoders = decoders_of(request, cluster)
+        options = [predictor.estimate(None, d) for d in decoders]
+        options += [predictor.estimate(p, d) for d in decoders for p in prefillers_for(d, cluster)]
+        best = min((o for o in options if o is not None), key=lambda o: (o.e2e_s, o.ttft_s))
+        decode = cluster.node(best.placement.decode_node)
+        prefill = cluster.node(best.placement.prefill_node) if best.placement.prefill_node else None
+        return forced(request, cluster, decode, prefill)
+
+
+class Conditional:
+    """Decode on the decode-capable node with the most memory bandwidth; prefill
+    remotely only when the predicted TTFT gain beats the exposed transfer,
+    otherwise the decode node prefills locally."""
+
+    def place(self, request: GenerationRequest, cluster: ClusterView) -> Placement:
+        predictor = Predictor(request, cluster)
+        decode = max(decoders_of(request, cluster), key=lambda n: (n.mem_bw_gbps, -n.active_requests, n.node_id))
+        local = predictor.estimate(None, decode)
+        remote = [e for p in prefillers_for(decode, cluster) if (e := predictor.estimate(p, decode)) is not None]
+        best = min(remote, key=lambda e: e.ttft_s, default=None)
+        prefill = cluster.node(best.placement.prefill_node) if best and best.ttft_s < local.ttft_s else None
+        return forced(request, cluster, decode, prefill)
+
+
 POLICIES: dict[str, type] = {
     "colocated": Colocated,
     "round-robin": RoundRobin,
     "least-loaded": LeastLoaded,
     "fastest-pair": FastestPair,
+    "roofline": Roofline,
+    "conditional": Conditional,
 }
 
 

@@ -25,6 +25,7 @@ class GenerationRequest:
     stop_token_ids: tuple[int, ...] = ()
     placement: str | None = None  # force "disaggregated" | "colocated"; None lets the policy decide
     arrived_at: float = 0.0  # time.monotonic() when the HTTP request arrived
+    cached_prefix_tokens: int = 0  # prompt tokens already cached on the chosen nodes (simulator)
 
     def __post_init__(self) -> None:
         if self.placement is not None and self.placement not in PLACEMENT_MODES:
