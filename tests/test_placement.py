@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from scheduler import catalog
 from scheduler.placement import ClusterView, NodeView, Placement
 from scheduler.policy import POLICIES, Colocated, FastestPair, LeastLoaded, RoundRobin, load_policy
 from scheduler.request import GenerationRequest, NoCapacityError
@@ -29,8 +30,9 @@ def test_fastest_pair_prefills_on_most_flops_and_decodes_on_most_bandwidth() -> 
 
 
 def test_single_node_is_colocated_under_every_policy() -> None:
+    view = ClusterView((MINI,), model_config=catalog.model_config("llama-3.1-8b"))
     for name, cls in POLICIES.items():
-        assert cls().place(_req(), _view(MINI)) == Placement(None, "mini"), name
+        assert cls().place(_req(), view) == Placement(None, "mini"), name
 
 
 def test_forced_colocated_uses_one_node() -> None:
