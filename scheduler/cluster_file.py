@@ -1,0 +1,254 @@
+"""Cluster files: a TOML description of machines and the links between them.
+
+``pdc simulate`` reads one to build the nodes and links a policy sees::
+
+    [[nodes]]
+    name = "spark"
+    hardware = "dgx-spark"          # a catalog name (scheduler/catalog.py)
+    roles = ["prefill", "decode"]   # default: both
+    # optional overrides: tflops, mem_bw_gbps, mem_gb, engine
+
+    [[links]]
+    nodes = ["spark", "mac"]
+    kind = "10gbe"                  # a catalog link
+    # optional overrides: gbit_s (line rate), latency_s, payload_efficiency
+
+A link joins two nodes in both directions, each direction a separate
+full-duplex channel. A link without ``kind`` needs ``gbit_s``, taken as the
+measured payload rate (``payload_efficiency`` 1). Every error names the
+offending entry.
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from scheduler import catalog, costmodel
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+ROLES = ("prefill", "decode")
+_NODE_KEYS = {"name", "hardware", "roles", "tflops", "mem_bw_gbps", "mem_gb", "engine"}
+_LINK_KEYS = {"nodes", "kind", "gbit_s", "latency_s", "payload_efficiency"}
+_TOP_KEYS = {"name", "description", "nodes", "links"}
+_CUSTOM_LINK_LATENCY_S = 1e-4
+
+
+class ClusterFileError(ValueError):
+    """A cluster file that cannot describe a cluster; the message names the entry."""
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One machine: a catalog hardware entry, its roles, optional overrides."""
+
+    name: str
+    hardware: str
+    roles: tuple[str, ...] = ROLES
+    tflops: float | None = None
+    mem_bw_gbps: float | None = None
+    mem_gb: float | None = None
+    engine: str | None = None
+
+    def machine(self) -> costmodel.Hardware:
+        """The catalog hardware with this node's overrides applied."""
+        base = catalog.hardware(self.hardware)
+        return costmodel.Hardware(
+            base.name,
+            tflops=self.tflops or base.tflops,
+            mem_bw_gbps=self.mem_bw_gbps or base.mem_bw_gbps,
+            mem_gb=self.mem_gb or base.mem_gb,
+        )
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """A link between two nodes: a catalog kind and/or explicit figures."""
+
+    nodes: tuple[str, str]
+    kind: str | None = None
+    gbit_s: float | None = None
+    latency_s: float | None = None
+    payload_efficiency: float | None = None
+
+    def network(self) -> costmodel.Link:
+        """The catalog link with this entry's overrides applied."""
+        if self.kind is None:
+            base = costmodel.Link("custom", self.gbit_s or 1.0, _CUSTOM_LINK_LATENCY_S, payload_efficiency=1.0)
+        else:
+            base = catalog.link(self.kind)
+        return costmodel.Link(
+            base.name,
+            gbit_s=self.gbit_s if self.gbit_s is not None else base.gbit_s,
+            latency_s=self.latency_s if self.latency_s is not None else base.latency_s,
+            payload_efficiency=self.payload_efficiency if self.payload_efficiency is not None
+            else base.payload_efficiency,
+        )
+
+    @property
+    def payload_gbit_s(self) -> float:
+        """What a LinkView carries: the payload rate in Gbit/s."""
+        return self.network().bytes_per_s * 8 / 1e9
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """A whole cluster file, validated."""
+
+    nodes: tuple[NodeSpec, ...]
+    links: tuple[LinkSpec, ...] = ()
+    name: str = ""
+
+    def node(self, name: str) -> NodeSpec:
+        return next(n for n in self.nodes if n.name == name)
+
+    def link_between(self, a: str, b: str) -> LinkSpec | None:
+        """The link joining ``a`` and ``b`` (either order), or None."""
+        return next((l for l in self.links if set(l.nodes) == {a, b}), None)
+
+
+def load(path: str | Path) -> ClusterSpec:
+    """Read and validate a cluster file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ClusterFileError(f"cluster file {path}: cannot read it ({e.strerror or e})") from None
+    return loads(text, source=str(path))
+
+
+def loads(text: str, source: str = "<cluster>") -> ClusterSpec:
+    """Parse and validate cluster-file TOML text; ``source`` prefixes errors."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ClusterFileError(f"{source}: not valid TOML: {e}") from None
+    return parse(data, source)
+
+
+def parse(data: Mapping[str, Any], source: str = "<cluster>") -> ClusterSpec:
+    """Validate a cluster description already read into a dict."""
+    _check_keys(data, _TOP_KEYS, f"{source}: the top level")
+    raw_nodes = data.get("nodes") or []
+    if not isinstance(raw_nodes, list) or not raw_nodes:
+        raise ClusterFileError(f"{source}: no [[nodes]]: a cluster needs at least one node")
+    nodes = tuple(_parse_node(entry, i, source) for i, entry in enumerate(raw_nodes))
+    _check_unique_names(nodes, source)
+    if not any("decode" in n.roles for n in nodes):
+        raise ClusterFileError(f"{source}: no node has the 'decode' role; at least one must decode")
+    raw_links = data.get("links") or []
+    if not isinstance(raw_links, list):
+        raise ClusterFileError(f"{source}: 'links' must be an array of tables ([[links]])")
+    names = {n.name for n in nodes}
+    links = tuple(_parse_link(entry, i, names, source) for i, entry in enumerate(raw_links))
+    _check_unique_links(links, source)
+    return ClusterSpec(nodes, links, str(data.get("name", "")))
+
+
+def _parse_node(entry: Any, index: int, source: str) -> NodeSpec:
+    where = f"{source}: nodes[{index}]"
+    if not isinstance(entry, Mapping):
+        raise ClusterFileError(f"{where}: must be a table ([[nodes]])")
+    name = entry.get("name")
+    if not isinstance(name, str) or not name:
+        raise ClusterFileError(f"{where}: needs a non-empty string 'name'")
+    where = f"{where} ({name!r})"
+    _check_keys(entry, _NODE_KEYS, where)
+    hardware = entry.get("hardware")
+    if not isinstance(hardware, str):
+        raise ClusterFileError(f"{where}: needs 'hardware', one of: {', '.join(catalog.HARDWARE)}")
+    if hardware not in catalog.HARDWARE:
+        raise ClusterFileError(f"{where}: unknown hardware {hardware!r}; known hardware: {', '.join(catalog.HARDWARE)}")
+    roles = _parse_roles(entry.get("roles", list(ROLES)), where)
+    engine = entry.get("engine")
+    if engine is not None and (not isinstance(engine, str) or not engine):
+        raise ClusterFileError(f"{where}: 'engine' must be a non-empty string")
+    return NodeSpec(
+        name, hardware, roles,
+        tflops=_positive(entry, "tflops", where),
+        mem_bw_gbps=_positive(entry, "mem_bw_gbps", where),
+        mem_gb=_positive(entry, "mem_gb", where),
+        engine=engine,
+    )
+
+
+def _parse_roles(roles: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(roles, list) or not roles or not all(isinstance(r, str) for r in roles):
+        raise ClusterFileError(f"{where}: 'roles' must be a non-empty list drawn from {list(ROLES)}, got {roles!r}")
+    bad = [r for r in roles if r not in ROLES]
+    if bad:
+        raise ClusterFileError(f"{where}: bad role {bad[0]!r}; roles are {list(ROLES)}")
+    if len(set(roles)) != len(roles):
+        raise ClusterFileError(f"{where}: 'roles' lists a role twice: {roles!r}")
+    return tuple(roles)
+
+
+def _parse_link(entry: Any, index: int, names: set[str], source: str) -> LinkSpec:
+    where = f"{source}: links[{index}]"
+    if not isinstance(entry, Mapping):
+        raise ClusterFileError(f"{where}: must be a table ([[links]])")
+    ends = entry.get("nodes")
+    if not isinstance(ends, list) or len(ends) != 2 or not all(isinstance(n, str) for n in ends):
+        raise ClusterFileError(f"{where}: 'nodes' must name exactly two nodes, got {ends!r}")
+    where = f"{where} ({ends[0]!r} <-> {ends[1]!r})"
+    _check_keys(entry, _LINK_KEYS, where)
+    if ends[0] == ends[1]:
+        raise ClusterFileError(f"{where}: a link joins two different nodes")
+    missing = [n for n in ends if n not in names]
+    if missing:
+        raise ClusterFileError(f"{where}: no node named {missing[0]!r}; nodes: {', '.join(sorted(names))}")
+    kind = entry.get("kind")
+    if kind is not None and kind not in catalog.LINKS:
+        raise ClusterFileError(f"{where}: unknown link kind {kind!r}; known links: {', '.join(catalog.LINKS)}")
+    gbit_s = _positive(entry, "gbit_s", where)
+    if kind is None and gbit_s is None:
+        raise ClusterFileError(f"{where}: needs 'kind' (one of: {', '.join(catalog.LINKS)}) or 'gbit_s'")
+    latency = entry.get("latency_s")
+    if latency is not None and (not _is_number(latency) or latency < 0):
+        raise ClusterFileError(f"{where}: 'latency_s' must be a number >= 0, got {latency!r}")
+    efficiency = _positive(entry, "payload_efficiency", where)
+    if efficiency is not None and efficiency > 1:
+        raise ClusterFileError(f"{where}: 'payload_efficiency' must be in (0, 1], got {efficiency!r}")
+    return LinkSpec((ends[0], ends[1]), kind, gbit_s, None if latency is None else float(latency), efficiency)
+
+
+def _check_keys(entry: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(entry) - allowed)
+    if unknown:
+        raise ClusterFileError(f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
+
+
+def _check_unique_names(nodes: tuple[NodeSpec, ...], source: str) -> None:
+    seen: set[str] = set()
+    for i, node in enumerate(nodes):
+        if node.name in seen:
+            raise ClusterFileError(f"{source}: nodes[{i}]: duplicate node name {node.name!r}")
+        seen.add(node.name)
+
+
+def _check_unique_links(links: tuple[LinkSpec, ...], source: str) -> None:
+    seen: set[frozenset[str]] = set()
+    for i, link in enumerate(links):
+        key = frozenset(link.nodes)
+        if key in seen:
+            raise ClusterFileError(f"{source}: links[{i}]: a second link between {link.nodes[0]!r} and {link.nodes[1]!r}")
+        seen.add(key)
+
+
+def _positive(entry: Mapping[str, Any], key: str, where: str) -> float | None:
+    value = entry.get(key)
+    if value is None:
+        return None
+    if not _is_number(value) or value <= 0:
+        raise ClusterFileError(f"{where}: {key!r} must be a number > 0, got {value!r}")
+    return float(value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -1,0 +1,382 @@
+"""The simulator's engine: a cluster file resolved against a model, and a
+discrete-event run of one workload under one placement policy.
+
+NOTE on the simulation. Time advances from event to event (a heap of
+(time, sequence, callback)); nothing sleeps. Each request, on arrival, is
+placed by the policy exactly as the live scheduler places it: the policy sees
+a ``ClusterView`` built from the simulation's state at that instant (requests
+active on each node, seconds of prefill queued there). Each node then behaves
+like our worker's single engine thread: one FIFO queue of jobs, run one at a
+time. A request's prefill is one job (the whole prompt, as the worker runs
+it); each decode step is one job, and the next step of that request is queued
+behind whatever arrived meanwhile. So k requests decoding on one node
+time-share it round-robin (each sees about k x the step time per token), and
+a prefill queued on a decoding node pauses its decodes for its duration.
+When prefill is remote, its KV streams layer by layer over the link from the
+moment prefill starts; a link direction carries one transfer at a time, so a
+transfer that finds the link busy starts when the previous one ends. The
+first token reaches the decode node with the last KV byte; decoding starts
+there. Durations come from the cost model (``scheduler/costmodel.py``) for the
+node's hardware, engine and weight format.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from scheduler import catalog, costmodel
+from scheduler.cluster_file import ClusterSpec, NodeSpec
+from scheduler.placement import ClusterView, LinkView, NodeView, Placement
+from scheduler.policy import Policy
+from scheduler.request import GenerationRequest, NoCapacityError
+from scheduler.sim_workload import WorkItem
+
+
+class SimulationError(ValueError):
+    """A simulation that cannot run: bad model, a node too small, a bad placement."""
+
+
+# ---------------------------------------------------------------- the cluster, resolved
+
+
+@dataclass(frozen=True)
+class SimNode:
+    """One node as the simulator computes with it."""
+
+    spec: NodeSpec
+    engine: str
+    machine: costmodel.Hardware
+    efficiency: costmodel.Efficiency
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+@dataclass(frozen=True)
+class SimCluster:
+    """A cluster file resolved against one model, engine default and weight format."""
+
+    nodes: dict[str, SimNode]
+    links: dict[tuple[str, str], costmodel.Link]  # (src, dst) -> payload-rate link, both directions
+    model: costmodel.ModelCost
+    model_name: str
+    model_config: dict
+    weight_format: str
+
+    def link_views(self) -> dict[tuple[str, str], LinkView]:
+        return {pair: LinkView(link.gbit_s, link.latency_s) for pair, link in self.links.items()}
+
+
+def default_engine(hardware: str) -> str:
+    """The engine a node runs when neither the cluster file nor --engine names one."""
+    return "mlx" if hardware.startswith("mac-") else "torch"
+
+
+def model_for_format(config: dict, weight_format: str | None, name: str | None = None) -> costmodel.ModelCost:
+    """The model's cost figures with its weights in ``weight_format``: the
+    checkpoint's native formats when None or equal to its native bulk format,
+    else every weight in that format."""
+    native = costmodel.model_cost(config, name=name)
+    if weight_format is None or weight_format == native.weight_format:
+        return native
+    return costmodel.model_cost(config, name=name, dense_format=weight_format, expert_format=weight_format)
+
+
+def build_cluster(spec: ClusterSpec, model: str, *, engine: str | None = None,
+                  weight_format: str | None = None) -> SimCluster:
+    """Resolve ``spec`` for ``model`` (a catalog name or a config.json path)."""
+    try:
+        config = catalog.model_config(model)
+    except catalog.CatalogError as e:
+        raise SimulationError(str(e)) from None
+    name = model if model in catalog.MODELS else str(config.get("_name_or_path") or model)
+    cost = model_for_format(config, weight_format, name)
+    nodes = {}
+    for node in spec.nodes:
+        machine = node.machine()
+        if cost.total_weight_bytes > machine.mem_gb * 1e9:
+            raise SimulationError(
+                f"node {node.name!r} ({node.hardware}, {machine.mem_gb:g} GB) cannot hold {name}'s "
+                f"{cost.total_weight_bytes / 1e9:.1f} GB of weights; set mem_gb on the node to simulate it anyway"
+            )
+        node_engine = node.engine or engine or default_engine(node.hardware)
+        eff = costmodel.efficiency(node.hardware, node_engine, cost.weight_format)
+        nodes[node.name] = SimNode(node, node_engine, machine, eff)
+    links = {}
+    for link in spec.links:
+        net = link.network()
+        measured = costmodel.Link(net.name, net.bytes_per_s * 8 / 1e9, net.latency_s, payload_efficiency=1.0)
+        a, b = link.nodes
+        links[(a, b)] = links[(b, a)] = measured
+    return SimCluster(nodes, links, cost, name, config, cost.weight_format)
+
+
+# ---------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class RequestResult:
+    """What one simulated request did; times in seconds from its arrival."""
+
+    request_id: str
+    arrival_s: float
+    prompt_tokens: int
+    cached_prefix_tokens: int
+    output_tokens: int
+    prefill_node: str  # the node that ran prefill (the decode node when colocated)
+    decode_node: str
+    colocated: bool
+    kv_bytes: int
+    queue_s: float  # arrival -> prefill start
+    prefill_s: float  # prefill compute
+    transfer_s: float  # first KV byte sent -> last byte landed (0 when colocated)
+    exposed_transfer_s: float  # prefill end -> last byte landed (0 when colocated)
+    ttft_s: float
+    tpot_s: float | None  # mean seconds per token after the first; None for one output token
+    e2e_s: float
+
+    def to_json(self) -> dict:
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+# ---------------------------------------------------------------- event loop and engine queues
+
+
+class EventLoop:
+    """A clock and a heap of callbacks; ties run in scheduling order."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+
+    def at(self, when: float, callback: Callable[[], None]) -> None:
+        heapq.heappush(self._heap, (when, next(self._seq), callback))
+
+    def run(self) -> None:
+        while self._heap:
+            self.now, _, callback = heapq.heappop(self._heap)
+            callback()
+
+
+@dataclass
+class Job:
+    """One call on a node's engine thread."""
+
+    duration_s: float
+    is_prefill: bool
+    on_start: Callable[[float], None] | None = None
+    on_done: Callable[[float], None] | None = None
+
+
+class EngineQueue:
+    """One node's engine thread: jobs run one at a time in submission order."""
+
+    def __init__(self, loop: EventLoop) -> None:
+        self.loop = loop
+        self.jobs: deque[Job] = deque()
+        self.running: Job | None = None
+        self.running_ends_at = 0.0
+        self.queued_prefill_s = 0.0
+        self.active: set[int] = set()  # requests with work left on this node
+        self.resident_kv_bytes = 0.0
+
+    def submit(self, job: Job) -> None:
+        self.jobs.append(job)
+        if job.is_prefill:
+            self.queued_prefill_s += job.duration_s
+        if self.running is None:
+            self._start_next()
+
+    def prefill_backlog_s(self) -> float:
+        """Seconds of prefill queued here, the running one's remainder included."""
+        running = self.running_ends_at - self.loop.now if self.running and self.running.is_prefill else 0.0
+        return running + self.queued_prefill_s
+
+    def _start_next(self) -> None:
+        if not self.jobs:
+            self.running = None
+            return
+        job = self.running = self.jobs.popleft()
+        if job.is_prefill:
+            self.queued_prefill_s = max(0.0, self.queued_prefill_s - job.duration_s)
+        self.running_ends_at = self.loop.now + job.duration_s
+        if job.on_start:
+            job.on_start(self.loop.now)
+        self.loop.at(self.running_ends_at, self._finish)
+
+    def _finish(self) -> None:
+        job = self.running
+        self._start_next()  # work already queued goes before whatever on_done queues
+        if job and job.on_done:
+            job.on_done(self.loop.now)
+
+
+# ---------------------------------------------------------------- one run
+
+
+@dataclass
+class Flight:
+    """A request in flight: its placement and the times it reached each stage."""
+
+    index: int
+    item: WorkItem
+    prefill_node: str
+    decode_node: str
+    kv_bytes: float = 0.0
+    prefill_s: float = 0.0
+    prefill_start: float = 0.0
+    prefill_end: float = 0.0
+    first_byte: float = 0.0
+    last_byte: float = 0.0
+    first_token: float = 0.0
+    finish: float = 0.0
+    num_tokens: int = 0
+
+    @property
+    def colocated(self) -> bool:
+        return self.prefill_node == self.decode_node
+
+    def result(self) -> RequestResult:
+        item, arrival = self.item, self.item.arrival_s
+        remote = not self.colocated
+        tpot = (self.finish - self.first_token) / (item.output_tokens - 1) if item.output_tokens > 1 else None
+        return RequestResult(
+            request_id=f"req-{self.index}", arrival_s=arrival, prompt_tokens=item.prompt_tokens,
+            cached_prefix_tokens=item.cached_prefix_tokens, output_tokens=item.output_tokens,
+            prefill_node=self.prefill_node, decode_node=self.decode_node, colocated=self.colocated,
+            kv_bytes=int(self.kv_bytes) if remote else 0,
+            queue_s=self.prefill_start - arrival, prefill_s=self.prefill_s,
+            transfer_s=self.last_byte - self.first_byte if remote else 0.0,
+            exposed_transfer_s=self.last_byte - self.prefill_end if remote else 0.0,
+            ttft_s=self.first_token - arrival, tpot_s=tpot, e2e_s=self.finish - arrival,
+        )
+
+
+class Simulation:
+    """One workload under one policy on one resolved cluster."""
+
+    def __init__(self, cluster: SimCluster, policy: Policy, policy_name: str = "") -> None:
+        self.cluster, self.policy, self.policy_name = cluster, policy, policy_name or type(policy).__name__
+        self.loop = EventLoop()
+        self.engines = {name: EngineQueue(self.loop) for name in cluster.nodes}
+        self.link_free_at = dict.fromkeys(cluster.links, 0.0)
+        self.link_views = cluster.link_views()
+        self.flights: list[Flight] = []
+        self._decode_s: dict[tuple[str, int], float] = {}
+
+    def run(self, workload: list[WorkItem]) -> list[RequestResult]:
+        """Simulate every request to its last token; results in arrival order."""
+        for index, item in enumerate(sorted(workload, key=lambda w: w.arrival_s)):
+            self.loop.at(item.arrival_s, lambda i=index, w=item: self._arrive(i, w))
+        self.loop.run()
+        return [flight.result() for flight in self.flights]
+
+    # ------------------------------------------------------------ placement
+
+    def _arrive(self, index: int, item: WorkItem) -> None:
+        request = GenerationRequest(
+            f"req-{index}", self.cluster.model_name, (0,) * item.prompt_tokens, max_tokens=item.output_tokens,
+            arrived_at=item.arrival_s, cached_prefix_tokens=item.cached_prefix_tokens,
+        )
+        try:
+            placement = self.policy.place(request, self._view())
+        except NoCapacityError as e:
+            raise SimulationError(f"policy {self.policy_name!r} could not place {request.request_id}: {e}") from None
+        decode = placement.decode_node
+        prefill = placement.prefill_node or decode
+        self._check(placement, prefill, decode)
+        flight = Flight(index, item, prefill, decode)
+        self.flights.append(flight)
+        node = self.cluster.nodes[prefill]
+        flight.prefill_s = costmodel.prefill_time(
+            self.cluster.model, node.machine, node.efficiency,
+            item.prompt_tokens - item.cached_prefix_tokens, item.cached_prefix_tokens,
+        )
+        flight.kv_bytes = costmodel.kv_bytes(self.cluster.model, item.prompt_tokens)
+        for name in {prefill, decode}:
+            self.engines[name].active.add(index)
+            self.engines[name].resident_kv_bytes += flight.kv_bytes
+        self.engines[prefill].submit(Job(flight.prefill_s, True, lambda t: self._prefill_started(flight, t),
+                                         lambda t: self._prefill_done(flight, t)))
+
+    def _view(self) -> ClusterView:
+        nodes = []
+        for name, node in self.cluster.nodes.items():
+            engine = self.engines[name]
+            free = node.machine.mem_gb * 1e9 - self.cluster.model.total_weight_bytes - engine.resident_kv_bytes
+            nodes.append(NodeView(
+                name, node.spec.roles, node.engine, self.cluster.model_name,
+                tflops=node.machine.tflops, mem_bw_gbps=node.machine.mem_bw_gbps,
+                free_mem_bytes=max(0, int(free)), active_requests=len(engine.active),
+                hardware=node.spec.hardware, prefill_backlog_s=engine.prefill_backlog_s(),
+            ))
+        return ClusterView(tuple(nodes), dict(self.link_views), self.cluster.model_config, self.cluster.weight_format)
+
+    def _check(self, placement: Placement, prefill: str, decode: str) -> None:
+        where = f"policy {self.policy_name!r} returned {placement}"
+        for name in (prefill, decode):
+            if name not in self.cluster.nodes:
+                raise SimulationError(f"{where}: no node named {name!r}")
+        if "decode" not in self.cluster.nodes[decode].spec.roles:
+            raise SimulationError(f"{where}: node {decode!r} lacks the 'decode' role")
+        if prefill != decode:
+            if "prefill" not in self.cluster.nodes[prefill].spec.roles:
+                raise SimulationError(f"{where}: node {prefill!r} lacks the 'prefill' role")
+            if (prefill, decode) not in self.cluster.links:
+                raise SimulationError(f"{where}: the cluster file has no link between {prefill!r} and {decode!r}")
+
+    # ------------------------------------------------------------ stages
+
+    def _prefill_started(self, flight: Flight, now: float) -> None:
+        flight.prefill_start = now
+        if flight.colocated:
+            return
+        pair = (flight.prefill_node, flight.decode_node)
+        link, free_at = self.cluster.links[pair], self.link_free_at[pair]
+        num_layers = self.cluster.model.num_layers
+        exposed = costmodel.exposed_transfer(self.cluster.model, link, flight.item.prompt_tokens, flight.prefill_s)
+        # Streaming from a link busy until free_at: the last byte lands when the
+        # busy link has sent everything, or as on an idle link, whichever is later.
+        flight.last_byte = max(free_at + flight.kv_bytes / link.bytes_per_s + link.latency_s,
+                               now + flight.prefill_s + exposed)
+        flight.first_byte = max(free_at, now + flight.prefill_s / num_layers)
+        self.link_free_at[pair] = flight.last_byte - link.latency_s
+        self.loop.at(flight.last_byte, lambda: self._first_token(flight, self.loop.now))
+
+    def _prefill_done(self, flight: Flight, now: float) -> None:
+        flight.prefill_end = now
+        if flight.colocated:
+            self._first_token(flight, now)
+        else:
+            self._leave(flight.prefill_node, flight)
+
+    def _first_token(self, flight: Flight, now: float) -> None:
+        flight.first_token = now
+        self._token(flight, now)
+
+    def _token(self, flight: Flight, now: float) -> None:
+        flight.num_tokens += 1
+        if flight.num_tokens >= flight.item.output_tokens:
+            flight.finish = now
+            self._leave(flight.decode_node, flight)
+            return
+        depth = flight.item.prompt_tokens + flight.num_tokens - 1  # tokens cached before this step
+        step = self._decode_step_s(flight.decode_node, depth)
+        self.engines[flight.decode_node].submit(Job(step, False, None, lambda t: self._token(flight, t)))
+
+    def _leave(self, name: str, flight: Flight) -> None:
+        engine = self.engines[name]
+        engine.active.discard(flight.index)
+        engine.resident_kv_bytes -= flight.kv_bytes
+
+    def _decode_step_s(self, name: str, depth: int) -> float:
+        key = (name, depth)
+        if key not in self._decode_s:
+            node = self.cluster.nodes[name]
+            self._decode_s[key] = costmodel.decode_time(self.cluster.model, node.machine, node.efficiency, depth)
+        return self._decode_s[key]

@@ -1,0 +1,240 @@
+"""``pdc simulate``: run placement policies over a simulated cluster and workload.
+
+The policies are the live scheduler's own classes (``scheduler/policy.py``, or
+a user's ``module:Class`` / ``file.py:Class``); the cluster comes from a TOML
+cluster file (``scheduler/cluster_file.py``); time comes from the cost model.
+``sim_workload`` makes the arrivals, ``sim_engine`` runs them, ``sim_report``
+summarises. Usable as ``python -m scheduler.simulate`` too.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from scheduler import cluster_file, costmodel
+from scheduler.cluster_file import ClusterSpec
+from scheduler.policy import load_policy
+from scheduler.sim_engine import RequestResult, SimCluster, Simulation, build_cluster
+from scheduler.sim_report import Point, Summary, plot, summarize, text_report
+from scheduler.sim_workload import WorkItem, mean_rate, poisson, read_trace, scaled, single
+
+PROMPT_SWEEP = (512, 1024, 2048, 4096, 8192, 16384, 32768)
+RATE_SWEEP = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)  # x the workload's rate
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """One ``pdc simulate`` invocation, validated."""
+
+    cluster: ClusterSpec
+    model: str
+    policies: tuple[str, ...]
+    prompt_tokens: int = 2048
+    cached_prefix_tokens: int = 0
+    output_tokens: int = 256
+    weight_format: str | None = None
+    engine: str | None = None
+    rate: float | None = None
+    num_requests: int | None = None
+    trace: Path | None = None
+    seed: int = 0
+    slo_ttft_s: float | None = None
+    slo_tpot_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.policies or len(set(self.policies)) != len(self.policies):
+            raise ValueError(f"--policy needs one or more distinct policies, got {','.join(self.policies)!r}")
+        if self.prompt_tokens < 1 or self.output_tokens < 1:
+            raise ValueError("--prompt-tokens and --output-tokens must be >= 1")
+        if not 0 <= self.cached_prefix_tokens < self.prompt_tokens:
+            raise ValueError(f"--cached-prefix-tokens must be in [0, --prompt-tokens), got "
+                             f"{self.cached_prefix_tokens} of {self.prompt_tokens}")
+        if self.weight_format is not None and self.weight_format not in costmodel.WEIGHT_BITS:
+            raise ValueError(f"--weight-dtype {self.weight_format!r}: use one of {', '.join(costmodel.WEIGHT_BITS)}")
+        if (self.rate is None) != (self.num_requests is None):
+            raise ValueError("--rate and --num-requests go together")
+        if self.rate is not None and self.trace is not None:
+            raise ValueError("use either --rate/--num-requests or --trace, not both")
+        if self.rate is not None and (self.rate <= 0 or self.num_requests < 1):
+            raise ValueError("--rate must be > 0 and --num-requests >= 1")
+        for name, slo in (("--slo-ttft", self.slo_ttft_s), ("--slo-tpot", self.slo_tpot_s)):
+            if slo is not None and slo <= 0:
+                raise ValueError(f"{name} must be > 0 seconds")
+
+
+@dataclass(frozen=True)
+class PolicyRun:
+    """Every request of one policy's run, and their summary."""
+
+    requests: list[RequestResult]
+    summary: Summary
+
+    def to_json(self) -> dict:
+        return {"requests": [r.to_json() for r in self.requests], "summary": self.summary.to_json()}
+
+
+def workload(config: SimConfig) -> list[WorkItem]:
+    """The requests ``config`` asks for: a trace, Poisson arrivals, or one request."""
+    if config.trace is not None:
+        return read_trace(config.trace)
+    if config.rate is not None:
+        return poisson(config.rate, config.num_requests, config.seed, config.prompt_tokens,
+                       config.output_tokens, config.cached_prefix_tokens)
+    return single(config.prompt_tokens, config.output_tokens, config.cached_prefix_tokens)
+
+
+def resolve(config: SimConfig) -> SimCluster:
+    return build_cluster(config.cluster, config.model, engine=config.engine, weight_format=config.weight_format)
+
+
+def run_policy(cluster: SimCluster, spec: str, items: list[WorkItem], config: SimConfig) -> PolicyRun:
+    """A fresh instance of policy ``spec`` over ``items``."""
+    results = Simulation(cluster, load_policy(spec), spec).run(items)
+    return PolicyRun(results, summarize(results, config.slo_ttft_s, config.slo_tpot_s))
+
+
+def simulate(config: SimConfig) -> dict[str, PolicyRun]:
+    """Run every policy of ``config`` over the same workload; keyed by policy spec."""
+    cluster, items = resolve(config), workload(config)
+    return {spec: run_policy(cluster, spec, items, config) for spec in config.policies}
+
+
+def to_json(config: SimConfig, runs: dict[str, PolicyRun], source: str = "") -> dict:
+    """The ``--json`` object: one policy's ``requests`` and ``summary`` at the top
+    level, or a ``policies`` map of spec -> {requests, summary}."""
+    cluster = resolve(config)
+    nodes = {name: {"hardware": n.spec.hardware, "roles": list(n.spec.roles), "engine": n.engine,
+                    "tflops": n.machine.tflops, "mem_bw_gbps": n.machine.mem_bw_gbps,
+                    "efficiency": n.efficiency.source}
+             for name, n in cluster.nodes.items()}
+    head = {"cluster": source or config.cluster.name, "model": config.model,
+            "weight_format": cluster.weight_format, "nodes": nodes}
+    if len(runs) == 1:
+        (spec, run), = runs.items()
+        return {**head, "policy": spec, **run.to_json()}
+    return {**head, "policies": {spec: run.to_json() for spec, run in runs.items()}}
+
+
+# ---------------------------------------------------------------- plot sweeps
+
+
+def sweep(config: SimConfig) -> tuple[dict[str, list[Point]], str, bool]:
+    """p50 TTFT and E2E per policy against prompt length (a single request) or
+    request rate (--rate or --trace, arrivals scaled); (series, x label, log x)."""
+    cluster = resolve(config)
+    if config.rate is None and config.trace is None:
+        limit = int(cluster.model_config.get("max_position_embeddings") or 1 << 62) - config.output_tokens
+        lengths = sorted({n for n in (*PROMPT_SWEEP, config.prompt_tokens)
+                          if config.cached_prefix_tokens < n <= limit})
+        points = {n: single(n, config.output_tokens, config.cached_prefix_tokens) for n in lengths}
+        label, log_x = "prompt tokens" + (f" ({config.cached_prefix_tokens} cached)"
+                                          if config.cached_prefix_tokens else ""), True
+    else:
+        base = workload(config)
+        base_rate = config.rate or mean_rate(base)
+        if base_rate <= 0:
+            raise ValueError("--plot over a trace needs at least two arrivals at different times")
+        points = {base_rate * f: scaled(base, f) for f in RATE_SWEEP}
+        label, log_x = "request rate (req/s)", False
+    series = {}
+    for spec in config.policies:
+        series[spec] = []
+        for x, items in points.items():
+            summary = run_policy(cluster, spec, items, config).summary
+            series[spec].append(Point(x, summary.ttft_s.p50, summary.e2e_s.p50))
+    return series, label, log_x
+
+
+def plot_title(config: SimConfig, source: str) -> str:
+    name = config.cluster.name or Path(source).stem
+    return (f"{config.model} on {name}: {config.output_tokens} output tokens"
+            + (f", {config.prompt_tokens}-token prompts" if config.rate or config.trace else ""))
+
+
+# ---------------------------------------------------------------- command line
+
+
+def add_simulate_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``simulate`` to ``pdc``'s subcommands."""
+    p = subparsers.add_parser(
+        "simulate",
+        help="simulate placement policies on a described cluster and workload (no machines needed)",
+        description=(
+            "Discrete-event simulation of a cluster file under a workload, running the live "
+            "scheduler's placement policies; times come from the cost model (docs/placement.md)."
+        ),
+    )
+    _add_arguments(p)
+    p.set_defaults(run=run_simulate)
+    return p
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cluster", required=True, help="cluster file (TOML), e.g. examples/clusters/spark-m4max-10gbe.toml")
+    p.add_argument("--model", required=True, help="catalog model name (e.g. llama-3.1-8b) or a config.json path")
+    p.add_argument("--policy", default="conditional",
+                   help="policy NAME, module:Class or file.py:Class; several separated by commas (default: conditional)")
+    p.add_argument("--prompt-tokens", type=int, default=2048, help="prompt length (default: 2048)")
+    p.add_argument("--cached-prefix-tokens", type=int, default=0, help="prompt tokens already cached (default: 0)")
+    p.add_argument("--output-tokens", type=int, default=256, help="tokens to generate (default: 256)")
+    p.add_argument("--weight-dtype", choices=list(costmodel.WEIGHT_BITS), default=None,
+                   help="weight format (default: the checkpoint's own)")
+    p.add_argument("--engine", default=None,
+                   help="engine of nodes whose cluster entry names none (default: mlx on Macs, torch elsewhere; "
+                        "llamacpp selects the calibrated factors)")
+    p.add_argument("--rate", type=float, default=None, help="Poisson arrival rate, requests/s (with --num-requests)")
+    p.add_argument("--num-requests", type=int, default=None, help="number of Poisson arrivals (with --rate)")
+    p.add_argument("--trace", type=Path, default=None,
+                   help="JSONL or CSV of arrival_s, prompt_tokens, output_tokens[, cached_prefix_tokens]")
+    p.add_argument("--seed", type=int, default=0, help="seed of the Poisson arrivals (default: 0)")
+    p.add_argument("--slo-ttft", type=float, default=None, help="TTFT SLO in seconds, for goodput")
+    p.add_argument("--slo-tpot", type=float, default=None, help="TPOT SLO in seconds, for goodput")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--plot", type=Path, default=None,
+                   help="write a PNG of p50 TTFT and E2E against prompt length or request rate (needs matplotlib)")
+
+
+def config_from_args(args: argparse.Namespace) -> SimConfig:
+    return SimConfig(
+        cluster=cluster_file.load(args.cluster), model=args.model,
+        policies=tuple(p.strip() for p in args.policy.split(",") if p.strip()),
+        prompt_tokens=args.prompt_tokens, cached_prefix_tokens=args.cached_prefix_tokens,
+        output_tokens=args.output_tokens, weight_format=args.weight_dtype, engine=args.engine,
+        rate=args.rate, num_requests=args.num_requests, trace=args.trace, seed=args.seed,
+        slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot,
+    )
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    """What ``pdc simulate`` does: simulate, print the table or JSON, maybe plot."""
+    config = config_from_args(args)
+    runs = simulate(config)
+    if args.json:
+        print(json.dumps(to_json(config, runs, str(args.cluster)), indent=2))
+    else:
+        print(text_report({spec: (run.requests, run.summary) for spec, run in runs.items()}))
+    if args.plot is not None:
+        series, label, log_x = sweep(config)
+        out = plot(series, label, plot_title(config, str(args.cluster)), args.plot, log_x=log_x)
+        print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m scheduler.simulate ...``: the same flags as ``pdc simulate``."""
+    parser = argparse.ArgumentParser(prog="python -m scheduler.simulate", description=__doc__.splitlines()[0])
+    _add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_simulate(args)
+    except ValueError as e:  # cluster files, traces, policies, placements, flags
+        print(f"pdc simulate: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
