@@ -172,6 +172,20 @@ class GatedEngine:
         return self.inner.prefill(request_id, token_ids, sink, chunk_size)
 
 
+class PacedEngine(GatedEngine):
+    """A real engine whose prefill pauses ``pause_s`` after every slice."""
+
+    def __init__(self, inner: Any, pause_s: float) -> None:
+        self.inner, self.pause_s = inner, pause_s
+
+    def prefill(self, request_id: str, token_ids: list[int], on_slice: Any, chunk_size: int = 128) -> Any:
+        def sink(kv_slice: KVSlice) -> None:
+            on_slice(kv_slice)
+            time.sleep(self.pause_s)
+
+        return self.inner.prefill(request_id, token_ids, sink, chunk_size)
+
+
 def gated_worker(model: Path, key: ClusterKey, entered: threading.Event, gate: threading.Event) -> Worker:
     from workers.mlx_engine import MLXEngine
 
@@ -274,6 +288,27 @@ def test_lease_expires_when_kv_never_arrives_and_the_reservation_is_freed(model:
             with pytest.raises(AuthError):  # a late sender is turned away at the handshake
                 await asyncio.to_thread(open_kv_connection, reserved.kv_host, reserved.kv_port, key,
                                         reserved.transfer_token, timeout=5)
+
+    run(body)
+
+
+def test_lease_bounds_the_wait_for_a_sender_not_a_long_steady_transfer(model: Path) -> None:
+    from workers.mlx_engine import MLXEngine
+
+    key = generate_key()
+    slow = Worker(config(model, key, "prefill"),
+                  engine_factory=lambda: PacedEngine(MLXEngine(model, dtype="float32"), pause_s=0.15))
+
+    async def body() -> None:
+        async with started(slow, Worker(config(model, key, "decode"))) as (p, d):
+            reference, _ = await colocated(d, "reference")
+            call, reserved = await reserve(d, "long", lease_s=0.6)  # 12 slices x 0.15 s > 0.6 s
+            began = time.monotonic()
+            prefill = asyncio.ensure_future(p.prefill(prefill_request("long", reserved), timeout=30))
+            tokens, done = await collect(call)
+            assert time.monotonic() - began > 1.2
+            assert tokens == reference and (await prefill).first_token == reference[0]
+            assert (await d.stats()).leases_expired == 0
 
     run(body)
 

@@ -17,6 +17,7 @@ import re
 import secrets
 import signal
 import socket
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +34,9 @@ from workers.engine import Engine
 from workers.engine_thread import EngineThread
 from workers.leases import LeaseTable
 from workers.model_config import read_model_spec, resolve_model
-from workers.servicer import ServiceSettings, WorkerServicer
+from workers.servicer import WorkerServicer
 from workers.worker_info import free_memory_bytes, model_info, pdcluster_version
+from workers.worker_state import ServiceSettings, WorkerState
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +174,8 @@ class Worker:
             send_timeout_s=config.send_timeout_s, threaded_send=config.send_mode == "thread",
             max_queued_bytes=config.max_queued_bytes,
         )
-        self.servicer = WorkerServicer(settings, self.engines, self.leases, spec, self.model_info,
-                                       self.profile, config.cluster_key)
+        state = WorkerState(settings, self.engines, self.leases, spec, config.cluster_key)
+        self.servicer = WorkerServicer(state, self.model_info, self.profile)
         self.server = aio.server(interceptors=[AuthServerInterceptor(config.cluster_key)], options=SERVER_OPTIONS)
         pb_grpc.add_WorkerServicer_to_server(self.servicer, self.server)
         self.port = self.server.add_insecure_port(f"{_bracket(config.host)}:{config.port}")
@@ -327,7 +329,11 @@ def run_worker_command(args: argparse.Namespace, on_started: OnStarted | None = 
     """CLI body of ``pdc worker``; ``on_started`` overrides the mDNS hook."""
     config = config_from_args(args)
     hook = on_started or (advertise_with_mdns(config) if config.advertise else None)
-    asyncio.run(run_worker(config, hook))
+    try:
+        asyncio.run(run_worker(config, hook))
+    except (OSError, RuntimeError) as e:  # a port in use, an unreachable address, ...
+        print(f"pdc worker: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -365,10 +371,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return int(args.run(args) or 0)
+    try:
+        return int(args.run(args) or 0)
+    except ValueError as e:  # no cluster key, a bad model folder, a bad flag value
+        print(f"pdc: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(main())

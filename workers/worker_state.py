@@ -1,0 +1,184 @@
+"""Run-time state of one worker, shared by its RPCs: requests in flight, counters.
+
+The config is frozen and built once (``workers.service.WorkerConfig``); what
+changes while the worker runs lives here. Everything in this module is used
+on the event loop, except ``ActiveRequest.cancelled``, which the engine
+thread polls between slices.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from cluster.auth import ClusterKey
+from proto import pdcluster_pb2 as pb
+from workers.dataplane import KVPusher
+from workers.engine import KVSlice, SamplingParams, SliceSink
+from workers.engine_thread import EngineThread
+from workers.leases import Lease, LeaseTable
+from workers.model_config import ModelSpec
+
+CODECS = ("", "raw")
+
+
+class RPCFailure(Exception):
+    """Ends one RPC with ``code`` and ``message``."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Cancelled(Exception):
+    """Raised on the engine thread when a request is cancelled mid-compute."""
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """What the RPCs need from the worker's config."""
+
+    can_prefill: bool
+    can_decode: bool
+    kv_host: str  # advertised in ``reserved``
+    kv_port: int
+    chunk_size: int
+    lease_s: float
+    connect_timeout_s: float
+    send_timeout_s: float
+    threaded_send: bool
+    max_queued_bytes: int
+
+
+@dataclass
+class Counters:
+    """Monotonic counters behind ``Stats``."""
+
+    requests_total: int = 0
+    requests_failed: int = 0
+    requests_cancelled: int = 0
+    kv_bytes_sent: int = 0
+    kv_bytes_received: int = 0
+    tokens_generated: int = 0
+
+
+@dataclass(eq=False)
+class ActiveRequest:
+    """One Prefill or Decode in progress on this worker."""
+
+    request_id: str
+    kind: str  # "prefill" | "decode"
+    cancelled: threading.Event = field(default_factory=threading.Event)  # polled on the engine thread
+    lease: Lease | None = None
+    tokens: Iterator[int] | None = None  # the engine's decode iterator, once started
+    pusher: KVPusher | None = None  # a prefill's KV stream, once connected
+
+    @property
+    def cache_key(self) -> str:
+        """The engine cache key: prefill and decode of one request may share a worker."""
+        return f"{self.request_id}#{self.kind}"
+
+    def cancel(self) -> None:
+        """Stop this request wherever it is: between slices, between tokens,
+        blocked on a stalled KV stream, or waiting for its KV."""
+        self.cancelled.set()
+        if self.pusher is not None:
+            self.pusher.close()
+        if self.lease is not None and self.lease.token is not None and not self.lease.kv.done():
+            self.lease.kv.set_exception(RPCFailure(grpc.StatusCode.CANCELLED, "request cancelled"))
+
+
+class WorkerState:
+    """What the RPCs of one worker share."""
+
+    def __init__(self, settings: ServiceSettings, engines: EngineThread, leases: LeaseTable,
+                 spec: ModelSpec, key: ClusterKey) -> None:
+        self.settings = settings
+        self.engines = engines
+        self.leases = leases
+        self.spec = spec
+        self.key = key
+        self.counters = Counters()
+        self.active: dict[tuple[str, str], ActiveRequest] = {}
+
+    def open(self, rid: str, kind: str) -> ActiveRequest:
+        """Register a new request; one Prefill and one Decode per id at most."""
+        if (rid, kind) in self.active:
+            raise RPCFailure(grpc.StatusCode.ALREADY_EXISTS, f"request {rid!r} already has a {kind} on this worker")
+        active = ActiveRequest(rid, kind)
+        self.active[(rid, kind)] = active
+        return active
+
+    def find(self, rid: str) -> list[ActiveRequest]:
+        return [active for (request_id, _), active in self.active.items() if request_id == rid]
+
+    def retire(self, active: ActiveRequest, after: Any) -> None:
+        """Forget ``active`` once ``after`` (an engine-thread future, whose job
+        releases the request's cache) is done; at once if there is none."""
+        def forget() -> None:
+            if self.active.get((active.request_id, active.kind)) is active:
+                del self.active[(active.request_id, active.kind)]
+
+        if after is None or after.done():
+            forget()
+            return
+        loop = asyncio.get_running_loop()
+
+        def on_done(_: Any) -> None:
+            with contextlib.suppress(RuntimeError):  # loop closed at shutdown
+                loop.call_soon_threadsafe(forget)
+
+        after.add_done_callback(on_done)
+
+    def count_failure(self, code: grpc.StatusCode) -> None:
+        if code == grpc.StatusCode.CANCELLED:
+            self.counters.requests_cancelled += 1
+        else:
+            self.counters.requests_failed += 1
+
+    def check_prompt(self, rid: str, token_ids: Any) -> list[int]:
+        """The prompt as a list, or INVALID_ARGUMENT."""
+        if not rid:
+            raise RPCFailure(grpc.StatusCode.INVALID_ARGUMENT, "request_id is required")
+        prompt = list(token_ids)
+        if not prompt:
+            raise RPCFailure(grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids is empty")
+        bad = next((t for t in prompt if t >= self.spec.vocab_size), None)
+        if bad is not None:
+            raise RPCFailure(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"token id {bad} is outside the model's vocabulary of {self.spec.vocab_size}")
+        return prompt
+
+    def check_codec(self, codec: str) -> None:
+        if codec not in CODECS:
+            raise RPCFailure(grpc.StatusCode.INVALID_ARGUMENT, f"unsupported KV codec {codec!r}; this worker "
+                             f"speaks {'/'.join(c for c in CODECS if c)}")
+
+
+def sampling_from_proto(params: pb.SamplingParams) -> SamplingParams:
+    """Proto sampling -> engine sampling; proto's unset ``top_p`` (0) means 1."""
+    try:
+        return SamplingParams(
+            max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p or 1.0,
+            top_k=params.top_k, seed=params.seed if params.HasField("seed") else None,
+            stop_token_ids=tuple(params.stop_token_ids),
+        )
+    except ValueError as e:
+        raise RPCFailure(grpc.StatusCode.INVALID_ARGUMENT, f"sampling: {e}") from None
+
+
+def cancellable(active: ActiveRequest, sink: SliceSink | None) -> SliceSink:
+    """A slice sink that stops the engine (by raising) once ``active`` is cancelled."""
+    def on_slice(kv_slice: KVSlice) -> None:
+        if active.cancelled.is_set():
+            raise Cancelled(active.request_id)
+        if sink is not None:
+            sink(kv_slice)
+
+    return on_slice
