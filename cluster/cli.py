@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_status(sub)
     add_bench_parser(sub)
+    from scheduler.simulate import add_simulate_parser
+
+    add_simulate_parser(sub)
     return parser
 
 

@@ -124,8 +124,10 @@ class Predictor:
         if cluster.model_config is None:
             raise ValueError("cost-model policies need the model's config.json in the ClusterView")
         self.request, self.cluster = request, cluster
-        self.model = costmodel.model_cost(cluster.model_config)
-        self.format = cluster.weight_format or self.model.weight_format
+        native = costmodel.model_cost(cluster.model_config)
+        self.format = cluster.weight_format or native.weight_format
+        self.model = native if self.format == native.weight_format else costmodel.model_cost(
+            cluster.model_config, dense_format=self.format, expert_format=self.format)
         self.num_prompt = len(request.prompt_token_ids) - request.cached_prefix_tokens
 
     def prefill_s(self, node: NodeView) -> float:
