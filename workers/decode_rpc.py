@@ -137,11 +137,11 @@ class DecodeRPC:
             for _ in range(2):  # a claim moves the deadline once, and only forward
                 try:
                     return await asyncio.wait_for(asyncio.shield(lease.kv), timeout=max(lease.remaining(), 0.0))
-                except TimeoutError:
+                except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11
                     if lease.kv.done() or lease.remaining() <= 0:  # the transfer's own timeout, or ours
                         raise
-            raise TimeoutError
-        except (TimeoutError, FrameTimeout) as e:
+            raise asyncio.TimeoutError
+        except (asyncio.TimeoutError, FrameTimeout) as e:
             self.state.leases.free(lease, expired=True)
             why = (f"the KV transfer stalled ({e})" if isinstance(e, FrameTimeout) else
                    f"no prefill node connected within {lease_s:g}s")

@@ -8,6 +8,10 @@ future on the event loop. The lease ends when its request ends, however it
 ends: ``free`` closes any transfer still reading, so a receive thread never
 outlives its lease.
 
+Time bounds: ``lease_s`` bounds the wait for the prefill node to connect and,
+once it has, every silence within the transfer; a claim moves the deadline to
+``max_transfer_s`` from then, so a long but steady prefill is not cut off.
+
 Invariants:
 
 * ``reserved_bytes`` is the sum over live leases; both it and the lease count
@@ -31,8 +35,6 @@ from typing import Any
 from workers.engine import KVLayout
 
 TOKEN_BYTES = 16
-
-
 MAX_TRANSFER_S = 900.0  # a claimed transfer must complete within this
 
 

@@ -139,7 +139,7 @@ def _failure(error: BaseException, request: pb.PrefillRequest, *, cancelled: boo
         return error
     if cancelled or isinstance(error, Cancelled):
         return RPCFailure(grpc.StatusCode.CANCELLED, "request cancelled")
-    if isinstance(error, (KVPushError, OSError, TimeoutError)):
+    if isinstance(error, (KVPushError, OSError, TimeoutError, asyncio.TimeoutError)):
         return RPCFailure(grpc.StatusCode.UNAVAILABLE,
                           f"KV stream to {request.kv_host}:{request.kv_port} broke: {error}")
     return RPCFailure(grpc.StatusCode.INTERNAL, f"prefill failed: {type(error).__name__}: {error}")
