@@ -60,8 +60,10 @@ def run(body: Callable[[], Any], timeout: float = 120.0) -> Any:
 
 
 def config(model: Path, key: ClusterKey, role: str, **overrides: Any) -> WorkerConfig:
+    """An in-process MLX worker; declaring a profile skips the start-up measurement."""
+    fields: dict[str, Any] = {"tflops": 1.0, "mem_bw_gbps": 100.0, **overrides}
     return WorkerConfig(role=role, engine="mlx", model=str(model), cluster_key=key, advertise=False,
-                        node_id=f"test-{role}", grace_s=1.0, **overrides)
+                        node_id=f"test-{role}", grace_s=1.0, **fields)
 
 
 @contextlib.asynccontextmanager
@@ -217,7 +219,7 @@ def test_worker_config_rejects_bad_values_and_picks_a_node_id(model: Path) -> No
 
 def test_info_carries_tokenizer_template_fingerprint_and_profile(model: Path) -> None:
     key = generate_key()
-    worker = Worker(config(model, key, "decode", model_id="tiny"))
+    worker = Worker(config(model, key, "decode", model_id="tiny", tflops=0.0, mem_bw_gbps=0.0))
 
     async def body() -> None:
         async with started(worker) as (client,):
@@ -232,6 +234,7 @@ def test_info_carries_tokenizer_template_fingerprint_and_profile(model: Path) ->
             assert (node.node_id, node.roles, node.engine) == ("test-decode", ("decode",), "mlx")
             assert (node.kv_port, node.key_fingerprint) == (worker.kv_port, key.fingerprint)
             assert node.grpc_port == worker.port
+            assert info.node.tflops > 0 and info.node.mem_bw_gbps > 0  # measured, since none was declared
 
     run(body)
 

@@ -34,6 +34,7 @@ from workers.engine import Engine
 from workers.engine_thread import EngineThread
 from workers.leases import LeaseTable
 from workers.model_config import read_model_spec, resolve_model
+from workers.profile import MeasuredProfile, measure_profile
 from workers.servicer import WorkerServicer
 from workers.worker_info import free_memory_bytes, model_info, pdcluster_version
 from workers.worker_state import ServiceSettings, WorkerState
@@ -77,8 +78,8 @@ class WorkerConfig:
     handshake_timeout_s: float = 10.0  # KV listener side
     send_mode: str = "thread"  # thread: a sender thread drains a bounded queue; direct: send on the engine thread
     max_queued_bytes: int = 256 << 20  # KV slices queued ahead of the sender thread
-    tflops: float = 0.0  # declared compute, for placement (0: unknown)
-    mem_bw_gbps: float = 0.0  # declared memory bandwidth, GB/s (0: unknown)
+    tflops: float = 0.0  # declared compute, for placement (0: measure at start-up)
+    mem_bw_gbps: float = 0.0  # declared memory bandwidth, GB/s (0: measure at start-up)
     peers: tuple[str, ...] = ()  # static host:port peers, for the discovery hook
     advertise: bool = True  # advertise over mDNS (through the discovery hook)
     mdns_interfaces: tuple[str, ...] | None = None  # None: all interfaces
@@ -146,6 +147,7 @@ class Worker:
         self.servicer: WorkerServicer | None = None
         self.port = 0
         self.model_info: pb.ModelInfo | None = None
+        self.measured: MeasuredProfile | None = None  # start-up measurement, where not declared
 
     @property
     def grpc_address(self) -> str:
@@ -164,6 +166,8 @@ class Worker:
         self.engines = EngineThread(factory, name=f"engine-{config.engine}")
         engine = await self.engines.start()
         self.model_info = model_info(model_dir, spec, engine, config.model_id)
+        if not (config.tflops and config.mem_bw_gbps):
+            self.measured = await self._measure(engine)
         self.listener = KVListener(self.leases, config.cluster_key, config.host, config.kv_port,
                                    handshake_timeout=config.handshake_timeout_s,
                                    max_connections=config.max_leases + 16)
@@ -194,13 +198,26 @@ class Worker:
             if self.engines is not None:
                 self.engines.shutdown()
 
+    async def _measure(self, engine: Engine) -> MeasuredProfile | None:
+        """TFLOPS and memory bandwidth on the engine's thread, device and dtype."""
+        try:
+            measured = await self.engines.run(measure_profile, engine)
+        except Exception as e:  # an unmeasurable device reports 0 (unknown), it still serves
+            log.warning("could not measure this node's profile (%s: %s); declare --tflops and --mem-bw-gbps",
+                        type(e).__name__, e)
+            return None
+        log.info("measured %.2f TFLOPS, %.1f GB/s on %s", measured.tflops, measured.mem_bw_gbps, engine.device)
+        return measured
+
     def profile(self) -> pb.NodeProfile:
-        """This node's ``NodeProfile`` (free memory measured now)."""
-        config = self.config
+        """This node's ``NodeProfile``: declared figures, else measured ones; free memory now."""
+        config, measured = self.config, self.measured
         return pb.NodeProfile(
             node_id=config.node_id, roles=list(config.roles), engine=config.engine,
-            device=self.engines.engine.device if self.engines else "", tflops=config.tflops,
-            mem_bw_gbps=config.mem_bw_gbps, free_mem_bytes=free_memory_bytes(), version=pdcluster_version(),
+            device=self.engines.engine.device if self.engines else "",
+            tflops=config.tflops or (measured.tflops if measured else 0.0),
+            mem_bw_gbps=config.mem_bw_gbps or (measured.mem_bw_gbps if measured else 0.0),
+            free_mem_bytes=free_memory_bytes(), version=pdcluster_version(),
             grpc_address=self.grpc_address, kv_port=self.kv_port,
             key_fingerprint=config.cluster_key.fingerprint,
         )
@@ -305,8 +322,8 @@ def add_worker_parser(sub: Any) -> None:
     p.add_argument("--lease-s", type=float, default=30.0, help="free a reservation whose KV has not arrived by then")
     p.add_argument("--chunk-size", type=int, default=128, help="prefill chunk in tokens (default: 128)")
     p.add_argument("--max-leases", type=int, default=16, help="concurrent KV reservations (default: 16)")
-    p.add_argument("--tflops", type=float, default=0.0, help="declared compute for placement (default: unknown)")
-    p.add_argument("--mem-bw-gbps", type=float, default=0.0, help="declared memory bandwidth, GB/s (default: unknown)")
+    p.add_argument("--tflops", type=float, default=0.0, help="declared compute for placement (default: measured at start-up)")
+    p.add_argument("--mem-bw-gbps", type=float, default=0.0, help="declared memory bandwidth, GB/s (default: measured at start-up)")
     p.add_argument("--send-mode", choices=SEND_MODES, default="thread", help="KV sending: sender thread or engine thread")
     p.set_defaults(run=run_worker_command)
 
