@@ -500,7 +500,7 @@ class WorkerProcess:
 
 
 def start_worker_process(role: str, engine: str, model: Path, key_file: Path, log: Path) -> WorkerProcess:
-    cmd = [sys.executable, "-m", "workers.service", "worker", "--role", role, "--engine", engine,
+    cmd = [sys.executable, "-m", "cluster.cli", "worker", "--role", role, "--engine", engine,
            "--model", str(model), "--host", "127.0.0.1", "--no-advertise", "--cluster-key-file", str(key_file),
            "--node-id", f"proc-{role}", "--dtype", "float32"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}

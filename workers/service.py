@@ -378,22 +378,3 @@ def _this_machine_ip() -> str:
 
 def _bracket(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m workers.service worker ...``: ``pdc worker`` without the rest of the CLI."""
-    parser = argparse.ArgumentParser(prog="pdc")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail to stderr")
-    add_worker_parser(parser.add_subparsers(title="commands", metavar="COMMAND", required=True))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.run(args) or 0)
-    except ValueError as e:  # no cluster key, a bad model folder, a bad flag value
-        print(f"pdc: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
