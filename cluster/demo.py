@@ -63,5 +63,6 @@ def _print_summary(text: str, s: dict, ttft: float, elapsed: float, identical: b
         ("single-node run", f"{'IDENTICAL' if identical else 'DIFFERENT'} text (colocated on {single_node})"),
     ]
     print(f"  reply: {text!r}")
+    print("  (the built-in model has random weights: the text is noise; what matters is where it ran and that it matches)")
     for name, value in rows:
         print(f"  {name:<16} {value}")
