@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_up(sub)
     _add_demo(sub)
     _add_status(sub)
+    _add_policy(sub)
     add_bench_parser(sub)
     from scheduler.simulate import add_simulate_parser
 
@@ -261,6 +262,50 @@ def _run_status(args: argparse.Namespace) -> int:
                           interfaces=tuple(args.mdns_interface) if args.mdns_interface else None,
                           cluster_key_file=args.cluster_key_file, as_json=args.json)
     return asyncio.run(run_status(config))
+
+
+def _add_policy(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "policy",
+        help="show or switch a running scheduler's placement policy",
+        description=(
+            "Read (GET) or switch (PUT) the placement policy of a running `pdc serve` through its "
+            "/admin/policy endpoint. Calls are signed with the cluster key; the scheduler refuses "
+            "unsigned ones. SPEC is a built-in name, package.module:Class or path/to/file.py:Class "
+            "(a path the scheduler's machine can read)."
+        ),
+    )
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="scheduler URL (default: http://127.0.0.1:8000)")
+    p.add_argument("--set", dest="spec", default=None, metavar="SPEC", help="switch to this policy")
+    p.add_argument("--cluster-key-file", default=None, help="cluster key (default: $PDC_CLUSTER_KEY, then `pdc init`'s file)")
+    p.set_defaults(run=_run_policy)
+
+
+def _run_policy(args: argparse.Namespace) -> int:
+    import json
+    import urllib.error
+    import urllib.request
+
+    from cluster.auth import load_cluster_key, sign_call
+
+    key = load_cluster_key(args.cluster_key_file)
+    method = "PUT" if args.spec else "GET"
+    body = json.dumps({"policy": args.spec}).encode() if args.spec else None
+    request = urllib.request.Request(
+        args.url.rstrip("/") + "/admin/policy", data=body, method=method,
+        headers={"Content-Type": "application/json", "X-PDC-Auth": sign_call(key, f"{method} /admin/policy")},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            reply = json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        print(f"pdc: error: {json.loads(e.read()).get('error', {}).get('message', e)}", file=sys.stderr)
+        return 1
+    except urllib.error.URLError as e:
+        print(f"pdc: error: cannot reach the scheduler at {args.url}: {e.reason}", file=sys.stderr)
+        return 1
+    print(f"policy: {reply['policy']}" + (f" (built-in: {', '.join(reply['builtin'])})" if "builtin" in reply else ""))
+    return 0
 
 
 def _split(csv: str) -> tuple[str, ...]:

@@ -17,9 +17,11 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from aiohttp import web
 
+from scheduler.policy import POLICIES
 from scheduler.request import (
     Backend,
     FinishEvent,
@@ -35,12 +37,31 @@ from scheduler.validation import APIError, ParsedRequest, parse_body
 log = logging.getLogger(__name__)
 
 BACKEND_KEY = web.AppKey("backend", object)
+ADMIN_KEY = web.AppKey("admin", object)
+ADMIN_AUTH_HEADER = "X-PDC-Auth"
 
 
-def build_app(backend: Backend) -> web.Application:
-    """The aiohttp application serving ``backend``."""
+class PolicyAdmin(Protocol):
+    """Run-time policy switching behind ``/admin/policy``, authenticated with the cluster key."""
+
+    def authorize(self, method: str, token: str | None) -> str | None:
+        """None when ``token`` authenticates ``method`` (e.g. ``"PUT /admin/policy"``), else why not."""
+        ...
+
+    def current_policy(self) -> str: ...
+
+    def switch_policy(self, spec: str) -> str:
+        """Load and install ``spec`` (a name, module:Class or file.py:Class); ValueError if it cannot."""
+        ...
+
+
+def build_app(backend: Backend, admin: PolicyAdmin | None = None) -> web.Application:
+    """The aiohttp application serving ``backend`` (and ``/admin/policy`` when ``admin`` is given)."""
     app = web.Application(middlewares=[_errors_as_openai], client_max_size=32 << 20)
     app[BACKEND_KEY] = backend
+    app[ADMIN_KEY] = admin
+    app.router.add_get("/admin/policy", _get_policy)
+    app.router.add_put("/admin/policy", _put_policy)
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.router.add_post("/v1/completions", _completions)
     app.router.add_get("/v1/models", _models)
@@ -62,6 +83,39 @@ async def _errors_as_openai(request: web.Request, handler) -> web.StreamResponse
         if e.status >= 400:
             return APIError(e.status, e.reason or "error", "invalid_request_error").response()
         raise
+
+
+def _admin(request: web.Request) -> PolicyAdmin:
+    admin: PolicyAdmin | None = request.app[ADMIN_KEY]
+    if admin is None:
+        raise APIError(404, "this scheduler has no admin endpoint", "invalid_request_error")
+    why = admin.authorize(f"{request.method} {request.path}", request.headers.get(ADMIN_AUTH_HEADER))
+    if why is not None:
+        log.warning("admin %s %s refused: %s", request.method, request.path, why)
+        raise APIError(401, f"admin call not authenticated: {why}", "authentication_error")
+    return admin
+
+
+async def _get_policy(request: web.Request) -> web.Response:
+    admin = _admin(request)
+    return web.json_response({"policy": admin.current_policy(), "builtin": sorted(POLICIES)})
+
+
+async def _put_policy(request: web.Request) -> web.Response:
+    admin = _admin(request)
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise APIError(400, "request body is not valid JSON") from None
+    spec = body.get("policy") if isinstance(body, dict) else None
+    if not isinstance(spec, str) or not spec:
+        raise APIError(400, "body must be {\"policy\": \"NAME|module:Class|file.py:Class\"}", param="policy")
+    try:
+        name = admin.switch_policy(spec)
+    except ValueError as e:
+        raise APIError(400, str(e), param="policy") from None
+    log.warning("placement policy switched to %s", name)
+    return web.json_response({"policy": name})
 
 
 async def _models(request: web.Request) -> web.Response:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from cluster.auth import ClusterKey
+from cluster.auth import ClusterKey, NonceCache, verify_call
 from cluster.discovery import NodeTable
 from cluster.node import NodeInfo
 from proto import pdcluster_pb2 as pb
@@ -69,6 +69,8 @@ class ClusterBackend:
     def __init__(self, config: SchedulerConfig, key: ClusterKey) -> None:
         self.config, self.key = config, key
         self.policy: Policy = load_policy(config.policy)
+        self.policy_spec = config.policy
+        self._admin_nonces = NonceCache()
         self.clients: dict[str, WorkerClient] = {}  # grpc address -> client
         self.models_by_id: dict[str, _ModelRecord] = {}
         self.active: dict[str, int] = {}  # node id -> requests in flight here
@@ -125,6 +127,19 @@ class ClusterBackend:
         finally:
             for node_id in touched:
                 self.active[node_id] -= 1
+
+    # ---------------------------------------------------------------- PolicyAdmin
+
+    def authorize(self, method: str, token: str | None) -> str | None:
+        return verify_call(self.key, method, token, self._admin_nonces)
+
+    def current_policy(self) -> str:
+        return self.policy_spec
+
+    def switch_policy(self, spec: str) -> str:
+        self.policy = load_policy(spec)  # raises ValueError naming what is wrong
+        self.policy_spec = spec
+        return spec
 
     # ---------------------------------------------------------------- nodes
 
@@ -184,7 +199,7 @@ async def serve(config: SchedulerConfig, key: ClusterKey) -> None:
     """Run until SIGINT/SIGTERM."""
     backend = ClusterBackend(config, key)
     await backend.start()
-    runner = web.AppRunner(build_app(backend), handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(build_app(backend, admin=backend), handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)
     await site.start()

@@ -241,3 +241,54 @@ def test_client_disconnect_mid_stream_cancels_the_request(client: openai.OpenAI,
             break
         threading.Event().wait(0.1)
     assert backend.closed_early == 1
+
+
+@pytest.fixture()
+def admin_server(codec: PromptCodec):
+    from cluster.auth import generate_key
+    from scheduler.service import ClusterBackend, SchedulerConfig
+
+    key = generate_key()
+    admin = ClusterBackend(SchedulerConfig(mdns=False, policy="fastest-pair"), key)
+    srv = ServerThread(build_app(FakeBackend(codec), admin=admin))
+    yield srv, key, admin
+    srv.stop()
+
+
+def _admin_call(srv: ServerThread, method: str, token: str | None, body: dict | None = None) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json", **({"X-PDC-Auth": token} if token else {})}
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(srv.url + "/admin/policy", data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_admin_policy_refuses_unsigned_and_wrongly_signed_calls(admin_server) -> None:
+    from cluster.auth import generate_key, sign_call
+
+    srv, _, _ = admin_server
+    status, body = _admin_call(srv, "GET", None)
+    assert status == 401 and body["error"]["type"] == "authentication_error"
+    status, _ = _admin_call(srv, "GET", sign_call(generate_key(), "GET /admin/policy"))
+    assert status == 401
+
+
+def test_admin_policy_switches_the_live_policy_and_refuses_replays(admin_server) -> None:
+    from cluster.auth import sign_call
+    from scheduler.policy import LeastLoaded
+
+    srv, key, admin = admin_server
+    status, body = _admin_call(srv, "GET", sign_call(key, "GET /admin/policy"))
+    assert status == 200 and body["policy"] == "fastest-pair" and "conditional" in body["builtin"]
+    token = sign_call(key, "PUT /admin/policy")
+    status, body = _admin_call(srv, "PUT", token, {"policy": "least-loaded"})
+    assert status == 200 and body["policy"] == "least-loaded"
+    assert isinstance(admin.policy, LeastLoaded)
+    status, _ = _admin_call(srv, "PUT", token, {"policy": "round-robin"})  # same token again
+    assert status == 401
+    status, body = _admin_call(srv, "PUT", sign_call(key, "PUT /admin/policy"), {"policy": "nope"})
+    assert status == 400 and "unknown policy" in body["error"]["message"]
+    assert isinstance(admin.policy, LeastLoaded)  # a bad spec changes nothing
