@@ -10,6 +10,10 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cluster.launcher import UpConfig
 
 DESCRIPTION = """\
 pdcluster pools mismatched machines for LLM inference: prefill runs where
@@ -150,7 +154,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--peers", default="", help="static workers, host:port,... (gRPC addresses)")
     p.add_argument("--no-mdns", action="store_true", help="do not browse mDNS; use --peers only")
     p.add_argument("--mdns-interface", action="append", default=None, help="browse only on this address (repeatable)")
-    p.add_argument("--cluster-key-file", default=None, help="cluster key (default: $PDC_CLUSTER_KEY, then `pdc init`'s file)")
+    _add_key_arg(p)
     p.add_argument("--policy", default="fastest-pair", help="placement policy (default: fastest-pair)")
     p.add_argument("--lease-s", type=float, default=30.0, help="decode-side KV reservation lease (default: 30)")
     p.set_defaults(run=_run_serve)
@@ -183,16 +187,12 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
             "made on first use. Runs in the foreground; Ctrl-C or SIGTERM stops everything."
         ),
     )
-    p.add_argument("--model", default=None, help="model folder (default: the built-in tiny model)")
     p.add_argument("--port", type=int, default=8000, help="scheduler HTTP port (default: 8000)")
-    p.add_argument("--prefill-engine", choices=("torch", "mlx"), default="torch", help="default: torch")
-    p.add_argument("--decode-engine", choices=("torch", "mlx"), default=None, help="default: mlx, or torch without MLX")
-    p.add_argument("--cluster-key-file", default=None, help="cluster key (default: a fresh key for this run)")
-    p.add_argument("--log-dir", default=None, help="where the processes log (default: a temp folder)")
+    _add_local_cluster_args(p, key_help="cluster key (default: a fresh key for this run)")
     p.set_defaults(run=_run_up)
 
 
-def _up_config(args: argparse.Namespace, port: int) -> "UpConfig":
+def _up_config(args: argparse.Namespace, port: int) -> UpConfig:
     from cluster.launcher import UpConfig
     from cluster.paths import tiny_model_dir
 
@@ -219,12 +219,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
             "Then shut the cluster down."
         ),
     )
-    p.add_argument("--model", default=None, help="model folder (default: the built-in tiny model)")
     p.add_argument("--port", type=int, default=0, help="scheduler HTTP port (default: a free one)")
-    p.add_argument("--prefill-engine", choices=("torch", "mlx"), default="torch", help="default: torch")
-    p.add_argument("--decode-engine", choices=("torch", "mlx"), default=None, help="default: mlx, or torch without MLX")
-    p.add_argument("--cluster-key-file", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--log-dir", default=None, help="where the processes log (default: a temp folder)")
+    _add_local_cluster_args(p, key_help=argparse.SUPPRESS)
     p.add_argument("--max-tokens", type=int, default=32, help="tokens to generate (default: 32)")
     p.set_defaults(run=_run_demo)
 
@@ -248,7 +244,7 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=3.0, help="seconds to browse (default: 3)")
     p.add_argument("--peers", default="", help="static workers to probe, host:port,...")
     p.add_argument("--mdns-interface", action="append", default=None, help="browse only on this address (repeatable)")
-    p.add_argument("--cluster-key-file", default=None, help="cluster key (default: $PDC_CLUSTER_KEY, then `pdc init`'s file)")
+    _add_key_arg(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=_run_status)
 
@@ -277,7 +273,7 @@ def _add_policy(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--url", default="http://127.0.0.1:8000", help="scheduler URL (default: http://127.0.0.1:8000)")
     p.add_argument("--set", dest="spec", default=None, metavar="SPEC", help="switch to this policy")
-    p.add_argument("--cluster-key-file", default=None, help="cluster key (default: $PDC_CLUSTER_KEY, then `pdc init`'s file)")
+    _add_key_arg(p)
     p.set_defaults(run=_run_policy)
 
 
@@ -306,6 +302,20 @@ def _run_policy(args: argparse.Namespace) -> int:
         return 1
     print(f"policy: {reply['policy']}" + (f" (built-in: {', '.join(reply['builtin'])})" if "builtin" in reply else ""))
     return 0
+
+
+def _add_key_arg(p: argparse.ArgumentParser,
+                 help: str = "cluster key (default: $PDC_CLUSTER_KEY, then `pdc init`'s file)") -> None:
+    p.add_argument("--cluster-key-file", default=None, help=help)
+
+
+def _add_local_cluster_args(p: argparse.ArgumentParser, key_help: str) -> None:
+    """The flags ``pdc up`` and ``pdc demo`` share (everything but the port)."""
+    p.add_argument("--model", default=None, help="model folder (default: the built-in tiny model)")
+    p.add_argument("--prefill-engine", choices=("torch", "mlx"), default="torch", help="default: torch")
+    p.add_argument("--decode-engine", choices=("torch", "mlx"), default=None, help="default: mlx, or torch without MLX")
+    _add_key_arg(p, key_help)
+    p.add_argument("--log-dir", default=None, help="where the processes log (default: a temp folder)")
 
 
 def _split(csv: str) -> tuple[str, ...]:

@@ -8,9 +8,7 @@ and its tests work with fake node lists.
 - `Browser` keeps ``nodes`` (admitted, by node id) and ``refused`` (node id, or the
   mDNS instance label when the TXT record could not be read, -> reason). A node
   whose cluster-key fingerprint differs from ours is refused and logged.
-- `NodeTable` merges the browser with static ``--peers`` (resolved by a supplied
-  ``probe``) and drops nodes that fail a supplied ``health`` check
-  ``max_failures`` times in a row; ``snapshot()`` is the scheduler's view.
+- `cluster/node_table.py` builds the scheduler's live view on top of `Browser`.
 - `discover_once` browses for a while and returns what it saw, for ``pdc status``.
 
 ``interfaces=None`` means all interfaces (real use); tests pass ``["127.0.0.1"]``.
@@ -19,11 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import ipaddress
 import logging
-import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 
 import ifaddr
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
@@ -38,8 +34,6 @@ REGISTER_TIMEOUT_S = 10.0  # probing + announcing takes ~1.7 s
 RESOLVE_TIMEOUT_S = 3.0
 
 OnChange = Callable[[str, "NodeInfo | None"], None]
-Probe = Callable[[str], Awaitable[NodeInfo]]
-Health = Callable[[str], Awaitable[bool]]
 
 
 def instance_name(node_id: str) -> str:
@@ -313,197 +307,3 @@ async def discover_once(
         return sorted(browser.nodes.values(), key=lambda n: n.node_id), dict(browser.refused)
     finally:
         await browser.stop()
-
-
-def parse_peer(address: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` -> (host, port); ``ValueError`` with the address otherwise."""
-    host, sep, port = address.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ValueError(f"peer {address!r}: expected host:port (IPv6 as [addr]:port)")
-    return host, int(port)
-
-
-class NodeTable:
-    """The scheduler's live node table: mDNS + static peers, minus nodes that fail health checks.
-
-    Each round (every ``interval`` s): probe static peers not yet resolved, then run
-    ``health(grpc_address)`` on every known node, each bounded by ``call_timeout``.
-    A node failing ``max_failures`` rounds in a row leaves ``snapshot()`` (and shows in
-    ``down``) until a check passes again; a static peer is then re-probed. A node that leaves mDNS
-    leaves at once. A static peer's address is the one given, whatever its probe says.
-    """
-
-    def __init__(
-        self,
-        expected_key_fingerprint: str,
-        *,
-        use_mdns: bool = True,
-        interfaces: list[str] | None = None,
-        peers: Sequence[str] = (),
-        probe: Probe | None = None,
-        health: Health | None = None,
-        interval: float = 1.0,
-        max_failures: int = 3,
-        call_timeout: float = 1.0,
-        clock: Callable[[], float] = time.monotonic,
-        on_change: OnChange | None = None,
-    ) -> None:
-        if peers and probe is None:
-            raise ValueError("static peers need a probe(address) -> NodeInfo callable")
-        if interval <= 0 or call_timeout <= 0 or max_failures < 1:
-            raise ValueError("interval and call_timeout must be > 0 and max_failures >= 1")
-        self.peers = {peer: parse_peer(peer) for peer in peers}
-        self.expected_key_fingerprint = expected_key_fingerprint
-        self.interfaces = interfaces
-        self.probe, self.health = probe, health
-        self.interval, self.max_failures, self.call_timeout = interval, max_failures, call_timeout
-        self.clock = clock
-        self.on_change = on_change
-        self.browser = Browser(interfaces, expected_key_fingerprint, self._on_browser_change) if use_mdns else None
-        self._static: dict[str, NodeInfo] = {}  # peer address -> node
-        self._peer_status: dict[str, str] = {peer: "not probed yet" for peer in self.peers}
-        self._static_refused: dict[str, tuple[str, str]] = {}  # peer address -> (node id, reason)
-        self._failures: dict[str, int] = {}  # node id -> health failures in a row
-        self._last_ok: dict[str, float] = {}
-        self._published: dict[str, NodeInfo] = {}
-        self._loop_task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        """Start browsing and the check loop (its first round runs at once)."""
-        if self.browser is not None:
-            await self.browser.start()
-        self._loop_task = asyncio.get_running_loop().create_task(self._run())
-
-    async def stop(self) -> None:
-        task, self._loop_task = self._loop_task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        if self.browser is not None:
-            await self.browser.stop()
-
-    async def __aenter__(self) -> NodeTable:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    def snapshot(self) -> list[NodeInfo]:
-        """Live, admitted nodes sorted by id."""
-        return sorted((n for n in self._known().values() if self._is_up(n.node_id)), key=lambda n: n.node_id)
-
-    @property
-    def refused(self) -> dict[str, str]:
-        """Nodes not admitted (wrong cluster key, malformed record, duplicate id) -> reason."""
-        refused = dict(self.browser.refused) if self.browser else {}
-        refused.update(self._static_refused.values())
-        return refused
-
-    @property
-    def down(self) -> dict[str, str]:
-        """Known nodes currently dropped for failing health checks -> reason."""
-        now = self.clock()
-        return {
-            node_id: f"failed {self._failures[node_id]} health checks in a row"
-            + (f", last ok {now - self._last_ok[node_id]:.1f} s ago" if node_id in self._last_ok else "")
-            for node_id in self._known()
-            if not self._is_up(node_id)
-        }
-
-    @property
-    def tried(self) -> list[str]:
-        """What was tried, for ``pdc status`` to print when a node is missing."""
-        lines = [f"mdns: browsing {SERVICE_TYPE} on {_describe(self.interfaces)}" if self.browser else "mdns: off"]
-        lines += [f"static peer {peer}: {status}" for peer, status in self._peer_status.items()]
-        return lines
-
-    async def check_once(self) -> None:
-        """One round: probe unresolved static peers, then health-check every known node."""
-        await asyncio.gather(*(self._probe_peer(peer) for peer in self.peers if peer not in self._static))
-        if self.health is not None:
-            known = self._known()
-            results = await asyncio.gather(*(self._check(node) for node in known.values()))
-            back = {node.node_id for node, ok in zip(known.values(), results) if self._record_health(node, ok)}
-            # a static peer that was down may have restarted with a new profile
-            await asyncio.gather(*(self._probe_peer(p) for p, n in self._static.items() if n.node_id in back))
-        self._publish()
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.check_once()
-            except Exception:
-                log.exception("node table check failed")
-            await asyncio.sleep(self.interval)
-
-    async def _probe_peer(self, peer: str) -> None:
-        host, port = self.peers[peer]
-        self._static_refused.pop(peer, None)
-        try:
-            node = await asyncio.wait_for(self.probe(peer), self.call_timeout)  # type: ignore[misc]
-        except Exception as err:
-            self._peer_status[peer] = f"probe failed: {type(err).__name__}: {err}".rstrip(": ")
-            log.info("static peer %s: %s", peer, self._peer_status[peer])
-            return
-        node = dataclasses.replace(node, host=host, grpc_port=port, source="static")
-        reason = _admission_problem(node, self.expected_key_fingerprint)
-        if reason is not None:
-            self._peer_status[peer] = f"refused: {reason}"
-            self._static_refused[peer] = (node.node_id, reason)
-            log.warning("not admitting static peer %s: %s", peer, reason)
-            return
-        self._peer_status[peer] = f"ok (node {node.node_id})"
-        self._static[peer] = node
-        self._failures.pop(node.node_id, None)
-
-    async def _check(self, node: NodeInfo) -> bool:
-        try:
-            return bool(await asyncio.wait_for(self.health(node.grpc_address), self.call_timeout))  # type: ignore[misc]
-        except Exception as err:
-            log.debug("health check of %s at %s failed: %r", node.node_id, node.grpc_address, err)
-            return False
-
-    def _record_health(self, node: NodeInfo, ok: bool) -> bool:
-        """Count a check; return True when the node just came back."""
-        was_up = self._is_up(node.node_id)
-        if ok:
-            self._failures[node.node_id] = 0
-            self._last_ok[node.node_id] = self.clock()
-            if not was_up:
-                log.info("node %s at %s is back", node.node_id, node.grpc_address)
-            return not was_up
-        self._failures[node.node_id] = self._failures.get(node.node_id, 0) + 1
-        if was_up and not self._is_up(node.node_id):
-            log.warning("dropping node %s at %s: %s", node.node_id, node.grpc_address, self.down[node.node_id])
-        return False
-
-    def _known(self) -> dict[str, NodeInfo]:
-        """Admitted nodes from every source; mDNS wins over a static entry with the same id."""
-        known = {node.node_id: node for node in self._static.values()}
-        if self.browser is not None:
-            known.update(self.browser.nodes)
-        return known
-
-    def _is_up(self, node_id: str) -> bool:
-        return self._failures.get(node_id, 0) < self.max_failures
-
-    def _on_browser_change(self, node_id: str, node: NodeInfo | None) -> None:
-        if node is None:
-            self._failures.pop(node_id, None)
-        self._publish()
-
-    def _publish(self) -> None:
-        """Fire ``on_change`` for every difference between the last snapshot and this one."""
-        current = {node.node_id: node for node in self.snapshot()}
-        previous, self._published = self._published, current
-        if self.on_change is None:
-            return
-        changes = [(node_id, None) for node_id in previous.keys() - current.keys()]
-        changes += [(node_id, node) for node_id, node in current.items() if previous.get(node_id) != node]
-        for node_id, node in changes:
-            try:
-                self.on_change(node_id, node)
-            except Exception:
-                log.exception("on_change callback failed for node %s", node_id)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from cluster.auth import ClusterKey, NonceCache, verify_call
-from cluster.discovery import NodeTable
+from cluster.node_table import NodeTable
 from cluster.node import NodeInfo
 from proto import pdcluster_pb2 as pb
 from scheduler.api import build_app

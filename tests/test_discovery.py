@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from cluster.discovery import SERVICE_TYPE, Advertiser, Browser, NodeTable, discover_once, parse_peer
+from cluster.discovery import SERVICE_TYPE, Advertiser, Browser, discover_once
+from cluster.node_table import NodeTable, parse_peer
 from cluster.node import NodeInfo
 
 LOOPBACK = ["127.0.0.1"]
