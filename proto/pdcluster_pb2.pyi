@@ -23,7 +23,7 @@ class SamplingParams(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class NodeProfile(_message.Message):
-    __slots__ = ("node_id", "roles", "engine", "device", "tflops", "mem_bw_gbps", "free_mem_bytes", "version", "grpc_address", "kv_port", "key_fingerprint")
+    __slots__ = ("node_id", "roles", "engine", "device", "tflops", "mem_bw_gbps", "free_mem_bytes", "version", "grpc_address", "kv_port", "key_fingerprint", "hardware", "profile_source")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLES_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,8 @@ class NodeProfile(_message.Message):
     GRPC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     KV_PORT_FIELD_NUMBER: _ClassVar[int]
     KEY_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    HARDWARE_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_SOURCE_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     roles: _containers.RepeatedScalarFieldContainer[str]
     engine: str
@@ -46,10 +48,12 @@ class NodeProfile(_message.Message):
     grpc_address: str
     kv_port: int
     key_fingerprint: str
-    def __init__(self, node_id: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., engine: _Optional[str] = ..., device: _Optional[str] = ..., tflops: _Optional[float] = ..., mem_bw_gbps: _Optional[float] = ..., free_mem_bytes: _Optional[int] = ..., version: _Optional[str] = ..., grpc_address: _Optional[str] = ..., kv_port: _Optional[int] = ..., key_fingerprint: _Optional[str] = ...) -> None: ...
+    hardware: str
+    profile_source: str
+    def __init__(self, node_id: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., engine: _Optional[str] = ..., device: _Optional[str] = ..., tflops: _Optional[float] = ..., mem_bw_gbps: _Optional[float] = ..., free_mem_bytes: _Optional[int] = ..., version: _Optional[str] = ..., grpc_address: _Optional[str] = ..., kv_port: _Optional[int] = ..., key_fingerprint: _Optional[str] = ..., hardware: _Optional[str] = ..., profile_source: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "fingerprint", "model_type", "num_layers", "kv_heads", "head_dim", "dtype", "vocab_size", "max_position_embeddings", "eos_token_ids", "tokenizer_json", "chat_template", "bos_token", "eos_token")
+    __slots__ = ("model_id", "fingerprint", "model_type", "num_layers", "kv_heads", "head_dim", "dtype", "vocab_size", "max_position_embeddings", "eos_token_ids", "tokenizer_json", "chat_template", "bos_token", "eos_token", "config_json")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +68,7 @@ class ModelInfo(_message.Message):
     CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     BOS_TOKEN_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     fingerprint: str
     model_type: str
@@ -78,7 +83,8 @@ class ModelInfo(_message.Message):
     chat_template: str
     bos_token: str
     eos_token: str
-    def __init__(self, model_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., model_type: _Optional[str] = ..., num_layers: _Optional[int] = ..., kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., tokenizer_json: _Optional[str] = ..., chat_template: _Optional[str] = ..., bos_token: _Optional[str] = ..., eos_token: _Optional[str] = ...) -> None: ...
+    config_json: str
+    def __init__(self, model_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., model_type: _Optional[str] = ..., num_layers: _Optional[int] = ..., kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., tokenizer_json: _Optional[str] = ..., chat_template: _Optional[str] = ..., bos_token: _Optional[str] = ..., eos_token: _Optional[str] = ..., config_json: _Optional[str] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()
@@ -255,3 +261,29 @@ class StatsReply(_message.Message):
     reserved_kv_bytes: int
     tokens_generated: int
     def __init__(self, requests_total: _Optional[int] = ..., requests_failed: _Optional[int] = ..., requests_cancelled: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., leases_expired: _Optional[int] = ..., active_requests: _Optional[int] = ..., active_leases: _Optional[int] = ..., reserved_kv_bytes: _Optional[int] = ..., tokens_generated: _Optional[int] = ...) -> None: ...
+
+class ProbeLinkRequest(_message.Message):
+    __slots__ = ("kv_host", "kv_port", "payload_bytes", "pings", "timeout_s")
+    KV_HOST_FIELD_NUMBER: _ClassVar[int]
+    KV_PORT_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PINGS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    kv_host: str
+    kv_port: int
+    payload_bytes: int
+    pings: int
+    timeout_s: float
+    def __init__(self, kv_host: _Optional[str] = ..., kv_port: _Optional[int] = ..., payload_bytes: _Optional[int] = ..., pings: _Optional[int] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+
+class ProbeLinkReply(_message.Message):
+    __slots__ = ("gbps", "latency_s", "payload_bytes", "payload_s")
+    GBPS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_S_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_S_FIELD_NUMBER: _ClassVar[int]
+    gbps: float
+    latency_s: float
+    payload_bytes: int
+    payload_s: float
+    def __init__(self, gbps: _Optional[float] = ..., latency_s: _Optional[float] = ..., payload_bytes: _Optional[int] = ..., payload_s: _Optional[float] = ...) -> None: ...

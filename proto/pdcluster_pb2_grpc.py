@@ -64,6 +64,11 @@ class WorkerStub:
                 request_serializer=proto_dot_pdcluster__pb2.StatsRequest.SerializeToString,
                 response_deserializer=proto_dot_pdcluster__pb2.StatsReply.FromString,
                 _registered_method=True)
+        self.ProbeLink = channel.unary_unary(
+                '/pdcluster.v1.Worker/ProbeLink',
+                request_serializer=proto_dot_pdcluster__pb2.ProbeLinkRequest.SerializeToString,
+                response_deserializer=proto_dot_pdcluster__pb2.ProbeLinkReply.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -115,6 +120,15 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ProbeLink(self, request, context):
+        """Measure the data-plane link from this node to another node's KV port:
+        authenticated ping-pongs for latency, then a bounded payload for
+        bandwidth. The scheduler and `pdc status` ask prefill nodes to run it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +161,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=proto_dot_pdcluster__pb2.StatsRequest.FromString,
                     response_serializer=proto_dot_pdcluster__pb2.StatsReply.SerializeToString,
+            ),
+            'ProbeLink': grpc.unary_unary_rpc_method_handler(
+                    servicer.ProbeLink,
+                    request_deserializer=proto_dot_pdcluster__pb2.ProbeLinkRequest.FromString,
+                    response_serializer=proto_dot_pdcluster__pb2.ProbeLinkReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -311,6 +330,33 @@ class Worker:
             '/pdcluster.v1.Worker/Stats',
             proto_dot_pdcluster__pb2.StatsRequest.SerializeToString,
             proto_dot_pdcluster__pb2.StatsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProbeLink(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdcluster.v1.Worker/ProbeLink',
+            proto_dot_pdcluster__pb2.ProbeLinkRequest.SerializeToString,
+            proto_dot_pdcluster__pb2.ProbeLinkReply.FromString,
             options,
             channel_credentials,
             insecure,
