@@ -411,6 +411,14 @@ GENERIC: dict[str, Efficiency] = {
     "mxfp4": Efficiency(compute=0.4, **_BASE),
 }
 
+# Against a worker's own start-up measurement (workers/profile.py) rather than a
+# peak figure: its TFLOPS come from a large matmul in the compute dtype and its
+# bandwidth from a large copy, so prefill GEMMs and decode's weight reads run at
+# about the measured rates; attention and scattered KV reads keep the generic
+# ratio to them (0.5 / 0.75).
+MEASURED = Efficiency(compute=1.0, attention=0.67, bandwidth=1.0, kv_bandwidth=0.67,
+                      source="relative to the node's start-up measurement")
+
 _LLAMACPP_TABLE = "calibrate() on llama.cpp's gpt-oss-120b llama-bench table (catalog.LLAMACPP_GPT_OSS_120B)"
 
 # Fitted by calibrate(); tests recompute them from the table.

@@ -9,6 +9,10 @@ it on every worker it touched: the prefill call failing (a dead or broken
 prefill node must not leave the decode node waiting for its lease to run out)
 and the caller closing the iterator (a disconnected client). Colocated
 requests skip the prefill call: the decode node prefills locally.
+
+``on_prefill_done`` tells the caller (once) when the prefill node's work is
+over: the Prefill call returned or failed, or, colocated, the first token
+arrived. The scheduler uses it for per-node load, as the simulator does.
 """
 from __future__ import annotations
 
@@ -64,10 +68,10 @@ def sampling_of(request: GenerationRequest) -> pb.SamplingParams:
 
 async def run_request(
     request: GenerationRequest, placement: Placement, worker: Callable[[str], WorkerAPI],
-    config: LifecycleConfig = LifecycleConfig(),
+    config: LifecycleConfig = LifecycleConfig(), on_prefill_done: Callable[[], None] | None = None,
 ) -> AsyncIterator[TokenEvent | FinishEvent]:
     """Drive one request; yields tokens then one FinishEvent."""
-    run = _Run(request, placement, worker, config)
+    run = _Run(request, placement, worker, config, on_prefill_done)
     finished = False
     try:
         async for event in run.events():
@@ -82,8 +86,10 @@ class _Run:
     """State of one request in flight."""
 
     def __init__(self, request: GenerationRequest, placement: Placement,
-                 worker: Callable[[str], WorkerAPI], config: LifecycleConfig) -> None:
+                 worker: Callable[[str], WorkerAPI], config: LifecycleConfig,
+                 on_prefill_done: Callable[[], None] | None = None) -> None:
         self.request, self.placement, self.config = request, placement, config
+        self._on_prefill_done = on_prefill_done
         self.decoder = worker(placement.decode_node)
         self.prefiller = worker(placement.prefill_node) if placement.prefill_node else None
         self.prefill_task: asyncio.Task | None = None
@@ -103,6 +109,8 @@ class _Run:
                 self._start_prefill(event.reserved)
             elif kind == "token":
                 self.token_times.append(time.monotonic())
+                if self.prefiller is None:
+                    self._prefill_over()
                 yield TokenEvent(event.token.token_id)
             elif kind == "done":
                 yield FinishEvent(event.done.finish_reason or "stop", await self._stats(event.done.timings))
@@ -148,6 +156,12 @@ class _Run:
         self.prefill_task = asyncio.ensure_future(
             self.prefiller.prefill(prefill_request, timeout=self.config.prefill_timeout_s)
         )
+        self.prefill_task.add_done_callback(lambda _: self._prefill_over())
+
+    def _prefill_over(self) -> None:
+        callback, self._on_prefill_done = self._on_prefill_done, None
+        if callback is not None:
+            callback()
 
     def _decode_request(self) -> pb.DecodeRequest:
         return pb.DecodeRequest(
@@ -179,6 +193,7 @@ class _Run:
         )
 
     async def close(self, *, cancel_workers: bool) -> None:
+        self._prefill_over()  # whatever happened, the prefill node's part is over
         if self.pending is not None and not self.pending.done():
             self.pending.cancel()
         if self.prefill_task is not None and not self.prefill_task.done():

@@ -24,6 +24,7 @@ class NodeView:
     hardware: str = ""  # catalog name ("dgx-spark", ...) when known: selects calibrated efficiencies
     device_kind: str = ""  # "cuda", "mps", "cpu", "mlx:gpu", ... (for generic efficiencies)
     prefill_backlog_s: float = 0.0  # predicted seconds of prefill work already queued here
+    measured: bool = False  # tflops/mem_bw_gbps are a start-up measurement (achieved), not peak figures
 
     @property
     def can_prefill(self) -> bool:

@@ -110,3 +110,40 @@ def test_closing_the_stream_early_cancels_on_both_workers() -> None:
 
     asyncio.run(scenario())
     assert workers["d"].cancelled == ["req-1"] and workers["p"].cancelled == ["req-1"]
+
+
+# ---------------------------------------------------------------- on_prefill_done (per-node load accounting)
+
+
+def _timeline(placement: Placement, **prefill_kwargs) -> list[str]:
+    """What happened, in order: 'prefill-done' (the callback), 'token', 'finish', 'error'."""
+    workers = _workers(**prefill_kwargs)
+    seen: list[str] = []
+
+    async def scenario() -> None:
+        gen = run_request(_request(), placement, workers.__getitem__, FAST,
+                          on_prefill_done=lambda: seen.append("prefill-done"))
+        try:
+            async for event in gen:
+                seen.append("token" if isinstance(event, TokenEvent) else "finish")
+        except RequestFailedError:
+            seen.append("error")
+
+    asyncio.run(scenario())
+    return seen
+
+
+def test_prefill_done_fires_once_when_the_remote_prefill_returns() -> None:
+    seen = _timeline(Placement("p", "d"))
+    assert seen.count("prefill-done") == 1
+    assert seen.index("prefill-done") < seen.index("token")  # the prefill node is free before decode ends
+
+
+def test_prefill_done_fires_once_at_the_first_token_when_colocated() -> None:
+    seen = _timeline(Placement(None, "d"))
+    assert seen[:2] == ["prefill-done", "token"] and seen.count("prefill-done") == 1
+
+
+def test_prefill_done_fires_once_when_the_prefill_fails() -> None:
+    seen = _timeline(Placement("p", "d"), prefill_fails=True)
+    assert seen == ["prefill-done", "error"]

@@ -6,8 +6,18 @@ from pathlib import Path
 import pytest
 
 from scheduler import catalog
-from scheduler.placement import ClusterView, NodeView, Placement
-from scheduler.policy import POLICIES, Colocated, FastestPair, LeastLoaded, RoundRobin, load_policy
+from scheduler.placement import ClusterView, LinkView, NodeView, Placement
+from scheduler.policy import (
+    POLICIES,
+    Colocated,
+    Conditional,
+    FastestPair,
+    LeastLoaded,
+    Predictor,
+    Roofline,
+    RoundRobin,
+    load_policy,
+)
 from scheduler.request import GenerationRequest, NoCapacityError
 
 
@@ -101,3 +111,61 @@ def test_a_policy_loads_from_a_module_path() -> None:
 def test_bad_policy_specs_get_clear_errors(spec: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         load_policy(spec)
+
+
+# ---------------------------------------------------------------- cost-model policies over fake nodes and links
+
+LLAMA_CONFIG = catalog.model_config("llama-3.1-8b")
+BIG = NodeView("big", ("prefill",), "torch", "m", tflops=125, mem_bw_gbps=273)
+LOCAL = NodeView("local", ("prefill", "decode"), "mlx", "m", tflops=17, mem_bw_gbps=546)
+
+
+def _long_req(max_tokens: int = 64) -> GenerationRequest:
+    return GenerationRequest("r", "m", tuple(range(8192)), max_tokens=max_tokens)
+
+
+def _costed(*nodes: NodeView, gbps: float | None = None) -> ClusterView:
+    links = {("big", "local"): LinkView(gbps, 0.0002)} if gbps else {}
+    return ClusterView(tuple(nodes), links, LLAMA_CONFIG)
+
+
+def test_conditional_never_sends_kv_over_an_unmeasured_link() -> None:
+    assert Conditional().place(_long_req(), _costed(BIG, LOCAL)) == Placement(None, "local")
+    assert Conditional().place(_long_req(), _costed(BIG, LOCAL, gbps=10)) == Placement("big", "local")
+
+
+def test_conditional_stays_local_when_the_link_eats_the_gain() -> None:
+    assert Conditional().place(_long_req(), _costed(BIG, LOCAL, gbps=0.5)) == Placement(None, "local")
+
+
+def test_conditional_with_a_decode_only_node_takes_the_fastest_prefill_node() -> None:
+    decode_only = NodeView("local", ("decode",), "mlx", "m", tflops=17, mem_bw_gbps=546)
+    assert Conditional().place(_long_req(), _costed(BIG, decode_only)) == Placement("big", "local")
+
+
+def test_conditional_avoids_a_prefill_node_with_a_long_backlog() -> None:
+    busy = NodeView("big", ("prefill",), "torch", "m", tflops=125, mem_bw_gbps=273, prefill_backlog_s=30.0)
+    assert Conditional().place(_long_req(), _costed(busy, LOCAL, gbps=10)) == Placement(None, "local")
+
+
+def test_conditional_rejects_a_nonsense_margin() -> None:
+    with pytest.raises(ValueError, match="min_gain"):
+        Conditional(min_gain=1.5)
+
+
+def test_roofline_may_decode_on_the_prefill_node_where_conditional_never_does() -> None:
+    # Two output tokens: end to end is all prefill, so roofline keeps everything on
+    # the big node (colocated there); conditional still decodes on the bandwidth node.
+    both = NodeView("big", ("prefill", "decode"), "torch", "m", tflops=125, mem_bw_gbps=273)
+    view = _costed(both, LOCAL, gbps=1)
+    assert Roofline().place(_long_req(max_tokens=2), view) == Placement(None, "big")
+    assert Conditional().place(_long_req(max_tokens=2), view).decode_node == "local"
+
+
+def test_a_measured_profile_is_taken_as_achieved_not_peak() -> None:
+    peak = NodeView("n", ("prefill", "decode"), "torch", "m", tflops=10, mem_bw_gbps=100)
+    measured = NodeView("n", ("prefill", "decode"), "torch", "m", tflops=10, mem_bw_gbps=100, measured=True)
+    request = _long_req()
+    t_peak = Predictor(request, ClusterView((peak,), model_config=LLAMA_CONFIG)).prefill_s(peak)
+    t_measured = Predictor(request, ClusterView((measured,), model_config=LLAMA_CONFIG)).prefill_s(measured)
+    assert t_measured < t_peak  # generic efficiency (0.75 of peak) is not applied again to achieved TFLOPS

@@ -14,7 +14,7 @@ import pytest
 
 from scheduler import catalog, cluster_file, costmodel
 from scheduler.placement import ClusterView, Placement
-from scheduler.policy import load_policy
+from scheduler.policy import Conditional, load_policy
 from scheduler.request import GenerationRequest
 from scheduler.sim_engine import Simulation, SimulationError, build_cluster
 from scheduler.sim_report import PlotError, Point, plot
@@ -100,18 +100,23 @@ def test_conditional_keeps_an_m3_ultra_alone_over_1gbe() -> None:
     assert (r.prefill_node, r.decode_node, r.colocated) == ("mac", "mac", True)
 
 
-def test_conditional_over_1gbe_with_an_m4_max_takes_the_faster_first_token() -> None:
+def test_conditional_keeps_an_m4_max_alone_over_1gbe() -> None:
+    r = _placed(_pair("mac-m4-max", "1gbe"), "conditional")
+    assert (r.prefill_node, r.decode_node, r.colocated) == ("mac", "mac", True)
+
+
+def test_over_1gbe_an_m4_max_is_a_near_tie_that_the_gain_margin_keeps_local() -> None:
     # The M4 Max prefills 8k tokens in ~10.9 s; the Spark in ~1.5 s plus ~7.7 s of
-    # exposed transfer. The margin is small, but the decision must follow the TTFTs.
+    # exposed transfer: remote is predicted ~16 % faster, inside the model's 20 %
+    # error, so `conditional` stays local; with no margin it would go remote.
     spec = _pair("mac-m4-max", "1gbe")
     local = _placed(spec, "colocated")  # the Mac: most bandwidth, prefills itself
     remote = _placed(spec, "fastest-pair")  # the Spark prefills, the Mac decodes
     assert (local.prefill_node, remote.prefill_node) == ("mac", "spark")
-    chosen = _placed(spec, "conditional")
-    best = min((local, remote), key=lambda r: r.ttft_s)
-    assert chosen.prefill_node == best.prefill_node
-    assert chosen.ttft_s == pytest.approx(min(local.ttft_s, remote.ttft_s))
-    assert abs(local.ttft_s - remote.ttft_s) < 0.25 * local.ttft_s  # a small margin either way
+    assert 0 < (local.ttft_s - remote.ttft_s) / local.ttft_s < 0.2
+    [eager] = Simulation(build_cluster(spec, LLAMA), Conditional(min_gain=0.0)).run(single(8192, 128))
+    assert (eager.prefill_node, eager.decode_node) == ("spark", "mac")
+    assert eager.ttft_s == pytest.approx(remote.ttft_s)
 
 
 def test_conditional_keeps_an_m4_max_alone_over_wifi6() -> None:
