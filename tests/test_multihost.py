@@ -276,3 +276,86 @@ def test_prefill_and_decode_in_two_namespaces_over_mdns_and_a_veth(netns_pair: N
         raise
     finally:
         procs.stop()
+
+
+PROBE_SNIPPET = """
+import asyncio, json
+from cluster.auth import load_cluster_key
+from workers.client import WorkerClient
+async def main():
+    async with WorkerClient("{prefill}", load_cluster_key("{key_file}")) as prefill:
+        reply = await prefill.probe_link("{kv_host}", {kv_port}, payload_bytes={payload}, pings=5, timeout=30)
+    print(json.dumps({{"gbps": reply.gbps, "latency_s": reply.latency_s, "payload_bytes": reply.payload_bytes,
+                      "payload_s": reply.payload_s}}))
+asyncio.run(main())
+"""
+SHAPED_GBPS = 1.0
+
+
+def _shape_with_tbf(pair: NetnsPair) -> None:
+    """Replace whatever shaping the pair has with a 1 Gbit/s tbf on both ends, or skip saying why."""
+    for ns, dev in ((pair.ns_a, pair.if_a), (pair.ns_b, pair.if_b)):
+        done = subprocess.run(["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf", "rate",
+                               f"{SHAPED_GBPS:g}gbit", "burst", "256kb", "latency", "50ms"],
+                              capture_output=True, text=True, timeout=IP_TIMEOUT_S)
+        if done.returncode != 0:
+            reason = f"link probe test skipped: cannot shape {dev} with tc tbf: {done.stderr.strip()}"
+            print(reason)
+            pytest.skip(reason)
+
+
+def _wait_ready(procs: Procs, name: str) -> str:
+    """The ready line a worker printed to its log."""
+    log = next(log for n, _, log in procs.procs if n == name)
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        procs.check_alive()
+        ready = [line for line in log.read_text(errors="replace").splitlines() if " ready: " in line]
+        if ready:
+            return ready[0]
+        time.sleep(0.2)
+    pytest.fail(f"{name} not ready after {READY_TIMEOUT_S:.0f} s\n{procs.tails()}")
+
+
+def test_link_probe_across_the_veth_measures_its_1gbit_tbf_rate(netns_pair: NetnsPair, make_tiny_model,
+                                                                 tmp_path: Path) -> None:
+    from cluster.auth import generate_key, write_config
+
+    pair = netns_pair
+    if shutil.which("tc") is None:
+        pytest.skip("link probe test skipped: iproute2's `tc` is not installed")
+    _shape_with_tbf(pair)
+    model = str(make_tiny_model("qwen3"))
+    key_file = str(write_config(tmp_path / "cluster.json", generate_key()))
+    port = _free_port_hint()  # fresh namespaces: nothing else binds their addresses
+    common = ["--engine", "torch", "--model", model, "--cluster-key-file", key_file, "--no-advertise",
+              "--tflops", "1", "--mem-bw-gbps", "100", "--port", str(port), "--kv-port", str(port + 1)]
+
+    procs = Procs(tmp_path)
+    try:
+        procs.spawn("prefill-a", pair.ns_a, ["worker", "--role", "prefill", "--host", pair.addr_a, *common])
+        procs.spawn("decode-b", pair.ns_b, ["worker", "--role", "decode", "--host", pair.addr_b, *common])
+        for name in ("prefill-a", "decode-b"):
+            _wait_ready(procs, name)
+
+        payload = 32 << 20  # ~0.27 s at 1 Gbit/s: long enough that slow start and the tbf burst wash out
+        snippet = PROBE_SNIPPET.format(prefill=f"{pair.addr_a}:{port}", key_file=key_file, kv_host=pair.addr_b,
+                                       kv_port=port + 1, payload=payload)
+        try:
+            done = _in_ns(pair.ns_a, snippet, procs.env, timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("ProbeLink did not answer in 60 s")
+        assert done.returncode == 0, f"probe failed:\n{done.stderr[-3000:]}"
+        measured = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"probe {pair.addr_a} -> {pair.addr_b}:{port + 1} over tbf {SHAPED_GBPS:g} Gbit/s: "
+              f"{measured['gbps']:.3f} Gbit/s, one-way latency {measured['latency_s'] * 1e3:.3f} ms, "
+              f"{measured['payload_bytes']} bytes in {measured['payload_s']:.3f} s")
+
+        assert measured["payload_bytes"] == payload, measured
+        assert 0.5 * SHAPED_GBPS <= measured["gbps"] <= 1.2 * SHAPED_GBPS, measured
+        assert 0 < measured["latency_s"] < 0.05, measured  # tbf may queue up to 50 ms; an idle veth far less
+    except BaseException:
+        print(procs.tails(), file=sys.stderr)
+        raise
+    finally:
+        procs.stop()

@@ -84,6 +84,16 @@ class WorkerClient:
         finally:
             call.cancel()
 
+    async def probe_link(self, kv_host: str, kv_port: int, *, payload_bytes: int = 0, pings: int = 0,
+                         timeout: float = 10.0) -> pb.ProbeLinkReply:
+        """Have this worker measure its data-plane link to the KV port at
+        ``kv_host:kv_port`` (another worker's). Zero ``payload_bytes`` or
+        ``pings`` take the worker's defaults. ``timeout`` bounds the probe on
+        the worker; the call's deadline allows a little more for the reply."""
+        request = pb.ProbeLinkRequest(kv_host=kv_host, kv_port=kv_port, payload_bytes=payload_bytes, pings=pings,
+                                      timeout_s=timeout)
+        return await self._stub.ProbeLink(request, timeout=timeout + 2.0)
+
     async def close(self) -> None:
         await self._channel.close()
 

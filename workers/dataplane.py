@@ -5,7 +5,9 @@ connection gets its own thread, which runs the cluster-key handshake, claims
 the lease named by the transfer token the sender presented, and receives the
 transfer into it under the lease's deadline. Whatever ends the transfer (its
 ``end`` frame, a malformed frame, the sender vanishing, the deadline) is
-delivered to that lease alone; the connection is then closed.
+delivered to that lease alone; the connection is then closed. A connection
+that presents ``PROBE_TOKEN`` instead claims no lease: it is a link probe
+(``workers/link_probe.py``), at most ``MAX_CONCURRENT_PROBES`` at a time.
 
 Prefill side, ``KVPusher``: sends one transfer while the engine computes. In
 ``threaded`` mode the engine thread only queues each slice (bounded by bytes)
@@ -31,6 +33,7 @@ from workers.kv_codec import Begin, FrameError, FrameReader
 from workers.kv_net import connect, tune_socket
 from workers.kv_transport import KVReceiver, KVSender, ReceivedKV
 from workers.leases import Lease, LeaseTable
+from workers.link_probe import MAX_CONCURRENT_PROBES, PROBE_TOKEN, serve_probe
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,7 @@ class KVListener:
         self.handshake_timeout = handshake_timeout
         self.num_refused = 0
         self._slots = threading.BoundedSemaphore(max_connections)
+        self._probe_slots = threading.BoundedSemaphore(MAX_CONCURRENT_PROBES)
         self._closed = threading.Event()
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -116,19 +120,24 @@ class KVListener:
                 claimed: list[Lease] = []
 
                 def claim(token: bytes) -> bool:
+                    if token == PROBE_TOKEN:
+                        return True
                     lease = self.leases.claim(token, conn)
                     claimed.extend([lease] if lease is not None else [])
                     return lease is not None
 
                 try:
-                    server_handshake(conn, self.key, self.handshake_timeout, accept_token=claim)
+                    token = server_handshake(conn, self.key, self.handshake_timeout, accept_token=claim)
                 except AuthError as e:
                     self.num_refused += 1
                     log.warning("KV connection from %s refused: %s", peer[0], e)
                     for lease in claimed:  # claimed, then the sender vanished before our proof
                         self.leases.deliver(lease, error=e)
                     return
-                self._receive(conn, claimed[0])
+                if token == PROBE_TOKEN:
+                    serve_probe(conn, peer[0], slots=self._probe_slots)
+                else:
+                    self._receive(conn, claimed[0])
         finally:
             self._slots.release()
 

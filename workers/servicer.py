@@ -1,26 +1,41 @@
-"""The gRPC ``Worker`` service of one worker: Info, Health, Prefill, Decode, Cancel, Stats.
+"""The gRPC ``Worker`` service of one worker: Info, Health, Prefill, Decode, Cancel, Stats, ProbeLink.
 
 Every engine call runs on the worker's one engine thread (``EngineThread``);
 the event loop only waits. ``Prefill`` (``prefill_rpc.py``) prefills here and
 pushes the KV to a decode node; ``Decode`` (``decode_rpc.py``) reserves a
 lease, receives that KV (or prefills locally) and streams the tokens. A
 failure is confined to its own request: it aborts that RPC only.
+``ProbeLink`` measures this worker's data-plane link to another worker's KV
+port (``link_probe.py``) on a thread of its own, off the loop and the engine.
 
 ``active_requests`` counts a request until its engine cache has actually been
 released, so a worker that reports zero holds nothing.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator, Callable
 
+import grpc
 from grpc import aio
 
 from proto import pdcluster_pb2 as pb
 from proto import pdcluster_pb2_grpc as pb_grpc
 from workers.decode_rpc import DecodeRPC
+from workers.link_probe import (
+    DEFAULT_PINGS,
+    DEFAULT_PROBE_BYTES,
+    DEFAULT_PROBE_TIMEOUT_S,
+    MAX_PINGS,
+    MAX_PROBE_BYTES,
+    MAX_PROBE_S,
+    ProbeError,
+    probe_link,
+)
 from workers.prefill_rpc import PrefillRPC
-from workers.worker_state import WorkerState
+from workers.worker_state import RPCFailure, WorkerState
 
 log = logging.getLogger(__name__)
 
@@ -66,3 +81,34 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     async def Decode(self, request: pb.DecodeRequest, context: aio.ServicerContext) -> AsyncIterator[pb.DecodeEvent]:
         async for event in self._decode(request, context):
             yield event
+
+    async def ProbeLink(self, request: pb.ProbeLinkRequest, context: aio.ServicerContext) -> pb.ProbeLinkReply:
+        """Probe the link to ``kv_host:kv_port``; zero fields take the defaults,
+        larger ones are capped. The probe's thread ends by its own deadline
+        even if this call is cancelled."""
+        try:
+            timeout = _check_probe(request)
+            measured = await asyncio.to_thread(
+                probe_link, request.kv_host, request.kv_port, self.state.key,
+                payload_bytes=min(request.payload_bytes or DEFAULT_PROBE_BYTES, MAX_PROBE_BYTES),
+                pings=min(request.pings or DEFAULT_PINGS, MAX_PINGS), timeout=timeout)
+            log.info("link to %s:%d: %.3f Gbit/s, %.3f ms one way", request.kv_host, request.kv_port,
+                     measured.gbps, measured.latency_s * 1e3)
+            return pb.ProbeLinkReply(gbps=measured.gbps, latency_s=measured.latency_s,
+                                     payload_bytes=measured.payload_bytes, payload_s=measured.payload_s)
+        except RPCFailure as e:
+            await context.abort(e.code, e.message)
+        except ProbeError as e:
+            log.warning("%s", e)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+
+
+def _check_probe(request: pb.ProbeLinkRequest) -> float:
+    """The probe's deadline in seconds (default if 0, capped); INVALID_ARGUMENT
+    for a request without a target or with a negative timeout."""
+    if not request.kv_host or not 0 < request.kv_port < 65536:
+        raise RPCFailure(grpc.StatusCode.INVALID_ARGUMENT, "ProbeLink needs kv_host and a kv_port in 1..65535, "
+                         f"got {request.kv_host!r}:{request.kv_port}")
+    if not math.isfinite(request.timeout_s) or request.timeout_s < 0:
+        raise RPCFailure(grpc.StatusCode.INVALID_ARGUMENT, f"timeout_s must be >= 0, got {request.timeout_s}")
+    return min(request.timeout_s or DEFAULT_PROBE_TIMEOUT_S, MAX_PROBE_S)
