@@ -24,9 +24,13 @@ bw     mem_bw_gbps             float >= 0 (GB/s)
 mem    free_mem_bytes          int >= 0
 ver    version                 text
 kfp    key_fingerprint         text (fingerprint of the cluster key, never the key)
+hw     hardware                catalog name (``dgx-spark``, ...) when declared, else empty
+psrc   profile_source          ``measured`` | ``declared`` | ``measured+declared``
 ====== ======================= ======
 
 The host is not in the TXT record: it comes from the service's A/AAAA records.
+``hw`` and ``psrc`` came after the first release, so a record without them is
+still version 1 and reads as ``""`` and ``"measured"`` (what those nodes did).
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ from dataclasses import dataclass
 ROLES = ("prefill", "decode")
 ENGINES = ("torch", "mlx")
 SOURCES = ("mdns", "static", "ray")
+PROFILE_SOURCES = ("measured", "declared", "measured+declared")  # where tflops and mem_bw_gbps came from
 TXT_VERSION = "1"
 MAX_TXT_ITEM_BYTES = 255  # one DNS character-string: a length byte, then up to 255 bytes
 
@@ -64,6 +69,8 @@ class NodeInfo:
     free_mem_bytes: int
     version: str
     key_fingerprint: str
+    hardware: str = ""  # catalog name the node declared (scheduler/catalog.py); "" when not declared
+    profile_source: str = "measured"  # one of PROFILE_SOURCES
     source: str = "static"
 
     def __post_init__(self) -> None:
@@ -90,9 +97,13 @@ class NodeInfo:
             object.__setattr__(self, name, float(value))
         if isinstance(self.free_mem_bytes, bool) or not isinstance(self.free_mem_bytes, int) or self.free_mem_bytes < 0:
             raise ValueError(f"node {self.node_id}: free_mem_bytes {self.free_mem_bytes!r} must be an int >= 0")
-        for name in ("model_id", "weights_fingerprint", "device", "version", "key_fingerprint"):
+        for name in ("model_id", "weights_fingerprint", "device", "version", "key_fingerprint", "hardware"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"node {self.node_id}: {name} must be a string")
+        if self.profile_source not in PROFILE_SOURCES:
+            raise ValueError(
+                f"node {self.node_id}: profile_source {self.profile_source!r} is not one of {PROFILE_SOURCES}"
+            )
         if self.source not in SOURCES:
             raise ValueError(f"node {self.node_id}: source {self.source!r} is not one of {SOURCES}")
 
@@ -131,6 +142,8 @@ class NodeInfo:
             "mem": str(self.free_mem_bytes),
             "ver": self.version,
             "kfp": self.key_fingerprint,
+            "hw": self.hardware,
+            "psrc": self.profile_source,
         }
         for key, value in txt.items():
             size = len(key.encode()) + 1 + len(value.encode())
@@ -186,6 +199,8 @@ class NodeInfo:
                 free_mem_bytes=_parse_int(txt, "mem", where),
                 version=txt["ver"],
                 key_fingerprint=txt["kfp"],
+                hardware=txt.get("hw", ""),
+                profile_source=txt.get("psrc", "measured"),
                 source=source,
             )
         except ValueError as err:

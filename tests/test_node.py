@@ -42,6 +42,8 @@ def as_zeroconf_props(txt: dict[str, str]) -> dict[bytes, bytes | None]:
         make_node(node_id="mac.studio", roles=("decode", "prefill"), engine="mlx", device="mlx:gpu", tflops=0.1 + 0.2),
         make_node(host="fe80::1%2", free_mem_bytes=0, model_id="", weights_fingerprint="", kv_port=65535),
         make_node(model_id="mödel/ünicode", tflops=1e-7, mem_bw_gbps=819),
+        make_node(hardware="dgx-spark", profile_source="declared", tflops=125.0),
+        make_node(hardware="", profile_source="measured+declared"),
     ],
 )
 def test_txt_round_trip_is_exact(node: NodeInfo) -> None:
@@ -61,6 +63,20 @@ def test_unknown_txt_items_are_ignored_for_forward_compatibility() -> None:
     node = make_node()
     props = as_zeroconf_props({**node.to_txt(), "future": "x"}) | {b"flag": None}
     assert NodeInfo.from_txt(props, node.host, node.grpc_port) == node
+
+
+def test_record_without_profile_items_reads_as_measured_with_no_hardware() -> None:
+    declared = make_node(hardware="mac-m4-max", profile_source="declared")
+    old = {k: v for k, v in declared.to_txt().items() if k not in ("hw", "psrc")}  # a pre-"hw"/"psrc" worker
+    node = NodeInfo.from_txt(as_zeroconf_props(old), declared.host, declared.grpc_port)
+    assert (node.hardware, node.profile_source) == ("", "measured")
+    assert node == make_node()
+
+
+def test_declared_profile_travels_in_short_txt_items() -> None:
+    txt = make_node(hardware="ryzen-ai-max-395", profile_source="measured+declared").to_txt()
+    assert (txt["hw"], txt["psrc"]) == ("ryzen-ai-max-395", "measured+declared")
+    assert txt["txtvers"] == "1"  # optional items: old readers ignore them, so the version stays
 
 
 def garble(key: str, value: bytes | None) -> dict[bytes, bytes | None]:
@@ -88,6 +104,7 @@ def garble(key: str, value: bytes | None) -> dict[bytes, bytes | None]:
         (garble("model", b"m" * 250), r"'model' is 256 bytes, over the 255-byte limit"),
         (garble("txtvers", b"2"), r"TXT version '2' is not supported"),
         (garble("grpc", b"50099"), r"grpc='50099' disagrees with the SRV port 50051"),
+        (garble("psrc", b"guessed"), r"profile_source 'guessed' is not one of"),
     ],
     ids=lambda p: p if isinstance(p, str) else None,
 )
@@ -115,6 +132,8 @@ def test_to_txt_refuses_an_item_over_255_bytes() -> None:
         ("free_mem_bytes", -1, "free_mem_bytes"),
         ("host", "", "host"),
         ("source", "carrier-pigeon", "source"),
+        ("profile_source", "", "profile_source"),
+        ("hardware", None, "hardware"),
         ("node_id", "x" * 64, "node_id"),
     ],
 )

@@ -499,10 +499,12 @@ class WorkerProcess:
         return "".join(self.lines)[-3000:] + self.log.read_text(errors="replace")[-3000:]
 
 
-def start_worker_process(role: str, engine: str, model: Path, key_file: Path, log: Path) -> WorkerProcess:
+def start_worker_process(role: str, engine: str, model: Path, key_file: Path, log: Path,
+                         *extra_args: str) -> WorkerProcess:
+    """``pdc worker`` on 127.0.0.1 without mDNS; ``extra_args`` are more ``pdc worker`` flags."""
     cmd = [sys.executable, "-m", "cluster.cli", "worker", "--role", role, "--engine", engine,
            "--model", str(model), "--host", "127.0.0.1", "--no-advertise", "--cluster-key-file", str(key_file),
-           "--node-id", f"proc-{role}", "--dtype", "float32"]
+           "--node-id", f"proc-{role}", "--dtype", "float32", *extra_args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log.open("wb"),
                             stdin=subprocess.DEVNULL, text=True)

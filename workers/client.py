@@ -106,7 +106,9 @@ class WorkerClient:
 
 
 def node_from_info(info: pb.InfoReply, address: str, source: str = "static") -> NodeInfo:
-    """The ``NodeInfo`` of the worker at ``address`` (``host:port``) from its Info reply."""
+    """The ``NodeInfo`` of the worker at ``address`` (``host:port``) from its Info reply.
+
+    Workers older than ``NodeProfile.profile_source`` leave it empty; they measured."""
     from cluster.node import NodeInfo
 
     host, _, port = address.rpartition(":")
@@ -116,5 +118,5 @@ def node_from_info(info: pb.InfoReply, address: str, source: str = "static") -> 
         weights_fingerprint=model.fingerprint, host=host.strip("[]"), grpc_port=int(port),
         kv_port=node.kv_port, device=node.device, tflops=node.tflops, mem_bw_gbps=node.mem_bw_gbps,
         free_mem_bytes=node.free_mem_bytes, version=node.version, key_fingerprint=node.key_fingerprint,
-        source=source,
+        hardware=node.hardware, profile_source=node.profile_source or "measured", source=source,
     )

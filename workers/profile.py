@@ -1,18 +1,131 @@
-"""Quick start-up measurement of a node's compute and memory bandwidth.
+"""A node's profile: declared in a file or on the command line, else measured at start-up.
 
-Placement needs rough numbers, not a benchmark suite: a dense matmul in the
-engine's compute dtype for TFLOPS, and a large copy for memory bandwidth, each
-within a small time budget. Declared values (``--tflops``, ``--mem-bw-gbps``)
-override these. Runs on the engine's own thread (MLX streams are per thread).
+Placement needs rough numbers, not a benchmark suite. Each figure (TFLOPS,
+memory bandwidth) comes from the first of these that gives it:
+
+1. the command line (``--tflops``, ``--mem-bw-gbps``);
+2. a profile file (``--profile FILE.toml``, see ``load_profile_file``);
+3. the catalog entry (``scheduler/catalog.py``) of the declared hardware
+   (``--hardware`` or the file's ``hardware``): peak dense fp16/bf16 figures,
+   which the scheduler's cost model and its calibrated efficiencies expect;
+4. a quick measurement: a dense matmul in the engine's compute dtype for
+   TFLOPS, and a large copy for memory bandwidth, each within a small time
+   budget. It runs only when 1-3 leave a figure unknown, on the engine's own
+   thread (MLX streams are per thread).
 """
 from __future__ import annotations
 
+import math
+import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
+from scheduler import catalog
+from scheduler.costmodel import Hardware
 from workers.engine import Engine
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
 BUDGET_S = 0.3  # per measurement
+PROFILE_KEYS = ("hardware", "tflops", "mem_bw_gbps")  # what a profile file may say
+
+
+class ProfileError(ValueError):
+    """A declared profile that cannot be used; the message names where it came from and the offender."""
+
+
+@dataclass(frozen=True)
+class DeclaredProfile:
+    """What a profile file, or the command line over it, declares; None where it is silent."""
+
+    hardware: str | None = None  # a catalog name
+    tflops: float | None = None  # > 0
+    mem_bw_gbps: float | None = None  # > 0, GB/s
+
+
+def load_profile_file(path: str | Path) -> DeclaredProfile:
+    """Read and validate a profile file (TOML, every key optional)::
+
+        hardware = "dgx-spark"   # a catalog name
+        tflops = 125.0           # peak dense fp16/bf16 TFLOPS
+        mem_bw_gbps = 273.0      # peak memory bandwidth, GB/s
+
+    Raises ``ProfileError`` naming the file and the offending key or value.
+    """
+    where = f"profile file {path}"
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ProfileError(f"{where}: cannot read it ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise ProfileError(f"{where}: not UTF-8 text") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ProfileError(f"{where}: not valid TOML: {e}") from None
+    return parse_profile(data, where)
+
+
+def declared_profile(path: str | Path | None, *, hardware: str | None = None, tflops: float | None = None,
+                     mem_bw_gbps: float | None = None) -> DeclaredProfile:
+    """The command line's declarations (None: not given) over the profile file's at ``path``, key by key."""
+    in_file = load_profile_file(path) if path else DeclaredProfile()
+    flags = {"hardware": hardware, "tflops": tflops, "mem_bw_gbps": mem_bw_gbps}
+    return replace(in_file, **{key: value for key, value in flags.items() if value is not None})
+
+
+def parse_profile(data: Mapping[str, Any], where: str) -> DeclaredProfile:
+    """Validate a profile already read into a dict; ``where`` prefixes errors."""
+    unknown = [key for key in data if key not in PROFILE_KEYS]
+    if unknown:
+        raise ProfileError(f"{where}: unknown key {unknown[0]!r}; known keys: {', '.join(PROFILE_KEYS)}")
+    hardware = data.get("hardware")
+    if hardware is not None:
+        if not isinstance(hardware, str):
+            raise ProfileError(f"{where}: hardware must be a string (a catalog name), got {hardware!r}")
+        catalog_hardware(hardware, where)
+    return DeclaredProfile(hardware, _figure(data, "tflops", where), _figure(data, "mem_bw_gbps", where))
+
+
+def catalog_hardware(name: str, where: str = "") -> Hardware:
+    """The catalog entry for ``name``; ``ProfileError`` listing the known names otherwise."""
+    if name not in catalog.HARDWARE:
+        prefix = f"{where}: " if where else ""
+        raise ProfileError(f"{prefix}unknown hardware {name!r}; known hardware: {', '.join(catalog.HARDWARE)}")
+    return catalog.HARDWARE[name]
+
+
+def declared_figures(hardware: str, tflops: float, mem_bw_gbps: float) -> tuple[float, float]:
+    """(TFLOPS, GB/s) known without measuring: the given figures, else the
+    catalog's for ``hardware`` (if any); 0 where neither says."""
+    if hardware:
+        peak = catalog_hardware(hardware)
+        return tflops or peak.tflops, mem_bw_gbps or peak.mem_bw_gbps
+    return tflops, mem_bw_gbps
+
+
+def profile_source(tflops_declared: bool, mem_bw_declared: bool) -> str:
+    """What ``NodeProfile.profile_source`` says: which figures were declared, which measured."""
+    if tflops_declared and mem_bw_declared:
+        return "declared"
+    return "measured+declared" if tflops_declared or mem_bw_declared else "measured"
+
+
+def _figure(data: Mapping[str, Any], key: str, where: str) -> float | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ProfileError(f"{where}: {key} must be a number, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ProfileError(f"{where}: {key} must be a finite number > 0, got {value!r}")
+    return float(value)
 
 
 @dataclass(frozen=True)

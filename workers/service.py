@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import re
 import secrets
 import signal
@@ -28,13 +29,21 @@ from grpc import aio
 from cluster.auth import AuthServerInterceptor, ClusterKey, load_cluster_key
 from proto import pdcluster_pb2 as pb
 from proto import pdcluster_pb2_grpc as pb_grpc
+from scheduler.catalog import HARDWARE
 from workers.client import SERVER_OPTIONS
 from workers.dataplane import KVListener
 from workers.engine import Engine
 from workers.engine_thread import EngineThread
 from workers.leases import LeaseTable
 from workers.model_config import read_model_spec, resolve_model
-from workers.profile import MeasuredProfile, measure_profile
+from workers.profile import (
+    MeasuredProfile,
+    catalog_hardware,
+    declared_figures,
+    declared_profile,
+    measure_profile,
+    profile_source,
+)
 from workers.servicer import WorkerServicer
 from workers.worker_info import free_memory_bytes, model_info, pdcluster_version
 from workers.worker_state import ServiceSettings, WorkerState
@@ -78,8 +87,9 @@ class WorkerConfig:
     handshake_timeout_s: float = 10.0  # KV listener side
     send_mode: str = "thread"  # thread: a sender thread drains a bounded queue; direct: send on the engine thread
     max_queued_bytes: int = 256 << 20  # KV slices queued ahead of the sender thread
-    tflops: float = 0.0  # declared compute, for placement (0: measure at start-up)
-    mem_bw_gbps: float = 0.0  # declared memory bandwidth, GB/s (0: measure at start-up)
+    hardware: str = ""  # declared catalog name (scheduler/catalog.py); its peaks fill undeclared figures
+    tflops: float = 0.0  # declared compute, for placement (0: the hardware's, else measure at start-up)
+    mem_bw_gbps: float = 0.0  # declared memory bandwidth, GB/s (0: the hardware's, else measure at start-up)
     peers: tuple[str, ...] = ()  # static host:port peers, for the discovery hook
     advertise: bool = True  # advertise over mDNS (through the discovery hook)
     mdns_interfaces: tuple[str, ...] | None = None  # None: all interfaces
@@ -111,8 +121,12 @@ class WorkerConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_reserved_bytes is not None and self.max_reserved_bytes < 1:
             raise ValueError(f"max_reserved_bytes must be >= 1 or None, got {self.max_reserved_bytes}")
-        if self.tflops < 0 or self.mem_bw_gbps < 0:
-            raise ValueError("tflops and mem_bw_gbps must be >= 0")
+        for name in ("tflops", "mem_bw_gbps"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0 (0: not declared), got {value!r}")
+        if self.hardware:
+            catalog_hardware(self.hardware)
         if not self.node_id:
             object.__setattr__(self, "node_id", _auto_node_id(self.engine))
         elif not re.fullmatch(r"[A-Za-z0-9._-]{1,63}", self.node_id):
@@ -129,6 +143,12 @@ class WorkerConfig:
         if self.advertise_host:
             return self.advertise_host
         return _this_machine_ip() if self.host in _WILDCARD_HOSTS else self.host
+
+    @property
+    def declared_figures(self) -> tuple[float, float]:
+        """(TFLOPS, GB/s) known without measuring: this config's, else the
+        declared hardware's catalog peaks; 0 where neither says."""
+        return declared_figures(self.hardware, self.tflops, self.mem_bw_gbps)
 
 
 class Worker:
@@ -166,7 +186,7 @@ class Worker:
         self.engines = EngineThread(factory, name=f"engine-{config.engine}")
         engine = await self.engines.start()
         self.model_info = model_info(model_dir, spec, engine, config.model_id)
-        if not (config.tflops and config.mem_bw_gbps):
+        if not all(config.declared_figures):
             self.measured = await self._measure(engine)
         self.listener = KVListener(self.leases, config.cluster_key, config.host, config.kv_port,
                                    handshake_timeout=config.handshake_timeout_s,
@@ -203,8 +223,8 @@ class Worker:
         try:
             measured = await self.engines.run(measure_profile, engine)
         except Exception as e:  # an unmeasurable device reports 0 (unknown), it still serves
-            log.warning("could not measure this node's profile (%s: %s); declare --tflops and --mem-bw-gbps",
-                        type(e).__name__, e)
+            log.warning("could not measure this node's profile (%s: %s); declare it with --profile "
+                        "(or --hardware, --tflops, --mem-bw-gbps)", type(e).__name__, e)
             return None
         log.info("measured %.2f TFLOPS, %.1f GB/s on %s", measured.tflops, measured.mem_bw_gbps, engine.device)
         return measured
@@ -212,14 +232,16 @@ class Worker:
     def profile(self) -> pb.NodeProfile:
         """This node's ``NodeProfile``: declared figures, else measured ones; free memory now."""
         config, measured = self.config, self.measured
+        tflops, mem_bw_gbps = config.declared_figures
         return pb.NodeProfile(
             node_id=config.node_id, roles=list(config.roles), engine=config.engine,
             device=self.engines.engine.device if self.engines else "",
-            tflops=config.tflops or (measured.tflops if measured else 0.0),
-            mem_bw_gbps=config.mem_bw_gbps or (measured.mem_bw_gbps if measured else 0.0),
+            tflops=tflops or (measured.tflops if measured else 0.0),
+            mem_bw_gbps=mem_bw_gbps or (measured.mem_bw_gbps if measured else 0.0),
             free_mem_bytes=free_memory_bytes(), version=pdcluster_version(),
             grpc_address=self.grpc_address, kv_port=self.kv_port,
             key_fingerprint=config.cluster_key.fingerprint,
+            hardware=config.hardware, profile_source=profile_source(bool(tflops), bool(mem_bw_gbps)),
         )
 
     def node_info(self) -> dict[str, Any]:
@@ -233,6 +255,7 @@ class Worker:
             "device": profile.device, "tflops": profile.tflops, "mem_bw_gbps": profile.mem_bw_gbps,
             "free_mem_bytes": profile.free_mem_bytes, "version": profile.version,
             "key_fingerprint": profile.key_fingerprint,
+            "hardware": profile.hardware, "profile_source": profile.profile_source,
         }
 
     async def __aenter__(self) -> Worker:
@@ -322,20 +345,33 @@ def add_worker_parser(sub: Any) -> None:
     p.add_argument("--lease-s", type=float, default=30.0, help="free a reservation whose KV has not arrived by then")
     p.add_argument("--chunk-size", type=int, default=128, help="prefill chunk in tokens (default: 128)")
     p.add_argument("--max-leases", type=int, default=16, help="concurrent KV reservations (default: 16)")
-    p.add_argument("--tflops", type=float, default=0.0, help="declared compute for placement (default: measured at start-up)")
-    p.add_argument("--mem-bw-gbps", type=float, default=0.0, help="declared memory bandwidth, GB/s (default: measured at start-up)")
+    p.add_argument("--profile", default=None, metavar="FILE.toml",
+                   help="declare this machine's profile: hardware, tflops, mem_bw_gbps (see examples/profiles/)")
+    p.add_argument("--hardware", choices=list(HARDWARE), default=None,
+                   help="catalog hardware; its peak TFLOPS and bandwidth are declared (overrides --profile's)")
+    p.add_argument("--tflops", type=float, default=None,
+                   help="declared peak TFLOPS (overrides --profile and --hardware; default: measured at start-up)")
+    p.add_argument("--mem-bw-gbps", type=float, default=None,
+                   help="declared memory bandwidth, GB/s (overrides --profile and --hardware; default: measured)")
     p.add_argument("--send-mode", choices=SEND_MODES, default="thread", help="KV sending: sender thread or engine thread")
     p.set_defaults(run=run_worker_command)
 
 
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:
-    """``pdc worker`` flags -> ``WorkerConfig`` (reads the cluster key)."""
+    """``pdc worker`` flags -> ``WorkerConfig`` (reads the cluster key and the profile file).
+
+    Each profile key comes from its flag, else the profile file; the config
+    then fills a missing figure from the declared hardware's catalog entry,
+    and the worker measures the rest at start-up."""
+    declared = declared_profile(args.profile, hardware=args.hardware, tflops=args.tflops,
+                                mem_bw_gbps=args.mem_bw_gbps)
     return WorkerConfig(
         role=args.role, engine=args.engine, model=args.model, cluster_key=load_cluster_key(args.cluster_key_file),
         host=args.host, port=args.port, kv_port=args.kv_port, advertise_host=args.advertise_host,
         device=args.device, dtype=args.dtype, node_id=args.node_id, model_id=args.model_id,
         lease_s=args.lease_s, chunk_size=args.chunk_size, max_leases=args.max_leases,
-        tflops=args.tflops, mem_bw_gbps=args.mem_bw_gbps, send_mode=args.send_mode,
+        hardware=declared.hardware or "", tflops=declared.tflops or 0.0, mem_bw_gbps=declared.mem_bw_gbps or 0.0,
+        send_mode=args.send_mode,
         peers=tuple(p.strip() for p in args.peers.split(",") if p.strip()),
         advertise=not args.no_advertise,
         mdns_interfaces=tuple(args.mdns_interface) if args.mdns_interface else None,

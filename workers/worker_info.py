@@ -1,7 +1,8 @@
 """What a worker tells the scheduler about itself: its model and its node.
 
 The scheduler loads no weights (it must run on a NAS or a Raspberry Pi), so
-``ModelInfo`` carries the whole ``tokenizer.json`` and the chat template, and a
+``ModelInfo`` carries the whole ``tokenizer.json``, the chat template, the
+``config.json`` its cost model reads (layers, heads, experts, weight format), and a
 fingerprint that two workers agree on exactly when they serve the same
 checkpoint (config plus weight files' names and sizes, not their contents,
 which would take minutes to hash for a large model).
@@ -56,6 +57,7 @@ def model_info(model_dir: Path, spec: ModelSpec, engine: Engine, model_id: str |
         chat_template=chat_template if isinstance(chat_template, str) else "",
         bos_token=_token_text(tokenizer_config.get("bos_token")),
         eos_token=_token_text(tokenizer_config.get("eos_token")),
+        config_json=(model_dir / "config.json").read_text(),
     )
 
 

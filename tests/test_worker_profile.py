@@ -1,0 +1,238 @@
+"""A worker's declared profile: the profile file, the precedence of flags over
+file over catalog over measurement, errors that name the offender, and a real
+``pdc worker`` process reporting what it declared (and its model's config.json).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from cluster.auth import generate_key, write_config
+from cluster.cli import build_parser, main
+from cluster.node import NodeInfo
+from conftest import have, requires_mlx
+from proto import pdcluster_pb2 as pb
+from scheduler.catalog import HARDWARE
+from workers.client import WorkerClient, node_from_info
+from workers.engine import Engine
+from workers.profile import DeclaredProfile, MeasuredProfile, ProfileError, load_profile_file
+from workers.service import Worker, WorkerConfig, config_from_args
+
+ROOT = Path(__file__).resolve().parent.parent
+SPARK, M4_MAX = HARDWARE["dgx-spark"], HARDWARE["mac-m4-max"]
+MEASURED = MeasuredProfile(tflops=3.0, mem_bw_gbps=40.0)
+
+
+def write_profile(tmp_path: Path, text: str, name: str = "node.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def key_file(tmp_path: Path) -> Path:
+    return write_config(tmp_path / "cluster.json", generate_key())
+
+
+def worker_args(key_file: Path, *flags: str) -> argparse.Namespace:
+    """``pdc worker`` flags as the CLI parses them (the model is never loaded here)."""
+    return build_parser().parse_args(["worker", "--role", "both", "--engine", "mlx", "--model", "unused",
+                                      "--cluster-key-file", str(key_file), *flags])
+
+
+# ---------------------------------------------------------------- the file
+
+
+def test_profile_file_declares_hardware_and_figures(tmp_path: Path) -> None:
+    path = write_profile(tmp_path, '# a DGX Spark\nhardware = "dgx-spark"\ntflops = 100\nmem_bw_gbps = 273.5\n')
+    profile = load_profile_file(path)
+    assert profile == DeclaredProfile(hardware="dgx-spark", tflops=100.0, mem_bw_gbps=273.5)
+    assert isinstance(profile.tflops, float)  # TOML integers are figures too
+
+
+def test_every_profile_key_is_optional(tmp_path: Path) -> None:
+    assert load_profile_file(write_profile(tmp_path, "# nothing declared\n")) == DeclaredProfile()
+    assert load_profile_file(write_profile(tmp_path, "mem_bw_gbps = 546")) == DeclaredProfile(mem_bw_gbps=546.0)
+
+
+def test_example_profiles_load_and_name_catalog_hardware() -> None:
+    paths = sorted((ROOT / "examples" / "profiles").glob("*.toml"))
+    assert len(paths) >= 2, "examples/profiles/ should hold example profile files"
+    for path in paths:
+        assert load_profile_file(path).hardware in HARDWARE, path
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('hardware = "dgx-sparc"', r"unknown hardware 'dgx-sparc'; known hardware: dgx-spark, mac-m4-max, "),
+        ("hardware = 3", r"hardware must be a string \(a catalog name\), got 3"),
+        ('[hardware]\nname = "dgx-spark"', r"hardware must be a string \(a catalog name\), got \{'name'"),
+        ("tflop = 100.0", r"unknown key 'tflop'; known keys: hardware, tflops, mem_bw_gbps"),
+        ('tflops = "fast"', r"tflops must be a number, got 'fast'"),
+        ("tflops = true", r"tflops must be a number, got True"),
+        ("mem_bw_gbps = -273.0", r"mem_bw_gbps must be a finite number > 0, got -273.0"),
+        ("tflops = 0", r"tflops must be a finite number > 0, got 0"),
+        ("tflops = nan", r"tflops must be a finite number > 0, got nan"),
+        ("tflops = 125.0 TFLOPS", r"not valid TOML"),
+        ('hardware = "dgx-spark"\nhardware = "h100"', r"not valid TOML"),
+    ],
+)
+def test_bad_profile_file_is_refused_naming_the_file_and_the_offender(tmp_path: Path, text: str,
+                                                                      message: str) -> None:
+    path = write_profile(tmp_path, text)
+    with pytest.raises(ProfileError, match=message) as caught:
+        load_profile_file(path)
+    assert str(caught.value).startswith(f"profile file {path}: ")
+
+
+def test_missing_or_binary_profile_file_is_refused_naming_it(tmp_path: Path) -> None:
+    missing = tmp_path / "absent.toml"
+    with pytest.raises(ProfileError, match=rf"profile file {missing}: cannot read it \(No such file"):
+        load_profile_file(missing)
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"\xff\xfe\x00tflops")
+    with pytest.raises(ProfileError, match=rf"profile file {binary}: not UTF-8 text"):
+        load_profile_file(binary)
+
+
+# ---------------------------------------------------------------- precedence
+
+
+def advertised(config: WorkerConfig, measured: MeasuredProfile | None) -> pb.NodeProfile:
+    """The NodeProfile a worker with this config reports after ``measured`` (no engine needed)."""
+    worker = Worker(config)
+    worker.measured = measured
+    return worker.profile()
+
+
+@pytest.mark.parametrize(
+    ("file_text", "flags", "expected"),
+    [
+        pytest.param('hardware = "dgx-spark"', (), ("dgx-spark", SPARK.tflops, SPARK.mem_bw_gbps, "declared"),
+                     id="catalog-beats-measurement"),
+        pytest.param('hardware = "dgx-spark"\ntflops = 100.0', (),
+                     ("dgx-spark", 100.0, SPARK.mem_bw_gbps, "declared"), id="file-beats-catalog-per-figure"),
+        pytest.param('hardware = "dgx-spark"\ntflops = 100.0', ("--tflops", "90"),
+                     ("dgx-spark", 90.0, SPARK.mem_bw_gbps, "declared"), id="flag-beats-file"),
+        # --hardware replaces the file's hardware; the file's own figure still beats that catalog entry
+        pytest.param('hardware = "dgx-spark"\nmem_bw_gbps = 300.0', ("--hardware", "mac-m4-max"),
+                     ("mac-m4-max", M4_MAX.tflops, 300.0, "declared"), id="hardware-flag-beats-file"),
+        pytest.param("mem_bw_gbps = 819.0", (), ("", MEASURED.tflops, 819.0, "measured+declared"),
+                     id="file-figure-plus-measurement"),
+        pytest.param(None, ("--tflops", "50"), ("", 50.0, MEASURED.mem_bw_gbps, "measured+declared"),
+                     id="flag-figure-plus-measurement"),
+        pytest.param(None, (), ("", MEASURED.tflops, MEASURED.mem_bw_gbps, "measured"), id="nothing-declared"),
+    ],
+)
+def test_flags_beat_the_file_which_beats_the_catalog_which_beats_measurement(
+        tmp_path: Path, key_file: Path, file_text: str | None, flags: tuple[str, ...],
+        expected: tuple[str, float, float, str]) -> None:
+    profile_flags = ("--profile", str(write_profile(tmp_path, file_text))) if file_text is not None else ()
+    config = config_from_args(worker_args(key_file, *profile_flags, *flags))
+    profile = advertised(config, MEASURED)
+    assert (profile.hardware, profile.tflops, profile.mem_bw_gbps, profile.profile_source) == expected
+
+
+def test_unmeasurable_node_without_a_declaration_reports_zero_as_measured(key_file: Path) -> None:
+    profile = advertised(config_from_args(worker_args(key_file)), None)
+    assert (profile.tflops, profile.mem_bw_gbps, profile.profile_source) == (0.0, 0.0, "measured")
+
+
+def test_worker_config_refuses_unknown_hardware_and_bad_figures(key_file: Path) -> None:
+    args = worker_args(key_file)
+    with pytest.raises(ProfileError, match=r"unknown hardware 'tpu-v9'; known hardware: dgx-spark, "):
+        WorkerConfig(role="decode", engine="mlx", model="unused", cluster_key=generate_key(), hardware="tpu-v9")
+    for name, value in (("tflops", -1.0), ("mem_bw_gbps", float("inf"))):
+        with pytest.raises(ValueError, match=rf"{name} must be a finite number >= 0 .*, got {value!r}"):
+            config_from_args(argparse.Namespace(**{**vars(args), name: value}))
+
+
+def test_pdc_worker_with_a_bad_profile_exits_2_naming_file_key_and_known_names(
+        tmp_path: Path, key_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = write_profile(tmp_path, 'hardware = "m4-max"')
+    argv = ["worker", "--role", "decode", "--engine", "mlx", "--model", "unused", "--cluster-key-file", str(key_file)]
+    assert main([*argv, "--profile", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"pdc: error: profile file {bad}: unknown hardware 'm4-max'; known hardware: " in err
+    assert all(name in err for name in HARDWARE)
+    with pytest.raises(SystemExit) as exited:
+        main([*argv, "--hardware", "m4-max"])
+    assert exited.value.code == 2
+    assert "invalid choice: 'm4-max'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- a real start
+
+
+@requires_mlx
+@pytest.mark.parametrize(
+    ("declared", "num_measurements", "expected"),
+    [
+        pytest.param({"hardware": "dgx-spark"}, 0, (SPARK.tflops, SPARK.mem_bw_gbps, "declared"), id="hardware"),
+        pytest.param({"tflops": 5.0, "mem_bw_gbps": 60.0}, 0, (5.0, 60.0, "declared"), id="both-figures"),
+        pytest.param({"tflops": 5.0}, 1, (5.0, MEASURED.mem_bw_gbps, "measured+declared"), id="one-figure"),
+    ],
+)
+def test_start_up_measures_only_when_a_figure_is_not_declared(
+        make_tiny_model: Callable[..., Path], monkeypatch: pytest.MonkeyPatch, declared: dict[str, object],
+        num_measurements: int, expected: tuple[float, float, str]) -> None:
+    measurements: list[str] = []
+
+    def fake_measure(engine: Engine) -> MeasuredProfile:
+        measurements.append(engine.device)
+        return MEASURED
+
+    monkeypatch.setattr("workers.service.measure_profile", fake_measure)
+    config = WorkerConfig(role="decode", engine="mlx", model=str(make_tiny_model("llama")),
+                          cluster_key=generate_key(), advertise=False, grace_s=1.0, **declared)
+
+    async def body() -> NodeInfo:
+        async with Worker(config) as worker:
+            return NodeInfo(**worker.node_info())  # what mDNS advertises
+
+    node = asyncio.run(asyncio.wait_for(body(), 60))
+    assert len(measurements) == num_measurements
+    assert (node.tflops, node.mem_bw_gbps, node.profile_source) == expected
+    assert node.hardware == declared.get("hardware", "")
+    assert NodeInfo.from_txt(node.to_txt(), node.host, node.grpc_port, source="static") == node
+
+
+def test_worker_process_with_a_profile_file_reports_it_and_its_config_json(
+        make_tiny_model: Callable[..., Path], tmp_path: Path) -> None:
+    if not have("mlx.core"):
+        pytest.skip("needs the mlx extra (the worker's engine)")
+    from test_worker_service import start_worker_process  # the same launcher the service tests use
+
+    model = make_tiny_model("llama")
+    profile = write_profile(tmp_path, 'hardware = "mac-m4-max"\nmem_bw_gbps = 500.0\n')
+    key = generate_key()
+    key_file = write_config(tmp_path / "worker-key.json", key)
+    worker = start_worker_process("decode", "mlx", model, key_file, tmp_path / "decode.log", "--profile", str(profile))
+    try:
+        assert worker.ready.wait(120), f"worker did not start:\n{worker.tail()}"
+
+        async def info() -> pb.InfoReply:
+            async with WorkerClient(worker.grpc, key) as client:
+                return await client.info()
+
+        reply = asyncio.run(asyncio.wait_for(info(), 30))
+        node = node_from_info(reply, worker.grpc)
+        assert (node.hardware, node.profile_source) == ("mac-m4-max", "declared")
+        assert (node.tflops, node.mem_bw_gbps) == (M4_MAX.tflops, 500.0)
+        assert reply.model.config_json == (model / "config.json").read_text()
+        assert json.loads(reply.model.config_json)["num_hidden_layers"] == reply.model.num_layers
+    finally:
+        worker.proc.send_signal(signal.SIGTERM)
+        try:
+            worker.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            worker.proc.kill()
+            worker.proc.wait(5)
