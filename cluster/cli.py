@@ -155,8 +155,16 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-mdns", action="store_true", help="do not browse mDNS; use --peers only")
     p.add_argument("--mdns-interface", action="append", default=None, help="browse only on this address (repeatable)")
     _add_key_arg(p)
-    p.add_argument("--policy", default="fastest-pair", help="placement policy (default: fastest-pair)")
+    p.add_argument("--policy", default="conditional",
+                   help="placement policy: a built-in (colocated, round-robin, least-loaded, fastest-pair, "
+                        "roofline, conditional), package.module:Class or path/to/file.py:Class "
+                        "(default: conditional, remote prefill only when the cost model predicts a clear win "
+                        "over the measured link)")
     p.add_argument("--lease-s", type=float, default=30.0, help="decode-side KV reservation lease (default: 30)")
+    p.add_argument("--link-refresh-s", type=float, default=300.0,
+                   help="re-probe each prefill -> decode link this often, when both nodes are idle (default: 300)")
+    p.add_argument("--link-probe-mib", type=float, default=0.0,
+                   help="link probe payload in MiB (default: the worker's, 16 MiB; at most 64)")
     p.set_defaults(run=_run_serve)
 
 
@@ -171,6 +179,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     config = SchedulerConfig(
         host=args.host, port=args.port, peers=_split(args.peers), mdns=not args.no_mdns,
         mdns_interfaces=tuple(args.mdns_interface) if args.mdns_interface else None, policy=args.policy,
+        link_refresh_s=args.link_refresh_s, link_probe_bytes=int(args.link_probe_mib * (1 << 20)),
         lifecycle=LifecycleConfig(lease_s=args.lease_s),
     )
     asyncio.run(serve(config, load_cluster_key(args.cluster_key_file)))
@@ -236,7 +245,10 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
         "status",
         help="list the nodes this machine can see, with their profiles",
         description=(
-            "Browse mDNS for pdcluster nodes (and probe --peers over gRPC) and print them as a table. "
+            "Browse mDNS for pdcluster nodes (and probe --peers over gRPC) and print them as a table "
+            "with their profiles (hardware, TFLOPS, memory bandwidth, free memory; measured or "
+            "declared). Then ask each prefill-capable node to probe the data-plane link to each "
+            "decode-capable node (a short authenticated transfer) and print bandwidth and latency. "
             "Nodes advertising another cluster key are listed as refused, with the reason. When "
             "nothing is found, says what was tried and what usually fixes it."
         ),
@@ -246,6 +258,7 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mdns-interface", action="append", default=None, help="browse only on this address (repeatable)")
     _add_key_arg(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--no-links", action="store_true", help="do not probe the prefill -> decode links")
     p.set_defaults(run=_run_status)
 
 
@@ -256,7 +269,7 @@ def _run_status(args: argparse.Namespace) -> int:
 
     config = StatusConfig(timeout_s=args.timeout, peers=_split(args.peers),
                           interfaces=tuple(args.mdns_interface) if args.mdns_interface else None,
-                          cluster_key_file=args.cluster_key_file, as_json=args.json)
+                          cluster_key_file=args.cluster_key_file, as_json=args.json, links=not args.no_links)
     return asyncio.run(run_status(config))
 
 

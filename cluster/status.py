@@ -7,8 +7,12 @@ from dataclasses import asdict, dataclass
 
 from cluster.discovery import SERVICE_TYPE, discover_once
 from cluster.node import NodeInfo
+from scheduler.links import LinkRecord, LinkTable
 
-COLUMNS = ("node", "roles", "engine", "model", "address", "kv", "device", "TFLOPS", "GB/s", "free mem", "source")
+COLUMNS = ("node", "roles", "engine", "model", "address", "kv", "device", "hardware", "TFLOPS", "GB/s", "free mem",
+           "profile", "source")
+LINK_COLUMNS = ("prefill node", "decode node", "Gbit/s", "latency ms", "")
+LINK_PROBE_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -18,6 +22,7 @@ class StatusConfig:
     interfaces: tuple[str, ...] | None = None
     cluster_key_file: str | None = None
     as_json: bool = False
+    links: bool = True  # probe each prefill -> decode link
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0:
@@ -32,11 +37,16 @@ async def run_status(config: StatusConfig) -> int:
     nodes, refused = await discover_once(config.timeout_s, interfaces, key.fingerprint)
     peer_nodes, peer_errors = await _probe_peers(config.peers, key)
     nodes = sorted({n.node_id: n for n in [*nodes, *peer_nodes]}.values(), key=lambda n: n.node_id)
+    links = await probe_links(nodes, key) if config.links else []
     if config.as_json:
-        print(json.dumps({"nodes": [asdict(n) for n in nodes], "refused": refused, "peer_errors": peer_errors}))
+        print(json.dumps({"nodes": [asdict(n) for n in nodes], "links": [r.as_json(r.measured_at) for r in links],
+                          "refused": refused, "peer_errors": peer_errors}))
         return 0 if nodes else 1
     if nodes:
         print(format_table(nodes))
+    if links:
+        print()
+        print(format_links(links))
     for node_id, reason in refused.items():
         print(f"refused {node_id}: {reason}")
     for peer, error in peer_errors.items():
@@ -62,13 +72,49 @@ async def _probe_peers(peers: tuple[str, ...], key) -> tuple[list[NodeInfo], dic
     return found, errors
 
 
+async def probe_links(nodes: list[NodeInfo], key) -> list[LinkRecord]:
+    """Ask each prefill-capable node to probe its link to each decode-capable node, one at a time."""
+    from workers.client import WorkerClient
+
+    clients: dict[str, WorkerClient] = {}
+
+    async def probe(src: NodeInfo, dst: NodeInfo) -> tuple[float, float]:
+        if src.grpc_address not in clients:
+            clients[src.grpc_address] = WorkerClient(src.grpc_address, key)
+        reply = await clients[src.grpc_address].probe_link(dst.host, dst.kv_port, timeout=LINK_PROBE_TIMEOUT_S)
+        return reply.gbps, reply.latency_s
+
+    table = LinkTable(probe)
+    try:
+        await table.refresh(nodes)
+    finally:
+        for client in clients.values():
+            await client.close()
+    return [record for _, record in sorted(table.records.items())]
+
+
 def format_table(nodes: list[NodeInfo]) -> str:
     rows = [COLUMNS] + [
         (n.node_id, "/".join(n.roles), n.engine, n.model_id, n.grpc_address, str(n.kv_port), n.device,
-         f"{n.tflops:.1f}", f"{n.mem_bw_gbps:.0f}", _gib(n.free_mem_bytes), n.source)
+         n.hardware or "-", f"{n.tflops:.1f}", f"{n.mem_bw_gbps:.0f}", _gib(n.free_mem_bytes), n.profile_source,
+         n.source)
         for n in nodes
     ]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    return _columns(rows)
+
+
+def format_links(links: list[LinkRecord]) -> str:
+    """One row per probed (prefill, decode) link; a failed probe shows why."""
+    rows = [LINK_COLUMNS] + [
+        (r.src, r.dst, f"{r.gbps:.2f}" if r.ok else "-", f"{r.latency_s * 1e3:.2f}" if r.ok else "-",
+         "" if r.ok else f"probe failed: {r.error}")
+        for r in links
+    ]
+    return _columns(rows)
+
+
+def _columns(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

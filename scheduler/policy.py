@@ -156,14 +156,15 @@ class Predictor:
         return Estimate(Placement(prefill.node_id if prefill else None, decode.node_id), ttft, e2e)
 
     def _hardware(self, node: NodeView) -> tuple[costmodel.Hardware, costmodel.Efficiency]:
-        if node.hardware:
+        known = node.hardware in catalog.HARDWARE  # a newer worker may name hardware this catalog lacks
+        if known:
             hw = catalog.hardware(node.hardware)
             hw = costmodel.Hardware(hw.name, node.tflops or hw.tflops, node.mem_bw_gbps or hw.mem_bw_gbps, hw.mem_gb)
         else:
             hw = costmodel.Hardware(node.node_id, max(node.tflops, 1e-3), max(node.mem_bw_gbps, 1e-3), 1.0)
             if node.measured:
                 return hw, costmodel.MEASURED
-        return hw, costmodel.efficiency(node.hardware or node.device_kind, node.engine, self.format)
+        return hw, costmodel.efficiency(node.hardware if known else node.device_kind, node.engine, self.format)
 
 
 class Roofline:

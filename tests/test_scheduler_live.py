@@ -1,0 +1,167 @@
+"""The live scheduler's view: what a policy sees in ``pdc serve``.
+
+Two real in-process workers (MLX, gRPC and KV ports on 127.0.0.1) and a
+``ClusterBackend`` that finds them through static peers: the view must carry
+the declared profiles, the link the prefill node measured to the decode node,
+the model's config.json, and per-node load counted as the simulator counts it.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from cluster.auth import generate_key
+from conftest import have
+from scheduler.placement import ClusterView, Placement
+from scheduler.request import FinishEvent, GenerationRequest, NoCapacityError, TokenEvent
+from scheduler.service import ClusterBackend, SchedulerConfig
+from test_worker_service import GatedEngine, config, run, started
+from workers.service import Worker
+
+pytestmark = pytest.mark.skipif(not have("mlx.core"), reason="needs the mlx extra (decode engine)")
+
+PROMPT = tuple((5 * i + 1) % 500 + 10 for i in range(200))
+
+
+@pytest.fixture(scope="module")
+def model(make_tiny_model: Callable[..., Path]) -> Path:
+    return make_tiny_model("llama")
+
+
+async def _until(predicate: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def _scheduler(key, *workers: Worker, **overrides) -> ClusterBackend:
+    fields = {"mdns": False, "health_interval_s": 0.2, "peers": tuple(w.grpc_address for w in workers), **overrides}
+    return ClusterBackend(SchedulerConfig(**fields), key)
+
+
+async def _ready(backend: ClusterBackend, model_id: str) -> None:
+    await _until(lambda: backend.codec_for(model_id) is not None, "the model's tokenizer")
+    await _until(lambda: ("test-prefill", "test-both") in backend.links.views(), "the link probe")
+
+
+def test_the_live_view_carries_profiles_the_measured_link_and_the_config(model: Path) -> None:
+    key = generate_key()
+    spark = Worker(config(model, key, "prefill", tflops=0.0, mem_bw_gbps=0.0, hardware="dgx-spark"))
+    mac = Worker(config(model, key, "both"))  # declared 1 TFLOPS / 100 GB/s
+
+    async def body() -> None:
+        async with started(spark, mac):
+            backend = _scheduler(key, spark, mac)
+            await backend.start()
+            try:
+                await _ready(backend, model.name)
+                view = backend.cluster_view(model.name, backend.table.snapshot())
+                link = view.link("test-prefill", "test-both")
+                assert link.gbps > 0.5 and 0 <= link.latency_s < 0.01  # loopback
+                assert view.link("test-both", "test-prefill") is None  # the prefill-only node cannot decode
+                assert view.model_config == json.loads((model / "config.json").read_text())
+                s, m = view.node("test-prefill"), view.node("test-both")
+                assert (s.hardware, s.tflops, s.mem_bw_gbps, s.measured) == ("dgx-spark", 125.0, 273.0, False)
+                assert (m.hardware, m.tflops, m.measured) == ("", 1.0, False)
+                assert m.device_kind and s.device_kind
+                ready, health = backend.health()
+                assert ready and health["policy"] == "conditional"
+                [row] = health["links"]
+                assert (row["prefill_node"], row["decode_node"], row["error"]) == ("test-prefill", "test-both", None)
+                assert {n["node_id"]: n["hardware"] for n in health["nodes"]}["test-prefill"] == "dgx-spark"
+                backend._on_node_change("test-prefill", None)  # the node leaves: its links go with it
+                assert backend.links.views() == {}
+            finally:
+                await backend.stop()
+
+    run(body)
+
+
+def test_load_is_counted_as_the_simulator_counts_it(model: Path) -> None:
+    # A remote prefill node carries a request (and its predicted prefill time as
+    # backlog) until its prefill ends; the decode node until the request ends.
+    from workers.mlx_engine import MLXEngine
+
+    key = generate_key()
+    entered, gate = threading.Event(), threading.Event()
+    spark = Worker(config(model, key, "prefill", tflops=0.0, mem_bw_gbps=0.0, hardware="dgx-spark"),
+                   engine_factory=lambda: GatedEngine(MLXEngine(model, dtype="float32"), entered, gate))
+    mac = Worker(config(model, key, "both"))
+    seen: list[ClusterView] = []
+
+    class Remote:
+        def place(self, request: GenerationRequest, cluster: ClusterView) -> Placement:
+            seen.append(cluster)
+            return Placement("test-prefill", "test-both")
+
+    async def body() -> None:
+        async with started(spark, mac):
+            backend = _scheduler(key, spark, mac)
+            await backend.start()
+            try:
+                await _ready(backend, model.name)
+                backend.policy = Remote()
+                one = backend.generate(GenerationRequest("live-1", model.name, PROMPT, max_tokens=12))
+                first = asyncio.ensure_future(anext(one))
+                await _until(entered.is_set, "the first prefill to start")
+                assert backend.active == {"test-prefill": 1, "test-both": 1}
+                queued = backend.backlog_s["test-prefill"]
+                assert queued > 0  # the cost model's prefill time for 200 tokens on a dgx-spark
+
+                two = backend.generate(GenerationRequest("live-2", model.name, PROMPT, max_tokens=4))
+                second = asyncio.ensure_future(anext(two))
+                await _until(lambda: len(seen) == 2, "the second placement")
+                busy = seen[1].node("test-prefill")
+                assert (busy.active_requests, busy.prefill_backlog_s) == (1, queued)
+                assert seen[1].node("test-both").active_requests == 1
+
+                gate.set()
+                assert isinstance(await first, TokenEvent)
+                await second
+                await _until(lambda: backend.active["test-prefill"] == 0, "both prefills to end")
+                assert backend.active["test-both"] >= 1  # still decoding
+                assert backend.backlog_s["test-prefill"] == pytest.approx(0.0, abs=1e-12)
+                rest = [e async for e in one] + [e async for e in two]
+                assert [e.stats.prefill_node for e in rest if isinstance(e, FinishEvent)] == ["test-prefill"] * 2
+                assert backend.active == {"test-prefill": 0, "test-both": 0}
+            finally:
+                gate.set()
+                await backend.stop()
+
+    run(body)
+
+
+def test_a_failing_policy_fails_only_its_request_with_a_clear_error(model: Path) -> None:
+    key = generate_key()
+    spark = Worker(config(model, key, "prefill", tflops=0.0, mem_bw_gbps=0.0, hardware="dgx-spark"))
+    mac = Worker(config(model, key, "both"))
+
+    class Broken:
+        def place(self, request: GenerationRequest, cluster: ClusterView) -> Placement:
+            raise KeyError("oops")
+
+    async def body() -> None:
+        async with started(spark, mac):
+            backend = _scheduler(key, spark, mac)
+            await backend.start()
+            try:
+                await _ready(backend, model.name)
+                backend.policy, backend.policy_spec = Broken(), "broken.py:Broken"
+                with pytest.raises(NoCapacityError, match=r"'broken.py:Broken' failed: KeyError"):
+                    await anext(backend.generate(GenerationRequest("bad", model.name, PROMPT, max_tokens=2)))
+                assert not any(backend.active.values())
+                backend.switch_policy("conditional")
+                events = [e async for e in backend.generate(GenerationRequest("ok", model.name, PROMPT, max_tokens=3))]
+                assert isinstance(events[-1], FinishEvent) and events[-1].stats.completion_tokens == 3
+            finally:
+                await backend.stop()
+
+    run(body)
