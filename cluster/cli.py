@@ -207,7 +207,8 @@ def _up_config(args: argparse.Namespace, port: int) -> UpConfig:
 
     decode = args.decode_engine or ("mlx" if _importable("mlx.core") else "torch")
     return UpConfig(model=args.model or str(tiny_model_dir()), port=port, prefill_engine=args.prefill_engine,
-                    decode_engine=decode, cluster_key_file=args.cluster_key_file, log_dir=args.log_dir)
+                    decode_engine=decode, cluster_key_file=args.cluster_key_file, log_dir=args.log_dir,
+                    policy=args.policy)
 
 
 def _run_up(args: argparse.Namespace) -> int:
@@ -329,6 +330,8 @@ def _add_local_cluster_args(p: argparse.ArgumentParser, key_help: str) -> None:
     p.add_argument("--decode-engine", choices=("torch", "mlx"), default=None, help="default: mlx, or torch without MLX")
     _add_key_arg(p, key_help)
     p.add_argument("--log-dir", default=None, help="where the processes log (default: a temp folder)")
+    p.add_argument("--policy", default="conditional",
+                   help="the scheduler's placement policy, as for `pdc serve` (default: conditional)")
 
 
 def _split(csv: str) -> tuple[str, ...]:

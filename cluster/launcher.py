@@ -41,6 +41,7 @@ class UpConfig:
     host: str = LOOPBACK
     cluster_key_file: str | None = None
     log_dir: str | None = None  # child logs; a temp folder when None
+    policy: str = "conditional"  # the scheduler's placement policy (name, module:Class or file.py:Class)
     extra_worker_args: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -70,7 +71,8 @@ class LocalCluster:
         """Start the scheduler and both workers, in that order."""
         common = ["--cluster-key-file", self.key_file]
         mdns = ["--mdns-interface", LOOPBACK]
-        self._spawn("scheduler", ["serve", "--host", self.config.host, "--port", str(self.config.port), *common, *mdns])
+        self._spawn("scheduler", ["serve", "--host", self.config.host, "--port", str(self.config.port),
+                                  "--policy", self.config.policy, *common, *mdns])
         for role, engine in (("prefill", self.config.prefill_engine), ("decode", self.config.decode_engine)):
             self._spawn(f"{role}-worker", [
                 "worker", "--role", role, "--engine", engine, "--model", self.config.model,
@@ -116,7 +118,10 @@ class LocalCluster:
 
     def _spawn(self, name: str, args: list[str]) -> None:
         logfile = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (owned by the child)
-        cmd = [sys.executable, "-m", "cluster.cli", *args]
+        # -P: do not put the working directory on the child's sys.path, where a
+        # stray proto.py or scheduler.py would shadow our packages (3.11+).
+        safe_path = ["-P"] if sys.version_info >= (3, 11) else []
+        cmd = [sys.executable, *safe_path, "-m", "cluster.cli", *args]
         log.info("starting %s: %s", name, " ".join(cmd))
         proc = subprocess.Popen(
             cmd, stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

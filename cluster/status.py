@@ -96,7 +96,7 @@ async def probe_links(nodes: list[NodeInfo], key) -> list[LinkRecord]:
 def format_table(nodes: list[NodeInfo]) -> str:
     rows = [COLUMNS] + [
         (n.node_id, "/".join(n.roles), n.engine, n.model_id, n.grpc_address, str(n.kv_port), n.device,
-         n.hardware or "-", f"{n.tflops:.1f}", f"{n.mem_bw_gbps:.0f}", _gib(n.free_mem_bytes), n.profile_source,
+         n.hardware or "-", f"{n.tflops:.3g}", f"{n.mem_bw_gbps:.3g}", _gib(n.free_mem_bytes), n.profile_source,
          n.source)
         for n in nodes
     ]
@@ -116,7 +116,7 @@ def format_links(links: list[LinkRecord]) -> str:
 def _columns(rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.insert(1, "  ".join("-" * w for w in widths if w).rstrip())
     return "\n".join(lines)
 
 

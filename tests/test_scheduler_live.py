@@ -165,3 +165,32 @@ def test_a_failing_policy_fails_only_its_request_with_a_clear_error(model: Path)
                 await backend.stop()
 
     run(body)
+
+
+def test_a_user_policy_file_runs_live_unchanged(model: Path) -> None:
+    # The same file `pdc simulate --policy` runs (tests/test_simulate.py), loaded
+    # as `pdc serve --policy FILE:Class` loads it, over real workers and a probed link.
+    from scheduler.policy import load_policy
+
+    plugin = f"{Path(__file__).resolve().parent.parent / 'examples' / 'policies' / 'streaming_rule.py'}:StreamingRule"
+    key = generate_key()
+    spark = Worker(config(model, key, "prefill", tflops=0.0, mem_bw_gbps=0.0, hardware="dgx-spark"))
+    mac = Worker(config(model, key, "both"))
+
+    async def body() -> None:
+        async with started(spark, mac):
+            backend = _scheduler(key, spark, mac, policy=plugin)
+            await backend.start()
+            try:
+                await _ready(backend, model.name)
+                assert type(backend.policy).__name__ == "StreamingRule" and backend.health()[1]["policy"] == plugin
+                request = GenerationRequest("plugin", model.name, PROMPT, max_tokens=3)
+                expected = load_policy(plugin).place(request, backend.cluster_view(model.name, backend.table.snapshot()))
+                events = [e async for e in backend.generate(request)]
+                stats = events[-1].stats
+                assert (stats.prefill_node, stats.decode_node) == (expected.prefill_node or "test-both", "test-both")
+                assert stats.completion_tokens == 3
+            finally:
+                await backend.stop()
+
+    run(body)
