@@ -150,7 +150,7 @@ class Predictor:
                 return None
             prefill_s = self.prefill_s(prefill)
             net = costmodel.Link("measured", link.gbps, link.latency_s, payload_efficiency=1.0)
-            exposed = costmodel.exposed_transfer(self.model, net, len(self.request.prompt_token_ids), prefill_s)
+            exposed = costmodel.exposed_transfer(self.model, net, self.num_prompt, prefill_s)  # the prefix is cached
             ttft = prefill.prefill_backlog_s + prefill_s + exposed
         e2e = ttft + (self.request.max_tokens - 1) * self.tpot_s(decode)
         return Estimate(Placement(prefill.node_id if prefill else None, decode.node_id), ttft, e2e)

@@ -136,6 +136,11 @@ class ClusterBackend:
         except Exception as e:  # a policy bug or a view it cannot use: this request fails, the service goes on
             log.exception("policy %s failed to place request %s", self.policy_spec, request.request_id)
             raise NoCapacityError(f"placement policy {self.policy_spec!r} failed: {type(e).__name__}: {e}") from e
+        if not isinstance(placement, Placement) or placement.decode_node not in nodes or (
+                placement.prefill_node is not None and placement.prefill_node not in nodes):
+            log.error("policy %s returned %r for request %s", self.policy_spec, placement, request.request_id)
+            raise NoCapacityError(f"placement policy {self.policy_spec!r} returned {placement!r}, "
+                                  f"not a Placement over the nodes serving {request.model!r}")
         log.info("request %s: prefill=%s decode=%s codec=%s", request.request_id,
                  placement.prefill_node or f"{placement.decode_node} (colocated)", placement.decode_node, placement.codec)
         prefill_done = self._account(request, view, placement)

@@ -227,7 +227,8 @@ class Flight:
     item: WorkItem
     prefill_node: str
     decode_node: str
-    kv_bytes: float = 0.0
+    kv_bytes: float = 0.0  # the whole context's KV, resident on the nodes while the request runs
+    wire_bytes: float = 0.0  # the KV that crosses the link: the new tokens' (the prefix is cached on both ends)
     prefill_s: float = 0.0
     prefill_start: float = 0.0
     prefill_end: float = 0.0
@@ -249,7 +250,7 @@ class Flight:
             request_id=f"req-{self.index}", arrival_s=arrival, prompt_tokens=item.prompt_tokens,
             cached_prefix_tokens=item.cached_prefix_tokens, output_tokens=item.output_tokens,
             prefill_node=self.prefill_node, decode_node=self.decode_node, colocated=self.colocated,
-            kv_bytes=int(self.kv_bytes) if remote else 0,
+            kv_bytes=int(self.wire_bytes) if remote else 0,
             queue_s=self.prefill_start - arrival, prefill_s=self.prefill_s,
             transfer_s=self.last_byte - self.first_byte if remote else 0.0,
             exposed_transfer_s=self.last_byte - self.prefill_end if remote else 0.0,
@@ -287,6 +288,11 @@ class Simulation:
             placement = self.policy.place(request, self._view())
         except NoCapacityError as e:
             raise SimulationError(f"policy {self.policy_name!r} could not place {request.request_id}: {e}") from None
+        except Exception as e:  # a user policy's bug: say whose, without a traceback
+            raise SimulationError(f"policy {self.policy_name!r} failed on {request.request_id}: "
+                                  f"{type(e).__name__}: {e}") from e
+        if not isinstance(placement, Placement):
+            raise SimulationError(f"policy {self.policy_name!r} returned {placement!r}, not a Placement")
         decode = placement.decode_node
         prefill = placement.prefill_node or decode
         self._check(placement, prefill, decode)
@@ -298,6 +304,7 @@ class Simulation:
             item.prompt_tokens - item.cached_prefix_tokens, item.cached_prefix_tokens,
         )
         flight.kv_bytes = costmodel.kv_bytes(self.cluster.model, item.prompt_tokens)
+        flight.wire_bytes = costmodel.kv_bytes(self.cluster.model, item.prompt_tokens - item.cached_prefix_tokens)
         for name in {prefill, decode}:
             self.engines[name].active.add(index)
             self.engines[name].resident_kv_bytes += flight.kv_bytes
@@ -339,10 +346,11 @@ class Simulation:
         pair = (flight.prefill_node, flight.decode_node)
         link, free_at = self.cluster.links[pair], self.link_free_at[pair]
         num_layers = self.cluster.model.num_layers
-        exposed = costmodel.exposed_transfer(self.cluster.model, link, flight.item.prompt_tokens, flight.prefill_s)
+        new_tokens = flight.item.prompt_tokens - flight.item.cached_prefix_tokens
+        exposed = costmodel.exposed_transfer(self.cluster.model, link, new_tokens, flight.prefill_s)
         # Streaming from a link busy until free_at: the last byte lands when the
         # busy link has sent everything, or as on an idle link, whichever is later.
-        flight.last_byte = max(free_at + flight.kv_bytes / link.bytes_per_s + link.latency_s,
+        flight.last_byte = max(free_at + flight.wire_bytes / link.bytes_per_s + link.latency_s,
                                now + flight.prefill_s + exposed)
         flight.first_byte = max(free_at, now + flight.prefill_s / num_layers)
         self.link_free_at[pair] = flight.last_byte - link.latency_s

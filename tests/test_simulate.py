@@ -357,3 +357,24 @@ def test_the_simulator_imports_nothing_heavy() -> None:
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_a_cached_prefix_is_not_shipped_again() -> None:
+    # Multi-turn chat: 7,680 of 8,192 prompt tokens are cached on both nodes, so
+    # only the 512 new tokens' KV (128 KiB each for Llama-3.1-8B bf16) crosses the link.
+    spec = _pair("mac-m4-max", "1gbe")
+    config = SimConfig(spec, LLAMA, ("fastest-pair",), prompt_tokens=8192, cached_prefix_tokens=7680,
+                       output_tokens=16)
+    r = simulate(config)["fastest-pair"].requests[0]
+    assert r.kv_bytes == 512 * 128 * 1024
+    wire_s = r.kv_bytes / build_cluster(spec, LLAMA).links[("spark", "mac")].bytes_per_s
+    assert r.transfer_s == pytest.approx(wire_s, rel=0.05)
+
+
+def test_a_policy_that_returns_no_placement_is_named() -> None:
+    class Forgetful:
+        def place(self, request: GenerationRequest, cluster: ClusterView) -> Placement:
+            return None  # type: ignore[return-value]
+
+    with pytest.raises(SimulationError, match=r"'Forgetful' returned None, not a Placement"):
+        Simulation(build_cluster(_pair("mac-m4-max", "10gbe"), LLAMA), Forgetful()).run(single(10, 2))
