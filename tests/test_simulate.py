@@ -51,18 +51,21 @@ _SEED = [
 ]
 
 
+LLAMACPP_CLUSTERS = {"dgx-spark": ("spark-llamacpp.toml", "spark"), "mac-m4-max": ("mac-m4max-llamacpp.toml", "mac")}
+
+
 @pytest.mark.parametrize("device, row", _SEED, ids=[f"{d}-d{r.depth}" for d, r in _SEED])
 def test_simulate_reproduces_the_llamacpp_table_within_20_percent(
-    device: str, row: costmodel.BenchRow, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    device: str, row: costmodel.BenchRow, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # llama-bench -p 2048 -n 32 -d D: 2048 new prompt tokens on D cached, then 32 generated.
-    cluster = tmp_path / f"{device}.toml"
-    cluster.write_text(_one_node(device))
-    out = _run_cli(capsys, "--cluster", str(cluster), "--model", "gpt-oss-120b", "--policy", "colocated",
+    # llama-bench -p 2048 -n 32 -d D: 2048 new prompt tokens on D cached, then 32
+    # generated; the command on the shipped one-node llama.cpp clusters.
+    cluster, node = LLAMACPP_CLUSTERS[device]
+    out = _run_cli(capsys, "--cluster", str(EXAMPLES / cluster), "--model", "gpt-oss-120b", "--policy", "colocated",
                    "--prompt-tokens", str(row.depth + 2048), "--cached-prefix-tokens", str(row.depth),
-                   "--output-tokens", "32", "--engine", "llamacpp")
+                   "--output-tokens", "32")
     (request,) = out["requests"]
-    assert request["prefill_node"] == request["decode_node"] == "solo"
+    assert request["prefill_node"] == request["decode_node"] == node
     assert 2048 / request["prefill_s"] == pytest.approx(row.prefill_tok_s, rel=0.20)
     assert 1 / request["tpot_s"] == pytest.approx(row.decode_tok_s, rel=0.20)
 

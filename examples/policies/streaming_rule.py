@@ -12,7 +12,7 @@ Use it live or in the simulator:
     pdc simulate --cluster examples/clusters/spark-m4max-10gbe.toml --model llama-3.1-8b \\
         --prompt-tokens 8192 --policy examples/policies/streaming_rule.py:StreamingRule,conditional
 
-Run this file to compare it with the built-in ``conditional`` policy over three links.
+Run this file to compare it with the built-in ``conditional`` policy over four links.
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ if __name__ == "__main__":
     here = Path(__file__).resolve()
     base = (here.parents[1] / "clusters" / "spark-m4max-10gbe.toml").read_text()
     mine = f"{here}:StreamingRule"
-    for kind in ("10gbe", "1gbe", "wifi6"):
+    for kind in ("10gbe", "2.5gbe", "1gbe", "wifi6"):
         spec = cluster_file.loads(base.replace('kind = "10gbe"', f'kind = "{kind}"'), source=kind)
         runs = simulate(SimConfig(spec, "llama-3.1-8b", (mine, "conditional"), prompt_tokens=8192, output_tokens=128))
         for name, run in runs.items():
