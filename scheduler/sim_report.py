@@ -96,12 +96,13 @@ def _ms(value: float | None) -> str:
 
 def request_table(results: Sequence[RequestResult]) -> str:
     """One row per request: placement and where its time went."""
-    header = ("request", "arrive s", "prefill -> decode", "queue s", "prefill s", "exposed s",
+    header = ("request", "arrive s", "prefill -> decode", "queue s", "prefill s", "transfer s", "exposed s",
               "ttft s", "tpot ms", "e2e s")
     rows = [
         (r.request_id, _s(r.arrival_s),
          f"{r.decode_node} (colocated)" if r.colocated else f"{r.prefill_node} -> {r.decode_node}",
-         _s(r.queue_s), _s(r.prefill_s), _s(r.exposed_transfer_s), _s(r.ttft_s), _ms(r.tpot_s), _s(r.e2e_s))
+         _s(r.queue_s), _s(r.prefill_s), _s(r.transfer_s), _s(r.exposed_transfer_s), _s(r.ttft_s), _ms(r.tpot_s),
+         _s(r.e2e_s))
         for r in results
     ]
     return _format(header, rows)
@@ -109,17 +110,22 @@ def request_table(results: Sequence[RequestResult]) -> str:
 
 def summary_table(summaries: dict[str, Summary]) -> str:
     """One row per policy."""
-    header = ("policy", "requests", "ttft p50/p90/p99 s", "tpot p50/p99 ms", "e2e p50/p90/p99 s",
+    header = ("policy", "requests", "ttft p50/p90/p99 s", "tpot p50/p90/p99 ms", "e2e p50/p90/p99 s",
               "tok/s", "goodput req/s")
     rows = [
         (name, str(s.num_requests),
          "/".join(_s(v) for v in (s.ttft_s.p50, s.ttft_s.p90, s.ttft_s.p99)),
-         "/".join(_ms(v) for v in (s.tpot_s.p50, s.tpot_s.p99)),
+         "/".join(_ms(v) for v in (s.tpot_s.p50, s.tpot_s.p90, s.tpot_s.p99)),
          "/".join(_s(v) for v in (s.e2e_s.p50, s.e2e_s.p90, s.e2e_s.p99)),
-         f"{s.throughput_tok_s:.1f}", f"{s.goodput_req_s:.3f} ({s.num_within_slo}/{s.num_requests})")
+         f"{s.throughput_tok_s:.1f}",
+         f"{s.goodput_req_s:.3f} ({s.num_within_slo}/{s.num_requests})" if _has_slo(s) else "- (no SLO)")
         for name, s in summaries.items()
     ]
     return _format(header, rows)
+
+
+def _has_slo(summary: Summary) -> bool:
+    return summary.slo_ttft_s is not None or summary.slo_tpot_s is not None
 
 
 def _format(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -135,6 +141,9 @@ def text_report(runs: dict[str, tuple[list[RequestResult], Summary]]) -> str:
     for name, (results, _) in runs.items():
         if len(results) <= MAX_ROWS:
             parts.append(f"policy {name}:\n{request_table(results)}")
+        else:
+            parts.append(f"policy {name}: {len(results)} requests (per-request rows are shown for up to "
+                         f"{MAX_ROWS}; --json lists them all)")
     summaries = {name: summary for name, (_, summary) in runs.items()}
     slo = next(iter(summaries.values()))
     slo_note = "" if slo.slo_ttft_s is None and slo.slo_tpot_s is None else (
@@ -144,6 +153,16 @@ def text_report(runs: dict[str, tuple[list[RequestResult], Summary]]) -> str:
 
 
 # ---------------------------------------------------------------- plot
+
+
+def _legend_labels(series: dict[str, list[Point]]) -> dict[str, str]:
+    """Policy names for the legend; a policy whose points equal an earlier one's
+    says so ("conditional (= fastest-pair)"), since their lines coincide."""
+    labels: dict[str, str] = {}
+    for name, points in series.items():
+        same = next((other for other in labels if series[other] == points), None)
+        labels[name] = f"{name} (= {same})" if same else name
+    return labels
 
 
 class PlotError(ValueError):
@@ -166,21 +185,29 @@ def plot(series: dict[str, list[Point]], xlabel: str, title: str, out: str | Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import FuncFormatter
+
+    labels = _legend_labels(series)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), constrained_layout=True)
     styles = list(zip("osD^vPX*", ["-", "--", "-.", ":"] * 2))  # policies that agree still show apart
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    some = FuncFormatter(lambda v, _: f"{v:g}" if f"{v:e}"[0] in "25" else "")
     for ax, metric, label in ((axes[0], "ttft_p50_s", "TTFT p50 (s)"), (axes[1], "e2e_p50_s", "end-to-end p50 (s)")):
         for i, (name, points) in enumerate(series.items()):
             marker, line = styles[i % len(styles)]
             ax.plot([p.x for p in points], [getattr(p, metric) for p in points], marker=marker, linestyle=line,
-                    markersize=7 - i % 4, label=name)
+                    markersize=8 - i % 4, label=labels[name], alpha=0.85)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(label)
         ax.set_yscale("log")  # latencies span orders of magnitude between policies
+        ax.yaxis.set_major_formatter(plain)  # 60, not 6x10^1
+        ax.yaxis.set_minor_formatter(some)  # 2, 5, 20, 50: readable when a panel spans about one decade
         if log_x:
             ax.set_xscale("log", base=2)
+            ax.xaxis.set_major_formatter(plain)
         ax.grid(True, which="both", alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 6), frameon=False)
+    handles, _ = axes[0].get_legend_handles_labels()
+    fig.legend(handles, list(labels.values()), loc="outside lower center", ncol=min(len(labels), 6), frameon=False)
     fig.suptitle(title)
     out = Path(out)
     fig.savefig(out, dpi=110)

@@ -104,8 +104,10 @@ def simulate(config: SimConfig) -> dict[str, PolicyRun]:
 
 
 def to_json(config: SimConfig, runs: dict[str, PolicyRun], source: str = "") -> dict:
-    """The ``--json`` object: one policy's ``requests`` and ``summary`` at the top
-    level, or a ``policies`` map of spec -> {requests, summary}."""
+    """The ``--json`` object. ``policies`` maps every policy spec to its
+    ``{requests, summary}``; with a single policy, its ``requests`` and
+    ``summary`` are also at the top level (as the issue's interface has them),
+    so a consumer may always read ``policies``."""
     cluster = resolve(config)
     nodes = {name: {"hardware": n.spec.hardware, "roles": list(n.spec.roles), "engine": n.engine,
                     "tflops": n.machine.tflops, "mem_bw_gbps": n.machine.mem_bw_gbps,
@@ -113,10 +115,11 @@ def to_json(config: SimConfig, runs: dict[str, PolicyRun], source: str = "") -> 
              for name, n in cluster.nodes.items()}
     head = {"cluster": source or config.cluster.name, "model": config.model,
             "weight_format": cluster.weight_format, "nodes": nodes}
+    out = {**head, "policies": {spec: run.to_json() for spec, run in runs.items()}}
     if len(runs) == 1:
         (spec, run), = runs.items()
-        return {**head, "policy": spec, **run.to_json()}
-    return {**head, "policies": {spec: run.to_json() for spec, run in runs.items()}}
+        out.update(policy=spec, **run.to_json())
+    return out
 
 
 # ---------------------------------------------------------------- plot sweeps
@@ -184,6 +187,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-dtype", choices=list(costmodel.WEIGHT_BITS), default=None,
                    help="weight format (default: the checkpoint's own)")
     p.add_argument("--engine", default=None,
+                   choices=sorted({"torch", "mlx", *(engine for _, engine, _ in costmodel.CALIBRATED)}),
                    help="engine of nodes whose cluster entry names none (default: mlx on Macs, torch elsewhere; "
                         "llamacpp selects the calibrated factors)")
     p.add_argument("--rate", type=float, default=None, help="Poisson arrival rate, requests/s (with --num-requests)")
