@@ -646,3 +646,23 @@ def test_worker_processes_stop_cleanly_on_sigterm(processes: Any) -> None:
     for role, worker in workers.items():
         assert worker.proc.wait(20) == 0, worker.tail()
         assert "shutting down" in worker.log.read_text(), role
+
+
+def test_free_memory_reads_macos_vm_stat_output() -> None:
+    from workers.worker_info import parse_vm_stat
+
+    sample = ("Mach Virtual Memory Statistics: (page size of 16384 bytes)\n"
+              "Pages free:                               12000.\n"
+              "Pages active:                             900000.\n"
+              "Pages inactive:                           300000.\n"
+              "Pages speculative:                          4000.\n")
+    assert parse_vm_stat(sample) == (12000 + 300000 + 4000) * 16384
+    assert parse_vm_stat("garbage") == 0
+
+
+def test_free_memory_on_this_host_is_positive_and_cuda_falls_back_without_a_gpu() -> None:
+    from workers.worker_info import free_memory_bytes
+
+    host = free_memory_bytes()
+    assert host > 0
+    assert free_memory_bytes("cuda:0") > 0  # no CUDA here: the host figure, not a crash
