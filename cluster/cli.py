@@ -307,15 +307,30 @@ def _run_policy(args: argparse.Namespace) -> int:
     )
     try:
         with urllib.request.urlopen(request, timeout=10) as resp:
-            reply = json.loads(resp.read())
-    except urllib.error.HTTPError as e:
-        print(f"pdc: error: {json.loads(e.read()).get('error', {}).get('message', e)}", file=sys.stderr)
-        return 1
-    except urllib.error.URLError as e:
-        print(f"pdc: error: cannot reach the scheduler at {args.url}: {e.reason}", file=sys.stderr)
-        return 1
+            status, body = resp.status, resp.read()
+    except urllib.error.HTTPError as e:  # main() prints ValueErrors as `pdc: error: ...` and exits 2
+        raise ValueError(_http_error_message(e.code, e.reason, e.read())) from None
+    except OSError as e:  # URLError (refused, unknown host), timeouts
+        raise ValueError(f"cannot reach the scheduler at {args.url}: {getattr(e, 'reason', e)}") from None
+    try:
+        reply = json.loads(body)
+    except ValueError:
+        reply = None
+    if not isinstance(reply, dict) or "policy" not in reply:
+        raise ValueError(f"{args.url} did not answer as a pdc scheduler: {_http_error_message(status, 'OK', body)}")
     print(f"policy: {reply['policy']}" + (f" (built-in: {', '.join(reply['builtin'])})" if "builtin" in reply else ""))
     return 0
+
+
+def _http_error_message(status: int, reason: str, body: bytes) -> str:
+    """The server's OpenAI-shaped error message, else the HTTP status and the body's first line."""
+    import json
+
+    try:
+        return str(json.loads(body)["error"]["message"])
+    except (ValueError, TypeError, KeyError):
+        first = body.decode("utf-8", "replace").strip().splitlines()[:1]
+        return f"HTTP {status} {reason}" + (f": {first[0][:200]}" if first else "")
 
 
 def _add_key_arg(p: argparse.ArgumentParser,

@@ -112,8 +112,10 @@ async def _put_policy(request: web.Request) -> web.Response:
         raise APIError(400, "body must be {\"policy\": \"NAME|module:Class|file.py:Class\"}", param="policy")
     try:
         name = admin.switch_policy(spec)
-    except ValueError as e:
-        raise APIError(400, str(e), param="policy") from None
+    except Exception as e:  # a spec names user code: whatever it raises is the caller's error, never a 500
+        message = str(e) if isinstance(e, ValueError) else f"policy {spec!r}: {type(e).__name__}: {e}"
+        log.warning("admin policy switch to %r refused: %s", spec, message)
+        raise APIError(400, message, param="policy") from None
     log.warning("placement policy switched to %s", name)
     return web.json_response({"policy": name})
 

@@ -15,7 +15,8 @@ from scheduler.costmodel import BenchRow, BenchTable, Hardware, Link, ModelCost,
 
 
 class CatalogError(LookupError):
-    """A name that is in no catalog (and, for models, no config.json path)."""
+    """A name that is in no catalog (and, for models, no config.json path), or a
+    config.json the cost model cannot use (not JSON, a key missing)."""
 
 
 HARDWARE: dict[str, Hardware] = {
@@ -195,11 +196,27 @@ def model_config(name_or_path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         path = path / "config.json"
     if path.is_file():
-        return json.loads(path.read_text())
+        return _read_config(path)
     raise CatalogError(
         f"unknown model {key!r}: not in the catalog and no config.json at that path; "
         f"known models: {', '.join(MODELS)}"
     )
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """``path``'s config dict, checked against the cost model; CatalogError naming the path if unusable."""
+    try:
+        config = json.loads(path.read_text())
+    except (ValueError, OSError) as e:  # JSONDecodeError, UnicodeDecodeError, unreadable
+        raise CatalogError(f"model config {path} is not readable JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise CatalogError(f"model config {path} is not a JSON object")
+    try:
+        model_cost(config)
+    except (ValueError, KeyError, TypeError) as e:
+        why = f"lacks {e}" if isinstance(e, KeyError) else str(e)
+        raise CatalogError(f"model config {path}: {why}") from None
+    return config
 
 
 def model(name_or_path: str | Path) -> ModelCost:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import itertools
+import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -53,11 +55,14 @@ def forced(request: GenerationRequest, cluster: ClusterView, decode: NodeView, p
 
 
 class Colocated:
-    """Every request on one node (the baseline): the decode-capable node with
-    the most memory bandwidth prefills locally and decodes."""
+    """Each request on one node, no KV ever moves (the baseline): the least busy
+    decode-capable node prefills locally and decodes; among equally busy ones,
+    the one with the most memory bandwidth. Spreading requests keeps the
+    baseline fair: a cluster without disaggregation still uses all its nodes."""
 
     def place(self, request: GenerationRequest, cluster: ClusterView) -> Placement:
-        decode = max(decoders_of(request, cluster), key=lambda n: (n.can_prefill, n.mem_bw_gbps, n.node_id))
+        decode = max(decoders_of(request, cluster),
+                     key=lambda n: (n.can_prefill, -n.active_requests, n.mem_bw_gbps, n.node_id))
         return forced(request, cluster, decode, None)
 
 
@@ -230,33 +235,74 @@ POLICIES: dict[str, type] = {
 
 
 def load_policy(spec: str) -> Policy:
-    """A policy instance from a built-in name, ``package.module:Class`` or ``path/to/file.py:Class``."""
+    """A policy instance from a built-in name, ``package.module:Class`` or ``path/to/file.py:Class``.
+
+    Raises ValueError naming ``spec`` and what went wrong: an unknown name, a
+    module that cannot be imported or raises while it runs (with the file and
+    line), a missing attribute, something that is not a class, a constructor
+    that fails without arguments, or a class without ``place``.
+    """
     if spec in POLICIES:
         return POLICIES[spec]()
     if ":" not in spec:
         raise ValueError(f"unknown policy {spec!r}: use one of {sorted(POLICIES)}, module:Class or file.py:Class")
     where, _, name = spec.rpartition(":")
-    module = _load_file(Path(where)) if where.endswith(".py") else _import(where)
+    try:
+        module = _load_file(Path(where)) if where.endswith(".py") else _import(where)
+    except ValueError as e:
+        raise ValueError(f"policy {spec!r}: {e}") from e.__cause__
     cls = getattr(module, name, None)
     if cls is None:
         raise ValueError(f"policy {spec!r}: {where} has no attribute {name!r}")
-    policy = cls()
+    if not isinstance(cls, type):
+        raise ValueError(f"policy {spec!r}: {name} is not a class (got {type(cls).__name__})")
+    try:
+        policy = cls()
+    except Exception as e:  # user code: any failure is a bad spec, not a crash
+        raise ValueError(f"policy {spec!r}: {name}() failed: {_describe(e)}") from e
     if not callable(getattr(policy, "place", None)):
         raise ValueError(f"policy {spec!r}: {name} has no place(request, cluster) method")
     return policy
 
 
 def _import(module_name: str):
+    """The module, or ValueError saying why it cannot be imported."""
     try:
         return importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"policy module {module_name!r} cannot be imported: {e}") from None
+    except Exception as e:  # ImportError, or whatever the module raises while it runs
+        raise ValueError(f"module {module_name!r} cannot be imported: {_located(e)}") from e
 
 
 def _load_file(path: Path):
+    """The module run from ``path``, registered in sys.modules while it runs
+    (dataclasses and typing resolve names through it); ValueError if it fails."""
     if not path.is_file():
-        raise ValueError(f"policy file {path} does not exist")
-    spec = importlib.util.spec_from_file_location(f"pdc_user_policy_{path.stem}", path)
+        raise ValueError(f"{path} does not exist")
+    name = f"pdc_user_policy_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    except Exception as e:  # a syntax error, or whatever the file raises while it runs
+        if sys.modules.get(name) is module:
+            del sys.modules[name]
+        raise ValueError(_located(e, str(path))) from e
     return module
+
+
+def _located(e: BaseException, filename: str | None = None) -> str:
+    """``"FILE line N: Type: message"`` for an exception raised while a module ran:
+    the deepest line in ``filename`` when given, else the deepest outside importlib."""
+    if isinstance(e, SyntaxError) and e.filename:
+        return f"{e.filename} line {e.lineno}: {type(e).__name__}: {e.msg}"
+    machinery = (__file__, importlib.__file__)
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if not f.filename.startswith("<frozen") and f.filename not in machinery]
+    ours = [f for f in frames if f.filename == filename]
+    frame = (ours or frames or [None])[-1]
+    return (f"{frame.filename} line {frame.lineno}: " if frame else "") + _describe(e)
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__

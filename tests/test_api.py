@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import urllib.error
 import urllib.request
@@ -292,3 +293,92 @@ def test_admin_policy_switches_the_live_policy_and_refuses_replays(admin_server)
     status, body = _admin_call(srv, "PUT", sign_call(key, "PUT /admin/policy"), {"policy": "nope"})
     assert status == 400 and "unknown policy" in body["error"]["message"]
     assert isinstance(admin.policy, LeastLoaded)  # a bad spec changes nothing
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("def broken(:\n    pass\n", r"line 1: SyntaxError: "),
+    ("class Rule:\n    def __init__(self, gain):\n        pass\n", r"Rule\(\) failed: TypeError: .*'gain'"),
+    ("raise RuntimeError('no GPU here')\n", r"line 1: RuntimeError: no GPU here"),
+])
+def test_admin_policy_refuses_a_broken_plugin_with_400_and_keeps_the_policy(
+        admin_server, tmp_path: Path, text: str, reason: str) -> None:
+    from cluster.auth import sign_call
+    from scheduler.policy import FastestPair
+
+    srv, key, admin = admin_server
+    plugin = tmp_path / "broken_rule.py"
+    plugin.write_text(text)
+    spec = f"{plugin}:Rule"
+    status, body = _admin_call(srv, "PUT", sign_call(key, "PUT /admin/policy"), {"policy": spec})
+    assert status == 400 and body["error"]["type"] == "invalid_request_error" and body["error"]["param"] == "policy"
+    assert body["error"]["message"].startswith(f"policy {spec!r}: ")
+    assert re.search(reason, body["error"]["message"]), body["error"]["message"]
+    assert isinstance(admin.policy, FastestPair) and admin.current_policy() == "fastest-pair"
+
+
+def test_admin_policy_answers_400_not_500_whatever_the_switch_raises(
+        admin_server, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cluster.auth import sign_call
+
+    srv, key, admin = admin_server
+
+    def explode(spec: str) -> str:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(admin, "switch_policy", explode)
+    status, body = _admin_call(srv, "PUT", sign_call(key, "PUT /admin/policy"), {"policy": "x.py:Rule"})
+    assert status == 400
+    assert body["error"]["message"] == "policy 'x.py:Rule': RuntimeError: disk on fire"
+
+
+def _pdc_policy(url: str, key, tmp_path: Path, *extra: str) -> int:
+    from cluster.auth import write_config
+    from cluster.cli import main as pdc_main
+
+    key_file = write_config(tmp_path / "cluster.json", key, force=True)
+    return pdc_main(["policy", "--url", url, "--cluster-key-file", str(key_file), *extra])
+
+
+def test_pdc_policy_set_prints_the_servers_reason_and_exits_2(
+        admin_server, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    srv, key, admin = admin_server
+    plugin = tmp_path / "broken_rule.py"
+    plugin.write_text("import os\nraise RuntimeError('no GPU here')\n")
+    spec = f"{plugin}:Rule"
+    assert _pdc_policy(srv.url, key, tmp_path, "--set", spec) == 2
+    err = capsys.readouterr().err
+    assert err == f"pdc: error: policy {spec!r}: {plugin} line 2: RuntimeError: no GPU here\n"
+    assert _pdc_policy(srv.url, key, tmp_path, "--set", "nope") == 2
+    assert capsys.readouterr().err.startswith("pdc: error: unknown policy 'nope'")
+    assert _pdc_policy(srv.url, key, tmp_path, "--set", "least-loaded") == 0
+    assert capsys.readouterr().out == "policy: least-loaded\n"
+
+
+def test_pdc_policy_reports_a_non_json_error_by_status_and_first_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cluster.auth import generate_key
+
+    async def crash(request: web.Request) -> web.Response:
+        return web.Response(status=500, text="500: Internal Server Error\n\nServer got itself in trouble")
+
+    app = web.Application()
+    app.router.add_put("/admin/policy", crash)
+    srv = ServerThread(app)
+    try:
+        assert _pdc_policy(srv.url, generate_key(), tmp_path, "--set", "least-loaded") == 2
+    finally:
+        srv.stop()
+    assert capsys.readouterr().err == "pdc: error: HTTP 500 Internal Server Error: 500: Internal Server Error\n"
+
+
+def test_pdc_policy_against_nothing_says_it_cannot_reach_the_scheduler(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    from cluster.auth import generate_key
+
+    with socket.socket() as sock:  # a port nobody listens on once closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    assert _pdc_policy(f"http://127.0.0.1:{port}", generate_key(), tmp_path) == 2
+    assert capsys.readouterr().err.startswith(f"pdc: error: cannot reach the scheduler at http://127.0.0.1:{port}: ")
