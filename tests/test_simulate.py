@@ -381,3 +381,12 @@ def test_a_policy_that_returns_no_placement_is_named() -> None:
 
     with pytest.raises(SimulationError, match=r"'Forgetful' returned None, not a Placement"):
         Simulation(build_cluster(_pair("mac-m4-max", "10gbe"), LLAMA), Forgetful()).run(single(10, 2))
+
+
+def test_colocated_spreads_requests_over_idle_nodes() -> None:
+    # The baseline moves no KV, but a cluster without disaggregation still uses its nodes.
+    spec = cluster_file.load(EXAMPLES / "spark-2x-m4max.toml")
+    cluster = build_cluster(spec, LLAMA)
+    results = Simulation(cluster, load_policy("colocated")).run([WorkItem(0.0, 2048, 8)] * 3)
+    assert all(r.colocated for r in results)
+    assert [r.decode_node for r in results] == ["mac2", "mac1", "spark"]  # most bandwidth first, then idle ones
