@@ -167,8 +167,9 @@ def _parse_node(entry: Any, index: int, source: str) -> NodeSpec:
         raise ClusterFileError(f"{where}: unknown hardware {hardware!r}; known hardware: {', '.join(catalog.HARDWARE)}")
     roles = _parse_roles(entry.get("roles", list(ROLES)), where)
     engine = entry.get("engine")
-    if engine is not None and (not isinstance(engine, str) or not engine):
-        raise ClusterFileError(f"{where}: 'engine' must be a non-empty string")
+    if engine is not None and engine not in costmodel.known_engines():
+        raise ClusterFileError(f"{where}: unknown engine {engine!r}; known engines: "
+                               f"{', '.join(costmodel.known_engines())}")
     return NodeSpec(
         name, hardware, roles,
         tflops=_positive(entry, "tflops", where),

@@ -435,6 +435,11 @@ CALIBRATED: dict[tuple[str, str, str], Efficiency] = {
 }
 
 
+def known_engines() -> list[str]:
+    """Engine names the cost model understands: ours, and every calibrated one."""
+    return sorted({"torch", "mlx", *(engine for _, engine, _ in CALIBRATED)})
+
+
 def efficiency(device: str, engine: str, weight_format: str) -> Efficiency:
     """Efficiency of ``engine`` running ``weight_format`` weights on ``device``:
     the calibrated factors for that exact combination, else the generic ones."""

@@ -187,7 +187,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-dtype", choices=list(costmodel.WEIGHT_BITS), default=None,
                    help="weight format (default: the checkpoint's own)")
     p.add_argument("--engine", default=None,
-                   choices=sorted({"torch", "mlx", *(engine for _, engine, _ in costmodel.CALIBRATED)}),
+                   choices=costmodel.known_engines(),
                    help="engine of nodes whose cluster entry names none (default: mlx on Macs, torch elsewhere; "
                         "llamacpp selects the calibrated factors)")
     p.add_argument("--rate", type=float, default=None, help="Poisson arrival rate, requests/s (with --num-requests)")

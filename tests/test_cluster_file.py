@@ -101,6 +101,8 @@ _BAD = [
      r"links\[1\]: a second link between 'mac' and 'spark'"),
     ("payload share above one", PAIR.replace('kind = "10gbe"', 'kind = "10gbe"\npayload_efficiency = 1.5'),
      r"'payload_efficiency' must be in \(0, 1\]"),
+    ("unknown engine", PAIR.replace('name = "mac"', 'name = "mac"\nengine = "llamcpp"'),
+     r"nodes\[1\] \('mac'\): unknown engine 'llamcpp'; known engines: llamacpp, mlx, torch"),
     ("no nodes", "name = 'empty'\n", r"no \[\[nodes\]\]"),
     ("not TOML", "[[nodes]\nname = 'x'", r"not valid TOML"),
 ]
