@@ -17,7 +17,7 @@ from pathlib import Path
 
 from scheduler import cluster_file, costmodel
 from scheduler.cluster_file import ClusterSpec
-from scheduler.policy import load_policy
+from scheduler.policy import POLICIES, load_policy
 from scheduler.sim_engine import RequestResult, SimCluster, Simulation, build_cluster
 from scheduler.sim_report import Point, Summary, plot, summarize, text_report
 from scheduler.sim_workload import WorkItem, mean_rate, poisson, read_trace, scaled, single
@@ -180,9 +180,12 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cluster", required=True, help="cluster file (TOML), e.g. examples/clusters/spark-m4max-10gbe.toml")
     p.add_argument("--model", required=True, help="catalog model name (e.g. llama-3.1-8b) or a config.json path")
     p.add_argument("--policy", default="conditional",
-                   help="policy NAME, module:Class or file.py:Class; several separated by commas (default: conditional)")
+                   help=f"a built-in ({', '.join(POLICIES)}), package.module:Class or path/to/file.py:Class; "
+                        "several separated by commas, compared on the same workload (default: conditional)")
     p.add_argument("--prompt-tokens", type=int, default=2048, help="prompt length (default: 2048)")
-    p.add_argument("--cached-prefix-tokens", type=int, default=0, help="prompt tokens already cached (default: 0)")
+    p.add_argument("--cached-prefix-tokens", type=int, default=0,
+                   help="prompt tokens already cached on the chosen nodes, as in a multi-turn chat: prefill "
+                        "computes and ships only the rest (default: 0)")
     p.add_argument("--output-tokens", type=int, default=256, help="tokens to generate (default: 256)")
     p.add_argument("--weight-dtype", choices=list(costmodel.WEIGHT_BITS), default=None,
                    help="weight format (default: the checkpoint's own)")
