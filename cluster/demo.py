@@ -27,8 +27,14 @@ def run_demo(config: UpConfig, max_tokens: int = 32) -> int:
             model=model, messages=messages, max_tokens=max_tokens, temperature=0,
             extra_body={"pdcluster": {"placement": "colocated"}},
         )
+        health = cluster.wait_ready()  # now with the link the scheduler probed
     single_text = single.choices[0].message.content or ""
     _print_summary(text, stats, ttft, elapsed, single_text == text, single.model_extra["pdcluster"]["decode_node"])
+    for link in health.get("links", []):
+        measured = (f"{link['gbps']:.1f} Gbit/s, {link['latency_ms']:.2f} ms one way" if not link["error"]
+                    else f"probe failed: {link['error']}")
+        print(f"  {'link (probed)':<16} {link['prefill_node']} -> {link['decode_node']}: {measured}")
+    print(f"  {'policy':<16} {health.get('policy', '?')} (this request forced \"disaggregated\" to show the split)")
     disaggregated = stats["prefill_node"] != stats["decode_node"]
     return 0 if disaggregated and single_text == text else 1
 
