@@ -1,4 +1,5 @@
-"""Cost model: parameter and KV counts against hand counts, the llama.cpp
+"""Cost model: parameter and KV counts against hand counts, prefill, decode and
+transfer times against hand computation (one dense, one MoE model), the llama.cpp
 calibration and its 20-figure reproduction, and the physics DESIGN relies on."""
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from scheduler.costmodel import (
     GENERIC,
     WEIGHT_BITS,
     BenchRow,
+    Efficiency,
+    Hardware,
     Link,
     attention_flops,
     calibrate,
@@ -26,6 +29,7 @@ from scheduler.costmodel import (
     exposed_transfer,
     kv_bytes,
     kv_bytes_per_token,
+    linear_flops,
     model_cost,
     predict_row,
     prefill_compute_time,
@@ -143,6 +147,196 @@ def test_attention_flops_count_causal_pairs_per_layer() -> None:
     oss = catalog.model("gpt-oss-120b")
     per = 4 * 64 * 64
     assert attention_flops(oss, 1, 10_000) == (18 * 10_001 + 18 * 128) * per
+
+
+# ---------------------------------------------------------------- times against hand computation
+#
+# Every expected value below is worked out from the config numbers, step by step,
+# on made-up hardware with round figures, so each line can be checked by hand.
+
+# 100 TFLOPS = 1e14 FLOP/s peak; 1000 GB/s = 1e12 B/s peak.
+ROUND = Hardware("round", tflops=100.0, mem_bw_gbps=1000.0, mem_gb=80.0)
+# Achieved: weight matmuls 0.5 x 1e14 = 5e13 FLOP/s; attention 0.25 x 1e14 = 2.5e13 FLOP/s;
+# weight reads 0.5 x 1e12 = 5e11 B/s; KV reads 0.25 x 1e12 = 2.5e11 B/s.
+HALF = Efficiency(compute=0.5, attention=0.25, bandwidth=0.5, kv_bandwidth=0.25)
+# The same memory with 0.2 TFLOPS: 0.5 x 2e11 = 1e11 FLOP/s, so a decode step's FLOPs outlast its reads.
+FLOP_STARVED = Hardware("flop-starved", tflops=0.2, mem_bw_gbps=1000.0, mem_gb=80.0)
+# 8 Gb/s line with half of it payload: 8e9 / 8 x 0.5 = 5e8 B/s, 1 ms latency.
+HALF_8G = Link("half-8g", gbit_s=8.0, latency_s=1e-3, payload_efficiency=0.5)
+
+# llama-3.1-8b (dense): hidden 4096, intermediate 14336, 32 layers, 32 query heads and
+# 8 KV heads of head_dim 128, vocab 128256, untied lm_head, bf16 = 2 bytes per weight.
+L8_LAYER = (
+    4096 * 32 * 128  # q_proj
+    + 2 * 4096 * 8 * 128  # k_proj, v_proj
+    + 32 * 128 * 4096  # o_proj
+    + 3 * 4096 * 14336  # gate, up, down
+    + 2 * 4096  # two RMSNorms
+)  # = 218_112_000
+L8_LAYERS = 32 * L8_LAYER + 4096  # + final norm = 6_979_588_096
+L8_LM_HEAD = 128256 * 4096  # = 525_336_576
+L8_PAIR_FLOPS = 32 * 4 * 32 * 128  # per (query, key) pair, all 32 layers: QK^T + PV, 2 x 2 x q_dim = 524_288
+L8_KV_PER_TOKEN = 32 * 2 * 8 * 128 * 2  # bytes, all layers: K and V x 8 heads x 128 x bf16 = 131_072
+L8_DECODE_BYTES = (L8_LAYERS + L8_LM_HEAD) * 2  # layers + lm_head in bf16 = 15_009_849_344
+
+# qwen3-30b-a3b (MoE): hidden 2048, 48 layers, 32 query heads and 4 KV heads of 128,
+# 128 routed experts of moe_intermediate 768, 8 per token, vocab 151936, untied, bf16.
+Q3_LAYER_DENSE = (
+    2048 * 32 * 128  # q_proj
+    + 2 * 2048 * 4 * 128  # k_proj, v_proj
+    + 32 * 128 * 2048  # o_proj
+    + 2 * 128  # q_norm, k_norm (per head_dim)
+    + 2 * 2048  # two RMSNorms
+    + 2048 * 128  # router
+)  # = 19_140_864
+Q3_LAYERS = 48 * Q3_LAYER_DENSE + 2048  # + final norm = 918_763_520
+Q3_EXPERT = 3 * 2048 * 768  # gate, up, down of one expert = 4_718_592
+Q3_ACTIVE_EXPERTS = 48 * 8 * Q3_EXPERT  # 8 experts per token in each of 48 layers = 1_811_939_328
+Q3_LM_HEAD = 151936 * 2048  # = 311_164_928
+Q3_PAIR_FLOPS = 48 * 4 * 32 * 128  # = 786_432
+Q3_KV_PER_TOKEN = 48 * 2 * 4 * 128 * 2  # = 98_304
+Q3_DENSE_BYTES = (Q3_LAYERS + Q3_LM_HEAD) * 2  # = 2_459_856_896
+Q3_DECODE_BYTES = Q3_DENSE_BYTES + Q3_ACTIVE_EXPERTS * 2  # + 8 experts a layer = 6_083_735_552
+
+QWEN3 = catalog.model("qwen3-30b-a3b")
+
+
+def test_hand_counts_behind_the_time_tests_match_the_model() -> None:
+    assert (LLAMA.layer_active_params, LLAMA.unembedding_params) == (L8_LAYERS, L8_LM_HEAD) == (
+        6_979_588_096, 525_336_576)
+    assert LLAMA.decode_weight_bytes == L8_DECODE_BYTES == 15_009_849_344
+    assert (QWEN3.layer_params, QWEN3.expert_params) == (Q3_LAYERS, Q3_EXPERT) == (918_763_520, 4_718_592)
+    assert QWEN3.layer_active_params == Q3_LAYERS + Q3_ACTIVE_EXPERTS == 2_730_702_848
+    assert QWEN3.decode_weight_bytes == Q3_DECODE_BYTES == 6_083_735_552
+
+
+def test_lm_head_flops_are_counted_once_per_prefill() -> None:
+    # 2 FLOPs per layer weight per token, and 2 per lm_head weight for the last token only.
+    assert linear_flops(LLAMA, 1) == 2 * (L8_LAYERS + L8_LM_HEAD) == 15_009_849_344
+    assert linear_flops(LLAMA, 1000) == 2 * (1000 * L8_LAYERS + L8_LM_HEAD) == 13_960_226_865_152
+    assert linear_flops(QWEN3, 1) == 2 * (Q3_LAYERS + Q3_ACTIVE_EXPERTS + Q3_LM_HEAD) == 6_083_735_552
+
+
+def test_llama_prefill_is_compute_bound_at_the_hand_computed_time() -> None:
+    # 1000 new tokens, nothing cached.
+    linear = 2 * (1000 * L8_LAYERS + L8_LM_HEAD)  # 13_960_226_865_152 FLOPs
+    linear_s = linear / 5e13  # 0.27920453730304 s
+    attention = 1000 * 1001 // 2 * L8_PAIR_FLOPS  # 500_500 causal pairs -> 262_406_144_000 FLOPs
+    attention_s = attention / 2.5e13  # 0.01049624576 s
+    assert linear_s + attention_s == pytest.approx(0.28970078306304, rel=1e-12)
+    # Floor: weights and lm_head once, plus the KV of 1000 tokens: 15_140_921_344 B / 5e11.
+    floor_s = (L8_DECODE_BYTES + 1000 * L8_KV_PER_TOKEN) / 5e11
+    assert floor_s == pytest.approx(0.030281842688, rel=1e-12)
+    assert prefill_compute_time(LLAMA, ROUND, HALF, 1000) == pytest.approx(0.28970078306304, rel=1e-12)
+    assert prefill_floor_time(LLAMA, ROUND, HALF, 1000) == pytest.approx(0.030281842688, rel=1e-12)
+    assert prefill_time(LLAMA, ROUND, HALF, 1000) == pytest.approx(0.28970078306304, rel=1e-12)
+
+
+def test_llama_short_prefill_on_a_long_context_is_floored_by_reads() -> None:
+    # 10 new tokens on 990 cached.
+    linear_s = 2 * (10 * L8_LAYERS + L8_LM_HEAD) / 5e13  # 140_642_435_072 FLOPs -> 0.00281284870144 s
+    pairs = 1000 * 1001 // 2 - 990 * 991 // 2  # 500_500 - 490_545 = 9_955 new causal pairs
+    attention_s = pairs * L8_PAIR_FLOPS / 2.5e13  # 5_219_287_040 FLOPs -> 0.0002087714816 s
+    assert linear_s + attention_s == pytest.approx(0.00302162018304, rel=1e-12)
+    floor_s = (L8_DECODE_BYTES + 1000 * L8_KV_PER_TOKEN) / 5e11  # all weights + KV of the 1000-token context
+    assert floor_s == pytest.approx(0.030281842688, rel=1e-12)
+    assert prefill_compute_time(LLAMA, ROUND, HALF, 10, 990) == pytest.approx(0.00302162018304, rel=1e-12)
+    assert prefill_time(LLAMA, ROUND, HALF, 10, 990) == pytest.approx(0.030281842688, rel=1e-12)
+
+
+def test_llama_decode_is_read_bound_and_then_flop_bound_on_a_flop_starved_device() -> None:
+    # One token at depth 999: the new token attends to 1000 positions, reads 1000 tokens of KV.
+    weights_s = L8_DECODE_BYTES / 5e11  # 0.030019698688 s
+    kv_s = 1000 * L8_KV_PER_TOKEN / 2.5e11  # 131_072_000 B -> 0.000524288 s
+    assert weights_s + kv_s == pytest.approx(0.030543986688, rel=1e-12)
+    flops = 2 * (L8_LAYERS + L8_LM_HEAD) + 1000 * L8_PAIR_FLOPS  # 15_534_137_344 FLOPs
+    assert flops / 5e13 == pytest.approx(0.00031068274688, rel=1e-12)  # far below the reads
+    assert decode_time(LLAMA, ROUND, HALF, 999) == pytest.approx(0.030543986688, rel=1e-12)
+    # At 1e11 FLOP/s the same FLOPs take 0.15534137344 s, five times the reads: the floor binds.
+    assert flops / 1e11 == pytest.approx(0.15534137344, rel=1e-12)
+    assert decode_time(LLAMA, FLOP_STARVED, HALF, 999) == pytest.approx(0.15534137344, rel=1e-12)
+
+
+def test_llama_transfer_and_exposed_transfer_include_the_latency() -> None:
+    kv = 1000 * L8_KV_PER_TOKEN  # 131_072_000 B
+    assert kv_bytes(LLAMA, 1000) == kv
+    # 131_072_000 B / 5e8 B/s = 0.262144 s on the wire, + 1 ms latency.
+    assert transfer_time(kv, HALF_8G) == pytest.approx(0.263144, rel=1e-12)
+    # Streamed per layer (32 slices of 0.008192 s): a 0.032 s prefill readies a slice every
+    # 1 ms, faster than the link drains them, so the link runs from 1 ms to 0.263144 s;
+    # exposed = 0.263144 - 0.032 + 0.001 latency = 0.232144 s (= T - P x 31/32 + latency).
+    assert exposed_transfer(LLAMA, HALF_8G, 1000, 0.032) == pytest.approx(0.232144, rel=1e-9)
+    # A 1 s prefill hides all but the last slice: 0.008192 + 0.001 = 0.009192 s.
+    assert exposed_transfer(LLAMA, HALF_8G, 1000, 1.0) == pytest.approx(0.009192, rel=1e-9)
+
+
+def test_expected_experts_touched_by_n_tokens() -> None:
+    # Uniform routing, 8 of 128 per token: an expert is missed by one token with
+    # probability 120/128 = 15/16, so n tokens touch 128 x (1 - (15/16)^n) experts.
+    assert QWEN3.expected_experts_touched(1) == pytest.approx(8.0, rel=1e-12)  # exactly top-k
+    assert QWEN3.expected_experts_touched(2) == pytest.approx(128 * 31 / 256, rel=1e-12)  # 1 - 225/256 -> 15.5
+    assert QWEN3.expected_experts_touched(16) == pytest.approx(82.4225113, rel=1e-8)  # (15/16)^16 = 0.356074
+    assert QWEN3.expected_experts_touched(4096) == pytest.approx(128.0, rel=1e-12)  # every expert
+    assert LLAMA.expected_experts_touched(100) == 0.0  # dense
+
+
+def test_moe_prefill_floor_reads_only_the_experts_the_prompt_touches() -> None:
+    # Two new tokens touch 15.5 experts a layer on average (not 8, not 128).
+    experts = 48 * 15.5 * Q3_EXPERT * 2  # 744 expert copies x 4_718_592 x 2 B = 7_021_264_896 B
+    floor = Q3_DENSE_BYTES + experts + 2 * Q3_KV_PER_TOKEN  # 9_481_318_400 B
+    assert floor / 5e11 == pytest.approx(0.0189626368, rel=1e-12)
+    compute_s = 2 * (2 * (Q3_LAYERS + Q3_ACTIVE_EXPERTS) + Q3_LM_HEAD) / 5e13 + 3 * Q3_PAIR_FLOPS / 2.5e13
+    assert compute_s == pytest.approx(0.00023090282496 + 9.437184e-08, rel=1e-12)  # far below the floor
+    assert prefill_floor_time(QWEN3, ROUND, HALF, 2) == pytest.approx(0.0189626368, rel=1e-12)
+    assert prefill_time(QWEN3, ROUND, HALF, 2) == pytest.approx(0.0189626368, rel=1e-12)
+
+
+def test_moe_prefill_is_compute_bound_at_the_hand_computed_time() -> None:
+    # 2000 new tokens: 2 FLOPs per active parameter (8 experts a token) per token, lm_head once.
+    linear = 2 * (2000 * (Q3_LAYERS + Q3_ACTIVE_EXPERTS) + Q3_LM_HEAD)  # 10_923_433_721_856 FLOPs
+    attention = 2000 * 2001 // 2 * Q3_PAIR_FLOPS  # 2_001_000 pairs -> 1_573_650_432_000 FLOPs
+    assert linear / 5e13 + attention / 2.5e13 == pytest.approx(0.21846867443712 + 0.06294601728, rel=1e-12)
+    # Floor: 2000 tokens touch all 128 experts (1 - (15/16)^2000 = 1 - 1e-56).
+    floor = Q3_DENSE_BYTES + 48 * 128 * Q3_EXPERT * 2 + 2000 * Q3_KV_PER_TOKEN  # 60_638_523_392 B
+    assert prefill_floor_time(QWEN3, ROUND, HALF, 2000) == pytest.approx(floor / 5e11, rel=1e-12)  # 0.1213 s
+    assert prefill_time(QWEN3, ROUND, HALF, 2000) == pytest.approx(0.28141469171712, rel=1e-12)
+
+
+def test_moe_decode_reads_eight_experts_and_is_flop_bound_on_a_flop_starved_device() -> None:
+    weights_s = Q3_DECODE_BYTES / 5e11  # 0.012167471104 s
+    kv_s = 1000 * Q3_KV_PER_TOKEN / 2.5e11  # 98_304_000 B -> 0.000393216 s
+    assert weights_s + kv_s == pytest.approx(0.012560687104, rel=1e-12)
+    assert decode_time(QWEN3, ROUND, HALF, 999) == pytest.approx(0.012560687104, rel=1e-12)
+    flops = 2 * (Q3_LAYERS + Q3_ACTIVE_EXPERTS + Q3_LM_HEAD) + 1000 * Q3_PAIR_FLOPS  # 6_870_167_552
+    assert flops / 1e11 == pytest.approx(0.06870167552, rel=1e-12)  # > 0.0126 s of reads
+    assert decode_time(QWEN3, FLOP_STARVED, HALF, 999) == pytest.approx(0.06870167552, rel=1e-12)
+
+
+def test_moe_transfer_and_exposed_transfer_include_the_latency() -> None:
+    kv = 1000 * Q3_KV_PER_TOKEN  # 98_304_000 B
+    assert transfer_time(kv, HALF_8G) == pytest.approx(0.196608 + 0.001, rel=1e-12)
+    # 48 slices of 0.004096 s; a 0.048 s prefill readies one every 1 ms: link-bound.
+    # exposed = 0.196608 - 0.048 x 47/48 + 0.001 = 0.150608 s.
+    assert exposed_transfer(QWEN3, HALF_8G, 1000, 0.048) == pytest.approx(0.150608, rel=1e-9)
+    assert exposed_transfer(QWEN3, HALF_8G, 1000, 1.0) == pytest.approx(0.004096 + 0.001, rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    "fmt, bits, llama_decode_bytes",
+    [
+        ("fp8", 8.0, 7_504_924_672),  # (L8_LAYERS + L8_LM_HEAD) x 1 byte
+        ("int8", 8.0, 7_504_924_672),
+        ("int4", 4.5, 4_221_520_128),  # x (32 x 4 + 16) / 32 / 8 = 0.5625 byte
+        ("mxfp4", 4.25, 3_986_991_232),  # x (32 x 4 + 8) / 32 / 8 = 0.53125 byte
+    ],
+)
+def test_quantized_formats_store_their_bits_per_weight(fmt: str, bits: float, llama_decode_bytes: int) -> None:
+    assert WEIGHT_BITS[fmt] == bits
+    model = model_cost(catalog.model_config("llama-3.1-8b"), dense_format=fmt, expert_format=fmt)
+    assert model.decode_weight_bytes == llama_decode_bytes == (L8_LAYERS + L8_LM_HEAD) * bits / 8
+    # Decode on ROUND at depth 0 reads these bytes at 5e11 B/s plus one token of KV at 2.5e11 B/s.
+    assert decode_time(model, ROUND, HALF, 0) == pytest.approx(
+        llama_decode_bytes / 5e11 + L8_KV_PER_TOKEN / 2.5e11, rel=1e-12)
 
 
 # ---------------------------------------------------------------- efficiency and calibration

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from scheduler import catalog
+from scheduler import catalog, costmodel
 from scheduler.placement import ClusterView, LinkView, NodeView, Placement
 from scheduler.policy import (
     POLICIES,
@@ -169,3 +169,88 @@ def test_a_measured_profile_is_taken_as_achieved_not_peak() -> None:
     t_peak = Predictor(request, ClusterView((peak,), model_config=LLAMA_CONFIG)).prefill_s(peak)
     t_measured = Predictor(request, ClusterView((measured,), model_config=LLAMA_CONFIG)).prefill_s(measured)
     assert t_measured < t_peak  # generic efficiency (0.75 of peak) is not applied again to achieved TFLOPS
+
+
+# ---------------------------------------------------------------- what each Predictor input changes
+
+
+def test_round_robin_rotates_the_prefill_node_too() -> None:
+    other = NodeView("spark2", ("prefill",), "torch", "m", tflops=100, mem_bw_gbps=273)
+    policy = RoundRobin()
+    placements = [policy.place(_req(), _view(SPARK, other, MAC)) for _ in range(4)]
+    assert [p.decode_node for p in placements] == ["mac"] * 4
+    assert [p.prefill_node for p in placements] == ["spark", "spark2", "spark", "spark2"]
+
+
+def test_conditional_sends_prefill_away_from_a_decode_node_with_a_prefill_backlog() -> None:
+    # Over 0.5 Gb/s the 1 GiB of KV costs ~17 s: remote TTFT ~17.2 s against ~11.0 s local,
+    # so an idle local node prefills itself; 30 s already queued there makes local ~41 s.
+    assert Conditional().place(_long_req(), _costed(BIG, LOCAL, gbps=0.5)) == Placement(None, "local")
+    queued = NodeView("local", ("prefill", "decode"), "mlx", "m", tflops=17, mem_bw_gbps=546, prefill_backlog_s=30.0)
+    predictor = Predictor(_long_req(), _costed(BIG, queued, gbps=0.5))
+    assert predictor.estimate(None, queued).ttft_s == pytest.approx(30.0 + predictor.prefill_s(queued), rel=1e-12)
+    assert Conditional().place(_long_req(), _costed(BIG, queued, gbps=0.5)) == Placement("big", "local")
+
+
+def test_roofline_leaves_a_busy_fast_decoder_for_an_idle_slower_one() -> None:
+    # Same FLOPS, so prefill ties; the 819 GB/s node decodes 1.5x faster alone but shares
+    # its engine with 3 requests in flight (4x per token), so the 546 GB/s node wins.
+    busy = NodeView("fast", ("prefill", "decode"), "mlx", "m", tflops=17, mem_bw_gbps=819, active_requests=3)
+    idle_fast = NodeView("fast", ("prefill", "decode"), "mlx", "m", tflops=17, mem_bw_gbps=819)
+    idle = NodeView("slow", ("prefill", "decode"), "mlx", "m", tflops=17, mem_bw_gbps=546)
+    assert Roofline().place(_long_req(), _costed(idle_fast, idle)) == Placement(None, "fast")
+    assert Roofline().place(_long_req(), _costed(busy, idle)) == Placement(None, "slow")
+    predictor = Predictor(_long_req(), _costed(busy, idle))
+    assert predictor.tpot_s(busy) == pytest.approx(4 * predictor.tpot_s(idle_fast), rel=1e-12)
+
+
+def _cached_req(num_cached: int) -> GenerationRequest:
+    return GenerationRequest("r", "m", tuple(range(8192)), max_tokens=64, cached_prefix_tokens=num_cached)
+
+
+def test_a_cached_prefix_shortens_the_predicted_prefill_to_the_new_tokens() -> None:
+    node = NodeView("n", ("prefill", "decode"), "mlx", "m", tflops=17, mem_bw_gbps=546)
+    view = ClusterView((node,), model_config=LLAMA_CONFIG)
+    hw = costmodel.Hardware("n", tflops=17, mem_bw_gbps=546, mem_gb=1.0)  # no catalog name: advertised peaks
+    model, eff = costmodel.model_cost(LLAMA_CONFIG), costmodel.GENERIC["bf16"]
+    cached = Predictor(_cached_req(8000), view).prefill_s(node)
+    assert cached == pytest.approx(costmodel.prefill_time(model, hw, eff, 192, 8000), rel=1e-12)  # 192 new on 8000
+    assert Predictor(_cached_req(0), view).prefill_s(node) == pytest.approx(
+        costmodel.prefill_time(model, hw, eff, 8192, 0), rel=1e-12)
+    assert cached * 20 < Predictor(_cached_req(0), view).prefill_s(node)
+
+
+def test_roofline_trades_prefill_flops_for_decode_bandwidth_once_the_prompt_is_cached() -> None:
+    # No links: both options are colocated. Uncached, prefill dominates (~1.5 s vs ~11 s) and
+    # the 125-TFLOPS node wins; with 8000 of 8192 tokens cached, decode dominates and the
+    # 546 GB/s node wins (~2.9 s vs ~5.2 s end to end).
+    flops = NodeView("a", ("prefill", "decode"), "torch", "m", tflops=125, mem_bw_gbps=273)
+    bandwidth = NodeView("b", ("prefill", "decode"), "mlx", "m", tflops=17, mem_bw_gbps=546)
+    view = _costed(flops, bandwidth)
+    assert Roofline().place(_cached_req(0), view) == Placement(None, "a")
+    assert Roofline().place(_cached_req(8000), view) == Placement(None, "b")
+
+
+def test_a_cached_prefix_is_not_sent_again_over_the_link() -> None:
+    # Both chosen nodes hold the 8000 cached tokens: only the 192 new tokens' KV crosses.
+    view = _costed(BIG, LOCAL, gbps=10)
+    predictor = Predictor(_cached_req(8000), view)
+    prefill_s = predictor.prefill_s(BIG)
+    net = costmodel.Link("measured", 10, 0.0002, payload_efficiency=1.0)
+    exposed = costmodel.exposed_transfer(costmodel.model_cost(LLAMA_CONFIG), net, 192, prefill_s)
+    assert predictor.estimate(BIG, LOCAL).ttft_s == pytest.approx(prefill_s + exposed, rel=1e-9)
+
+
+def test_the_cluster_weight_format_converts_the_model_before_predicting() -> None:
+    node = NodeView("n", ("prefill", "decode"), "mlx", "m", tflops=17, mem_bw_gbps=546)
+    hw = costmodel.Hardware("n", tflops=17, mem_bw_gbps=546, mem_gb=1.0)
+    depth = 8192 + 64 // 2  # mid-generation
+    native = Predictor(_long_req(), ClusterView((node,), model_config=LLAMA_CONFIG))
+    int4 = Predictor(_long_req(), ClusterView((node,), model_config=LLAMA_CONFIG, weight_format="int4"))
+    model_int4 = costmodel.model_cost(LLAMA_CONFIG, dense_format="int4", expert_format="int4")
+    assert int4.tpot_s(node) == pytest.approx(
+        costmodel.decode_time(model_int4, hw, costmodel.GENERIC["int4"], depth), rel=1e-12)
+    # 4.5 of 16 bits a weight: decode reads ~0.28x the bytes, so it is much faster ...
+    assert int4.tpot_s(node) < 0.4 * native.tpot_s(node)
+    # ... while prefill dequantises at 0.4 of peak instead of 0.75: slower.
+    assert int4.prefill_s(node) > 1.5 * native.prefill_s(node)

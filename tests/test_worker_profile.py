@@ -1,14 +1,17 @@
 """A worker's declared profile: the profile file, the precedence of flags over
-file over catalog over measurement, errors that name the offender, and a real
-``pdc worker`` process reporting what it declared (and its model's config.json).
+file over catalog over measurement, errors that name the offender, the real
+start-up measurement on each engine, and a real ``pdc worker`` process reporting
+what it declared (and its model's config.json).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import math
 import signal
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,12 +20,14 @@ import pytest
 from cluster.auth import generate_key, write_config
 from cluster.cli import build_parser, main
 from cluster.node import NodeInfo
-from conftest import have, requires_mlx
+from conftest import have, requires_mlx, requires_torch
 from proto import pdcluster_pb2 as pb
 from scheduler.catalog import HARDWARE
 from workers.client import WorkerClient, node_from_info
 from workers.engine import Engine
-from workers.profile import DeclaredProfile, MeasuredProfile, ProfileError, load_profile_file
+from workers.handoff import load_engine
+from workers.profile import (BUDGET_S, DeclaredProfile, MeasuredProfile, ProfileError, load_profile_file,
+                             measure_profile)
 from workers.service import Worker, WorkerConfig, config_from_args
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -170,6 +175,19 @@ def test_pdc_worker_with_a_bad_profile_exits_2_naming_file_key_and_known_names(
 
 
 # ---------------------------------------------------------------- a real start
+
+
+@pytest.mark.parametrize("kind", [pytest.param("torch", marks=requires_torch), pytest.param("mlx", marks=requires_mlx)])
+def test_start_up_measurement_on_a_real_engine_gives_finite_positive_figures_quickly(
+        make_tiny_model: Callable[..., Path], kind: str) -> None:
+    engine = load_engine(kind, make_tiny_model("llama"), "float32")
+    started = time.perf_counter()
+    measured = measure_profile(engine)
+    elapsed = time.perf_counter() - started
+    assert math.isfinite(measured.tflops) and measured.tflops > 0, measured
+    assert math.isfinite(measured.mem_bw_gbps) and measured.mem_bw_gbps > 0, measured
+    # Two timed loops of BUDGET_S each, plus warm-up and allocation: loosely bounded.
+    assert elapsed < 30, f"measurement took {elapsed:.1f} s with a {BUDGET_S} s budget per figure"
 
 
 @requires_mlx
