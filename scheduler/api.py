@@ -262,7 +262,8 @@ async def _stream(
     except (ConnectionResetError, RuntimeError) as e:  # client went away
         log.info("request %s: client disconnected (%s); cancelling", reply.request_id, e)
     except (RequestFailedError, NoCapacityError) as e:
-        await _send(response, {"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
+        error = {"error": {"message": str(e), "type": "server_error", "param": None, "code": None}}
+        await _write(response, b"data: " + json.dumps(error).encode() + b"\n\n")
     finally:
         await deltas.aclose()
     await _write(response, b"data: [DONE]\n\n")
@@ -281,14 +282,17 @@ async def _send_final(response: web.StreamResponse, reply: _Reply, delta: str, f
 
 
 async def _send(response: web.StreamResponse, payload: dict) -> None:
-    await _write(response, b"data: " + json.dumps(payload).encode() + b"\n\n")
+    """Write one SSE event; raises ConnectionResetError once the client is gone,
+    so the caller stops generating and cancels the request on the workers."""
+    await response.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
 
 
 async def _write(response: web.StreamResponse, data: bytes) -> None:
+    """Best-effort write for the closing ``[DONE]``, after the generator is closed."""
     try:
         await response.write(data)
     except (ConnectionResetError, RuntimeError):
-        pass  # the client is gone; the generator was already closed
+        pass  # the client is gone; nothing is left to cancel
 
 
 async def _text_deltas(

@@ -74,10 +74,11 @@ async def run_request(
     run = _Run(request, placement, worker, config, on_prefill_done)
     finished = False
     try:
-        async for event in run.events():
-            if isinstance(event, FinishEvent):
-                finished = True
-            yield event
+        async with contextlib.aclosing(run.events()) as events:
+            async for event in events:
+                if isinstance(event, FinishEvent):
+                    finished = True
+                yield event
     finally:
         await run.close(cancel_workers=not finished)
 

@@ -144,15 +144,20 @@ class ClusterBackend:
         log.info("request %s: prefill=%s decode=%s codec=%s", request.request_id,
                  placement.prefill_node or f"{placement.decode_node} (colocated)", placement.decode_node, placement.codec)
         prefill_done = self._account(request, view, placement)
+        run = run_request(request, placement, lambda nid: self._client(nodes[nid]), self.config.lifecycle,
+                          on_prefill_done=prefill_done)
         try:
-            async for event in run_request(request, placement, lambda nid: self._client(nodes[nid]),
-                                           self.config.lifecycle, on_prefill_done=prefill_done):
-                if isinstance(event, FinishEvent):
-                    s = event.stats
-                    log.info("request %s: done (%s) %d tokens, ttft %.3f s, tpot %.4f s, kv %d B, exposed %.3f s",
-                             request.request_id, event.finish_reason, s.completion_tokens, s.ttft_s, s.tpot_s,
-                             s.kv_bytes, s.exposed_transfer_s)
-                yield event
+            # aclosing: when our caller closes us (a client went away), close the
+            # request's generator now, so it cancels on the workers now, not
+            # whenever the garbage collector finalizes it.
+            async with contextlib.aclosing(run) as events:
+                async for event in events:
+                    if isinstance(event, FinishEvent):
+                        s = event.stats
+                        log.info("request %s: done (%s) %d tokens, ttft %.3f s, tpot %.4f s, kv %d B, exposed %.3f s",
+                                 request.request_id, event.finish_reason, s.completion_tokens, s.ttft_s, s.tpot_s,
+                                 s.kv_bytes, s.exposed_transfer_s)
+                    yield event
         finally:
             prefill_done()
             self.active[placement.decode_node] -= 1

@@ -8,6 +8,7 @@ the model's config.json, and per-node load counted as the simulator counts it.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import threading
 import time
@@ -190,6 +191,54 @@ def test_a_user_policy_file_runs_live_unchanged(model: Path) -> None:
                 stats = events[-1].stats
                 assert (stats.prefill_node, stats.decode_node) == (expected.prefill_node or "test-both", "test-both")
                 assert stats.completion_tokens == 3
+            finally:
+                await backend.stop()
+
+    run(body)
+
+
+def test_closing_a_request_cancels_it_on_the_workers_before_close_returns(model: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # A client that goes away closes our generator; the workers must hear about it
+    # then, not whenever the garbage collector finalizes the request's generator.
+    from workers.client import WorkerClient
+
+    key = generate_key()
+    spark = Worker(config(model, key, "prefill", tflops=0.0, mem_bw_gbps=0.0, hardware="dgx-spark"))
+    mac = Worker(config(model, key, "both"))
+    cancels: list[tuple[str, str]] = []
+    real_cancel = WorkerClient.cancel
+
+    async def recording_cancel(self: WorkerClient, request_id: str, timeout: float | None = None) -> bool:
+        cancels.append((self.address, request_id))
+        return await real_cancel(self, request_id, timeout)
+
+    monkeypatch.setattr(WorkerClient, "cancel", recording_cancel)
+
+    class Remote:
+        def place(self, request: GenerationRequest, cluster: ClusterView) -> Placement:
+            return Placement("test-prefill", "test-both")
+
+    async def body() -> None:
+        async with started(spark, mac) as (_, decoder):
+            backend = _scheduler(key, spark, mac)
+            await backend.start()
+            try:
+                await _ready(backend, model.name)
+                backend.policy = Remote()
+                events = backend.generate(GenerationRequest("gone", model.name, PROMPT, max_tokens=300))
+                assert isinstance(await anext(events), TokenEvent)
+                gc.disable()  # no help from the collector
+                try:
+                    await events.aclose()
+                    assert sorted(cancels) == sorted([(spark.grpc_address, "gone"), (mac.grpc_address, "gone")])
+                finally:
+                    gc.enable()
+                assert backend.active == {"test-prefill": 0, "test-both": 0}
+                deadline = time.monotonic() + 10
+                while (stats := await decoder.stats()).active_requests and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                assert (stats.requests_cancelled, stats.active_requests, stats.active_leases) == (1, 0, 0)
             finally:
                 await backend.stop()
 
