@@ -58,7 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_make_model(sub)
     _add_check_handoff(sub)
     from cluster.auth import add_init_parser
-    from workers.kv_bench import add_bench_parser
     from workers.service import add_worker_parser
 
     add_init_parser(sub)
@@ -68,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_status(sub)
     _add_policy(sub)
-    add_bench_parser(sub)
+    _add_bench(sub)
     from scheduler.simulate import add_simulate_parser
 
     add_simulate_parser(sub)
@@ -136,6 +135,16 @@ def _run_check_handoff(args: argparse.Namespace) -> int:
         dtype=args.dtype, device=args.device,
     )
     return run_check_handoff(config, as_json=args.json)
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    """``pdc bench`` with its benchmarks: ``kv`` (workers/kv_bench.py), ``decode`` (workers/decode_bench.py)."""
+    from workers.decode_bench import add_decode_parser
+    from workers.kv_bench import add_bench_parser
+
+    bench = add_bench_parser(sub)
+    benchmarks = next(a for a in bench._actions if isinstance(a, argparse._SubParsersAction))
+    add_decode_parser(benchmarks)
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:

@@ -118,6 +118,20 @@ class MLXEngine:
     def release(self, request_id: str) -> None:
         self._caches.pop(request_id, None)
 
+    def native_generate(self, token_ids: list[int], num_tokens: int, on_token: Callable[[int], None]) -> None:
+        """Generate ``num_tokens`` tokens greedily with mlx-lm's own loop
+        (``generate_step``: on-device argmax, ``mx.async_eval`` pipelining) on
+        this engine's model, calling ``on_token`` as each comes out. Never
+        stops early. The baseline of ``pdc bench decode``; mlx-lm 0.32 API."""
+        from mlx_lm.generate import generate_step
+        from mlx_lm.models.cache import make_prompt_cache
+        from mlx_lm.sample_utils import make_sampler
+
+        steps = generate_step(mx.array(token_ids), self.model, max_tokens=num_tokens,
+                              sampler=make_sampler(temp=0.0), prompt_cache=make_prompt_cache(self.model))
+        for token, _ in steps:
+            on_token(int(token))
+
     def _new_cache(self) -> list[_StreamingKVCache]:
         return [_StreamingKVCache(i) for i in range(len(self.model.layers))]
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
+from transformers.generation.streamers import BaseStreamer
 
 from workers.engine import KVLayout, KVSlice, PrefillResult, SamplingParams, SliceSink, check_layout, decode_loop, join_layer
 from workers.model_config import check_tokenizer, read_model_spec
@@ -115,6 +116,21 @@ class TorchEngine:
         self._caches.pop(request_id, None)
 
     @torch.inference_mode()
+    def native_generate(self, token_ids: list[int], num_tokens: int, on_token: Callable[[int], None]) -> None:
+        """Generate ``num_tokens`` tokens greedily with transformers' own
+        ``model.generate(do_sample=False)``, calling ``on_token`` as its
+        streamer receives each. Never stops early (no EOS). The baseline of
+        ``pdc bench decode``; transformers 5.x API."""
+        from transformers import GenerationConfig
+
+        # eos_token_id=[] (not None, which generate fills from the checkpoint): run all num_tokens
+        config = GenerationConfig(max_new_tokens=num_tokens, min_new_tokens=0, do_sample=False,
+                                  eos_token_id=[], pad_token_id=self.model.generation_config.pad_token_id)
+        ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
+        self.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config,
+                            streamer=_TokenStreamer(on_token))
+
+    @torch.inference_mode()
     def _step(self, cache: _StreamingCache, token: int) -> np.ndarray:
         ids = torch.tensor([[token]], dtype=torch.long, device=self.device)
         logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True).logits
@@ -139,6 +155,25 @@ class TorchEngine:
         if wire_dtype == "bfloat16":
             tensor = tensor.view(torch.int16).view(torch.bfloat16)  # uint16 bit patterns
         return tensor.to(device=self.device, dtype=_TORCH_DTYPES[self.dtype])
+
+
+class _TokenStreamer(BaseStreamer):
+    """A transformers streamer that hands each new token id to ``on_token``
+    (``generate`` first puts the prompt, which is skipped)."""
+
+    def __init__(self, on_token: Callable[[int], None]) -> None:
+        self.on_token = on_token
+        self.seen_prompt = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.seen_prompt:
+            self.seen_prompt = True
+            return
+        for token in value.reshape(-1).tolist():  # [1] for batch 1
+            self.on_token(int(token))
+
+    def end(self) -> None:
+        pass
 
 
 def _to_wire(tensor: torch.Tensor) -> np.ndarray:
