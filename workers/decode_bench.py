@@ -358,7 +358,8 @@ def add_decode_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"built-in llama checkpoint when --model is not given (default: {d.preset})")
     p.add_argument("--engine", choices=(*ENGINES, "both"), default="both",
                    help="engine(s) to measure (default: both, each whose library imports)")
-    p.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens, help=f"prompt length (default: {d.prompt_tokens})")
+    p.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens,
+                   help=f"prompt length (default: {d.prompt_tokens})")
     p.add_argument("--new-tokens", type=int, default=d.new_tokens, help=f"tokens to generate (default: {d.new_tokens})")
     p.add_argument("--rounds", type=int, default=d.rounds, help=f"timed rounds per path (default: {d.rounds})")
     p.add_argument("--warmup", type=int, default=d.warmup, help=f"untimed rounds per path first (default: {d.warmup})")
