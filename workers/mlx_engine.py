@@ -108,12 +108,53 @@ class MLXEngine:
 
     def decode(self, request_id: str, first_token: int, params: SamplingParams) -> Iterator[int]:
         cache = self._cache_of(request_id)
+        if params.temperature == 0.0:
+            return self._decode_greedy(cache, first_token, params)
 
         def step(token: int) -> np.ndarray:
             logits = self.model(mx.array([[token]]), cache=cache)
             return _to_numpy(logits[0, -1].astype(mx.float32))  # [vocab]
 
         return decode_loop(step, first_token, params)
+
+    def _decode_greedy(self, cache: list[_StreamingKVCache], first_token: int, params: SamplingParams) -> Iterator[int]:
+        """``decode_loop`` for greedy requests, as mlx-lm's ``generate_step`` runs it.
+
+        Invariants that keep it token-identical to ``decode_loop`` + ``sample``:
+        the argmax is taken on device over the same float32 logits with numpy's
+        rules (``_argmax_like_numpy``), and stop tokens and ``max_tokens`` end it
+        at the same token. What differs is timing: only the token id crosses to
+        the host, and step ``i + 1`` is built on the still-lazy token ``i`` and
+        queued (``mx.async_eval``) before token ``i`` is read, so building one
+        graph overlaps computing the previous one. A step queued past the last
+        token (a stop token, or the caller closing the generator) is trimmed
+        from the cache, which then holds what ``decode_loop`` would leave."""
+
+        def step(token: mx.array) -> mx.array:
+            logits = self.model(token.reshape(1, 1), cache=cache)  # [1, 1, vocab]
+            return _argmax_like_numpy(logits[0, -1].astype(mx.float32))
+
+        if params.max_tokens < 2 or first_token in params.stop_token_ids:
+            return
+        pending = step(mx.array(first_token))
+        mx.async_eval(pending)
+        queued_unread = False  # a step fed the last yielded token: the cache holds one token too many
+        try:
+            for index in range(1, params.max_tokens):
+                current = pending
+                queued_unread = False
+                if index + 1 < params.max_tokens:
+                    pending = step(current)
+                    mx.async_eval(pending)
+                    queued_unread = True
+                token = current.item()
+                yield token
+                if token in params.stop_token_ids:
+                    return
+        finally:
+            if queued_unread:
+                for layer_cache in cache:
+                    layer_cache.trim(1)
 
     def release(self, request_id: str) -> None:
         self._caches.pop(request_id, None)
@@ -162,6 +203,13 @@ def _to_wire(array: mx.array) -> np.ndarray:
     if array.dtype == mx.bfloat16:
         array = array.view(mx.uint16)
     return np.array(array, copy=True)
+
+
+def _argmax_like_numpy(logits: mx.array) -> mx.array:
+    """``np.argmax(logits)`` on device: the first maximal index, or the first
+    NaN's when there is one (numpy treats NaN as the maximum)."""
+    is_nan = mx.isnan(logits)  # [vocab]
+    return mx.where(mx.any(is_nan), mx.argmax(is_nan), mx.argmax(logits))
 
 
 def _to_numpy(array: mx.array) -> np.ndarray:
