@@ -74,7 +74,10 @@ class DecodeRPC:
             state.count_failure(e.code)
             log.info("request %s: decode ended %s: %s", request.request_id, e.code.name, e.message)
             await context.abort(e.code, e.message)
-        except asyncio.CancelledError:  # the client went away or its deadline passed
+        except (asyncio.CancelledError, GeneratorExit):
+            # The client went away or its deadline passed: CancelledError when it
+            # happened while we awaited, GeneratorExit when grpc closed this
+            # stream while it waited at a yield (common once decode is fast).
             state.counters.requests_cancelled += 1
             raise
         except Exception as e:
