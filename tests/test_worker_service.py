@@ -300,16 +300,18 @@ def test_lease_bounds_the_wait_for_a_sender_not_a_long_steady_transfer(model: Pa
 
     key = generate_key()
     slow = Worker(config(model, key, "prefill"),
-                  engine_factory=lambda: PacedEngine(MLXEngine(model, dtype="float32"), pause_s=0.15))
+                  engine_factory=lambda: PacedEngine(MLXEngine(model, dtype="float32"), pause_s=0.3))
 
     async def body() -> None:
         async with started(slow, Worker(config(model, key, "decode"))) as (p, d):
             reference, _ = await colocated(d, "reference")
-            call, reserved = await reserve(d, "long", lease_s=0.6)  # 12 slices x 0.15 s > 0.6 s
+            # 12 slices x 0.3 s = 3.6 s > the 1.5 s lease; the lease leaves room for
+            # connecting and the first chunk on a loaded 2-core machine.
+            call, reserved = await reserve(d, "long", lease_s=1.5)
             began = time.monotonic()
             prefill = asyncio.ensure_future(p.prefill(prefill_request("long", reserved), timeout=30))
             tokens, done = await collect(call)
-            assert time.monotonic() - began > 1.2
+            assert time.monotonic() - began > 3.0
             assert tokens == reference and (await prefill).first_token == reference[0]
             assert (await d.stats()).leases_expired == 0
 
