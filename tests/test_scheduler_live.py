@@ -43,6 +43,13 @@ async def _until(predicate: Callable[[], bool], what: str, timeout: float = 20.0
         await asyncio.sleep(0.05)
 
 
+def _spark_and_mac(model: Path, key) -> tuple[Worker, Worker]:
+    """A prefill-only node declared as a dgx-spark, and a node with both roles
+    declared at 1 TFLOPS / 100 GB/s (in-process MLX workers)."""
+    return (Worker(config(model, key, "prefill", tflops=0.0, mem_bw_gbps=0.0, hardware="dgx-spark")),
+            Worker(config(model, key, "both")))
+
+
 def _scheduler(key, *workers: Worker, **overrides) -> ClusterBackend:
     fields = {"mdns": False, "health_interval_s": 0.2, "peers": tuple(w.grpc_address for w in workers), **overrides}
     return ClusterBackend(SchedulerConfig(**fields), key)
@@ -55,8 +62,7 @@ async def _ready(backend: ClusterBackend, model_id: str) -> None:
 
 def test_the_live_view_carries_profiles_the_measured_link_and_the_config(model: Path) -> None:
     key = generate_key()
-    spark = Worker(config(model, key, "prefill", tflops=0.0, mem_bw_gbps=0.0, hardware="dgx-spark"))
-    mac = Worker(config(model, key, "both"))  # declared 1 TFLOPS / 100 GB/s
+    spark, mac = _spark_and_mac(model, key)
 
     async def body() -> None:
         async with started(spark, mac):
@@ -142,8 +148,7 @@ def test_load_is_counted_as_the_simulator_counts_it(model: Path) -> None:
 
 def test_a_failing_policy_fails_only_its_request_with_a_clear_error(model: Path) -> None:
     key = generate_key()
-    spark = Worker(config(model, key, "prefill", tflops=0.0, mem_bw_gbps=0.0, hardware="dgx-spark"))
-    mac = Worker(config(model, key, "both"))
+    spark, mac = _spark_and_mac(model, key)
 
     class Broken:
         def place(self, request: GenerationRequest, cluster: ClusterView) -> Placement:
@@ -175,8 +180,7 @@ def test_a_user_policy_file_runs_live_unchanged(model: Path) -> None:
 
     plugin = f"{Path(__file__).resolve().parent.parent / 'examples' / 'policies' / 'streaming_rule.py'}:StreamingRule"
     key = generate_key()
-    spark = Worker(config(model, key, "prefill", tflops=0.0, mem_bw_gbps=0.0, hardware="dgx-spark"))
-    mac = Worker(config(model, key, "both"))
+    spark, mac = _spark_and_mac(model, key)
 
     async def body() -> None:
         async with started(spark, mac):
@@ -204,8 +208,7 @@ def test_closing_a_request_cancels_it_on_the_workers_before_close_returns(model:
     from workers.client import WorkerClient
 
     key = generate_key()
-    spark = Worker(config(model, key, "prefill", tflops=0.0, mem_bw_gbps=0.0, hardware="dgx-spark"))
-    mac = Worker(config(model, key, "both"))
+    spark, mac = _spark_and_mac(model, key)
     cancels: list[tuple[str, str]] = []
     real_cancel = WorkerClient.cancel
 
