@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_make_model(sub)
     _add_check_handoff(sub)
     from cluster.auth import add_init_parser
-    from workers.service import add_worker_parser
+    from workers.rpc.server import add_worker_parser
 
     add_init_parser(sub)
     add_worker_parser(sub)
@@ -68,14 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_status(sub)
     _add_policy(sub)
     _add_bench(sub)
-    from scheduler.simulate import add_simulate_parser
+    from scheduler.sim.cli import add_simulate_parser
 
     add_simulate_parser(sub)
     return parser
 
 
 def _add_make_model(sub: argparse._SubParsersAction) -> None:
-    from workers.modelgen import ARCHES, PRESETS
+    from workers.tools.modelgen import ARCHES, PRESETS
 
     p = sub.add_parser(
         "make-model",
@@ -95,7 +95,7 @@ def _add_make_model(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_make_model(args: argparse.Namespace) -> int:
-    from workers.modelgen import make_model
+    from workers.tools.modelgen import make_model
 
     path = make_model(args.dir, args.arch, seed=args.seed, preset=args.preset, progress=sys.stderr.isatty())
     print(f"wrote {args.preset} {args.arch} checkpoint (seed {args.seed}) to {path}")
@@ -127,7 +127,7 @@ def _add_check_handoff(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_check_handoff(args: argparse.Namespace) -> int:
-    from workers.handoff import HandoffConfig, run_check_handoff
+    from workers.tools.handoff import HandoffConfig, run_check_handoff
 
     config = HandoffConfig(
         model=args.model, prefill_engine=args.prefill, decode_engine=args.decode,
@@ -138,9 +138,9 @@ def _run_check_handoff(args: argparse.Namespace) -> int:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    """``pdc bench`` with its benchmarks: ``kv`` (workers/kv_bench.py), ``decode`` (workers/decode_bench.py)."""
-    from workers.decode_bench import add_decode_parser
-    from workers.kv_bench import add_bench_parser
+    """``pdc bench`` with its benchmarks: ``kv`` (workers/tools/kv_bench.py), ``decode`` (workers/tools/decode_bench.py)."""
+    from workers.tools.decode_bench import add_decode_parser
+    from workers.tools.kv_bench import add_bench_parser
 
     bench = add_bench_parser(sub)
     benchmarks = next(a for a in bench._actions if isinstance(a, argparse._SubParsersAction))

@@ -18,7 +18,7 @@ def cache_dir() -> Path:
 
 def tiny_model_dir() -> Path:
     """The built-in tiny model, made on first use and reused after."""
-    from workers.modelgen import make_model
+    from workers.tools.modelgen import make_model
 
     folder = cache_dir() / "models" / f"tiny-{TINY_MODEL_ARCH}-seed{TINY_MODEL_SEED}"
     if not (folder / "model.safetensors").is_file():

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 from cluster.discovery import SERVICE_TYPE, discover_once
 from cluster.node import NodeInfo
-from scheduler.links import LinkRecord, LinkTable
+from cluster.links import LinkRecord, LinkTable
 
 COLUMNS = ("node", "roles", "engine", "model", "address", "kv", "device", "hardware", "TFLOPS", "GB/s", "free mem",
            "profile", "source")
@@ -58,7 +58,7 @@ async def run_status(config: StatusConfig) -> int:
 
 
 async def _probe_peers(peers: tuple[str, ...], key) -> tuple[list[NodeInfo], dict[str, str]]:
-    from workers.client import WorkerClient, node_from_info
+    from workers.rpc.client import WorkerClient, node_from_info
 
     found, errors = [], {}
     for peer in peers:
@@ -74,7 +74,7 @@ async def _probe_peers(peers: tuple[str, ...], key) -> tuple[list[NodeInfo], dic
 
 async def probe_links(nodes: list[NodeInfo], key) -> list[LinkRecord]:
     """Ask each prefill-capable node to probe its link to each decode-capable node, one at a time."""
-    from workers.client import WorkerClient
+    from workers.rpc.client import WorkerClient
 
     clients: dict[str, WorkerClient] = {}
 

@@ -21,7 +21,7 @@ import openai
 
 from cluster.launcher import LocalCluster, UpConfig
 from cluster.paths import cache_dir
-from workers.modelgen import make_model
+from workers.tools.modelgen import make_model
 
 FILLER = ("The prefill node reads the whole prompt at once and is limited by arithmetic, while the decode "
           "node writes one token at a time and is limited by memory bandwidth. ")

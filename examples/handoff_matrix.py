@@ -11,8 +11,8 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from workers.handoff import HandoffConfig, check_handoff
-from workers.modelgen import ARCHES, make_model
+from workers.tools.handoff import HandoffConfig, check_handoff
+from workers.tools.modelgen import ARCHES, make_model
 
 DIRECTIONS = [("torch", "mlx"), ("mlx", "torch"), ("torch", "torch"), ("mlx", "mlx")]
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 
-from scheduler import cluster_file
-from scheduler.simulate import SimConfig, simulate
+from scheduler.sim import cluster_file
+from scheduler.sim.cli import SimConfig, simulate
 
 MACS = {"mac-m4-max": "M4 Max", "mac-m3-ultra": "M3 Ultra"}
 LINKS = ("200gbe", "10gbe", "2.5gbe", "1gbe", "wifi6")

@@ -1,5 +1,6 @@
-"""Built-in catalogs for the cost model: hardware, links, model configs, and the
-published benchmark table the llama.cpp efficiencies are fitted to.
+"""Built-in catalogs for the cost model: links, model configs, and the published
+benchmark table the llama.cpp efficiencies are fitted to. The hardware catalog
+lives in ``cluster/hardware.py`` (workers read it too) and is re-exported here.
 
 Every figure's source is in ``docs/catalog.md``. Lookups raise
 ``CatalogError`` naming the unknown entry and listing the known ones.
@@ -11,30 +12,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from scheduler.costmodel import BenchRow, BenchTable, Hardware, Link, ModelCost, model_cost
+from cluster.hardware import HARDWARE, Hardware
+from scheduler.costmodel import BenchRow, BenchTable, Link, ModelCost, model_cost
 
 
 class CatalogError(LookupError):
     """A name that is in no catalog (and, for models, no config.json path), or a
     config.json the cost model cannot use (not JSON, a key missing)."""
 
-
-HARDWARE: dict[str, Hardware] = {
-    h.name: h
-    for h in (
-        # 1 PFLOP sparse FP4 / 2 (dense) / 4 (FP4 -> BF16, Blackwell's 4:2:1 ratio).
-        Hardware("dgx-spark", tflops=125.0, mem_bw_gbps=273.0, mem_gb=128.0),
-        # 40-core GPU: 5,120 FP32 ALUs x 2 FLOPs x ~1.68 GHz; FP16 runs at the FP32 rate.
-        Hardware("mac-m4-max", tflops=17.2, mem_bw_gbps=546.0, mem_gb=128.0),
-        # 80-core GPU: 10,240 ALUs x 2 FLOPs x 1.398 GHz.
-        Hardware("mac-m3-ultra", tflops=28.6, mem_bw_gbps=819.0, mem_gb=512.0),
-        # Radeon 8060S, 40 RDNA 3.5 CUs x 512 FP16 FLOPs/clk (WMMA) x 2.9 GHz.
-        Hardware("ryzen-ai-max-395", tflops=59.4, mem_bw_gbps=256.0, mem_gb=128.0),
-        Hardware("rtx-3090", tflops=71.0, mem_bw_gbps=936.0, mem_gb=24.0),
-        Hardware("rtx-4090", tflops=165.2, mem_bw_gbps=1008.0, mem_gb=24.0),
-        Hardware("h100", tflops=989.4, mem_bw_gbps=3350.0, mem_gb=80.0),  # SXM5
-    )
-}
 
 LINKS: dict[str, Link] = {
     l.name: l

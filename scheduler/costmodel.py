@@ -24,6 +24,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from cluster.hardware import Hardware  # noqa: F401  (the cost model's machine type)
+
 # Bits stored per weight, scales included.
 WEIGHT_BITS: dict[str, float] = {
     "fp32": 32.0,
@@ -39,20 +41,6 @@ WEIGHT_BITS: dict[str, float] = {
     # OCP Microscaling (MX) v1.0: 32 FP4 E2M1 elements share one 8-bit E8M0 scale.
     "mxfp4": 4.25,
 }
-
-
-@dataclass(frozen=True)
-class Hardware:
-    """One accelerator as the cost model sees it (peaks, not achieved rates)."""
-
-    name: str
-    tflops: float  # peak dense fp16/bf16 tensor TFLOPS, no sparsity
-    mem_bw_gbps: float  # peak memory bandwidth, GB/s
-    mem_gb: float  # memory the accelerator can address, GB
-
-    def __post_init__(self) -> None:
-        if min(self.tflops, self.mem_bw_gbps, self.mem_gb) <= 0:
-            raise ValueError(f"hardware {self.name!r}: tflops, mem_bw_gbps and mem_gb must be > 0")
 
 
 @dataclass(frozen=True)
@@ -411,7 +399,7 @@ GENERIC: dict[str, Efficiency] = {
     "mxfp4": Efficiency(compute=0.4, **_BASE),
 }
 
-# Against a worker's own start-up measurement (workers/profile.py) rather than a
+# Against a worker's own start-up measurement (workers/rpc/profile.py) rather than a
 # peak figure: its TFLOPS come from a large matmul in the compute dtype and its
 # bandwidth from a large copy, so prefill GEMMs and decode's weight reads run at
 # about the measured rates; attention and scattered KV reads keep the generic

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from cluster.links import LinkView  # a measured link, as placement sees it
+
 
 @dataclass(frozen=True)
 class NodeView:
@@ -46,14 +48,6 @@ class Placement:
     @property
     def colocated(self) -> bool:
         return self.prefill_node is None
-
-
-@dataclass(frozen=True)
-class LinkView:
-    """A measured (or declared) prefill -> decode link."""
-
-    gbps: float  # payload bandwidth, gigabits per second
-    latency_s: float = 0.0
 
 
 @dataclass(frozen=True)

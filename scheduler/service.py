@@ -24,7 +24,7 @@ from cluster.node import NodeInfo
 from proto import pdcluster_pb2 as pb
 from scheduler.api import build_app
 from scheduler.lifecycle import LifecycleConfig, run_request
-from scheduler.links import LinkTable
+from cluster.links import LinkTable
 from scheduler.placement import ClusterView, NodeView, Placement
 from scheduler.policy import Policy, Predictor, load_policy
 from scheduler.request import (
@@ -35,7 +35,7 @@ from scheduler.request import (
     TokenEvent,
 )
 from scheduler.tokenizer import PromptCodec, TokenizerBundle
-from workers.client import WorkerClient, node_from_info
+from workers.rpc.client import WorkerClient, node_from_info
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +226,7 @@ class ClusterBackend:
                         measured=node.profile_source != "declared")
 
     async def _probe_links(self) -> None:
-        """Keep every prefill -> decode link measured (see scheduler/links.py)."""
+        """Keep every prefill -> decode link measured (see cluster/links.py)."""
         while True:
             try:
                 await self.links.refresh(self.table.snapshot(), busy=lambda n: self.active.get(n, 0) > 0)

@@ -14,7 +14,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def make_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """``make_tiny_model(arch, seed=0)`` -> folder of a tiny checkpoint, cached per session."""
-    from workers.modelgen import make_model
+    from workers.tools.modelgen import make_model
 
     built: dict[tuple[str, int], Path] = {}
 

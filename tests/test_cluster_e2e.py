@@ -108,7 +108,7 @@ async def _worker_stats(cluster: LocalCluster) -> list:
     import json
 
     from cluster.auth import load_cluster_key
-    from workers.client import WorkerClient
+    from workers.rpc.client import WorkerClient
 
     with urllib.request.urlopen(cluster.url + "/health", timeout=5) as resp:
         nodes = json.loads(resp.read())["nodes"]

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from scheduler import catalog, cluster_file
-from scheduler.cluster_file import ClusterFileError
+from scheduler import catalog
+from scheduler.sim import cluster_file
+from scheduler.sim.cluster_file import ClusterFileError
 
 EXAMPLES = Path(__file__).parent.parent / "examples" / "clusters"
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import have, requires_mlx
-from workers.decode_bench import (
+from workers.tools.decode_bench import (
     DecodeBenchConfig, EngineResult, RoundResult, available_engines, first_difference, run_decode_bench,
 )
 
@@ -95,7 +95,7 @@ def test_tiny_run_reports_both_paths_and_identical_greedy_tokens(make_tiny_model
 @requires_an_engine
 def test_cli_builds_the_preset_once_and_ends_with_the_json_line(tmp_path: Path) -> None:
     engine = ENGINES[0]
-    command = [sys.executable, "-m", "workers.decode_bench", "decode", "--preset", "tiny", "--engine", engine,
+    command = [sys.executable, "-m", "workers.tools.decode_bench", "decode", "--preset", "tiny", "--engine", engine,
                "--prompt-tokens", "8", "--new-tokens", "3", "--rounds", "1", "--warmup", "0", "--json"]
     env = {**os.environ, "PDC_HOME": str(tmp_path)}
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
@@ -110,7 +110,7 @@ def test_cli_builds_the_preset_once_and_ends_with_the_json_line(tmp_path: Path) 
 def test_engines_that_do_not_import_are_left_out_and_none_is_an_error(monkeypatch, make_tiny_model) -> None:
     if not ENGINES:
         pytest.skip("neither the torch nor the mlx extra is installed")
-    import workers.decode_bench as bench
+    import workers.tools.decode_bench as bench
 
     monkeypatch.setitem(bench.ENGINE_MODULES, "mlx", "no_such_module_for_pdc")
     assert bench.available_engines(("mlx", "torch")) == (("torch",) if have("torch") else ())
@@ -129,8 +129,8 @@ def _mlx_reference(engine, params, rid: str = "ref") -> tuple[list[int], int]:
     import mlx.core as mx
     import numpy as np
 
-    from workers.engine import decode_loop
-    from workers.sampling import sample
+    from workers.engines.base import decode_loop
+    from workers.engines.sampling import sample
 
     first = sample(engine.prefill(rid, PROMPT, lambda s: None).logits, params, 0)
     cache = engine._caches[rid]
@@ -145,7 +145,7 @@ def _mlx_reference(engine, params, rid: str = "ref") -> tuple[list[int], int]:
 
 
 def _mlx_decode(engine, params, rid: str = "new", close_after: int | None = None) -> tuple[list[int], int]:
-    from workers.sampling import sample
+    from workers.engines.sampling import sample
 
     first = sample(engine.prefill(rid, PROMPT, lambda s: None).logits, params, 0)
     tokens, stream = [first], engine.decode(rid, first, params)
@@ -161,8 +161,8 @@ def _mlx_decode(engine, params, rid: str = "new", close_after: int | None = None
 
 @requires_mlx
 def test_mlx_greedy_decode_is_token_identical_to_the_shared_loop_and_leaves_the_same_cache(make_tiny_model) -> None:
-    from workers.engine import SamplingParams
-    from workers.handoff import load_engine
+    from workers.engines.base import SamplingParams
+    from workers.tools.handoff import load_engine
 
     engine = load_engine("mlx", make_tiny_model("llama"), "float32")
     full, _ = _mlx_reference(engine, SamplingParams(max_tokens=20))
@@ -182,7 +182,7 @@ def test_mlx_device_argmax_breaks_ties_and_nans_like_numpy() -> None:
     import mlx.core as mx
     import numpy as np
 
-    from workers.mlx_engine import _argmax_like_numpy
+    from workers.engines.mlx_engine import _argmax_like_numpy
 
     rng = np.random.default_rng(0)
     vectors = [

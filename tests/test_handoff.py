@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from conftest import have
-from workers.engine import SamplingParams
-from workers.handoff import HandoffConfig, check_handoff, generate_alone, generate_handoff, load_engine
-from workers.modelgen import ARCHES
+from workers.engines.base import SamplingParams
+from workers.tools.handoff import HandoffConfig, check_handoff, generate_alone, generate_handoff, load_engine
+from workers.tools.modelgen import ARCHES
 
 pytestmark = pytest.mark.skipif(
     not (have("torch") and have("mlx.core")), reason="needs both the torch and mlx extras"

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from workers.kv_bench import BenchConfig, add_bench_parser, build_slices, run_bench_kv, run_kv_bench
+from workers.tools.kv_bench import BenchConfig, add_bench_parser, build_slices, run_bench_kv, run_kv_bench
 
 REPO = Path(__file__).resolve().parents[1]
 CLI_TIMEOUT_S = 180.0
@@ -73,7 +73,7 @@ def test_both_paths_deliver_exactly_the_layouts_bytes() -> None:
 
 
 def test_cli_ends_with_the_json_line() -> None:
-    command = [sys.executable, "-m", "workers.kv_bench", "kv", "--json", "--gb", "0.01",
+    command = [sys.executable, "-m", "workers.tools.kv_bench", "kv", "--json", "--gb", "0.01",
                "--rounds", "1", "--warmup", "0"]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
     assert done.returncode == 0, done.stderr

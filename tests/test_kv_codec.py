@@ -8,8 +8,8 @@ import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workers.engine import WIRE_DTYPES, KVLayout, KVSlice, numpy_dtype
-from workers.kv_codec import (
+from workers.engines.base import WIRE_DTYPES, KVLayout, KVSlice, numpy_dtype
+from workers.kv.codec import (
     MAX_HEADER_BYTES,
     PREFIX,
     Abort,

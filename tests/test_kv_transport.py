@@ -14,9 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_kv_codec import RID, assert_same_slice, chunked_layouts, frame_bytes, random_slice
 
-from workers.engine import KVLayout, KVSlice
-from workers.kv_codec import FrameError, FrameTimeout, encode_begin, encode_kv
-from workers.kv_transport import (
+from workers.engines.base import KVLayout, KVSlice
+from workers.kv.codec import FrameError, FrameTimeout, encode_begin, encode_kv
+from workers.kv.transport import (
     KVArena,
     KVReceiver,
     KVSender,
@@ -24,7 +24,7 @@ from workers.kv_transport import (
     TokenCoverage,
     TransferAborted,
 )
-from workers.kv_net import connect, send_buffers, serve_once
+from workers.kv.net import connect, send_buffers, serve_once
 
 LAYOUT = KVLayout(num_layers=4, kv_heads=2, head_dim=8, dtype="bfloat16", num_tokens=50)
 CHUNKS = [(0, 16), (16, 16), (32, 16), (48, 2)]

@@ -21,12 +21,12 @@ from test_worker_service import model, processes, run, status_code  # noqa: F401
 
 from cluster.auth import client_handshake, generate_key
 from conftest import have
-from workers.client import WorkerClient
-from workers.dataplane import KVListener, open_kv_connection
-from workers.kv_net import connect
-from workers.kv_transport import KVSender
-from workers.leases import LeaseTable
-from workers.link_probe import (
+from workers.rpc.client import WorkerClient
+from workers.kv.listener import KVListener, open_kv_connection
+from workers.kv.net import connect
+from workers.kv.transport import KVSender
+from workers.kv.leases import LeaseTable
+from workers.kv.probe import (
     MAX_CONCURRENT_PROBES,
     MAX_PINGS,
     MAX_PROBE_BYTES,

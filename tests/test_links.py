@@ -8,7 +8,7 @@ import pytest
 
 from cluster.node import NodeInfo
 from cluster.status import format_links
-from scheduler.links import LinkTable, link_pairs
+from cluster.links import LinkTable, link_pairs
 from scheduler.placement import LinkView
 
 
@@ -95,7 +95,7 @@ def test_a_stale_link_is_reprobed_only_when_both_ends_are_idle() -> None:
 def test_a_failed_probe_leaves_the_link_unknown_says_why_once_and_retries(caplog: pytest.LogCaptureFixture) -> None:
     table, probe, clock = _table(retry_s=30)
     probe.failing.add(("spark", "mac"))
-    with caplog.at_level(logging.WARNING, logger="scheduler.links"):
+    with caplog.at_level(logging.WARNING, logger="cluster.links"):
         asyncio.run(table.refresh([SPARK, MAC]))
         assert table.views() == {}
         [row] = table.snapshot()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.model_config import (
+from workers.engines.model_config import (
     ModelFolderError,
     UnsupportedModelError,
     check_tokenizer,

@@ -19,7 +19,7 @@ from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
 from conftest import requires_mlx, requires_torch
-from workers.modelgen import (
+from workers.tools.modelgen import (
     ARCHES,
     SPECIAL_TOKENS,
     build_config,
@@ -285,7 +285,7 @@ def test_modelgen_runs_without_torch_mlx_or_transformers(tmp_path: Path) -> None
         "import sys\n"
         "for name in ('torch', 'mlx', 'mlx_lm', 'transformers'):\n"
         "    sys.modules[name] = None\n"
-        "from workers.modelgen import make_model\n"
+        "from workers.tools.modelgen import make_model\n"
         f"make_model({str(tmp_path)!r}, 'qwen3_moe')\n"
     )
     root = Path(__file__).resolve().parents[1]

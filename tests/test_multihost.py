@@ -281,7 +281,7 @@ def test_prefill_and_decode_in_two_namespaces_over_mdns_and_a_veth(netns_pair: N
 PROBE_SNIPPET = """
 import asyncio, json
 from cluster.auth import load_cluster_key
-from workers.client import WorkerClient
+from workers.rpc.client import WorkerClient
 async def main():
     async with WorkerClient("{prefill}", load_cluster_key("{key_file}")) as prefill:
         reply = await prefill.probe_link("{kv_host}", {kv_port}, payload_bytes={payload}, pings=5, timeout=30)

@@ -15,7 +15,7 @@ from scheduler import catalog
 from scheduler.placement import ClusterView, NodeView, Placement
 from scheduler.policy import load_policy
 from scheduler.request import GenerationRequest
-from scheduler.simulate import main as simulate_main
+from scheduler.sim.cli import main as simulate_main
 
 ROOT = Path(__file__).parent.parent
 CLUSTER = ROOT / "examples" / "clusters" / "spark-m4max-10gbe.toml"

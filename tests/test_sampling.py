@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from workers.engine import SamplingParams
-from workers.sampling import sample, with_seed
+from workers.engines.base import SamplingParams
+from workers.engines.sampling import sample, with_seed
 
 
 def _logits(seed: int = 0, vocab: int = 200) -> np.ndarray:

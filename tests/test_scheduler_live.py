@@ -23,7 +23,7 @@ from scheduler.placement import ClusterView, Placement
 from scheduler.request import FinishEvent, GenerationRequest, NoCapacityError, TokenEvent
 from scheduler.service import ClusterBackend, SchedulerConfig
 from test_worker_service import GatedEngine, config, run, started
-from workers.service import Worker
+from workers.rpc.server import Worker
 
 pytestmark = pytest.mark.skipif(not have("mlx.core"), reason="needs the mlx extra (decode engine)")
 
@@ -95,7 +95,7 @@ def test_the_live_view_carries_profiles_the_measured_link_and_the_config(model: 
 def test_load_is_counted_as_the_simulator_counts_it(model: Path) -> None:
     # A remote prefill node carries a request (and its predicted prefill time as
     # backlog) until its prefill ends; the decode node until the request ends.
-    from workers.mlx_engine import MLXEngine
+    from workers.engines.mlx_engine import MLXEngine
 
     key = generate_key()
     entered, gate = threading.Event(), threading.Event()
@@ -205,7 +205,7 @@ def test_closing_a_request_cancels_it_on_the_workers_before_close_returns(model:
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     # A client that goes away closes our generator; the workers must hear about it
     # then, not whenever the garbage collector finalizes the request's generator.
-    from workers.client import WorkerClient
+    from workers.rpc.client import WorkerClient
 
     key = generate_key()
     spark, mac = _spark_and_mac(model, key)

@@ -12,14 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scheduler import catalog, cluster_file, costmodel
+from scheduler import catalog, costmodel
+from scheduler.sim import cluster_file
 from scheduler.placement import ClusterView, Placement
 from scheduler.policy import Conditional, load_policy
 from scheduler.request import GenerationRequest
-from scheduler.sim_engine import Simulation, SimulationError, build_cluster
-from scheduler.sim_report import PlotError, Point, plot
-from scheduler.sim_workload import WorkItem, WorkloadError, read_trace, single
-from scheduler.simulate import SimConfig, add_simulate_parser, main, simulate, sweep
+from scheduler.sim.engine import Simulation, SimulationError, build_cluster
+from scheduler.sim.report import PlotError, Point, plot
+from scheduler.sim.workload import WorkItem, WorkloadError, read_trace, single
+from scheduler.sim.cli import SimConfig, add_simulate_parser, main, simulate, sweep
 
 ROOT = Path(__file__).parent.parent
 EXAMPLES = ROOT / "examples" / "clusters"
@@ -253,7 +254,7 @@ def test_bad_trace_lines_are_named(tmp_path: Path, line: str, message: str) -> N
 
 
 def test_cli_json_through_a_subprocess_with_several_policies() -> None:
-    cmd = [sys.executable, "-m", "scheduler.simulate", "--cluster", str(EXAMPLES / "spark-m4max-10gbe.toml"),
+    cmd = [sys.executable, "-m", "scheduler.sim.cli", "--cluster", str(EXAMPLES / "spark-m4max-10gbe.toml"),
            "--model", LLAMA, "--policy", "colocated,conditional", "--prompt-tokens", "8192",
            "--output-tokens", "16", "--json"]
     out = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout)
@@ -355,7 +356,7 @@ def test_plot_writes_a_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 
 def test_the_simulator_imports_nothing_heavy() -> None:
     code = (
-        "import sys, scheduler.simulate\n"
+        "import sys, scheduler.sim.cli\n"
         "heavy = {'torch', 'mlx', 'grpc', 'zeroconf', 'matplotlib'} & set(sys.modules)\n"
         "assert not heavy, heavy\n"
     )

@@ -23,12 +23,12 @@ from cluster.node import NodeInfo
 from conftest import have, requires_mlx, requires_torch
 from proto import pdcluster_pb2 as pb
 from scheduler.catalog import HARDWARE
-from workers.client import WorkerClient, node_from_info
-from workers.engine import Engine
-from workers.handoff import load_engine
-from workers.profile import (BUDGET_S, DeclaredProfile, MeasuredProfile, ProfileError, load_profile_file,
+from workers.rpc.client import WorkerClient, node_from_info
+from workers.engines.base import Engine
+from workers.tools.handoff import load_engine
+from workers.rpc.profile import (BUDGET_S, DeclaredProfile, MeasuredProfile, ProfileError, load_profile_file,
                              measure_profile)
-from workers.service import Worker, WorkerConfig, config_from_args
+from workers.rpc.server import Worker, WorkerConfig, config_from_args
 
 ROOT = Path(__file__).resolve().parent.parent
 SPARK, M4_MAX = HARDWARE["dgx-spark"], HARDWARE["mac-m4-max"]
@@ -208,7 +208,7 @@ def test_start_up_measures_only_when_a_figure_is_not_declared(
         measurements.append(engine.device)
         return MEASURED
 
-    monkeypatch.setattr("workers.service.measure_profile", fake_measure)
+    monkeypatch.setattr("workers.rpc.server.measure_profile", fake_measure)
     config = WorkerConfig(role="decode", engine="mlx", model=str(make_tiny_model("llama")),
                           cluster_key=generate_key(), advertise=False, grace_s=1.0, **declared)
 

@@ -30,13 +30,13 @@ from grpc import aio
 from cluster.auth import AuthError, ClusterKey, generate_key, write_config
 from conftest import have
 from proto import pdcluster_pb2 as pb
-from workers.client import WorkerClient, node_from_info
-from workers.dataplane import open_kv_connection
-from workers.engine import KVSlice, SamplingParams
-from workers.kv_codec import encode_begin, encode_kv
-from workers.kv_net import send_buffers
-from workers.service import Worker, WorkerConfig
-from workers.worker_info import model_fingerprint
+from workers.rpc.client import WorkerClient, node_from_info
+from workers.kv.listener import open_kv_connection
+from workers.engines.base import KVSlice, SamplingParams
+from workers.kv.codec import encode_begin, encode_kv
+from workers.kv.net import send_buffers
+from workers.rpc.server import Worker, WorkerConfig
+from workers.rpc.info import model_fingerprint
 
 pytestmark = pytest.mark.skipif(not have("mlx.core"), reason="needs the mlx extra (decode engine)")
 
@@ -189,7 +189,7 @@ class PacedEngine(GatedEngine):
 
 
 def gated_worker(model: Path, key: ClusterKey, entered: threading.Event, gate: threading.Event) -> Worker:
-    from workers.mlx_engine import MLXEngine
+    from workers.engines.mlx_engine import MLXEngine
 
     return Worker(config(model, key, "prefill"),
                   engine_factory=lambda: GatedEngine(MLXEngine(model, dtype="float32"), entered, gate))
@@ -296,7 +296,7 @@ def test_lease_expires_when_kv_never_arrives_and_the_reservation_is_freed(model:
 
 
 def test_lease_bounds_the_wait_for_a_sender_not_a_long_steady_transfer(model: Path) -> None:
-    from workers.mlx_engine import MLXEngine
+    from workers.engines.mlx_engine import MLXEngine
 
     key = generate_key()
     slow = Worker(config(model, key, "prefill"),
@@ -550,7 +550,7 @@ def processes(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 def test_torch_prefill_process_to_mlx_decode_process_matches_the_decode_engine_alone(model: Path, processes: Any) -> None:
-    from workers.handoff import generate_alone, load_engine
+    from workers.tools.handoff import generate_alone, load_engine
 
     key, workers = processes
     reference, _ = generate_alone(load_engine("mlx", model, "float32"), PROMPT, SamplingParams(max_tokens=16), 128)
@@ -576,9 +576,9 @@ FAKE_PREFILL = """
 import sys, time
 import numpy as np
 from cluster.auth import ClusterKey
-from workers.dataplane import open_kv_connection
-from workers.engine import KVLayout, KVSlice
-from workers.kv_transport import KVSender
+from workers.kv.listener import open_kv_connection
+from workers.engines.base import KVLayout, KVSlice
+from workers.kv.transport import KVSender
 host, port, token, rid, key = sys.argv[1:6]
 sock = open_kv_connection(host, int(port), ClusterKey.from_hex(key), bytes.fromhex(token), timeout=10)
 layout = KVLayout(4, 2, 16, "float32", 300)
@@ -651,7 +651,7 @@ def test_worker_processes_stop_cleanly_on_sigterm(processes: Any) -> None:
 
 
 def test_free_memory_reads_macos_vm_stat_output() -> None:
-    from workers.worker_info import parse_vm_stat
+    from workers.rpc.info import parse_vm_stat
 
     sample = ("Mach Virtual Memory Statistics: (page size of 16384 bytes)\n"
               "Pages free:                               12000.\n"
@@ -663,7 +663,7 @@ def test_free_memory_reads_macos_vm_stat_output() -> None:
 
 
 def test_free_memory_on_this_host_is_positive_and_cuda_falls_back_without_a_gpu() -> None:
-    from workers.worker_info import free_memory_bytes
+    from workers.rpc.info import free_memory_bytes
 
     host = free_memory_bytes()
     assert host > 0

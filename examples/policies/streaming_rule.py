@@ -59,8 +59,8 @@ class StreamingRule:
 if __name__ == "__main__":
     from pathlib import Path
 
-    from scheduler import cluster_file
-    from scheduler.simulate import SimConfig, simulate
+    from scheduler.sim import cluster_file
+    from scheduler.sim.cli import SimConfig, simulate
 
     here = Path(__file__).resolve()
     base = (here.parents[1] / "clusters" / "spark-m4max-10gbe.toml").read_text()

@@ -20,8 +20,8 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 from transformers.generation.streamers import BaseStreamer
 
-from workers.engine import KVLayout, KVSlice, PrefillResult, SamplingParams, SliceSink, check_layout, decode_loop, join_layer
-from workers.model_config import check_tokenizer, read_model_spec
+from workers.engines.base import KVLayout, KVSlice, PrefillResult, SamplingParams, SliceSink, check_layout, decode_loop, join_layer
+from workers.engines.model_config import check_tokenizer, read_model_spec
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from scheduler.sim_engine import RequestResult
+from scheduler.sim.engine import RequestResult
 
 MAX_ROWS = 20  # per-request rows in the readable table
 

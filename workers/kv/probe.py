@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 
 from cluster.auth import AuthError, ClusterKey, client_handshake
-from workers.kv_net import connect
+from workers.kv.net import connect
 
 log = logging.getLogger(__name__)
 

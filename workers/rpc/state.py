@@ -1,6 +1,6 @@
 """Run-time state of one worker, shared by its RPCs: requests in flight, counters.
 
-The config is frozen and built once (``workers.service.WorkerConfig``); what
+The config is frozen and built once (``workers.rpc.server.WorkerConfig``); what
 changes while the worker runs lives here. Everything in this module is used
 on the event loop, except ``ActiveRequest.cancelled``, which the engine
 thread polls between slices.
@@ -18,11 +18,11 @@ import grpc
 
 from cluster.auth import ClusterKey
 from proto import pdcluster_pb2 as pb
-from workers.dataplane import KVPusher
-from workers.engine import KVSlice, SamplingParams, SliceSink
-from workers.engine_thread import EngineThread
-from workers.leases import Lease, LeaseTable
-from workers.model_config import ModelSpec
+from workers.kv.listener import KVPusher
+from workers.engines.base import KVSlice, SamplingParams, SliceSink
+from workers.engines.thread import EngineThread
+from workers.kv.leases import Lease, LeaseTable
+from workers.engines.model_config import ModelSpec
 
 CODECS = ("", "raw")
 

@@ -24,13 +24,13 @@ from grpc import aio
 
 from cluster.auth import AuthError
 from proto import pdcluster_pb2 as pb
-from workers.dataplane import Arrival
-from workers.engine import KVLayout, SamplingParams
-from workers.kv_codec import FrameError, FrameTimeout
-from workers.kv_transport import TransferAborted
-from workers.leases import Lease, LeaseError
-from workers.sampling import sample
-from workers.worker_state import (
+from workers.kv.listener import Arrival
+from workers.engines.base import KVLayout, SamplingParams
+from workers.kv.codec import FrameError, FrameTimeout
+from workers.kv.transport import TransferAborted
+from workers.kv.leases import Lease, LeaseError
+from workers.engines.sampling import sample
+from workers.rpc.state import (
     ActiveRequest,
     Cancelled,
     RPCFailure,

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from workers.kv_codec import Buffer
+from workers.kv.codec import Buffer
 
 SOCKET_BUFFER_BYTES = 4 << 20
 

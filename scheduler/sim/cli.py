@@ -2,9 +2,9 @@
 
 The policies are the live scheduler's own classes (``scheduler/policy.py``, or
 a user's ``module:Class`` / ``file.py:Class``); the cluster comes from a TOML
-cluster file (``scheduler/cluster_file.py``); time comes from the cost model.
+cluster file (``scheduler/sim/cluster_file.py``); time comes from the cost model.
 ``sim_workload`` makes the arrivals, ``sim_engine`` runs them, ``sim_report``
-summarises. Usable as ``python -m scheduler.simulate`` too.
+summarises. Usable as ``python -m scheduler.sim.cli`` too.
 """
 from __future__ import annotations
 
@@ -15,12 +15,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from scheduler import cluster_file, costmodel
-from scheduler.cluster_file import ClusterSpec
+from scheduler import costmodel
+from scheduler.sim import cluster_file
+from scheduler.sim.cluster_file import ClusterSpec
 from scheduler.policy import POLICIES, load_policy
-from scheduler.sim_engine import RequestResult, SimCluster, Simulation, build_cluster
-from scheduler.sim_report import Point, Summary, plot, summarize, text_report
-from scheduler.sim_workload import WorkItem, mean_rate, poisson, read_trace, scaled, single
+from scheduler.sim.engine import RequestResult, SimCluster, Simulation, build_cluster
+from scheduler.sim.report import Point, Summary, plot, summarize, text_report
+from scheduler.sim.workload import WorkItem, mean_rate, poisson, read_trace, scaled, single
 
 PROMPT_SWEEP = (512, 1024, 2048, 4096, 8192, 16384, 32768)
 RATE_SWEEP = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)  # x the workload's rate
@@ -232,8 +233,8 @@ def run_simulate(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m scheduler.simulate ...``: the same flags as ``pdc simulate``."""
-    parser = argparse.ArgumentParser(prog="python -m scheduler.simulate", description=__doc__.splitlines()[0])
+    """``python -m scheduler.sim.cli ...``: the same flags as ``pdc simulate``."""
+    parser = argparse.ArgumentParser(prog="python -m scheduler.sim.cli", description=__doc__.splitlines()[0])
     _add_arguments(parser)
     args = parser.parse_args(argv)
     try:

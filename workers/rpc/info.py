@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from proto import pdcluster_pb2 as pb
-from workers.engine import Engine
-from workers.model_config import ModelSpec
+from workers.engines.base import Engine
+from workers.engines.model_config import ModelSpec
 
 
 def model_fingerprint(model_dir: Path) -> str:

@@ -5,7 +5,7 @@ memory bandwidth) comes from the first of these that gives it:
 
 1. the command line (``--tflops``, ``--mem-bw-gbps``);
 2. a profile file (``--profile FILE.toml``, see ``load_profile_file``);
-3. the catalog entry (``scheduler/catalog.py``) of the declared hardware
+3. the catalog entry (``cluster/hardware.py``) of the declared hardware
    (``--hardware`` or the file's ``hardware``): peak dense fp16/bf16 figures,
    which the scheduler's cost model and its calibrated efficiencies expect;
 4. a quick measurement: a dense matmul in the engine's compute dtype for
@@ -23,9 +23,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from scheduler import catalog
-from scheduler.costmodel import Hardware
-from workers.engine import Engine
+from cluster import hardware as catalog
+from cluster.hardware import Hardware
+from workers.engines.base import Engine
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -21,8 +21,8 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import KVCache
 from mlx_lm.utils import load_model
 
-from workers.engine import KVLayout, KVSlice, PrefillResult, SamplingParams, SliceSink, check_layout, decode_loop, join_layer
-from workers.model_config import check_tokenizer, read_model_spec
+from workers.engines.base import KVLayout, KVSlice, PrefillResult, SamplingParams, SliceSink, check_layout, decode_loop, join_layer
+from workers.engines.model_config import check_tokenizer, read_model_spec
 
 log = logging.getLogger(__name__)
 

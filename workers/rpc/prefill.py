@@ -26,10 +26,10 @@ from grpc import aio
 
 from cluster.auth import AuthError
 from proto import pdcluster_pb2 as pb
-from workers.dataplane import KVPushError, KVPusher, open_kv_connection
-from workers.engine import SamplingParams
-from workers.sampling import sample
-from workers.worker_state import (
+from workers.kv.listener import KVPushError, KVPusher, open_kv_connection
+from workers.engines.base import SamplingParams
+from workers.engines.sampling import sample
+from workers.rpc.state import (
     ActiveRequest,
     Cancelled,
     RPCFailure,

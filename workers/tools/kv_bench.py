@@ -47,9 +47,9 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from workers.engine import KVLayout, KVSlice, numpy_dtype
-from workers.kv_net import connect, send_buffers, serve_once
-from workers.kv_transport import KVArena, KVReceiver, KVSender
+from workers.engines.base import KVLayout, KVSlice, numpy_dtype
+from workers.kv.net import connect, send_buffers, serve_once
+from workers.kv.transport import KVArena, KVReceiver, KVSender
 
 HOST = "127.0.0.1"
 PATHS = ("kv", "raw")
@@ -514,7 +514,7 @@ def run_bench_kv(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m workers.kv_bench kv ...``: the same as ``pdc bench kv ...``."""
+    """``python -m workers.tools.kv_bench kv ...``: the same as ``pdc bench kv ...``."""
     parser = argparse.ArgumentParser(prog="pdc bench", description="Benchmarks of pdcluster's components.")
     _add_kv_parser(parser.add_subparsers(title="benchmarks", metavar="BENCHMARK"))
     args = parser.parse_args(argv)

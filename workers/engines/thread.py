@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from workers.engine import Engine
+from workers.engines.base import Engine
 
 T = TypeVar("T")
 

@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from workers.engine import KVLayout, KVSlice, numpy_dtype
-from workers.kv_codec import (
+from workers.engines.base import KVLayout, KVSlice, numpy_dtype
+from workers.kv.codec import (
     Abort,
     Begin,
     Buffer,
@@ -42,7 +42,7 @@ from workers.kv_codec import (
     encode_end,
     encode_kv,
 )
-from workers.kv_net import send_buffers
+from workers.kv.net import send_buffers
 
 DEFAULT_SEND_TIMEOUT_S = 30.0
 

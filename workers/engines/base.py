@@ -202,7 +202,7 @@ def decode_loop(
     new last-position logits ``[vocab]`` as float32. ``first_token`` is not
     yielded; a stop token is yielded and ends the loop; at most
     ``params.max_tokens - 1`` tokens come out."""
-    from workers.sampling import sample  # sampling imports this module
+    from workers.engines.sampling import sample  # sampling imports this module
 
     token = first_token
     for index in range(1, params.max_tokens):

@@ -23,8 +23,8 @@ from grpc import aio
 
 from proto import pdcluster_pb2 as pb
 from proto import pdcluster_pb2_grpc as pb_grpc
-from workers.decode_rpc import DecodeRPC
-from workers.link_probe import (
+from workers.rpc.decode import DecodeRPC
+from workers.kv.probe import (
     DEFAULT_PINGS,
     DEFAULT_PROBE_BYTES,
     DEFAULT_PROBE_TIMEOUT_S,
@@ -34,8 +34,8 @@ from workers.link_probe import (
     ProbeError,
     probe_link,
 )
-from workers.prefill_rpc import PrefillRPC
-from workers.worker_state import RPCFailure, WorkerState
+from workers.rpc.prefill import PrefillRPC
+from workers.rpc.state import RPCFailure, WorkerState
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,16 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from cluster.node import NodeInfo
-from scheduler.placement import LinkView
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LinkView:
+    """A measured (or declared) prefill -> decode link."""
+
+    gbps: float  # payload bandwidth, gigabits per second
+    latency_s: float = 0.0
 
 
 @dataclass(frozen=True)

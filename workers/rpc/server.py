@@ -29,14 +29,14 @@ from grpc import aio
 from cluster.auth import AuthServerInterceptor, ClusterKey, load_cluster_key
 from proto import pdcluster_pb2 as pb
 from proto import pdcluster_pb2_grpc as pb_grpc
-from scheduler.catalog import HARDWARE
-from workers.client import SERVER_OPTIONS
-from workers.dataplane import KVListener
-from workers.engine import Engine
-from workers.engine_thread import EngineThread
-from workers.leases import LeaseTable
-from workers.model_config import read_model_spec, resolve_model
-from workers.profile import (
+from cluster.hardware import HARDWARE
+from workers.rpc.client import SERVER_OPTIONS
+from workers.kv.listener import KVListener
+from workers.engines.base import Engine
+from workers.engines.thread import EngineThread
+from workers.kv.leases import LeaseTable
+from workers.engines.model_config import read_model_spec, resolve_model
+from workers.rpc.profile import (
     MeasuredProfile,
     catalog_hardware,
     declared_figures,
@@ -44,9 +44,9 @@ from workers.profile import (
     measure_profile,
     profile_source,
 )
-from workers.servicer import WorkerServicer
-from workers.worker_info import free_memory_bytes, model_info, pdcluster_version
-from workers.worker_state import ServiceSettings, WorkerState
+from workers.rpc.servicer import WorkerServicer
+from workers.rpc.info import free_memory_bytes, model_info, pdcluster_version
+from workers.rpc.state import ServiceSettings, WorkerState
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class WorkerConfig:
     handshake_timeout_s: float = 10.0  # KV listener side
     send_mode: str = "thread"  # thread: a sender thread drains a bounded queue; direct: send on the engine thread
     max_queued_bytes: int = 256 << 20  # KV slices queued ahead of the sender thread
-    hardware: str = ""  # declared catalog name (scheduler/catalog.py); its peaks fill undeclared figures
+    hardware: str = ""  # declared catalog name (cluster/hardware.py); its peaks fill undeclared figures
     tflops: float = 0.0  # declared compute, for placement (0: the hardware's, else measure at start-up)
     mem_bw_gbps: float = 0.0  # declared memory bandwidth, GB/s (0: the hardware's, else measure at start-up)
     peers: tuple[str, ...] = ()  # static host:port peers, for the discovery hook
@@ -395,7 +395,7 @@ def run_worker_command(args: argparse.Namespace, on_started: OnStarted | None = 
 
 
 def _load_engine(config: WorkerConfig, model_dir: Path) -> Engine:
-    from workers.handoff import load_engine
+    from workers.tools.handoff import load_engine
 
     return load_engine(config.engine, model_dir, config.dtype, config.device)  # type: ignore[arg-type]
 

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from workers.engine import Engine, KVSlice, SamplingParams
-from workers.kv_net import connect, serve_once
-from workers.kv_transport import KVReceiver, KVSender, ReceivedKV
-from workers.model_config import read_model_spec, resolve_model
-from workers.sampling import sample
+from workers.engines.base import Engine, KVSlice, SamplingParams
+from workers.kv.net import connect, serve_once
+from workers.kv.transport import KVReceiver, KVSender, ReceivedKV
+from workers.engines.model_config import read_model_spec, resolve_model
+from workers.engines.sampling import sample
 
 TRANSFER_TIMEOUT_S = 120.0
 
@@ -79,11 +79,11 @@ class HandoffResult:
 def load_engine(kind: str, model_dir: Path, dtype: str, device: str | None = None) -> Engine:
     """Build a torch or MLX engine; imports only the one asked for."""
     if kind == "torch":
-        from workers.torch_engine import TorchEngine
+        from workers.engines.torch_engine import TorchEngine
 
         return TorchEngine(model_dir, device=device, dtype=dtype)
     if kind == "mlx":
-        from workers.mlx_engine import MLXEngine
+        from workers.engines.mlx_engine import MLXEngine
 
         return MLXEngine(model_dir, dtype=dtype)
     raise ValueError(f"unknown engine {kind!r}; expected 'torch' or 'mlx'")

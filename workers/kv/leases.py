@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from workers.engine import KVLayout
+from workers.engines.base import KVLayout
 
 TOKEN_BYTES = 16
 MAX_TRANSFER_S = 900.0  # a claimed transfer must complete within this

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from workers.engine import SamplingParams
+from workers.engines.base import SamplingParams
 
 
 def sample(logits: np.ndarray, params: SamplingParams, step: int) -> int:

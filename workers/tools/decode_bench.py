@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from workers.engine import Engine, SamplingParams
-from workers.handoff import load_engine, prompt_token_ids
-from workers.kv_bench import CONTENDED_CPU_WAIT, cpu_wait_us
-from workers.model_config import read_model_spec
-from workers.sampling import sample
+from workers.engines.base import Engine, SamplingParams
+from workers.tools.handoff import load_engine, prompt_token_ids
+from workers.tools.kv_bench import CONTENDED_CPU_WAIT, cpu_wait_us
+from workers.engines.model_config import read_model_spec
+from workers.engines.sampling import sample
 
 ENGINES = ("mlx", "torch")
 PATHS = ("ours", "native")
@@ -64,7 +64,7 @@ class DecodeBenchConfig:
     device: str | None = None  # torch device; None: the best available
 
     def __post_init__(self) -> None:
-        from workers.modelgen import PRESETS
+        from workers.tools.modelgen import PRESETS
 
         if self.preset not in PRESETS:
             raise ValueError(f"bench decode: unknown preset {self.preset!r}; expected one of {sorted(PRESETS)}")
@@ -181,7 +181,7 @@ def first_difference(a: tuple[int, ...], b: tuple[int, ...]) -> int | None:
 def preset_model_dir(preset: str, report: Report = print) -> Path:
     """The ``preset`` llama checkpoint in the cache, built (with a message) on first use."""
     from cluster.paths import cache_dir
-    from workers.modelgen import make_model
+    from workers.tools.modelgen import make_model
 
     folder = cache_dir() / "models" / f"{preset}-{MODEL_ARCH}-seed{MODEL_SEED}"
     if not (folder / "model.safetensors").is_file():
@@ -386,7 +386,7 @@ def run_bench_decode(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m workers.decode_bench decode ...``: the same as ``pdc bench decode ...``."""
+    """``python -m workers.tools.decode_bench decode ...``: the same as ``pdc bench decode ...``."""
     parser = argparse.ArgumentParser(prog="pdc bench", description="Benchmarks of pdcluster's components.")
     add_decode_parser(parser.add_subparsers(title="benchmarks", metavar="BENCHMARK"))
     args = parser.parse_args(argv)

@@ -28,11 +28,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from scheduler import catalog, costmodel
-from scheduler.cluster_file import ClusterSpec, NodeSpec
+from scheduler.sim.cluster_file import ClusterSpec, NodeSpec
 from scheduler.placement import ClusterView, LinkView, NodeView, Placement
 from scheduler.policy import Policy
 from scheduler.request import GenerationRequest, NoCapacityError
-from scheduler.sim_workload import WorkItem
+from scheduler.sim.workload import WorkItem
 
 
 class SimulationError(ValueError):

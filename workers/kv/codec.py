@@ -33,7 +33,7 @@ import msgpack
 import numpy as np
 import xxhash
 
-from workers.engine import KVLayout, KVSlice, numpy_dtype
+from workers.engines.base import KVLayout, KVSlice, numpy_dtype
 
 MAGIC = b"PDKV"
 VERSION = 1

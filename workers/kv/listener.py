@@ -7,7 +7,7 @@ transfer into it under the lease's deadline. Whatever ends the transfer (its
 ``end`` frame, a malformed frame, the sender vanishing, the deadline) is
 delivered to that lease alone; the connection is then closed. A connection
 that presents ``PROBE_TOKEN`` instead claims no lease: it is a link probe
-(``workers/link_probe.py``), at most ``MAX_CONCURRENT_PROBES`` at a time.
+(``workers/kv/probe.py``), at most ``MAX_CONCURRENT_PROBES`` at a time.
 
 Prefill side, ``KVPusher``: sends one transfer while the engine computes. In
 ``threaded`` mode the engine thread only queues each slice (bounded by bytes)
@@ -28,12 +28,12 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from cluster.auth import AuthError, ClusterKey, client_handshake, server_handshake
-from workers.engine import KVLayout, KVSlice
-from workers.kv_codec import Begin, FrameError, FrameReader
-from workers.kv_net import connect, tune_socket
-from workers.kv_transport import KVReceiver, KVSender, ReceivedKV
-from workers.leases import Lease, LeaseTable
-from workers.link_probe import MAX_CONCURRENT_PROBES, PROBE_TOKEN, serve_probe
+from workers.engines.base import KVLayout, KVSlice
+from workers.kv.codec import Begin, FrameError, FrameReader
+from workers.kv.net import connect, tune_socket
+from workers.kv.transport import KVReceiver, KVSender, ReceivedKV
+from workers.kv.leases import Lease, LeaseTable
+from workers.kv.probe import MAX_CONCURRENT_PROBES, PROBE_TOKEN, serve_probe
 
 log = logging.getLogger(__name__)
 
