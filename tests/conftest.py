@@ -1,14 +1,43 @@
-"""Shared fixtures: tiny checkpoints built once per session, never downloaded."""
+"""Shared fixtures and helpers: tiny checkpoints built once per session (never
+downloaded), KV slices and layouts, in-process and out-of-process workers.
+
+Test modules import helpers from here (``from conftest import ...``), never
+from one another.
+"""
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
-from collections.abc import Callable
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
+from hypothesis import strategies as st
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import grpc  # noqa: E402
+from grpc import aio  # noqa: E402
+
+from cluster.auth import ClusterKey, generate_key, write_config  # noqa: E402
+from proto import pdcluster_pb2 as pb  # noqa: E402,F401
+from workers.engines.base import WIRE_DTYPES, KVLayout, KVSlice, join_layer, numpy_dtype  # noqa: E402
+from workers.kv.transport import ReceivedKV  # noqa: E402
+from workers.rpc.client import WorkerClient  # noqa: E402
+from workers.rpc.server import Worker, WorkerConfig  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +67,209 @@ def have(module: str) -> bool:
 
 requires_torch = pytest.mark.skipif(not have("torch"), reason="torch extra not installed")
 requires_mlx = pytest.mark.skipif(not have("mlx.core"), reason="mlx extra not installed")
+
+
+# ---------------------------------------------------------------- KV slices and layouts
+
+RID = "req-1"
+TRANSFER_LAYOUT = KVLayout(num_layers=4, kv_heads=2, head_dim=8, dtype="bfloat16", num_tokens=50)
+CHUNKS = [(0, 16), (16, 16), (32, 16), (48, 2)]
+WAIT_S = 10.0  # generous bound on any wait that should end much sooner
+
+
+def make_slices(layout: KVLayout, chunks: list[tuple[int, int]], seed: int = 0) -> list[KVSlice]:
+    rng = np.random.default_rng(seed)
+    return [
+        random_slice(rng, layout, layer, start, ntok) for start, ntok in chunks for layer in range(layout.num_layers)
+    ]
+
+
+def random_slice(rng: np.random.Generator, layout: KVLayout, layer: int, start: int, ntok: int) -> KVSlice:
+    """Random bit patterns (NaNs and infinities included) in the layout's wire dtype."""
+    dtype = numpy_dtype(layout.dtype)
+    shape = (layout.kv_heads, ntok, layout.head_dim)  # [kv_heads, ntok, head_dim]
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    keys = np.frombuffer(rng.bytes(nbytes), dtype).reshape(shape).copy()
+    values = np.frombuffer(rng.bytes(nbytes), dtype).reshape(shape).copy()
+    return KVSlice(layer, start, keys, values, layout.dtype)
+
+
+def frame_bytes(buffers: list) -> bytes:
+    return b"".join(bytes(b) for b in buffers)
+
+
+def assert_same_slice(got: KVSlice, want: KVSlice) -> None:
+    assert (got.layer, got.start, got.dtype) == (want.layer, want.start, want.dtype)
+    assert got.keys.shape == want.keys.shape and got.values.shape == want.values.shape
+    assert got.keys.dtype == want.keys.dtype and got.values.dtype == want.values.dtype
+    assert got.keys.tobytes() == want.keys.tobytes()  # bit-exact, NaN payloads included
+    assert got.values.tobytes() == want.values.tobytes()
+
+
+@st.composite
+def chunked_layouts(draw: st.DrawFn) -> tuple[KVLayout, list[tuple[int, int]], int]:
+    """A random layout, a random split of its tokens into chunks, and a data seed."""
+    layout = KVLayout(
+        num_layers=draw(st.integers(1, 4)),
+        kv_heads=draw(st.integers(1, 4)),
+        head_dim=draw(st.sampled_from([1, 2, 8, 16])),
+        dtype=draw(st.sampled_from(sorted(WIRE_DTYPES))),
+        num_tokens=draw(st.integers(1, 40)),
+    )
+    cuts = draw(st.sets(st.integers(1, layout.num_tokens - 1), max_size=6)) if layout.num_tokens > 1 else set()
+    bounds = [0, *sorted(cuts), layout.num_tokens]
+    chunks = [(start, end - start) for start, end in zip(bounds, bounds[1:], strict=False)]
+    return layout, chunks, draw(st.integers(0, 2**32 - 1))
+
+
+def assert_layers_match(received: ReceivedKV, slices: list[KVSlice]) -> None:
+    for layer in range(received.layout.num_layers):
+        parts = sorted((s for s in slices if s.layer == layer), key=lambda s: s.start)
+        keys, values = join_layer(received.slices, layer, received.layout)
+        assert keys.shape == (received.layout.kv_heads, received.layout.num_tokens, received.layout.head_dim)
+        assert keys.tobytes() == np.concatenate([s.keys for s in parts], axis=1).tobytes()
+        assert values.tobytes() == np.concatenate([s.values for s in parts], axis=1).tobytes()
+
+
+# ---------------------------------------------------------------- workers
+
+@pytest.fixture(scope="module")
+def model(make_tiny_model: Callable[..., Path]) -> Path:
+    return make_tiny_model("llama")
+
+
+def run(body: Callable[[], Any], timeout: float = 120.0) -> Any:
+    """Run an async test body under one overall deadline."""
+    return asyncio.run(asyncio.wait_for(body(), timeout))
+
+
+def config(model: Path, key: ClusterKey, role: str, **overrides: Any) -> WorkerConfig:
+    """An in-process MLX worker; declaring a profile skips the start-up measurement."""
+    fields: dict[str, Any] = {"tflops": 1.0, "mem_bw_gbps": 100.0, **overrides}
+    return WorkerConfig(role=role, engine="mlx", model=str(model), cluster_key=key, advertise=False,
+                        node_id=f"test-{role}", grace_s=1.0, **fields)
+
+
+@contextlib.asynccontextmanager
+async def started(*workers: Worker) -> AsyncIterator[list[WorkerClient]]:
+    """Start workers one after another (engine imports are not thread-safe) and
+    yield a client per worker; stop everything afterwards."""
+    clients: list[WorkerClient] = []
+    try:
+        for worker in workers:
+            await worker.start()
+            clients.append(WorkerClient(worker.grpc_address, worker.config.cluster_key))
+        yield clients
+    finally:
+        for client in clients:
+            await client.close()
+        for worker in workers:
+            await worker.stop()
+
+
+async def status_code(awaitable: Any) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(aio.AioRpcError) as failure:
+        await awaitable
+    return failure.value.code(), failure.value.details()
+
+
+class GatedEngine:
+    """A real engine whose prefill pauses after its first slice until ``gate`` opens."""
+
+    def __init__(self, inner: Any, entered: threading.Event, gate: threading.Event) -> None:
+        self.inner, self.entered, self.gate = inner, entered, gate
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def prefill(self, request_id: str, token_ids: list[int], on_slice: Any, chunk_size: int = 128) -> Any:
+        first = [True]
+
+        def sink(kv_slice: KVSlice) -> None:
+            on_slice(kv_slice)
+            if first[0]:
+                first[0] = False
+                self.entered.set()
+                self.gate.wait(20)
+
+        return self.inner.prefill(request_id, token_ids, sink, chunk_size)
+
+
+class PacedEngine(GatedEngine):
+    """A real engine whose prefill pauses ``pause_s`` after every slice."""
+
+    def __init__(self, inner: Any, pause_s: float) -> None:
+        self.inner, self.pause_s = inner, pause_s
+
+    def prefill(self, request_id: str, token_ids: list[int], on_slice: Any, chunk_size: int = 128) -> Any:
+        def sink(kv_slice: KVSlice) -> None:
+            on_slice(kv_slice)
+            time.sleep(self.pause_s)
+
+        return self.inner.prefill(request_id, token_ids, sink, chunk_size)
+
+
+@dataclass
+class WorkerProcess:
+    proc: subprocess.Popen
+    lines: list[str]
+    ready: threading.Event
+    log: Path
+
+    @property
+    def grpc(self) -> str:
+        return re.search(r"grpc=(\S+)", self._ready_line()).group(1)
+
+    def _ready_line(self) -> str:
+        return next(line for line in self.lines if " ready: " in line)
+
+    def tail(self) -> str:
+        return "".join(self.lines)[-3000:] + self.log.read_text(errors="replace")[-3000:]
+
+
+def start_worker_process(role: str, engine: str, model: Path, key_file: Path, log: Path,
+                         *extra_args: str) -> WorkerProcess:
+    """``pdc worker`` on 127.0.0.1 without mDNS; ``extra_args`` are more ``pdc worker`` flags."""
+    cmd = [sys.executable, "-m", "cluster.cli", "worker", "--role", role, "--engine", engine,
+           "--model", str(model), "--host", "127.0.0.1", "--no-advertise", "--cluster-key-file", str(key_file),
+           "--node-id", f"proc-{role}", "--dtype", "float32", *extra_args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log.open("wb"),
+                            stdin=subprocess.DEVNULL, text=True)
+    worker = WorkerProcess(proc, [], threading.Event(), log)
+
+    def read() -> None:
+        for line in proc.stdout:  # ends when the process closes stdout
+            worker.lines.append(line)
+            if " ready: " in line:
+                worker.ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    return worker
+
+
+@pytest.fixture(scope="module")
+def processes(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A torch prefill worker and an MLX decode worker, each its own process."""
+    if not have("torch"):
+        pytest.skip("needs the torch extra (prefill engine)")
+    tmp = tmp_path_factory.mktemp("workers")
+    key = generate_key()
+    key_file = write_config(tmp / "cluster.json", key)
+    workers = {role: start_worker_process(role, engine, model, key_file, tmp / f"{role}.log")
+               for role, engine in (("prefill", "torch"), ("decode", "mlx"))}
+    try:
+        for role, worker in workers.items():
+            if not worker.ready.wait(120):
+                pytest.fail(f"{role} worker did not start:\n{worker.tail()}")
+        yield key, workers
+    finally:
+        for worker in workers.values():
+            if worker.proc.poll() is None:
+                worker.proc.send_signal(signal.SIGTERM)
+        for worker in workers.values():
+            try:
+                worker.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                worker.proc.kill()
+                worker.proc.wait(5)

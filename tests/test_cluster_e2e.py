@@ -17,9 +17,9 @@ from pathlib import Path
 
 import openai
 import pytest
+from conftest import have
 
 from cluster.launcher import LocalCluster, UpConfig
-from conftest import have
 
 pytestmark = pytest.mark.skipif(not (have("torch") and have("mlx.core")), reason="needs the torch and mlx extras")
 MESSAGES = [{"role": "user", "content": "Tell me about prefill and decode."}]

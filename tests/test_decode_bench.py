@@ -11,10 +11,15 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import have, requires_mlx
+
 from workers.tools.decode_bench import (
-    DecodeBenchConfig, EngineResult, RoundResult, available_engines, first_difference, run_decode_bench,
+    DecodeBenchConfig,
+    EngineResult,
+    RoundResult,
+    available_engines,
+    first_difference,
+    run_decode_bench,
 )
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from cluster.discovery import SERVICE_TYPE, Advertiser, Browser, discover_once
-from cluster.node_table import NodeTable, parse_peer
 from cluster.node import NodeInfo
+from cluster.node_table import NodeTable, parse_peer
 
 LOOPBACK = ["127.0.0.1"]
 KFP = "kfp-good-1234"
@@ -188,7 +188,10 @@ def test_node_with_wrong_key_fingerprint_is_refused_and_logged(caplog: pytest.Lo
 
 
 def test_malformed_txt_record_over_mdns_is_refused_with_the_reason() -> None:
-    from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf  # raw zeroconf: our Advertiser cannot send garbage
+    from zeroconf.asyncio import (  # raw zeroconf: our Advertiser cannot send garbage
+        AsyncServiceInfo,
+        AsyncZeroconf,
+    )
 
     async def body() -> None:
         node = make_node("garbled")

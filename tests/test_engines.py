@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import requires_mlx, requires_torch
+
 from workers.engines.base import KVSlice, SamplingParams
-from workers.tools.handoff import load_engine
 from workers.engines.sampling import sample
+from workers.tools.handoff import load_engine
 
 ENGINES = [pytest.param("torch", marks=requires_torch), pytest.param("mlx", marks=requires_mlx)]
 PROMPT = list(range(5, 205))  # 200 tokens: two chunks of 128 and 72

@@ -13,10 +13,16 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import have
+
 from workers.engines.base import SamplingParams
-from workers.tools.handoff import HandoffConfig, check_handoff, generate_alone, generate_handoff, load_engine
+from workers.tools.handoff import (
+    HandoffConfig,
+    check_handoff,
+    generate_alone,
+    generate_handoff,
+    load_engine,
+)
 from workers.tools.modelgen import ARCHES
 
 pytestmark = pytest.mark.skipif(

@@ -13,7 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from workers.tools.kv_bench import BenchConfig, add_bench_parser, build_slices, run_bench_kv, run_kv_bench
+from workers.tools.kv_bench import (
+    BenchConfig,
+    add_bench_parser,
+    build_slices,
+    run_bench_kv,
+    run_kv_bench,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CLI_TIMEOUT_S = 180.0

@@ -5,10 +5,11 @@ import msgpack
 import numpy as np
 import pytest
 import xxhash
+from conftest import RID, assert_same_slice, chunked_layouts, frame_bytes, random_slice
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workers.engines.base import WIRE_DTYPES, KVLayout, KVSlice, numpy_dtype
+from workers.engines.base import KVLayout, KVSlice
 from workers.kv.codec import (
     MAX_HEADER_BYTES,
     PREFIX,
@@ -26,46 +27,7 @@ from workers.kv.codec import (
     pack_frame,
 )
 
-RID = "req-1"
 LAYOUT = KVLayout(num_layers=3, kv_heads=2, head_dim=4, dtype="float16", num_tokens=10)
-
-
-def random_slice(rng: np.random.Generator, layout: KVLayout, layer: int, start: int, ntok: int) -> KVSlice:
-    """Random bit patterns (NaNs and infinities included) in the layout's wire dtype."""
-    dtype = numpy_dtype(layout.dtype)
-    shape = (layout.kv_heads, ntok, layout.head_dim)  # [kv_heads, ntok, head_dim]
-    nbytes = int(np.prod(shape)) * dtype.itemsize
-    keys = np.frombuffer(rng.bytes(nbytes), dtype).reshape(shape).copy()
-    values = np.frombuffer(rng.bytes(nbytes), dtype).reshape(shape).copy()
-    return KVSlice(layer, start, keys, values, layout.dtype)
-
-
-def frame_bytes(buffers: list) -> bytes:
-    return b"".join(bytes(b) for b in buffers)
-
-
-def assert_same_slice(got: KVSlice, want: KVSlice) -> None:
-    assert (got.layer, got.start, got.dtype) == (want.layer, want.start, want.dtype)
-    assert got.keys.shape == want.keys.shape and got.values.shape == want.values.shape
-    assert got.keys.dtype == want.keys.dtype and got.values.dtype == want.values.dtype
-    assert got.keys.tobytes() == want.keys.tobytes()  # bit-exact, NaN payloads included
-    assert got.values.tobytes() == want.values.tobytes()
-
-
-@st.composite
-def chunked_layouts(draw: st.DrawFn) -> tuple[KVLayout, list[tuple[int, int]], int]:
-    """A random layout, a random split of its tokens into chunks, and a data seed."""
-    layout = KVLayout(
-        num_layers=draw(st.integers(1, 4)),
-        kv_heads=draw(st.integers(1, 4)),
-        head_dim=draw(st.sampled_from([1, 2, 8, 16])),
-        dtype=draw(st.sampled_from(sorted(WIRE_DTYPES))),
-        num_tokens=draw(st.integers(1, 40)),
-    )
-    cuts = draw(st.sets(st.integers(1, layout.num_tokens - 1), max_size=6)) if layout.num_tokens > 1 else set()
-    bounds = [0, *sorted(cuts), layout.num_tokens]
-    chunks = [(start, end - start) for start, end in zip(bounds, bounds[1:], strict=False)]
-    return layout, chunks, draw(st.integers(0, 2**32 - 1))
 
 
 # ---------------------------------------------------------------- round trips

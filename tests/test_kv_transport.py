@@ -10,32 +10,31 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+from conftest import (
+    CHUNKS,
+    RID,
+    WAIT_S,
+    assert_layers_match,
+    assert_same_slice,
+    chunked_layouts,
+    frame_bytes,
+    make_slices,
+    random_slice,
+)
+from conftest import TRANSFER_LAYOUT as LAYOUT
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_kv_codec import RID, assert_same_slice, chunked_layouts, frame_bytes, random_slice
 
 from workers.engines.base import KVLayout, KVSlice
 from workers.kv.codec import FrameError, FrameTimeout, encode_begin, encode_kv
+from workers.kv.net import connect, send_buffers, serve_once
 from workers.kv.transport import (
     KVArena,
     KVReceiver,
     KVSender,
-    ReceivedKV,
     TokenCoverage,
     TransferAborted,
 )
-from workers.kv.net import connect, send_buffers, serve_once
-
-LAYOUT = KVLayout(num_layers=4, kv_heads=2, head_dim=8, dtype="bfloat16", num_tokens=50)
-CHUNKS = [(0, 16), (16, 16), (32, 16), (48, 2)]
-WAIT_S = 10.0  # generous bound on any wait that should end much sooner
-
-
-def make_slices(layout: KVLayout, chunks: list[tuple[int, int]], seed: int = 0) -> list[KVSlice]:
-    rng = np.random.default_rng(seed)
-    return [
-        random_slice(rng, layout, layer, start, ntok) for start, ntok in chunks for layer in range(layout.num_layers)
-    ]
 
 
 def receiving_server(**receive_kwargs: object) -> tuple:
@@ -61,15 +60,6 @@ def send_transfer_to_hangup(port: int, slices: list[KVSlice], layout: KVLayout =
     """Send a transfer the receiver will reject; it may hang up before the end."""
     with contextlib.suppress(OSError):
         send_transfer(port, slices, layout)
-
-
-def assert_layers_match(received: ReceivedKV, slices: list[KVSlice]) -> None:
-    for layer in range(received.layout.num_layers):
-        parts = sorted((s for s in slices if s.layer == layer), key=lambda s: s.start)
-        keys, values = received.layer_arrays(layer)
-        assert keys.shape == (received.layout.kv_heads, received.layout.num_tokens, received.layout.head_dim)
-        assert keys.tobytes() == np.concatenate([s.keys for s in parts], axis=1).tobytes()
-        assert values.tobytes() == np.concatenate([s.values for s in parts], axis=1).tobytes()
 
 
 # ---------------------------------------------------------------- round trips

@@ -9,7 +9,12 @@ import pytest
 from proto import pdcluster_pb2 as pb
 from scheduler.lifecycle import LifecycleConfig, run_request
 from scheduler.placement import Placement
-from scheduler.request import FinishEvent, GenerationRequest, RequestFailedError, TokenEvent
+from scheduler.request import (
+    FinishEvent,
+    GenerationRequest,
+    RequestFailedError,
+    TokenEvent,
+)
 
 FAST = LifecycleConfig(request_timeout_s=5, prefill_timeout_s=5, lease_s=5, cancel_timeout_s=1)
 

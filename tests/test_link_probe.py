@@ -16,16 +16,21 @@ from typing import Any
 
 import grpc
 import pytest
-from test_kv_transport import CHUNKS, LAYOUT, WAIT_S, assert_layers_match, make_slices
-from test_worker_service import model, processes, run, status_code  # noqa: F401 (fixtures)
+from conftest import (
+    CHUNKS,
+    WAIT_S,
+    assert_layers_match,
+    have,
+    make_slices,
+    run,
+    status_code,
+)
+from conftest import TRANSFER_LAYOUT as LAYOUT
 
 from cluster.auth import client_handshake, generate_key
-from conftest import have
-from workers.rpc.client import WorkerClient
+from workers.kv.leases import LeaseTable
 from workers.kv.listener import KVListener, open_kv_connection
 from workers.kv.net import connect
-from workers.kv.transport import KVSender
-from workers.kv.leases import LeaseTable
 from workers.kv.probe import (
     MAX_CONCURRENT_PROBES,
     MAX_PINGS,
@@ -38,6 +43,8 @@ from workers.kv.probe import (
     ProbeError,
     probe_link,
 )
+from workers.kv.transport import KVSender
+from workers.rpc.client import WorkerClient
 
 
 @pytest.fixture()

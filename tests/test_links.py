@@ -6,9 +6,9 @@ import logging
 
 import pytest
 
+from cluster.links import LinkTable, link_pairs
 from cluster.node import NodeInfo
 from cluster.status import format_links
-from cluster.links import LinkTable, link_pairs
 from scheduler.placement import LinkView
 
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import requires_mlx, requires_torch
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
-from conftest import requires_mlx, requires_torch
 from workers.tools.modelgen import (
     ARCHES,
     SPECIAL_TOKENS,

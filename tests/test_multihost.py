@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import have
 
 REPO = Path(__file__).resolve().parents[1]

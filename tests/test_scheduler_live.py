@@ -16,13 +16,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import GatedEngine, config, have, run, started
 
 from cluster.auth import generate_key
-from conftest import have
 from scheduler.placement import ClusterView, Placement
-from scheduler.request import FinishEvent, GenerationRequest, NoCapacityError, TokenEvent
+from scheduler.request import (
+    FinishEvent,
+    GenerationRequest,
+    NoCapacityError,
+    TokenEvent,
+)
 from scheduler.service import ClusterBackend, SchedulerConfig
-from test_worker_service import GatedEngine, config, run, started
 from workers.rpc.server import Worker
 
 pytestmark = pytest.mark.skipif(not have("mlx.core"), reason="needs the mlx extra (decode engine)")

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 
 from scheduler import catalog, costmodel
-from scheduler.sim import cluster_file
 from scheduler.placement import ClusterView, Placement
 from scheduler.policy import Conditional, load_policy
 from scheduler.request import GenerationRequest
+from scheduler.sim import cluster_file
+from scheduler.sim.cli import SimConfig, add_simulate_parser, main, simulate, sweep
 from scheduler.sim.engine import Simulation, SimulationError, build_cluster
 from scheduler.sim.report import PlotError, Point, plot
 from scheduler.sim.workload import WorkItem, WorkloadError, read_trace, single
-from scheduler.sim.cli import SimConfig, add_simulate_parser, main, simulate, sweep
 
 ROOT = Path(__file__).parent.parent
 EXAMPLES = ROOT / "examples" / "clusters"

@@ -16,19 +16,25 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import have, requires_mlx, requires_torch
 
 from cluster.auth import generate_key, write_config
 from cluster.cli import build_parser, main
 from cluster.node import NodeInfo
-from conftest import have, requires_mlx, requires_torch
 from proto import pdcluster_pb2 as pb
 from scheduler.catalog import HARDWARE
-from workers.rpc.client import WorkerClient, node_from_info
 from workers.engines.base import Engine
-from workers.tools.handoff import load_engine
-from workers.rpc.profile import (BUDGET_S, DeclaredProfile, MeasuredProfile, ProfileError, load_profile_file,
-                             measure_profile)
+from workers.rpc.client import WorkerClient, node_from_info
+from workers.rpc.profile import (
+    BUDGET_S,
+    DeclaredProfile,
+    MeasuredProfile,
+    ProfileError,
+    load_profile_file,
+    measure_profile,
+)
 from workers.rpc.server import Worker, WorkerConfig, config_from_args
+from workers.tools.handoff import load_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 SPARK, M4_MAX = HARDWARE["dgx-spark"], HARDWARE["mac-m4-max"]
@@ -227,7 +233,7 @@ def test_worker_process_with_a_profile_file_reports_it_and_its_config_json(
         make_tiny_model: Callable[..., Path], tmp_path: Path) -> None:
     if not have("mlx.core"):
         pytest.skip("needs the mlx extra (the worker's engine)")
-    from test_worker_service import start_worker_process  # the same launcher the service tests use
+    from conftest import start_worker_process  # the same launcher the service tests use
 
     model = make_tiny_model("llama")
     profile = write_profile(tmp_path, 'hardware = "mac-m4-max"\nmem_bw_gbps = 500.0\n')

@@ -10,33 +10,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
+from conftest import GatedEngine, PacedEngine, config, have, run, started, status_code
 from grpc import aio
 
-from cluster.auth import AuthError, ClusterKey, generate_key, write_config
-from conftest import have
+from cluster.auth import AuthError, ClusterKey, generate_key
 from proto import pdcluster_pb2 as pb
-from workers.rpc.client import WorkerClient, node_from_info
-from workers.kv.listener import open_kv_connection
 from workers.engines.base import KVSlice, SamplingParams
 from workers.kv.codec import encode_begin, encode_kv
+from workers.kv.listener import open_kv_connection
 from workers.kv.net import send_buffers
-from workers.rpc.server import Worker, WorkerConfig
+from workers.rpc.client import WorkerClient, node_from_info
 from workers.rpc.info import model_fingerprint
+from workers.rpc.server import Worker, WorkerConfig
 
 pytestmark = pytest.mark.skipif(not have("mlx.core"), reason="needs the mlx extra (decode engine)")
 
@@ -46,41 +45,7 @@ GREEDY = pb.SamplingParams(max_tokens=16)
 STREAM_TIMEOUT_S = 60.0
 
 
-@pytest.fixture(scope="module")
-def model(make_tiny_model: Callable[..., Path]) -> Path:
-    return make_tiny_model("llama")
-
-
 # ---------------------------------------------------------------- helpers
-
-
-def run(body: Callable[[], Any], timeout: float = 120.0) -> Any:
-    """Run an async test body under one overall deadline."""
-    return asyncio.run(asyncio.wait_for(body(), timeout))
-
-
-def config(model: Path, key: ClusterKey, role: str, **overrides: Any) -> WorkerConfig:
-    """An in-process MLX worker; declaring a profile skips the start-up measurement."""
-    fields: dict[str, Any] = {"tflops": 1.0, "mem_bw_gbps": 100.0, **overrides}
-    return WorkerConfig(role=role, engine="mlx", model=str(model), cluster_key=key, advertise=False,
-                        node_id=f"test-{role}", grace_s=1.0, **fields)
-
-
-@contextlib.asynccontextmanager
-async def started(*workers: Worker) -> AsyncIterator[list[WorkerClient]]:
-    """Start workers one after another (engine imports are not thread-safe) and
-    yield a client per worker; stop everything afterwards."""
-    clients: list[WorkerClient] = []
-    try:
-        for worker in workers:
-            await worker.start()
-            clients.append(WorkerClient(worker.grpc_address, worker.config.cluster_key))
-        yield clients
-    finally:
-        for client in clients:
-            await client.close()
-        for worker in workers:
-            await worker.stop()
 
 
 async def collect(call: Any) -> tuple[list[int], pb.Done | None]:
@@ -122,12 +87,6 @@ async def disaggregated(prefiller: WorkerClient, decoder: WorkerClient, rid: str
     return tokens, done, await prefill
 
 
-async def status_code(awaitable: Any) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(aio.AioRpcError) as failure:
-        await awaitable
-    return failure.value.code(), failure.value.details()
-
-
 async def settled(client: WorkerClient, timeout: float = 10.0) -> pb.HealthReply:
     """Health once the worker holds no request, lease or reserved byte (or the last seen)."""
     deadline = time.monotonic() + timeout
@@ -150,42 +109,6 @@ def corrupt_slice_frames(rid: str, layout: Any) -> list[Any]:
     frames = encode_begin(rid, layout) + encode_kv(rid, KVSlice(0, 0, keys, keys.copy(), layout.dtype))
     keys[0, 0, 0] = 2.0  # after the checksum was taken; the frame sends these very bytes
     return frames
-
-
-class GatedEngine:
-    """A real engine whose prefill pauses after its first slice until ``gate`` opens."""
-
-    def __init__(self, inner: Any, entered: threading.Event, gate: threading.Event) -> None:
-        self.inner, self.entered, self.gate = inner, entered, gate
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    def prefill(self, request_id: str, token_ids: list[int], on_slice: Any, chunk_size: int = 128) -> Any:
-        first = [True]
-
-        def sink(kv_slice: KVSlice) -> None:
-            on_slice(kv_slice)
-            if first[0]:
-                first[0] = False
-                self.entered.set()
-                self.gate.wait(20)
-
-        return self.inner.prefill(request_id, token_ids, sink, chunk_size)
-
-
-class PacedEngine(GatedEngine):
-    """A real engine whose prefill pauses ``pause_s`` after every slice."""
-
-    def __init__(self, inner: Any, pause_s: float) -> None:
-        self.inner, self.pause_s = inner, pause_s
-
-    def prefill(self, request_id: str, token_ids: list[int], on_slice: Any, chunk_size: int = 128) -> Any:
-        def sink(kv_slice: KVSlice) -> None:
-            on_slice(kv_slice)
-            time.sleep(self.pause_s)
-
-        return self.inner.prefill(request_id, token_ids, sink, chunk_size)
 
 
 def gated_worker(model: Path, key: ClusterKey, entered: threading.Event, gate: threading.Event) -> Worker:
@@ -481,72 +404,6 @@ def test_cancel_or_disconnect_during_generation_releases_the_decode_cache(model:
 
 
 # ---------------------------------------------------------------- real processes
-
-
-@dataclass
-class WorkerProcess:
-    proc: subprocess.Popen
-    lines: list[str]
-    ready: threading.Event
-    log: Path
-
-    @property
-    def grpc(self) -> str:
-        return re.search(r"grpc=(\S+)", self._ready_line()).group(1)
-
-    def _ready_line(self) -> str:
-        return next(line for line in self.lines if " ready: " in line)
-
-    def tail(self) -> str:
-        return "".join(self.lines)[-3000:] + self.log.read_text(errors="replace")[-3000:]
-
-
-def start_worker_process(role: str, engine: str, model: Path, key_file: Path, log: Path,
-                         *extra_args: str) -> WorkerProcess:
-    """``pdc worker`` on 127.0.0.1 without mDNS; ``extra_args`` are more ``pdc worker`` flags."""
-    cmd = [sys.executable, "-m", "cluster.cli", "worker", "--role", role, "--engine", engine,
-           "--model", str(model), "--host", "127.0.0.1", "--no-advertise", "--cluster-key-file", str(key_file),
-           "--node-id", f"proc-{role}", "--dtype", "float32", *extra_args]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log.open("wb"),
-                            stdin=subprocess.DEVNULL, text=True)
-    worker = WorkerProcess(proc, [], threading.Event(), log)
-
-    def read() -> None:
-        for line in proc.stdout:  # ends when the process closes stdout
-            worker.lines.append(line)
-            if " ready: " in line:
-                worker.ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    return worker
-
-
-@pytest.fixture(scope="module")
-def processes(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """A torch prefill worker and an MLX decode worker, each its own process."""
-    if not have("torch"):
-        pytest.skip("needs the torch extra (prefill engine)")
-    tmp = tmp_path_factory.mktemp("workers")
-    key = generate_key()
-    key_file = write_config(tmp / "cluster.json", key)
-    workers = {role: start_worker_process(role, engine, model, key_file, tmp / f"{role}.log")
-               for role, engine in (("prefill", "torch"), ("decode", "mlx"))}
-    try:
-        for role, worker in workers.items():
-            if not worker.ready.wait(120):
-                pytest.fail(f"{role} worker did not start:\n{worker.tail()}")
-        yield key, workers
-    finally:
-        for worker in workers.values():
-            if worker.proc.poll() is None:
-                worker.proc.send_signal(signal.SIGTERM)
-        for worker in workers.values():
-            try:
-                worker.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                worker.proc.kill()
-                worker.proc.wait(5)
 
 
 def test_torch_prefill_process_to_mlx_decode_process_matches_the_decode_engine_alone(model: Path, processes: Any) -> None:
