@@ -313,9 +313,10 @@ async def _text_deltas(
                 held += detok.push(event.token_id)
                 cut = _find_stop(held, stop)
                 if cut is not None:
-                    # The backend's stats come only with its FinishEvent; report what is known here.
-                    yield held[:cut], FinishEvent("stop", RequestStats("", "", prompt_tokens=prompt_tokens,
-                                                                       completion_tokens=num_tokens))
+                    # The backend's stats come only with its FinishEvent; report what is known here
+                    # (the nodes stay "" for unknown, so the record does not claim to be colocated).
+                    known = RequestStats(prompt_tokens=prompt_tokens, completion_tokens=num_tokens)
+                    yield held[:cut], FinishEvent("stop", known)
                     return
                 safe = len(held) - _longest_stop_prefix(held, stop)
                 if safe > 0:

@@ -26,7 +26,14 @@ from typing import Protocol
 
 from proto import pdcluster_pb2 as pb
 from scheduler.placement import Placement
-from scheduler.request import FinishEvent, GenerationRequest, RequestFailedError, RequestStats, TokenEvent
+from scheduler.request import (
+    FinishEvent,
+    GenerationRequest,
+    RequestFailedError,
+    RequestStats,
+    TokenEvent,
+    mean_tpot_s,
+)
 
 log = logging.getLogger(__name__)
 
@@ -181,16 +188,18 @@ class _Run:
                 raise RequestFailedError(f"prefill on {self.placement.prefill_node} failed: {e}") from e
             prefill_s, queue_s = reply.prefill_s or prefill_s, reply.queue_s
         arrived = self.request.arrived_at or self.started
-        first = self.token_times[0] if self.token_times else time.monotonic()
-        num = len(self.token_times)
+        now = time.monotonic()
+        first, last = (self.token_times[0], self.token_times[-1]) if self.token_times else (now, now)
+        request = self.request
         return RequestStats(
+            request_id=request.request_id, arrival_s=arrived,
             prefill_node=self.placement.prefill_node or self.placement.decode_node,
             decode_node=self.placement.decode_node, codec=self.placement.codec,
             kv_bytes=timings.kv_bytes, queue_s=queue_s, prefill_s=prefill_s,
             transfer_s=timings.transfer_s, exposed_transfer_s=timings.exposed_transfer_s,
-            ttft_s=first - arrived,
-            tpot_s=(self.token_times[-1] - first) / (num - 1) if num > 1 else 0.0,
-            prompt_tokens=len(self.request.prompt_token_ids), completion_tokens=num,
+            ttft_s=first - arrived, tpot_s=mean_tpot_s(first, last, len(self.token_times)),
+            e2e_s=last - arrived, prompt_tokens=len(request.prompt_token_ids),
+            cached_prefix_tokens=request.cached_prefix_tokens, completion_tokens=len(self.token_times),
         )
 
     async def close(self, *, cancel_workers: bool) -> None:

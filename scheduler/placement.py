@@ -2,13 +2,15 @@
 
 Pure Python over plain dataclasses, so the policies in ``scheduler/policy.py``
 run the same way in the live scheduler, in the simulator and in tests with
-fake node lists.
+fake node lists. ``ask_policy`` and ``check_placement`` are the one gate a
+policy's answer passes, live and simulated alike.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from cluster.links import LinkView  # a measured link, as placement sees it
+from scheduler.request import GenerationRequest, NoCapacityError
 
 
 @dataclass(frozen=True)
@@ -64,3 +66,48 @@ class ClusterView:
 
     def node(self, node_id: str) -> NodeView:
         return next(n for n in self.nodes if n.node_id == node_id)
+
+
+class PlacementError(ValueError):
+    """A policy failed, or answered with a placement that cannot be dispatched; the message names the policy."""
+
+
+def ask_policy(policy: object, policy_name: str, request: GenerationRequest, view: ClusterView) -> Placement:
+    """``policy.place(request, view)``, checked (see ``check_placement``).
+
+    ``NoCapacityError`` from the policy passes through unchanged (no node can
+    take the request); anything else it raises becomes a ``PlacementError``
+    naming the policy and the request, chained to the original."""
+    try:
+        placement = policy.place(request, view)  # type: ignore[attr-defined]
+    except NoCapacityError:
+        raise
+    except Exception as e:  # a policy's bug, or a view it cannot use: this request fails, the caller goes on
+        raise PlacementError(f"policy {policy_name!r} failed on {request.request_id}: "
+                             f"{type(e).__name__}: {e}") from e
+    return check_placement(placement, view, policy_name)
+
+
+def check_placement(placement: object, view: ClusterView, policy_name: str) -> Placement:
+    """The placement to dispatch, or ``PlacementError`` naming the policy.
+
+    Refused: anything but a ``Placement``; a node not in ``view``; decode on a
+    node without the decode role; a remote prefill on a node without the
+    prefill role. A placement naming the decode node as its own prefill node
+    means colocated and comes back as ``Placement(None, decode_node, codec)``,
+    so live and simulated runs treat it alike."""
+    if not isinstance(placement, Placement):
+        raise PlacementError(f"policy {policy_name!r} returned {placement!r}, not a Placement")
+    where = f"policy {policy_name!r} returned {placement}"
+    if placement.prefill_node == placement.decode_node:
+        placement = Placement(None, placement.decode_node, placement.codec)
+    nodes = {n.node_id: n for n in view.nodes}
+    for node_id in (placement.decode_node, placement.prefill_node):
+        if node_id is not None and node_id not in nodes:
+            raise PlacementError(f"{where}: no node named {node_id!r} serves this request "
+                                 f"(nodes: {', '.join(sorted(nodes)) or 'none'})")
+    if not nodes[placement.decode_node].can_decode:
+        raise PlacementError(f"{where}: node {placement.decode_node!r} lacks the 'decode' role")
+    if placement.prefill_node is not None and not nodes[placement.prefill_node].can_prefill:
+        raise PlacementError(f"{where}: node {placement.prefill_node!r} lacks the 'prefill' role")
+    return placement

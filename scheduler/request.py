@@ -34,25 +34,50 @@ class GenerationRequest:
             raise ValueError("the prompt is empty")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RequestStats:
-    """What one request cost, reported as the ``pdcluster`` response object."""
+    """One request's record, live or simulated: where it ran and where its time went.
 
-    prefill_node: str
-    decode_node: str
+    The live scheduler reports it as the ``pdcluster`` response object; the
+    simulator returns one per request (``pdc simulate --json``). Every time is
+    in seconds and counts from the request's arrival, except ``arrival_s``,
+    which is on the clock that placed the request: seconds from the start of
+    the run in the simulator, the scheduler's monotonic clock live.
+    """
+
+    request_id: str = ""
+    prefill_node: str = ""  # the node that ran prefill: the decode node itself when colocated ("" unknown)
+    decode_node: str = ""
     codec: str = "raw"
-    kv_bytes: int = 0
-    queue_s: float = 0.0
-    prefill_s: float = 0.0
-    transfer_s: float = 0.0
-    exposed_transfer_s: float = 0.0
+    kv_bytes: int = 0  # KV bytes that crossed the network (0 when colocated)
+    arrival_s: float = 0.0
+    queue_s: float = 0.0  # arrival -> prefill start
+    prefill_s: float = 0.0  # prefill compute
+    transfer_s: float = 0.0  # first KV byte sent -> last byte landed (0 when colocated)
+    exposed_transfer_s: float = 0.0  # prefill end -> last byte landed (0 when colocated)
     ttft_s: float = 0.0
-    tpot_s: float = 0.0
+    tpot_s: float | None = None  # mean seconds per token after the first; None (undefined) below two tokens
+    e2e_s: float = 0.0  # arrival -> last token
     prompt_tokens: int = 0
+    cached_prefix_tokens: int = 0
     completion_tokens: int = 0
 
+    @property
+    def colocated(self) -> bool:
+        """One node prefilled and decoded (no KV crossed the network). An
+        unknown placement (both nodes "") is not colocated."""
+        return bool(self.decode_node) and self.prefill_node == self.decode_node
+
     def to_json(self) -> dict:
-        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+        """Every field (floats rounded to the microsecond, None as null) and ``colocated``."""
+        out = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+        out["colocated"] = self.colocated
+        return out
+
+
+def mean_tpot_s(first_token_s: float, last_token_s: float, num_tokens: int) -> float | None:
+    """Mean seconds per output token after the first; None with fewer than two tokens."""
+    return (last_token_s - first_token_s) / (num_tokens - 1) if num_tokens > 1 else None
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 import threading
@@ -22,6 +23,7 @@ from scheduler.request import (
     NoCapacityError,
     RequestStats,
     TokenEvent,
+    mean_tpot_s,
 )
 from scheduler.tokenizer import PromptCodec, TokenizerBundle
 
@@ -59,7 +61,8 @@ class FakeBackend:
                     await asyncio.sleep(self.token_delay_s)
                 yield TokenEvent(token)
             finished = True
-            stats = RequestStats("p0", "d0", kv_bytes=1234, ttft_s=0.01, tpot_s=0.002,
+            stats = RequestStats(request_id=request.request_id, prefill_node="p0", decode_node="d0", kv_bytes=1234,
+                                 ttft_s=0.01, tpot_s=mean_tpot_s(0.01, 0.01 + 0.002 * (len(ids) - 1), len(ids)),
                                  prompt_tokens=len(request.prompt_token_ids), completion_tokens=len(ids))
             yield FinishEvent("length" if len(ids) == request.max_tokens else "stop", stats)
         finally:
@@ -157,6 +160,30 @@ def test_stop_string_truncates_and_cancels(client: openai.OpenAI, backend: FakeB
     assert reply.choices[0].text == "The quick brown "
     assert reply.choices[0].finish_reason == "stop"
     assert backend.closed_early == 1
+
+
+def test_the_pdcluster_object_is_the_request_record(client: openai.OpenAI) -> None:
+    # The same record `pdc simulate --json` lists per request (scheduler/request.py).
+    reply = client.completions.create(model=MODEL, prompt="x", max_tokens=3)
+    extra = reply.model_extra["pdcluster"]
+    assert set(extra) == {f.name for f in dataclasses.fields(RequestStats)} | {"colocated"}
+    assert extra["request_id"] == reply.id and extra["colocated"] is False
+    assert extra["completion_tokens"] == 3 and extra["tpot_s"] == pytest.approx(0.002)
+
+
+def test_a_one_token_answer_has_no_tpot(client: openai.OpenAI) -> None:
+    # TPOT is the mean time per token after the first: undefined (null) for one token.
+    reply = client.completions.create(model=MODEL, prompt="x", max_tokens=1)
+    extra = reply.model_extra["pdcluster"]
+    assert extra["completion_tokens"] == 1 and extra["tpot_s"] is None
+
+
+def test_a_stop_string_reports_an_unknown_placement_not_a_colocated_one(client: openai.OpenAI) -> None:
+    # The backend's record never arrives (the request was cancelled at the stop string).
+    reply = client.completions.create(model=MODEL, prompt="x", max_tokens=100, stop=["fox"])
+    extra = reply.model_extra["pdcluster"]
+    assert (extra["prefill_node"], extra["decode_node"], extra["colocated"]) == ("", "", False)
+    assert extra["completion_tokens"] == reply.usage.completion_tokens > 0 and extra["tpot_s"] is None
 
 
 def test_placement_extension_reaches_the_backend(client: openai.OpenAI, backend: FakeBackend) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -88,6 +89,24 @@ def test_colocated_request_prefills_on_the_decode_node_only() -> None:
     assert events[-1].stats.prefill_node == events[-1].stats.decode_node == "d"
     assert workers["d"].decode_requests[0].local_prefill
     assert workers["p"].prefill_requests == []
+
+
+def test_the_record_names_the_request_and_times_it_from_arrival() -> None:
+    workers = _workers()
+    request = GenerationRequest("req-7", "m", (1, 2, 3), max_tokens=4, arrived_at=time.monotonic())
+    stats = asyncio.run(_collect(run_request(request, Placement("p", "d"), workers.__getitem__, FAST)))[-1].stats
+    assert (stats.request_id, stats.arrival_s, stats.colocated) == ("req-7", request.arrived_at, False)
+    assert (stats.prompt_tokens, stats.completion_tokens, stats.cached_prefix_tokens) == (3, 4, 0)
+    assert 0 < stats.ttft_s < stats.e2e_s and stats.tpot_s > 0
+    assert stats.e2e_s == pytest.approx(stats.ttft_s + 3 * stats.tpot_s)  # the last token ends the request
+
+
+def test_one_token_has_no_tpot_and_colocated_is_prefill_node_equal_to_decode_node() -> None:
+    workers = _workers()
+    stats = asyncio.run(_collect(run_request(_request(max_tokens=1), Placement(None, "d"), workers.__getitem__,
+                                             FAST)))[-1].stats
+    assert stats.completion_tokens == 1 and stats.tpot_s is None and stats.to_json()["tpot_s"] is None
+    assert stats.colocated and stats.to_json()["colocated"] is True
 
 
 def test_failed_prefill_fails_the_request_fast_and_cancels_both_workers() -> None:

@@ -234,7 +234,7 @@ def test_a_trace_in_jsonl_or_csv_drives_the_run(tmp_path: Path) -> None:
     assert read_trace(jsonl) == read_trace(csv)
     spec = cluster_file.load(EXAMPLES / "spark-m4max-10gbe.toml")
     run = simulate(SimConfig(spec, LLAMA, ("conditional",), trace=jsonl))["conditional"]
-    assert [(r.arrival_s, r.prompt_tokens, r.cached_prefix_tokens, r.output_tokens) for r in run.requests] == [
+    assert [(r.arrival_s, r.prompt_tokens, r.cached_prefix_tokens, r.completion_tokens) for r in run.requests] == [
         (0.5, 512, 0, 4), (1.0, 4096, 2048, 8)]
 
 

@@ -19,7 +19,8 @@ from scheduler import costmodel
 from scheduler.sim import cluster_file
 from scheduler.sim.cluster_file import ClusterSpec
 from scheduler.policy import POLICIES, load_policy
-from scheduler.sim.engine import RequestResult, SimCluster, Simulation, build_cluster
+from scheduler.request import RequestStats
+from scheduler.sim.engine import SimCluster, Simulation, build_cluster
 from scheduler.sim.report import Point, Summary, plot, summarize, text_report
 from scheduler.sim.workload import WorkItem, mean_rate, poisson, read_trace, scaled, single
 
@@ -71,7 +72,7 @@ class SimConfig:
 class PolicyRun:
     """Every request of one policy's run, and their summary."""
 
-    requests: list[RequestResult]
+    requests: list[RequestStats]
     summary: Summary
 
     def to_json(self) -> dict:

@@ -29,9 +29,10 @@ from dataclasses import dataclass
 
 from scheduler import catalog, costmodel
 from scheduler.sim.cluster_file import ClusterSpec, NodeSpec
-from scheduler.placement import ClusterView, LinkView, NodeView, Placement
+from scheduler.load import LoadLedger
+from scheduler.placement import ClusterView, LinkView, NodeView, Placement, PlacementError, ask_policy
 from scheduler.policy import Policy
-from scheduler.request import GenerationRequest, NoCapacityError
+from scheduler.request import GenerationRequest, NoCapacityError, RequestStats, mean_tpot_s
 from scheduler.sim.workload import WorkItem
 
 
@@ -115,34 +116,6 @@ def build_cluster(spec: ClusterSpec, model: str, *, engine: str | None = None,
     return SimCluster(nodes, links, cost, name, config, cost.weight_format)
 
 
-# ---------------------------------------------------------------- results
-
-
-@dataclass(frozen=True)
-class RequestResult:
-    """What one simulated request did; times in seconds from its arrival."""
-
-    request_id: str
-    arrival_s: float
-    prompt_tokens: int
-    cached_prefix_tokens: int
-    output_tokens: int
-    prefill_node: str  # the node that ran prefill (the decode node when colocated)
-    decode_node: str
-    colocated: bool
-    kv_bytes: int
-    queue_s: float  # arrival -> prefill start
-    prefill_s: float  # prefill compute
-    transfer_s: float  # first KV byte sent -> last byte landed (0 when colocated)
-    exposed_transfer_s: float  # prefill end -> last byte landed (0 when colocated)
-    ttft_s: float
-    tpot_s: float | None  # mean seconds per token after the first; None for one output token
-    e2e_s: float
-
-    def to_json(self) -> dict:
-        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
-
-
 # ---------------------------------------------------------------- event loop and engine queues
 
 
@@ -168,42 +141,31 @@ class Job:
     """One call on a node's engine thread."""
 
     duration_s: float
-    is_prefill: bool
     on_start: Callable[[float], None] | None = None
     on_done: Callable[[float], None] | None = None
 
 
 class EngineQueue:
-    """One node's engine thread: jobs run one at a time in submission order."""
+    """One node's engine thread: jobs run one at a time in submission order.
+    It decides when work runs; what the node carries is the ``LoadLedger``'s."""
 
     def __init__(self, loop: EventLoop) -> None:
         self.loop = loop
         self.jobs: deque[Job] = deque()
         self.running: Job | None = None
         self.running_ends_at = 0.0
-        self.queued_prefill_s = 0.0
-        self.active: set[int] = set()  # requests with work left on this node
-        self.resident_kv_bytes = 0.0
 
     def submit(self, job: Job) -> None:
+        """Queue ``job``; it starts now if the engine is idle."""
         self.jobs.append(job)
-        if job.is_prefill:
-            self.queued_prefill_s += job.duration_s
         if self.running is None:
             self._start_next()
-
-    def prefill_backlog_s(self) -> float:
-        """Seconds of prefill queued here, the running one's remainder included."""
-        running = self.running_ends_at - self.loop.now if self.running and self.running.is_prefill else 0.0
-        return running + self.queued_prefill_s
 
     def _start_next(self) -> None:
         if not self.jobs:
             self.running = None
             return
         job = self.running = self.jobs.popleft()
-        if job.is_prefill:
-            self.queued_prefill_s = max(0.0, self.queued_prefill_s - job.duration_s)
         self.running_ends_at = self.loop.now + job.duration_s
         if job.on_start:
             job.on_start(self.loop.now)
@@ -239,22 +201,27 @@ class Flight:
     num_tokens: int = 0
 
     @property
+    def request_id(self) -> str:
+        return f"req-{self.index}"
+
+    @property
     def colocated(self) -> bool:
         return self.prefill_node == self.decode_node
 
-    def result(self) -> RequestResult:
+    def stats(self) -> RequestStats:
+        """The request's record, as the live scheduler reports one."""
         item, arrival = self.item, self.item.arrival_s
         remote = not self.colocated
-        tpot = (self.finish - self.first_token) / (item.output_tokens - 1) if item.output_tokens > 1 else None
-        return RequestResult(
-            request_id=f"req-{self.index}", arrival_s=arrival, prompt_tokens=item.prompt_tokens,
-            cached_prefix_tokens=item.cached_prefix_tokens, output_tokens=item.output_tokens,
-            prefill_node=self.prefill_node, decode_node=self.decode_node, colocated=self.colocated,
+        return RequestStats(
+            request_id=self.request_id, arrival_s=arrival, prompt_tokens=item.prompt_tokens,
+            cached_prefix_tokens=item.cached_prefix_tokens, completion_tokens=item.output_tokens,
+            prefill_node=self.prefill_node, decode_node=self.decode_node,
             kv_bytes=int(self.wire_bytes) if remote else 0,
             queue_s=self.prefill_start - arrival, prefill_s=self.prefill_s,
             transfer_s=self.last_byte - self.first_byte if remote else 0.0,
             exposed_transfer_s=self.last_byte - self.prefill_end if remote else 0.0,
-            ttft_s=self.first_token - arrival, tpot_s=tpot, e2e_s=self.finish - arrival,
+            ttft_s=self.first_token - arrival, tpot_s=mean_tpot_s(self.first_token, self.finish, item.output_tokens),
+            e2e_s=self.finish - arrival,
         )
 
 
@@ -265,17 +232,18 @@ class Simulation:
         self.cluster, self.policy, self.policy_name = cluster, policy, policy_name or type(policy).__name__
         self.loop = EventLoop()
         self.engines = {name: EngineQueue(self.loop) for name in cluster.nodes}
+        self.ledger = LoadLedger(clock=lambda: self.loop.now)  # what each node carries, as policies see it
         self.link_free_at = dict.fromkeys(cluster.links, 0.0)
         self.link_views = cluster.link_views()
         self.flights: list[Flight] = []
         self._decode_s: dict[tuple[str, int], float] = {}
 
-    def run(self, workload: list[WorkItem]) -> list[RequestResult]:
-        """Simulate every request to its last token; results in arrival order."""
+    def run(self, workload: list[WorkItem]) -> list[RequestStats]:
+        """Simulate every request to its last token; records in arrival order."""
         for index, item in enumerate(sorted(workload, key=lambda w: w.arrival_s)):
             self.loop.at(item.arrival_s, lambda i=index, w=item: self._arrive(i, w))
         self.loop.run()
-        return [flight.result() for flight in self.flights]
+        return [flight.stats() for flight in self.flights]
 
     # ------------------------------------------------------------ placement
 
@@ -284,18 +252,9 @@ class Simulation:
             f"req-{index}", self.cluster.model_name, (0,) * item.prompt_tokens, max_tokens=item.output_tokens,
             arrived_at=item.arrival_s, cached_prefix_tokens=item.cached_prefix_tokens,
         )
-        try:
-            placement = self.policy.place(request, self._view())
-        except NoCapacityError as e:
-            raise SimulationError(f"policy {self.policy_name!r} could not place {request.request_id}: {e}") from None
-        except Exception as e:  # a user policy's bug: say whose, without a traceback
-            raise SimulationError(f"policy {self.policy_name!r} failed on {request.request_id}: "
-                                  f"{type(e).__name__}: {e}") from e
-        if not isinstance(placement, Placement):
-            raise SimulationError(f"policy {self.policy_name!r} returned {placement!r}, not a Placement")
+        placement = self._place(request)
         decode = placement.decode_node
         prefill = placement.prefill_node or decode
-        self._check(placement, prefill, decode)
         flight = Flight(index, item, prefill, decode)
         self.flights.append(flight)
         node = self.cluster.nodes[prefill]
@@ -305,42 +264,43 @@ class Simulation:
         )
         flight.kv_bytes = costmodel.kv_bytes(self.cluster.model, item.prompt_tokens)
         flight.wire_bytes = costmodel.kv_bytes(self.cluster.model, item.prompt_tokens - item.cached_prefix_tokens)
-        for name in {prefill, decode}:
-            self.engines[name].active.add(index)
-            self.engines[name].resident_kv_bytes += flight.kv_bytes
-        self.engines[prefill].submit(Job(flight.prefill_s, True, lambda t: self._prefill_started(flight, t),
+        # The prediction is exact here: the simulated prefill takes the cost model's time.
+        self.ledger.admit(flight.request_id, prefill, decode, flight.prefill_s, flight.kv_bytes)
+        self.engines[prefill].submit(Job(flight.prefill_s, lambda t: self._prefill_started(flight, t),
                                          lambda t: self._prefill_done(flight, t)))
+
+    def _place(self, request: GenerationRequest) -> Placement:
+        """The policy's placement, checked as the live scheduler checks it, over a linked pair."""
+        try:
+            placement = ask_policy(self.policy, self.policy_name, request, self._view())
+        except NoCapacityError as e:
+            raise SimulationError(f"policy {self.policy_name!r} could not place {request.request_id}: {e}") from None
+        except PlacementError as e:  # a user policy's bug or bad answer: say whose, without a traceback
+            raise SimulationError(str(e)) from e.__cause__
+        pair = (placement.prefill_node, placement.decode_node)
+        if placement.prefill_node is not None and pair not in self.cluster.links:
+            raise SimulationError(f"policy {self.policy_name!r} returned {placement}: the cluster file has no "
+                                  f"link between {pair[0]!r} and {pair[1]!r}")
+        return placement
 
     def _view(self) -> ClusterView:
         nodes = []
         for name, node in self.cluster.nodes.items():
-            engine = self.engines[name]
-            free = node.machine.mem_gb * 1e9 - self.cluster.model.total_weight_bytes - engine.resident_kv_bytes
+            resident = self.ledger.resident_kv_bytes(name)
+            free = node.machine.mem_gb * 1e9 - self.cluster.model.total_weight_bytes - resident
             nodes.append(NodeView(
                 name, node.spec.roles, node.engine, self.cluster.model_name,
                 tflops=node.machine.tflops, mem_bw_gbps=node.machine.mem_bw_gbps,
-                free_mem_bytes=max(0, int(free)), active_requests=len(engine.active),
-                hardware=node.spec.hardware, prefill_backlog_s=engine.prefill_backlog_s(),
+                free_mem_bytes=max(0, int(free)), active_requests=self.ledger.active_requests(name),
+                hardware=node.spec.hardware, prefill_backlog_s=self.ledger.prefill_backlog_s(name),
             ))
         return ClusterView(tuple(nodes), dict(self.link_views), self.cluster.model_config, self.cluster.weight_format)
-
-    def _check(self, placement: Placement, prefill: str, decode: str) -> None:
-        where = f"policy {self.policy_name!r} returned {placement}"
-        for name in (prefill, decode):
-            if name not in self.cluster.nodes:
-                raise SimulationError(f"{where}: no node named {name!r}")
-        if "decode" not in self.cluster.nodes[decode].spec.roles:
-            raise SimulationError(f"{where}: node {decode!r} lacks the 'decode' role")
-        if prefill != decode:
-            if "prefill" not in self.cluster.nodes[prefill].spec.roles:
-                raise SimulationError(f"{where}: node {prefill!r} lacks the 'prefill' role")
-            if (prefill, decode) not in self.cluster.links:
-                raise SimulationError(f"{where}: the cluster file has no link between {prefill!r} and {decode!r}")
 
     # ------------------------------------------------------------ stages
 
     def _prefill_started(self, flight: Flight, now: float) -> None:
         flight.prefill_start = now
+        self.ledger.prefill_started(flight.request_id)
         if flight.colocated:
             return
         pair = (flight.prefill_node, flight.decode_node)
@@ -358,10 +318,9 @@ class Simulation:
 
     def _prefill_done(self, flight: Flight, now: float) -> None:
         flight.prefill_end = now
+        self.ledger.prefill_done(flight.request_id)
         if flight.colocated:
             self._first_token(flight, now)
-        else:
-            self._leave(flight.prefill_node, flight)
 
     def _first_token(self, flight: Flight, now: float) -> None:
         flight.first_token = now
@@ -371,16 +330,11 @@ class Simulation:
         flight.num_tokens += 1
         if flight.num_tokens >= flight.item.output_tokens:
             flight.finish = now
-            self._leave(flight.decode_node, flight)
+            self.ledger.finish(flight.request_id)
             return
         depth = flight.item.prompt_tokens + flight.num_tokens - 1  # tokens cached before this step
         step = self._decode_step_s(flight.decode_node, depth)
-        self.engines[flight.decode_node].submit(Job(step, False, None, lambda t: self._token(flight, t)))
-
-    def _leave(self, name: str, flight: Flight) -> None:
-        engine = self.engines[name]
-        engine.active.discard(flight.index)
-        engine.resident_kv_bytes -= flight.kv_bytes
+        self.engines[flight.decode_node].submit(Job(step, None, lambda t: self._token(flight, t)))
 
     def _decode_step_s(self, name: str, depth: int) -> float:
         key = (name, depth)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from scheduler.sim.engine import RequestResult
+from scheduler.request import RequestStats
 
 MAX_ROWS = 20  # per-request rows in the readable table
 
@@ -57,14 +57,14 @@ def percentile(values: Sequence[float], p: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def meets_slo(result: RequestResult, slo_ttft_s: float | None, slo_tpot_s: float | None) -> bool:
+def meets_slo(result: RequestStats, slo_ttft_s: float | None, slo_tpot_s: float | None) -> bool:
     """Within both SLOs (an SLO not given always holds; so does TPOT for one output token)."""
     ttft_ok = slo_ttft_s is None or result.ttft_s <= slo_ttft_s
     tpot_ok = slo_tpot_s is None or result.tpot_s is None or result.tpot_s <= slo_tpot_s
     return ttft_ok and tpot_ok
 
 
-def summarize(results: Sequence[RequestResult], slo_ttft_s: float | None = None,
+def summarize(results: Sequence[RequestStats], slo_ttft_s: float | None = None,
               slo_tpot_s: float | None = None) -> Summary:
     start = min(r.arrival_s for r in results)
     duration = max(r.arrival_s + r.e2e_s for r in results) - start
@@ -75,7 +75,7 @@ def summarize(results: Sequence[RequestResult], slo_ttft_s: float | None = None,
         ttft_s=Percentiles.of([r.ttft_s for r in results]),
         tpot_s=Percentiles.of([r.tpot_s for r in results if r.tpot_s is not None]),
         e2e_s=Percentiles.of([r.e2e_s for r in results]),
-        throughput_tok_s=sum(r.output_tokens for r in results) / duration,
+        throughput_tok_s=sum(r.completion_tokens for r in results) / duration,
         goodput_req_s=within / duration,
         num_within_slo=within,
         slo_ttft_s=slo_ttft_s,
@@ -94,7 +94,7 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value * 1e3:.1f}"
 
 
-def request_table(results: Sequence[RequestResult]) -> str:
+def request_table(results: Sequence[RequestStats]) -> str:
     """One row per request: placement and where its time went."""
     header = ("request", "arrive s", "prefill -> decode", "queue s", "prefill s", "transfer s", "exposed s",
               "ttft s", "tpot ms", "e2e s")
@@ -135,7 +135,7 @@ def _format(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def text_report(runs: dict[str, tuple[list[RequestResult], Summary]]) -> str:
+def text_report(runs: dict[str, tuple[list[RequestStats], Summary]]) -> str:
     """The readable report: per-request rows (up to MAX_ROWS requests) per policy, then the summary."""
     parts = []
     for name, (results, _) in runs.items():
