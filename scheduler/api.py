@@ -15,7 +15,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -39,9 +39,10 @@ log = logging.getLogger(__name__)
 BACKEND_KEY = web.AppKey("backend", object)
 ADMIN_KEY = web.AppKey("admin", object)
 ADMIN_AUTH_HEADER = "X-PDC-Auth"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class PolicyAdmin(Protocol):
+class AdminBackend(Protocol):
     """Run-time policy switching behind ``/admin/policy``, authenticated with the cluster key."""
 
     def authorize(self, method: str, token: str | None) -> str | None:
@@ -55,7 +56,7 @@ class PolicyAdmin(Protocol):
         ...
 
 
-def build_app(backend: Backend, admin: PolicyAdmin | None = None) -> web.Application:
+def build_app(backend: Backend, admin: AdminBackend | None = None) -> web.Application:
     """The aiohttp application serving ``backend`` (and ``/admin/policy`` when ``admin`` is given)."""
     app = web.Application(middlewares=[_errors_as_openai], client_max_size=32 << 20)
     app[BACKEND_KEY] = backend
@@ -70,7 +71,7 @@ def build_app(backend: Backend, admin: PolicyAdmin | None = None) -> web.Applica
 
 
 @web.middleware
-async def _errors_as_openai(request: web.Request, handler) -> web.StreamResponse:
+async def _errors_as_openai(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except APIError as e:
@@ -85,8 +86,8 @@ async def _errors_as_openai(request: web.Request, handler) -> web.StreamResponse
         raise
 
 
-def _admin(request: web.Request) -> PolicyAdmin:
-    admin: PolicyAdmin | None = request.app[ADMIN_KEY]
+def _admin(request: web.Request) -> AdminBackend:
+    admin: AdminBackend | None = request.app[ADMIN_KEY]
     if admin is None:
         raise APIError(404, "this scheduler has no admin endpoint", "invalid_request_error")
     why = admin.authorize(f"{request.method} {request.path}", request.headers.get(ADMIN_AUTH_HEADER))

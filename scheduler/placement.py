@@ -49,6 +49,8 @@ class Placement:
 
     @property
     def colocated(self) -> bool:
+        """The decode node prefills locally (``check_placement`` turns a placement
+        naming the decode node as its prefill node into this form)."""
         return self.prefill_node is None
 
 

@@ -16,6 +16,7 @@ import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Protocol
 
 from scheduler import catalog, costmodel
@@ -265,7 +266,7 @@ def load_policy(spec: str) -> Policy:
     return policy
 
 
-def _import(module_name: str):
+def _import(module_name: str) -> ModuleType:
     """The module, or ValueError saying why it cannot be imported."""
     try:
         return importlib.import_module(module_name)
@@ -273,7 +274,7 @@ def _import(module_name: str):
         raise ValueError(f"module {module_name!r} cannot be imported: {_located(e)}") from e
 
 
-def _load_file(path: Path):
+def _load_file(path: Path) -> ModuleType:
     """The module run from ``path``, registered in sys.modules while it runs
     (dataclasses and typing resolve names through it); ValueError if it fails."""
     if not path.is_file():

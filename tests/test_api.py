@@ -277,9 +277,9 @@ def admin_server(codec: PromptCodec):
     from scheduler.service import ClusterBackend, SchedulerConfig
 
     key = generate_key()
-    admin = ClusterBackend(SchedulerConfig(mdns=False, policy="fastest-pair"), key)
-    srv = ServerThread(build_app(FakeBackend(codec), admin=admin))
-    yield srv, key, admin
+    scheduler = ClusterBackend(SchedulerConfig(mdns=False, policy="fastest-pair"), key)
+    srv = ServerThread(build_app(FakeBackend(codec), admin=scheduler.admin))
+    yield srv, key, scheduler
     srv.stop()
 
 
@@ -308,18 +308,18 @@ def test_admin_policy_switches_the_live_policy_and_refuses_replays(admin_server)
     from cluster.auth import sign_call
     from scheduler.policy import LeastLoaded
 
-    srv, key, admin = admin_server
+    srv, key, scheduler = admin_server
     status, body = _admin_call(srv, "GET", sign_call(key, "GET /admin/policy"))
     assert status == 200 and body["policy"] == "fastest-pair" and "conditional" in body["builtin"]
     token = sign_call(key, "PUT /admin/policy")
     status, body = _admin_call(srv, "PUT", token, {"policy": "least-loaded"})
     assert status == 200 and body["policy"] == "least-loaded"
-    assert isinstance(admin.policy, LeastLoaded)
+    assert isinstance(scheduler.dispatcher.policy, LeastLoaded)
     status, _ = _admin_call(srv, "PUT", token, {"policy": "round-robin"})  # same token again
     assert status == 401
     status, body = _admin_call(srv, "PUT", sign_call(key, "PUT /admin/policy"), {"policy": "nope"})
     assert status == 400 and "unknown policy" in body["error"]["message"]
-    assert isinstance(admin.policy, LeastLoaded)  # a bad spec changes nothing
+    assert isinstance(scheduler.dispatcher.policy, LeastLoaded)  # a bad spec changes nothing
 
 
 @pytest.mark.parametrize("text, reason", [
@@ -332,7 +332,7 @@ def test_admin_policy_refuses_a_broken_plugin_with_400_and_keeps_the_policy(
     from cluster.auth import sign_call
     from scheduler.policy import FastestPair
 
-    srv, key, admin = admin_server
+    srv, key, scheduler = admin_server
     plugin = tmp_path / "broken_rule.py"
     plugin.write_text(text)
     spec = f"{plugin}:Rule"
@@ -340,19 +340,19 @@ def test_admin_policy_refuses_a_broken_plugin_with_400_and_keeps_the_policy(
     assert status == 400 and body["error"]["type"] == "invalid_request_error" and body["error"]["param"] == "policy"
     assert body["error"]["message"].startswith(f"policy {spec!r}: ")
     assert re.search(reason, body["error"]["message"]), body["error"]["message"]
-    assert isinstance(admin.policy, FastestPair) and admin.current_policy() == "fastest-pair"
+    assert isinstance(scheduler.dispatcher.policy, FastestPair) and scheduler.admin.current_policy() == "fastest-pair"
 
 
 def test_admin_policy_answers_400_not_500_whatever_the_switch_raises(
         admin_server, monkeypatch: pytest.MonkeyPatch) -> None:
     from cluster.auth import sign_call
 
-    srv, key, admin = admin_server
+    srv, key, scheduler = admin_server
 
     def explode(spec: str) -> str:
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(admin, "switch_policy", explode)
+    monkeypatch.setattr(scheduler.admin, "switch_policy", explode)
     status, body = _admin_call(srv, "PUT", sign_call(key, "PUT /admin/policy"), {"policy": "x.py:Rule"})
     assert status == 400
     assert body["error"]["message"] == "policy 'x.py:Rule': RuntimeError: disk on fire"
@@ -368,7 +368,7 @@ def _pdc_policy(url: str, key, tmp_path: Path, *extra: str) -> int:
 
 def test_pdc_policy_set_prints_the_servers_reason_and_exits_2(
         admin_server, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    srv, key, admin = admin_server
+    srv, key, _ = admin_server
     plugin = tmp_path / "broken_rule.py"
     plugin.write_text("import os\nraise RuntimeError('no GPU here')\n")
     spec = f"{plugin}:Rule"

@@ -254,3 +254,20 @@ def test_the_cluster_weight_format_converts_the_model_before_predicting() -> Non
     assert int4.tpot_s(node) < 0.4 * native.tpot_s(node)
     # ... while prefill dequantises at 0.4 of peak instead of 0.75: slower.
     assert int4.prefill_s(node) > 1.5 * native.prefill_s(node)
+
+
+# ---------------------------------------------------------------- the one gate (live and simulated)
+
+
+def test_check_placement_refuses_what_cannot_run_and_names_the_policy() -> None:
+    from scheduler.placement import PlacementError, check_placement
+
+    view = _view(SPARK, MAC, MINI)  # spark prefill-only, mac decode-only, mini both
+    assert check_placement(Placement("spark", "mac"), view, "p") == Placement("spark", "mac")
+    assert check_placement(Placement("mini", "mini", "int8"), view, "p") == Placement(None, "mini", "int8")
+    for answer, why in ((None, "returned None, not a Placement"),
+                        (Placement(None, "spark"), "node 'spark' lacks the 'decode' role"),
+                        (Placement("mac", "mini"), "node 'mac' lacks the 'prefill' role"),
+                        (Placement("nowhere", "mac"), "no node named 'nowhere'")):
+        with pytest.raises(PlacementError, match=f"^policy 'p' .*{why}"):
+            check_placement(answer, view, "p")

@@ -88,7 +88,7 @@ def test_the_live_view_carries_profiles_the_measured_link_and_the_config(model: 
                 [row] = health["links"]
                 assert (row["prefill_node"], row["decode_node"], row["error"]) == ("test-prefill", "test-both", None)
                 assert {n["node_id"]: n["hardware"] for n in health["nodes"]}["test-prefill"] == "dgx-spark"
-                backend._on_node_change("test-prefill", None)  # the node leaves: its links go with it
+                backend.on_node_change("test-prefill", None)  # the node leaves: its links go with it
                 assert backend.links.views() == {}
             finally:
                 await backend.stop()
@@ -119,12 +119,13 @@ def test_load_is_counted_as_the_simulator_counts_it(model: Path) -> None:
             await backend.start()
             try:
                 await _ready(backend, model.name)
-                backend.policy = Remote()
+                backend.dispatcher.use(Remote(), "Remote")
+                ledger = backend.dispatcher.ledger
                 one = backend.generate(GenerationRequest("live-1", model.name, PROMPT, max_tokens=12))
                 first = asyncio.ensure_future(anext(one))
                 await _until(entered.is_set, "the first prefill to start")
-                assert backend.active == {"test-prefill": 1, "test-both": 1}
-                queued = backend.backlog_s["test-prefill"]
+                assert ledger.active_counts() == {"test-prefill": 1, "test-both": 1}
+                queued = ledger.prefill_backlog_s("test-prefill")
                 assert queued > 0  # the cost model's prefill time for 200 tokens on a dgx-spark
 
                 two = backend.generate(GenerationRequest("live-2", model.name, PROMPT, max_tokens=4))
@@ -137,12 +138,12 @@ def test_load_is_counted_as_the_simulator_counts_it(model: Path) -> None:
                 gate.set()
                 assert isinstance(await first, TokenEvent)
                 await second
-                await _until(lambda: backend.active["test-prefill"] == 0, "both prefills to end")
-                assert backend.active["test-both"] >= 1  # still decoding
-                assert backend.backlog_s["test-prefill"] == pytest.approx(0.0, abs=1e-12)
+                await _until(lambda: ledger.active_requests("test-prefill") == 0, "both prefills to end")
+                assert ledger.active_requests("test-both") >= 1  # still decoding
+                assert ledger.prefill_backlog_s("test-prefill") == pytest.approx(0.0, abs=1e-12)
                 rest = [e async for e in one] + [e async for e in two]
                 assert [e.stats.prefill_node for e in rest if isinstance(e, FinishEvent)] == ["test-prefill"] * 2
-                assert backend.active == {"test-prefill": 0, "test-both": 0}
+                assert ledger.active_counts() == {} and len(ledger) == 0  # every node back to 0
             finally:
                 gate.set()
                 await backend.stop()
@@ -150,7 +151,7 @@ def test_load_is_counted_as_the_simulator_counts_it(model: Path) -> None:
     run(body)
 
 
-def test_a_failing_policy_fails_only_its_request_with_a_clear_error(model: Path) -> None:
+def test_a_failing_or_misplacing_policy_fails_only_its_request_with_a_clear_error(model: Path) -> None:
     key = generate_key()
     spark, mac = _spark_and_mac(model, key)
 
@@ -158,17 +159,26 @@ def test_a_failing_policy_fails_only_its_request_with_a_clear_error(model: Path)
         def place(self, request: GenerationRequest, cluster: ClusterView) -> Placement:
             raise KeyError("oops")
 
+    class DecodeOnPrefillOnly:
+        def place(self, request: GenerationRequest, cluster: ClusterView) -> Placement:
+            return Placement(None, "test-prefill")
+
     async def body() -> None:
         async with started(spark, mac):
             backend = _scheduler(key, spark, mac)
             await backend.start()
             try:
                 await _ready(backend, model.name)
-                backend.policy, backend.policy_spec = Broken(), "broken.py:Broken"
-                with pytest.raises(NoCapacityError, match=r"'broken.py:Broken' failed: KeyError"):
+                backend.dispatcher.use(Broken(), "broken.py:Broken")
+                with pytest.raises(NoCapacityError, match=r"'broken.py:Broken' failed on bad: KeyError"):
                     await anext(backend.generate(GenerationRequest("bad", model.name, PROMPT, max_tokens=2)))
-                assert not any(backend.active.values())
-                backend.switch_policy("conditional")
+                assert backend.dispatcher.ledger.active_counts() == {} and len(backend.dispatcher.ledger) == 0
+                backend.dispatcher.use(DecodeOnPrefillOnly(), "misplaced.py:Rule")  # refused before dispatch
+                with pytest.raises(NoCapacityError, match=r"'misplaced.py:Rule' returned .*'test-prefill' lacks "
+                                                          r"the 'decode' role"):
+                    await anext(backend.generate(GenerationRequest("mis", model.name, PROMPT, max_tokens=2)))
+                assert len(backend.dispatcher.ledger) == 0
+                backend.admin.switch_policy("conditional")
                 events = [e async for e in backend.generate(GenerationRequest("ok", model.name, PROMPT, max_tokens=3))]
                 assert isinstance(events[-1], FinishEvent) and events[-1].stats.completion_tokens == 3
             finally:
@@ -192,7 +202,8 @@ def test_a_user_policy_file_runs_live_unchanged(model: Path) -> None:
             await backend.start()
             try:
                 await _ready(backend, model.name)
-                assert type(backend.policy).__name__ == "StreamingRule" and backend.health()[1]["policy"] == plugin
+                assert type(backend.dispatcher.policy).__name__ == "StreamingRule"
+                assert backend.health()[1]["policy"] == plugin
                 request = GenerationRequest("plugin", model.name, PROMPT, max_tokens=3)
                 expected = load_policy(plugin).place(request, backend.cluster_view(model.name, backend.table.snapshot()))
                 events = [e async for e in backend.generate(request)]
@@ -232,7 +243,7 @@ def test_closing_a_request_cancels_it_on_the_workers_before_close_returns(model:
             await backend.start()
             try:
                 await _ready(backend, model.name)
-                backend.policy = Remote()
+                backend.dispatcher.use(Remote(), "Remote")
                 events = backend.generate(GenerationRequest("gone", model.name, PROMPT, max_tokens=300))
                 assert isinstance(await anext(events), TokenEvent)
                 gc.disable()  # no help from the collector
@@ -241,7 +252,7 @@ def test_closing_a_request_cancels_it_on_the_workers_before_close_returns(model:
                     assert sorted(cancels) == sorted([(spark.grpc_address, "gone"), (mac.grpc_address, "gone")])
                 finally:
                     gc.enable()
-                assert backend.active == {"test-prefill": 0, "test-both": 0}
+                assert backend.dispatcher.ledger.active_counts() == {} and len(backend.dispatcher.ledger) == 0
                 deadline = time.monotonic() + 10
                 while (stats := await decoder.stats()).active_requests and time.monotonic() < deadline:
                     await asyncio.sleep(0.05)

@@ -309,6 +309,37 @@ def test_a_placement_the_cluster_cannot_carry_is_refused() -> None:
         Simulation(build_cluster(no_link, LLAMA), Nowhere()).run(single(10, 2))
 
 
+@pytest.mark.parametrize("answer, message", [
+    (Placement(None, "spark"), r"policy 'Misplaced' returned .*: node 'spark' lacks the 'decode' role"),
+    (Placement("mac", "spark"), r"policy 'Misplaced' returned .*: node 'spark' lacks the 'decode' role"),
+    (Placement("mini", "mac"), r"policy 'Misplaced' returned .*: node 'mini' lacks the 'prefill' role"),
+    (Placement(None, "ghost"), r"policy 'Misplaced' returned .*: no node named 'ghost'"),
+])
+def test_a_placement_against_the_nodes_roles_is_refused_as_live(answer: Placement, message: str) -> None:
+    # The live scheduler refuses the same placements with the same check (tests/test_dispatch.py).
+    class Misplaced:
+        def place(self, request: GenerationRequest, cluster: ClusterView) -> Placement:
+            return answer
+
+    roles = cluster_file.loads('[[nodes]]\nname = "spark"\nhardware = "dgx-spark"\nroles = ["prefill"]\n'
+                               '[[nodes]]\nname = "mac"\nhardware = "mac-m4-max"\n'
+                               '[[nodes]]\nname = "mini"\nhardware = "mac-m4-max"\nroles = ["decode"]\n'
+                               '[[links]]\nnodes = ["spark", "mac"]\nkind = "10gbe"\n'
+                               '[[links]]\nnodes = ["mini", "mac"]\nkind = "10gbe"\n')
+    with pytest.raises(SimulationError, match=message):
+        Simulation(build_cluster(roles, LLAMA), Misplaced()).run(single(10, 2))
+
+
+def test_prefilling_on_the_decode_node_itself_is_colocated() -> None:
+    class Same:
+        def place(self, request: GenerationRequest, cluster: ClusterView) -> Placement:
+            return Placement("mac", "mac")
+
+    [r] = Simulation(build_cluster(_pair("mac-m4-max", "10gbe"), LLAMA), Same()).run(single(1024, 1))
+    assert r.colocated and (r.prefill_node, r.kv_bytes, r.transfer_s) == ("mac", 0, 0.0)
+    assert r.tpot_s is None and r.to_json()["tpot_s"] is None  # one output token: TPOT is undefined
+
+
 def test_a_policy_loaded_from_a_file_runs_in_the_simulator(capsys: pytest.CaptureFixture[str]) -> None:
     spec = f"{PLUGIN}:StreamingRule"
     for link, expected in (("10gbe", "spark"), ("1gbe", "mac")):

@@ -16,13 +16,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scheduler import costmodel
-from scheduler.sim import cluster_file
-from scheduler.sim.cluster_file import ClusterSpec
 from scheduler.policy import POLICIES, load_policy
 from scheduler.request import RequestStats
+from scheduler.sim import cluster_file
+from scheduler.sim.cluster_file import ClusterSpec
 from scheduler.sim.engine import SimCluster, Simulation, build_cluster
 from scheduler.sim.report import Point, Summary, plot, summarize, text_report
-from scheduler.sim.workload import WorkItem, mean_rate, poisson, read_trace, scaled, single
+from scheduler.sim.workload import (
+    WorkItem,
+    mean_rate,
+    poisson,
+    read_trace,
+    scaled,
+    single,
+)
 
 PROMPT_SWEEP = (512, 1024, 2048, 4096, 8192, 16384, 32768)
 RATE_SWEEP = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)  # x the workload's rate

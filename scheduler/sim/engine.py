@@ -4,8 +4,11 @@ discrete-event run of one workload under one placement policy.
 NOTE on the simulation. Time advances from event to event (a heap of
 (time, sequence, callback)); nothing sleeps. Each request, on arrival, is
 placed by the policy exactly as the live scheduler places it: the policy sees
-a ``ClusterView`` built from the simulation's state at that instant (requests
-active on each node, seconds of prefill queued there). Each node then behaves
+a ``ClusterView`` built from the simulation's state at that instant, whose
+load (requests active on each node, seconds of prefill queued there, resident
+KV) comes from the same ``LoadLedger`` the live scheduler keeps
+(``scheduler/load.py``), and its answer passes the same ``check_placement``
+(plus: a remote pair needs a link in the cluster file). Each node then behaves
 like our worker's single engine thread: one FIFO queue of jobs, run one at a
 time. A request's prefill is one job (the whole prompt, as the worker runs
 it); each decode step is one job, and the next step of that request is queued
@@ -28,11 +31,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from scheduler import catalog, costmodel
-from scheduler.sim.cluster_file import ClusterSpec, NodeSpec
 from scheduler.load import LoadLedger
-from scheduler.placement import ClusterView, LinkView, NodeView, Placement, PlacementError, ask_policy
+from scheduler.placement import (
+    ClusterView,
+    LinkView,
+    NodeView,
+    Placement,
+    PlacementError,
+    ask_policy,
+)
 from scheduler.policy import Policy
-from scheduler.request import GenerationRequest, NoCapacityError, RequestStats, mean_tpot_s
+from scheduler.request import (
+    GenerationRequest,
+    NoCapacityError,
+    RequestStats,
+    mean_tpot_s,
+)
+from scheduler.sim.cluster_file import ClusterSpec, NodeSpec
 from scheduler.sim.workload import WorkItem
 
 
@@ -202,10 +217,12 @@ class Flight:
 
     @property
     def request_id(self) -> str:
+        """The id the policy and the ledger know this request by."""
         return f"req-{self.index}"
 
     @property
     def colocated(self) -> bool:
+        """One node prefills and decodes (as ``RequestStats.colocated``)."""
         return self.prefill_node == self.decode_node
 
     def stats(self) -> RequestStats:

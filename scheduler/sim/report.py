@@ -184,7 +184,6 @@ def plot(series: dict[str, list[Point]], xlabel: str, title: str, out: str | Pat
         raise PlotError("--plot needs matplotlib, which is not installed: pip install matplotlib") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import FuncFormatter
 
     labels = _legend_labels(series)

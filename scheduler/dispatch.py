@@ -1,0 +1,95 @@
+"""Placing one live request: the view a policy sees, its answer checked, the load booked.
+
+Pure Python over plain dataclasses (``NodeInfo`` in, ``ClusterView`` and
+``Placement`` out), so tests drive it with fake node lists and a fake clock.
+The ``LoadLedger`` it keeps is the one the simulator keeps: a request counts
+on its decode node until ``finish`` and on a remote prefill node until
+``prefill_done``; the cost model's predicted prefill seconds are backlog on
+the prefilling node until then.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+
+from cluster.links import LinkView
+from cluster.node import NodeInfo
+from scheduler.load import LoadLedger
+from scheduler.placement import (
+    ClusterView,
+    NodeView,
+    Placement,
+    PlacementError,
+    ask_policy,
+)
+from scheduler.policy import Policy, Predictor
+from scheduler.request import GenerationRequest, NoCapacityError
+
+log = logging.getLogger(__name__)
+
+
+def node_view(node: NodeInfo, ledger: LoadLedger) -> NodeView:
+    """``node`` as a policy sees it: its advertised profile and the ledger's load."""
+    return NodeView(node.node_id, node.roles, node.engine, node.model_id, node.tflops, node.mem_bw_gbps,
+                    node.free_mem_bytes, ledger.active_requests(node.node_id), hardware=node.hardware,
+                    device_kind=node.device, prefill_backlog_s=ledger.prefill_backlog_s(node.node_id),
+                    measured=node.profile_source != "declared")
+
+
+def predicted_prefill_s(request: GenerationRequest, view: ClusterView, node_id: str) -> float:
+    """The cost model's prefill seconds for ``request`` on ``node_id``; 0 when it cannot tell."""
+    if view.model_config is None:
+        return 0.0
+    try:
+        return Predictor(request, view).prefill_s(view.node(node_id))
+    except Exception as e:  # a config the cost model cannot read: no backlog estimate, placement still works
+        log.debug("no prefill estimate for %s on %s: %s", request.request_id, node_id, e)
+        return 0.0
+
+
+class Dispatcher:
+    """Holds the policy in use and the load ledger; places requests one at a time."""
+
+    def __init__(self, policy: Policy, policy_name: str, ledger: LoadLedger | None = None) -> None:
+        self.policy, self.policy_name = policy, policy_name
+        self.ledger = ledger if ledger is not None else LoadLedger()
+
+    def use(self, policy: Policy, policy_name: str) -> None:
+        """Place with ``policy`` from the next request on (requests in flight keep their placement)."""
+        self.policy, self.policy_name = policy, policy_name
+
+    def view(self, nodes: Iterable[NodeInfo], links: Mapping[tuple[str, str], LinkView],
+             model_config: dict | None) -> ClusterView:
+        """What the policy sees: ``nodes`` with their load, the links among them, the model's config."""
+        views = tuple(node_view(n, self.ledger) for n in nodes)
+        ids = {v.node_id for v in views}
+        among = {pair: link for pair, link in links.items() if set(pair) <= ids}
+        return ClusterView(views, among, model_config)
+
+    def place(self, request: GenerationRequest, view: ClusterView) -> Placement:
+        """Ask the policy, check its answer and admit the request into the ledger.
+
+        Raises ``NoCapacityError`` (HTTP 503) when the policy finds no node, fails,
+        or answers with a placement that cannot run; the message names the policy."""
+        if request.request_id in self.ledger:
+            raise NoCapacityError(f"request {request.request_id!r} is already in flight")
+        try:
+            placement = ask_policy(self.policy, self.policy_name, request, view)
+        except PlacementError as e:
+            log.error("%s", e, exc_info=e.__cause__)
+            raise NoCapacityError(f"placement {e}") from e
+        prefill_on = placement.prefill_node or placement.decode_node
+        self.ledger.admit(request.request_id, placement.prefill_node, placement.decode_node,
+                          predicted_prefill_s(request, view, prefill_on))
+        log.info("request %s: prefill=%s decode=%s codec=%s (policy %s)", request.request_id,
+                 placement.prefill_node or f"{placement.decode_node} (colocated)", placement.decode_node,
+                 placement.codec, self.policy_name)
+        return placement
+
+    def prefill_done(self, request_id: str) -> None:
+        """The prefill node's part of ``request_id`` is over (idempotent)."""
+        self.ledger.prefill_done(request_id)
+
+    def finish(self, request_id: str) -> None:
+        """``request_id`` ended, however it ended (idempotent)."""
+        self.ledger.finish(request_id)
