@@ -9,11 +9,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from cluster.launcher import UpConfig
+    from workers.rpc.server import OnStarted, WorkerConfig
+
+log = logging.getLogger(__name__)
 
 DESCRIPTION = """\
 pdcluster pools mismatched machines for LLM inference: prefill runs where
@@ -61,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     from workers.rpc.server import add_worker_parser
 
     add_init_parser(sub)
-    add_worker_parser(sub)
+    add_worker_parser(sub, discovery=advertise_with_mdns)
     _add_serve(sub)
     _add_up(sub)
     _add_demo(sub)
@@ -72,6 +75,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_simulate_parser(sub)
     return parser
+
+
+def advertise_with_mdns(config: WorkerConfig) -> OnStarted:
+    """``pdc worker``'s discovery hook: advertise the node with ``cluster.discovery``.
+
+    A node that cannot advertise keeps serving (static ``--peers`` still reach it)."""
+    async def on_started(node: dict[str, Any]) -> Callable[[], Awaitable[None]] | None:
+        try:
+            from cluster.discovery import Advertiser
+            from cluster.node import NodeInfo
+
+            interfaces = list(config.mdns_interfaces) if config.mdns_interfaces else None
+            advertiser = Advertiser(NodeInfo(**node), interfaces=interfaces)
+            await advertiser.start()
+        except Exception as e:
+            log.warning("worker %s: not advertised over mDNS (%s: %s); reach it with --peers %s:%d",
+                        node["node_id"], type(e).__name__, e, node["host"], node["grpc_port"])
+            return None
+        return advertiser.stop
+
+    return on_started
 
 
 def _add_make_model(sub: argparse._SubParsersAction) -> None:
@@ -103,6 +127,9 @@ def _run_make_model(args: argparse.Namespace) -> int:
 
 
 def _add_check_handoff(sub: argparse._SubParsersAction) -> None:
+    from workers.engines.base import DTYPES
+    from workers.engines.registry import DEFAULT_DECODE_ENGINE, DEFAULT_PREFILL_ENGINE, engine_names
+
     p = sub.add_parser(
         "check-handoff",
         help="prove a KV handoff between two engines is token-identical",
@@ -114,12 +141,14 @@ def _add_check_handoff(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--model", required=True, help="model folder (or hub id when online)")
-    p.add_argument("--prefill", choices=("torch", "mlx"), default="torch", help="prefill engine (default: torch)")
-    p.add_argument("--decode", choices=("torch", "mlx"), default="mlx", help="decode engine (default: mlx)")
+    p.add_argument("--prefill", choices=engine_names(), default=DEFAULT_PREFILL_ENGINE,
+                   help=f"prefill engine (default: {DEFAULT_PREFILL_ENGINE})")
+    p.add_argument("--decode", choices=engine_names(), default=DEFAULT_DECODE_ENGINE,
+                   help=f"decode engine (default: {DEFAULT_DECODE_ENGINE})")
     p.add_argument("--prompt-tokens", type=int, default=300, help="prompt length in tokens (default: 300)")
     p.add_argument("--max-tokens", type=int, default=24, help="tokens to generate (default: 24)")
     p.add_argument("--chunk-size", type=int, default=128, help="prefill chunk in tokens (default: 128)")
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="compute dtype on both engines (default: float32, where greedy decoding is exact)")
     p.add_argument("--device", default=None, help="torch device: cuda, mps or cpu (default: best available)")
     p.add_argument("--json", action="store_true", help="end with one JSON line holding the result")
@@ -138,13 +167,10 @@ def _run_check_handoff(args: argparse.Namespace) -> int:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    """``pdc bench`` with its benchmarks: ``kv`` (workers/tools/kv_bench.py), ``decode`` (workers/tools/decode_bench.py)."""
-    from workers.tools.decode_bench import add_decode_parser
-    from workers.tools.kv_bench import add_bench_parser
+    """``pdc bench`` with its benchmarks (workers/tools/bench.py): ``kv``, ``decode``."""
+    from workers.tools.bench import add_bench_parser
 
-    bench = add_bench_parser(sub)
-    benchmarks = next(a for a in bench._actions if isinstance(a, argparse._SubParsersAction))
-    add_decode_parser(benchmarks)
+    add_bench_parser(sub)
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -213,8 +239,9 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
 def _up_config(args: argparse.Namespace, port: int) -> UpConfig:
     from cluster.launcher import UpConfig
     from cluster.paths import tiny_model_dir
+    from workers.engines.registry import default_decode_engine
 
-    decode = args.decode_engine or ("mlx" if _importable("mlx.core") else "torch")
+    decode = args.decode_engine or default_decode_engine()
     return UpConfig(model=args.model or str(tiny_model_dir()), port=port, prefill_engine=args.prefill_engine,
                     decode_engine=decode, cluster_key_file=args.cluster_key_file, log_dir=args.log_dir,
                     policy=args.policy)
@@ -349,9 +376,13 @@ def _add_key_arg(p: argparse.ArgumentParser,
 
 def _add_local_cluster_args(p: argparse.ArgumentParser, key_help: str) -> None:
     """The flags ``pdc up`` and ``pdc demo`` share (everything but the port)."""
+    from workers.engines.registry import DECODE_PREFERENCE, DEFAULT_PREFILL_ENGINE, engine_names
+
     p.add_argument("--model", default=None, help="model folder (default: the built-in tiny model)")
-    p.add_argument("--prefill-engine", choices=("torch", "mlx"), default="torch", help="default: torch")
-    p.add_argument("--decode-engine", choices=("torch", "mlx"), default=None, help="default: mlx, or torch without MLX")
+    p.add_argument("--prefill-engine", choices=engine_names(), default=DEFAULT_PREFILL_ENGINE,
+                   help=f"default: {DEFAULT_PREFILL_ENGINE}")
+    p.add_argument("--decode-engine", choices=engine_names(), default=None,
+                   help=f"default: the first of {', '.join(DECODE_PREFERENCE)} that imports here")
     _add_key_arg(p, key_help)
     p.add_argument("--log-dir", default=None, help="where the processes log (default: a temp folder)")
     p.add_argument("--policy", default="conditional",
@@ -368,14 +399,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _importable(module: str) -> bool:
-    try:
-        __import__(module)
-    except ImportError:
-        return False
-    return True
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from workers.engines.registry import DEFAULT_DECODE_ENGINE, DEFAULT_PREFILL_ENGINE, check_engine
+
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
@@ -36,8 +38,8 @@ class UpConfig:
 
     model: str
     port: int = 8000
-    prefill_engine: str = "torch"
-    decode_engine: str = "mlx"
+    prefill_engine: str = DEFAULT_PREFILL_ENGINE
+    decode_engine: str = DEFAULT_DECODE_ENGINE
     host: str = LOOPBACK
     cluster_key_file: str | None = None
     log_dir: str | None = None  # child logs; a temp folder when None
@@ -46,8 +48,7 @@ class UpConfig:
 
     def __post_init__(self) -> None:
         for role in ("prefill_engine", "decode_engine"):
-            if getattr(self, role) not in ("torch", "mlx"):
-                raise ValueError(f"{role} must be 'torch' or 'mlx', got {getattr(self, role)!r}")
+            check_engine(getattr(self, role), role)
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
 

@@ -13,7 +13,7 @@ key    field                   format
 txtvers (schema version)       ``1``
 id     node_id                 ``[A-Za-z0-9._-]{1,63}``
 roles  roles                   ``prefill,decode`` (comma list)
-engine engine                  ``torch`` | ``mlx``
+engine engine                  ``[a-z0-9][a-z0-9._-]{0,31}`` (``torch``, ``mlx``, ...)
 model  model_id                text
 wfp    weights_fingerprint     text
 grpc   grpc_port               int 1..65535 (the SRV port must agree)
@@ -41,13 +41,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 ROLES = ("prefill", "decode")
-ENGINES = ("torch", "mlx")
 SOURCES = ("mdns", "static", "ray")
 PROFILE_SOURCES = ("measured", "declared", "measured+declared")  # where tflops and mem_bw_gbps came from
 TXT_VERSION = "1"
 MAX_TXT_ITEM_BYTES = 255  # one DNS character-string: a length byte, then up to 255 bytes
 
 _NODE_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,63}")
+# Any well-formed engine name: which engines exist is the workers' business
+# (workers/engines/registry.py), and a scheduler must list nodes running an
+# engine newer than itself.
+_ENGINE_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,31}")
 _REQUIRED_KEYS = ("id", "roles", "engine", "model", "wfp", "kv", "dev", "tflops", "bw", "mem", "ver", "kfp")
 
 
@@ -82,8 +85,9 @@ class NodeInfo:
                 f"node {self.node_id}: roles {roles!r} must be a non-empty, duplicate-free subset of {ROLES}"
             )
         object.__setattr__(self, "roles", roles)
-        if self.engine not in ENGINES:
-            raise ValueError(f"node {self.node_id}: engine {self.engine!r} is not one of {ENGINES}")
+        if not isinstance(self.engine, str) or not _ENGINE_RE.fullmatch(self.engine):
+            raise ValueError(f"node {self.node_id}: engine {self.engine!r} is not an engine name "
+                             f"(1-32 characters from [a-z0-9._-], starting with a letter or digit)")
         if not isinstance(self.host, str) or not self.host:
             raise ValueError(f"node {self.node_id}: host must be a non-empty string")
         for name in ("grpc_port", "kv_port"):

@@ -144,9 +144,10 @@ def run(body: Callable[[], Any], timeout: float = 120.0) -> Any:
 
 
 def config(model: Path, key: ClusterKey, role: str, **overrides: Any) -> WorkerConfig:
-    """An in-process MLX worker; declaring a profile skips the start-up measurement."""
-    fields: dict[str, Any] = {"tflops": 1.0, "mem_bw_gbps": 100.0, **overrides}
-    return WorkerConfig(role=role, engine="mlx", model=str(model), cluster_key=key, advertise=False,
+    """An in-process worker (MLX unless ``engine`` is overridden); declaring a
+    profile skips the start-up measurement."""
+    fields: dict[str, Any] = {"engine": "mlx", "tflops": 1.0, "mem_bw_gbps": 100.0, **overrides}
+    return WorkerConfig(role=role, model=str(model), cluster_key=key, advertise=False,
                         node_id=f"test-{role}", grace_s=1.0, **fields)
 
 

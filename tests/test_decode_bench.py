@@ -8,17 +8,22 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from conftest import have, requires_mlx
 
+from workers.engines import registry
+from workers.engines.base import decode_loop
+from workers.engines.registry import available_engines, load_engine
+from workers.engines.sampling import SamplingParams, sample
 from workers.tools.decode_bench import (
     DecodeBenchConfig,
     EngineResult,
     RoundResult,
-    available_engines,
     first_difference,
+    native_name,
     run_decode_bench,
 )
 
@@ -115,12 +120,19 @@ def test_cli_builds_the_preset_once_and_ends_with_the_json_line(tmp_path: Path) 
 def test_engines_that_do_not_import_are_left_out_and_none_is_an_error(monkeypatch, make_tiny_model) -> None:
     if not ENGINES:
         pytest.skip("neither the torch nor the mlx extra is installed")
-    import workers.tools.decode_bench as bench
-
-    monkeypatch.setitem(bench.ENGINE_MODULES, "mlx", "no_such_module_for_pdc")
-    assert bench.available_engines(("mlx", "torch")) == (("torch",) if have("torch") else ())
+    monkeypatch.setitem(registry.ENGINES, "mlx", replace(registry.ENGINES["mlx"], requires="no_such_module_for_pdc"))
+    assert available_engines(("mlx", "torch")) == (("torch",) if have("torch") else ())
     with pytest.raises(ValueError, match="none of"):
-        bench.run_decode_bench(DecodeBenchConfig(model=str(make_tiny_model("llama")), engines=("mlx",)))
+        run_decode_bench(DecodeBenchConfig(model=str(make_tiny_model("llama")), engines=("mlx",)))
+
+
+@pytest.mark.parametrize(("engine", "library"), [("torch", "transformers"), ("mlx", "mlx-lm")])
+def test_the_native_baseline_is_named_by_the_registry_with_its_version(engine: str, library: str) -> None:
+    if not have(library.replace("-", "_")):
+        pytest.skip(f"{library} not installed")
+    from importlib.metadata import version
+
+    assert native_name(engine).startswith(f"{library} {version(library)} ")
 
 
 # ---------------------------------------------------------------- the MLX greedy fast path the bench led to
@@ -131,27 +143,14 @@ PROMPT = list(range(5, 105))
 def _mlx_reference(engine, params, rid: str = "ref") -> tuple[list[int], int]:
     """Greedy through the shared ``decode_loop`` on numpy float32 logits (the
     path every sampled request takes): tokens and the cache length left behind."""
-    import mlx.core as mx
-    import numpy as np
-
-    from workers.engines.base import decode_loop
-    from workers.engines.sampling import sample
-
     first = sample(engine.prefill(rid, PROMPT, lambda s: None).logits, params, 0)
-    cache = engine._caches[rid]
-
-    def step(token: int) -> np.ndarray:
-        return np.array(engine.model(mx.array([[token]]), cache=cache)[0, -1].astype(mx.float32))
-
-    tokens = [first, *decode_loop(step, first, params)]
-    length = cache[-1].offset
+    tokens = [first, *decode_loop(lambda token: engine.step_logits(rid, token), first, params)]
+    length = engine.cached_tokens(rid)
     engine.release(rid)
     return tokens, length
 
 
 def _mlx_decode(engine, params, rid: str = "new", close_after: int | None = None) -> tuple[list[int], int]:
-    from workers.engines.sampling import sample
-
     first = sample(engine.prefill(rid, PROMPT, lambda s: None).logits, params, 0)
     tokens, stream = [first], engine.decode(rid, first, params)
     for token in stream:
@@ -159,16 +158,13 @@ def _mlx_decode(engine, params, rid: str = "new", close_after: int | None = None
         if len(tokens) == close_after:
             stream.close()  # a client that goes away
             break
-    length = engine._caches[rid][-1].offset
+    length = engine.cached_tokens(rid)
     engine.release(rid)
     return tokens, length
 
 
 @requires_mlx
 def test_mlx_greedy_decode_is_token_identical_to_the_shared_loop_and_leaves_the_same_cache(make_tiny_model) -> None:
-    from workers.engines.base import SamplingParams
-    from workers.tools.handoff import load_engine
-
     engine = load_engine("mlx", make_tiny_model("llama"), "float32")
     full, _ = _mlx_reference(engine, SamplingParams(max_tokens=20))
     cases = [SamplingParams(max_tokens=n) for n in (1, 2, 20)]

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 from conftest import have
 
-from workers.engines.base import SamplingParams
+from workers.engines.registry import load_engine
+from workers.engines.sampling import SamplingParams
 from workers.tools.handoff import (
     HandoffConfig,
     check_handoff,
     generate_alone,
     generate_handoff,
-    load_engine,
 )
 from workers.tools.modelgen import ARCHES
 

@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from workers.tools.bench import add_bench_parser
+from workers.tools.decode_bench import run_bench_decode
 from workers.tools.kv_bench import (
     BenchConfig,
-    add_bench_parser,
     build_slices,
+    main,
     run_bench_kv,
     run_kv_bench,
 )
@@ -91,11 +93,19 @@ def test_cli_ends_with_the_json_line() -> None:
     assert any(line.strip().startswith("ratio") for line in lines)  # the human report comes first
 
 
-def test_bench_parser_registers_bench_kv() -> None:
+def test_bench_parser_registers_bench_kv_and_decode() -> None:
     parser = argparse.ArgumentParser(prog="pdc")
     add_bench_parser(parser.add_subparsers())
     args = parser.parse_args(["bench", "kv", "--gb", "2", "--dtype", "bf16", "--rounds", "3", "--json"])
     assert args.run is run_bench_kv
     assert (args.gb, args.dtype, args.rounds, args.json) == (2.0, "bf16", 3, True)
+    assert parser.parse_args(["bench", "decode", "--preset", "tiny"]).run is run_bench_decode
     bare = parser.parse_args(["bench"])
     assert bare.run is not run_bench_kv  # prints the bench help instead of running anything
+
+
+def test_module_main_without_a_benchmark_prints_help_and_a_bad_config_exits_2(capsys) -> None:
+    assert main([]) == 2
+    assert "kv" in capsys.readouterr().out
+    assert main(["kv", "--gb", "0", "--rounds", "1"]) == 2  # BenchConfig refuses it: a ValueError, no traceback
+    assert "pdc bench: error:" in capsys.readouterr().err

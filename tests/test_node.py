@@ -98,7 +98,8 @@ def garble(key: str, value: bytes | None) -> dict[bytes, bytes | None]:
         (garble("mem", b"-5"), r"mem='-5' is not a non-negative integer"),
         (garble("roles", b"prefill,train"), r"roles .* must be a non-empty"),
         (garble("roles", b""), r"roles .* must be a non-empty"),
-        (garble("engine", b"onnx"), r"engine 'onnx' is not one of"),
+        (garble("engine", b"Onnx Runtime"), r"engine 'Onnx Runtime' is not an engine name"),
+        (garble("engine", b""), r"engine '' is not an engine name"),
         (garble("id", b"bad id!"), r"node_id 'bad id!'"),
         (garble("model", b"\xff\xfe"), r"not UTF-8"),
         (garble("model", b"m" * 250), r"'model' is 256 bytes, over the 255-byte limit"),
@@ -125,7 +126,10 @@ def test_to_txt_refuses_an_item_over_255_bytes() -> None:
     [
         ("roles", (), "roles"),
         ("roles", ("decode", "decode"), "roles"),
-        ("engine", "jax", "engine"),
+        ("engine", "JAX", "engine"),
+        ("engine", "-torch", "engine"),
+        ("engine", "e" * 33, "engine"),
+        ("engine", None, "engine"),
         ("grpc_port", 0, "grpc_port"),
         ("kv_port", True, "kv_port"),
         ("tflops", float("inf"), "tflops"),
@@ -140,6 +144,13 @@ def test_to_txt_refuses_an_item_over_255_bytes() -> None:
 def test_invalid_node_info_is_refused_on_construction(field: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         make_node(**{field: value})
+
+
+@pytest.mark.parametrize("engine", ["onnx", "llama.cpp", "vllm-0.6", "e" * 32])
+def test_any_well_formed_engine_name_is_accepted_and_round_trips(engine: str) -> None:
+    # cluster/ does not know which engines the workers have: a newer worker's engine must still list
+    node = make_node(engine=engine)
+    assert NodeInfo.from_txt(node.to_txt(), node.host, node.grpc_port) == node
 
 
 def test_roles_given_as_a_list_become_a_tuple_and_node_stays_hashable() -> None:

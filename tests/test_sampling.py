@@ -4,8 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from workers.engines.base import SamplingParams
-from workers.engines.sampling import sample, with_seed
+from workers.engines.sampling import SamplingParams, sample
 
 
 def _logits(seed: int = 0, vocab: int = 200) -> np.ndarray:
@@ -47,12 +46,6 @@ def test_top_p_keeps_the_smallest_nucleus() -> None:
     params = SamplingParams(temperature=1.0, top_p=0.9, seed=5)
     drawn = {sample(logits, params, s) for s in range(300)}
     assert drawn == {0, 1}
-
-
-def test_with_seed_fixes_a_seed_once() -> None:
-    params = with_seed(SamplingParams(temperature=1.0))
-    assert params.seed is not None
-    assert with_seed(params) is params
 
 
 @pytest.mark.parametrize(

@@ -23,18 +23,16 @@ from cluster.cli import build_parser, main
 from cluster.node import NodeInfo
 from proto import pdcluster_pb2 as pb
 from scheduler.catalog import HARDWARE
-from workers.engines.base import Engine
+from workers.engines.base import MeasuredProfile
+from workers.engines.registry import load_engine
 from workers.rpc.client import WorkerClient, node_from_info
 from workers.rpc.profile import (
     BUDGET_S,
     DeclaredProfile,
-    MeasuredProfile,
     ProfileError,
     load_profile_file,
-    measure_profile,
 )
 from workers.rpc.server import Worker, WorkerConfig, config_from_args
-from workers.tools.handoff import load_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 SPARK, M4_MAX = HARDWARE["dgx-spark"], HARDWARE["mac-m4-max"]
@@ -188,7 +186,7 @@ def test_start_up_measurement_on_a_real_engine_gives_finite_positive_figures_qui
         make_tiny_model: Callable[..., Path], kind: str) -> None:
     engine = load_engine(kind, make_tiny_model("llama"), "float32")
     started = time.perf_counter()
-    measured = measure_profile(engine)
+    measured = engine.measure_profile(BUDGET_S)
     elapsed = time.perf_counter() - started
     assert math.isfinite(measured.tflops) and measured.tflops > 0, measured
     assert math.isfinite(measured.mem_bw_gbps) and measured.mem_bw_gbps > 0, measured
@@ -208,13 +206,15 @@ def test_start_up_measurement_on_a_real_engine_gives_finite_positive_figures_qui
 def test_start_up_measures_only_when_a_figure_is_not_declared(
         make_tiny_model: Callable[..., Path], monkeypatch: pytest.MonkeyPatch, declared: dict[str, object],
         num_measurements: int, expected: tuple[float, float, str]) -> None:
-    measurements: list[str] = []
+    from workers.engines.mlx_engine import MLXEngine
 
-    def fake_measure(engine: Engine) -> MeasuredProfile:
-        measurements.append(engine.device)
+    measurements: list[float] = []
+
+    def fake_measure(engine: MLXEngine, budget_s: float) -> MeasuredProfile:
+        measurements.append(budget_s)
         return MEASURED
 
-    monkeypatch.setattr("workers.rpc.server.measure_profile", fake_measure)
+    monkeypatch.setattr(MLXEngine, "measure_profile", fake_measure)
     config = WorkerConfig(role="decode", engine="mlx", model=str(make_tiny_model("llama")),
                           cluster_key=generate_key(), advertise=False, grace_s=1.0, **declared)
 
@@ -223,7 +223,7 @@ def test_start_up_measures_only_when_a_figure_is_not_declared(
             return NodeInfo(**worker.node_info())  # what mDNS advertises
 
     node = asyncio.run(asyncio.wait_for(body(), 60))
-    assert len(measurements) == num_measurements
+    assert measurements == [BUDGET_S] * num_measurements
     assert (node.tflops, node.mem_bw_gbps, node.profile_source) == expected
     assert node.hardware == declared.get("hardware", "")
     assert NodeInfo.from_txt(node.to_txt(), node.host, node.grpc_port, source="static") == node

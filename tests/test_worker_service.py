@@ -29,7 +29,8 @@ from grpc import aio
 
 from cluster.auth import AuthError, ClusterKey, generate_key
 from proto import pdcluster_pb2 as pb
-from workers.engines.base import KVSlice, SamplingParams
+from workers.engines.base import KVSlice
+from workers.engines.sampling import SamplingParams
 from workers.kv.codec import encode_begin, encode_kv
 from workers.kv.listener import open_kv_connection
 from workers.kv.net import send_buffers
@@ -98,9 +99,9 @@ async def settled(client: WorkerClient, timeout: float = 10.0) -> pb.HealthReply
         await asyncio.sleep(0.05)
 
 
-def held_caches(worker: Worker) -> dict[str, Any]:
-    engine = worker.engines.engine
-    return dict(getattr(engine, "inner", engine)._caches)
+def held_caches(worker: Worker) -> list[str]:
+    """The request caches the worker's engine holds (read from the test's thread: a snapshot)."""
+    return worker.engines.engine.cached_requests()
 
 
 def corrupt_slice_frames(rid: str, layout: Any) -> list[Any]:
@@ -346,7 +347,7 @@ def test_cancel_frees_lease_and_cache_on_both_workers(model: Path) -> None:
                 health = await settled(client)
                 assert (health.active_requests, health.active_leases, health.reserved_kv_bytes) == (0, 0, 0)
                 assert (await client.stats()).requests_cancelled == 1
-            assert held_caches(prefiller) == held_caches(decoder) == {}
+            assert held_caches(prefiller) == held_caches(decoder) == []
             assert not await d.cancel("cancel-me")  # nothing left to find
 
     run(body)
@@ -369,7 +370,7 @@ def test_decode_client_disconnect_frees_lease_and_cache_on_both_workers(model: P
             code, details = await status_code(prefill)
             assert code == grpc.StatusCode.UNAVAILABLE, details
             assert (await settled(p)).active_requests == 0
-            assert held_caches(prefiller) == held_caches(decoder) == {}
+            assert held_caches(prefiller) == held_caches(decoder) == []
             assert (await d.stats()).requests_cancelled == 1
 
     run(body)
@@ -396,7 +397,7 @@ def test_cancel_or_disconnect_during_generation_releases_the_decode_cache(model:
                         pass
                 health = await settled(d)
                 assert (health.active_requests, health.active_leases) == (0, 0)
-                assert held_caches(decoder) == {} and decoder.engines.held == set()
+                assert held_caches(decoder) == []
             stats = await d.stats()
             assert stats.requests_cancelled == 2 and stats.tokens_generated < 1000
 
@@ -407,7 +408,8 @@ def test_cancel_or_disconnect_during_generation_releases_the_decode_cache(model:
 
 
 def test_torch_prefill_process_to_mlx_decode_process_matches_the_decode_engine_alone(model: Path, processes: Any) -> None:
-    from workers.tools.handoff import generate_alone, load_engine
+    from workers.engines.registry import load_engine
+    from workers.tools.handoff import generate_alone
 
     key, workers = processes
     reference, _ = generate_alone(load_engine("mlx", model, "float32"), PROMPT, SamplingParams(max_tokens=16), 128)
@@ -508,7 +510,7 @@ def test_worker_processes_stop_cleanly_on_sigterm(processes: Any) -> None:
 
 
 def test_free_memory_reads_macos_vm_stat_output() -> None:
-    from workers.rpc.info import parse_vm_stat
+    from workers.engines.memory import parse_vm_stat
 
     sample = ("Mach Virtual Memory Statistics: (page size of 16384 bytes)\n"
               "Pages free:                               12000.\n"
@@ -520,8 +522,17 @@ def test_free_memory_reads_macos_vm_stat_output() -> None:
 
 
 def test_free_memory_on_this_host_is_positive_and_cuda_falls_back_without_a_gpu() -> None:
-    from workers.rpc.info import free_memory_bytes
+    from workers.engines.memory import host_free_bytes
 
-    host = free_memory_bytes()
-    assert host > 0
-    assert free_memory_bytes("cuda:0") > 0  # no CUDA here: the host figure, not a crash
+    assert host_free_bytes() > 0
+    if not have("torch"):
+        return
+    import torch
+
+    from workers.engines.torch_engine import device_free_bytes
+
+    assert device_free_bytes("cpu") > 0  # the host figure
+    if not torch.cuda.is_available():
+        assert device_free_bytes("cuda:0") > 0  # no CUDA here: the host figure, not a crash
+    else:  # the GPU's own free memory, not the host's
+        assert 0 < device_free_bytes("cuda:0") <= torch.cuda.mem_get_info(0)[1]

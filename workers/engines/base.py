@@ -11,14 +11,20 @@ Everything that crosses an engine boundary is numpy in the wire layout
 ``[kv_heads, tokens, head_dim]``, post-RoPE, batch 1. Each engine converts only
 at its own edge. bfloat16 has no numpy dtype, so bf16 arrays travel as their
 ``uint16`` bit patterns with ``dtype="bfloat16"`` beside them.
+
+Engines are listed in ``workers/engines/registry.py``; this module imports
+neither torch nor mlx.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+
+from workers.engines.sampling import SamplingParams, sample
 
 # wire dtype name -> numpy dtype used to hold its bytes
 WIRE_DTYPES: dict[str, np.dtype] = {
@@ -26,6 +32,9 @@ WIRE_DTYPES: dict[str, np.dtype] = {
     "float16": np.dtype(np.float16),
     "bfloat16": np.dtype(np.uint16),  # bit patterns; no numpy bf16
 }
+# The compute dtypes an engine accepts are exactly the wire dtypes: KV leaves an
+# engine in its compute dtype.
+DTYPES: tuple[str, ...] = tuple(WIRE_DTYPES)
 
 
 def numpy_dtype(wire_dtype: str) -> np.dtype:
@@ -90,28 +99,6 @@ class KVSlice:
 
 
 @dataclass(frozen=True)
-class SamplingParams:
-    """How to pick tokens. ``temperature == 0`` means greedy."""
-
-    max_tokens: int = 16
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 disables
-    seed: int | None = None
-    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
-
-    def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-
-
-@dataclass(frozen=True)
 class PrefillResult:
     """What a prefill leaves behind besides the slices it already emitted."""
 
@@ -120,13 +107,24 @@ class PrefillResult:
     compute_s: float
 
 
+@dataclass(frozen=True)
+class MeasuredProfile:
+    """What a quick start-up measurement found on an engine's device and dtype."""
+
+    tflops: float  # dense matmul, 1e12 FLOP/s
+    mem_bw_gbps: float  # copy bandwidth, GB/s (bytes read + written)
+
+
 SliceSink = Callable[[KVSlice], None]
 
 
 class Engine(Protocol):
-    """A model on one device that can prefill, load KV and decode."""
+    """A model on one device that can prefill, load KV and decode.
 
-    name: str  # "torch" or "mlx"
+    Every method runs on the engine's own thread (``EngineThread``) unless its
+    docstring says it is safe from any thread."""
+
+    name: str  # its key in workers.engines.registry.ENGINES
     device: str
 
     @property
@@ -161,6 +159,41 @@ class Engine(Protocol):
 
     def release(self, request_id: str) -> None:
         """Drop the cache for ``request_id``; a no-op if there is none."""
+        ...
+
+    def cached_requests(self) -> list[str]:
+        """The request ids whose cache this engine holds now (prefilled or
+        loaded, not yet released), oldest first. Safe from any thread: a
+        snapshot, which a job running on the engine thread may change at once."""
+        ...
+
+    def cached_tokens(self, request_id: str) -> int:
+        """Tokens held in the last layer's cache of ``request_id`` (while a
+        prefill runs, the last layer lags the layers already emitted).
+        ``KeyError`` if the engine holds no cache for it."""
+        ...
+
+    def cached_layer(self, request_id: str, layer: int) -> KVSlice:
+        """Layer ``layer`` of ``request_id``'s cache, tokens ``[0, cached)``,
+        as a wire slice in this engine's dtype: what ``load_kv`` would need to
+        rebuild it. ``KeyError`` if the engine holds no cache for it."""
+        ...
+
+    def measure_profile(self, budget_s: float) -> MeasuredProfile:
+        """Dense matmul TFLOPS and copy bandwidth on this engine's device in its
+        compute dtype, each timed for about ``budget_s`` seconds (plus warm-up)."""
+        ...
+
+    def free_memory_bytes(self) -> int:
+        """Bytes free for KV where this engine keeps it (its accelerator's own
+        memory, else the host's), or 0 where the platform does not say. Safe
+        from any thread."""
+        ...
+
+    def close(self) -> None:
+        """Free what the engine holds, including its library's per-thread state;
+        the last call on the engine, on its own thread (``EngineThread.shutdown``).
+        Afterwards the engine must not compute again."""
         ...
 
 
@@ -202,11 +235,23 @@ def decode_loop(
     new last-position logits ``[vocab]`` as float32. ``first_token`` is not
     yielded; a stop token is yielded and ends the loop; at most
     ``params.max_tokens - 1`` tokens come out."""
-    from workers.engines.sampling import sample  # sampling imports this module
-
     token = first_token
     for index in range(1, params.max_tokens):
         if token in params.stop_token_ids:
             return
         token = sample(step(token), params, index)
         yield token
+
+
+def timed_runs(run_once: Callable[[], object], sync: Callable[[], None], budget_s: float) -> tuple[int, float]:
+    """Run ``run_once`` until ``budget_s`` has passed, at least twice, after one
+    untimed warm-up; ``sync`` waits for queued device work. Returns (runs, seconds).
+    The engines' ``measure_profile`` time their matmul and copy with it."""
+    run_once()
+    sync()  # warm-up
+    runs, started = 0, time.perf_counter()
+    while runs < 2 or time.perf_counter() - started < budget_s:
+        run_once()
+        runs += 1
+    sync()
+    return runs, time.perf_counter() - started

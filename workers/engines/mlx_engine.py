@@ -6,7 +6,8 @@ overrides that method: it evaluates the layer's new K/V at once (MLX is lazy;
 ``mx.eval`` here forces exactly the computation up to this layer) and hands it
 to the caller's sink before the next layer is even built.
 
-This is the only module that imports mlx or mlx-lm.
+This is the only module that imports mlx or mlx-lm; load it through
+``workers.engines.registry``.
 """
 from __future__ import annotations
 
@@ -21,7 +22,19 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import KVCache
 from mlx_lm.utils import load_model
 
-from workers.engines.base import KVLayout, KVSlice, PrefillResult, SamplingParams, SliceSink, check_layout, decode_loop, join_layer
+from workers.engines.base import (
+    KVLayout,
+    KVSlice,
+    MeasuredProfile,
+    PrefillResult,
+    SliceSink,
+    check_layout,
+    decode_loop,
+    join_layer,
+    timed_runs,
+)
+from workers.engines.memory import host_free_bytes
+from workers.engines.sampling import SamplingParams
 from workers.engines.model_config import check_tokenizer, read_model_spec
 
 log = logging.getLogger(__name__)
@@ -110,12 +123,16 @@ class MLXEngine:
         cache = self._cache_of(request_id)
         if params.temperature == 0.0:
             return self._decode_greedy(cache, first_token, params)
+        return decode_loop(lambda token: self._step(cache, token), first_token, params)
 
-        def step(token: int) -> np.ndarray:
-            logits = self.model(mx.array([[token]]), cache=cache)
-            return _to_numpy(logits[0, -1].astype(mx.float32))  # [vocab]
+    def step_logits(self, request_id: str, token: int) -> np.ndarray:
+        """Feed ``token`` to ``request_id``'s cache: the new last-position
+        logits ``[vocab]`` as float32 (one ``decode_loop`` step)."""
+        return self._step(self._cache_of(request_id), token)
 
-        return decode_loop(step, first_token, params)
+    def _step(self, cache: list[_StreamingKVCache], token: int) -> np.ndarray:
+        logits = self.model(mx.array([[token]]), cache=cache)
+        return _to_numpy(logits[0, -1].astype(mx.float32))  # [vocab]
 
     def _decode_greedy(self, cache: list[_StreamingKVCache], first_token: int, params: SamplingParams) -> Iterator[int]:
         """``decode_loop`` for greedy requests, as mlx-lm's ``generate_step`` runs it.
@@ -158,6 +175,42 @@ class MLXEngine:
 
     def release(self, request_id: str) -> None:
         self._caches.pop(request_id, None)
+
+    def cached_requests(self) -> list[str]:
+        return list(self._caches)  # one C-level copy under the GIL: a consistent snapshot
+
+    def cached_tokens(self, request_id: str) -> int:
+        return self._cache_of(request_id)[-1].offset
+
+    def cached_layer(self, request_id: str, layer: int) -> KVSlice:
+        entry = self._cache_of(request_id)[layer]
+        # [1, kv_heads, capacity, head_dim]; the first `offset` tokens are filled
+        keys, values = (np.ascontiguousarray(_to_wire(a[0, :, : entry.offset, :])) for a in (entry.keys, entry.values))
+        return KVSlice(layer, 0, keys, values, self.dtype)
+
+    def measure_profile(self, budget_s: float) -> MeasuredProfile:
+        on_gpu = mx.default_device() == mx.gpu
+        n = 2048 if on_gpu else 256  # mlx[cpu] matmuls are slow; keep start-up quick
+        a = mx.random.normal((n, n)).astype(_MX_DTYPES[self.dtype])
+        b = mx.random.normal((n, n)).astype(_MX_DTYPES[self.dtype])
+        mx.eval(a, b)
+        runs, seconds = timed_runs(lambda: mx.eval(a @ b), lambda: None, budget_s)
+        tflops = 2 * n**3 * runs / seconds / 1e12
+        src = mx.zeros((64 << 20 if on_gpu else 16 << 20,), dtype=mx.uint8)
+        mx.eval(src)
+        runs, seconds = timed_runs(lambda: mx.eval(src + 1), lambda: None, budget_s)
+        return MeasuredProfile(tflops=tflops, mem_bw_gbps=2 * src.size * runs / seconds / 1e9)
+
+    def free_memory_bytes(self) -> int:
+        # Unified memory on Apple silicon, host RAM with mlx[cpu]: the host figure either way.
+        return host_free_bytes()
+
+    def close(self) -> None:
+        self._caches.clear()
+        # Frees this thread's streams and its random key now, while Python runs. Left to
+        # the thread's exit, the key's destructor takes the GIL and, if the interpreter is
+        # finalizing by then, aborts the process. No MLX call may follow on this thread.
+        mx.clear_streams()
 
     def native_generate(self, token_ids: list[int], num_tokens: int, on_token: Callable[[int], None]) -> None:
         """Generate ``num_tokens`` tokens greedily with mlx-lm's own loop

@@ -1,19 +1,42 @@
 """Token sampling shared by every engine.
 
 Engines hand the last position's logits over as a float32 numpy vector and this
-module picks the token. Sampling in one place means a seeded request gives the
-same tokens whichever engine (or node) draws each one: the random stream for
-step ``i`` depends only on ``(seed, i)``, so the prefill node can draw token 0
-and the decode node tokens 1, 2, ... without sharing generator state.
+module picks the token, as ``SamplingParams`` says. Sampling in one place means
+a seeded request gives the same tokens whichever engine (or node) draws each
+one: the random stream for step ``i`` depends only on ``(seed, i)``, so the
+prefill node can draw token 0 and the decode node tokens 1, 2, ... without
+sharing generator state.
+
+This module imports nothing from the engines (``base`` imports it).
 """
 from __future__ import annotations
 
 import secrets
-from dataclasses import replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from workers.engines.base import SamplingParams
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. ``temperature == 0`` means greedy."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
 
 
 def sample(logits: np.ndarray, params: SamplingParams, step: int) -> int:
@@ -26,13 +49,6 @@ def sample(logits: np.ndarray, params: SamplingParams, step: int) -> int:
     probs = _keep_top_p(probs, params.top_p)
     rng = np.random.default_rng([_seed_of(params), step])
     return int(rng.choice(probs.shape[0], p=probs))
-
-
-def with_seed(params: SamplingParams) -> SamplingParams:
-    """``params`` with a concrete seed, so every node of a request draws alike."""
-    if params.seed is not None:
-        return params
-    return replace(params, seed=secrets.randbits(63))
 
 
 def _seed_of(params: SamplingParams) -> int:

@@ -5,15 +5,18 @@ them, so every call into an engine (its construction included) runs on one
 worker thread, in submission order. The event loop awaits the results and is
 never blocked by compute.
 
-The thread also keeps the set of request keys whose cache the engine holds
-(``held``), so the service can report, and tests can check, that a finished
-or cancelled request left nothing behind.
+Which request caches the engine holds is the engine's to say
+(``Engine.cached_requests``).
+
+The engine's last job is ``Engine.close``, on the same thread: MLX keeps
+per-thread state (streams, the random key) whose thread-exit destructors take
+the GIL; left to them, a thread that ends while the interpreter finalizes
+aborts the process ("terminate called without an active exception").
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -30,8 +33,7 @@ class EngineThread:
         # one worker thread, kept for the executor's lifetime: all jobs share it
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._engine: Engine | None = None
-        self._thread_id: int | None = None
-        self.held: set[str] = set()  # cache keys the engine holds; touched on the engine thread only
+        self._queued: set[concurrent.futures.Future[Any]] = set()  # submitted, not done (set ops are atomic)
 
     @property
     def engine(self) -> Engine:
@@ -41,15 +43,8 @@ class EngineThread:
 
     async def start(self) -> Engine:
         """Build the engine on its thread."""
-        def build() -> Engine:
-            self._thread_id = threading.get_ident()
-            return self._factory()
-
-        self._engine = await self.run(build)
+        self._engine = await self.run(self._factory)
         return self._engine
-
-    def on_engine_thread(self) -> bool:
-        return threading.get_ident() == self._thread_id
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` on the engine thread and await its result.
@@ -57,21 +52,28 @@ class EngineThread:
         If the awaiting task is cancelled before the job starts, the job is
         dropped; once it runs it runs to completion (jobs must be short, or
         poll a cancel flag of their own)."""
-        return await asyncio.wrap_future(self._executor.submit(fn, *args))
+        return await asyncio.wrap_future(self.submit(fn, *args))
 
     def submit(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
         """Queue ``fn(*args)`` without waiting: for cleanups that must run
         even when the caller is being cancelled."""
-        return self._executor.submit(fn, *args)
+        future = self._executor.submit(fn, *args)
+        self._queued.add(future)
+        future.add_done_callback(self._queued.discard)  # on the engine thread, or here if already done
+        return future
 
     def release(self, key: str) -> concurrent.futures.Future[None]:
         """Drop the engine's cache for ``key`` (queued behind running jobs)."""
-        def drop() -> None:
-            self.engine.release(key)
-            self.held.discard(key)
+        return self.submit(self.engine.release, key)
 
-        return self.submit(drop)
-
-    def shutdown(self) -> None:
-        """Stop taking jobs; the running one (if any) finishes in the background."""
-        self._executor.shutdown(wait=False, cancel_futures=True)
+    def shutdown(self) -> concurrent.futures.Future[None] | None:
+        """Stop taking jobs: queued ones are dropped, the running one (if any)
+        finishes in the background, then ``Engine.close`` runs as the thread's
+        last job and the thread ends. Returns the close's future to await
+        (None when no engine was built). Even unawaited, the close runs before
+        the interpreter finalizes: it joins the thread at exit."""
+        for future in list(self._queued):
+            future.cancel()  # drops a queued job; the running one cannot be cancelled
+        closing = self._executor.submit(self._engine.close) if self._engine is not None else None
+        self._executor.shutdown(wait=False)
+        return closing

@@ -6,7 +6,8 @@ computed (post-RoPE) K/V for the current chunk. The hook copies the chunk to
 the host and hands it to the caller's sink before the next layer runs, so the
 first layers' KV can be on the wire while later layers still compute.
 
-This is the only module that imports torch or transformers.
+This is the only module that imports torch or transformers; load it through
+``workers.engines.registry``.
 """
 from __future__ import annotations
 
@@ -20,7 +21,19 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 from transformers.generation.streamers import BaseStreamer
 
-from workers.engines.base import KVLayout, KVSlice, PrefillResult, SamplingParams, SliceSink, check_layout, decode_loop, join_layer
+from workers.engines.base import (
+    KVLayout,
+    KVSlice,
+    MeasuredProfile,
+    PrefillResult,
+    SliceSink,
+    check_layout,
+    decode_loop,
+    join_layer,
+    timed_runs,
+)
+from workers.engines.memory import host_free_bytes
+from workers.engines.sampling import SamplingParams
 from workers.engines.model_config import check_tokenizer, read_model_spec
 
 log = logging.getLogger(__name__)
@@ -115,6 +128,40 @@ class TorchEngine:
     def release(self, request_id: str) -> None:
         self._caches.pop(request_id, None)
 
+    def cached_requests(self) -> list[str]:
+        return list(self._caches)  # one C-level copy under the GIL: a consistent snapshot
+
+    def cached_tokens(self, request_id: str) -> int:
+        return self._cache_of(request_id).get_seq_length(self.spec.num_layers - 1)
+
+    def cached_layer(self, request_id: str, layer: int) -> KVSlice:
+        entry = self._cache_of(request_id).layers[layer]
+        # [1, kv_heads, tokens, head_dim] -> [kv_heads, tokens, head_dim]
+        return KVSlice(layer, 0, _to_wire(entry.keys[0]), _to_wire(entry.values[0]), self.dtype)
+
+    def step_logits(self, request_id: str, token: int) -> np.ndarray:
+        """Feed ``token`` to ``request_id``'s cache: the new last-position
+        logits ``[vocab]`` as float32 (one ``decode_loop`` step)."""
+        return self._step(self._cache_of(request_id), token)
+
+    def measure_profile(self, budget_s: float) -> MeasuredProfile:
+        torch_dtype = _TORCH_DTYPES[self.dtype]
+        n = 2048 if self.device == "cpu" else 8192
+        a = torch.randn(n, n, device=self.device, dtype=torch_dtype)
+        b = torch.randn(n, n, device=self.device, dtype=torch_dtype)
+        runs, seconds = timed_runs(lambda: torch.matmul(a, b), self._sync, budget_s)
+        tflops = 2 * n**3 * runs / seconds / 1e12
+        src = torch.empty(64 << 20 if self.device == "cpu" else 512 << 20, dtype=torch.uint8, device=self.device)
+        dst = torch.empty_like(src)
+        runs, seconds = timed_runs(lambda: dst.copy_(src), self._sync, budget_s)
+        return MeasuredProfile(tflops=tflops, mem_bw_gbps=2 * src.numel() * runs / seconds / 1e9)
+
+    def free_memory_bytes(self) -> int:
+        return device_free_bytes(self.device)
+
+    def close(self) -> None:
+        self._caches.clear()  # torch keeps no per-thread state that needs freeing here
+
     @torch.inference_mode()
     def native_generate(self, token_ids: list[int], num_tokens: int, on_token: Callable[[int], None]) -> None:
         """Generate ``num_tokens`` tokens greedily with transformers' own
@@ -135,6 +182,13 @@ class TorchEngine:
         ids = torch.tensor([[token]], dtype=torch.long, device=self.device)
         logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True).logits
         return logits[0, -1].float().cpu().numpy()  # [vocab]
+
+    def _sync(self) -> None:
+        """Wait for the work queued on this engine's device."""
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        elif self.device == "mps":
+            torch.mps.synchronize()
 
     def _cache_of(self, request_id: str) -> _StreamingCache:
         try:
@@ -174,6 +228,19 @@ class _TokenStreamer(BaseStreamer):
 
     def end(self) -> None:
         pass
+
+
+def device_free_bytes(device: str) -> int:
+    """Bytes free for KV on ``device``: a CUDA device's own free memory (the KV
+    lives there, not in host RAM), else the host's (``memory.host_free_bytes``).
+    Falls back to the host figure when CUDA cannot say (no GPU, no context)."""
+    if device.startswith("cuda"):
+        try:
+            index = torch.device(device).index
+            return int(torch.cuda.mem_get_info(index if index is not None else torch.cuda.current_device())[0])
+        except Exception:  # no CUDA here, or no context on this thread: the host figure
+            pass
+    return host_free_bytes()
 
 
 def _to_wire(tensor: torch.Tensor) -> np.ndarray:

@@ -248,22 +248,6 @@ class ReceivedKV:
     last_byte_at: float | None
     begin_meta: dict[str, Any] | None = None
 
-    def layer_arrays(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        """Keys and values of ``layer``, each ``[kv_heads, num_tokens, head_dim]``."""
-        if not 0 <= layer < self.layout.num_layers:
-            raise IndexError(f"layer {layer} outside 0..{self.layout.num_layers - 1}")
-        parts = sorted((s for s in self.slices if s.layer == layer), key=lambda s: s.start)
-        if len(parts) == 1:
-            return parts[0].keys, parts[0].values
-        if not parts:
-            empty = np.empty(
-                (self.layout.kv_heads, 0, self.layout.head_dim), numpy_dtype(self.layout.dtype)
-            )
-            return empty, empty.copy()
-        keys = np.concatenate([s.keys for s in parts], axis=1)  # [kv_heads, num_tokens, head_dim]
-        values = np.concatenate([s.values for s in parts], axis=1)  # [kv_heads, num_tokens, head_dim]
-        return keys, values
-
 
 class KVReceiver:
     """Reads one transfer per connection. ``on_slice`` (optional) is called

@@ -7,7 +7,6 @@ default.
 """
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -74,15 +73,6 @@ class WorkerClient:
         with ``async for``, or ``.read()`` one event at a time. ``timeout``
         bounds the whole stream; ``.cancel()`` ends it and frees the lease."""
         return self._stub.Decode(request, timeout=timeout)
-
-    async def decode_events(self, request: pb.DecodeRequest, timeout: float) -> AsyncIterator[pb.DecodeEvent]:
-        """``decode`` as an async iterator that cancels the call if abandoned."""
-        call = self.decode(request, timeout=timeout)
-        try:
-            async for event in call:
-                yield event
-        finally:
-            call.cancel()
 
     async def probe_link(self, kv_host: str, kv_port: int, *, payload_bytes: int = 0, pings: int = 0,
                          timeout: float = 10.0) -> pb.ProbeLinkReply:

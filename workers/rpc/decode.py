@@ -25,11 +25,11 @@ from grpc import aio
 from cluster.auth import AuthError
 from proto import pdcluster_pb2 as pb
 from workers.kv.listener import Arrival
-from workers.engines.base import KVLayout, SamplingParams
+from workers.engines.base import KVLayout
 from workers.kv.codec import FrameError, FrameTimeout
 from workers.kv.transport import TransferAborted
 from workers.kv.leases import Lease, LeaseError
-from workers.engines.sampling import sample
+from workers.engines.sampling import SamplingParams, sample
 from workers.rpc.state import (
     ActiveRequest,
     Cancelled,
@@ -118,7 +118,6 @@ class DecodeRPC:
 
         def job() -> tuple[int, float, float]:
             started = time.monotonic()
-            engines.held.add(active.cache_key)
             result = engines.engine.prefill(active.cache_key, prompt, cancellable(active, None),
                                             self.state.settings.chunk_size)
             return sample(result.logits, params, 0), started - arrival, result.compute_s
@@ -165,7 +164,6 @@ class DecodeRPC:
         waited = time.monotonic()
 
         def job() -> float:
-            engines.held.add(active.cache_key)
             started = time.monotonic()
             engines.engine.load_kv(active.cache_key, kv.layout, kv.slices)
             return started - waited

@@ -11,10 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
-import subprocess
-import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -62,49 +58,6 @@ def model_info(model_dir: Path, spec: ModelSpec, engine: Engine, model_id: str |
         eos_token=_token_text(tokenizer_config.get("eos_token")),
         config_json=(model_dir / "config.json").read_text(),
     )
-
-
-def free_memory_bytes(device: str = "") -> int:
-    """Memory free for KV on ``device``, or 0 where the platform does not say.
-
-    A CUDA device reports its own free memory (the KV lives there, not in host
-    RAM). Elsewhere it is the host's: Linux's available pages, and on macOS
-    (unified memory, where MLX allocates) free + inactive + speculative pages
-    from ``vm_stat``, since ``SC_AVPHYS_PAGES`` does not exist there."""
-    if device.startswith("cuda"):
-        try:
-            import torch
-
-            index = torch.device(device).index
-            return int(torch.cuda.mem_get_info(index if index is not None else torch.cuda.current_device())[0])
-        except Exception:  # no torch or no CUDA context: fall back to the host figure
-            pass
-    if sys.platform == "darwin":
-        return _darwin_free_bytes()
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 0
-
-
-def _darwin_free_bytes() -> int:
-    try:
-        out = subprocess.run(["vm_stat"], capture_output=True, text=True, timeout=2, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return 0
-    return parse_vm_stat(out)
-
-
-def parse_vm_stat(text: str) -> int:
-    """Bytes free, inactive or speculative in macOS ``vm_stat`` output (0 if unreadable)."""
-    page = re.search(r"page size of (\d+) bytes", text)
-    if page is None:
-        return 0
-    pages = 0
-    for name in ("Pages free", "Pages inactive", "Pages speculative"):
-        found = re.search(rf"^{name}:\s+(\d+)\.", text, re.MULTILINE)
-        pages += int(found.group(1)) if found else 0
-    return pages * int(page.group(1))
 
 
 def pdcluster_version() -> str:

@@ -27,8 +27,7 @@ from grpc import aio
 from cluster.auth import AuthError
 from proto import pdcluster_pb2 as pb
 from workers.kv.listener import KVPushError, KVPusher, open_kv_connection
-from workers.engines.base import SamplingParams
-from workers.engines.sampling import sample
+from workers.engines.sampling import SamplingParams, sample
 from workers.rpc.state import (
     ActiveRequest,
     Cancelled,
@@ -117,7 +116,6 @@ class PrefillRPC:
         started = time.monotonic()
         engines, pusher = self.state.engines, active.pusher
         assert pusher is not None
-        engines.held.add(active.cache_key)
         try:
             pusher.begin(active.request_id, engines.engine.kv_layout(len(prompt)))
             result = engines.engine.prefill(active.cache_key, prompt, cancellable(active, pusher.send_slice),
@@ -131,7 +129,6 @@ class PrefillRPC:
             raise
         finally:
             engines.engine.release(active.cache_key)
-            engines.held.discard(active.cache_key)
 
 
 def _failure(error: BaseException, request: pb.PrefillRequest, *, cancelled: bool) -> RPCFailure:

@@ -8,16 +8,16 @@ memory bandwidth) comes from the first of these that gives it:
 3. the catalog entry (``cluster/hardware.py``) of the declared hardware
    (``--hardware`` or the file's ``hardware``): peak dense fp16/bf16 figures,
    which the scheduler's cost model and its calibrated efficiencies expect;
-4. a quick measurement: a dense matmul in the engine's compute dtype for
-   TFLOPS, and a large copy for memory bandwidth, each within a small time
-   budget. It runs only when 1-3 leave a figure unknown, on the engine's own
-   thread (MLX streams are per thread).
+4. a quick measurement, ``Engine.measure_profile(BUDGET_S)``: a dense matmul
+   in the engine's compute dtype for TFLOPS, and a large copy for memory
+   bandwidth, each within a small time budget. The worker runs it only when
+   1-3 leave a figure unknown, on the engine's own thread (MLX streams are
+   per thread).
 """
 from __future__ import annotations
 
 import math
 import sys
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,14 +25,13 @@ from typing import Any
 
 from cluster import hardware as catalog
 from cluster.hardware import Hardware
-from workers.engines.base import Engine
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-BUDGET_S = 0.3  # per measurement
+BUDGET_S = 0.3  # per figure measured at start-up (Engine.measure_profile)
 PROFILE_KEYS = ("hardware", "tflops", "mem_bw_gbps")  # what a profile file may say
 
 
@@ -126,68 +125,3 @@ def _figure(data: Mapping[str, Any], key: str, where: str) -> float | None:
     if not math.isfinite(value) or value <= 0:
         raise ProfileError(f"{where}: {key} must be a finite number > 0, got {value!r}")
     return float(value)
-
-
-@dataclass(frozen=True)
-class MeasuredProfile:
-    tflops: float
-    mem_bw_gbps: float
-
-
-def measure_profile(engine: Engine, budget_s: float = BUDGET_S) -> MeasuredProfile:
-    """Matmul TFLOPS and copy bandwidth on ``engine``'s device and dtype."""
-    if engine.name == "torch":
-        return _measure_torch(engine.device, engine.layout_dtype, budget_s)
-    if engine.name == "mlx":
-        return _measure_mlx(engine.layout_dtype, budget_s)
-    raise ValueError(f"cannot profile engine {engine.name!r}")
-
-
-def _repeat(run_once, sync, budget_s: float) -> tuple[int, float]:
-    """Run ``run_once`` until ``budget_s`` has passed (at least twice); return (runs, seconds)."""
-    run_once()
-    sync()  # warm-up
-    runs, started = 0, time.perf_counter()
-    while runs < 2 or time.perf_counter() - started < budget_s:
-        run_once()
-        runs += 1
-    sync()
-    return runs, time.perf_counter() - started
-
-
-def _measure_torch(device: str, dtype: str, budget_s: float) -> MeasuredProfile:
-    import torch
-
-    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-    n = 2048 if device == "cpu" else 8192
-    a = torch.randn(n, n, device=device, dtype=torch_dtype)
-    b = torch.randn(n, n, device=device, dtype=torch_dtype)
-
-    def sync() -> None:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        elif device == "mps":
-            torch.mps.synchronize()
-
-    runs, seconds = _repeat(lambda: torch.matmul(a, b), sync, budget_s)
-    tflops = 2 * n**3 * runs / seconds / 1e12
-    src = torch.empty(64 << 20 if device == "cpu" else 512 << 20, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    runs, seconds = _repeat(lambda: dst.copy_(src), sync, budget_s)
-    return MeasuredProfile(tflops=tflops, mem_bw_gbps=2 * src.numel() * runs / seconds / 1e9)
-
-
-def _measure_mlx(dtype: str, budget_s: float) -> MeasuredProfile:
-    import mlx.core as mx
-
-    mx_dtype = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}[dtype]
-    n = 2048 if mx.default_device() == mx.gpu else 256  # mlx[cpu] matmuls are slow; keep start-up quick
-    a = mx.random.normal((n, n)).astype(mx_dtype)
-    b = mx.random.normal((n, n)).astype(mx_dtype)
-    mx.eval(a, b)
-    runs, seconds = _repeat(lambda: mx.eval(a @ b), lambda: None, budget_s)
-    tflops = 2 * n**3 * runs / seconds / 1e12
-    src = mx.zeros((64 << 20 if mx.default_device() == mx.gpu else 16 << 20,), dtype=mx.uint8)
-    mx.eval(src)
-    runs, seconds = _repeat(lambda: mx.eval(src + 1), lambda: None, budget_s)
-    return MeasuredProfile(tflops=tflops, mem_bw_gbps=2 * src.size * runs / seconds / 1e9)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import math
@@ -32,34 +33,36 @@ from proto import pdcluster_pb2_grpc as pb_grpc
 from cluster.hardware import HARDWARE
 from workers.rpc.client import SERVER_OPTIONS
 from workers.kv.listener import KVListener
-from workers.engines.base import Engine
+from workers.engines.base import DTYPES, Engine, MeasuredProfile
+from workers.engines.memory import host_free_bytes
+from workers.engines.registry import check_engine, describe_engines, engine_names, load_engine
 from workers.engines.thread import EngineThread
 from workers.kv.leases import LeaseTable
 from workers.engines.model_config import read_model_spec, resolve_model
 from workers.rpc.profile import (
-    MeasuredProfile,
+    BUDGET_S,
     catalog_hardware,
     declared_figures,
     declared_profile,
-    measure_profile,
     profile_source,
 )
 from workers.rpc.servicer import WorkerServicer
-from workers.rpc.info import free_memory_bytes, model_info, pdcluster_version
+from workers.rpc.info import model_info, pdcluster_version
 from workers.rpc.state import ServiceSettings, WorkerState
 
 log = logging.getLogger(__name__)
 
 ROLES: dict[str, tuple[str, ...]] = {"prefill": ("prefill",), "decode": ("decode",), "both": ("prefill", "decode")}
-ENGINES = ("torch", "mlx")
 SEND_MODES = ("thread", "direct")
-DTYPES = ("float32", "float16", "bfloat16")
 _WILDCARD_HOSTS = ("", "0.0.0.0", "::")
 
 # Called once the worker serves, with its node description (the fields of
 # cluster.node.NodeInfo); may return an async function that undoes it (e.g.
 # stops advertising), which runs before the server stops.
 OnStarted = Callable[[dict[str, Any]], Awaitable[Callable[[], Awaitable[None]] | None]]
+# The discovery hook for a worker that advertises itself; the composition root
+# (cluster/cli.py) passes mDNS's, since the worker service does not know discovery.
+Discovery = Callable[["WorkerConfig"], OnStarted]
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,7 @@ class WorkerConfig:
     """One worker process, built once at start-up."""
 
     role: str  # prefill | decode | both
-    engine: str  # torch | mlx
+    engine: str  # a name in workers.engines.registry.ENGINES
     model: str  # a model folder, or a hub id when online
     cluster_key: ClusterKey
     host: str = "127.0.0.1"  # bind address of both planes
@@ -98,8 +101,7 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {sorted(ROLES)}, got {self.role!r}")
-        if self.engine not in ENGINES:
-            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        check_engine(self.engine)
         if not self.model:
             raise ValueError("model is required (a model folder or hub id)")
         if not isinstance(self.cluster_key, ClusterKey):
@@ -216,12 +218,23 @@ class Worker:
             if self.listener is not None:
                 self.listener.close()
             if self.engines is not None:
-                self.engines.shutdown()
+                await self._close_engine(self.engines.shutdown())
+
+    async def _close_engine(self, closing: concurrent.futures.Future[None] | None) -> None:
+        """Wait up to ``grace_s`` for the engine's close on its thread (it runs
+        after any job still running; the interpreter waits for it at exit anyway)."""
+        if closing is None:
+            return
+        done, _ = await asyncio.wait([asyncio.wrap_future(closing)], timeout=self.config.grace_s)
+        if not done:
+            log.warning("worker %s: the engine is still busy; it closes when its job ends", self.config.node_id)
+        elif not closing.cancelled() and closing.exception() is not None:
+            log.warning("worker %s: closing the engine failed: %s", self.config.node_id, closing.exception())
 
     async def _measure(self, engine: Engine) -> MeasuredProfile | None:
         """TFLOPS and memory bandwidth on the engine's thread, device and dtype."""
         try:
-            measured = await self.engines.run(measure_profile, engine)
+            measured = await self.engines.run(engine.measure_profile, BUDGET_S)
         except Exception as e:  # an unmeasurable device reports 0 (unknown), it still serves
             log.warning("could not measure this node's profile (%s: %s); declare it with --profile "
                         "(or --hardware, --tflops, --mem-bw-gbps)", type(e).__name__, e)
@@ -233,12 +246,13 @@ class Worker:
         """This node's ``NodeProfile``: declared figures, else measured ones; free memory now."""
         config, measured = self.config, self.measured
         tflops, mem_bw_gbps = config.declared_figures
+        engine = self.engines.engine if self.engines else None
         return pb.NodeProfile(
             node_id=config.node_id, roles=list(config.roles), engine=config.engine,
-            device=self.engines.engine.device if self.engines else "",
+            device=engine.device if engine else "",
             tflops=tflops or (measured.tflops if measured else 0.0),
             mem_bw_gbps=mem_bw_gbps or (measured.mem_bw_gbps if measured else 0.0),
-            free_mem_bytes=free_memory_bytes(self.engines.engine.device if self.engines else ""),
+            free_mem_bytes=engine.free_memory_bytes() if engine else host_free_bytes(),
             version=pdcluster_version(),
             grpc_address=self.grpc_address, kv_port=self.kv_port,
             key_fingerprint=config.cluster_key.fingerprint,
@@ -292,32 +306,12 @@ async def run_worker(config: WorkerConfig, on_started: OnStarted | None = None) 
         await worker.stop()
 
 
-def advertise_with_mdns(config: WorkerConfig) -> OnStarted:
-    """The discovery hook the CLI uses: advertise this node with ``cluster.discovery``.
-
-    A node that cannot advertise keeps serving (static ``--peers`` still reach it)."""
-    async def on_started(node: dict[str, Any]) -> Callable[[], Awaitable[None]] | None:
-        try:
-            from cluster.discovery import Advertiser
-            from cluster.node import NodeInfo
-
-            interfaces = list(config.mdns_interfaces) if config.mdns_interfaces else None
-            advertiser = Advertiser(NodeInfo(**node), interfaces=interfaces)
-            await advertiser.start()
-        except Exception as e:
-            log.warning("worker %s: not advertised over mDNS (%s: %s); reach it with --peers %s:%d",
-                        node["node_id"], type(e).__name__, e, node["host"], node["grpc_port"])
-            return None
-        return advertiser.stop
-
-    return on_started
-
-
 # ---------------------------------------------------------------- CLI
 
 
-def add_worker_parser(sub: Any) -> None:
-    """``pdc worker``: serve one engine to the cluster."""
+def add_worker_parser(sub: Any, discovery: Discovery | None = None) -> None:
+    """``pdc worker``: serve one engine to the cluster, advertised with
+    ``discovery(config)`` unless ``--no-advertise`` (no hook without one)."""
     p = sub.add_parser(
         "worker",
         help="serve one engine (prefill, decode or both) to the cluster",
@@ -329,7 +323,7 @@ def add_worker_parser(sub: Any) -> None:
         ),
     )
     p.add_argument("--role", choices=sorted(ROLES), required=True, help="what this worker does")
-    p.add_argument("--engine", choices=ENGINES, required=True, help="torch (transformers) or mlx (mlx-lm)")
+    p.add_argument("--engine", choices=engine_names(), required=True, help=describe_engines())
     p.add_argument("--model", required=True, help="model folder (or hub id when online)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=0, help="gRPC port (default: a free one)")
@@ -355,7 +349,7 @@ def add_worker_parser(sub: Any) -> None:
     p.add_argument("--mem-bw-gbps", type=float, default=None,
                    help="declared memory bandwidth, GB/s (overrides --profile and --hardware; default: measured)")
     p.add_argument("--send-mode", choices=SEND_MODES, default="thread", help="KV sending: sender thread or engine thread")
-    p.set_defaults(run=run_worker_command)
+    p.set_defaults(run=lambda args: run_worker_command(args, discovery))
 
 
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:
@@ -379,10 +373,10 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
     )
 
 
-def run_worker_command(args: argparse.Namespace, on_started: OnStarted | None = None) -> int:
-    """CLI body of ``pdc worker``; ``on_started`` overrides the mDNS hook."""
+def run_worker_command(args: argparse.Namespace, discovery: Discovery | None = None) -> int:
+    """CLI body of ``pdc worker``: serve, advertised with ``discovery(config)`` unless ``--no-advertise``."""
     config = config_from_args(args)
-    hook = on_started or (advertise_with_mdns(config) if config.advertise else None)
+    hook = discovery(config) if discovery is not None and config.advertise else None
     try:
         asyncio.run(run_worker(config, hook))
     except (OSError, RuntimeError) as e:  # a port in use, an unreachable address, ...
@@ -395,9 +389,7 @@ def run_worker_command(args: argparse.Namespace, on_started: OnStarted | None = 
 
 
 def _load_engine(config: WorkerConfig, model_dir: Path) -> Engine:
-    from workers.tools.handoff import load_engine
-
-    return load_engine(config.engine, model_dir, config.dtype, config.device)  # type: ignore[arg-type]
+    return load_engine(config.engine, model_dir, config.dtype, config.device)
 
 
 def _auto_node_id(engine: str) -> str:

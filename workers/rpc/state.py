@@ -19,7 +19,8 @@ import grpc
 from cluster.auth import ClusterKey
 from proto import pdcluster_pb2 as pb
 from workers.kv.listener import KVPusher
-from workers.engines.base import KVSlice, SamplingParams, SliceSink
+from workers.engines.base import KVSlice, SliceSink
+from workers.engines.sampling import SamplingParams
 from workers.engines.thread import EngineThread
 from workers.kv.leases import Lease, LeaseTable
 from workers.engines.model_config import ModelSpec

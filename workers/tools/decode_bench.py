@@ -30,16 +30,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from workers.engines.base import Engine, SamplingParams
-from workers.tools.handoff import load_engine, prompt_token_ids
-from workers.tools.kv_bench import CONTENDED_CPU_WAIT, cpu_wait_us
+from workers.engines.base import DTYPES, Engine
 from workers.engines.model_config import read_model_spec
-from workers.engines.sampling import sample
+from workers.engines.registry import available_engines, engine_names, engine_spec, load_engine
+from workers.engines.sampling import SamplingParams, sample
+from workers.tools.bench import bench_main
+from workers.tools.handoff import prompt_token_ids
+from workers.tools.kv_bench import CONTENDED_CPU_WAIT, cpu_wait_us
 
-ENGINES = ("mlx", "torch")
 PATHS = ("ours", "native")
-NATIVE_NAMES = {"mlx": "mlx-lm", "torch": "transformers"}
-ENGINE_MODULES = {"mlx": "mlx.core", "torch": "torch"}
 MODEL_ARCH = "llama"
 MODEL_SEED = 0
 TIMING = "(new_tokens - 1) / (time of the last new token - time of the first); prefill excluded"
@@ -55,7 +54,7 @@ class DecodeBenchConfig:
 
     model: str | None = None
     preset: str = "small"
-    engines: tuple[str, ...] = ENGINES
+    engines: tuple[str, ...] = field(default_factory=engine_names)
     prompt_tokens: int = 256
     new_tokens: int = 128
     rounds: int = 5
@@ -68,8 +67,8 @@ class DecodeBenchConfig:
 
         if self.preset not in PRESETS:
             raise ValueError(f"bench decode: unknown preset {self.preset!r}; expected one of {sorted(PRESETS)}")
-        if not self.engines or any(e not in ENGINES for e in self.engines):
-            raise ValueError(f"bench decode: engines must be some of {list(ENGINES)}, got {list(self.engines)}")
+        if not self.engines or any(e not in engine_names() for e in self.engines):
+            raise ValueError(f"bench decode: engines must be some of {list(engine_names())}, got {list(self.engines)}")
         if self.prompt_tokens < 1:
             raise ValueError(f"bench decode: prompt tokens must be >= 1, got {self.prompt_tokens}")
         if self.new_tokens < 2:
@@ -190,25 +189,12 @@ def preset_model_dir(preset: str, report: Report = print) -> Path:
     return folder
 
 
-def available_engines(requested: tuple[str, ...]) -> tuple[str, ...]:
-    """The requested engines whose library imports here."""
-    found = []
-    for name in requested:
-        try:
-            __import__(ENGINE_MODULES[name])
-        except ImportError:
-            continue
-        found.append(name)
-    return tuple(found)
-
-
 def native_name(engine: str) -> str:
     """The native path's library, version and entry point, for the report."""
     from importlib.metadata import version
 
-    if engine == "mlx":
-        return f"mlx-lm {version('mlx-lm')} generate_step"
-    return f"transformers {version('transformers')} generate(do_sample=False)"
+    spec = engine_spec(engine)
+    return f"{spec.library} {version(spec.library)} {spec.native_entry}"
 
 
 # ---------------------------------------------------------------- the two paths
@@ -264,16 +250,16 @@ def run_decode_bench(config: DecodeBenchConfig, report: Report = print) -> Decod
     ``report`` gets a line before each phase and a table row per timed round."""
     engines = available_engines(config.engines)
     if not engines:
-        raise ValueError(f"bench decode: none of {list(config.engines)} imports here; install the torch or mlx extra")
+        raise ValueError(f"bench decode: none of {list(config.engines)} imports here; install the extra of one of them")
     for missing in sorted(set(config.engines) - set(engines)):
-        report(f"  skipping {missing}: {ENGINE_MODULES[missing]} does not import here")
+        report(f"  skipping {missing}: {engine_spec(missing).requires} does not import here")
     model_dir = Path(config.model) if config.model else preset_model_dir(config.preset, report)
     read_model_spec(model_dir)  # a clear error for a folder that is not a checkpoint
     token_ids = prompt_token_ids(model_dir, config.prompt_tokens)
     result = DecodeBenchResult(config, model_dir)
     for name in engines:
         report(f"  {name}: loading {model_dir} ...")
-        engine = load_engine(name, model_dir, config.dtype, config.device)  # type: ignore[arg-type]
+        engine = load_engine(name, model_dir, config.dtype, config.device)
         result.engines.append(_run_engine(config, engine, name, token_ids, report))
         del engine
     return result
@@ -302,7 +288,7 @@ ROW = "{:>6} {:>6} {:>13} {:>8} {:>9} {:>9}"
 
 
 def path_label(engine: str, path: str) -> str:
-    return "ours" if path == "ours" else NATIVE_NAMES[engine]
+    return "ours" if path == "ours" else engine_spec(engine).library
 
 
 def format_round(i: int, n: int, r: RoundResult) -> str:
@@ -324,7 +310,7 @@ def format_header(config: DecodeBenchConfig) -> str:
 def format_summary(result: DecodeBenchResult) -> str:
     lines = []
     for e in result.engines:
-        native = NATIVE_NAMES[e.engine]
+        native = engine_spec(e.engine).library
         same = (f"identical ({result.config.new_tokens} of {result.config.new_tokens})" if e.tokens_identical
                 else f"DIFFER from token {e.first_divergence}")
         lines += [
@@ -356,14 +342,14 @@ def add_decode_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="model folder (default: the --preset checkpoint, built once)")
     p.add_argument("--preset", choices=("tiny", "small"), default=d.preset,
                    help=f"built-in llama checkpoint when --model is not given (default: {d.preset})")
-    p.add_argument("--engine", choices=(*ENGINES, "both"), default="both",
-                   help="engine(s) to measure (default: both, each whose library imports)")
+    p.add_argument("--engine", choices=(*engine_names(), "both"), default="both",
+                   help="engine to measure (default: both, i.e. every engine whose library imports)")
     p.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens,
                    help=f"prompt length (default: {d.prompt_tokens})")
     p.add_argument("--new-tokens", type=int, default=d.new_tokens, help=f"tokens to generate (default: {d.new_tokens})")
     p.add_argument("--rounds", type=int, default=d.rounds, help=f"timed rounds per path (default: {d.rounds})")
     p.add_argument("--warmup", type=int, default=d.warmup, help=f"untimed rounds per path first (default: {d.warmup})")
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+    p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="compute dtype (default: each engine's for the checkpoint)")
     p.add_argument("--device", default=None, help="torch device: cuda, mps or cpu (default: best available)")
     p.add_argument("--json", action="store_true", help="end with one JSON line holding the result")
@@ -373,7 +359,7 @@ def add_decode_parser(sub: argparse._SubParsersAction) -> None:
 def run_bench_decode(args: argparse.Namespace) -> int:
     """CLI body of ``pdc bench decode``."""
     config = DecodeBenchConfig(
-        model=args.model, preset=args.preset, engines=ENGINES if args.engine == "both" else (args.engine,),
+        model=args.model, preset=args.preset, engines=engine_names() if args.engine == "both" else (args.engine,),
         prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, rounds=args.rounds, warmup=args.warmup,
         dtype=args.dtype, device=args.device,
     )
@@ -387,17 +373,7 @@ def run_bench_decode(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m workers.tools.decode_bench decode ...``: the same as ``pdc bench decode ...``."""
-    parser = argparse.ArgumentParser(prog="pdc bench", description="Benchmarks of pdcluster's components.")
-    add_decode_parser(parser.add_subparsers(title="benchmarks", metavar="BENCHMARK"))
-    args = parser.parse_args(argv)
-    if not hasattr(args, "run"):
-        parser.print_help()
-        return 2
-    try:
-        return args.run(args)
-    except ValueError as e:
-        print(f"pdc bench: error: {e}", file=sys.stderr)
-        return 2
+    return bench_main(add_decode_parser, argv)
 
 
 if __name__ == "__main__":

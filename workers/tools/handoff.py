@@ -18,11 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from workers.engines.base import Engine, KVSlice, SamplingParams
+from workers.engines.base import Engine, KVSlice
 from workers.kv.net import connect, serve_once
 from workers.kv.transport import KVReceiver, KVSender, ReceivedKV
 from workers.engines.model_config import read_model_spec, resolve_model
-from workers.engines.sampling import sample
+from workers.engines.registry import DEFAULT_DECODE_ENGINE, DEFAULT_PREFILL_ENGINE, check_engine, load_engine
+from workers.engines.sampling import SamplingParams, sample
 
 TRANSFER_TIMEOUT_S = 120.0
 
@@ -40,8 +41,8 @@ class HandoffConfig:
     """One check-handoff run."""
 
     model: str
-    prefill_engine: str = "torch"
-    decode_engine: str = "mlx"
+    prefill_engine: str = DEFAULT_PREFILL_ENGINE
+    decode_engine: str = DEFAULT_DECODE_ENGINE
     prompt_tokens: int = 300
     max_tokens: int = 24
     chunk_size: int = 128
@@ -50,8 +51,7 @@ class HandoffConfig:
 
     def __post_init__(self) -> None:
         for role in ("prefill_engine", "decode_engine"):
-            if getattr(self, role) not in ("torch", "mlx"):
-                raise ValueError(f"{role} must be 'torch' or 'mlx', got {getattr(self, role)!r}")
+            check_engine(getattr(self, role), role)
         if self.prompt_tokens < 1 or self.max_tokens < 1 or self.chunk_size < 1:
             raise ValueError("prompt_tokens, max_tokens and chunk_size must all be >= 1")
 
@@ -74,19 +74,6 @@ class HandoffResult:
     prefill_engine: str
     decode_engine: str
     model: str
-
-
-def load_engine(kind: str, model_dir: Path, dtype: str, device: str | None = None) -> Engine:
-    """Build a torch or MLX engine; imports only the one asked for."""
-    if kind == "torch":
-        from workers.engines.torch_engine import TorchEngine
-
-        return TorchEngine(model_dir, device=device, dtype=dtype)
-    if kind == "mlx":
-        from workers.engines.mlx_engine import MLXEngine
-
-        return MLXEngine(model_dir, dtype=dtype)
-    raise ValueError(f"unknown engine {kind!r}; expected 'torch' or 'mlx'")
 
 
 def prompt_token_ids(model_dir: Path, num_tokens: int) -> list[int]:

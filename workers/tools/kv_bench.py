@@ -50,6 +50,7 @@ import xxhash
 from workers.engines.base import KVLayout, KVSlice, numpy_dtype
 from workers.kv.net import connect, send_buffers, serve_once
 from workers.kv.transport import KVArena, KVReceiver, KVSender
+from workers.tools.bench import bench_main
 
 HOST = "127.0.0.1"
 PATHS = ("kv", "raw")
@@ -455,21 +456,8 @@ def format_summary(result: BenchResult) -> str:
     return "\n".join(lines)
 
 
-def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``bench`` (with its ``kv`` subcommand) on a ``pdc`` subparsers object."""
-    bench = subparsers.add_parser("bench", help="measure pdcluster's own components",
-                                  description="Benchmarks of pdcluster's components on this machine.")
-    bench.set_defaults(run=lambda args: _print_help(bench))
-    _add_kv_parser(bench.add_subparsers(title="benchmarks", metavar="BENCHMARK"))
-    return bench
-
-
-def _print_help(parser: argparse.ArgumentParser) -> int:
-    parser.print_help()
-    return 2
-
-
-def _add_kv_parser(sub: argparse._SubParsersAction) -> None:
+def add_kv_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``kv`` on the ``bench`` subcommands."""
     d = BenchConfig()
     p = sub.add_parser(
         "kv", help="KV data-plane throughput vs a plain socket on loopback",
@@ -515,16 +503,7 @@ def run_bench_kv(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m workers.tools.kv_bench kv ...``: the same as ``pdc bench kv ...``."""
-    parser = argparse.ArgumentParser(prog="pdc bench", description="Benchmarks of pdcluster's components.")
-    _add_kv_parser(parser.add_subparsers(title="benchmarks", metavar="BENCHMARK"))
-    args = parser.parse_args(argv)
-    if not hasattr(args, "run"):
-        return _print_help(parser)
-    try:
-        return args.run(args)
-    except ValueError as e:
-        print(f"pdc bench: error: {e}", file=sys.stderr)
-        return 2
+    return bench_main(add_kv_parser, argv)
 
 
 if __name__ == "__main__":
