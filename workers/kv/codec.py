@@ -342,13 +342,13 @@ class FrameReader:
     buffers, under a caller-given ``time.monotonic()`` deadline.
 
     Tracks ``bytes_received``, ``first_byte_at`` (first byte of the stream)
-    and ``last_frame_at`` (last byte of the latest frame). With ``idle_timeout``,
-    a sender that goes that long without sending a byte fails the read even
-    before the deadline."""
+    and ``last_frame_at`` (last byte of the latest frame). ``on_bytes``, when
+    given, is called with the count after every read that got bytes (the KV
+    listener restarts its lease's silence with it)."""
 
-    def __init__(self, sock: socket.socket, idle_timeout: float | None = None) -> None:
+    def __init__(self, sock: socket.socket, on_bytes: Callable[[int], None] | None = None) -> None:
         self.sock = sock
-        self.idle_timeout = idle_timeout
+        self.on_bytes = on_bytes
         self.bytes_received = 0
         self.first_byte_at: float | None = None
         self.last_frame_at: float | None = None
@@ -397,14 +397,10 @@ class FrameReader:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise self._timeout(what, got, len(view))
-            idle = self.idle_timeout is not None and self.idle_timeout < remaining
-            self.sock.settimeout(self.idle_timeout if idle else remaining)
+            self.sock.settimeout(remaining)
             try:
                 n = self.sock.recv_into(view[got:])
             except TimeoutError:  # socket.timeout
-                if idle:
-                    raise FrameTimeout(f"the sender stalled: no bytes for {self.idle_timeout:g}s while "
-                                       f"waiting for {what} ({got} of {len(view)} bytes received)") from None
                 raise self._timeout(what, got, len(view)) from None
             except ConnectionError as exc:
                 raise FrameError(f"connection lost while reading {what}: {exc}") from exc
@@ -418,6 +414,8 @@ class FrameReader:
                 self.first_byte_at = time.monotonic()
             got += n
             self.bytes_received += n
+            if self.on_bytes is not None:
+                self.on_bytes(n)
 
     @staticmethod
     def _timeout(what: str, got: int, total: int) -> FrameTimeout:

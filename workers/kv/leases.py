@@ -2,15 +2,21 @@
 
 A ``Decode`` call reserves its cache's bytes before anything arrives. A remote
 request's lease carries a random transfer token that the prefill node presents
-on the data plane; the KV listener ``claim``s the lease with it (once) and
-``deliver``s the finished transfer, or the error that ended it, to the lease's
-future on the event loop. The lease ends when its request ends, however it
-ends: ``free`` closes any transfer still reading, so a receive thread never
-outlives its lease.
+on the data plane; the KV listener ``claim``s the lease with it (once), reports
+every arrival of bytes (``heard``) and ``deliver``s the finished transfer, or
+the error that ended it, to the lease's future on the event loop. The lease
+ends when its request ends, however it ends: ``free`` closes any transfer
+still reading, so a receive thread never outlives its lease.
 
-Time bounds: ``lease_s`` bounds the wait for the prefill node to connect and,
-once it has, every silence within the transfer; a claim moves the deadline to
-``max_transfer_s`` from then, so a long but steady prefill is not cut off.
+Time bounds, all read from the table's ``clock`` (``time.monotonic`` unless a
+test injects another), decided here and enforced by the decode RPC, which
+waits ``remaining(lease)`` and then calls ``expire_if_due``:
+
+* a waiting lease expires ``lease_s`` after it was reserved: no prefill node
+  connected;
+* a receiving lease expires after ``lease_s`` without a byte (``heard``), so a
+  long but steady transfer is never cut, a stalled one is;
+* and ``max_transfer_s`` after its claim, however steady.
 
 Invariants:
 
@@ -18,17 +24,20 @@ Invariants:
   stay within the table's limits.
 * a transfer token maps to at most one live lease and is claimed at most once;
   an expired or freed lease cannot be claimed.
-* ``claim`` and ``deliver`` are safe from any thread (the KV listener's);
-  ``reserve`` and ``free`` run on the event loop that owns the futures.
+* ``claim``, ``heard`` and ``deliver`` are safe from any thread (the KV
+  listener's); ``reserve``, ``expire_if_due`` and ``free`` run on the event
+  loop that owns the futures.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +45,8 @@ from workers.engines.base import KVLayout
 
 TOKEN_BYTES = 16
 MAX_TRANSFER_S = 900.0  # a claimed transfer must complete within this
+
+Clock = Callable[[], float]  # seconds, never going backwards
 
 
 class LeaseError(RuntimeError):
@@ -48,31 +59,32 @@ class LeaseError(RuntimeError):
 
 @dataclass(eq=False)
 class Lease:
-    """One request's reservation. ``kv`` resolves to the transfer's result."""
+    """One request's reservation. ``kv`` resolves to the transfer's result.
+    Times are the owning table's ``clock`` readings."""
 
     request_id: str
     layout: KVLayout
     reserved_bytes: int
-    deadline: float  # time.monotonic()
     token: bytes | None  # None: colocated, no transfer expected
     kv: asyncio.Future[Any]
+    lease_s: float  # the longest wait for a sender, and the longest silence within its transfer
+    reserved_at: float
     state: str = "waiting"  # waiting -> receiving -> done; or loaded (colocated)
-    lease_s: float = 0.0  # also the longest silence allowed mid-transfer
+    claimed_at: float | None = None  # set with state "receiving"
+    heard_at: float | None = None  # the latest arrival of bytes (the claim counts as one)
     _sock: socket.socket | None = field(default=None, repr=False)
-
-    def remaining(self, now: float | None = None) -> float:
-        return self.deadline - (time.monotonic() if now is None else now)
 
 
 class LeaseTable:
     """Live leases of one worker, bounded by count and reserved bytes."""
 
     def __init__(self, *, max_leases: int, max_reserved_bytes: int | None = None,
-                 max_transfer_s: float = MAX_TRANSFER_S) -> None:
+                 max_transfer_s: float = MAX_TRANSFER_S, clock: Clock = time.monotonic) -> None:
         self.max_leases = max_leases
         self.max_transfer_s = max_transfer_s
-        self.max_reserved_bytes = max_reserved_bytes
+        self.max_reserved_bytes = max_reserved_bytes  # None: no KV budget, only the count bounds leases
         self.num_expired = 0
+        self._clock = clock
         self._by_rid: dict[str, Lease] = {}
         self._by_token: dict[bytes, Lease] = {}
         self._lock = threading.Lock()
@@ -87,8 +99,9 @@ class LeaseTable:
             return sum(lease.reserved_bytes for lease in self._by_rid.values())
 
     def reserve(self, request_id: str, layout: KVLayout, lease_s: float, *, remote: bool) -> Lease:
-        """Reserve ``layout.total_bytes`` for ``request_id`` until ``lease_s``
-        from now. A remote lease gets a fresh transfer token."""
+        """Reserve ``layout.total_bytes`` for ``request_id`` under a ``lease_s``
+        lease. A remote lease gets a fresh transfer token. ``LeaseError``
+        ("exists" or "exhausted") when the id holds a lease or a limit is reached."""
         loop = asyncio.get_running_loop()
         with self._lock:
             if request_id in self._by_rid:
@@ -99,12 +112,13 @@ class LeaseTable:
             if self.max_reserved_bytes is not None and reserved + layout.total_bytes > self.max_reserved_bytes:
                 raise LeaseError(
                     "exhausted",
-                    f"reserving {layout.total_bytes} KV bytes would exceed this worker's limit "
-                    f"({reserved} of {self.max_reserved_bytes} already reserved)",
+                    f"reserving {layout.total_bytes} KV bytes would exceed this worker's KV budget of "
+                    f"{self.max_reserved_bytes} bytes (--kv-budget-gb {self.max_reserved_bytes / 1e9:g}); "
+                    f"{reserved} bytes are already reserved",
                 )
             token = secrets.token_bytes(TOKEN_BYTES) if remote else None
-            lease = Lease(request_id, layout, layout.total_bytes, time.monotonic() + lease_s, token,
-                          loop.create_future(), state="waiting" if remote else "loaded", lease_s=lease_s)
+            lease = Lease(request_id, layout, layout.total_bytes, token, loop.create_future(), lease_s,
+                          reserved_at=self._clock(), state="waiting" if remote else "loaded")
             self._by_rid[request_id] = lease
             if token is not None:
                 self._by_token[token] = lease
@@ -114,19 +128,51 @@ class LeaseTable:
         with self._lock:
             return self._by_rid.get(request_id)
 
+    def deadline(self, lease: Lease) -> float:
+        """When ``lease`` expires unless bytes arrive first (``math.inf``: it
+        cannot expire, being colocated or past its transfer)."""
+        if lease.state == "waiting":
+            return lease.reserved_at + lease.lease_s
+        if lease.state == "receiving":
+            assert lease.claimed_at is not None and lease.heard_at is not None
+            return min(lease.claimed_at + self.max_transfer_s, lease.heard_at + lease.lease_s)
+        return math.inf
+
+    def remaining(self, lease: Lease) -> float:
+        """Seconds until ``deadline(lease)`` (negative once it passed)."""
+        return self.deadline(lease) - self._clock()
+
+    def transfer_time_left(self, lease: Lease) -> float:
+        """Seconds a claimed transfer has left before ``max_transfer_s``, however steady."""
+        assert lease.claimed_at is not None, "the lease was not claimed"
+        return lease.claimed_at + self.max_transfer_s - self._clock()
+
     def claim(self, token: bytes, sock: socket.socket) -> Lease | None:
         """The waiting, unexpired lease for ``token``, now receiving on
         ``sock``; None if there is none (unknown, already claimed, freed or expired)."""
         with self._lock:
             lease = self._by_token.pop(token, None)
-            if lease is None or lease.state != "waiting" or lease.remaining() <= 0:
+            if lease is None or lease.state != "waiting" or self.remaining(lease) <= 0:
                 return None
             lease.state = "receiving"
             lease._sock = sock
-            # The lease bounds how long the prefill node may take to connect; once it
-            # has, a long prefill keeps streaming, bounded by max_transfer_s.
-            lease.deadline = time.monotonic() + self.max_transfer_s
+            lease.claimed_at = lease.heard_at = self._clock()
             return lease
+
+    def heard(self, lease: Lease) -> None:
+        """Bytes of ``lease``'s transfer arrived now: its silence starts over."""
+        lease.heard_at = self._clock()  # one attribute store: atomic under the GIL, no lock needed
+
+    def expire_if_due(self, lease: Lease) -> str | None:
+        """Free ``lease`` as expired if its deadline has passed, and say why;
+        None (and nothing freed) if it has not, or the lease is no longer live."""
+        with self._lock:
+            if self._by_rid.get(lease.request_id) is not lease or self.remaining(lease) > 0:
+                return None
+            why = self._expiry_reason(lease)
+            sock = self._unlink(lease, expired=True)
+        self._cut(lease, sock)
+        return why
 
     def deliver(self, lease: Lease, result: Any = None, error: BaseException | None = None) -> None:
         """Resolve ``lease.kv`` from any thread (ignored if already resolved)."""
@@ -152,13 +198,31 @@ class LeaseTable:
         with self._lock:
             if self._by_rid.get(lease.request_id) is not lease:
                 return
-            del self._by_rid[lease.request_id]
-            if lease.token is not None:
-                self._by_token.pop(lease.token, None)
-            sock, lease._sock = lease._sock, None
-            lease.state = "done"
-            if expired:
-                self.num_expired += 1
+            sock = self._unlink(lease, expired=expired)
+        self._cut(lease, sock)
+
+    def _expiry_reason(self, lease: Lease) -> str:
+        if lease.state == "waiting":
+            return f"no prefill node connected within {lease.lease_s:g}s"
+        assert lease.claimed_at is not None
+        if self._clock() >= lease.claimed_at + self.max_transfer_s:
+            return f"the KV transfer did not complete within {self.max_transfer_s:g}s"
+        return f"the KV transfer stalled: no bytes for {lease.lease_s:g}s"
+
+    def _unlink(self, lease: Lease, *, expired: bool) -> socket.socket | None:
+        """Under the lock: forget a live lease; the socket its transfer reads from, if any."""
+        del self._by_rid[lease.request_id]
+        if lease.token is not None:
+            self._by_token.pop(lease.token, None)
+        sock, lease._sock = lease._sock, None
+        lease.state = "done"
+        if expired:
+            self.num_expired += 1
+        return sock
+
+    @staticmethod
+    def _cut(lease: Lease, sock: socket.socket | None) -> None:
+        """Outside the lock: wake a receive thread still reading, and settle ``lease.kv``."""
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)  # wakes the receive thread at once

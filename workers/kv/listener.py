@@ -3,9 +3,11 @@
 Decode side, ``KVListener``: one listening socket per worker. Each accepted
 connection gets its own thread, which runs the cluster-key handshake, claims
 the lease named by the transfer token the sender presented, and receives the
-transfer into it under the lease's deadline. Whatever ends the transfer (its
-``end`` frame, a malformed frame, the sender vanishing, the deadline) is
-delivered to that lease alone; the connection is then closed. A connection
+transfer into it, telling the lease of every arrival (``LeaseTable.heard``),
+within the lease's ``max_transfer_s``. Whatever ends the transfer (its
+``end`` frame, a malformed frame, the sender vanishing, the lease expiring
+and cutting the connection) is delivered to that lease alone; the connection
+is then closed. A connection
 that presents ``PROBE_TOKEN`` instead claims no lease: it is a link probe
 (``workers/kv/probe.py``), at most ``MAX_CONCURRENT_PROBES`` at a time.
 
@@ -142,9 +144,13 @@ class KVListener:
             self._slots.release()
 
     def _receive(self, conn: socket.socket, lease: Lease) -> None:
+        leases = self.leases
         try:
+            # The lease decides when silence is a stall (the decode RPC frees it, which
+            # cuts this connection); the timeout here only caps the whole transfer.
             kv = _LeaseReceiver(lease.layout).receive(
-                conn, expect_rid=lease.request_id, timeout=max(lease.remaining(), 0.0), idle_timeout=lease.lease_s
+                conn, expect_rid=lease.request_id, timeout=max(leases.transfer_time_left(lease), 0.0),
+                on_bytes=lambda _: leases.heard(lease),
             )
         except BaseException as e:  # delivered to this lease's request only
             self.leases.deliver(lease, error=e)

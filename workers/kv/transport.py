@@ -259,10 +259,10 @@ class KVReceiver:
     def receive(
         self, sock: socket.socket, *, expect_rid: str | None = None,
         expected_layout: KVLayout | None = None, timeout: float, arena: KVArena | None = None,
-        idle_timeout: float | None = None,
+        on_bytes: Callable[[int], None] | None = None,
     ) -> ReceivedKV:
-        """Read ``begin``, kv frames and ``end`` within ``timeout`` seconds in all,
-        and with no gap longer than ``idle_timeout`` between bytes when given.
+        """Read ``begin``, kv frames and ``end`` within ``timeout`` seconds in all;
+        ``on_bytes(n)`` (optional) hears of every read that got ``n`` bytes.
 
         Slices are received into ``arena`` when given (its layout is then the
         expected one; it is reset first), else into fresh arrays. Raises
@@ -276,7 +276,7 @@ class KVReceiver:
             expected_layout = arena.layout
             arena.reset()
         allocate = np.empty if arena is None else arena.allocate
-        reader = FrameReader(sock, idle_timeout=idle_timeout)
+        reader = FrameReader(sock, on_bytes=on_bytes)
         begin = self._read_begin(reader, expect_rid, expected_layout, deadline)
         coverage = TokenCoverage(begin.layout)
         slices: list[KVSlice] = []

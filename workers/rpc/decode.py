@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 
@@ -66,7 +67,7 @@ class DecodeRPC:
                     kv_host=state.settings.kv_host, kv_port=state.settings.kv_port,
                     transfer_token=active.lease.token, reserved_kv_bytes=active.lease.reserved_bytes,
                 ))
-                first, timings = await self._load(active, await self._await_kv(active.lease, lease_s))
+                first, timings = await self._load(active, await self._await_kv(active.lease))
             timings.prompt_tokens = len(prompt)
             async for event in self._generate(active, first, params, timings):
                 yield event
@@ -128,28 +129,27 @@ class DecodeRPC:
             raise RPCFailure(grpc.StatusCode.CANCELLED, "request cancelled") from None
         return first, pb.Timings(queue_s=queue_s, prefill_s=prefill_s)
 
-    async def _await_kv(self, lease: Lease, lease_s: float) -> Arrival:
+    async def _await_kv(self, lease: Lease) -> Arrival:
         """The transfer into ``lease``, or an RPCFailure saying why there is none.
 
-        The lease's deadline bounds the wait for the prefill node to connect;
-        a claimed transfer moves it (``LeaseTable.claim``) and is then bounded
-        by that deadline and by silences longer than ``lease_s``."""
-        rid = lease.request_id
+        The lease table decides when the lease expires (no sender within
+        ``lease_s``, a transfer silent for ``lease_s``, or one past
+        ``max_transfer_s``); this waits until then, asks it, and waits on if
+        bytes arrived meanwhile. Expiry frees the lease, which cuts the transfer."""
+        rid, leases = lease.request_id, self.state.leases
         try:
-            for _ in range(2):  # a claim moves the deadline once, and only forward
+            while True:
                 try:
-                    return await asyncio.wait_for(asyncio.shield(lease.kv), timeout=max(lease.remaining(), 0.0))
+                    return await asyncio.wait_for(asyncio.shield(lease.kv), timeout=_timeout(leases.remaining(lease)))
                 except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11
-                    if lease.kv.done() or lease.remaining() <= 0:  # the transfer's own timeout, or ours
-                        raise
-            raise asyncio.TimeoutError
-        except (asyncio.TimeoutError, FrameTimeout) as e:
-            self.state.leases.free(lease, expired=True)
-            why = (f"the KV transfer stalled ({e})" if isinstance(e, FrameTimeout) else
-                   f"no prefill node connected within {lease_s:g}s")
-            log.warning("request %s: lease expired: %s", rid, why)
-            raise RPCFailure(grpc.StatusCode.DEADLINE_EXCEEDED,
-                             f"lease for request {rid!r} expired: {why}; reservation freed") from None
+                    if lease.kv.done():  # resolved as the wait ended: take it
+                        continue
+                    why = leases.expire_if_due(lease)
+                    if why is not None:
+                        raise _expiry(rid, why) from None
+        except FrameTimeout as e:  # the receiver's cap (max_transfer_s) ran out before the lease noticed
+            leases.free(lease, expired=True)
+            raise _expiry(rid, f"the KV transfer did not complete in time ({e})") from None
         except TransferAborted as e:
             raise RPCFailure(grpc.StatusCode.ABORTED, f"the prefill node aborted the KV transfer: {e.reason}") from None
         except FrameError as e:
@@ -224,6 +224,17 @@ class DecodeRPC:
         except RuntimeError:  # engine thread already shut down
             released = None
         state.retire(active, released)
+
+
+def _expiry(rid: str, why: str) -> RPCFailure:
+    """The failure that ends a Decode whose lease expired (already freed)."""
+    log.warning("request %s: lease expired: %s", rid, why)
+    return RPCFailure(grpc.StatusCode.DEADLINE_EXCEEDED, f"lease for request {rid!r} expired: {why}; reservation freed")
+
+
+def _timeout(remaining: float) -> float | None:
+    """``asyncio.wait_for``'s timeout for ``remaining`` seconds (None: no deadline)."""
+    return None if math.isinf(remaining) else max(remaining, 0.0)
 
 
 def _close_iterator(tokens: object) -> None:
