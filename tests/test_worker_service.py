@@ -27,7 +27,8 @@ import pytest
 from conftest import GatedEngine, PacedEngine, config, have, run, started, status_code
 from grpc import aio
 
-from cluster.auth import AuthError, ClusterKey, generate_key
+from cluster.auth import AuthError, ClusterKey, generate_key, write_config
+from cluster.cli import build_parser
 from proto import pdcluster_pb2 as pb
 from workers.engines.base import KVSlice
 from workers.engines.sampling import SamplingParams
@@ -36,7 +37,7 @@ from workers.kv.listener import open_kv_connection
 from workers.kv.net import send_buffers
 from workers.rpc.client import WorkerClient, node_from_info
 from workers.rpc.info import model_fingerprint
-from workers.rpc.server import Worker, WorkerConfig
+from workers.rpc.server import Worker, WorkerConfig, config_from_args
 
 pytestmark = pytest.mark.skipif(not have("mlx.core"), reason="needs the mlx extra (decode engine)")
 
@@ -287,6 +288,68 @@ def test_limits_and_bad_requests_fail_with_precise_codes(model: Path) -> None:
             code, _ = await status_code(d.prefill(prefill_request("p", reserved), timeout=10))
             assert code == grpc.StatusCode.FAILED_PRECONDITION  # a decode-only worker does not prefill
             assert (await settled(d)).active_requests == 0
+
+    run(body)
+
+
+KV_BYTES_PER_TOKEN = 2 * 4 * 2 * 16 * 4  # (K, V) x layers x kv_heads x head_dim x fp32 bytes of the tiny model
+
+
+def worker_flags(key_file: Path, *flags: str) -> list[str]:
+    return ["worker", "--role", "decode", "--engine", "mlx", "--model", "unused", "--cluster-key-file",
+            str(key_file), *flags]
+
+
+def test_kv_budget_flag_sets_the_reserved_byte_limit_and_is_explained_in_help(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    key_file = write_config(tmp_path / "key.json", generate_key())
+    parser = build_parser()
+    assert config_from_args(parser.parse_args(worker_flags(key_file))).max_reserved_bytes is None
+    budget = config_from_args(parser.parse_args(worker_flags(key_file, "--kv-budget-gb", "48")))
+    assert budget.max_reserved_bytes == 48 * 10**9
+    tiny = config_from_args(parser.parse_args(worker_flags(key_file, "--kv-budget-gb", "1e-12")))
+    assert tiny.max_reserved_bytes == 1  # rounded up to a whole byte, never to "no budget"
+    for bad in ("0", "-1", "nan", "inf", "lots"):
+        with pytest.raises(SystemExit) as exited:
+            parser.parse_args(worker_flags(key_file, "--kv-budget-gb", bad))
+        assert exited.value.code == 2
+        assert "--kv-budget-gb" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["worker", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--kv-budget-gb GB KV budget: the most KV cache, in GB (1e9 bytes)" in help_text
+    assert "RESOURCE_EXHAUSTED" in help_text
+
+
+def test_kv_budget_refuses_a_reservation_past_it_naming_the_budget_and_admits_one_that_fits(
+        model: Path, tmp_path: Path) -> None:
+    key = generate_key()
+    args = build_parser().parse_args(worker_flags(write_config(tmp_path / "key.json", key),
+                                                  "--kv-budget-gb", "0.0002"))  # 200,000 bytes
+    decoder = Worker(replace(config_from_args(args), model=str(model), advertise=False, node_id="test-decode",
+                             tflops=1.0, mem_bw_gbps=100.0, grace_s=1.0))
+    assert len(PROMPT) * KV_BYTES_PER_TOKEN > 200_000 > 150 * KV_BYTES_PER_TOKEN
+
+    def request(rid: str, prompt: list[int]) -> pb.DecodeRequest:
+        return pb.DecodeRequest(request_id=rid, prompt_token_ids=prompt, sampling=GREEDY)
+
+    async def body() -> None:
+        async with started(decoder) as (d,):
+            code, details = await status_code(collect(d.decode(request("too-big", PROMPT), timeout=10)))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+            assert "KV budget of 200000 bytes (--kv-budget-gb 0.0002)" in details
+            assert f"reserving {len(PROMPT) * KV_BYTES_PER_TOKEN} KV bytes" in details
+            fits = d.decode(request("fits", PROMPT[:150]), timeout=STREAM_TIMEOUT_S)
+            first = await asyncio.wait_for(fits.read(), 30)
+            assert first.reserved.reserved_kv_bytes == 150 * KV_BYTES_PER_TOKEN
+            code, details = await status_code(collect(d.decode(request("second", PROMPT[:150]), timeout=10)))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED  # the first one's bytes count against the budget
+            assert f"{150 * KV_BYTES_PER_TOKEN} bytes are already reserved" in details
+            fits.cancel()
+            assert (await settled(d)).reserved_kv_bytes == 0
+            again = d.decode(request("fits-again", PROMPT[:150]), timeout=STREAM_TIMEOUT_S)
+            assert (await asyncio.wait_for(again.read(), 30)).HasField("reserved")  # freed bytes are free again
+            again.cancel()
 
     run(body)
 

@@ -84,7 +84,7 @@ class WorkerConfig:
     lease_s: float = 30.0  # default lease when a Decode does not set one
     chunk_size: int = 128  # default prefill chunk
     max_leases: int = 16
-    max_reserved_bytes: int | None = None  # None: no limit on reserved KV bytes
+    max_reserved_bytes: int | None = None  # KV budget (--kv-budget-gb); None: leases are bounded by count only
     connect_timeout_s: float = 10.0  # prefill -> decode KV connect + handshake
     send_timeout_s: float = 30.0  # longest the KV stream may make no progress
     handshake_timeout_s: float = 10.0  # KV listener side
@@ -340,6 +340,11 @@ def add_worker_parser(sub: Any, discovery: Discovery | None = None) -> None:
     p.add_argument("--lease-s", type=float, default=30.0, help="free a reservation whose KV has not arrived by then")
     p.add_argument("--chunk-size", type=int, default=128, help="prefill chunk in tokens (default: 128)")
     p.add_argument("--max-leases", type=int, default=16, help="concurrent KV reservations (default: 16)")
+    p.add_argument("--kv-budget-gb", type=kv_budget_bytes, default=None, metavar="GB", dest="kv_budget_bytes",
+                   help="KV budget: the most KV cache, in GB (1e9 bytes), that this worker's reservations "
+                        "may hold at once, e.g. the memory it can spare beside the weights; a Decode whose KV "
+                        "would take the total over it fails at once with RESOURCE_EXHAUSTED, naming the budget "
+                        "(default: no budget; only --max-leases bounds reservations)")
     p.add_argument("--profile", default=None, metavar="FILE.toml",
                    help="declare this machine's profile: hardware, tflops, mem_bw_gbps (see examples/profiles/)")
     p.add_argument("--hardware", choices=list(HARDWARE), default=None,
@@ -350,6 +355,17 @@ def add_worker_parser(sub: Any, discovery: Discovery | None = None) -> None:
                    help="declared memory bandwidth, GB/s (overrides --profile and --hardware; default: measured)")
     p.add_argument("--send-mode", choices=SEND_MODES, default="thread", help="KV sending: sender thread or engine thread")
     p.set_defaults(run=lambda args: run_worker_command(args, discovery))
+
+
+def kv_budget_bytes(text: str) -> int:
+    """``--kv-budget-gb``'s value in bytes: a finite number of GB > 0, rounded up to a whole byte."""
+    try:
+        gb = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(gb) or gb <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of GB > 0, got {text!r}")
+    return math.ceil(gb * 1e9)
 
 
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:
@@ -365,6 +381,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         host=args.host, port=args.port, kv_port=args.kv_port, advertise_host=args.advertise_host,
         device=args.device, dtype=args.dtype, node_id=args.node_id, model_id=args.model_id,
         lease_s=args.lease_s, chunk_size=args.chunk_size, max_leases=args.max_leases,
+        max_reserved_bytes=args.kv_budget_bytes,
         hardware=declared.hardware or "", tflops=declared.tflops or 0.0, mem_bw_gbps=declared.mem_bw_gbps or 0.0,
         send_mode=args.send_mode,
         peers=tuple(p.strip() for p in args.peers.split(",") if p.strip()),
