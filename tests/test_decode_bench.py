@@ -22,6 +22,7 @@ from workers.tools.decode_bench import (
     DecodeBenchConfig,
     EngineResult,
     RoundResult,
+    bench_engines,
     first_difference,
     native_name,
     run_decode_bench,
@@ -124,6 +125,10 @@ def test_engines_that_do_not_import_are_left_out_and_none_is_an_error(monkeypatc
     assert available_engines(("mlx", "torch")) == (("torch",) if have("torch") else ())
     with pytest.raises(ValueError, match="none of"):
         run_decode_bench(DecodeBenchConfig(model=str(make_tiny_model("llama")), engines=("mlx",)))
+
+
+def test_both_engines_are_benched_decode_engine_first() -> None:
+    assert DecodeBenchConfig().engines == bench_engines() == ("mlx", "torch")
 
 
 @pytest.mark.parametrize(("engine", "library"), [("torch", "transformers"), ("mlx", "mlx-lm")])

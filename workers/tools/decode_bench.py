@@ -32,7 +32,7 @@ from typing import Any
 
 from workers.engines.base import DTYPES, Engine
 from workers.engines.model_config import read_model_spec
-from workers.engines.registry import available_engines, engine_names, engine_spec, load_engine
+from workers.engines.registry import DECODE_PREFERENCE, available_engines, engine_names, engine_spec, load_engine
 from workers.engines.sampling import SamplingParams, sample
 from workers.tools.bench import bench_main
 from workers.tools.handoff import prompt_token_ids
@@ -47,6 +47,13 @@ BENCH_REQUEST = "bench-decode"
 Report = Callable[[str], None]
 
 
+def bench_engines() -> tuple[str, ...]:
+    """Every engine, the preferred decode engines first (``DECODE_PREFERENCE``):
+    what ``--engine both`` measures, in this order."""
+    preferred = tuple(name for name in DECODE_PREFERENCE if name in engine_names())
+    return (*preferred, *(name for name in engine_names() if name not in preferred))
+
+
 @dataclass(frozen=True)
 class DecodeBenchConfig:
     """One ``pdc bench decode`` run. ``model=None`` uses the ``preset``
@@ -54,7 +61,7 @@ class DecodeBenchConfig:
 
     model: str | None = None
     preset: str = "small"
-    engines: tuple[str, ...] = field(default_factory=engine_names)
+    engines: tuple[str, ...] = field(default_factory=bench_engines)
     prompt_tokens: int = 256
     new_tokens: int = 128
     rounds: int = 5
@@ -359,7 +366,7 @@ def add_decode_parser(sub: argparse._SubParsersAction) -> None:
 def run_bench_decode(args: argparse.Namespace) -> int:
     """CLI body of ``pdc bench decode``."""
     config = DecodeBenchConfig(
-        model=args.model, preset=args.preset, engines=engine_names() if args.engine == "both" else (args.engine,),
+        model=args.model, preset=args.preset, engines=bench_engines() if args.engine == "both" else (args.engine,),
         prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, rounds=args.rounds, warmup=args.warmup,
         dtype=args.dtype, device=args.device,
     )
