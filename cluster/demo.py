@@ -1,11 +1,14 @@
 """``pdc demo``: a local cluster, one streamed chat request, a short summary."""
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 from cluster.launcher import LocalCluster, UpConfig
 
-PROMPT = "Explain in one paragraph why prefill and decode want different machines."
+QUESTION = "What is the capital of France?"
+EXPECTED = "Paris"  # the known answer a real model must give
 
 
 def run_demo(config: UpConfig, max_tokens: int = 32) -> int:
@@ -21,7 +24,7 @@ def run_demo(config: UpConfig, max_tokens: int = 32) -> int:
               + ", ".join(f"{n['node_id']} ({'/'.join(n['roles'])}, {n['engine']})" for n in health["nodes"]))
         client = openai.OpenAI(base_url=cluster.url + "/v1", api_key="pdcluster", timeout=300, max_retries=0)
         model = client.models.list().data[0].id
-        messages = [{"role": "user", "content": PROMPT}]
+        messages = [{"role": "user", "content": QUESTION}]
         text, stats, ttft, elapsed = _streamed(client, model, messages, max_tokens)
         single = client.chat.completions.create(
             model=model, messages=messages, max_tokens=max_tokens, temperature=0,
@@ -29,6 +32,15 @@ def run_demo(config: UpConfig, max_tokens: int = 32) -> int:
         )
         health = cluster.wait_ready()  # now with the link the scheduler probed
     single_text = single.choices[0].message.content or ""
+    real = _is_real_model(config.model)
+    print(f"  question: {QUESTION}")
+    print(f"  answer:   {text.strip()!r}")
+    if real:
+        correct = EXPECTED.lower() in text.lower()
+        print(f"  expected: {EXPECTED!r} -> {'correct' if correct else 'NOT FOUND in the answer'}")
+    else:
+        correct = True
+        print("  (this model has random weights: the text is noise; what matters is where it ran and that it matches)")
     _print_summary(text, stats, ttft, elapsed, single_text == text, single.model_extra["pdcluster"]["decode_node"])
     for link in health.get("links", []):
         measured = (f"{link['gbps']:.1f} Gbit/s, {link['latency_ms']:.2f} ms one way" if not link["error"]
@@ -36,7 +48,16 @@ def run_demo(config: UpConfig, max_tokens: int = 32) -> int:
         print(f"  {'link (probed)':<16} {link['prefill_node']} -> {link['decode_node']}: {measured}")
     print(f"  {'policy':<16} {health.get('policy', '?')} (this request forced \"disaggregated\" to show the split)")
     disaggregated = stats["prefill_node"] != stats["decode_node"]
-    return 0 if disaggregated and single_text == text else 1
+    return 0 if disaggregated and single_text == text and correct else 1
+
+
+def _is_real_model(model: str) -> bool:
+    """Whether ``model`` has trained weights: anything but pdcluster's random
+    checkpoints, which ``pdc make-model`` marks in ``pdcluster-model.json``."""
+    marker = Path(model) / "pdcluster-model.json"
+    if not marker.is_file():
+        return True
+    return json.loads(marker.read_text()).get("kind") != "random"
 
 
 def _streamed(client, model: str, messages: list[dict], max_tokens: int) -> tuple[str, dict, float, float]:
@@ -68,7 +89,5 @@ def _print_summary(text: str, s: dict, ttft: float, elapsed: float, identical: b
         ("decode speed", f"{max(tokens - 1, 0) / decode_s:.1f} tokens/s ({tokens} tokens)"),
         ("single-node run", f"{'IDENTICAL' if identical else 'DIFFERENT'} text (colocated on {single_node})"),
     ]
-    print(f"  reply: {text!r}")
-    print("  (the built-in model has random weights: the text is noise; what matters is where it ran and that it matches)")
     for name, value in rows:
         print(f"  {name:<16} {value}")

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -72,12 +73,15 @@ class LocalCluster:
         """Start the scheduler and both workers, in that order."""
         common = ["--cluster-key-file", self.key_file]
         mdns = ["--mdns-interface", LOOPBACK]
+        # a suffix per launch: two local clusters on one machine (or two machines'
+        # `pdc up` on one LAN) must not claim the same mDNS instance names
+        suffix = secrets.token_hex(2)
         self._spawn("scheduler", ["serve", "--host", self.config.host, "--port", str(self.config.port),
                                   "--policy", self.config.policy, *common, *mdns])
         for role, engine in (("prefill", self.config.prefill_engine), ("decode", self.config.decode_engine)):
             self._spawn(f"{role}-worker", [
                 "worker", "--role", role, "--engine", engine, "--model", self.config.model,
-                "--host", LOOPBACK, "--node-id", f"local-{role}-{engine}", *common, *mdns,
+                "--host", LOOPBACK, "--node-id", f"local-{role}-{engine}-{suffix}", *common, *mdns,
                 *self.config.extra_worker_args,
             ])
 
@@ -91,7 +95,16 @@ class LocalCluster:
                     if resp.status == 200:
                         return json.loads(resp.read())
             time.sleep(0.25)
-        raise TimeoutError(f"the local cluster was not ready after {timeout:.0f} s; logs in {self.log_dir}")
+        raise TimeoutError(f"the local cluster was not ready after {timeout:.0f} s; logs in {self.log_dir}; "
+                           f"their last lines:\n{self.log_tails()}")
+
+    def log_tails(self, num_lines: int = 8) -> str:
+        """The last lines of every child's log (the log folder may be temporary)."""
+        parts = []
+        for name, _ in self.procs:
+            lines = (self.log_dir / f"{name}.log").read_text(errors="replace").splitlines()[-num_lines:]
+            parts.append(f"--- {name}\n" + "\n".join(lines))
+        return "\n".join(parts)
 
     def stop(self) -> None:
         """SIGTERM every child (workers first), then SIGKILL what is left after the grace period."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from conftest import have
+from conftest import free_port, have
 
 from cluster.launcher import LocalCluster, UpConfig
 
@@ -25,17 +25,9 @@ pytestmark = pytest.mark.skipif(not (have("torch") and have("mlx.core")), reason
 MESSAGES = [{"role": "user", "content": "Tell me about prefill and decode."}]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def cluster(make_tiny_model, tmp_path_factory):
-    config = UpConfig(model=str(make_tiny_model("qwen3")), port=_free_port(), prefill_engine="torch",
+    config = UpConfig(model=str(make_tiny_model("qwen3")), port=free_port(), prefill_engine="torch",
                       decode_engine="mlx", log_dir=str(tmp_path_factory.mktemp("logs")))
     with LocalCluster(config) as running:
         running.wait_ready(timeout=180)
@@ -135,7 +127,7 @@ def _children(pid: int) -> set[int]:
 
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc to find child processes")
 def test_pdc_up_stops_cleanly_on_sigterm_leaving_no_orphans(make_tiny_model, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     up = subprocess.Popen(
         [sys.executable, "-m", "cluster.cli", "up", "--model", str(make_tiny_model("llama")), "--port", str(port),
          "--decode-engine", "torch", "--log-dir", str(tmp_path)],

@@ -63,6 +63,9 @@ OnStarted = Callable[[dict[str, Any]], Awaitable[Callable[[], Awaitable[None]] |
 # The discovery hook for a worker that advertises itself; the composition root
 # (cluster/cli.py) passes mDNS's, since the worker service does not know discovery.
 Discovery = Callable[["WorkerConfig"], OnStarted]
+# Turns the --model flag (None when absent) into a model folder or hub id; the CLI
+# passes one that knows the built-in models and builds them on first use.
+ModelResolver = Callable[[str | None], str]
 
 
 @dataclass(frozen=True)
@@ -309,9 +312,12 @@ async def run_worker(config: WorkerConfig, on_started: OnStarted | None = None) 
 # ---------------------------------------------------------------- CLI
 
 
-def add_worker_parser(sub: Any, discovery: Discovery | None = None) -> None:
+def add_worker_parser(sub: Any, discovery: Discovery | None = None,
+                      models: ModelResolver | None = None) -> None:
     """``pdc worker``: serve one engine to the cluster, advertised with
-    ``discovery(config)`` unless ``--no-advertise`` (no hook without one)."""
+    ``discovery(config)`` unless ``--no-advertise`` (no hook without one).
+    ``models`` turns ``--model`` (None when not given) into a model folder or
+    hub id; without it ``--model`` is required."""
     p = sub.add_parser(
         "worker",
         help="serve one engine (prefill, decode or both) to the cluster",
@@ -324,7 +330,9 @@ def add_worker_parser(sub: Any, discovery: Discovery | None = None) -> None:
     )
     p.add_argument("--role", choices=sorted(ROLES), required=True, help="what this worker does")
     p.add_argument("--engine", choices=engine_names(), required=True, help=describe_engines())
-    p.add_argument("--model", required=True, help="model folder (or hub id when online)")
+    p.add_argument("--model", required=models is None, default=None,
+                   help="model folder, hub id when online, or a built-in model name (`pdc models`)"
+                        + ("; default: the built-in default model" if models is not None else ""))
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=0, help="gRPC port (default: a free one)")
     p.add_argument("--kv-port", type=int, default=0, help="KV data-plane port (default: a free one)")
@@ -354,7 +362,7 @@ def add_worker_parser(sub: Any, discovery: Discovery | None = None) -> None:
     p.add_argument("--mem-bw-gbps", type=float, default=None,
                    help="declared memory bandwidth, GB/s (overrides --profile and --hardware; default: measured)")
     p.add_argument("--send-mode", choices=SEND_MODES, default="thread", help="KV sending: sender thread or engine thread")
-    p.set_defaults(run=lambda args: run_worker_command(args, discovery))
+    p.set_defaults(run=lambda args: run_worker_command(args, discovery, models))
 
 
 def kv_budget_bytes(text: str) -> int:
@@ -390,8 +398,11 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
     )
 
 
-def run_worker_command(args: argparse.Namespace, discovery: Discovery | None = None) -> int:
+def run_worker_command(args: argparse.Namespace, discovery: Discovery | None = None,
+                       models: ModelResolver | None = None) -> int:
     """CLI body of ``pdc worker``: serve, advertised with ``discovery(config)`` unless ``--no-advertise``."""
+    if models is not None:
+        args.model = models(args.model)
     config = config_from_args(args)
     hook = discovery(config) if discovery is not None and config.advertise else None
     try:

@@ -205,6 +205,8 @@ def make_model(
     _write_json(out / "generation_config.json", _generation_config())
     _write_json(out / "tokenizer_config.json", _tokenizer_config())
     _write_json(out / "special_tokens_map.json", _special_tokens_map())
+    # says "random weights" to pdc demo and pdc models; no model loader reads it
+    _write_json(out / "pdcluster-model.json", {"kind": "random", "arch": arch, "seed": seed, "preset": preset})
     return out
 
 
