@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 import sys
 from pathlib import Path
@@ -229,3 +230,22 @@ def test_pdc_demo_prints_the_right_answer_from_a_split_request(smollm: Path) -> 
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "expected: 'Paris' -> correct" in out.stdout
     assert "IDENTICAL text" in out.stdout and "prefill node     local-prefill-torch" in out.stdout
+
+
+@pytest.mark.skipif(not have("mlx.core"), reason="needs the mlx extra")
+def test_pdc_worker_without_model_serves_the_built_in_default(smollm: Path, tmp_path: Path) -> None:
+    from cluster.auth import generate_key, write_config
+
+    key_file = write_config(tmp_path / "cluster.json", generate_key())
+    cmd = [sys.executable, "-m", "cluster.cli", "worker", "--role", "decode", "--engine", "mlx", "--host", "127.0.0.1",
+           "--no-advertise", "--cluster-key-file", str(key_file), "--tflops", "1", "--mem-bw-gbps", "100"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        readable, _, _ = select.select([proc.stdout], [], [], 180)
+        assert readable, "pdc worker printed nothing in 180 s"
+        ready = proc.stdout.readline()  # the worker's one "ready" line, or EOF if it died
+        assert f"model={DEFAULT_MODEL} " in ready, ready
+    finally:
+        proc.terminate()
+        assert proc.wait(60) == 0
