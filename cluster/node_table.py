@@ -1,7 +1,8 @@
 """The scheduler's live node table: mDNS (``cluster.discovery.Browser``) merged with
 static ``--peers`` (resolved by a supplied ``probe``), minus nodes that fail a
-supplied ``health`` check ``max_failures`` times in a row. ``snapshot()`` is
-the scheduler's view; ``refused``, ``down`` and ``tried`` feed ``pdc status``.
+supplied ``health`` check ``max_failures`` times in a row, minus nodes the scheduler
+``suspend()``-ed until their next passing check. ``snapshot()`` is the scheduler's
+view; ``refused``, ``down`` and ``tried`` feed ``pdc status``.
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ class NodeTable:
     A node failing ``max_failures`` rounds in a row leaves ``snapshot()`` (and shows in
     ``down``) until a check passes again; a static peer is then re-probed. A node that leaves mDNS
     leaves at once. A static peer's address is the one given, whatever its probe says.
+    ``suspend(node_id, reason)`` takes a node out of ``snapshot()`` at once; its next passing
+    health check (the next round's, not ``max_failures`` of them) re-admits it.
     """
 
     def __init__(
@@ -71,6 +74,8 @@ class NodeTable:
         self._static_refused: dict[str, tuple[str, str]] = {}  # peer address -> (node id, reason)
         self._failures: dict[str, int] = {}  # node id -> health failures in a row
         self._last_ok: dict[str, float] = {}
+        # node id -> why the scheduler suspended it; cleared by the node's next passing check or its leaving
+        self._suspended: dict[str, str] = {}
         self._published: dict[str, NodeInfo] = {}
         self._loop_task: asyncio.Task[None] | None = None
 
@@ -99,6 +104,23 @@ class NodeTable:
         """Live, admitted nodes sorted by id."""
         return sorted((n for n in self._known().values() if self._is_up(n.node_id)), key=lambda n: n.node_id)
 
+    def suspend(self, node_id: str, reason: str) -> None:
+        """Take ``node_id`` out of ``snapshot()`` now (``on_change`` fires); its next passing health check re-admits it.
+
+        Without a ``health`` function the next check round re-admits it. Suspending an
+        unknown or already suspended node only records the newest reason.
+        """
+        already = node_id in self._suspended
+        self._suspended[node_id] = reason
+        if not already:
+            log.info("suspending node %s until its next health check passes: %s", node_id, reason)
+        self._publish()
+
+    @property
+    def suspended(self) -> dict[str, str]:
+        """Nodes the scheduler suspended, not yet re-admitted -> reason."""
+        return dict(self._suspended)
+
     @property
     def refused(self) -> dict[str, str]:
         """Nodes not admitted (wrong cluster key, malformed record, duplicate id) -> reason."""
@@ -108,14 +130,15 @@ class NodeTable:
 
     @property
     def down(self) -> dict[str, str]:
-        """Known nodes currently dropped for failing health checks -> reason."""
+        """Known nodes currently dropped (failing health checks, or suspended) -> reason."""
+        return {node_id: self._down_reason(node_id) for node_id in self._known() if not self._is_up(node_id)}
+
+    def _down_reason(self, node_id: str) -> str:
+        if node_id in self._suspended and not self._failing(node_id):
+            return f"suspended: {self._suspended[node_id]}"
         now = self.clock()
-        return {
-            node_id: f"failed {self._failures[node_id]} health checks in a row"
-            + (f", last ok {now - self._last_ok[node_id]:.1f} s ago" if node_id in self._last_ok else "")
-            for node_id in self._known()
-            if not self._is_up(node_id)
-        }
+        return f"failed {self._failures[node_id]} health checks in a row" + (
+            f", last ok {now - self._last_ok[node_id]:.1f} s ago" if node_id in self._last_ok else "")
 
     @property
     def tried(self) -> list[str]:
@@ -133,6 +156,8 @@ class NodeTable:
             back = {node.node_id for node, ok in zip(known.values(), results) if self._record_health(node, ok)}
             # a static peer that was down may have restarted with a new profile
             await asyncio.gather(*(self._probe_peer(p) for p, n in self._static.items() if n.node_id in back))
+        else:
+            self._resume(list(self._suspended))
         self._publish()
 
     async def _run(self) -> None:
@@ -172,15 +197,16 @@ class NodeTable:
 
     def _record_health(self, node: NodeInfo, ok: bool) -> bool:
         """Count a check; return True when the node just came back."""
-        was_up = self._is_up(node.node_id)
+        was_up, was_failing = self._is_up(node.node_id), self._failing(node.node_id)
         if ok:
             self._failures[node.node_id] = 0
             self._last_ok[node.node_id] = self.clock()
-            if not was_up:
+            self._resume([node.node_id])
+            if was_failing:
                 log.info("node %s at %s is back", node.node_id, node.grpc_address)
             return not was_up
         self._failures[node.node_id] = self._failures.get(node.node_id, 0) + 1
-        if was_up and not self._is_up(node.node_id):
+        if not was_failing and self._failing(node.node_id):
             log.warning("dropping node %s at %s: %s", node.node_id, node.grpc_address, self.down[node.node_id])
         return False
 
@@ -192,11 +218,22 @@ class NodeTable:
         return known
 
     def _is_up(self, node_id: str) -> bool:
-        return self._failures.get(node_id, 0) < self.max_failures
+        return not self._failing(node_id) and node_id not in self._suspended
+
+    def _failing(self, node_id: str) -> bool:
+        return self._failures.get(node_id, 0) >= self.max_failures
+
+    def _resume(self, node_ids: list[str]) -> None:
+        """Lift the suspension of each node (a check passed, a round ran without checks, or it left)."""
+        for node_id in node_ids:
+            reason = self._suspended.pop(node_id, None)
+            if reason is not None:
+                log.info("node %s re-admitted after its suspension (%s)", node_id, reason)
 
     def _on_browser_change(self, node_id: str, node: NodeInfo | None) -> None:
         if node is None:
             self._failures.pop(node_id, None)
+            self._suspended.pop(node_id, None)
         self._publish()
 
     def _publish(self) -> None:

@@ -300,3 +300,56 @@ def test_service_type_and_peer_parsing() -> None:
             parse_peer(bad)
     with pytest.raises(ValueError, match="need a probe"):
         NodeTable(KFP, use_mdns=False, peers=["10.0.0.5:50051"])
+
+
+def test_suspended_node_leaves_the_snapshot_at_once_and_returns_on_its_next_passing_check(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="cluster.node_table")
+
+    async def body() -> None:
+        node = make_node("suspend", source="static")
+        results = iter([True, False, True])
+        changes: list[tuple[str, NodeInfo | None]] = []
+
+        async def probe(address: str) -> NodeInfo:
+            return node
+
+        async def health(address: str) -> bool:
+            return next(results)
+
+        table = NodeTable(KFP, use_mdns=False, peers=["127.0.0.1:50051"], probe=probe, health=health,
+                          max_failures=3, on_change=lambda i, n: changes.append((i, n)))
+        await table.check_once()  # ok
+        assert table.snapshot() == [node]
+        table.suspend(node.node_id, "decode stream broke")
+        assert table.snapshot() == []  # at once, no check round needed
+        assert changes[-1] == (node.node_id, None)
+        assert table.down == {node.node_id: "suspended: decode stream broke"}
+        assert table.suspended == {node.node_id: "decode stream broke"}
+        await table.check_once()  # fails: still suspended
+        assert table.snapshot() == []
+        await table.check_once()  # the next passing check re-admits it, not three of them
+        assert table.snapshot() == [node] and table.down == {} and table.suspended == {}
+        assert changes[-1] == (node.node_id, node)
+
+    run(body())
+    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert any("decode stream broke" in m and "suspending" in m for m in infos), infos
+
+
+def test_suspension_without_a_health_function_lasts_until_the_next_round() -> None:
+    async def body() -> None:
+        node = make_node("suspendnohealth", source="static")
+
+        async def probe(address: str) -> NodeInfo:
+            return node
+
+        table = NodeTable(KFP, use_mdns=False, peers=["127.0.0.1:50051"], probe=probe)
+        await table.check_once()
+        table.suspend(node.node_id, "timeout")
+        assert table.snapshot() == []
+        await table.check_once()
+        assert table.snapshot() == [node]
+
+    run(body())
