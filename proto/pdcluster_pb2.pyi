@@ -149,20 +149,22 @@ class PrefillReply(_message.Message):
     def __init__(self, first_token: _Optional[int] = ..., queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., kv_bytes: _Optional[int] = ..., send_s: _Optional[float] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "local_prefill", "lease_s", "codec")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "local_prefill", "lease_s", "codec", "first_step")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     LOCAL_PREFILL_FIELD_NUMBER: _ClassVar[int]
     LEASE_S_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
+    FIRST_STEP_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
     local_prefill: bool
     lease_s: float
     codec: str
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., local_prefill: _Optional[bool] = ..., lease_s: _Optional[float] = ..., codec: _Optional[str] = ...) -> None: ...
+    first_step: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., local_prefill: _Optional[bool] = ..., lease_s: _Optional[float] = ..., codec: _Optional[str] = ..., first_step: _Optional[int] = ...) -> None: ...
 
 class Reserved(_message.Message):
     __slots__ = ("kv_host", "kv_port", "transfer_token", "reserved_kv_bytes")

@@ -8,6 +8,15 @@ object with placement and timings.
 
 A client that disconnects closes the backend's iterator, which cancels the
 request on every worker it touched.
+
+Failures are never silent. Before the first byte of a response a
+``SchedulerError`` becomes its own status (``api_error``): 429 with
+``Retry-After`` when a node is full, 503 when no node can serve the model, 502
+when a worker failed, 504 when one timed out. Once a stream has started, the
+failure ends it with one OpenAI-style error event, ``data: {"error": {...}}``
+(the openai SDK raises it as ``openai.APIError``), and no ``[DONE]``: a stream
+ends with ``[DONE]`` only when it completed. Client disconnects are told apart
+by type (``_ClientGone``), never by catching ``RuntimeError``.
 """
 from __future__ import annotations
 
@@ -26,9 +35,8 @@ from scheduler.request import (
     Backend,
     FinishEvent,
     GenerationRequest,
-    NoCapacityError,
-    RequestFailedError,
     RequestStats,
+    SchedulerError,
     TokenEvent,
 )
 from scheduler.tokenizer import ChatTemplateError, PromptCodec
@@ -76,14 +84,21 @@ async def _errors_as_openai(request: web.Request, handler: Handler) -> web.Strea
         return await handler(request)
     except APIError as e:
         return e.response()
-    except NoCapacityError as e:
-        return APIError(503, str(e), "server_error", code="no_capacity").response()
-    except RequestFailedError as e:
-        return APIError(502, str(e), "server_error", code="worker_failed").response()
+    except SchedulerError as e:
+        log.warning("%s %s failed before the first byte: %s %s", request.method, request.path, e.status, e)
+        return api_error(e).response()
     except web.HTTPException as e:
         if e.status >= 400:
             return APIError(e.status, e.reason or "error", "invalid_request_error").response()
         raise
+
+
+def api_error(error: SchedulerError) -> APIError:
+    """``error`` as the OpenAI-shaped answer it maps to (status, code, ``Retry-After``)."""
+    headers = {}
+    if error.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, round(error.retry_after_s)))
+    return APIError(error.status, error.message, "server_error", code=error.code, headers=headers)
 
 
 def _admin(request: web.Request) -> AdminBackend:
@@ -175,7 +190,7 @@ def _to_generation(parsed: ParsedRequest, codec: PromptCodec, backend: Backend, 
     token_ids = codec.encode(text)
     if not token_ids:
         raise APIError(400, "the prompt is empty", "invalid_request_error", param="prompt")
-    entry = next(m for m in backend.models() if m.model_id == parsed.model) if backend.models() else None
+    entry = next((m for m in backend.models() if m.model_id == parsed.model), None)
     context = entry.context_length if entry else 0
     max_tokens = parsed.max_tokens or max(1, min(256, context - len(token_ids)))
     if context and len(token_ids) + max_tokens > context:
@@ -249,6 +264,7 @@ async def _stream(
         raise
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
+    closing = b"data: [DONE]\n\n"
     try:
         await _send(response, reply.envelope([reply.choice("", None, delta=True, first=True)], chunk=True))
         item = first
@@ -260,15 +276,30 @@ async def _stream(
             else:
                 await _send_final(response, reply, delta, finish, parsed.include_usage)
             item = await anext(deltas, None)
-    except (ConnectionResetError, RuntimeError) as e:  # client went away
-        log.info("request %s: client disconnected (%s); cancelling", reply.request_id, e)
-    except (RequestFailedError, NoCapacityError) as e:
-        error = {"error": {"message": str(e), "type": "server_error", "param": None, "code": None}}
-        await _write(response, b"data: " + json.dumps(error).encode() + b"\n\n")
+    except _ClientGone as e:
+        log.info("request %s: client disconnected (%s); cancelling", reply.request_id, e.__cause__)
+        closing = b""
+    except SchedulerError as e:
+        log.warning("request %s: failed mid-stream: %s", reply.request_id, e)
+        closing = _event(api_error(e).body())
+    except Exception as e:  # a bug, not a worker: still never a silent end
+        log.exception("request %s: failed mid-stream", reply.request_id)
+        closing = _event(APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error",
+                                  code="internal_error").body())
     finally:
         await deltas.aclose()
-    await _write(response, b"data: [DONE]\n\n")
+    if closing:
+        await _write(response, closing)
     return response
+
+
+class _ClientGone(Exception):
+    """Writing to the client failed: it went away (the cause says how)."""
+
+
+def _event(payload: dict) -> bytes:
+    """One SSE ``data:`` event."""
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
 
 async def _send_final(response: web.StreamResponse, reply: _Reply, delta: str, finish: FinishEvent, usage: bool) -> None:
@@ -283,13 +314,16 @@ async def _send_final(response: web.StreamResponse, reply: _Reply, delta: str, f
 
 
 async def _send(response: web.StreamResponse, payload: dict) -> None:
-    """Write one SSE event; raises ConnectionResetError once the client is gone,
+    """Write one SSE event; raises ``_ClientGone`` once the client is gone,
     so the caller stops generating and cancels the request on the workers."""
-    await response.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
+    try:
+        await response.write(_event(payload))
+    except (ConnectionResetError, RuntimeError) as e:  # aiohttp: reset, or "cannot write to closing transport"
+        raise _ClientGone() from e
 
 
 async def _write(response: web.StreamResponse, data: bytes) -> None:
-    """Best-effort write for the closing ``[DONE]``, after the generator is closed."""
+    """Best-effort write for the closing event (``[DONE]`` or the error), after the generator is closed."""
     try:
         await response.write(data)
     except (ConnectionResetError, RuntimeError):

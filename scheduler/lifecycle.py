@@ -24,14 +24,19 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+import grpc
+
 from proto import pdcluster_pb2 as pb
 from scheduler.placement import Placement
 from scheduler.request import (
+    CapacityExhaustedError,
     FinishEvent,
     GenerationRequest,
     RequestFailedError,
     RequestStats,
+    SchedulerError,
     TokenEvent,
+    WorkerTimeoutError,
     mean_tpot_s,
 )
 
@@ -54,13 +59,71 @@ class LifecycleConfig:
 
     request_timeout_s: float = 600.0  # whole Decode stream
     prefill_timeout_s: float = 300.0
-    lease_s: float = 30.0  # decode frees its reservation if no KV by then
+    # Decode frees its reservation if no KV by then. 0 (the default): the decode
+    # worker's own ``pdc worker --lease-s`` decides; only an operator's explicit
+    # ``pdc serve --lease-s`` overrides it, on every request.
+    lease_s: float = 0.0
     cancel_timeout_s: float = 5.0
     chunk_size: int = 0  # 0: the worker's default
 
     def __post_init__(self) -> None:
-        if min(self.request_timeout_s, self.prefill_timeout_s, self.lease_s, self.cancel_timeout_s) <= 0:
+        if min(self.request_timeout_s, self.prefill_timeout_s, self.cancel_timeout_s) <= 0:
             raise ValueError("every timeout must be positive")
+        if self.lease_s < 0:
+            raise ValueError(f"lease_s must be >= 0 (0: the decode worker's own), got {self.lease_s}")
+
+
+# What a worker's gRPC status means, in plain words, for the message a client reads.
+_PLAIN_CAUSE = {
+    grpc.StatusCode.UNAVAILABLE: "the node is unreachable or went away",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "the node did not answer in time",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "the node is full",
+    grpc.StatusCode.CANCELLED: "the call was cancelled",
+    grpc.StatusCode.ABORTED: "the node aborted the request",
+    grpc.StatusCode.DATA_LOSS: "the KV transfer was corrupted",
+    grpc.StatusCode.INTERNAL: "the node hit an internal error",
+    grpc.StatusCode.UNAUTHENTICATED: "the node refused the cluster key",
+    grpc.StatusCode.INVALID_ARGUMENT: "the node refused the request",
+    grpc.StatusCode.FAILED_PRECONDITION: "the node cannot run this request",
+}
+
+
+def worker_error(role: str, node: str, error: BaseException) -> SchedulerError:
+    """``error`` from a ``role`` ("prefill" | "decode") call on ``node`` as a ``SchedulerError``.
+
+    The message reads "<role> on <node> failed: <cause in plain words>[: <the
+    worker's own detail>]", never gRPC's repr. RESOURCE_EXHAUSTED becomes a
+    ``CapacityExhaustedError`` (429), DEADLINE_EXCEEDED a ``WorkerTimeoutError``
+    (504), every other failure a ``RequestFailedError`` (502)."""
+    if isinstance(error, SchedulerError):
+        return error
+    code = _status_of(error)
+    if code is not None:
+        details = (error.details() if callable(getattr(error, "details", None)) else "") or ""
+        cause = _PLAIN_CAUSE.get(code, f"the node answered {code.name.lower().replace('_', ' ')}")
+        message = f"{role} on {node} failed: {cause}" + (f": {details}" if details else "")
+        kind = {grpc.StatusCode.RESOURCE_EXHAUSTED: CapacityExhaustedError,
+                grpc.StatusCode.DEADLINE_EXCEEDED: WorkerTimeoutError}.get(code, RequestFailedError)
+        return kind(message, node=node, grpc_code=code.name)
+    if isinstance(error, (asyncio.TimeoutError, TimeoutError)):
+        return WorkerTimeoutError(f"{role} on {node} failed: the node did not answer in time", node=node,
+                                  grpc_code="DEADLINE_EXCEEDED")
+    if isinstance(error, (ConnectionError, OSError)):
+        return RequestFailedError(f"{role} on {node} failed: the node is unreachable or went away: {error}",
+                                  node=node, grpc_code="UNAVAILABLE")
+    return RequestFailedError(f"{role} on {node} failed: {type(error).__name__}: {error}", node=node)
+
+
+def _status_of(error: BaseException) -> grpc.StatusCode | None:
+    """The gRPC status code of an RPC error (``grpc.aio.AioRpcError`` or alike), else None."""
+    code = getattr(error, "code", None)
+    if not callable(code):
+        return None
+    try:
+        value = code()
+    except Exception:  # not an RPC error after all
+        return None
+    return value if isinstance(value, grpc.StatusCode) else None
 
 
 def sampling_of(request: GenerationRequest) -> pb.SamplingParams:
@@ -76,9 +139,19 @@ def sampling_of(request: GenerationRequest) -> pb.SamplingParams:
 async def run_request(
     request: GenerationRequest, placement: Placement, worker: Callable[[str], WorkerAPI],
     config: LifecycleConfig = LifecycleConfig(), on_prefill_done: Callable[[], None] | None = None,
+    deadline: float | None = None,
 ) -> AsyncIterator[TokenEvent | FinishEvent]:
-    """Drive one request; yields tokens then one FinishEvent."""
-    run = _Run(request, placement, worker, config, on_prefill_done)
+    """Drive one request; yields tokens then one FinishEvent.
+
+    Failures raise a ``SchedulerError`` naming the node and the cause
+    (``worker_error``). ``deadline`` (``time.monotonic()``) caps the Decode
+    stream's timeout below ``config.request_timeout_s``, so a request placed
+    again keeps its original deadline."""
+    if request.first_step and placement.prefill_node:
+        # invariant: a continued stream (first_step > 0) is prefilled by its decode node,
+        # which samples its first token at step first_step; a prefill node would use step 0.
+        raise ValueError("a request continuing at first_step > 0 must be placed colocated")
+    run = _Run(request, placement, worker, config, on_prefill_done, deadline)
     finished = False
     try:
         async with contextlib.aclosing(run.events()) as events:
@@ -95,8 +168,9 @@ class _Run:
 
     def __init__(self, request: GenerationRequest, placement: Placement,
                  worker: Callable[[str], WorkerAPI], config: LifecycleConfig,
-                 on_prefill_done: Callable[[], None] | None = None) -> None:
+                 on_prefill_done: Callable[[], None] | None = None, deadline: float | None = None) -> None:
         self.request, self.placement, self.config = request, placement, config
+        self.deadline = deadline
         self._on_prefill_done = on_prefill_done
         self.decoder = worker(placement.decode_node)
         self.prefiller = worker(placement.prefill_node) if placement.prefill_node else None
@@ -106,12 +180,19 @@ class _Run:
         self.started = time.monotonic()
 
     async def events(self) -> AsyncIterator[TokenEvent | FinishEvent]:
-        stream = self.decoder.decode(self._decode_request(), timeout=self.config.request_timeout_s)
+        timeout = self.config.request_timeout_s
+        if self.deadline is not None:
+            timeout = min(timeout, self.deadline - time.monotonic())
+            if timeout <= 0:
+                raise WorkerTimeoutError(f"request {self.request.request_id} ran out of time before decode on "
+                                         f"{self.placement.decode_node} could start", node="")
+        stream = self.decoder.decode(self._decode_request(), timeout=timeout)
         stream_iter = aiter(stream)
         while True:
             event = await self._next_event(stream_iter)
             if event is None:
-                raise RequestFailedError(f"decode node {self.placement.decode_node} ended the stream without a result")
+                raise RequestFailedError(f"decode on {self.placement.decode_node} failed: the node ended the stream "
+                                         "without a result", node=self.placement.decode_node)
             kind = event.WhichOneof("event")
             if kind == "reserved":
                 self._start_prefill(event.reserved)
@@ -143,7 +224,7 @@ class _Run:
         try:
             return pending.result()
         except Exception as e:
-            raise RequestFailedError(f"decode on {self.placement.decode_node} failed: {e}") from e
+            raise worker_error("decode", self.placement.decode_node, e) from e
 
     def _raise_if_prefill_failed(self) -> None:
         task = self.prefill_task
@@ -151,7 +232,7 @@ class _Run:
             return
         error = task.exception() if not task.cancelled() else asyncio.CancelledError("prefill cancelled")
         if error is not None:
-            raise RequestFailedError(f"prefill on {self.placement.prefill_node} failed: {error}") from error
+            raise worker_error("prefill", self.placement.prefill_node, error) from error
 
     def _start_prefill(self, reserved: pb.Reserved) -> None:
         if self.prefiller is None:
@@ -175,7 +256,7 @@ class _Run:
         return pb.DecodeRequest(
             request_id=self.request.request_id, prompt_token_ids=list(self.request.prompt_token_ids),
             sampling=sampling_of(self.request), local_prefill=self.placement.colocated,
-            lease_s=self.config.lease_s, codec=self.placement.codec,
+            lease_s=self.config.lease_s, codec=self.placement.codec, first_step=self.request.first_step,
         )
 
     async def _stats(self, timings: pb.Timings) -> RequestStats:
@@ -185,7 +266,7 @@ class _Run:
             try:
                 reply = await asyncio.wait_for(asyncio.shield(self.prefill_task), self.config.cancel_timeout_s)
             except Exception as e:
-                raise RequestFailedError(f"prefill on {self.placement.prefill_node} failed: {e}") from e
+                raise worker_error("prefill", self.placement.prefill_node, e) from e
             prefill_s, queue_s = reply.prefill_s or prefill_s, reply.queue_s
         arrived = self.request.arrived_at or self.started
         now = time.monotonic()

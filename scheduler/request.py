@@ -26,6 +26,10 @@ class GenerationRequest:
     placement: str | None = None  # force "disaggregated" | "colocated"; None lets the policy decide
     arrived_at: float = 0.0  # time.monotonic() when the HTTP request arrived
     cached_prefix_tokens: int = 0  # prompt tokens already cached on the chosen nodes (simulator)
+    # Sampling step of the first token to produce: 0 for a new request; when a
+    # stream is continued on another node, the tokens already sent (they end
+    # ``prompt_token_ids``, and ``max_tokens`` counts only what is left).
+    first_step: int = 0
 
     def __post_init__(self) -> None:
         if self.placement is not None and self.placement not in PLACEMENT_MODES:
@@ -61,6 +65,7 @@ class RequestStats:
     prompt_tokens: int = 0
     cached_prefix_tokens: int = 0
     completion_tokens: int = 0
+    migrations: int = 0  # times the live scheduler moved the stream to another node after its first token
 
     @property
     def colocated(self) -> bool:
@@ -100,12 +105,49 @@ class ModelEntry:
     nodes: tuple[str, ...] = field(default_factory=tuple)
 
 
-class NoCapacityError(RuntimeError):
-    """No node can serve this request now (HTTP 503)."""
+class SchedulerError(Exception):
+    """A request the scheduler could not serve, with the HTTP answer it maps to.
+
+    Deliberately not a ``RuntimeError``: the HTTP layer tells a failed request
+    from a client that went away by type, never by guessing. ``message`` is
+    plain words naming the node and the cause (never raw gRPC text); ``node``
+    is the node at fault ("" when none is), ``grpc_code`` the worker's status
+    name when a worker RPC failed ("UNAVAILABLE", ...)."""
+
+    status = 502
+    code = "worker_failed"
+    retry_after_s: float | None = None
+
+    def __init__(self, message: str, *, node: str = "", grpc_code: str = "") -> None:
+        super().__init__(message)
+        self.message, self.node, self.grpc_code = message, node, grpc_code
 
 
-class RequestFailedError(RuntimeError):
-    """A worker failed this request (HTTP 502 before streaming, an error event after)."""
+class NoCapacityError(SchedulerError):
+    """No node can serve this request now (HTTP 503 ``no_capacity``)."""
+
+    status = 503
+    code = "no_capacity"
+
+
+class CapacityExhaustedError(SchedulerError):
+    """The chosen node is full (all leases in use, or its KV budget): HTTP 429
+    ``capacity_exhausted`` with ``Retry-After``."""
+
+    status = 429
+    code = "capacity_exhausted"
+    retry_after_s = 1.0
+
+
+class RequestFailedError(SchedulerError):
+    """A worker failed this request (HTTP 502 ``worker_failed`` before streaming, an error event after)."""
+
+
+class WorkerTimeoutError(RequestFailedError):
+    """A worker did not answer within its deadline (HTTP 504 ``worker_timeout``)."""
+
+    status = 504
+    code = "worker_timeout"
 
 
 class Backend(Protocol):

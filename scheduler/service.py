@@ -118,9 +118,12 @@ class ClusterBackend:
         return self.registry.entries(n.model_id for n in self.table.snapshot() if n.can_decode)
 
     def codec_for(self, model: str) -> PromptCodec | None:
-        """``model``'s tokenizer and chat template while a decode-capable node serves it."""
+        """``model``'s tokenizer and chat template once any node has taught it (None: unknown, a 404).
+
+        A known model whose nodes are all gone keeps its codec: the request then
+        fails in ``generate`` with ``NoCapacityError``, a 503, not a 404."""
         record = self.registry.record(model)
-        return record.codec if record and any(m.model_id == model for m in self.models()) else None
+        return record.codec if record else None
 
     def health(self) -> tuple[bool, dict]:
         """(ready, details for ``/health``): nodes with their load, links, policy, refused peers, models."""

@@ -14,13 +14,18 @@ class APIError(Exception):
     """An error returned to the client in OpenAI's shape."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict:
+        """``{"error": {"message", "type", "param", "code"}}``: OpenAI's error shape."""
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> web.Response:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return web.json_response(body, status=self.status)
+        """The error as an HTTP response (with ``headers``, e.g. ``Retry-After``)."""
+        return web.json_response(self.body(), status=self.status, headers=self.headers)
 
 
 @dataclass(frozen=True)

@@ -17,12 +17,15 @@ from aiohttp import web
 
 from scheduler.api import build_app
 from scheduler.request import (
+    CapacityExhaustedError,
     FinishEvent,
     GenerationRequest,
     ModelEntry,
     NoCapacityError,
+    RequestFailedError,
     RequestStats,
     TokenEvent,
+    WorkerTimeoutError,
     mean_tpot_s,
 )
 from scheduler.tokenizer import PromptCodec, TokenizerBundle
@@ -39,6 +42,8 @@ class FakeBackend:
         self.requests: list[GenerationRequest] = []
         self.closed_early = 0
         self.token_delay_s = 0.0
+        self.fail_with: Exception | None = None  # raised after ``fail_after`` tokens
+        self.fail_after = 0
 
     def models(self) -> list[ModelEntry]:
         return [ModelEntry(MODEL, context_length=512, eos_token_ids=(2,))]
@@ -56,7 +61,9 @@ class FakeBackend:
         ids = self.codec.encode(REPLY_TEXT)[: request.max_tokens]
         finished = False
         try:
-            for token in ids:
+            for sent, token in enumerate(ids):
+                if self.fail_with is not None and sent == self.fail_after:
+                    raise self.fail_with
                 if self.token_delay_s:
                     await asyncio.sleep(self.token_delay_s)
                 yield TokenEvent(token)
@@ -409,3 +416,85 @@ def test_pdc_policy_against_nothing_says_it_cannot_reach_the_scheduler(
         port = sock.getsockname()[1]
     assert _pdc_policy(f"http://127.0.0.1:{port}", generate_key(), tmp_path) == 2
     assert capsys.readouterr().err.startswith(f"pdc: error: cannot reach the scheduler at http://127.0.0.1:{port}: ")
+
+
+# ---------------------------------------------------------------- failures are never silent
+
+
+def _raw_stream(server: ServerThread, body: dict) -> tuple[int, dict, list[str]]:
+    """POST a streamed chat; (status, headers, the SSE ``data:`` payloads in order). Bounded by 10 s."""
+    request = urllib.request.Request(server.url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            text = reply.read().decode()
+            return reply.status, dict(reply.headers), [line[6:] for line in text.splitlines()
+                                                       if line.startswith("data: ")]
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), [e.read().decode()]
+
+
+STREAMED = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 100, "stream": True}
+
+
+def test_a_failure_mid_stream_ends_with_an_error_event_the_sdk_raises(
+    client: openai.OpenAI, backend: FakeBackend
+) -> None:
+    backend.fail_with = RequestFailedError("decode on d0 failed: the node is unreachable or went away", node="d0")
+    backend.fail_after = 3
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                            max_tokens=100, stream=True)
+    received = ""
+    with pytest.raises(openai.APIError) as err:
+        for chunk in stream:
+            received += chunk.choices[0].delta.content or "" if chunk.choices else ""
+    assert "decode on d0 failed" in err.value.message and "unreachable" in err.value.message
+    assert err.value.body["code"] == "worker_failed"
+    assert received and REPLY_TEXT.startswith(received) and received != REPLY_TEXT
+
+
+def test_the_error_event_is_the_last_event_and_no_done_follows(server: ServerThread, backend: FakeBackend) -> None:
+    backend.fail_with, backend.fail_after = WorkerTimeoutError("decode on d0 failed: the node did not answer in time",
+                                                               node="d0"), 2
+    status, _, events = _raw_stream(server, STREAMED)
+    assert status == 200 and "[DONE]" not in events
+    last = json.loads(events[-1])
+    _assert_openai_error(last)
+    assert last["error"]["code"] == "worker_timeout" and "d0" in last["error"]["message"]
+
+
+def test_an_unexpected_backend_bug_mid_stream_is_not_silent_either(server: ServerThread, backend: FakeBackend) -> None:
+    backend.fail_with, backend.fail_after = RuntimeError("boom"), 2  # RuntimeError once read as "client went away"
+    status, _, events = _raw_stream(server, STREAMED)
+    assert status == 200 and "[DONE]" not in events
+    assert json.loads(events[-1])["error"]["code"] == "internal_error"
+
+
+@pytest.mark.parametrize(("error", "status", "code"), [
+    (CapacityExhaustedError("decode on d0 failed: the node is full: all 4 leases are in use", node="d0"), 429,
+     "capacity_exhausted"),
+    (NoCapacityError("no decode-capable node serves model 'tiny'"), 503, "no_capacity"),
+    (RequestFailedError("prefill on p0 failed: the node is unreachable or went away", node="p0"), 502,
+     "worker_failed"),
+    (WorkerTimeoutError("decode on d0 failed: the node did not answer in time", node="d0"), 504, "worker_timeout"),
+])
+def test_a_failure_before_the_first_byte_gets_its_own_status(
+    server: ServerThread, backend: FakeBackend, error: Exception, status: int, code: str
+) -> None:
+    backend.fail_with, backend.fail_after = error, 0
+    for body in (STREAMED, {**STREAMED, "stream": False}):
+        got, headers, payload = _raw_stream(server, body)
+        assert got == status
+        error_body = json.loads(payload[0])
+        _assert_openai_error(error_body)
+        assert error_body["error"]["code"] == code and error_body["error"]["message"] == str(error)
+        assert ("Retry-After" in headers) == (status == 429)
+        if status == 429:
+            assert int(headers["Retry-After"]) >= 1
+
+
+def test_the_openai_client_sees_429_as_a_rate_limit_error(client: openai.OpenAI, backend: FakeBackend) -> None:
+    backend.fail_with = CapacityExhaustedError("decode on d0 failed: the node is full", node="d0")
+    with pytest.raises(openai.RateLimitError) as err:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=5)
+    assert err.value.code == "capacity_exhausted" and err.value.response.headers["retry-after"]

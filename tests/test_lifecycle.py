@@ -171,3 +171,67 @@ def test_prefill_done_fires_once_at_the_first_token_when_colocated() -> None:
 def test_prefill_done_fires_once_when_the_prefill_fails() -> None:
     seen = _timeline(Placement("p", "d"), prefill_fails=True)
     assert seen == ["prefill-done", "error"]
+
+
+# ---------------------------------------------------------------- worker failures in plain words
+
+
+def _rpc_error(code, details: str):
+    from grpc import aio
+    return aio.AioRpcError(code, aio.Metadata(), aio.Metadata(), details=details,
+                           debug_error_string='UNKNOWN:Error received from peer {grpc_status:14}')
+
+
+@pytest.mark.parametrize(("code", "kind", "status"), [
+    ("UNAVAILABLE", "RequestFailedError", 502),
+    ("RESOURCE_EXHAUSTED", "CapacityExhaustedError", 429),
+    ("DEADLINE_EXCEEDED", "WorkerTimeoutError", 504),
+    ("INTERNAL", "RequestFailedError", 502),
+])
+def test_a_worker_rpc_error_becomes_plain_words_naming_the_node(code: str, kind: str, status: int) -> None:
+    import grpc
+
+    from scheduler.lifecycle import worker_error
+
+    error = worker_error("decode", "mac-1", _rpc_error(getattr(grpc.StatusCode, code), "all 4 leases are in use"))
+    assert type(error).__name__ == kind and error.status == status
+    assert error.node == "mac-1" and error.grpc_code == code
+    assert error.message.startswith("decode on mac-1 failed: the node ") and "all 4 leases are in use" in error.message
+    for raw in ("AioRpcError", "debug_error_string", "StatusCode", "grpc_status"):
+        assert raw not in error.message
+
+
+def test_a_failed_decode_stream_names_the_node_and_cause() -> None:
+    import grpc
+
+    class DyingDecoder(FakeWorker):
+        async def decode(self, request, timeout):
+            yield pb.DecodeEvent(token=pb.Token(token_id=100, index=0))
+            raise _rpc_error(grpc.StatusCode.UNAVAILABLE, "Socket closed")
+
+    workers = {"d": DyingDecoder("d")}
+
+    async def go() -> list:
+        got = []
+        with pytest.raises(RequestFailedError) as err:
+            async for event in run_request(_request(placement="colocated"), Placement(None, "d"),
+                                           workers.__getitem__, FAST):
+                got.append(event)
+        return got, err.value
+
+    got, error = asyncio.run(go())
+    assert [e.token_id for e in got] == [100]
+    assert error.message == "decode on d failed: the node is unreachable or went away: Socket closed"
+    assert error.node == "d" and error.grpc_code == "UNAVAILABLE" and workers["d"].cancelled == ["req-1"]
+
+
+def test_the_lease_is_the_decode_workers_unless_the_operator_set_one() -> None:
+    workers = _workers()
+    asyncio.run(_collect(run_request(_request(placement="colocated"), Placement(None, "d"), workers.__getitem__,
+                                     LifecycleConfig())))
+    assert workers["d"].decode_requests[0].lease_s == 0  # 0: the worker's own --lease-s
+    asyncio.run(_collect(run_request(_request(placement="colocated"), Placement(None, "d"), workers.__getitem__,
+                                     LifecycleConfig(lease_s=12.5))))
+    assert workers["d"].decode_requests[1].lease_s == 12.5
+    with pytest.raises(ValueError, match="lease_s must be >= 0"):
+        LifecycleConfig(lease_s=-1)

@@ -18,6 +18,7 @@ from scheduler.dispatch import Dispatcher
 from scheduler.models import ModelRegistry, record_from_info
 from scheduler.policy import FastestPair, LeastLoaded, load_policy
 from scheduler.probing import LinkProber
+from scheduler.request import GenerationRequest, NoCapacityError
 from scheduler.service import ClusterBackend, SchedulerConfig
 
 
@@ -151,6 +152,10 @@ def test_the_backend_wires_its_parts(tiny: Path) -> None:
     backend.registry.add(record_from_info(_info(tiny).model, "a"))
     ready, health = backend.health()
     assert not ready and health["policy"] == "fastest-pair" and health["nodes"] == []
-    assert backend.models() == [] and backend.codec_for("tiny") is None  # no live decode node serves it
+    assert backend.models() == []  # no live decode node serves it
+    # ... but the model is known: its requests fail as 503 no_capacity, not 404 model_not_found
+    assert backend.codec_for("tiny") is not None and backend.codec_for("nope") is None
+    with pytest.raises(NoCapacityError, match="no node serves model 'tiny'"):
+        asyncio.run(anext(aiter(backend.generate(GenerationRequest("r", "tiny", (1,), max_tokens=1)))))
     view = backend.cluster_view("tiny", [_node("a", ("prefill", "decode"))])
     assert view.model_config == json.loads((tiny / "config.json").read_text()) and view.links == {}
