@@ -3,11 +3,15 @@
 Everything it hands out is a plain `NodeInfo` (cluster/node.py), so the scheduler
 and its tests work with fake node lists.
 
-- `Advertiser` publishes one node as ``<node_id>._pdcluster._tcp.local.``: the SRV
-  port is the gRPC port, the TXT record is `NodeInfo.to_txt()`.
+- `Advertiser` publishes one node as ``<node_id>-<key fingerprint>._pdcluster._tcp.local.``:
+  the SRV port is the gRPC port, the TXT record is `NodeInfo.to_txt()`. The key
+  fingerprint in the instance name keeps two clusters' records apart even when
+  their node ids collide: their goodbyes and updates never touch each other's.
 - `Browser` keeps ``nodes`` (admitted, by node id) and ``refused`` (node id, or the
-  mDNS instance label when the TXT record could not be read, -> reason). A node
-  whose cluster-key fingerprint differs from ours is refused and logged.
+  mDNS instance label when the TXT record could not be read or the id is one of
+  ours, -> reason). Another cluster's node (another key fingerprint) is ignored
+  quietly: one debug line, and it still shows in ``refused`` for ``pdc status``.
+  A refused record never removes or replaces an admitted node.
 - `cluster/node_table.py` builds the scheduler's live view on top of `Browser`.
 - `discover_once` browses for a while and returns what it saw, for ``pdc status``.
 
@@ -17,8 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import ipaddress
 import logging
+import re
 from collections.abc import Awaitable, Callable
 
 import ifaddr
@@ -36,9 +42,21 @@ RESOLVE_TIMEOUT_S = 3.0
 OnChange = Callable[[str, "NodeInfo | None"], None]
 
 
-def instance_name(node_id: str) -> str:
-    """The DNS-SD instance name of a node (dots would split the label, so they become dashes)."""
-    return f"{node_id.replace('.', '-')}.{SERVICE_TYPE}"
+MAX_LABEL_BYTES = 63  # one DNS label
+
+
+def instance_name(node_id: str, key_fingerprint: str) -> str:
+    """The DNS-SD instance name of a node: its id and its cluster-key fingerprint, one DNS label.
+
+    Dots would split the label, so they become dashes; an id too long to fit beside
+    the fingerprint is cut and given a hash of the whole id, so names stay distinct.
+    """
+    kfp = re.sub(r"[^A-Za-z0-9-]", "-", key_fingerprint)[:16] or "nokey"
+    label = node_id.replace(".", "-")
+    room = MAX_LABEL_BYTES - len(kfp) - 1
+    if len(label) > room:
+        label = f"{label[: room - 9]}-{hashlib.sha256(node_id.encode()).hexdigest()[:8]}"
+    return f"{label}-{kfp}.{SERVICE_TYPE}"
 
 
 def _zeroconf(interfaces: list[str] | None) -> AsyncZeroconf:
@@ -105,7 +123,7 @@ class Advertiser:
         label = node.node_id.replace(".", "-")
         return AsyncServiceInfo(
             SERVICE_TYPE,
-            instance_name(node.node_id),
+            instance_name(node.node_id, node.key_fingerprint),
             port=node.grpc_port,
             properties=node.to_txt(),
             server=f"pdc-{label}.local.",
@@ -212,7 +230,7 @@ class Browser:
 
     async def _resolve(self, zeroconf: Zeroconf, service_type: str, name: str) -> None:
         info = AsyncServiceInfo(service_type, name)
-        label = name[: -len(service_type) - 1] if name.endswith("." + service_type) else name
+        label = _label(name)
         if not await info.async_request(zeroconf, self.resolve_timeout * 1000):
             if name in self._node_by_name:  # an update we could not read: keep what we have
                 log.info("could not re-resolve %s; keeping its last profile", name)
@@ -229,11 +247,13 @@ class Browser:
             self._refuse(name, label, f"malformed TXT record: {err}", logging.WARNING)
             return
         reason = _admission_problem(node, self.expected_key_fingerprint)
+        if reason is not None:  # another cluster's node: not ours to report loudly
+            self._refuse(name, node.node_id, f"another cluster: {reason}", logging.DEBUG)
+            return
         owner = next((n for n, node_id in self._node_by_name.items() if node_id == node.node_id and n != name), None)
-        if reason is None and owner is not None:
-            reason = f"duplicate node id: {owner} already advertises {node.node_id}"
-        if reason is not None:
-            self._refuse(name, node.node_id, reason, logging.WARNING)
+        if owner is not None:
+            self._refuse(name, node.node_id, f"duplicate node id: {owner} already advertises {node.node_id}",
+                         logging.WARNING)
             return
         self._admit(name, node)
 
@@ -241,6 +261,7 @@ class Browser:
         self._clear_refusal(name)
         if self._node_by_name.get(name, node.node_id) != node.node_id:
             self._forget(name)
+        self._rekey_refusals_of(node.node_id)
         known = name in self._node_by_name
         self._node_by_name[name] = node.node_id
         if self.nodes.get(node.node_id) != node:
@@ -249,13 +270,26 @@ class Browser:
             self._notify(node.node_id, node)
 
     def _refuse(self, name: str, key: str, reason: str, level: int) -> None:
-        if self.refused.get(key) == reason:  # said so already; a refused node's updates must not flood the log
-            level = logging.DEBUG
-        self._forget(name)
+        """Record why ``name`` is not admitted; log it once.
+
+        Invariant: a refused record never removes or replaces an admitted node; only
+        the admitted instance's goodbye does (and the node table's health checks).
+        """
+        if key in self.nodes:  # the id is one of ours: a stranger must not shadow it in `refused`
+            key = _label(name)
+        said = self.refused.get(key) == reason  # a refused node's updates must not flood the log
         self._clear_refusal(name)
         self.refused[key] = reason
         self._refused_by_name[name] = key
-        log.log(level, "not admitting mDNS service %s: %s", name, reason)
+        if not said:
+            log.log(level, "not admitting mDNS service %s: %s", name, reason)
+
+    def _rekey_refusals_of(self, node_id: str) -> None:
+        """A node id just admitted: refusals filed under that id move to their instance labels."""
+        for name, key in list(self._refused_by_name.items()):
+            if key == node_id:
+                self.refused[_label(name)] = self.refused.pop(key)
+                self._refused_by_name[name] = _label(name)
 
     def _forget(self, name: str) -> None:
         self._clear_refusal(name)
@@ -276,6 +310,12 @@ class Browser:
             self.on_change(node_id, node)
         except Exception:
             log.exception("on_change callback failed for node %s", node_id)
+
+
+def _label(name: str) -> str:
+    """An mDNS instance name without the service type."""
+    suffix = "." + SERVICE_TYPE
+    return name[: -len(suffix)] if name.endswith(suffix) else name
 
 
 def _pick_address(info: AsyncServiceInfo) -> str | None:

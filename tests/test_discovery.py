@@ -166,8 +166,9 @@ def test_health_check_that_hangs_counts_as_a_failure() -> None:
     run(body())
 
 
-def test_node_with_wrong_key_fingerprint_is_refused_and_logged(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="cluster.discovery")
+def test_node_with_wrong_key_fingerprint_is_refused_and_logged_once_at_debug(caplog: pytest.LogCaptureFixture) -> None:
+    """Another cluster's node is not our problem: refused (``pdc status`` lists it), one debug line."""
+    caplog.set_level(logging.DEBUG, logger="cluster.discovery")
 
     intruder = make_node("intruder", key_fingerprint="kfp-evil-9999")
 
@@ -181,10 +182,10 @@ def test_node_with_wrong_key_fingerprint_is_refused_and_logged(caplog: pytest.Lo
             await wait_until(lambda: intruder.node_id not in browser.refused, "the refusal to clear on goodbye")
 
     run(body())
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    logged = [m for m in warnings if intruder.node_id in m]
-    assert logged, warnings
-    assert all(s in logged[0] for s in ("127.0.0.1:50051", "kfp-evil-9999", KFP))
+    logged = [r for r in caplog.records if intruder.node_id in r.getMessage() and "not admitting" in r.getMessage()]
+    assert len(logged) == 1, [r.getMessage() for r in logged]
+    assert logged[0].levelno == logging.DEBUG
+    assert all(s in logged[0].getMessage() for s in ("127.0.0.1:50051", "kfp-evil-9999", KFP))
 
 
 def test_malformed_txt_record_over_mdns_is_refused_with_the_reason() -> None:
@@ -353,3 +354,43 @@ def test_suspension_without_a_health_function_lasts_until_the_next_round() -> No
         assert table.snapshot() == [node]
 
     run(body())
+
+
+def test_another_cluster_with_the_same_node_id_neither_removes_nor_replaces_ours(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two clusters on one host: same node id, other key. Ours stays, theirs is one debug line."""
+    caplog.set_level(logging.DEBUG, logger="cluster")
+    ours = make_node("twin")
+    theirs = dataclasses.replace(ours, key_fingerprint="kfp-other-cluster", grpc_port=50061)
+    changes: list[tuple[str, NodeInfo | None]] = []
+
+    async def body() -> None:
+        table = NodeTable(KFP, interfaces=LOOPBACK, interval=0.05, on_change=lambda i, n: changes.append((i, n)))
+        async with Advertiser(ours, LOOPBACK), table:
+            await wait_until(lambda: table.snapshot() == [ours], "our node to appear")
+            async with Advertiser(theirs, LOOPBACK):
+                await wait_until(lambda: any("another cluster" in r for r in table.refused.values()),
+                                 "the stranger to be seen")
+                assert table.snapshot() == [ours]
+                [(key, reason)] = table.refused.items()
+                assert key != ours.node_id and "kfp-other-clust" in key  # its instance label, not our id
+                assert "kfp-other-cluster" in reason
+            await wait_until(lambda: not table.refused, "the stranger's goodbye")
+            assert table.snapshot() == [ours]  # its goodbye did not take ours with it
+        assert (ours.node_id, None) not in changes[:-1]  # ours left only when our own advertiser stopped
+
+    run(body())
+    strangers = [r for r in caplog.records if "kfp-other-cluster" in r.getMessage()]
+    assert len(strangers) == 1 and strangers[0].levelno == logging.DEBUG, [r.getMessage() for r in strangers]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_instance_names_carry_the_key_fingerprint_and_fit_one_dns_label() -> None:
+    from cluster.discovery import instance_name
+
+    assert instance_name("a.b", "0123456789abcdef") == f"a-b-0123456789abcdef.{SERVICE_TYPE}"
+    assert instance_name("n1", "k1") != instance_name("n1", "k2")
+    long_a, long_b = "x" * 62 + "a", "x" * 62 + "b"
+    label_a = instance_name(long_a, "0123456789abcdef").split(".")[0]
+    assert len(label_a) <= 63 and label_a != instance_name(long_b, "0123456789abcdef").split(".")[0]
