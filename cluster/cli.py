@@ -243,7 +243,15 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                         "roofline, conditional), package.module:Class or path/to/file.py:Class "
                         "(default: conditional, remote prefill only when the cost model predicts a clear win "
                         "over the measured link)")
-    p.add_argument("--lease-s", type=float, default=30.0, help="decode-side KV reservation lease (default: 30)")
+    p.add_argument("--lease-s", type=float, default=0.0,
+                   help="decode-side KV reservation lease in seconds, sent with every request; 0 (default): "
+                        "each decode worker's own pdc worker --lease-s")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/ (default: $PDC_API_KEY, else no key); "
+                        "/health stays open but shows its details only with the key")
+    p.add_argument("--allowed-origins", default="",
+                   help="CORS: browser origins allowed to call the API, comma-separated ('*' for any; "
+                        "default: none, CORS off)")
     p.add_argument("--link-refresh-s", type=float, default=300.0,
                    help="re-probe each prefill -> decode link this often, when both nodes are idle (default: 300)")
     p.add_argument("--link-probe-mib", type=float, default=0.0,
@@ -253,6 +261,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 def _run_serve(args: argparse.Namespace) -> int:
     import asyncio
+    import os
 
     from cluster.auth import load_cluster_key
     from scheduler.lifecycle import LifecycleConfig
@@ -264,6 +273,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         mdns_interfaces=tuple(args.mdns_interface) if args.mdns_interface else None, policy=args.policy,
         link_refresh_s=args.link_refresh_s, link_probe_bytes=int(args.link_probe_mib * (1 << 20)),
         lifecycle=LifecycleConfig(lease_s=args.lease_s),
+        api_key=args.api_key or os.environ.get("PDC_API_KEY") or None,
+        allowed_origins=_split(args.allowed_origins),
     )
     asyncio.run(serve(config, load_cluster_key(args.cluster_key_file)))
     return 0

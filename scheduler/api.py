@@ -17,15 +17,27 @@ failure ends it with one OpenAI-style error event, ``data: {"error": {...}}``
 (the openai SDK raises it as ``openai.APIError``), and no ``[DONE]``: a stream
 ends with ``[DONE]`` only when it completed. Client disconnects are told apart
 by type (``_ClientGone``), never by catching ``RuntimeError``.
+
+Security (``build_app(api_key=..., allowed_origins=...)``): with an API key,
+every ``/v1/`` route wants ``Authorization: Bearer <key>`` (as vLLM and
+OpenAI do) and answers 401 ``invalid_api_key`` in OpenAI's shape otherwise.
+``/health`` stays open for load balancers and probes, but without the key it
+says only ``{"status": ...}``: node names, addresses and load are for key
+holders. ``/admin/policy`` keeps its own cluster-key signature. CORS is off
+unless origins are listed: then only those origins (or any, for ``*``) get
+``Access-Control-Allow-*`` headers, and a preflight ``OPTIONS`` from one of
+them is answered 204 before any key check (browsers send no credentials on
+preflight); one from any other origin gets 403.
 """
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from aiohttp import web
@@ -46,6 +58,7 @@ log = logging.getLogger(__name__)
 
 BACKEND_KEY = web.AppKey("backend", object)
 ADMIN_KEY = web.AppKey("admin", object)
+SECURITY_KEY = web.AppKey("security", object)
 ADMIN_AUTH_HEADER = "X-PDC-Auth"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -64,11 +77,42 @@ class AdminBackend(Protocol):
         ...
 
 
-def build_app(backend: Backend, admin: AdminBackend | None = None) -> web.Application:
-    """The aiohttp application serving ``backend`` (and ``/admin/policy`` when ``admin`` is given)."""
-    app = web.Application(middlewares=[_errors_as_openai], client_max_size=32 << 20)
+@dataclass(frozen=True)
+class Security:
+    """Who may call the API: the bearer key (None: anyone) and the CORS origins (empty: CORS off)."""
+
+    api_key: str | None = field(default=None, repr=False)
+    allowed_origins: tuple[str, ...] = ()
+
+    def authorized(self, request: web.Request) -> bool:
+        """Whether ``request`` carries ``Authorization: Bearer <api_key>`` (always, without a key)."""
+        if not self.api_key:
+            return True
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        # compare_digest: the time taken does not tell how much of a guess was right
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
+
+    def allows_origin(self, origin: str | None) -> bool:
+        """Whether a browser page from ``origin`` may read our answers."""
+        return bool(origin) and ("*" in self.allowed_origins or origin in self.allowed_origins)
+
+
+CORS_METHODS = "GET, POST, PUT, OPTIONS"
+CORS_HEADERS = "Authorization, Content-Type, X-PDC-Auth"
+
+
+def build_app(backend: Backend, admin: AdminBackend | None = None, *, api_key: str | None = None,
+              allowed_origins: tuple[str, ...] = ()) -> web.Application:
+    """The aiohttp application serving ``backend`` (and ``/admin/policy`` when ``admin`` is given).
+
+    ``api_key``: required as a bearer token on ``/v1/`` routes (None or "": open).
+    ``allowed_origins``: the origins CORS admits (``*`` for any; empty: CORS off)."""
+    app = web.Application(middlewares=[_cors_preflight, _errors_as_openai, _api_key_required],
+                          client_max_size=32 << 20)
     app[BACKEND_KEY] = backend
     app[ADMIN_KEY] = admin
+    app[SECURITY_KEY] = Security(api_key or None, tuple(allowed_origins))
+    app.on_response_prepare.append(_cors_headers)
     app.router.add_get("/admin/policy", _get_policy)
     app.router.add_put("/admin/policy", _put_policy)
     app.router.add_post("/v1/chat/completions", _chat_completions)
@@ -76,6 +120,43 @@ def build_app(backend: Backend, admin: AdminBackend | None = None) -> web.Applic
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/health", _health)
     return app
+
+
+@web.middleware
+async def _cors_preflight(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answer a CORS preflight (OPTIONS with an Origin) before routing and the key check."""
+    security: Security = request.app[SECURITY_KEY]
+    origin = request.headers.get("Origin")
+    if request.method != "OPTIONS" or not origin or not security.allowed_origins:
+        return await handler(request)
+    if not security.allows_origin(origin):
+        log.info("CORS preflight from %s refused (not in --allowed-origins)", origin)
+        return APIError(403, f"origin {origin!r} is not allowed", "invalid_request_error").response()
+    return web.Response(status=204, headers={
+        "Access-Control-Allow-Methods": CORS_METHODS,
+        "Access-Control-Allow-Headers": request.headers.get("Access-Control-Request-Headers", CORS_HEADERS),
+        "Access-Control-Max-Age": "600",
+    })
+
+
+async def _cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer to an allowed origin (streams and errors included) carries the CORS headers."""
+    security: Security = request.app[SECURITY_KEY]
+    origin = request.headers.get("Origin")
+    if security.allows_origin(origin):
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Vary"] = "Origin"
+
+
+@web.middleware
+async def _api_key_required(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """With an API key, every ``/v1/`` route wants it as a bearer token (401 in OpenAI's shape)."""
+    security: Security = request.app[SECURITY_KEY]
+    if request.path.startswith("/v1/") and not security.authorized(request):
+        log.info("%s %s from %s refused: missing or wrong API key", request.method, request.path, request.remote)
+        raise APIError(401, "Incorrect or missing API key: send it as 'Authorization: Bearer <key>'",
+                       "invalid_request_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    return await handler(request)
 
 
 @web.middleware
@@ -147,7 +228,10 @@ async def _models(request: web.Request) -> web.Response:
 
 
 async def _health(request: web.Request) -> web.Response:
+    """Open to anyone; the details (nodes, addresses, load) only with the API key, when there is one."""
     ready, details = request.app[BACKEND_KEY].health()
+    if not request.app[SECURITY_KEY].authorized(request):
+        details = {}
     return web.json_response({"status": "ok" if ready else "unavailable", **details}, status=200 if ready else 503)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
 from collections.abc import AsyncIterator, Iterable
@@ -67,6 +68,8 @@ class SchedulerConfig:
     link_probe_bytes: int = 0  # probe payload; 0: the worker's default (16 MiB)
     link_probe_timeout_s: float = 10.0
     lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
+    api_key: str | None = field(default=None, repr=False)  # bearer key for /v1/ (None: open); never logged
+    allowed_origins: tuple[str, ...] = ()  # CORS origins ("*": any); empty: CORS off
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -169,6 +172,24 @@ class ClusterBackend:
         self.registry.learn_soon(node)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` serves this machine only (``localhost``, 127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def exposure_warning(config: SchedulerConfig) -> str | None:
+    """The start-up warning for an API reachable beyond this machine without a key, else None."""
+    if config.api_key or is_loopback(config.host):
+        return None
+    return (f"serving on {config.host or 'every interface'} without an API key: anyone who can reach port "
+            f"{config.port} can run requests on this cluster; set --api-key or $PDC_API_KEY")
+
+
 def describe(stats: RequestStats) -> str:
     """One log line's worth of a finished request's record."""
     tpot = "-" if stats.tpot_s is None else f"{stats.tpot_s:.4f} s"
@@ -188,11 +209,17 @@ async def serve(config: SchedulerConfig, key: ClusterKey) -> None:
     """Run until SIGINT/SIGTERM."""
     backend = ClusterBackend(config, key)
     await backend.start()
-    runner = web.AppRunner(build_app(backend, admin=backend.admin), handler_cancellation=True, access_log=None)
+    app = build_app(backend, admin=backend.admin, api_key=config.api_key, allowed_origins=config.allowed_origins)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)
     await site.start()
-    log.warning("scheduler listening on http://%s:%d/v1 (policy %s)", config.host, config.port, config.policy)
+    log.warning("scheduler listening on http://%s:%d/v1 (policy %s, API key %s, CORS %s)", config.host, config.port,
+                config.policy, "required" if config.api_key else "off",
+                ",".join(config.allowed_origins) if config.allowed_origins else "off")
+    warning = exposure_warning(config)
+    if warning:
+        log.warning("%s", warning)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
