@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -124,6 +126,34 @@ def _status_of(error: BaseException) -> grpc.StatusCode | None:
     except Exception:  # not an RPC error after all
         return None
     return value if isinstance(value, grpc.StatusCode) else None
+
+
+def with_fixed_seed(request: GenerationRequest) -> GenerationRequest:
+    """``request`` with a seed: the client's, else (sampled requests only) one the scheduler draws now.
+
+    Invariant: every node that samples for one request draws from the same
+    (seed, step) streams, so a stream moved to another node mid-way continues
+    as it would have; greedy requests ignore the seed and keep none."""
+    if request.seed is not None or request.temperature == 0:
+        return request
+    return dataclasses.replace(request, seed=secrets.randbits(63))
+
+
+def continuation(request: GenerationRequest, sent: tuple[int, ...], attempt: int) -> GenerationRequest:
+    """The request that places ``request`` again (attempt ``attempt`` >= 1) after ``sent`` tokens went out.
+
+    Its worker-side id is ``<id>.<attempt>`` (the failed attempt's id may still be
+    retiring on a surviving worker). With tokens sent, the prompt grows by them,
+    ``max_tokens`` counts what is left, sampling resumes at step ``len(sent)``
+    and the placement is colocated: only a decode node's own prefill samples
+    its first token at a step other than 0."""
+    if not sent:
+        return dataclasses.replace(request, request_id=f"{request.request_id}.{attempt}")
+    return dataclasses.replace(
+        request, request_id=f"{request.request_id}.{attempt}",
+        prompt_token_ids=request.prompt_token_ids + tuple(sent), max_tokens=request.max_tokens - len(sent),
+        first_step=request.first_step + len(sent), placement="colocated",
+    )
 
 
 def sampling_of(request: GenerationRequest) -> pb.SamplingParams:

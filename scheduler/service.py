@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 
@@ -34,7 +36,7 @@ from scheduler.admin import PolicyAdmin
 from scheduler.api import build_app
 from scheduler.clients import ClientPool
 from scheduler.dispatch import Dispatcher
-from scheduler.lifecycle import LifecycleConfig, run_request
+from scheduler.lifecycle import LifecycleConfig, continuation, run_request, with_fixed_seed
 from scheduler.load import LoadLedger
 from scheduler.models import ModelRegistry
 from scheduler.placement import ClusterView
@@ -46,7 +48,9 @@ from scheduler.request import (
     ModelEntry,
     NoCapacityError,
     RequestStats,
+    SchedulerError,
     TokenEvent,
+    mean_tpot_s,
 )
 from scheduler.tokenizer import PromptCodec
 
@@ -70,10 +74,13 @@ class SchedulerConfig:
     lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
     api_key: str | None = field(default=None, repr=False)  # bearer key for /v1/ (None: open); never logged
     allowed_origins: tuple[str, ...] = ()  # CORS origins ("*": any); empty: CORS off
+    max_migrations: int = 2  # moves of one stream to another node after its first token
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_migrations < 0:
+            raise ValueError(f"max_migrations must be >= 0, got {self.max_migrations}")
         if self.link_refresh_s <= 0 or self.link_probe_timeout_s <= 0 or self.link_probe_bytes < 0:
             raise ValueError("link_refresh_s and link_probe_timeout_s must be positive, link_probe_bytes >= 0")
 
@@ -137,25 +144,69 @@ class ClusterBackend:
                        "refused": self.table.refused, "models": [m.model_id for m in self.models()]}
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
-        """Place ``request`` over the live nodes serving its model and run it; see ``Backend.generate``."""
-        nodes = {n.node_id: n for n in self.table.snapshot() if n.model_id == request.model}
-        if not nodes:
-            raise NoCapacityError(f"no node serves model {request.model!r} right now")
-        placement = self.dispatcher.place(request, self.cluster_view(request.model, nodes.values()))
+        """Place ``request`` over the live nodes serving its model and run it; see ``Backend.generate``.
+
+        Recovery (see docs/reliability.md, "Scheduler"): a worker that fails with
+        UNAVAILABLE is suspended in the node table at once. Before the first
+        token, a request whose prefill or decode node fails is placed once more
+        without that node. After it, the stream moves (at most
+        ``max_migrations`` times): a surviving node prefills prompt + the tokens
+        already sent and decodes on from the next sampling step. Every attempt
+        stays within the request's one deadline; whatever cannot be recovered
+        raises the ``SchedulerError`` that says why."""
+        request = with_fixed_seed(request)
+        attempt = _Attempts(request, self.config.max_migrations,
+                            (request.arrived_at or time.monotonic()) + self.config.lifecycle.request_timeout_s)
+        while True:
+            current = attempt.next_request()
+            try:
+                async with contextlib.aclosing(self._run_placed(current, attempt)) as events:
+                    async for event in events:
+                        if isinstance(event, TokenEvent):
+                            attempt.sent_token(event.token_id)
+                            yield event
+                        else:
+                            stats = attempt.merged_stats(event.stats)
+                            log.info("request %s: done (%s) %s", request.request_id, event.finish_reason,
+                                     describe(stats))
+                            yield FinishEvent(event.finish_reason, stats)
+                            return
+            except SchedulerError as e:
+                self._suspend_if_unreachable(e)
+                if not attempt.may_recover(e):
+                    raise
+                log.warning("request %s: %s; %s", request.request_id, e,
+                            "migrating the stream" if attempt.sent else "placing it again")
+                attempt.failed(e)
+
+    async def _run_placed(self, request: GenerationRequest, attempt: _Attempts
+                          ) -> AsyncIterator[TokenEvent | FinishEvent]:
+        """Place one attempt over the live nodes (less those that failed it before) and run it."""
+        nodes = {n.node_id: n for n in self.table.snapshot()
+                 if n.model_id == request.model and n.node_id not in attempt.excluded}
+        try:
+            if not nodes:
+                raise NoCapacityError(f"no node serves model {request.model!r} right now")
+            placement = self.dispatcher.place(request, self.cluster_view(request.model, nodes.values()))
+        except NoCapacityError as e:
+            raise attempt.unplaceable(e) from e
         rid = request.request_id
         run = run_request(request, placement, lambda nid: self.clients.of(nodes[nid]), self.config.lifecycle,
-                          on_prefill_done=lambda: self.dispatcher.prefill_done(rid))
+                          on_prefill_done=lambda: self.dispatcher.prefill_done(rid), deadline=attempt.deadline)
         try:
             # aclosing: when our caller closes us (a client went away), close the
             # request's generator now, so it cancels on the workers now, not
             # whenever the garbage collector finalizes it.
             async with contextlib.aclosing(run) as events:
                 async for event in events:
-                    if isinstance(event, FinishEvent):
-                        log.info("request %s: done (%s) %s", rid, event.finish_reason, describe(event.stats))
                     yield event
         finally:
-            self.dispatcher.finish(rid)  # invariant: every placed request leaves the ledger
+            self.dispatcher.finish(rid)  # invariant: every placed attempt leaves the ledger
+
+    def _suspend_if_unreachable(self, error: SchedulerError) -> None:
+        """A node whose RPC failed UNAVAILABLE leaves the table now, until a health check passes."""
+        if error.grpc_code == "UNAVAILABLE" and error.node:
+            self.table.suspend(error.node, error.message)
 
     def cluster_view(self, model: str, nodes: Iterable[NodeInfo]) -> ClusterView:
         """What a policy sees now for ``model`` over ``nodes``."""
@@ -170,6 +221,79 @@ class ClusterBackend:
         log.info("node %s: %s %s %s at %s (%.1f TFLOPS, %.0f GB/s)", node_id, "/".join(node.roles), node.engine,
                  node.model_id, node.grpc_address, node.tflops, node.mem_bw_gbps)
         self.registry.learn_soon(node)
+
+
+class _Attempts:
+    """One request's attempts: the tokens sent, the nodes that failed it, what recovery is left.
+
+    Invariants: one re-placement before the first token; at most
+    ``max_migrations`` moves after it; none once ``deadline`` (monotonic) passed
+    or for a failure that names no node (nothing to avoid next time)."""
+
+    def __init__(self, request: GenerationRequest, max_migrations: int, deadline: float) -> None:
+        self.request, self.max_migrations, self.deadline = request, max_migrations, deadline
+        self.sent: list[int] = []
+        self.excluded: set[str] = set()
+        self.replaced = False  # the one re-placement before the first token is spent
+        self.migrations = 0
+        self.attempts = 0
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        self.last_error: SchedulerError | None = None
+
+    def next_request(self) -> GenerationRequest:
+        """The request the next attempt runs."""
+        if self.attempts == 0:
+            return self.request
+        return continuation(self.request, tuple(self.sent), self.attempts)
+
+    def sent_token(self, token_id: int) -> None:
+        """``token_id`` went to the client."""
+        now = time.monotonic()
+        self.sent.append(token_id)
+        self.first_token_at = self.first_token_at or now
+        self.last_token_at = now
+
+    def may_recover(self, error: SchedulerError) -> bool:
+        """Whether ``error`` (a node's failure) leaves a recovery to try."""
+        if not error.node or error.grpc_code == "INVALID_ARGUMENT" or time.monotonic() >= self.deadline:
+            return False
+        if self.sent:
+            return self.migrations < self.max_migrations and len(self.sent) < self.request.max_tokens
+        return not self.replaced
+
+    def failed(self, error: SchedulerError) -> None:
+        """Count the recovery about to run and keep clear of the node at fault."""
+        self.excluded.add(error.node)
+        self.last_error = error
+        if self.sent:
+            self.migrations += 1
+        else:
+            self.replaced = True
+        self.attempts += 1
+
+    def unplaceable(self, error: NoCapacityError) -> SchedulerError:
+        """What to raise when an attempt finds no node: a recovery's failure names the original one."""
+        if self.last_error is None:
+            return error
+        original = self.last_error
+        where = "the stream could not move to another node" if self.sent else "no other node could take it"
+        return type(original)(f"{original.message}; {where}: {error.message}", node=original.node,
+                              grpc_code=original.grpc_code)
+
+    def merged_stats(self, last: RequestStats) -> RequestStats:
+        """The record of the whole request from its last attempt's: original id and prompt,
+        every token sent, the first token's TTFT, and the migrations."""
+        if self.attempts == 0:
+            return last
+        arrived = self.request.arrived_at or last.arrival_s
+        first = self.first_token_at or arrived
+        end = self.last_token_at or first
+        return dataclasses.replace(
+            last, request_id=self.request.request_id, prompt_tokens=len(self.request.prompt_token_ids),
+            completion_tokens=len(self.sent), ttft_s=first - arrived, e2e_s=end - arrived,
+            tpot_s=mean_tpot_s(first, end, len(self.sent)), migrations=self.migrations,
+        )
 
 
 def is_loopback(host: str) -> bool:

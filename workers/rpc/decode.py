@@ -8,6 +8,12 @@ yields one ``token`` per generated token (index 0 is the first token, sampled
 by the prefill node and carried by the ``end`` frame), then ``done``.
 Colocated (``local_prefill``): the same lease, but the engine prefills here.
 
+Continuing a stream (``first_step`` > 0, colocated only): the scheduler moved
+a request here after ``first_step`` tokens were already sent; the prompt ends
+with them. The first token sampled here uses sampling step ``first_step``,
+the next ``first_step + 1``, ...: sampling depends only on (seed, step), so a
+seeded or greedy stream continues token for token as if never interrupted.
+
 However the stream ends (done, error, lease expiry, ``Cancel``, the client
 going away), ``_close`` frees the lease, cuts any transfer into it and
 releases the engine cache on the engine thread.
@@ -18,15 +24,16 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import grpc
+import numpy as np
 from grpc import aio
 
 from cluster.auth import AuthError
 from proto import pdcluster_pb2 as pb
 from workers.kv.listener import Arrival
-from workers.engines.base import KVLayout
+from workers.engines.base import Engine, KVLayout
 from workers.kv.codec import FrameError, FrameTimeout
 from workers.kv.transport import TransferAborted
 from workers.kv.leases import Lease, LeaseError
@@ -61,7 +68,7 @@ class DecodeRPC:
             layout = state.engines.engine.kv_layout(len(prompt))
             active.lease = self._reserve(request.request_id, layout, lease_s, remote=not request.local_prefill)
             if request.local_prefill:
-                first, timings = await self._prefill_here(active, prompt, params, arrival)
+                first, timings = await self._prefill_here(active, prompt, params, arrival, request.first_step)
             else:
                 yield pb.DecodeEvent(reserved=pb.Reserved(
                     kv_host=state.settings.kv_host, kv_port=state.settings.kv_port,
@@ -69,7 +76,7 @@ class DecodeRPC:
                 ))
                 first, timings = await self._load(active, await self._await_kv(active.lease))
             timings.prompt_tokens = len(prompt)
-            async for event in self._generate(active, first, params, timings):
+            async for event in self._generate(active, first, params, timings, request.first_step):
                 yield event
         except RPCFailure as e:
             state.count_failure(e.code)
@@ -98,6 +105,13 @@ class DecodeRPC:
             raise RPCFailure(grpc.StatusCode.INVALID_ARGUMENT, f"lease_s must be >= 0, got {request.lease_s}")
         prompt = state.check_prompt(request.request_id, request.prompt_token_ids)
         params = sampling_from_proto(request.sampling)
+        if request.first_step and not request.local_prefill:
+            # a prefill node samples its first token at step 0: only this node can start at first_step
+            raise RPCFailure(grpc.StatusCode.INVALID_ARGUMENT, "first_step > 0 needs local_prefill")
+        if request.first_step and params.temperature > 0 and not hasattr(state.engines.engine, "step_logits"):
+            raise RPCFailure(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"engine {state.engines.engine.name!r} cannot continue a sampled stream at a step "
+                             "offset (it has no step_logits)")
         limit = state.spec.max_position_embeddings
         if len(prompt) + params.max_tokens > limit:
             raise RPCFailure(grpc.StatusCode.INVALID_ARGUMENT,
@@ -113,15 +127,16 @@ class DecodeRPC:
             raise RPCFailure(code, str(e)) from None
 
     async def _prefill_here(self, active: ActiveRequest, prompt: list[int], params: SamplingParams,
-                            arrival: float) -> tuple[int, pb.Timings]:
-        """Colocated: prefill on this engine and keep the cache; nothing is sent."""
+                            arrival: float, first_step: int = 0) -> tuple[int, pb.Timings]:
+        """Colocated: prefill on this engine and keep the cache; nothing is sent.
+        The first token is sampled at step ``first_step``."""
         engines = self.state.engines
 
         def job() -> tuple[int, float, float]:
             started = time.monotonic()
             result = engines.engine.prefill(active.cache_key, prompt, cancellable(active, None),
                                             self.state.settings.chunk_size)
-            return sample(result.logits, params, 0), started - arrival, result.compute_s
+            return sample(result.logits, params, first_step), started - arrival, result.compute_s
 
         try:
             first, queue_s, prefill_s = await engines.run(job)
@@ -187,15 +202,17 @@ class DecodeRPC:
         return kv.first_token, timings
 
     async def _generate(self, active: ActiveRequest, first: int, params: SamplingParams,
-                        timings: pb.Timings) -> AsyncIterator[pb.DecodeEvent]:
-        """``token`` events from ``first`` on (one engine step per event), then ``done``."""
+                        timings: pb.Timings, first_step: int = 0) -> AsyncIterator[pb.DecodeEvent]:
+        """``token`` events from ``first`` on (one engine step per event), then ``done``.
+        ``first`` was sampled at step ``first_step``; the token at index i uses step ``first_step + i``."""
         engines, counters = self.state.engines, self.state.counters
         started = time.monotonic()
         tokens = [first]
         counters.tokens_generated += 1
         yield pb.DecodeEvent(token=pb.Token(token_id=first, index=0))
         if params.max_tokens > 1 and first not in params.stop_token_ids:
-            active.tokens = await engines.run(engines.engine.decode, active.cache_key, first, params)
+            active.tokens = await engines.run(_token_iterator, engines.engine, active.cache_key, first, params,
+                                              first_step)
             for index in range(1, params.max_tokens):
                 if active.cancelled.is_set():
                     raise RPCFailure(grpc.StatusCode.CANCELLED, "request cancelled")
@@ -235,6 +252,27 @@ def _expiry(rid: str, why: str) -> RPCFailure:
 def _timeout(remaining: float) -> float | None:
     """``asyncio.wait_for``'s timeout for ``remaining`` seconds (None: no deadline)."""
     return None if math.isinf(remaining) else max(remaining, 0.0)
+
+
+def _token_iterator(engine: Engine, cache_key: str, first: int, params: SamplingParams,
+                    first_step: int) -> Iterator[int]:
+    """The tokens after ``first``: the engine's own ``decode`` when steps start at 0 or the
+    request is greedy (argmax ignores the step), else ``decode_loop``'s exact steps shifted
+    by ``first_step`` over the engine's ``step_logits`` (checked in ``_check``)."""
+    if first_step == 0 or params.temperature == 0:
+        return engine.decode(cache_key, first, params)
+    step_logits = engine.step_logits  # type: ignore[attr-defined]  # both engines have it; _check made sure
+    return _offset_steps(lambda token: step_logits(cache_key, token), first, params, first_step)
+
+
+def _offset_steps(step: Callable[[int], np.ndarray], first: int, params: SamplingParams, first_step: int) -> Iterator[int]:
+    """``workers.engines.base.decode_loop`` with sampling steps ``first_step + 1, ...``."""
+    token = first
+    for index in range(1, params.max_tokens):
+        if token in params.stop_token_ids:
+            return
+        token = sample(step(token), params, first_step + index)
+        yield token
 
 
 def _close_iterator(tokens: object) -> None:
