@@ -350,3 +350,53 @@ def test_kill_9_the_decode_worker_mid_stream_and_the_client_sees_one_identical_a
                     proc.proc.wait(15)
                 except Exception:
                     proc.proc.kill()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not have("mlx.core"), reason="needs the mlx extra (decode engine)")
+def test_kill_9_the_only_decode_worker_mid_stream_and_the_sdk_raises_then_503(model, tmp_path) -> None:
+    import os
+    import signal
+
+    import openai
+    from conftest import start_worker_process
+    from test_api import ServerThread
+
+    from cluster.auth import write_config
+    from scheduler.api import build_app
+
+    key = generate_key()
+    key_file = write_config(tmp_path / "cluster.json", key)
+    proc = start_worker_process("both", "mlx", model, key_file, tmp_path / "solo.log", "--node-id", "solo")
+    srv = None
+    try:
+        assert proc.ready.wait(120), proc.tail()
+        backend = ClusterBackend(SchedulerConfig(mdns=False, health_interval_s=0.3, peers=(proc.grpc,)), key)
+        srv = ServerThread(build_app(backend))
+        asyncio.run_coroutine_threadsafe(backend.start(), srv.loop).result(30)
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", timeout=60, max_retries=0)
+        _wait(lambda: backend.table.snapshot() and backend.models(), "the worker and its model")
+        model_id = backend.models()[0].model_id
+        ask = dict(model=model_id, messages=[{"role": "user", "content": "go"}], max_tokens=1500,
+                   extra_body={"ignore_eos": True})
+        text = ""
+        with pytest.raises(openai.APIError) as err:
+            for chunk in client.chat.completions.create(**ask, stream=True):
+                text += chunk.choices[0].delta.content or "" if chunk.choices else ""
+                if text and proc.proc.poll() is None:
+                    os.kill(proc.proc.pid, signal.SIGKILL)
+        message = err.value.message
+        assert text and "decode on solo failed" in message and "could not move to another node" in message
+        for raw in ("AioRpcError", "debug_error_string", "StatusCode."):
+            assert raw not in message
+        # the model is known but no node is left: 503 no_capacity, not 404 model_not_found
+        with pytest.raises(openai.InternalServerError) as err:
+            client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "x"}], max_tokens=2)
+        assert err.value.status_code == 503 and err.value.code == "no_capacity"
+    finally:
+        if srv is not None:
+            asyncio.run_coroutine_threadsafe(backend.stop(), srv.loop).result(30)
+            srv.stop()
+        if proc.proc.poll() is None:
+            proc.proc.kill()
+        proc.proc.wait(15)
