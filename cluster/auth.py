@@ -24,6 +24,7 @@ network in the clear, so run a cluster on a network you trust (or a VPN).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -67,6 +68,27 @@ _SERVER_LABEL = b"pdc-kv-server\0"
 
 class AuthError(Exception):
     """A peer failed to prove it holds the cluster key (or the handshake broke)."""
+
+
+class KVRefused(AuthError):
+    """The KV receiver refused the connection and said why (``reason`` is one of ``REFUSALS``)."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        self.reason = reason
+        super().__init__(f"the decode node's KV port refused the connection: {REFUSALS[reason]}"
+                         + (f" ({detail})" if detail else ""))
+
+
+# Why a KV receiver refuses a connection; the code byte travels in the refusal
+# message, so both sides name the same cause.
+REFUSALS = {
+    "busy": "too many unauthenticated connections",
+    "wrong-key": "wrong cluster key",
+    "token": "unknown, used or expired transfer token",
+    "full": "too many transfers in progress",
+}
+_REFUSAL_CODES = {reason: code for code, reason in enumerate(REFUSALS, start=1)}
+REFUSE_MAGIC = b"PDNO"
 
 
 class ClusterKeyError(ValueError):
@@ -352,6 +374,11 @@ def _refusing_handler(handler: grpc.RpcMethodHandler | None, message: str) -> gr
 #   sender -> receiver   client challenge (32) | token length (u16) | token | client mac (32)
 #   receiver -> sender   server mac (32)
 #
+#   Instead of any message of its own, the receiver may send a refusal,
+#   "PDNO" | code (1 byte, see REFUSALS), and close. The sender recognises it
+#   by the end of stream right after those 5 bytes: a real greeting or mac is
+#   longer, and is sent whole.
+#
 #   client mac = HMAC(key, "pdc-kv-client\0" | server challenge | client challenge | token)
 #   server mac = HMAC(key, "pdc-kv-server\0" | server challenge | client challenge | token)
 
@@ -359,38 +386,66 @@ _HELLO = struct.Struct(f">4sB{CHALLENGE_BYTES}s")
 _ANSWER_HEAD = struct.Struct(f">{CHALLENGE_BYTES}sH")
 
 
+def refusal_message(reason: str) -> bytes:
+    """The bytes a KV receiver sends before closing a connection it refuses."""
+    return REFUSE_MAGIC + bytes([_REFUSAL_CODES[reason]])
+
+
+def send_refusal(sock: socket.socket, reason: str) -> None:
+    """Best effort: tell the sender why, without blocking (the socket is closed next)."""
+    with contextlib.suppress(OSError):
+        sock.setblocking(False)
+        sock.send(refusal_message(reason))
+
+
 def server_handshake(
     sock: socket.socket, key: ClusterKey, timeout: float,
     accept_token: Callable[[bytes], bool] | None = None,
+    refused: Callable[[], str | None] | None = None,
 ) -> bytes:
     """Authenticate the sender on a freshly accepted data-plane connection.
 
     Returns the transfer token it presented. ``accept_token`` (called only once
     the sender has proved the key) may refuse the token before this side
-    answers. On any failure, closes ``sock`` and raises ``AuthError``."""
+    answers; it may raise ``KVRefused`` to name another cause. ``refused`` is
+    asked when the connection broke: a reason there (the listener evicted it)
+    replaces the broken-connection error. On any failure, sends the sender the
+    refusal when there is one, closes ``sock`` and raises ``AuthError``."""
     deadline = time.monotonic() + timeout
     try:
-        server_challenge = secrets.token_bytes(CHALLENGE_BYTES)
-        _send_all(sock, _HELLO.pack(HANDSHAKE_MAGIC, HANDSHAKE_VERSION, server_challenge), deadline)
-        client_challenge, token_len = _ANSWER_HEAD.unpack(_recv_exactly(sock, _ANSWER_HEAD.size, deadline))
-        if not 0 < token_len <= MAX_TOKEN_BYTES:
-            raise AuthError(f"transfer token length {token_len} outside 1..{MAX_TOKEN_BYTES}")
-        token = _recv_exactly(sock, token_len, deadline)
-        client_mac = _recv_exactly(sock, _MAC_BYTES, deadline)
-        transcript = server_challenge + client_challenge + token
-        if not hmac.compare_digest(client_mac, key.mac(_CLIENT_LABEL + transcript)):
-            raise AuthError("KV sender failed the cluster-key challenge (wrong cluster key?)")
-        if accept_token is not None and not accept_token(token):
-            raise AuthError("unknown, used or expired transfer token")
-        _send_all(sock, key.mac(_SERVER_LABEL + transcript), deadline)
-        return token
+        return _server_handshake(sock, key, deadline, accept_token)
     except BaseException as e:
+        reason = refused() if refused is not None else None
+        error = KVRefused(reason) if reason is not None else e
+        if isinstance(error, KVRefused):
+            send_refusal(sock, error.reason)
         sock.close()
+        if error is not e:
+            raise error from None
         if isinstance(e, AuthError):
             raise
         if isinstance(e, (OSError, struct.error)):
             raise AuthError(f"KV handshake failed: {e}") from e
         raise
+
+
+def _server_handshake(sock: socket.socket, key: ClusterKey, deadline: float,
+                      accept_token: Callable[[bytes], bool] | None) -> bytes:
+    """The handshake's steps; the caller turns every failure into ``AuthError``."""
+    server_challenge = secrets.token_bytes(CHALLENGE_BYTES)
+    _send_all(sock, _HELLO.pack(HANDSHAKE_MAGIC, HANDSHAKE_VERSION, server_challenge), deadline)
+    client_challenge, token_len = _ANSWER_HEAD.unpack(_recv_exactly(sock, _ANSWER_HEAD.size, deadline))
+    if not 0 < token_len <= MAX_TOKEN_BYTES:
+        raise AuthError(f"transfer token length {token_len} outside 1..{MAX_TOKEN_BYTES}")
+    token = _recv_exactly(sock, token_len, deadline)
+    client_mac = _recv_exactly(sock, _MAC_BYTES, deadline)
+    transcript = server_challenge + client_challenge + token
+    if not hmac.compare_digest(client_mac, key.mac(_CLIENT_LABEL + transcript)):
+        raise KVRefused("wrong-key", "the KV sender failed the cluster-key challenge")
+    if accept_token is not None and not accept_token(token):
+        raise KVRefused("token")
+    _send_all(sock, key.mac(_SERVER_LABEL + transcript), deadline)
+    return token
 
 
 def client_handshake(sock: socket.socket, key: ClusterKey, transfer_token: bytes, timeout: float) -> None:
@@ -401,7 +456,7 @@ def client_handshake(sock: socket.socket, key: ClusterKey, transfer_token: bytes
     try:
         if not 0 < len(transfer_token) <= MAX_TOKEN_BYTES:
             raise AuthError(f"transfer token length {len(transfer_token)} outside 1..{MAX_TOKEN_BYTES}")
-        magic, version, server_challenge = _HELLO.unpack(_recv_exactly(sock, _HELLO.size, deadline))
+        magic, version, server_challenge = _HELLO.unpack(_recv_exactly(sock, _HELLO.size, deadline, sender=True))
         if magic != HANDSHAKE_MAGIC or version != HANDSHAKE_VERSION:
             raise AuthError(f"not a pdcluster KV port (greeting {magic!r} v{version})")
         client_challenge = secrets.token_bytes(CHALLENGE_BYTES)
@@ -409,10 +464,12 @@ def client_handshake(sock: socket.socket, key: ClusterKey, transfer_token: bytes
         answer = _ANSWER_HEAD.pack(client_challenge, len(transfer_token)) + transfer_token
         _send_all(sock, answer + key.mac(_CLIENT_LABEL + transcript), deadline)
         try:
-            server_mac = _recv_exactly(sock, _MAC_BYTES, deadline)
+            server_mac = _recv_exactly(sock, _MAC_BYTES, deadline, sender=True)
+        except KVRefused:
+            raise
         except AuthError as e:
-            raise AuthError(f"KV receiver refused the handshake ({e}); wrong cluster key or "
-                            "unknown transfer token?") from None
+            raise AuthError(f"the decode node's KV port closed the handshake without a reason ({e}); "
+                            "an older pdcluster, or a wrong cluster key?") from None
         if not hmac.compare_digest(server_mac, key.mac(_SERVER_LABEL + transcript)):
             raise AuthError("KV receiver failed the cluster-key challenge (wrong cluster key?)")
     except BaseException as e:
@@ -424,7 +481,8 @@ def client_handshake(sock: socket.socket, key: ClusterKey, transfer_token: bytes
         raise
 
 
-def _recv_exactly(sock: socket.socket, num_bytes: int, deadline: float) -> bytes:
+def _recv_exactly(sock: socket.socket, num_bytes: int, deadline: float, *, sender: bool = False) -> bytes:
+    """``num_bytes`` or ``AuthError``; on the sender's side a refusal raises ``KVRefused``."""
     buf = bytearray(num_bytes)
     view = memoryview(buf)
     got = 0
@@ -437,10 +495,23 @@ def _recv_exactly(sock: socket.socket, num_bytes: int, deadline: float) -> bytes
             n = sock.recv_into(view[got:])
         except TimeoutError:
             raise AuthError("KV handshake timed out") from None
+        except ConnectionResetError:  # the receiver closed after its refusal while our answer was in flight
+            if sender:
+                _raise_if_refusal(bytes(buf[:got]))
+            raise
         if n == 0:
+            if sender:
+                _raise_if_refusal(bytes(buf[:got]))
             raise AuthError("peer closed the connection during the KV handshake")
         got += n
     return bytes(buf)
+
+
+def _raise_if_refusal(received: bytes) -> None:
+    """The stream ended after ``received``: a refusal message names its cause."""
+    codes = {code: reason for reason, code in _REFUSAL_CODES.items()}
+    if len(received) == len(REFUSE_MAGIC) + 1 and received.startswith(REFUSE_MAGIC) and received[-1] in codes:
+        raise KVRefused(codes[received[-1]])
 
 
 def _send_all(sock: socket.socket, data: bytes, deadline: float) -> None:

@@ -1,7 +1,8 @@
 """The worker's ends of the KV data plane.
 
 Decode side, ``KVListener``: one listening socket per worker. Each accepted
-connection gets its own thread, which runs the cluster-key handshake, claims
+connection gets its own thread, which runs the cluster-key handshake (within
+``handshake_timeout``, ~2 s), claims
 the lease named by the transfer token the sender presented, and receives the
 transfer into it, telling the lease of every arrival (``LeaseTable.heard``),
 within the lease's ``max_transfer_s``. Whatever ends the transfer (its
@@ -10,6 +11,14 @@ and cutting the connection) is delivered to that lease alone; the connection
 is then closed. A connection
 that presents ``PROBE_TOKEN`` instead claims no lease: it is a link probe
 (``workers/kv/probe.py``), at most ``MAX_CONCURRENT_PROBES`` at a time.
+
+Two caps keep the port open to the cluster whatever strangers do. Connections
+still in the handshake (unauthenticated) are at most ``max_unauthenticated``;
+when one more arrives, the oldest of them is evicted (a sender gets through
+its handshake in one round trip, an idle connection only ever waits). Connections
+that proved the key hold one of ``max_connections`` transfer slots, which
+unauthenticated ones never take. Every refusal names its cause to the sender
+(``cluster.auth.KVRefused``) and in this side's log.
 
 Prefill side, ``KVPusher``: sends one transfer while the engine computes. In
 ``threaded`` mode the engine thread only queues each slice (bounded by bytes)
@@ -29,7 +38,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from cluster.auth import AuthError, ClusterKey, client_handshake, server_handshake
+from cluster.auth import REFUSALS, AuthError, ClusterKey, KVRefused, client_handshake, server_handshake
 from workers.engines.base import KVLayout, KVSlice
 from workers.kv.codec import Begin, FrameError, FrameReader
 from workers.kv.net import connect, tune_socket
@@ -40,6 +49,17 @@ from workers.kv.probe import MAX_CONCURRENT_PROBES, PROBE_TOKEN, serve_probe
 log = logging.getLogger(__name__)
 
 ACCEPT_POLL_S = 0.5
+HANDSHAKE_TIMEOUT_S = 2.0  # a sender answers in one round trip; only idle connections wait longer
+MAX_UNAUTHENTICATED = 8  # connections in the handshake at once; the oldest is evicted for a newcomer
+
+
+class _Pending:
+    """One connection still in the handshake; ``evicted`` is set (under the listener's lock) to refuse it."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn = conn
+        self.evicted = False
+        self.holds_slot = False  # a transfer slot, taken once the sender proved the key
 
 
 @dataclass(frozen=True)
@@ -73,20 +93,28 @@ class KVListener:
 
     def __init__(
         self, leases: LeaseTable, key: ClusterKey, host: str = "127.0.0.1", port: int = 0, *,
-        handshake_timeout: float = 10.0, max_connections: int = 64,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT_S, max_connections: int = 64,
+        max_unauthenticated: int = MAX_UNAUTHENTICATED,
     ) -> None:
+        if max_unauthenticated < 1 or max_connections < 1:
+            raise ValueError("max_connections and max_unauthenticated must be >= 1")
         self.leases = leases
         self.key = key
         self.handshake_timeout = handshake_timeout
+        self.max_unauthenticated = max_unauthenticated
         self.num_refused = 0
-        self._slots = threading.BoundedSemaphore(max_connections)
+        self.num_evicted = 0
+        self._slots = threading.BoundedSemaphore(max_connections)  # authenticated connections only
+        # connections in the handshake, oldest first; guarded by _lock
+        self._pending: collections.OrderedDict[int, _Pending] = collections.OrderedDict()
+        self._lock = threading.Lock()
         self._probe_slots = threading.BoundedSemaphore(MAX_CONCURRENT_PROBES)
         self._closed = threading.Event()
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         tune_socket(self._sock)  # buffer sizes must precede listen() to scale the window
         self._sock.bind((host, port))
-        self._sock.listen(max_connections)
+        self._sock.listen(max_connections + max_unauthenticated)
         self._sock.settimeout(ACCEPT_POLL_S)
         self.host, self.port = self._sock.getsockname()[:2]
         self._thread = threading.Thread(target=self._accept_loop, name=f"kv-listen-{self.port}", daemon=True)
@@ -108,40 +136,80 @@ class KVListener:
                 if not self._closed.is_set():
                     log.exception("KV listener on port %d failed", self.port)
                 return
-            if not self._slots.acquire(blocking=False):
-                log.warning("KV connection from %s refused: too many open connections", peer)
-                conn.close()
-                continue
-            threading.Thread(target=self._serve, args=(conn, peer), name=f"kv-recv-{peer[1]}",
+            pending = self._admit_pending(conn)
+            threading.Thread(target=self._serve, args=(conn, peer, pending), name=f"kv-recv-{peer[1]}",
                              daemon=True).start()
 
-    def _serve(self, conn: socket.socket, peer: tuple[Any, ...]) -> None:
-        try:
-            with conn:
-                tune_socket(conn)
-                claimed: list[Lease] = []
+    def _admit_pending(self, conn: socket.socket) -> _Pending:
+        """Register a new unauthenticated connection, evicting the oldest one when the cap is reached."""
+        pending = _Pending(conn)
+        with self._lock:
+            if len(self._pending) >= self.max_unauthenticated:
+                _, oldest = self._pending.popitem(last=False)
+                oldest.evicted = True
+                self.num_evicted += 1
+                # wakes its handshake thread's recv, which then sends the refusal and closes
+                with contextlib.suppress(OSError):
+                    oldest.conn.shutdown(socket.SHUT_RD)
+            self._pending[id(pending)] = pending
+        return pending
 
-                def claim(token: bytes) -> bool:
-                    if token == PROBE_TOKEN:
-                        return True
-                    lease = self.leases.claim(token, conn)
-                    claimed.extend([lease] if lease is not None else [])
-                    return lease is not None
+    def _authenticated(self, pending: _Pending) -> None:
+        """The sender proved the key: leave the unauthenticated set for a transfer slot (or ``KVRefused``)."""
+        with self._lock:
+            if pending.evicted:
+                raise KVRefused("busy")
+            del self._pending[id(pending)]
+        if not self._slots.acquire(blocking=False):
+            raise KVRefused("full")
+        pending.holds_slot = True
 
-                try:
-                    token = server_handshake(conn, self.key, self.handshake_timeout, accept_token=claim)
-                except AuthError as e:
-                    self.num_refused += 1
-                    log.warning("KV connection from %s refused: %s", peer[0], e)
-                    for lease in claimed:  # claimed, then the sender vanished before our proof
-                        self.leases.deliver(lease, error=e)
-                    return
+    def _serve(self, conn: socket.socket, peer: tuple[Any, ...], pending: _Pending) -> None:
+        with conn:
+            tune_socket(conn)
+            claimed: list[Lease] = []
+
+            def claim(token: bytes) -> bool:
+                self._authenticated(pending)
+                if token == PROBE_TOKEN:
+                    return True
+                lease = self.leases.claim(token, conn)
+                claimed.extend([lease] if lease is not None else [])
+                return lease is not None
+
+            try:
+                token = server_handshake(conn, self.key, self.handshake_timeout, accept_token=claim,
+                                         refused=lambda: "busy" if pending.evicted else None)
+            except AuthError as e:
+                if pending.holds_slot:
+                    self._slots.release()
+                self._refused(peer, e)
+                for lease in claimed:  # claimed, then the sender vanished before our proof
+                    self.leases.deliver(lease, error=e)
+                return
+            finally:
+                with self._lock:
+                    self._pending.pop(id(pending), None)
+            try:
                 if token == PROBE_TOKEN:
                     serve_probe(conn, peer[0], slots=self._probe_slots)
                 else:
                     self._receive(conn, claimed[0])
-        finally:
-            self._slots.release()
+            finally:
+                self._slots.release()
+
+    def _refused(self, peer: tuple[Any, ...], error: AuthError) -> None:
+        """Log a refused connection with its cause, then count it; most evictions of idle strangers at debug."""
+        if isinstance(error, KVRefused) and error.reason == "busy":
+            # idle strangers can be many: the first eviction warns, the rest are debug lines
+            level = logging.WARNING if self.num_evicted == 1 else logging.DEBUG
+            log.log(level, "KV connection from %s refused: %s (at most %d in the handshake; the oldest is "
+                    "evicted; %d so far)", peer[0], REFUSALS["busy"], self.max_unauthenticated, self.num_evicted)
+        elif isinstance(error, KVRefused):
+            log.warning("KV connection from %s refused: %s", peer[0], REFUSALS[error.reason])
+        else:  # the connection broke or timed out before the sender proved anything
+            log.info("KV connection from %s refused: %s", peer[0], error)
+        self.num_refused += 1  # after the log line: tests wait on this count, then read the log
 
     def _receive(self, conn: socket.socket, lease: Lease) -> None:
         leases = self.leases

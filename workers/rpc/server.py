@@ -90,7 +90,7 @@ class WorkerConfig:
     max_reserved_bytes: int | None = None  # KV budget (--kv-budget-gb); None: leases are bounded by count only
     connect_timeout_s: float = 10.0  # prefill -> decode KV connect + handshake
     send_timeout_s: float = 30.0  # longest the KV stream may make no progress
-    handshake_timeout_s: float = 10.0  # KV listener side
+    handshake_timeout_s: float = 2.0  # KV listener side: a sender answers in one round trip
     send_mode: str = "thread"  # thread: a sender thread drains a bounded queue; direct: send on the engine thread
     max_queued_bytes: int = 256 << 20  # KV slices queued ahead of the sender thread
     hardware: str = ""  # declared catalog name (cluster/hardware.py); its peaks fill undeclared figures
