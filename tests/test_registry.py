@@ -39,7 +39,8 @@ from workers.tools.handoff import HandoffConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "transformers", "mlx", "mlx_lm")
-ENGINE_MODULES = {"workers/engines/torch_engine.py", "workers/engines/mlx_engine.py"}
+ENGINE_MODULES = {"workers/engines/torch_engine.py", "workers/engines/mlx_engine.py",
+                  "workers/tools/gguf_convert.py"}  # transformers' GGUF reader, run once for the built-in model
 PROTOCOL = ("layout_dtype", "kv_layout", "prefill", "load_kv", "decode", "release", "cached_requests",
             "cached_tokens", "cached_layer", "measure_profile", "free_memory_bytes", "close")
 
