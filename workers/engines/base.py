@@ -161,6 +161,13 @@ class Engine(Protocol):
         """Drop the cache for ``request_id``; a no-op if there is none."""
         ...
 
+    def step_logits(self, request_id: str, token: int) -> np.ndarray:
+        """Feed ``token`` to ``request_id``'s cache and return the new
+        last-position logits ``[vocab]`` as float32: one step of
+        ``decode_loop``, for callers that sample with their own step index
+        (a migrated stream continues at ``first_step``)."""
+        ...
+
     def cached_requests(self) -> list[str]:
         """The request ids whose cache this engine holds now (prefilled or
         loaded, not yet released), oldest first. Safe from any thread: a

@@ -108,10 +108,6 @@ class DecodeRPC:
         if request.first_step and not request.local_prefill:
             # a prefill node samples its first token at step 0: only this node can start at first_step
             raise RPCFailure(grpc.StatusCode.INVALID_ARGUMENT, "first_step > 0 needs local_prefill")
-        if request.first_step and params.temperature > 0 and not hasattr(state.engines.engine, "step_logits"):
-            raise RPCFailure(grpc.StatusCode.FAILED_PRECONDITION,
-                             f"engine {state.engines.engine.name!r} cannot continue a sampled stream at a step "
-                             "offset (it has no step_logits)")
         limit = state.spec.max_position_embeddings
         if len(prompt) + params.max_tokens > limit:
             raise RPCFailure(grpc.StatusCode.INVALID_ARGUMENT,
