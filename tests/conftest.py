@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
@@ -28,10 +29,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import grpc  # noqa: E402
+from aiohttp import web  # noqa: E402
 from grpc import aio  # noqa: E402
 
 from cluster.auth import ClusterKey, generate_key, write_config  # noqa: E402
 from proto import pdcluster_pb2 as pb  # noqa: E402,F401
+from scheduler.request import (  # noqa: E402
+    FinishEvent,
+    GenerationRequest,
+    ModelEntry,
+    NoCapacityError,
+    RequestStats,
+    TokenEvent,
+    mean_tpot_s,
+)
+from scheduler.tokenizer import PromptCodec, TokenizerBundle  # noqa: E402
 from workers.engines.base import WIRE_DTYPES, KVLayout, KVSlice, join_layer, numpy_dtype  # noqa: E402
 from workers.kv.transport import ReceivedKV  # noqa: E402
 from workers.rpc.client import WorkerClient  # noqa: E402
@@ -283,3 +295,89 @@ def processes(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
             except subprocess.TimeoutExpired:
                 worker.proc.kill()
                 worker.proc.wait(5)
+
+
+# ---------------------------------------------------------------- the HTTP API against a fake backend
+
+MODEL = "tiny"
+REPLY_TEXT = "The quick brown fox jumps over the lazy dog."
+
+
+class FakeBackend:
+    """Answers every request with REPLY_TEXT; records requests and cancellations."""
+
+    def __init__(self, codec: PromptCodec, ready: bool = True, capacity: bool = True) -> None:
+        self.codec, self.ready, self.capacity = codec, ready, capacity
+        self.requests: list[GenerationRequest] = []
+        self.closed_early = 0
+        self.token_delay_s = 0.0
+        self.fail_with: Exception | None = None  # raised after ``fail_after`` tokens
+        self.fail_after = 0
+
+    def models(self) -> list[ModelEntry]:
+        return [ModelEntry(MODEL, context_length=512, eos_token_ids=(2,))]
+
+    def codec_for(self, model: str) -> PromptCodec | None:
+        return self.codec if model == MODEL else None
+
+    def health(self) -> tuple[bool, dict]:
+        return self.ready, {"nodes": [{"node_id": "p0"}, {"node_id": "d0"}] if self.ready else []}
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
+        if not self.capacity:
+            raise NoCapacityError("no decode-capable node is available")
+        self.requests.append(request)
+        ids = self.codec.encode(REPLY_TEXT)[: request.max_tokens]
+        finished = False
+        try:
+            for sent, token in enumerate(ids):
+                if self.fail_with is not None and sent == self.fail_after:
+                    raise self.fail_with
+                if self.token_delay_s:
+                    await asyncio.sleep(self.token_delay_s)
+                yield TokenEvent(token)
+            finished = True
+            stats = RequestStats(request_id=request.request_id, prefill_node="p0", decode_node="d0", kv_bytes=1234,
+                                 ttft_s=0.01, tpot_s=mean_tpot_s(0.01, 0.01 + 0.002 * (len(ids) - 1), len(ids)),
+                                 prompt_tokens=len(request.prompt_token_ids), completion_tokens=len(ids))
+            yield FinishEvent("length" if len(ids) == request.max_tokens else "stop", stats)
+        finally:
+            if not finished:
+                self.closed_early += 1
+
+
+@pytest.fixture(scope="module")
+def codec(make_tiny_model) -> PromptCodec:
+    folder: Path = make_tiny_model("llama")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    return PromptCodec(TokenizerBundle((folder / "tokenizer.json").read_text(), config["chat_template"]))
+
+
+class ServerThread:
+    """The aiohttp app on 127.0.0.1:<ephemeral> in a background event loop."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.runner = web.AppRunner(app, handler_cancellation=True)
+        ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
+        self.thread.start()
+        assert ready.wait(10), "server did not start"
+
+    def _run(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self.runner.setup())
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        self.loop.run_until_complete(site.start())
+        self.port = site._server.sockets[0].getsockname()[1]
+        ready.set()
+        self.loop.run_forever()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)

@@ -7,11 +7,11 @@ import urllib.request
 
 import openai
 import pytest
+from conftest import MODEL, REPLY_TEXT, FakeBackend, ServerThread
 
 from scheduler.api import build_app
 from scheduler.service import SchedulerConfig, exposure_warning, is_loopback
 from scheduler.tokenizer import PromptCodec
-from test_api import MODEL, REPLY_TEXT, FakeBackend, ServerThread, codec  # noqa: F401  (codec: a fixture)
 
 KEY = "sk-test-0123456789"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100}

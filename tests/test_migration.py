@@ -296,8 +296,7 @@ def test_kill_9_the_decode_worker_mid_stream_and_the_client_sees_one_identical_a
     import urllib.request
 
     import openai
-    from conftest import start_worker_process
-    from test_api import ServerThread
+    from conftest import ServerThread, start_worker_process
 
     from cluster.auth import write_config
     from scheduler.api import build_app
@@ -359,8 +358,7 @@ def test_kill_9_the_only_decode_worker_mid_stream_and_the_sdk_raises_then_503(mo
     import signal
 
     import openai
-    from conftest import start_worker_process
-    from test_api import ServerThread
+    from conftest import ServerThread, start_worker_process
 
     from cluster.auth import write_config
     from scheduler.api import build_app
