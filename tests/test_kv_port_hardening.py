@@ -7,6 +7,7 @@ talks to 127.0.0.1; every wait is bounded.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import socket
@@ -19,9 +20,11 @@ import pytest
 from conftest import config, have, run, started
 
 from cluster.auth import HANDSHAKE_MAGIC, KVRefused, generate_key
+from proto import pdcluster_pb2 as pb
 from workers.kv.leases import LeaseTable
 from workers.kv.listener import KVListener, open_kv_connection
 from workers.kv.probe import PROBE_TOKEN
+from workers.rpc.client import WorkerClient
 from workers.rpc.server import Worker
 
 IDLE_CONNECTIONS = 64
@@ -139,17 +142,38 @@ def test_evicted_sender_is_told_too_many_unauthenticated_connections() -> None:
         listener.close()
 
 
+async def disaggregated(prefiller: WorkerClient, decoder: WorkerClient, rid: str) -> tuple[list[int], pb.Done]:
+    """One disaggregated request: reserve on the decoder, prefill pushes the KV, tokens stream back."""
+    prompt = [(7 * i + 3) % 1000 + 10 for i in range(300)]
+    sampling = pb.SamplingParams(max_tokens=16)
+    call = decoder.decode(pb.DecodeRequest(request_id=rid, prompt_token_ids=prompt, sampling=sampling),
+                          timeout=60)
+    first = await asyncio.wait_for(call.read(), 30)
+    assert first.HasField("reserved"), first
+    reserved = first.reserved
+    prefill = asyncio.ensure_future(prefiller.prefill(pb.PrefillRequest(
+        request_id=rid, prompt_token_ids=prompt, sampling=sampling, kv_host=reserved.kv_host,
+        kv_port=reserved.kv_port, transfer_token=reserved.transfer_token), timeout=30))
+    tokens, done = [], None
+    async for event in call:
+        if event.HasField("token"):
+            tokens.append(event.token.token_id)
+        elif event.HasField("done"):
+            done = event.done
+    await prefill
+    assert done is not None
+    return tokens, done
+
+
 @pytest.mark.skipif(not have("mlx.core"), reason="needs the mlx extra (decode engine)")
 def test_disaggregated_request_succeeds_after_64_idle_connections_on_the_decode_kv_port(model: Path) -> None:
-    from test_worker_service import disaggregated
-
     key = generate_key()
 
     async def body() -> None:
         prefill, decode = Worker(config(model, key, "prefill")), Worker(config(model, key, "decode"))
         async with started(prefill, decode) as (p, d):
             with idle_connections(decode.listener.port, IDLE_CONNECTIONS):
-                tokens, done, _ = await disaggregated(p, d, "after-flood")
+                tokens, done = await disaggregated(p, d, "after-flood")
             assert len(tokens) == 16 and done.finish_reason == "length"
             assert decode.listener.num_evicted >= IDLE_CONNECTIONS - decode.listener.max_unauthenticated
 

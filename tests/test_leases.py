@@ -253,3 +253,77 @@ def test_reserved_bytes_stay_within_the_kv_budget(clock: FakeClock) -> None:
                 "huge", alone_too_big, lease_s=5.0, remote=True)
 
     on_loop(body)
+
+
+# ---------------------------------------------------------------- the sender's queue time
+
+
+def test_a_waiting_lease_allows_the_senders_queue_deadline_before_its_lease(
+        clock: FakeClock, pair: tuple[socket.socket, socket.socket]) -> None:
+    """A prefill node connects when its prefill starts computing: its queue time is not a stall."""
+    table = LeaseTable(max_leases=4, queue_s=60.0, clock=clock)
+
+    async def body() -> None:
+        lease = table.reserve("queued", LAYOUT, lease_s=30.0, remote=True)
+        clock.advance(89.999)  # queued 60 s on the prefill engine, then nearly the whole lease
+        assert table.expire_if_due(lease) is None
+        clock.advance(0.001)
+        assert table.expire_if_due(lease) == (
+            "no prefill node connected within 90s (its queue deadline 60s, then the 30s lease)")
+
+    on_loop(body)
+
+
+def test_after_the_claim_the_lease_covers_the_first_byte_then_any_silence_is_a_stall(
+        clock: FakeClock, pair: tuple[socket.socket, socket.socket]) -> None:
+    table = LeaseTable(max_leases=4, queue_s=60.0, clock=clock)
+
+    async def body() -> None:
+        quiet = table.reserve("quiet", LAYOUT, lease_s=30.0, remote=True)
+        clock.advance(50.0)  # queued 50 s on the sender's engine: no claim, no expiry
+        assert table.claim(quiet.token, pair[0]) is quiet
+        assert table.remaining(quiet) == 30.0  # the queue time is not charged to the lease
+        clock.advance(30.0)
+        assert table.expire_if_due(quiet) == "the prefill node connected but sent no KV byte for 30s"
+
+        talking = table.reserve("talking", LAYOUT, lease_s=30.0, remote=True)
+        assert table.claim(talking.token, pair[1]) is talking
+        clock.advance(29.0)
+        table.heard(talking)
+        clock.advance(30.0)
+        assert table.expire_if_due(talking) == "the KV transfer stalled: no bytes for 30s"
+
+    on_loop(body)
+
+
+def test_queue_allowance_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match="queue_s"):
+        LeaseTable(max_leases=1, queue_s=-1.0)
+
+
+def test_a_waiter_that_checks_back_after_remaining_notices_a_claim_that_brings_the_deadline_forward(
+        clock: FakeClock, pair: tuple[socket.socket, socket.socket]) -> None:
+    """The decode RPC waits ``remaining`` then asks ``expire_if_due``; a stall right after a claim is cut on time."""
+    table = LeaseTable(max_leases=4, queue_s=100.0, clock=clock)
+
+    async def body() -> None:
+        lease = table.reserve("r", LAYOUT, lease_s=10.0, remote=True)
+        assert table.remaining(lease) == 10.0  # not the 110 s deadline: it checks back every lease_s
+        checks: list[float] = []
+        claimed = False
+        for _ in range(100):  # the decode RPC's loop, on the fake clock
+            wait = table.remaining(lease)
+            if not claimed and clock.now + wait > 1025.0:  # the sender connects at t = 1025, then says nothing
+                clock.advance(1025.0 - clock.now)
+                assert table.claim(lease.token, pair[0]) is lease
+                claimed = True
+                continue
+            clock.advance(max(wait, 0.0))
+            checks.append(clock.now)
+            why = table.expire_if_due(lease)
+            if why is not None:
+                assert why == "the prefill node connected but sent no KV byte for 10s"
+                break
+        assert checks[-1] == 1035.0  # exactly lease_s after the claim, not at the 1110 waiting deadline
+
+    on_loop(body)

@@ -199,7 +199,8 @@ def test_seeded_sampling_gives_the_same_tokens_disaggregated_and_colocated(model
 
 def test_lease_expires_when_kv_never_arrives_and_the_reservation_is_freed(model: Path) -> None:
     key = generate_key()
-    worker = Worker(config(model, key, "decode"))
+    # a waiting lease allows its sender's queue deadline, then the lease itself
+    worker = Worker(config(model, key, "decode", queue_deadline_s=0.25))
 
     async def body() -> None:
         async with started(worker) as (d,):
@@ -208,8 +209,9 @@ def test_lease_expires_when_kv_never_arrives_and_the_reservation_is_freed(model:
             assert reserved.reserved_kv_bytes == worker.engines.engine.kv_layout(len(PROMPT)).total_bytes
             assert (await d.health()).active_leases == 1
             code, details = await status_code(collect(call))
-            assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "no prefill node connected within 0.5s" in details
-            assert 0.5 <= time.monotonic() - began < 30  # exact timing: tests/test_leases.py, on a fake clock
+            assert code == grpc.StatusCode.DEADLINE_EXCEEDED, details
+            assert "no prefill node connected within 0.75s (its queue deadline 0.25s, then the 0.5s lease)" in details
+            assert 0.75 <= time.monotonic() - began < 30  # exact timing: tests/test_leases.py, on a fake clock
             health, stats = await settled(d), await d.stats()
             assert (health.active_leases, health.reserved_kv_bytes, health.active_requests) == (0, 0, 0)
             assert (stats.leases_expired, stats.requests_failed) == (1, 1)
@@ -599,3 +601,67 @@ def test_free_memory_on_this_host_is_positive_and_cuda_falls_back_without_a_gpu(
         assert device_free_bytes("cuda:0") > 0  # no CUDA here: the host figure, not a crash
     else:  # the GPU's own free memory, not the host's
         assert 0 < device_free_bytes("cuda:0") <= torch.cuda.mem_get_info(0)[1]
+
+
+# ---------------------------------------------------------------- queue time is not a stall
+
+
+def gated_prefill_worker(model: Path, key: ClusterKey, entered: threading.Event, gate: threading.Event,
+                         **overrides: Any) -> Worker:
+    from workers.engines.mlx_engine import MLXEngine
+
+    return Worker(config(model, key, "prefill", **overrides),
+                  engine_factory=lambda: GatedEngine(MLXEngine(model, dtype="float32"), entered, gate))
+
+
+def test_a_queued_prefill_opens_no_kv_connection_until_it_computes(model: Path) -> None:
+    """The decode side sees no connection (its lease stays waiting) while the prefill queues behind another."""
+    key = generate_key()
+    entered, gate = threading.Event(), threading.Event()
+    prefiller, decoder = gated_prefill_worker(model, key, entered, gate), Worker(config(model, key, "decode"))
+
+    async def body() -> None:
+        async with started(prefiller, decoder) as (p, d):
+            first_call, first_reserved = await reserve(d, "first")
+            second_call, second_reserved = await reserve(d, "second")
+            first = asyncio.ensure_future(p.prefill(prefill_request("first", first_reserved), timeout=30))
+            await wait_for(entered.is_set)  # the first prefill holds the engine
+            second = asyncio.ensure_future(p.prefill(prefill_request("second", second_reserved), timeout=30))
+            await wait_for(lambda: prefiller.engines.num_pending == 2)  # the second is queued behind it
+            assert decoder.leases.find("first").state == "receiving"
+            assert decoder.leases.find("second").state == "waiting"  # no connection while queued
+            assert decoder.listener.num_refused == 0
+            gate.set()
+            for call, prefill in ((first_call, first), (second_call, second)):
+                tokens, done = await collect(call)
+                assert len(tokens) == 16 and done.finish_reason == "length"
+                assert (await prefill).kv_bytes > 0
+            assert (await second).queue_s > 0
+
+    run(body)
+
+
+def test_a_prefill_past_its_queue_deadline_fails_clearly_and_never_connects(model: Path) -> None:
+    key = generate_key()
+    entered, gate = threading.Event(), threading.Event()
+    prefiller = gated_prefill_worker(model, key, entered, gate, queue_deadline_s=0.3)
+    decoder = Worker(config(model, key, "decode"))
+
+    async def body() -> None:
+        async with started(prefiller, decoder) as (p, d):
+            first_call, first_reserved = await reserve(d, "holder")
+            _, late_reserved = await reserve(d, "late")
+            first = asyncio.ensure_future(p.prefill(prefill_request("holder", first_reserved), timeout=30))
+            await wait_for(entered.is_set)
+            try:
+                code, details = await status_code(p.prefill(prefill_request("late", late_reserved), timeout=30))
+            finally:
+                gate.set()
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+            assert "queue deadline of 0.3s" in details and "1 earlier request" in details, details
+            assert decoder.leases.find("late").state == "waiting"  # it never connected
+            tokens, _ = await collect(first_call)
+            assert len(tokens) == 16 and (await first).kv_bytes > 0
+            assert await d.cancel("late")
+
+    run(body)

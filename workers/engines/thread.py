@@ -41,6 +41,11 @@ class EngineThread:
             raise RuntimeError("engine not started; await EngineThread.start() first")
         return self._engine
 
+    @property
+    def num_pending(self) -> int:
+        """Jobs submitted and not yet done (the running one included): what a new job queues behind."""
+        return len(self._queued)
+
     async def start(self) -> Engine:
         """Build the engine on its thread."""
         self._engine = await self.run(self._factory)

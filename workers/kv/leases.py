@@ -12,10 +12,16 @@ Time bounds, all read from the table's ``clock`` (``time.monotonic`` unless a
 test injects another), decided here and enforced by the decode RPC, which
 waits ``remaining(lease)`` and then calls ``expire_if_due``:
 
-* a waiting lease expires ``lease_s`` after it was reserved: no prefill node
-  connected;
-* a receiving lease expires after ``lease_s`` without a byte (``heard``), so a
-  long but steady transfer is never cut, a stalled one is;
+* a waiting lease expires ``queue_s + lease_s`` after it was reserved (and
+  ``remaining`` has its waiter check back every ``lease_s``, so a claim that
+  brings the deadline forward is noticed on time): no
+  prefill node connected. A prefill node connects when its prefill starts
+  computing, not when it is queued, and may queue on its engine for up to its
+  queue deadline (``queue_s`` here, the table's allowance for it; 0 by default);
+* a receiving lease expires after ``lease_s`` without a byte (``heard``; the
+  claim counts as one): first the wait for the first KV byte of a running
+  prefill, then any silence, so a long but steady transfer is never cut, a
+  stalled one is;
 * and ``max_transfer_s`` after its claim, however steady.
 
 Invariants:
@@ -72,6 +78,7 @@ class Lease:
     state: str = "waiting"  # waiting -> receiving -> done; or loaded (colocated)
     claimed_at: float | None = None  # set with state "receiving"
     heard_at: float | None = None  # the latest arrival of bytes (the claim counts as one)
+    first_byte_at: float | None = None  # the first arrival of KV bytes after the claim
     _sock: socket.socket | None = field(default=None, repr=False)
 
 
@@ -79,8 +86,12 @@ class LeaseTable:
     """Live leases of one worker, bounded by count and reserved bytes."""
 
     def __init__(self, *, max_leases: int, max_reserved_bytes: int | None = None,
-                 max_transfer_s: float = MAX_TRANSFER_S, clock: Clock = time.monotonic) -> None:
+                 max_transfer_s: float = MAX_TRANSFER_S, queue_s: float = 0.0,
+                 clock: Clock = time.monotonic) -> None:
+        if queue_s < 0:
+            raise ValueError(f"queue_s must be >= 0, got {queue_s}")
         self.max_leases = max_leases
+        self.queue_s = queue_s  # how long a sender may queue on its engine before it connects
         self.max_transfer_s = max_transfer_s
         self.max_reserved_bytes = max_reserved_bytes  # None: no KV budget, only the count bounds leases
         self.num_expired = 0
@@ -132,14 +143,24 @@ class LeaseTable:
         """When ``lease`` expires unless bytes arrive first (``math.inf``: it
         cannot expire, being colocated or past its transfer)."""
         if lease.state == "waiting":
-            return lease.reserved_at + lease.lease_s
+            return lease.reserved_at + self.queue_s + lease.lease_s
         if lease.state == "receiving":
             assert lease.claimed_at is not None and lease.heard_at is not None
             return min(lease.claimed_at + self.max_transfer_s, lease.heard_at + lease.lease_s)
         return math.inf
 
     def remaining(self, lease: Lease) -> float:
-        """Seconds until ``deadline(lease)`` (negative once it passed)."""
+        """Seconds until the decode RPC should ask ``expire_if_due`` again: until ``deadline(lease)``
+        (negative once it passed), but at most ``lease_s`` while the lease waits for its sender.
+
+        A claim can bring a waiting lease's deadline forward (its queue allowance is
+        no longer needed); checking at least every ``lease_s`` notices the new
+        deadline on time, since it is at least ``lease_s`` after the claim."""
+        left = self._left(lease)
+        return min(left, lease.lease_s) if lease.state == "waiting" else left
+
+    def _left(self, lease: Lease) -> float:
+        """Seconds until ``deadline(lease)``, negative once it passed."""
         return self.deadline(lease) - self._clock()
 
     def transfer_time_left(self, lease: Lease) -> float:
@@ -152,7 +173,7 @@ class LeaseTable:
         ``sock``; None if there is none (unknown, already claimed, freed or expired)."""
         with self._lock:
             lease = self._by_token.pop(token, None)
-            if lease is None or lease.state != "waiting" or self.remaining(lease) <= 0:
+            if lease is None or lease.state != "waiting" or self._left(lease) <= 0:
                 return None
             lease.state = "receiving"
             lease._sock = sock
@@ -161,13 +182,16 @@ class LeaseTable:
 
     def heard(self, lease: Lease) -> None:
         """Bytes of ``lease``'s transfer arrived now: its silence starts over."""
-        lease.heard_at = self._clock()  # one attribute store: atomic under the GIL, no lock needed
+        now = self._clock()
+        if lease.first_byte_at is None:
+            lease.first_byte_at = now
+        lease.heard_at = now  # one attribute store: atomic under the GIL, no lock needed
 
     def expire_if_due(self, lease: Lease) -> str | None:
         """Free ``lease`` as expired if its deadline has passed, and say why;
         None (and nothing freed) if it has not, or the lease is no longer live."""
         with self._lock:
-            if self._by_rid.get(lease.request_id) is not lease or self.remaining(lease) > 0:
+            if self._by_rid.get(lease.request_id) is not lease or self._left(lease) > 0:
                 return None
             why = self._expiry_reason(lease)
             sock = self._unlink(lease, expired=True)
@@ -203,10 +227,15 @@ class LeaseTable:
 
     def _expiry_reason(self, lease: Lease) -> str:
         if lease.state == "waiting":
-            return f"no prefill node connected within {lease.lease_s:g}s"
+            if self.queue_s == 0:
+                return f"no prefill node connected within {lease.lease_s:g}s"
+            return (f"no prefill node connected within {self.queue_s + lease.lease_s:g}s (its queue deadline "
+                    f"{self.queue_s:g}s, then the {lease.lease_s:g}s lease)")
         assert lease.claimed_at is not None
         if self._clock() >= lease.claimed_at + self.max_transfer_s:
             return f"the KV transfer did not complete within {self.max_transfer_s:g}s"
+        if lease.first_byte_at is None:
+            return f"the prefill node connected but sent no KV byte for {lease.lease_s:g}s"
         return f"the KV transfer stalled: no bytes for {lease.lease_s:g}s"
 
     def _unlink(self, lease: Lease, *, expired: bool) -> socket.socket | None:

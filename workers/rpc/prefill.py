@@ -1,12 +1,16 @@
 """The ``Prefill`` RPC: prefill here and push the KV, layer by layer, to a decode node.
 
-1. Connect to the decode node's KV port and pass the cluster-key handshake,
-   presenting the transfer token from its ``reserved`` event (off the loop).
-2. On the engine thread, prefill in chunks; each layer's slice goes to a
-   ``KVPusher`` the moment the engine emits it, so it is on the wire while
-   later layers compute. Sample the first token and send ``end`` with it and
+1. Queue the job on the engine thread. Its wait there is bounded by the queue
+   deadline (``queue_deadline_s``): past it the RPC fails with
+   ``RESOURCE_EXHAUSTED`` naming the wait, and the job is dropped unrun.
+2. When the job starts, and only then, connect to the decode node's KV port
+   and pass the cluster-key handshake, presenting the transfer token from its
+   ``reserved`` event. So the decode side's lease never counts queue time: it
+   sees a connection only once this prefill computes (``workers/kv/leases.py``).
+3. Prefill in chunks; each layer's slice goes to a ``KVPusher`` the moment the
+   engine emits it, so it is on the wire while later layers compute. Sample the first token and send ``end`` with it and
    the prefill timings (``prefill_s``, ``prefill_end_wall``, ``queue_s``).
-3. Reply once the last byte has left. The prefill cache is released as soon
+4. Reply once the last byte has left. The prefill cache is released as soon
    as the transfer ends, whatever ended it.
 
 A cancel (the ``Cancel`` RPC, or the caller going away) stops the engine at
@@ -15,10 +19,10 @@ its next slice and sends ``abort`` to the decode node.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 
 import grpc
@@ -39,12 +43,17 @@ from workers.rpc.state import (
 
 log = logging.getLogger(__name__)
 
+QUEUE_DEADLINE_S = 120.0  # the longest a prefill waits on the engine before it starts
+
 
 class PrefillRPC:
     """Serves ``Prefill`` calls over one worker's state."""
 
-    def __init__(self, state: WorkerState) -> None:
+    def __init__(self, state: WorkerState, *, queue_deadline_s: float = QUEUE_DEADLINE_S) -> None:
+        if queue_deadline_s <= 0:
+            raise ValueError(f"queue_deadline_s must be > 0, got {queue_deadline_s}")
         self.state = state
+        self.queue_deadline_s = queue_deadline_s
 
     async def __call__(self, request: pb.PrefillRequest, context: aio.ServicerContext) -> pb.PrefillReply:
         state = self.state
@@ -55,12 +64,15 @@ class PrefillRPC:
         try:
             prompt, params, chunk_size = self._check(request)
             active = state.open(request.request_id, "prefill")
-            sock = await self._connect(request)
-            pusher = active.pusher = KVPusher(
-                sock, threaded=state.settings.threaded_send, max_queued_bytes=state.settings.max_queued_bytes,
-                timeout=state.settings.send_timeout_s)
-            job = state.engines.submit(self._job, active, prompt, params, chunk_size, arrival)
+            loop = asyncio.get_running_loop()
+            started: asyncio.Future[None] = loop.create_future()
+            ahead = state.engines.num_pending  # jobs queued or running before this one
+            job = state.engines.submit(self._job, active, request, prompt, params, chunk_size, arrival,
+                                       lambda: loop.call_soon_threadsafe(_set_done, started))
+            await self._until_started(started, job, active, ahead)
             first, queue_s, prefill_s = await asyncio.wrap_future(job)
+            pusher = active.pusher
+            assert pusher is not None
             await asyncio.wait_for(asyncio.wrap_future(pusher.done), timeout=state.settings.send_timeout_s)
             state.counters.kv_bytes_sent += pusher.bytes_sent
             return pb.PrefillReply(first_token=first, queue_s=queue_s, prefill_s=prefill_s,
@@ -93,16 +105,26 @@ class PrefillRPC:
         prompt = state.check_prompt(request.request_id, request.prompt_token_ids)
         return prompt, sampling_from_proto(request.sampling), request.chunk_size or state.settings.chunk_size
 
-    async def _connect(self, request: pb.PrefillRequest) -> socket.socket:
-        """A KV connection to the decode node that passed the handshake."""
-        opening = asyncio.get_running_loop().run_in_executor(
-            None, lambda: open_kv_connection(request.kv_host, request.kv_port, self.state.key,
-                                             request.transfer_token, timeout=self.state.settings.connect_timeout_s))
+    async def _until_started(self, started: asyncio.Future[None], job: Future, active: ActiveRequest,
+                             ahead: int) -> None:
+        """Wait for the job to start on the engine, at most the queue deadline; then drop it and fail."""
         try:
-            return await opening
-        except asyncio.CancelledError:
-            opening.add_done_callback(_close_opened)
-            raise
+            await asyncio.wait_for(asyncio.shield(started), self.queue_deadline_s)
+        except asyncio.TimeoutError:
+            if started.done():  # it started right at the deadline: let it run
+                return
+            active.cancelled.set()  # a job that starts anyway stops before connecting
+            job.cancel()  # drops it if still queued
+            raise RPCFailure(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"prefill did not start within its queue deadline of {self.queue_deadline_s:g}s: the engine was "
+                f"busy with {ahead} earlier request(s) (pdc worker --queue-deadline-s)") from None
+
+    def _connect(self, request: pb.PrefillRequest) -> socket.socket:
+        """On the engine thread, as the prefill starts: a KV connection that passed the handshake."""
+        try:
+            return open_kv_connection(request.kv_host, request.kv_port, self.state.key, request.transfer_token,
+                                      timeout=self.state.settings.connect_timeout_s)
         except AuthError as e:
             raise RPCFailure(grpc.StatusCode.UNAUTHENTICATED,
                              f"decode node {request.kv_host}:{request.kv_port} refused the KV connection: {e}") from None
@@ -110,12 +132,29 @@ class PrefillRPC:
             raise RPCFailure(grpc.StatusCode.UNAVAILABLE,
                              f"cannot reach decode node KV port {request.kv_host}:{request.kv_port}: {e}") from None
 
-    def _job(self, active: ActiveRequest, prompt: list[int], params: SamplingParams, chunk_size: int,
-             arrival: float) -> tuple[int, float, float]:
-        """On the engine thread: prefill, streaming each slice as it is computed."""
+    def _open_pusher(self, active: ActiveRequest, request: pb.PrefillRequest) -> KVPusher:
+        """Connect and wrap the socket in a pusher, owned by ``active`` (closed by the RPC or by a cancel)."""
+        settings = self.state.settings
+        pusher = KVPusher(self._connect(request), threaded=settings.threaded_send,
+                          max_queued_bytes=settings.max_queued_bytes, timeout=settings.send_timeout_s)
+        active.pusher = pusher
+        # set before the check: the RPC's cleanup sets `cancelled` before it reads `pusher`,
+        # so one of the two always closes this connection
+        if active.cancelled.is_set():
+            pusher.close()
+            pusher.sock.close()
+            raise Cancelled(active.request_id)
+        return pusher
+
+    def _job(self, active: ActiveRequest, request: pb.PrefillRequest, prompt: list[int], params: SamplingParams,
+             chunk_size: int, arrival: float, on_start: Callable[[], object]) -> tuple[int, float, float]:
+        """On the engine thread: connect, then prefill, streaming each slice as it is computed."""
         started = time.monotonic()
-        engines, pusher = self.state.engines, active.pusher
-        assert pusher is not None
+        on_start()
+        if active.cancelled.is_set():  # its queue deadline passed, or it was cancelled while queued
+            raise Cancelled(active.request_id)
+        engines = self.state.engines
+        pusher = self._open_pusher(active, request)
         try:
             pusher.begin(active.request_id, engines.engine.kv_layout(len(prompt)))
             result = engines.engine.prefill(active.cache_key, prompt, cancellable(active, pusher.send_slice),
@@ -142,8 +181,6 @@ def _failure(error: BaseException, request: pb.PrefillRequest, *, cancelled: boo
     return RPCFailure(grpc.StatusCode.INTERNAL, f"prefill failed: {type(error).__name__}: {error}")
 
 
-def _close_opened(opening: asyncio.Future) -> None:
-    """A connection that finished opening after its caller gave up."""
-    if not opening.cancelled() and opening.exception() is None:
-        with contextlib.suppress(OSError):
-            opening.result().close()
+def _set_done(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

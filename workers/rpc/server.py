@@ -32,6 +32,7 @@ from proto import pdcluster_pb2 as pb
 from proto import pdcluster_pb2_grpc as pb_grpc
 from cluster.hardware import HARDWARE
 from workers.rpc.client import SERVER_OPTIONS
+from workers.rpc.prefill import QUEUE_DEADLINE_S
 from workers.kv.listener import KVListener
 from workers.engines.base import DTYPES, Engine, MeasuredProfile
 from workers.engines.memory import host_free_bytes
@@ -85,6 +86,9 @@ class WorkerConfig:
     node_id: str = ""  # "" picks <hostname>-<engine>-<random>
     model_id: str | None = None  # name clients use (default: the model folder's name)
     lease_s: float = 30.0  # default lease when a Decode does not set one
+    # prefill side: the longest a Prefill waits on the engine before it starts; decode side:
+    # the allowance a waiting lease gives its sender's queue before the lease counts
+    queue_deadline_s: float = QUEUE_DEADLINE_S
     chunk_size: int = 128  # default prefill chunk
     max_leases: int = 16
     max_reserved_bytes: int | None = None  # KV budget (--kv-budget-gb); None: leases are bounded by count only
@@ -118,7 +122,8 @@ class WorkerConfig:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.send_mode not in SEND_MODES:
             raise ValueError(f"send_mode must be one of {SEND_MODES}, got {self.send_mode!r}")
-        for name in ("lease_s", "connect_timeout_s", "send_timeout_s", "handshake_timeout_s", "grace_s"):
+        for name in ("lease_s", "queue_deadline_s", "connect_timeout_s", "send_timeout_s", "handshake_timeout_s",
+                     "grace_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("chunk_size", "max_leases", "max_queued_bytes"):
@@ -166,7 +171,8 @@ class Worker:
         self.config = config
         self._engine_factory = engine_factory
         self.engines: EngineThread | None = None
-        self.leases = LeaseTable(max_leases=config.max_leases, max_reserved_bytes=config.max_reserved_bytes)
+        self.leases = LeaseTable(max_leases=config.max_leases, max_reserved_bytes=config.max_reserved_bytes,
+                                 queue_s=config.queue_deadline_s)
         self.listener: KVListener | None = None
         self.server: aio.Server | None = None
         self.servicer: WorkerServicer | None = None
@@ -204,7 +210,7 @@ class Worker:
             max_queued_bytes=config.max_queued_bytes,
         )
         state = WorkerState(settings, self.engines, self.leases, spec, config.cluster_key)
-        self.servicer = WorkerServicer(state, self.model_info, self.profile)
+        self.servicer = WorkerServicer(state, self.model_info, self.profile, queue_deadline_s=config.queue_deadline_s)
         self.server = aio.server(interceptors=[AuthServerInterceptor(config.cluster_key)], options=SERVER_OPTIONS)
         pb_grpc.add_WorkerServicer_to_server(self.servicer, self.server)
         self.port = self.server.add_insecure_port(f"{_bracket(config.host)}:{config.port}")
@@ -345,7 +351,12 @@ def add_worker_parser(sub: Any, discovery: Discovery | None = None,
     p.add_argument("--model-id", default=None, help="model name clients send (default: the folder name)")
     p.add_argument("--device", default=None, help="torch device: cuda, mps or cpu (default: best available)")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="compute dtype (default: the checkpoint's)")
-    p.add_argument("--lease-s", type=float, default=30.0, help="free a reservation whose KV has not arrived by then")
+    p.add_argument("--lease-s", type=float, default=30.0,
+                   help="free a reservation when its prefill node sends no KV byte for this long once it is "
+                        "computing (default: 30)")
+    p.add_argument("--queue-deadline-s", type=float, default=QUEUE_DEADLINE_S,
+                   help="fail a prefill that waits longer than this on the engine before it starts; a decode "
+                        f"node allows its senders this much queue time (default: {QUEUE_DEADLINE_S:g})")
     p.add_argument("--chunk-size", type=int, default=128, help="prefill chunk in tokens (default: 128)")
     p.add_argument("--max-leases", type=int, default=16, help="concurrent KV reservations (default: 16)")
     p.add_argument("--kv-budget-gb", type=kv_budget_bytes, default=None, metavar="GB", dest="kv_budget_bytes",
@@ -388,8 +399,8 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         role=args.role, engine=args.engine, model=args.model, cluster_key=load_cluster_key(args.cluster_key_file),
         host=args.host, port=args.port, kv_port=args.kv_port, advertise_host=args.advertise_host,
         device=args.device, dtype=args.dtype, node_id=args.node_id, model_id=args.model_id,
-        lease_s=args.lease_s, chunk_size=args.chunk_size, max_leases=args.max_leases,
-        max_reserved_bytes=args.kv_budget_bytes,
+        lease_s=args.lease_s, queue_deadline_s=args.queue_deadline_s, chunk_size=args.chunk_size,
+        max_leases=args.max_leases, max_reserved_bytes=args.kv_budget_bytes,
         hardware=declared.hardware or "", tflops=declared.tflops or 0.0, mem_bw_gbps=declared.mem_bw_gbps or 0.0,
         send_mode=args.send_mode,
         peers=tuple(p.strip() for p in args.peers.split(",") if p.strip()),

@@ -34,7 +34,7 @@ from workers.kv.probe import (
     ProbeError,
     probe_link,
 )
-from workers.rpc.prefill import PrefillRPC
+from workers.rpc.prefill import QUEUE_DEADLINE_S, PrefillRPC
 from workers.rpc.state import RPCFailure, WorkerState
 
 log = logging.getLogger(__name__)
@@ -43,11 +43,12 @@ log = logging.getLogger(__name__)
 class WorkerServicer(pb_grpc.WorkerServicer):
     """The control plane of one worker over one engine."""
 
-    def __init__(self, state: WorkerState, model: pb.ModelInfo, profile: Callable[[], pb.NodeProfile]) -> None:
+    def __init__(self, state: WorkerState, model: pb.ModelInfo, profile: Callable[[], pb.NodeProfile], *,
+                 queue_deadline_s: float = QUEUE_DEADLINE_S) -> None:
         self.state = state
         self.model = model
         self.profile = profile
-        self._prefill = PrefillRPC(state)
+        self._prefill = PrefillRPC(state, queue_deadline_s=queue_deadline_s)
         self._decode = DecodeRPC(state)
 
     async def Info(self, request: pb.InfoRequest, context: aio.ServicerContext) -> pb.InfoReply:
