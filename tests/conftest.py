@@ -16,6 +16,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +34,7 @@ import grpc  # noqa: E402
 from aiohttp import web  # noqa: E402
 from grpc import aio  # noqa: E402
 
-from cluster.auth import ClusterKey, generate_key, write_config  # noqa: E402
+from cluster.auth import ClusterKey, generate_key, load_cluster_key, write_config  # noqa: E402
 from proto import pdcluster_pb2 as pb  # noqa: E402,F401
 from scheduler.request import (  # noqa: E402
     FinishEvent,
@@ -242,6 +244,11 @@ class WorkerProcess:
     def grpc(self) -> str:
         return re.search(r"grpc=(\S+)", self._ready_line()).group(1)
 
+    @property
+    def kv(self) -> tuple[str, int]:
+        host, port = re.search(r"kv=(\S+)", self._ready_line()).group(1).rsplit(":", 1)
+        return host, int(port)
+
     def _ready_line(self) -> str:
         return next(line for line in self.lines if " ready: " in line)
 
@@ -381,3 +388,101 @@ class ServerThread:
         asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+
+
+# ---------------------------------------------------------------- real clusters, for fault injection
+
+READY_S = 120.0  # a process's start-up bound on a loaded 2-core machine
+FAULT_MESSAGES = [{"role": "user", "content": "Say something about caches."}]
+
+
+class SchedulerProcess:
+    """One `pdc serve` process reaching its workers through static peers (no mDNS)."""
+
+    def __init__(self, key_file: Path, peers: list[str], log: Path, port: int | None = None,
+                 *extra_args: str) -> None:
+        self.port = port or free_port()
+        cmd = [sys.executable, "-m", "cluster.cli", "serve", "--port", str(self.port), "--no-mdns",
+               "--peers", ",".join(peers), "--cluster-key-file", str(key_file), *extra_args]
+        self.log = log
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def health(self) -> dict | None:
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=2) as resp:
+                return json.loads(resp.read())
+        except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError):
+            return None
+
+    def wait_ready(self, num_nodes: int, timeout: float = READY_S) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text(errors="replace")[-3000:]
+            health = self.health()
+            if health and health.get("status") == "ok" and len(health["nodes"]) >= num_nodes and health["models"]:
+                return health
+            time.sleep(0.25)
+        raise AssertionError(f"scheduler not ready in {timeout} s:\n{self.log.read_text(errors='replace')[-3000:]}")
+
+    def chat(self, max_tokens: int = 12) -> object:
+        import openai
+
+        client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", timeout=120, max_retries=0)
+        model = client.models.list().data[0].id
+        return client.chat.completions.create(model=model, messages=FAULT_MESSAGES, max_tokens=max_tokens,
+                                              temperature=0)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def stop_processes(procs) -> None:
+    """SIGTERM every worker process, then SIGKILL what is left after 20 s."""
+    for proc in procs:
+        if proc.proc.poll() is None:
+            proc.proc.terminate()
+    for proc in procs:
+        try:
+            proc.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.proc.kill()
+            proc.proc.wait(5)
+
+
+def assert_nothing_held(addresses: list[str], key_file: Path, timeout: float = 15.0) -> None:
+    """Every worker ends with no request, lease or reserved KV byte (polled: cleanup is asynchronous)."""
+    key = load_cluster_key(str(key_file))
+
+    async def held() -> list[tuple[str, int, int, int]]:
+        rows = []
+        for address in addresses:
+            client = WorkerClient(address, key)
+            try:
+                h = await client.health(timeout=5)
+                rows.append((address, h.active_requests, h.active_leases, h.reserved_kv_bytes))
+            finally:
+                await client.close()
+        return rows
+
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = asyncio.run(held())
+        if all(r[1:] == (0, 0, 0) for r in rows) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert all(r[1:] == (0, 0, 0) for r in rows), f"(address, requests, leases, reserved bytes): {rows}"

@@ -7,23 +7,22 @@ that no worker holds a lease, a reservation or a request afterwards.
 """
 from __future__ import annotations
 
-import asyncio
-import json
-import os
-import signal
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import (
+    READY_S,
+    SchedulerProcess,
+    assert_nothing_held,
+    free_port,
+    have,
+    start_worker_process,
+    stop_processes,
+)
 
-from cluster.auth import generate_key, load_cluster_key, write_config
-from conftest import ROOT, free_port, have, start_worker_process
-from workers.rpc.client import WorkerClient
+from cluster.auth import generate_key, write_config
 
 pytestmark = [
     pytest.mark.slow,
@@ -31,60 +30,6 @@ pytestmark = [
 ]
 
 MESSAGES = [{"role": "user", "content": "Say something about caches."}]
-READY_S = 120.0
-
-
-class Scheduler:
-    """One `pdc serve` process reaching its workers through static peers (no mDNS)."""
-
-    def __init__(self, key_file: Path, peers: list[str], log: Path, port: int | None = None) -> None:
-        self.port = port or free_port()
-        cmd = [sys.executable, "-m", "cluster.cli", "serve", "--port", str(self.port), "--no-mdns",
-               "--peers", ",".join(peers), "--cluster-key-file", str(key_file)]
-        self.log = log
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("ab"), stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def health(self) -> dict | None:
-        try:
-            with urllib.request.urlopen(self.url + "/health", timeout=2) as resp:
-                return json.loads(resp.read())
-        except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError):
-            return None
-
-    def wait_ready(self, num_nodes: int, timeout: float = READY_S) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text(errors="replace")[-3000:]
-            health = self.health()
-            if health and health.get("status") == "ok" and len(health["nodes"]) >= num_nodes and health["models"]:
-                return health
-            time.sleep(0.25)
-        raise AssertionError(f"scheduler not ready in {timeout} s:\n{self.log.read_text(errors='replace')[-3000:]}")
-
-    def chat(self, max_tokens: int = 12) -> object:
-        import openai
-
-        client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", timeout=120, max_retries=0)
-        model = client.models.list().data[0].id
-        return client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=max_tokens, temperature=0)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
 
 
 @pytest.fixture
@@ -102,43 +47,7 @@ def workers(model: Path, key_file: Path, tmp_path: Path) -> Iterator[dict]:
             assert proc.ready.wait(READY_S), f"{role} worker did not start:\n{proc.tail()}"
         yield procs
     finally:
-        _stop_all(procs.values())
-
-
-def _stop_all(procs) -> None:
-    for proc in procs:
-        if proc.proc.poll() is None:
-            proc.proc.terminate()
-    for proc in procs:
-        try:
-            proc.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.proc.kill()
-            proc.proc.wait(5)
-
-
-def assert_nothing_held(addresses: list[str], key_file: Path, timeout: float = 15.0) -> None:
-    """Every worker ends with no request, lease or reserved KV byte (polled: cleanup is asynchronous)."""
-    key = load_cluster_key(str(key_file))
-
-    async def held() -> list[tuple[str, int, int, int]]:
-        rows = []
-        for address in addresses:
-            client = WorkerClient(address, key)
-            try:
-                h = await client.health(timeout=5)
-                rows.append((address, h.active_requests, h.active_leases, h.reserved_kv_bytes))
-            finally:
-                await client.close()
-        return rows
-
-    deadline = time.monotonic() + timeout
-    while True:
-        rows = asyncio.run(held())
-        if all(r[1:] == (0, 0, 0) for r in rows) or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert all(r[1:] == (0, 0, 0) for r in rows), f"(address, requests, leases, reserved bytes): {rows}"
+        stop_processes(procs.values())
 
 
 # ---------------------------------------------------------------- scenarios
@@ -147,12 +56,12 @@ def assert_nothing_held(addresses: list[str], key_file: Path, timeout: float = 1
 def test_scheduler_killed_and_restarted_finds_its_workers_and_serves(workers: dict, key_file: Path,
                                                                     tmp_path: Path) -> None:
     peers = [w.grpc for w in workers.values()]
-    first = Scheduler(key_file, peers, tmp_path / "scheduler-1.log")
+    first = SchedulerProcess(key_file, peers, tmp_path / "scheduler-1.log")
     try:
         first.wait_ready(2)
         before = first.chat()
         first.kill()  # SIGKILL: no goodbye, no cleanup
-        second = Scheduler(key_file, peers, tmp_path / "scheduler-2.log", port=first.port)
+        second = SchedulerProcess(key_file, peers, tmp_path / "scheduler-2.log", port=first.port)
         try:
             began = time.monotonic()
             second.wait_ready(2)
@@ -175,7 +84,7 @@ def test_a_node_with_another_cluster_key_is_never_used(model: Path, workers: dic
     try:
         assert stranger.ready.wait(READY_S), stranger.tail()
         peers = [w.grpc for w in workers.values()]
-        scheduler = Scheduler(key_file, [*peers, stranger.grpc], tmp_path / "scheduler.log")
+        scheduler = SchedulerProcess(key_file, [*peers, stranger.grpc], tmp_path / "scheduler.log")
         try:
             health = scheduler.wait_ready(2)
             replies = [scheduler.chat(max_tokens=4) for _ in range(4)]
@@ -189,7 +98,7 @@ def test_a_node_with_another_cluster_key_is_never_used(model: Path, workers: dic
             assert "stranger-decode" not in (stats["prefill_node"], stats["decode_node"])
         assert_nothing_held(peers, key_file)
     finally:
-        _stop_all([stranger])
+        stop_processes([stranger])
 
 
 def test_two_clusters_on_one_host_both_keep_working(model: Path) -> None:
