@@ -7,6 +7,7 @@ Heavy imports (torch, mlx) happen inside the subcommand that needs them, so
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -48,9 +49,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:  # bad model folders, unsupported architectures, bad flags
         print(f"pdc: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno != errno.EADDRINUSE:
+            raise
+        print(f"pdc: error: {_port_in_use_message(args, e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("pdc: interrupted", file=sys.stderr)
         return 130
+
+
+def _port_in_use_message(args: argparse.Namespace, error: OSError) -> str:
+    """One line naming the port a command could not bind (its flags say which ports it binds)."""
+    text = str(error)
+    if "port" in text.lower() and any(ch.isdigit() for ch in text):  # the binder named it already
+        return text
+    host = getattr(args, "host", None) or "this host"
+    ports = [f"--{name.replace('_', '-')} {getattr(args, name)}" for name in ("port", "kv_port")
+             if getattr(args, name, None)]
+    named = " or ".join(ports) if ports else "a port it needs"
+    return f"{named} on {host} is already in use (another process listens there; choose another port)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail to stderr")
+    parser.add_argument("--version", action="version", version=f"pdc {_version()}")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     _add_make_model(sub)
     _add_check_handoff(sub)
@@ -78,6 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_simulate_parser(sub)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pdcluster")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def model_or_default(name: str | None) -> str:
@@ -291,7 +319,11 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--port", type=int, default=8000, help="scheduler HTTP port (default: 8000)")
-    _add_local_cluster_args(p, key_help="cluster key (default: a fresh key for this run)")
+    p.add_argument("--host", default="127.0.0.1", help="scheduler HTTP address (default: 127.0.0.1)")
+    p.add_argument("--api-key", default=None,
+                   help="passed to the scheduler as `pdc serve --api-key`: clients must send it")
+    _add_local_cluster_args(p, key_help="cluster key (default: a fresh key for this run; "
+                                        "`pdc up` prints the flags that reach it)")
     p.set_defaults(run=_run_up)
 
 
@@ -302,7 +334,8 @@ def _up_config(args: argparse.Namespace, port: int) -> UpConfig:
     decode = args.decode_engine or default_decode_engine()
     return UpConfig(model=model_or_default(args.model), port=port, prefill_engine=args.prefill_engine,
                     decode_engine=decode, cluster_key_file=args.cluster_key_file, log_dir=args.log_dir,
-                    policy=args.policy)
+                    policy=args.policy, host=getattr(args, "host", None) or "127.0.0.1",
+                    api_key=getattr(args, "api_key", None))
 
 
 def _run_up(args: argparse.Namespace) -> int:

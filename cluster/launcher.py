@@ -10,11 +10,14 @@ SIGTERM, then SIGKILL after a grace period. No orphans either way.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import secrets
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -45,6 +48,7 @@ class UpConfig:
     cluster_key_file: str | None = None
     log_dir: str | None = None  # child logs; a temp folder when None
     policy: str = "conditional"  # the scheduler's placement policy (name, module:Class or file.py:Class)
+    api_key: str | None = None  # passed to the scheduler as `pdc serve --api-key` when set
     extra_worker_args: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -60,8 +64,8 @@ class LocalCluster:
     def __init__(self, config: UpConfig) -> None:
         self.config = config
         self.procs: list[tuple[str, subprocess.Popen]] = []
-        self._tmp = tempfile.TemporaryDirectory(prefix="pdc-up-")
-        self.log_dir = Path(config.log_dir or self._tmp.name)
+        self._tmp = tempfile.mkdtemp(prefix="pdc-up-")  # removed by stop() unless the run failed
+        self.log_dir = Path(config.log_dir or self._tmp)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.key_file = config.cluster_key_file or self._ephemeral_key()
 
@@ -76,8 +80,9 @@ class LocalCluster:
         # a suffix per launch: two local clusters on one machine (or two machines'
         # `pdc up` on one LAN) must not claim the same mDNS instance names
         suffix = secrets.token_hex(2)
+        api_key = ["--api-key", self.config.api_key] if self.config.api_key else []
         self._spawn("scheduler", ["serve", "--host", self.config.host, "--port", str(self.config.port),
-                                  "--policy", self.config.policy, *common, *mdns])
+                                  "--policy", self.config.policy, *api_key, *common, *mdns])
         for role, engine in (("prefill", self.config.prefill_engine), ("decode", self.config.decode_engine)):
             self._spawn(f"{role}-worker", [
                 "worker", "--role", role, "--engine", engine, "--model", self.config.model,
@@ -106,8 +111,10 @@ class LocalCluster:
             parts.append(f"--- {name}\n" + "\n".join(lines))
         return "\n".join(parts)
 
-    def stop(self) -> None:
-        """SIGTERM every child (workers first), then SIGKILL what is left after the grace period."""
+    def stop(self, *, keep_files: bool = False) -> None:
+        """SIGTERM every child (workers first), then SIGKILL what is left after the grace period.
+
+        ``keep_files``: leave the temporary folder (logs, the run's key) for a post-mortem."""
         for name, proc in reversed(self.procs):
             if proc.poll() is None:
                 log.info("stopping %s (pid %d)", name, proc.pid)
@@ -121,7 +128,8 @@ class LocalCluster:
                 proc.kill()
                 proc.wait(5)
         self.procs.clear()
-        self._tmp.cleanup()
+        if not keep_files:
+            shutil.rmtree(self._tmp, ignore_errors=True)
 
     def __enter__(self) -> LocalCluster:
         self.start()
@@ -154,7 +162,7 @@ class LocalCluster:
     def _ephemeral_key(self) -> str:
         from cluster.auth import generate_key, write_config
 
-        path = Path(self._tmp.name) / "cluster.json"
+        path = Path(self._tmp) / "cluster.json"
         write_config(path, generate_key())
         return str(path)
 
@@ -168,10 +176,32 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
+def port_in_use(host: str, port: int) -> bool:
+    """Whether ``host:port`` cannot be bound because something listens there."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return True
+            raise
+    return False
+
+
 def run_up(config: UpConfig) -> int:
-    """``pdc up``: run in the foreground until Ctrl-C or SIGTERM."""
+    """``pdc up``: run in the foreground until Ctrl-C or SIGTERM.
+
+    Its ports are checked before any child starts (exit 2, one line). On
+    success it prints the flags that reach it (``pdc status``, ``pdc policy``);
+    when it fails, it keeps its folder (logs, the run's key) and says where."""
+    if config.port and port_in_use(config.host, config.port):
+        print(f"pdc up: error: port {config.port} on {config.host} is already in use; choose another with --port",
+              file=sys.stderr)
+        return 2
     cluster = LocalCluster(config)
     stopping = False
+    failed = True
 
     def on_signal(signum: int, _frame: object) -> None:
         nonlocal stopping
@@ -183,13 +213,18 @@ def run_up(config: UpConfig) -> int:
         health = cluster.wait_ready()
         nodes = ", ".join(n.get("node_id", "?") for n in health.get("nodes", []))
         print(f"pdcluster is up: {cluster.url}/v1 (nodes: {nodes}); logs in {cluster.log_dir}. Ctrl-C to stop.")
+        print(f"reach it with: pdc status --cluster-key-file {cluster.key_file} --mdns-interface {LOOPBACK}")
+        print(f"               pdc policy --url {cluster.url} --cluster-key-file {cluster.key_file}")
         while not stopping:
             cluster._check_alive()
             time.sleep(0.5)
+        failed = False
     except KeyboardInterrupt:
-        pass
+        failed = False
     finally:
         print("pdcluster: shutting down")
-        cluster.stop()
+        cluster.stop(keep_files=failed)
         signal.signal(signal.SIGTERM, previous)
+        if failed:
+            print(f"pdcluster: failed; logs and the run's key kept in {cluster.log_dir}", file=sys.stderr)
     return 0

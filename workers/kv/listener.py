@@ -113,7 +113,11 @@ class KVListener:
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         tune_socket(self._sock)  # buffer sizes must precede listen() to scale the window
-        self._sock.bind((host, port))
+        try:
+            self._sock.bind((host, port))
+        except OSError as e:  # name the port: "[Errno 98] Address already in use" alone does not
+            self._sock.close()
+            raise OSError(e.errno, f"KV port {port} on {host} (--kv-port): {e.strerror}") from e
         self._sock.listen(max_connections + max_unauthenticated)
         self._sock.settimeout(ACCEPT_POLL_S)
         self.host, self.port = self._sock.getsockname()[:2]

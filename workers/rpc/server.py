@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
 import logging
 import math
 import re
@@ -419,8 +420,9 @@ def run_worker_command(args: argparse.Namespace, discovery: Discovery | None = N
     try:
         asyncio.run(run_worker(config, hook))
     except (OSError, RuntimeError) as e:  # a port in use, an unreachable address, ...
-        print(f"pdc worker: error: {e}", file=sys.stderr)
-        return 1
+        print(f"pdc worker: error: {e.strerror if isinstance(e, OSError) and e.strerror else e}", file=sys.stderr)
+        # a taken port is a usage error (exit 2, as every command that binds one); the rest are failures
+        return 2 if isinstance(e, OSError) and e.errno == errno.EADDRINUSE else 1
     return 0
 
 
