@@ -253,3 +253,15 @@ def test_the_layout_tables_in_docs_list_every_module_of_the_tree() -> None:
                                            f"{sorted(modules - layout[folder])}, stale {sorted(layout[folder] - modules)}")
     assert not [p for p in (ROOT / "workers").glob("*.py") if p.name != "__init__.py"], \
         "workers/ holds only its four sub-packages"
+
+
+def test_test_modules_import_helpers_from_conftest_never_from_each_other() -> None:
+    tests = ROOT / "tests"
+    names = {p.stem for p in tests.rglob("test_*.py")}
+    offenders = []
+    for file in sorted(tests.rglob("*.py")):
+        tree = ast.parse(file.read_text(encoding="utf-8"))
+        for line, name in imported_modules(tree, file.stem):
+            if name.split(".")[0] in names:
+                offenders.append(f"{file.relative_to(ROOT)}:{line}: imports {name}")
+    assert not offenders, "move shared test helpers to tests/conftest.py:\n" + "\n".join(sorted(set(offenders)))
