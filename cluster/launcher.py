@@ -27,7 +27,11 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from workers.engines.registry import DEFAULT_DECODE_ENGINE, DEFAULT_PREFILL_ENGINE, check_engine
+from workers.engines.registry import (
+    DEFAULT_DECODE_ENGINE,
+    DEFAULT_PREFILL_ENGINE,
+    check_engine,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +84,10 @@ class LocalCluster:
         # a suffix per launch: two local clusters on one machine (or two machines'
         # `pdc up` on one LAN) must not claim the same mDNS instance names
         suffix = secrets.token_hex(2)
-        api_key = ["--api-key", self.config.api_key] if self.config.api_key else []
+        # the API key reaches `pdc serve` as $PDC_API_KEY, not a flag: a command line is visible in `ps`
+        api_key = {"PDC_API_KEY": self.config.api_key} if self.config.api_key else {}
         self._spawn("scheduler", ["serve", "--host", self.config.host, "--port", str(self.config.port),
-                                  "--policy", self.config.policy, *api_key, *common, *mdns])
+                                  "--policy", self.config.policy, *common, *mdns], env=api_key)
         for role, engine in (("prefill", self.config.prefill_engine), ("decode", self.config.decode_engine)):
             self._spawn(f"{role}-worker", [
                 "worker", "--role", role, "--engine", engine, "--model", self.config.model,
@@ -95,8 +100,11 @@ class LocalCluster:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self._check_alive()
+            # with an API key, /health shows its details (the nodes) only to a caller presenting it
+            auth = {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else {}
+            request = urllib.request.Request(self.url + "/health", headers=auth)
             with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as resp:
+                with urllib.request.urlopen(request, timeout=2) as resp:
                     if resp.status == 200:
                         return json.loads(resp.read())
             time.sleep(0.25)
@@ -138,7 +146,7 @@ class LocalCluster:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _spawn(self, name: str, args: list[str]) -> None:
+    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
         logfile = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (owned by the child)
         # -P: do not put the working directory on the child's sys.path, where a
         # stray proto.py or scheduler.py would shadow our packages (3.11+).
@@ -148,7 +156,7 @@ class LocalCluster:
         proc = subprocess.Popen(
             cmd, stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
         logfile.close()
         self.procs.append((name, proc))
@@ -221,10 +229,12 @@ def run_up(config: UpConfig) -> int:
         failed = False
     except KeyboardInterrupt:
         failed = False
+    except (RuntimeError, TimeoutError) as e:  # a child died or never became ready: say so, no traceback
+        print(f"pdc up: error: {e}", file=sys.stderr)
     finally:
         print("pdcluster: shutting down")
         cluster.stop(keep_files=failed)
         signal.signal(signal.SIGTERM, previous)
         if failed:
             print(f"pdcluster: failed; logs and the run's key kept in {cluster.log_dir}", file=sys.stderr)
-    return 0
+    return 1 if failed else 0

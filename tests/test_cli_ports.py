@@ -54,3 +54,15 @@ def test_pdc_worker_names_a_taken_kv_port(held_port: int, tmp_path: Path, model:
 def test_pdc_version() -> None:
     result = pdc("--version")
     assert result.returncode == 0 and result.stdout.startswith("pdc "), result
+
+
+def test_pdc_worker_names_a_taken_grpc_port(held_port: int, tmp_path: Path, model: Path) -> None:
+    key_file = tmp_path / "key.json"
+    write_config(key_file, generate_key())
+    result = pdc("worker", "--role", "decode", "--engine", "torch", "--model", str(model), "--host", "127.0.0.1",
+                 "--port", str(held_port), "--cluster-key-file", str(key_file), "--no-advertise",
+                 "--tflops", "1", "--mem-bw-gbps", "1")
+    assert result.returncode == 2, result
+    last = result.stderr.strip().splitlines()[-1]
+    assert f"gRPC port {held_port} on 127.0.0.1" in last and "already in use" in last, result.stderr
+    assert "Traceback" not in result.stderr

@@ -68,3 +68,18 @@ def test_status_with_nothing_found_says_what_it_tried(tmp_path: Path) -> None:
     assert "_pdcluster._tcp.local. on 127.0.0.1" in proc.stdout
     assert "static peer 127.0.0.1:9" in proc.stdout
     assert "--peers" in proc.stdout  # the multicast hint
+
+
+def test_status_names_a_refused_node_once_and_without_a_warning(tmp_path: Path) -> None:
+    key_file = write_config(tmp_path / "cluster.json", generate_key())
+    stranger = _node(generate_key().fingerprint)
+
+    async def scenario() -> subprocess.CompletedProcess:
+        async with Advertiser(stranger, interfaces=["127.0.0.1"]):
+            return await asyncio.to_thread(_status, key_file)
+
+    proc = asyncio.run(scenario())
+    output = proc.stdout + proc.stderr
+    mentions = [line for line in output.splitlines() if stranger.node_id in line]
+    assert len(mentions) == 1 and mentions[0].startswith("refused "), output  # one line, nothing else
+    assert "WARNING" not in proc.stderr

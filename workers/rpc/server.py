@@ -214,9 +214,13 @@ class Worker:
         self.servicer = WorkerServicer(state, self.model_info, self.profile, queue_deadline_s=config.queue_deadline_s)
         self.server = aio.server(interceptors=[AuthServerInterceptor(config.cluster_key)], options=SERVER_OPTIONS)
         pb_grpc.add_WorkerServicer_to_server(self.servicer, self.server)
-        self.port = self.server.add_insecure_port(f"{_bracket(config.host)}:{config.port}")
+        try:
+            self.port = self.server.add_insecure_port(f"{_bracket(config.host)}:{config.port}")
+        except RuntimeError:  # grpc says only "Failed to bind"; SO_REUSEPORT is off, so a fixed port is taken
+            self.port = 0
         if not self.port:
-            raise OSError(f"cannot bind gRPC to {config.host}:{config.port}")
+            raise OSError(errno.EADDRINUSE, f"gRPC port {config.port} on {config.host} is already in use "
+                                            "(or not bindable); choose another with --port")
         await self.server.start()
 
     async def stop(self) -> None:
