@@ -364,7 +364,12 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 def _run_demo(args: argparse.Namespace) -> int:
     from cluster.demo import run_demo
+    from cluster.launcher import port_in_use
 
+    if args.port and port_in_use("127.0.0.1", args.port):
+        print(f"pdc demo: error: port {args.port} on 127.0.0.1 is already in use; choose another with --port "
+              "(or leave it out for a free one)", file=sys.stderr)
+        return 2
     return run_demo(_up_config(args, args.port or _free_port()), max_tokens=args.max_tokens)
 
 

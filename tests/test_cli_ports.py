@@ -66,3 +66,21 @@ def test_pdc_worker_names_a_taken_grpc_port(held_port: int, tmp_path: Path, mode
     last = result.stderr.strip().splitlines()[-1]
     assert f"gRPC port {held_port} on 127.0.0.1" in last and "already in use" in last, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_pdc_serve_names_a_taken_port(held_port: int, tmp_path: Path) -> None:
+    key_file = tmp_path / "key.json"
+    write_config(key_file, generate_key())
+    result = pdc("serve", "--port", str(held_port), "--no-mdns", "--cluster-key-file", str(key_file))
+    assert result.returncode == 2, result
+    last = result.stderr.strip().splitlines()[-1]
+    assert f"--port {held_port}" in last and "already in use" in last, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_pdc_demo_names_a_taken_port_before_starting_anything(held_port: int) -> None:
+    result = pdc("demo", "--port", str(held_port))
+    assert result.returncode == 2, result
+    assert result.stderr.strip().splitlines() == [
+        f"pdc demo: error: port {held_port} on 127.0.0.1 is already in use; choose another with --port "
+        "(or leave it out for a free one)"]
