@@ -227,3 +227,60 @@ def test_64_concurrent_requests_against_16_leases_get_only_200_or_429(model: Pat
             if status == 429:
                 assert int(headers["Retry-After"]) >= 1 and reply["error"]["code"] == "capacity_exhausted", reply
         assert_nothing_held([p.grpc for p in procs.values()], key_file)
+
+
+# ---------------------------------------------------------------- mid-transfer
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 77M-parameter random preset: a 2,000-token torch prefill takes seconds on 2 cores, long
+    enough to kill the prefill node while its KV is streaming."""
+    from workers.tools.modelgen import make_model
+
+    return make_model(tmp_path_factory.mktemp("small-llama"), "llama", seed=0, preset="small")
+
+
+def test_a_prefill_node_killed_mid_transfer_gives_a_clean_error_and_leaks_no_lease(small_model: Path,
+                                                                                   key_file: Path,
+                                                                                   tmp_path: Path) -> None:
+    specs = (("pre", "prefill", "torch", ()), ("dec", "both", "torch", ()))
+    with running(small_model, key_file, tmp_path, *specs) as procs:
+        scheduler = SchedulerProcess(key_file, [p.grpc for p in procs.values()], tmp_path / "scheduler.log")
+        try:
+            scheduler.wait_ready(2)
+            long_prompt = "The decode node streams every layer of the cache as the prefill node computes it. " * 90
+            split = {"model": model_id(scheduler), "messages": [{"role": "user", "content": long_prompt}],
+                     "max_tokens": 4, "temperature": 0, "pdcluster": {"placement": "disaggregated"}}
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                pending = pool.submit(post, scheduler.url, split, 180)
+                _wait_for_a_lease(procs["dec"].grpc, key_file)  # the decode side has reserved: prefill is on
+                time.sleep(1.0)  # into a prefill of several seconds: its KV is streaming
+                os.kill(procs["pre"].proc.pid, signal.SIGKILL)
+                status, reply, _ = pending.result(timeout=180)
+            after_status, after, _ = post(scheduler.url, {**split, "max_tokens": 2, "pdcluster": {}})
+        finally:
+            scheduler.stop()
+        assert (status, reply.get("error", {}).get("code")) in {(502, "worker_failed"), (503, "no_capacity")}, reply
+        assert "pre" in reply["error"]["message"] and "AioRpcError" not in reply["error"]["message"]
+        assert after_status == 200 and after["pdcluster"]["decode_node"] == "dec", after
+        assert_nothing_held([procs["dec"].grpc], key_file)
+
+
+def _wait_for_a_lease(address: str, key_file: Path, timeout: float = 60.0) -> None:
+    import asyncio
+
+    from cluster.auth import load_cluster_key
+    from workers.rpc.client import WorkerClient
+
+    async def leases() -> int:
+        client = WorkerClient(address, load_cluster_key(str(key_file)))
+        try:
+            return (await client.health(timeout=5)).active_leases
+        finally:
+            await client.close()
+
+    deadline = time.monotonic() + timeout
+    while asyncio.run(leases()) == 0:
+        assert time.monotonic() < deadline, "the decode node never reserved"
+        time.sleep(0.05)
