@@ -117,8 +117,9 @@ def test_two_clusters_on_one_host_both_keep_working(model: Path) -> None:
                                                    max_tokens=8, temperature=0)
             texts.append(reply.choices[0].message.content)
             stats = reply.model_extra["pdcluster"]
-            own = {n["node_id"] for n in cluster.wait_ready()["nodes"]}
-            assert {stats["prefill_node"], stats["decode_node"]} <= own
+            nodes = cluster.wait_ready()["nodes"]
+            assert {stats["prefill_node"], stats["decode_node"]} <= {n["node_id"] for n in nodes}
+            assert_nothing_held([n["address"] for n in nodes], Path(cluster.key_file))
     assert texts[0] == texts[1]  # the same model, greedy: each cluster answered on its own nodes
     ids = [{n["node_id"] for n in h["nodes"]} for h in healths]
     assert len(ids[0]) == len(ids[1]) == 2 and not ids[0] & ids[1]
