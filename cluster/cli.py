@@ -339,8 +339,13 @@ def _up_config(args: argparse.Namespace, port: int) -> UpConfig:
 
 
 def _run_up(args: argparse.Namespace) -> int:
-    from cluster.launcher import run_up
+    from cluster.launcher import port_in_use, run_up
 
+    host = getattr(args, "host", None) or "127.0.0.1"
+    if args.port and port_in_use(host, args.port):  # before the model is resolved (and built on first use)
+        print(f"pdc up: error: port {args.port} on {host} is already in use; choose another with --port",
+              file=sys.stderr)
+        return 2
     logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
     return run_up(_up_config(args, args.port))
 
