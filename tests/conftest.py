@@ -393,6 +393,12 @@ class ServerThread:
 # ---------------------------------------------------------------- real clusters, for fault injection
 
 READY_S = 120.0  # a process's start-up bound on a loaded 2-core machine
+
+
+@pytest.fixture
+def key_file(tmp_path: Path) -> Path:
+    """A fresh cluster key written as a `pdc init` config file."""
+    return write_config(tmp_path / "cluster.json", generate_key())
 FAULT_MESSAGES = [{"role": "user", "content": "Say something about caches."}]
 
 

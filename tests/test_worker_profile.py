@@ -45,11 +45,6 @@ def write_profile(tmp_path: Path, text: str, name: str = "node.toml") -> Path:
     return path
 
 
-@pytest.fixture
-def key_file(tmp_path: Path) -> Path:
-    return write_config(tmp_path / "cluster.json", generate_key())
-
-
 def worker_args(key_file: Path, *flags: str) -> argparse.Namespace:
     """``pdc worker`` flags as the CLI parses them (the model is never loaded here)."""
     return build_parser().parse_args(["worker", "--role", "both", "--engine", "mlx", "--model", "unused",

@@ -30,8 +30,6 @@ from conftest import (
     stop_processes,
 )
 
-from cluster.auth import generate_key, write_config
-
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not (have("torch") and have("mlx.core")), reason="needs the torch and mlx extras"),
@@ -69,11 +67,6 @@ def post(url: str, body: dict, timeout: float = 120.0) -> tuple[int, dict, dict]
 def model_id(scheduler: SchedulerProcess) -> str:
     with urllib.request.urlopen(scheduler.url + "/v1/models", timeout=10) as reply:
         return json.loads(reply.read())["data"][0]["id"]
-
-
-@pytest.fixture
-def key_file(tmp_path: Path) -> Path:
-    return write_config(tmp_path / "cluster.json", generate_key())
 
 
 # ---------------------------------------------------------------- before the first token

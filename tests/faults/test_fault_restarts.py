@@ -33,11 +33,6 @@ MESSAGES = [{"role": "user", "content": "Say something about caches."}]
 
 
 @pytest.fixture
-def key_file(tmp_path: Path) -> Path:
-    return write_config(tmp_path / "cluster.json", generate_key())
-
-
-@pytest.fixture
 def workers(model: Path, key_file: Path, tmp_path: Path) -> Iterator[dict]:
     """A torch prefill worker and an MLX decode worker, each its own process."""
     procs = {role: start_worker_process(role, engine, model, key_file, tmp_path / f"{role}.log")
