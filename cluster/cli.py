@@ -204,7 +204,11 @@ def _run_make_model(args: argparse.Namespace) -> int:
 
 def _add_check_handoff(sub: argparse._SubParsersAction) -> None:
     from workers.engines.base import DTYPES
-    from workers.engines.registry import DEFAULT_DECODE_ENGINE, DEFAULT_PREFILL_ENGINE, engine_names
+    from workers.engines.registry import (
+        DEFAULT_DECODE_ENGINE,
+        DEFAULT_PREFILL_ENGINE,
+        engine_names,
+    )
 
     p = sub.add_parser(
         "check-handoff",
@@ -339,12 +343,9 @@ def _up_config(args: argparse.Namespace, port: int) -> UpConfig:
 
 
 def _run_up(args: argparse.Namespace) -> int:
-    from cluster.launcher import port_in_use, run_up
+    from cluster.launcher import run_up
 
-    host = getattr(args, "host", None) or "127.0.0.1"
-    if args.port and port_in_use(host, args.port):  # before the model is resolved (and built on first use)
-        print(f"pdc up: error: port {args.port} on {host} is already in use; choose another with --port",
-              file=sys.stderr)
+    if _port_taken("up", getattr(args, "host", None) or "127.0.0.1", args.port):
         return 2
     logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
     return run_up(_up_config(args, args.port))
@@ -367,13 +368,21 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_run_demo)
 
 
-def _run_demo(args: argparse.Namespace) -> int:
-    from cluster.demo import run_demo
+def _port_taken(command: str, host: str, port: int, hint: str = "") -> bool:
+    """Say so in one line when ``port`` is taken. Checked before the model is
+    resolved, which on a first run converts the built-in model."""
     from cluster.launcher import port_in_use
 
-    if args.port and port_in_use("127.0.0.1", args.port):
-        print(f"pdc demo: error: port {args.port} on 127.0.0.1 is already in use; choose another with --port "
-              "(or leave it out for a free one)", file=sys.stderr)
+    if not port or not port_in_use(host, port):
+        return False
+    print(f"pdc {command}: error: port {port} on {host} is already in use; choose another with --port{hint}",
+          file=sys.stderr)
+    return True
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from cluster.demo import run_demo
+    if _port_taken("demo", "127.0.0.1", args.port, " (or leave it out for a free one)"):
         return 2
     return run_demo(_up_config(args, args.port or _free_port()), max_tokens=args.max_tokens)
 
@@ -477,7 +486,11 @@ def _add_key_arg(p: argparse.ArgumentParser,
 
 def _add_local_cluster_args(p: argparse.ArgumentParser, key_help: str) -> None:
     """The flags ``pdc up`` and ``pdc demo`` share (everything but the port)."""
-    from workers.engines.registry import DECODE_PREFERENCE, DEFAULT_PREFILL_ENGINE, engine_names
+    from workers.engines.registry import (
+        DECODE_PREFERENCE,
+        DEFAULT_PREFILL_ENGINE,
+        engine_names,
+    )
 
     p.add_argument("--model", default=None,
                    help="model folder, hub id, or built-in name from `pdc models` (default: smollm2-135m-instruct)")

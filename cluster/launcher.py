@@ -200,13 +200,9 @@ def port_in_use(host: str, port: int) -> bool:
 def run_up(config: UpConfig) -> int:
     """``pdc up``: run in the foreground until Ctrl-C or SIGTERM.
 
-    Its ports are checked before any child starts (exit 2, one line). On
+    The caller (``pdc up``) has checked its port before resolving the model. On
     success it prints the flags that reach it (``pdc status``, ``pdc policy``);
     when it fails, it keeps its folder (logs, the run's key) and says where."""
-    if config.port and port_in_use(config.host, config.port):
-        print(f"pdc up: error: port {config.port} on {config.host} is already in use; choose another with --port",
-              file=sys.stderr)
-        return 2
     cluster = LocalCluster(config)
     stopping = False
     failed = True

@@ -90,6 +90,8 @@ def have(module: str) -> bool:
 
 requires_torch = pytest.mark.skipif(not have("torch"), reason="torch extra not installed")
 requires_mlx = pytest.mark.skipif(not have("mlx.core"), reason="mlx extra not installed")
+requires_torch_and_mlx = pytest.mark.skipif(not (have("torch") and have("mlx.core")),
+                                            reason="needs the torch and mlx extras")
 
 
 # ---------------------------------------------------------------- KV slices and layouts

@@ -13,8 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from cluster.auth import generate_key, write_config
-
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 60.0
 
@@ -39,9 +37,7 @@ def test_pdc_up_checks_its_port_before_starting_anything(held_port: int) -> None
     assert "pdcluster is up" not in result.stdout and "Traceback" not in result.stderr
 
 
-def test_pdc_worker_names_a_taken_kv_port(held_port: int, tmp_path: Path, model: Path) -> None:
-    key_file = tmp_path / "key.json"
-    write_config(key_file, generate_key())
+def test_pdc_worker_names_a_taken_kv_port(held_port: int, key_file: Path, model: Path) -> None:
     result = pdc("worker", "--role", "decode", "--engine", "torch", "--model", str(model), "--host", "127.0.0.1",
                  "--kv-port", str(held_port), "--cluster-key-file", str(key_file), "--no-advertise",
                  "--tflops", "1", "--mem-bw-gbps", "1")
@@ -56,9 +52,7 @@ def test_pdc_version() -> None:
     assert result.returncode == 0 and result.stdout.startswith("pdc "), result
 
 
-def test_pdc_worker_names_a_taken_grpc_port(held_port: int, tmp_path: Path, model: Path) -> None:
-    key_file = tmp_path / "key.json"
-    write_config(key_file, generate_key())
+def test_pdc_worker_names_a_taken_grpc_port(held_port: int, key_file: Path, model: Path) -> None:
     result = pdc("worker", "--role", "decode", "--engine", "torch", "--model", str(model), "--host", "127.0.0.1",
                  "--port", str(held_port), "--cluster-key-file", str(key_file), "--no-advertise",
                  "--tflops", "1", "--mem-bw-gbps", "1")
@@ -68,9 +62,7 @@ def test_pdc_worker_names_a_taken_grpc_port(held_port: int, tmp_path: Path, mode
     assert "Traceback" not in result.stderr
 
 
-def test_pdc_serve_names_a_taken_port(held_port: int, tmp_path: Path) -> None:
-    key_file = tmp_path / "key.json"
-    write_config(key_file, generate_key())
+def test_pdc_serve_names_a_taken_port(held_port: int, key_file: Path) -> None:
     result = pdc("serve", "--port", str(held_port), "--no-mdns", "--cluster-key-file", str(key_file))
     assert result.returncode == 2, result
     last = result.stderr.strip().splitlines()[-1]

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import openai
 import pytest
-from conftest import free_port, have
+from conftest import free_port, requires_torch_and_mlx
 
 from cluster.launcher import LocalCluster, UpConfig
 
-pytestmark = pytest.mark.skipif(not (have("torch") and have("mlx.core")), reason="needs the torch and mlx extras")
+pytestmark = requires_torch_and_mlx
 MESSAGES = [{"role": "user", "content": "Tell me about prefill and decode."}]
 
 

@@ -13,10 +13,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import pytest
-from conftest import ROOT, free_port, have
+from conftest import ROOT, free_port, requires_torch_and_mlx
 
-pytestmark = pytest.mark.skipif(not (have("torch") and have("mlx.core")), reason="needs the torch and mlx extras")
+pytestmark = requires_torch_and_mlx
 READY_S = 180.0
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import ROOT, free_port, have
+from conftest import ROOT, free_port, have, requires_torch_and_mlx
 
 from workers.tools.builtin import (
     DEFAULT_MODEL,
@@ -29,7 +29,6 @@ from workers.tools.builtin import (
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 IM_END = "<|im_end|>"
 
-needs_engines = pytest.mark.skipif(not (have("torch") and have("mlx.core")), reason="needs the torch and mlx extras")
 
 
 @pytest.fixture(scope="session")
@@ -136,7 +135,7 @@ def test_chat_template_renders_chatml_as_transformers_does(smollm: Path) -> None
     assert ids.count(codec.tokenizer.token_to_id("<|im_start|>")) == 3  # special tokens stay single tokens
 
 
-@needs_engines
+@requires_torch_and_mlx
 @pytest.mark.parametrize("engine_name", ["torch", "mlx"])
 def test_greedy_generation_answers_and_stops_at_im_end(smollm: Path, engine_name: str) -> None:
     from workers.engines.registry import load_engine
@@ -159,7 +158,7 @@ def test_greedy_generation_answers_and_stops_at_im_end(smollm: Path, engine_name
 # ---------------------------------------------------------------- the rope trap and cross-engine identity
 
 
-@needs_engines
+@requires_torch_and_mlx
 def test_mlx_greedy_equals_torch_greedy_and_needs_the_top_level_rope_theta(smollm: Path, tmp_path: Path) -> None:
     """mlx-lm 0.32 reads only a top-level rope_theta: with it, MLX and torch
     agree token for token; without it (the negative control) MLX drifts."""
@@ -187,7 +186,7 @@ def test_mlx_greedy_equals_torch_greedy_and_needs_the_top_level_rope_theta(smoll
 
 
 @pytest.mark.slow
-@needs_engines
+@requires_torch_and_mlx
 @pytest.mark.parametrize("prefill,decode", [("torch", "mlx"), ("mlx", "torch"), ("torch", "torch"), ("mlx", "mlx")],
                          ids=["torch-to-mlx", "mlx-to-torch", "torch-to-torch", "mlx-to-mlx"])
 def test_real_model_handoff_is_token_identical(smollm: Path, prefill: str, decode: str) -> None:
@@ -203,7 +202,7 @@ def test_real_model_handoff_is_token_identical(smollm: Path, prefill: str, decod
 
 
 @pytest.mark.slow
-@needs_engines
+@requires_torch_and_mlx
 def test_factual_question_is_answered_through_pdc_up_and_the_openai_client(smollm: Path) -> None:
     import openai
 
@@ -223,7 +222,7 @@ def test_factual_question_is_answered_through_pdc_up_and_the_openai_client(smoll
 
 
 @pytest.mark.slow
-@needs_engines
+@requires_torch_and_mlx
 def test_pdc_demo_prints_the_right_answer_from_a_split_request(smollm: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "cluster.cli", "demo"], cwd=ROOT, capture_output=True, text=True,
                          timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})

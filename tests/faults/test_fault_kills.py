@@ -25,14 +25,14 @@ from conftest import (
     READY_S,
     SchedulerProcess,
     assert_nothing_held,
-    have,
+    requires_torch_and_mlx,
     start_worker_process,
     stop_processes,
 )
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not (have("torch") and have("mlx.core")), reason="needs the torch and mlx extras"),
+    requires_torch_and_mlx,
 ]
 
 ASK = {"messages": [{"role": "user", "content": "Tell me about memory bandwidth."}], "temperature": 0}

@@ -17,7 +17,7 @@ from conftest import (
     SchedulerProcess,
     assert_nothing_held,
     free_port,
-    have,
+    requires_torch_and_mlx,
     start_worker_process,
     stop_processes,
 )
@@ -26,7 +26,7 @@ from cluster.auth import generate_key, write_config
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not (have("torch") and have("mlx.core")), reason="needs the torch and mlx extras"),
+    requires_torch_and_mlx,
 ]
 
 MESSAGES = [{"role": "user", "content": "Say something about caches."}]

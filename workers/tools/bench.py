@@ -15,6 +15,10 @@ from collections.abc import Callable, Sequence
 PROG = "pdc bench"
 DESCRIPTION = "Benchmarks of pdcluster's components."
 
+# A round during which some task waited for a CPU more than this share of the
+# time shared the machine with other work (or, unpinned, with itself).
+CONTENDED_CPU_WAIT = 0.10
+
 # Registers one benchmark's subcommand; its ``run`` default gets the parsed args.
 Register = Callable[[argparse._SubParsersAction], None]
 
@@ -57,3 +61,26 @@ def bench_main(register: Register, argv: Sequence[str] | None = None) -> int:
 def _print_help(parser: argparse.ArgumentParser) -> int:
     parser.print_help()
     return 2
+
+
+def cpu_wait_us() -> int | None:
+    """Microseconds, since boot, that some task waited for a CPU (Linux PSI);
+    None where the kernel does not report it."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            for line in f:
+                if line.startswith("some"):
+                    return int(line.rsplit("total=", 1)[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def contention_warning(contended: list[bool], advice: str = "") -> str:
+    """The report's warning when some rounds (``contended`` per round) ran on a
+    shared machine; "" when none did."""
+    num = sum(contended)
+    if not num:
+        return ""
+    return (f"in {num} of {len(contended)} rounds (marked !) tasks waited for a CPU over "
+            f"{CONTENDED_CPU_WAIT:.0%} of the time: other work shared the machine{advice}")

@@ -32,11 +32,21 @@ from typing import Any
 
 from workers.engines.base import DTYPES, Engine
 from workers.engines.model_config import read_model_spec
-from workers.engines.registry import DECODE_PREFERENCE, available_engines, engine_names, engine_spec, load_engine
+from workers.engines.registry import (
+    DECODE_PREFERENCE,
+    available_engines,
+    engine_names,
+    engine_spec,
+    load_engine,
+)
 from workers.engines.sampling import SamplingParams, sample
-from workers.tools.bench import bench_main
+from workers.tools.bench import (
+    CONTENDED_CPU_WAIT,
+    bench_main,
+    contention_warning,
+    cpu_wait_us,
+)
 from workers.tools.handoff import prompt_token_ids
-from workers.tools.kv_bench import CONTENDED_CPU_WAIT, cpu_wait_us
 
 PATHS = ("ours", "native")
 MODEL_ARCH = "llama"
@@ -325,12 +335,9 @@ def format_summary(result: DecodeBenchResult) -> str:
             f"tok/s: ratio {e.ratio:.3f} ours/{native}",
             f"  {'':<6} greedy tokens {same}; native = {e.native}",
         ]
-        contended = sum(r.contended for r in e.rounds)
-        if contended:
-            lines.append(
-                f"  {'':<6} warning: in {contended} of {len(e.rounds)} rounds (marked !) tasks waited for a CPU "
-                f"over {CONTENDED_CPU_WAIT:.0%} of the time: other work shared the machine"
-            )
+        warning = contention_warning([r.contended for r in e.rounds])
+        if warning:
+            lines.append(f"  {'':<6} warning: {warning}")
     return "\n".join(lines)
 
 

@@ -50,7 +50,12 @@ import xxhash
 from workers.engines.base import KVLayout, KVSlice, numpy_dtype
 from workers.kv.net import connect, send_buffers, serve_once
 from workers.kv.transport import KVArena, KVReceiver, KVSender
-from workers.tools.bench import bench_main
+from workers.tools.bench import (
+    CONTENDED_CPU_WAIT,
+    bench_main,
+    contention_warning,
+    cpu_wait_us,
+)
 
 HOST = "127.0.0.1"
 PATHS = ("kv", "raw")
@@ -60,9 +65,6 @@ STOP_TIMEOUT_S = 10.0
 # The raw path's recv size: the fastest of a 16 KiB..whole-transfer sweep on
 # loopback (docs/performance.md); with larger recvs both sides sit idle more.
 RAW_RECV_BYTES = 64 << 10
-# A round during which some task waited for a CPU more than this share of the
-# time shared the machine with other work (or, unpinned, with itself).
-CONTENDED_CPU_WAIT = 0.10
 
 
 @dataclass(frozen=True)
@@ -344,19 +346,6 @@ def run_round(sender: SenderProcess, arena: KVArena, path: str, rid: str) -> Rou
     return RoundResult(path, seconds, payload, sent, received, recv_cpu, send_cpu, send_s, cpu_wait)
 
 
-def cpu_wait_us() -> int | None:
-    """Microseconds, since boot, that some task waited for a CPU (Linux PSI);
-    None where the kernel does not report it."""
-    try:
-        with open("/proc/pressure/cpu") as f:
-            for line in f:
-                if line.startswith("some"):
-                    return int(line.rsplit("total=", 1)[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def pick_cpus(pin: bool) -> tuple[int, int] | None:
     """(sender CPU, receiver CPU) when pinning is asked for and possible, else None."""
     if not pin or not hasattr(os, "sched_setaffinity"):  # Linux only
@@ -447,12 +436,9 @@ def format_summary(result: BenchResult) -> str:
         f"  median raw  {raw:.2f} GB/s   CPU per GB: send {cpu['raw']['send']:.0f} ms, recv {cpu['raw']['recv']:.0f} ms",
         f"  ratio       {result.ratio:.3f} kv/raw ({verdict} the 0.80 target)",
     ]
-    contended = sum(r.contended for r in result.rounds)
-    if contended:
-        lines.append(
-            f"  warning     in {contended} of {len(result.rounds)} rounds (marked !) tasks waited for a CPU "
-            f"over {CONTENDED_CPU_WAIT:.0%} of the time: other work shared the machine; rerun when it is idle"
-        )
+    warning = contention_warning([r.contended for r in result.rounds], "; rerun when it is idle")
+    if warning:
+        lines.append(f"  warning     {warning}")
     return "\n".join(lines)
 
 
