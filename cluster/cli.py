@@ -325,7 +325,7 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000, help="scheduler HTTP port (default: 8000)")
     p.add_argument("--host", default="127.0.0.1", help="scheduler HTTP address (default: 127.0.0.1)")
     p.add_argument("--api-key", default=None,
-                   help="passed to the scheduler as `pdc serve --api-key`: clients must send it")
+                   help="given to the scheduler (as $PDC_API_KEY, kept off command lines): clients must send it")
     _add_local_cluster_args(p, key_help="cluster key (default: a fresh key for this run; "
                                         "`pdc up` prints the flags that reach it)")
     p.set_defaults(run=_run_up)
