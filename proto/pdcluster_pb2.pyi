@@ -115,7 +115,7 @@ class HealthReply(_message.Message):
     def __init__(self, ok: _Optional[bool] = ..., active_requests: _Optional[int] = ..., active_leases: _Optional[int] = ..., reserved_kv_bytes: _Optional[int] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "kv_host", "kv_port", "transfer_token", "chunk_size", "codec")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "kv_host", "kv_port", "transfer_token", "chunk_size", "codec", "skip_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +124,7 @@ class PrefillRequest(_message.Message):
     TRANSFER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
+    SKIP_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
@@ -132,21 +133,26 @@ class PrefillRequest(_message.Message):
     transfer_token: bytes
     chunk_size: int
     codec: str
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., kv_host: _Optional[str] = ..., kv_port: _Optional[int] = ..., transfer_token: _Optional[bytes] = ..., chunk_size: _Optional[int] = ..., codec: _Optional[str] = ...) -> None: ...
+    skip_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., kv_host: _Optional[str] = ..., kv_port: _Optional[int] = ..., transfer_token: _Optional[bytes] = ..., chunk_size: _Optional[int] = ..., codec: _Optional[str] = ..., skip_tokens: _Optional[int] = ...) -> None: ...
 
 class PrefillReply(_message.Message):
-    __slots__ = ("first_token", "queue_s", "prefill_s", "kv_bytes", "send_s")
+    __slots__ = ("first_token", "queue_s", "prefill_s", "kv_bytes", "send_s", "cached_tokens", "prefix_blocks")
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     QUEUE_S_FIELD_NUMBER: _ClassVar[int]
     PREFILL_S_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     SEND_S_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     first_token: int
     queue_s: float
     prefill_s: float
     kv_bytes: int
     send_s: float
-    def __init__(self, first_token: _Optional[int] = ..., queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., kv_bytes: _Optional[int] = ..., send_s: _Optional[float] = ...) -> None: ...
+    cached_tokens: int
+    prefix_blocks: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, first_token: _Optional[int] = ..., queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., kv_bytes: _Optional[int] = ..., send_s: _Optional[float] = ..., cached_tokens: _Optional[int] = ..., prefix_blocks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling", "local_prefill", "lease_s", "codec", "first_step")
@@ -167,16 +173,18 @@ class DecodeRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., local_prefill: _Optional[bool] = ..., lease_s: _Optional[float] = ..., codec: _Optional[str] = ..., first_step: _Optional[int] = ...) -> None: ...
 
 class Reserved(_message.Message):
-    __slots__ = ("kv_host", "kv_port", "transfer_token", "reserved_kv_bytes")
+    __slots__ = ("kv_host", "kv_port", "transfer_token", "reserved_kv_bytes", "cached_tokens")
     KV_HOST_FIELD_NUMBER: _ClassVar[int]
     KV_PORT_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     RESERVED_KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     kv_host: str
     kv_port: int
     transfer_token: bytes
     reserved_kv_bytes: int
-    def __init__(self, kv_host: _Optional[str] = ..., kv_port: _Optional[int] = ..., transfer_token: _Optional[bytes] = ..., reserved_kv_bytes: _Optional[int] = ...) -> None: ...
+    cached_tokens: int
+    def __init__(self, kv_host: _Optional[str] = ..., kv_port: _Optional[int] = ..., transfer_token: _Optional[bytes] = ..., reserved_kv_bytes: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class Token(_message.Message):
     __slots__ = ("token_id", "index")
@@ -187,7 +195,7 @@ class Token(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., index: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("queue_s", "prefill_s", "kv_bytes", "transfer_s", "exposed_transfer_s", "decode_s", "prompt_tokens", "completion_tokens")
+    __slots__ = ("queue_s", "prefill_s", "kv_bytes", "transfer_s", "exposed_transfer_s", "decode_s", "prompt_tokens", "completion_tokens", "cached_tokens", "decode_cached_tokens")
     QUEUE_S_FIELD_NUMBER: _ClassVar[int]
     PREFILL_S_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -196,6 +204,8 @@ class Timings(_message.Message):
     DECODE_S_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     queue_s: float
     prefill_s: float
     kv_bytes: int
@@ -204,15 +214,19 @@ class Timings(_message.Message):
     decode_s: float
     prompt_tokens: int
     completion_tokens: int
-    def __init__(self, queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., kv_bytes: _Optional[int] = ..., transfer_s: _Optional[float] = ..., exposed_transfer_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
+    cached_tokens: int
+    decode_cached_tokens: int
+    def __init__(self, queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., kv_bytes: _Optional[int] = ..., transfer_s: _Optional[float] = ..., exposed_transfer_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., decode_cached_tokens: _Optional[int] = ...) -> None: ...
 
 class Done(_message.Message):
-    __slots__ = ("finish_reason", "timings")
+    __slots__ = ("finish_reason", "timings", "prefix_blocks")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     finish_reason: str
     timings: Timings
-    def __init__(self, finish_reason: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+    prefix_blocks: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, finish_reason: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., prefix_blocks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DecodeEvent(_message.Message):
     __slots__ = ("reserved", "token", "done")
@@ -241,7 +255,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("requests_total", "requests_failed", "requests_cancelled", "kv_bytes_sent", "kv_bytes_received", "leases_expired", "active_requests", "active_leases", "reserved_kv_bytes", "tokens_generated")
+    __slots__ = ("requests_total", "requests_failed", "requests_cancelled", "kv_bytes_sent", "kv_bytes_received", "leases_expired", "active_requests", "active_leases", "reserved_kv_bytes", "tokens_generated", "prefix_blocks", "prefix_block_tokens", "prefix_cache_bytes", "prefix_cache_capacity_bytes", "prefix_hits", "prefix_hit_tokens", "running_requests")
     REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FAILED_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_CANCELLED_FIELD_NUMBER: _ClassVar[int]
@@ -252,6 +266,13 @@ class StatsReply(_message.Message):
     ACTIVE_LEASES_FIELD_NUMBER: _ClassVar[int]
     RESERVED_KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     TOKENS_GENERATED_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_BLOCK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_HITS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     requests_total: int
     requests_failed: int
     requests_cancelled: int
@@ -262,7 +283,14 @@ class StatsReply(_message.Message):
     active_leases: int
     reserved_kv_bytes: int
     tokens_generated: int
-    def __init__(self, requests_total: _Optional[int] = ..., requests_failed: _Optional[int] = ..., requests_cancelled: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., leases_expired: _Optional[int] = ..., active_requests: _Optional[int] = ..., active_leases: _Optional[int] = ..., reserved_kv_bytes: _Optional[int] = ..., tokens_generated: _Optional[int] = ...) -> None: ...
+    prefix_blocks: _containers.RepeatedScalarFieldContainer[int]
+    prefix_block_tokens: int
+    prefix_cache_bytes: int
+    prefix_cache_capacity_bytes: int
+    prefix_hits: int
+    prefix_hit_tokens: int
+    running_requests: int
+    def __init__(self, requests_total: _Optional[int] = ..., requests_failed: _Optional[int] = ..., requests_cancelled: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., leases_expired: _Optional[int] = ..., active_requests: _Optional[int] = ..., active_leases: _Optional[int] = ..., reserved_kv_bytes: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., prefix_blocks: _Optional[_Iterable[int]] = ..., prefix_block_tokens: _Optional[int] = ..., prefix_cache_bytes: _Optional[int] = ..., prefix_cache_capacity_bytes: _Optional[int] = ..., prefix_hits: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., running_requests: _Optional[int] = ...) -> None: ...
 
 class ProbeLinkRequest(_message.Message):
     __slots__ = ("kv_host", "kv_port", "payload_bytes", "pings", "timeout_s")

@@ -3,9 +3,14 @@
 An engine owns one model on one device. It can
 
 * ``prefill`` a prompt in chunks, handing each layer's K/V slice to a callback
-  the moment that layer has computed it (not after the forward pass);
+  the moment that layer has computed it (not after the forward pass), starting
+  from a cached prefix when it is given one (``prefill_chunks`` is the same,
+  one chunk per ``next``, so a step loop can interleave it with decode steps);
 * ``load_kv`` slices that any engine produced into its own cache;
-* ``decode`` from a loaded (or locally prefilled) cache.
+* decode many requests at once: ``add`` a request whose cache is ready to the
+  running batch, call ``step`` for one token of every running request, and
+  ``remove`` one at any step boundary (continuous batching). A request leaves
+  the batch by itself after the step that produced its last token.
 
 Everything that crosses an engine boundary is numpy in the wire layout
 ``[kv_heads, tokens, head_dim]``, post-RoPE, batch 1. Each engine converts only
@@ -24,7 +29,7 @@ from typing import Protocol
 
 import numpy as np
 
-from workers.engines.sampling import SamplingParams, sample
+from workers.engines.sampling import SamplingParams
 
 # wire dtype name -> numpy dtype used to hold its bytes
 WIRE_DTYPES: dict[str, np.dtype] = {
@@ -137,35 +142,72 @@ class Engine(Protocol):
         ...
 
     def prefill(
-        self, request_id: str, token_ids: list[int], on_slice: SliceSink, chunk_size: int = 128
+        self, request_id: str, token_ids: list[int], on_slice: SliceSink, chunk_size: int = 128,
+        prefix: list[KVSlice] | None = None, emit_from: int = 0,
     ) -> PrefillResult:
         """Run the prompt in chunks; call ``on_slice`` for every layer of every
         chunk as soon as that layer's K/V exists. Keeps the cache under
-        ``request_id`` so that ``decode`` can continue from it locally."""
+        ``request_id`` so that the request can ``add`` itself to the batch.
+
+        ``prefix``: one wire slice per layer holding tokens ``[0, p)`` of
+        ``token_ids`` (from the prefix cache, ``p < len(token_ids)``): they are
+        loaded, not computed, and only ``token_ids[p:]`` runs through the model.
+        ``emit_from``: ``on_slice`` sees only tokens ``[emit_from, n)``, the
+        prefix's part included, each slice's ``start`` shifted down by
+        ``emit_from`` (a decode node that already holds ``emit_from`` tokens is
+        sent only the rest, numbered from 0). The same as draining
+        ``prefill_chunks`` (``run_prefill``)."""
         ...
 
-    def load_kv(self, request_id: str, layout: KVLayout, slices: list[KVSlice]) -> None:
+    def prefill_chunks(
+        self, request_id: str, token_ids: list[int], on_slice: SliceSink, chunk_size: int = 128,
+        prefix: list[KVSlice] | None = None, emit_from: int = 0,
+    ) -> Iterator[PrefillResult | None]:
+        """``prefill`` one chunk per ``next``: yields None after each chunk but
+        the last, then the ``PrefillResult`` (whose ``compute_s`` counts only
+        the time spent inside the generator). Closing it early leaves a
+        partial cache under ``request_id``, which ``release`` drops."""
+        ...
+
+    def load_kv(self, request_id: str, layout: KVLayout, slices: list[KVSlice],
+                prefix: list[KVSlice] | None = None) -> None:
         """Build this engine's cache for ``request_id`` from wire slices that
-        cover every layer and token of ``layout`` exactly once."""
+        cover every layer and token of ``layout`` exactly once, after
+        ``prefix`` (one slice per layer, tokens ``[0, p)``) when given: the
+        cache then holds ``p + layout.num_tokens`` tokens."""
         ...
 
-    def decode(
-        self, request_id: str, first_token: int, params: SamplingParams
-    ) -> Iterator[int]:
-        """Yield tokens after ``first_token`` (which is already decided and is
-        not yielded again), feeding each back, until a stop token or
-        ``params.max_tokens - 1`` more tokens."""
+    def add(self, request_id: str, first_token: int, params: SamplingParams, first_step: int = 0) -> None:
+        """Join the running batch. ``request_id``'s cache (from ``prefill`` or
+        ``load_kv``) holds the prompt; ``first_token`` was sampled at sampling
+        step ``first_step`` and is not in the cache yet. Each later ``step``
+        feeds the request's previous token and samples the next one with
+        sampling step ``first_step + 1``, ``first_step + 2``, ... and its own
+        ``params`` (temperature, top_p, top_k, seed): a request draws the same
+        tokens alone or in any batch. The caller adds a request only when it
+        has something to generate (``not is_last(first_token, 0, params)``).
+        ``KeyError`` without a cache, ``ValueError`` when already running."""
+        ...
+
+    def step(self) -> dict[str, int]:
+        """One forward pass over every running request: request id -> its next
+        token. A request leaves the batch by itself after the step that gave it
+        its last token (``is_last``); its cache stays under its id, holding
+        ``cached_tokens`` tokens, until ``release``. An empty batch returns ``{}``."""
+        ...
+
+    def remove(self, request_id: str) -> None:
+        """Leave the batch at this step boundary (a cancel); the cache stays
+        until ``release``. A no-op for a request that is not running."""
+        ...
+
+    def running(self) -> list[str]:
+        """The ids in the batch now, in the order they joined."""
         ...
 
     def release(self, request_id: str) -> None:
-        """Drop the cache for ``request_id``; a no-op if there is none."""
-        ...
-
-    def step_logits(self, request_id: str, token: int) -> np.ndarray:
-        """Feed ``token`` to ``request_id``'s cache and return the new
-        last-position logits ``[vocab]`` as float32: one step of
-        ``decode_loop``, for callers that sample with their own step index
-        (a migrated stream continues at ``first_step``)."""
+        """Drop the cache for ``request_id``, leaving the batch first if it is
+        running; a no-op if there is none."""
         ...
 
     def cached_requests(self) -> list[str]:
@@ -233,21 +275,71 @@ def join_layer(slices: list[KVSlice], layer: int, layout: KVLayout) -> tuple[np.
     return keys, values
 
 
-def decode_loop(
-    step: Callable[[int], np.ndarray], first_token: int, params: SamplingParams
-) -> Iterator[int]:
-    """The decode loop both engines share: feed a token, sample the next.
+def is_last(token: int, produced: int, params: SamplingParams) -> bool:
+    """Whether ``token``, the ``produced``-th token after a request's first one
+    (0: the first token itself), ends the request: a stop token, or the
+    ``params.max_tokens``-th token in all."""
+    return token in params.stop_token_ids or produced + 1 >= params.max_tokens
 
-    ``step(token)`` runs one forward pass on the request's cache and returns the
-    new last-position logits ``[vocab]`` as float32. ``first_token`` is not
-    yielded; a stop token is yielded and ends the loop; at most
-    ``params.max_tokens - 1`` tokens come out."""
-    token = first_token
-    for index in range(1, params.max_tokens):
-        if token in params.stop_token_ids:
+
+def run_prefill(chunks: Iterator[PrefillResult | None]) -> PrefillResult:
+    """Drain ``Engine.prefill_chunks``: its final ``PrefillResult``."""
+    for result in chunks:
+        if result is not None:
+            return result
+    raise RuntimeError("prefill_chunks ended without a result")
+
+
+def emitting_from(on_slice: SliceSink, emit_from: int) -> SliceSink:
+    """A sink that passes on only tokens ``[emit_from, ...)`` of each slice,
+    renumbered so that token ``emit_from`` is token 0 (``Engine.prefill``)."""
+    if emit_from == 0:
+        return on_slice
+
+    def sink(kv_slice: KVSlice) -> None:
+        end = kv_slice.start + kv_slice.num_tokens
+        if end <= emit_from:
             return
-        token = sample(step(token), params, index)
-        yield token
+        skip = max(0, emit_from - kv_slice.start)
+        keys, values = kv_slice.keys, kv_slice.values
+        if skip:
+            keys, values = np.ascontiguousarray(keys[:, skip:]), np.ascontiguousarray(values[:, skip:])
+        on_slice(KVSlice(kv_slice.layer, kv_slice.start + skip - emit_from, keys, values, kv_slice.dtype))
+
+    return sink
+
+
+def check_prefix(prefix: list[KVSlice] | None, num_layers: int, prompt_tokens: int) -> int:
+    """The prefix length ``p`` of a prefix-cache hit: one slice per layer, in
+    layer order, all ``[0, p)`` with ``0 < p < prompt_tokens``; 0 for None."""
+    if not prefix:
+        return 0
+    if len(prefix) != num_layers or any(s.layer != i for i, s in enumerate(prefix)):
+        raise ValueError(f"a prefix needs one slice per layer in order ({num_layers}), got {len(prefix)}")
+    p = prefix[0].num_tokens
+    if any(s.start != 0 or s.num_tokens != p for s in prefix) or not 0 < p < prompt_tokens:
+        raise ValueError(f"a prefix must cover tokens [0, p) of every layer with 0 < p < {prompt_tokens}")
+    return p
+
+
+def generate(engine: Engine, request_id: str, first_token: int, params: SamplingParams,
+             first_step: int = 0) -> Iterator[int]:
+    """One request decoded alone, as an iterator: the tokens after
+    ``first_token`` until its last (``is_last``). For tools and tests that
+    drive an engine directly; the worker runs every request through its step
+    loop (``workers/rpc/loop.py``). Closing the iterator early removes the
+    request from the batch; its cache stays until ``release``."""
+    if is_last(first_token, 0, params):
+        return
+    engine.add(request_id, first_token, params, first_step)
+    try:
+        while request_id in engine.running():
+            token = engine.step().get(request_id)
+            if token is None:
+                raise RuntimeError(f"step() gave no token for running request {request_id!r}")
+            yield token
+    finally:
+        engine.remove(request_id)
 
 
 def timed_runs(run_once: Callable[[], object], sync: Callable[[], None], budget_s: float) -> tuple[int, float]:
