@@ -12,12 +12,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import have, requires_mlx
+from conftest import have
 
 from workers.engines import registry
-from workers.engines.base import decode_loop
-from workers.engines.registry import available_engines, load_engine
-from workers.engines.sampling import SamplingParams, sample
+from workers.engines.registry import available_engines, engine_spec, load_engine
 from workers.tools.decode_bench import (
     DecodeBenchConfig,
     EngineResult,
@@ -26,6 +24,8 @@ from workers.tools.decode_bench import (
     first_difference,
     native_name,
     run_decode_bench,
+    run_native,
+    run_ours,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,63 +140,20 @@ def test_the_native_baseline_is_named_by_the_registry_with_its_version(engine: s
     assert native_name(engine).startswith(f"{library} {version(library)} ")
 
 
-# ---------------------------------------------------------------- the MLX greedy fast path the bench led to
+# ---------------------------------------------------------------- ours vs the library's own generate
 
 PROMPT = list(range(5, 105))
 
 
-def _mlx_reference(engine, params, rid: str = "ref") -> tuple[list[int], int]:
-    """Greedy through the shared ``decode_loop`` on numpy float32 logits (the
-    path every sampled request takes): tokens and the cache length left behind."""
-    first = sample(engine.prefill(rid, PROMPT, lambda s: None).logits, params, 0)
-    tokens = [first, *decode_loop(lambda token: engine.step_logits(rid, token), first, params)]
-    length = engine.cached_tokens(rid)
-    engine.release(rid)
-    return tokens, length
-
-
-def _mlx_decode(engine, params, rid: str = "new", close_after: int | None = None) -> tuple[list[int], int]:
-    first = sample(engine.prefill(rid, PROMPT, lambda s: None).logits, params, 0)
-    tokens, stream = [first], engine.decode(rid, first, params)
-    for token in stream:
-        tokens.append(token)
-        if len(tokens) == close_after:
-            stream.close()  # a client that goes away
-            break
-    length = engine.cached_tokens(rid)
-    engine.release(rid)
-    return tokens, length
-
-
-@requires_mlx
-def test_mlx_greedy_decode_is_token_identical_to_the_shared_loop_and_leaves_the_same_cache(make_tiny_model) -> None:
-    engine = load_engine("mlx", make_tiny_model("llama"), "float32")
-    full, _ = _mlx_reference(engine, SamplingParams(max_tokens=20))
-    cases = [SamplingParams(max_tokens=n) for n in (1, 2, 20)]
-    # stop on the first token, mid-way, on the last token; and a stop id that never comes
-    cases += [SamplingParams(max_tokens=20, stop_token_ids=(stop,)) for stop in (full[0], full[5], full[19], 10**6)]
-    for params in cases:
-        assert _mlx_decode(engine, params) == _mlx_reference(engine, params), params
-    # closed by the caller mid-way: the step queued ahead is taken back out of the cache
-    tokens, length = _mlx_decode(engine, SamplingParams(max_tokens=20), close_after=8)
-    assert tokens == full[:8]
-    assert length == len(PROMPT) + 7  # the prompt, the first token and tokens 1..6 were fed
-
-
-@requires_mlx
-def test_mlx_device_argmax_breaks_ties_and_nans_like_numpy() -> None:
-    import mlx.core as mx
-    import numpy as np
-
-    from workers.engines.mlx_engine import _argmax_like_numpy
-
-    rng = np.random.default_rng(0)
-    vectors = [
-        rng.integers(0, 3, 5000).astype(np.float32),  # many ties for the maximum
-        np.array([1, 7, 3, 7, 7], np.float32),
-        np.array([1, np.nan, 9, np.nan], np.float32),  # numpy picks the first NaN
-        np.array([1, np.inf, 5, np.nan], np.float32),
-        np.array([-np.inf, -np.inf], np.float32),
-    ]
-    for v in vectors:
-        assert _argmax_like_numpy(mx.array(v)).item() == int(np.argmax(v)), v
+@pytest.mark.parametrize("engine_name", ["torch", "mlx"])
+def test_our_batched_decode_of_one_request_is_token_identical_to_the_librarys_generate(make_tiny_model,
+                                                                                       engine_name) -> None:
+    """What ``pdc bench decode`` compares is the same computation: one request
+    through ``add``/``step`` (the worker's batch path) gives the tokens of the
+    library's own greedy generate (``model.generate`` / mlx-lm ``generate_step``)."""
+    if not have(engine_spec(engine_name).requires):
+        pytest.skip(f"{engine_spec(engine_name).requires} is not installed")
+    engine = load_engine(engine_name, make_tiny_model("llama"), "float32")
+    ours = run_ours(engine, engine_name, PROMPT, 20)
+    native = run_native(engine, engine_name, PROMPT, 20)
+    assert ours.tokens == native.tokens

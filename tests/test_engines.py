@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import requires_mlx, requires_torch
 
-from workers.engines.base import KVSlice
+from workers.engines.base import KVSlice, generate
 from workers.engines.sampling import SamplingParams, sample
 from workers.engines.registry import load_engine
 from workers.engines.thread import EngineThread
@@ -46,12 +46,12 @@ def test_decode_stops_at_stop_token_and_at_max_tokens(kind: str, make_tiny_model
     greedy = SamplingParams(max_tokens=12)
     result = engine.prefill("a", PROMPT, lambda s: None)
     first = sample(result.logits, greedy, 0)
-    tokens = [first, *engine.decode("a", first, greedy)]
+    tokens = [first, *generate(engine, "a", first, greedy)]
     assert len(tokens) == 12
     stop_at = tokens[5]
     engine.release("a")
     result = engine.prefill("b", PROMPT, lambda s: None)
-    stopped = [first, *engine.decode("b", first, SamplingParams(max_tokens=12, stop_token_ids=(stop_at,)))]
+    stopped = [first, *generate(engine, "b", first, SamplingParams(max_tokens=12, stop_token_ids=(stop_at,)))]
     assert stopped == tokens[: tokens.index(stop_at) + 1]
 
 
@@ -65,7 +65,7 @@ def test_seeded_sampling_is_identical_across_engines(make_tiny_model) -> None:
         engine = load_engine(kind, folder, "float32")
         result = engine.prefill("s", PROMPT, lambda s: None)
         first = sample(result.logits, params, 0)
-        outputs.append([first, *engine.decode("s", first, params)])
+        outputs.append([first, *generate(engine, "s", first, params)])
     assert outputs[0] == outputs[1]
     assert outputs[0] != outputs[0][:1] * len(outputs[0])  # sampling actually varied
 
@@ -107,7 +107,7 @@ def test_the_engine_says_which_caches_it_holds_and_how_many_tokens(kind: str, ma
     assert engine.cached_requests() == ["p", "l"]
     assert engine.cached_tokens("p") == engine.cached_tokens("l") == len(PROMPT)
     greedy = SamplingParams(max_tokens=4)
-    fed = list(engine.decode("l", 7, greedy))  # feeds 7 and the tokens before the last
+    fed = list(generate(engine, "l", 7, greedy))  # feeds 7 and the tokens before the last
     assert engine.cached_tokens("l") == len(PROMPT) + len(fed)
     for layer in (0, engine.spec.num_layers - 1):  # the loaded cache keeps exactly the slices it was given
         loaded = engine.cached_layer("p", layer)

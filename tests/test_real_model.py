@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import ROOT, free_port, have, requires_torch_and_mlx
 
+from workers.engines.base import generate
 from workers.tools.builtin import (
     DEFAULT_MODEL,
     INSTALL_SMOLLM,
@@ -149,7 +150,7 @@ def test_greedy_generation_answers_and_stops_at_im_end(smollm: Path, engine_name
     params = SamplingParams(max_tokens=48, stop_token_ids=(im_end,))
     prompt = codec.encode(codec.render_chat(QUESTION))
     first = sample(engine.prefill("q", prompt, lambda s: None).logits, params, 0)
-    tokens = [first, *engine.decode("q", first, params)]
+    tokens = [first, *generate(engine, "q", first, params)]
     engine.release("q")
     assert tokens[-1] == im_end and len(tokens) < params.max_tokens  # stopped by the end of turn, not the limit
     assert "Paris" in codec.decode(tokens)

@@ -109,10 +109,16 @@ class LeaseTable:
         with self._lock:
             return sum(lease.reserved_bytes for lease in self._by_rid.values())
 
-    def reserve(self, request_id: str, layout: KVLayout, lease_s: float, *, remote: bool) -> Lease:
-        """Reserve ``layout.total_bytes`` for ``request_id`` under a ``lease_s``
-        lease. A remote lease gets a fresh transfer token. ``LeaseError``
-        ("exists" or "exhausted") when the id holds a lease or a limit is reached."""
+    def reserve(self, request_id: str, layout: KVLayout, lease_s: float, *, remote: bool,
+                extra_bytes: int = 0) -> Lease:
+        """Reserve ``layout.total_bytes`` (the transfer's) plus ``extra_bytes``
+        (KV the request holds without receiving it: a reused cached prefix) for
+        ``request_id`` under a ``lease_s`` lease. A remote lease gets a fresh
+        transfer token. ``LeaseError`` ("exists" or "exhausted") when the id
+        holds a lease or a limit is reached."""
+        if extra_bytes < 0:
+            raise ValueError(f"extra_bytes must be >= 0, got {extra_bytes}")
+        need = layout.total_bytes + extra_bytes
         loop = asyncio.get_running_loop()
         with self._lock:
             if request_id in self._by_rid:
@@ -120,15 +126,15 @@ class LeaseTable:
             if len(self._by_rid) >= self.max_leases:
                 raise LeaseError("exhausted", f"all {self.max_leases} leases of this worker are in use")
             reserved = sum(lease.reserved_bytes for lease in self._by_rid.values())
-            if self.max_reserved_bytes is not None and reserved + layout.total_bytes > self.max_reserved_bytes:
+            if self.max_reserved_bytes is not None and reserved + need > self.max_reserved_bytes:
                 raise LeaseError(
                     "exhausted",
-                    f"reserving {layout.total_bytes} KV bytes would exceed this worker's KV budget of "
+                    f"reserving {need} KV bytes would exceed this worker's KV budget of "
                     f"{self.max_reserved_bytes} bytes (--kv-budget-gb {self.max_reserved_bytes / 1e9:g}); "
                     f"{reserved} bytes are already reserved",
                 )
             token = secrets.token_bytes(TOKEN_BYTES) if remote else None
-            lease = Lease(request_id, layout, layout.total_bytes, token, loop.create_future(), lease_s,
+            lease = Lease(request_id, layout, need, token, loop.create_future(), lease_s,
                           reserved_at=self._clock(), state="waiting" if remote else "loaded")
             self._by_rid[request_id] = lease
             if token is not None:

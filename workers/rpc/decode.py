@@ -1,12 +1,17 @@
 """The ``Decode`` RPC: reserve, receive (or prefill here), decode, stream tokens.
 
 Disaggregated: reserve the request's KV bytes under a lease and yield
-``reserved`` at once (KV address and a one-time transfer token). The KV
-listener receives the transfer into the lease on its own thread; this stream
-waits for it until the lease runs out, loads the slices into the engine, and
-yields one ``token`` per generated token (index 0 is the first token, sampled
-by the prefill node and carried by the ``end`` frame), then ``done``.
-Colocated (``local_prefill``): the same lease, but the engine prefills here.
+``reserved`` at once (KV address, a one-time transfer token, and how many
+prompt tokens this node's prefix cache already holds: the prefill node sends
+only the rest). The KV listener receives the transfer into the lease on its
+own thread; this stream waits for it until the lease runs out, loads the
+slices (after the cached prefix) into the engine, joins the step loop's batch
+(``workers/rpc/loop.py``) and yields one ``token`` per generated token (index
+0 is the first token, sampled by the prefill node and carried by the ``end``
+frame), then ``done``, which lists the prefix blocks this node now holds for
+the conversation (prompt plus generated tokens, kept in the prefix cache).
+Colocated (``local_prefill``): the same lease, but the prompt is prefilled
+here, as a step-loop prefill (one chunk per step), from the cached prefix on.
 
 Continuing a stream (``first_step`` > 0, colocated only): the scheduler moved
 a request here after ``first_step`` tokens were already sent; the prompt ends
@@ -15,8 +20,9 @@ the next ``first_step + 1``, ...: sampling depends only on (seed, step), so a
 seeded or greedy stream continues token for token as if never interrupted.
 
 However the stream ends (done, error, lease expiry, ``Cancel``, the client
-going away), ``_close`` frees the lease, cuts any transfer into it and
-releases the engine cache on the engine thread.
+going away), ``_close`` frees the lease, cuts any transfer into it, takes the
+request out of the batch at the next step boundary and releases the engine
+cache on the engine thread.
 """
 from __future__ import annotations
 
@@ -24,20 +30,21 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Generator
 
 import grpc
-import numpy as np
 from grpc import aio
 
 from cluster.auth import AuthError
 from proto import pdcluster_pb2 as pb
 from workers.kv.listener import Arrival
-from workers.engines.base import Engine, KVLayout
+from workers.engines.base import KVLayout, PrefillResult, is_last
+from workers.engines.prefix_cache import PrefixHit
 from workers.kv.codec import FrameError, FrameTimeout
 from workers.kv.transport import TransferAborted
 from workers.kv.leases import Lease, LeaseError
 from workers.engines.sampling import SamplingParams, sample
+from workers.rpc.loop import LoopClosed, StreamCancelled
 from workers.rpc.state import (
     ActiveRequest,
     Cancelled,
@@ -65,18 +72,26 @@ class DecodeRPC:
             params, prompt = self._check(request)
             active = state.open(request.request_id, "decode")
             lease_s = request.lease_s or state.settings.lease_s
-            layout = state.engines.engine.kv_layout(len(prompt))
-            active.lease = self._reserve(request.request_id, layout, lease_s, remote=not request.local_prefill)
+            hit = state.prefix_lookup(prompt)
+            cached = hit.num_tokens if hit is not None else 0
+            engine = state.engines.engine
+            # the lease holds the whole prompt's KV: the transfer's, plus the cached prefix's copy
+            transfer = engine.kv_layout(len(prompt) - (0 if request.local_prefill else cached))
+            extra = engine.kv_layout(len(prompt)).total_bytes - transfer.total_bytes
+            active.lease = self._reserve(request.request_id, transfer, lease_s, remote=not request.local_prefill,
+                                         extra_bytes=extra)
             if request.local_prefill:
-                first, timings = await self._prefill_here(active, prompt, params, arrival, request.first_step)
+                first, timings = await self._prefill_here(active, prompt, params, arrival, request.first_step, hit)
             else:
                 yield pb.DecodeEvent(reserved=pb.Reserved(
                     kv_host=state.settings.kv_host, kv_port=state.settings.kv_port,
                     transfer_token=active.lease.token, reserved_kv_bytes=active.lease.reserved_bytes,
+                    cached_tokens=cached,
                 ))
-                first, timings = await self._load(active, await self._await_kv(active.lease))
+                first, timings = await self._load(active, await self._await_kv(active.lease), hit)
             timings.prompt_tokens = len(prompt)
-            async for event in self._generate(active, first, params, timings, request.first_step):
+            timings.decode_cached_tokens = cached
+            async for event in self._generate(active, prompt, first, params, timings, request.first_step):
                 yield event
         except RPCFailure as e:
             state.count_failure(e.code)
@@ -115,30 +130,46 @@ class DecodeRPC:
                              f"the model's context of {limit} tokens")
         return params, prompt
 
-    def _reserve(self, rid: str, layout: KVLayout, lease_s: float, *, remote: bool) -> Lease:
+    def _reserve(self, rid: str, layout: KVLayout, lease_s: float, *, remote: bool, extra_bytes: int) -> Lease:
+        self.state.fit_prefix_cache(reserving=layout.total_bytes + extra_bytes)  # the prefix cache yields first
         try:
-            return self.state.leases.reserve(rid, layout, lease_s, remote=remote)
+            return self.state.leases.reserve(rid, layout, lease_s, remote=remote, extra_bytes=extra_bytes)
         except LeaseError as e:
             code = grpc.StatusCode.ALREADY_EXISTS if e.reason == "exists" else grpc.StatusCode.RESOURCE_EXHAUSTED
             raise RPCFailure(code, str(e)) from None
 
     async def _prefill_here(self, active: ActiveRequest, prompt: list[int], params: SamplingParams,
-                            arrival: float, first_step: int = 0) -> tuple[int, pb.Timings]:
-        """Colocated: prefill on this engine and keep the cache; nothing is sent.
-        The first token is sampled at step ``first_step``."""
-        engines = self.state.engines
+                            arrival: float, first_step: int, hit: PrefixHit | None) -> tuple[int, pb.Timings]:
+        """Colocated: prefill on this engine, from the cached prefix on, as a
+        step-loop prefill (decode steps of running requests go on between its
+        chunks); the cache stays for decoding. The first token is sampled at
+        step ``first_step``."""
+        state = self.state
+        started: list[float] = []
 
-        def job() -> tuple[int, float, float]:
-            started = time.monotonic()
-            result = engines.engine.prefill(active.cache_key, prompt, cancellable(active, None),
-                                            self.state.settings.chunk_size)
-            return sample(result.logits, params, first_step), started - arrival, result.compute_s
+        def job() -> Generator[None, None, PrefillResult]:
+            chunks = state.engines.engine.prefill_chunks(
+                active.cache_key, prompt, cancellable(active, None), state.settings.chunk_size,
+                prefix=hit.layers if hit is not None else None)
+            for result in chunks:
+                if result is not None:
+                    return result
+                yield
+            raise RuntimeError("prefill_chunks ended without a result")
 
         try:
-            first, queue_s, prefill_s = await engines.run(job)
-        except Cancelled:
+            active.prefill = state.loop.prefill(active.cache_key, job(), lambda: started.append(time.monotonic()))
+            result = await asyncio.wrap_future(active.prefill.future)
+        except (Cancelled, StreamCancelled, asyncio.CancelledError) as e:
+            if isinstance(e, asyncio.CancelledError) and not active.cancelled.is_set():
+                raise
             raise RPCFailure(grpc.StatusCode.CANCELLED, "request cancelled") from None
-        return first, pb.Timings(queue_s=queue_s, prefill_s=prefill_s)
+        except LoopClosed as e:
+            raise RPCFailure(grpc.StatusCode.UNAVAILABLE, str(e)) from None
+        queue_s = (started[0] if started else arrival) - arrival
+        cached = hit.num_tokens if hit is not None else 0
+        return sample(result.logits, params, first_step), pb.Timings(
+            queue_s=queue_s, prefill_s=result.compute_s, cached_tokens=cached)
 
     async def _await_kv(self, lease: Lease) -> Arrival:
         """The transfer into ``lease``, or an RPCFailure saying why there is none.
@@ -168,15 +199,17 @@ class DecodeRPC:
         except (OSError, AuthError) as e:
             raise RPCFailure(grpc.StatusCode.UNAVAILABLE, f"KV transfer for request {rid!r} failed: {e}") from None
 
-    async def _load(self, active: ActiveRequest, arrived: Arrival) -> tuple[int, pb.Timings]:
-        """Load a received transfer into the engine; the first token and timings so far."""
+    async def _load(self, active: ActiveRequest, arrived: Arrival, hit: PrefixHit | None) -> tuple[int, pb.Timings]:
+        """Load a received transfer into the engine after the cached prefix
+        (``hit``); the first token and timings so far."""
         kv, engines = arrived.kv, self.state.engines
         self.state.counters.kv_bytes_received += kv.bytes_received
         waited = time.monotonic()
 
         def job() -> float:
             started = time.monotonic()
-            engines.engine.load_kv(active.cache_key, kv.layout, kv.slices)
+            engines.engine.load_kv(active.cache_key, kv.layout, kv.slices,
+                                   prefix=hit.layers if hit is not None else None)
             return started - waited
 
         try:
@@ -194,34 +227,41 @@ class DecodeRPC:
             kv_bytes=kv.bytes_received,
             transfer_s=(kv.last_byte_at - kv.first_byte_at) if kv.last_byte_at is not None else 0.0,
             exposed_transfer_s=exposed,
+            cached_tokens=int(_number(meta.get("cached_tokens")) or 0),
         )
         return kv.first_token, timings
 
-    async def _generate(self, active: ActiveRequest, first: int, params: SamplingParams,
+    async def _generate(self, active: ActiveRequest, prompt: list[int], first: int, params: SamplingParams,
                         timings: pb.Timings, first_step: int = 0) -> AsyncIterator[pb.DecodeEvent]:
-        """``token`` events from ``first`` on (one engine step per event), then ``done``.
-        ``first`` was sampled at step ``first_step``; the token at index i uses step ``first_step + i``."""
-        engines, counters = self.state.engines, self.state.counters
+        """``token`` events from ``first`` on, one per step of the batch this
+        request joins, then ``done``. ``first`` was sampled at step
+        ``first_step``; the token at index i uses step ``first_step + i``."""
+        state, counters = self.state, self.state.counters
         started = time.monotonic()
         tokens = [first]
         counters.tokens_generated += 1
         yield pb.DecodeEvent(token=pb.Token(token_id=first, index=0))
-        if params.max_tokens > 1 and first not in params.stop_token_ids:
-            active.tokens = await engines.run(_token_iterator, engines.engine, active.cache_key, first, params,
-                                              first_step)
-            for index in range(1, params.max_tokens):
-                if active.cancelled.is_set():
-                    raise RPCFailure(grpc.StatusCode.CANCELLED, "request cancelled")
-                token = await engines.run(next, active.tokens, None)
-                if token is None:
-                    break
-                tokens.append(token)
-                counters.tokens_generated += 1
-                yield pb.DecodeEvent(token=pb.Token(token_id=token, index=index))
+        if not is_last(first, 0, params):
+            try:
+                active.stream = state.loop.join(active.cache_key, first, params, first_step)
+            except LoopClosed as e:
+                raise RPCFailure(grpc.StatusCode.UNAVAILABLE, str(e)) from None
+            if active.cancelled.is_set():  # cancelled while it loaded
+                active.stream.cancel()
+            try:
+                async for token in active.stream:
+                    tokens.append(token)
+                    counters.tokens_generated += 1
+                    yield pb.DecodeEvent(token=pb.Token(token_id=token, index=len(tokens) - 1))
+            except StreamCancelled:
+                raise RPCFailure(grpc.StatusCode.CANCELLED, "request cancelled") from None
+            except LoopClosed as e:
+                raise RPCFailure(grpc.StatusCode.UNAVAILABLE, str(e)) from None
         timings.decode_s = time.monotonic() - started
         timings.completion_tokens = len(tokens)
         reason = "stop" if tokens[-1] in params.stop_token_ids else "length"
-        yield pb.DecodeEvent(done=pb.Done(finish_reason=reason, timings=timings))
+        blocks = await state.engines.run(state.store_prefix, active.cache_key, prompt + tokens)
+        yield pb.DecodeEvent(done=pb.Done(finish_reason=reason, timings=timings, prefix_blocks=blocks))
 
     def _close(self, active: ActiveRequest) -> None:
         """Free the lease now, the engine state on the engine thread (after
@@ -230,9 +270,11 @@ class DecodeRPC:
         active.cancelled.set()
         if active.lease is not None:
             state.leases.free(active.lease)
+        if active.stream is not None:
+            active.stream.cancel()  # leaves the batch at the next step boundary (a no-op once it ended)
+        if active.prefill is not None:
+            active.prefill.cancel()  # dropped if it has not started
         try:
-            if active.tokens is not None:
-                state.engines.submit(_close_iterator, active.tokens)
             released = state.engines.release(active.cache_key)
         except RuntimeError:  # engine thread already shut down
             released = None
@@ -248,33 +290,6 @@ def _expiry(rid: str, why: str) -> RPCFailure:
 def _timeout(remaining: float) -> float | None:
     """``asyncio.wait_for``'s timeout for ``remaining`` seconds (None: no deadline)."""
     return None if math.isinf(remaining) else max(remaining, 0.0)
-
-
-def _token_iterator(engine: Engine, cache_key: str, first: int, params: SamplingParams,
-                    first_step: int) -> Iterator[int]:
-    """The tokens after ``first``: the engine's own ``decode`` when steps start at 0 or the
-    request is greedy (argmax ignores the step), else ``decode_loop``'s exact steps shifted
-    by ``first_step`` over the engine's ``step_logits`` (checked in ``_check``)."""
-    if first_step == 0 or params.temperature == 0:
-        return engine.decode(cache_key, first, params)
-    step_logits = engine.step_logits  # type: ignore[attr-defined]  # both engines have it; _check made sure
-    return _offset_steps(lambda token: step_logits(cache_key, token), first, params, first_step)
-
-
-def _offset_steps(step: Callable[[int], np.ndarray], first: int, params: SamplingParams, first_step: int) -> Iterator[int]:
-    """``workers.engines.base.decode_loop`` with sampling steps ``first_step + 1, ...``."""
-    token = first
-    for index in range(1, params.max_tokens):
-        if token in params.stop_token_ids:
-            return
-        token = sample(step(token), params, first_step + index)
-        yield token
-
-
-def _close_iterator(tokens: object) -> None:
-    close = getattr(tokens, "close", None)
-    if close is not None:
-        close()
 
 
 def _number(value: object) -> float | None:

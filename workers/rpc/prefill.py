@@ -1,17 +1,24 @@
 """The ``Prefill`` RPC: prefill here and push the KV, layer by layer, to a decode node.
 
-1. Queue the job on the engine thread. Its wait there is bounded by the queue
-   deadline (``queue_deadline_s``): past it the RPC fails with
-   ``RESOURCE_EXHAUSTED`` naming the wait, and the job is dropped unrun.
+1. Queue the prefill in the worker's step loop (``workers/rpc/loop.py``:
+   first come, first served, one chunk per step between the decode steps of
+   running requests). Its wait there is bounded by the queue deadline
+   (``queue_deadline_s``): past it the RPC fails with ``RESOURCE_EXHAUSTED``
+   naming the wait, and the job is dropped unrun.
 2. When the job starts, and only then, connect to the decode node's KV port
    and pass the cluster-key handshake, presenting the transfer token from its
    ``reserved`` event. So the decode side's lease never counts queue time: it
    sees a connection only once this prefill computes (``workers/kv/leases.py``).
-3. Prefill in chunks; each layer's slice goes to a ``KVPusher`` the moment the
-   engine emits it, so it is on the wire while later layers compute. Sample the first token and send ``end`` with it and
-   the prefill timings (``prefill_s``, ``prefill_end_wall``, ``queue_s``).
-4. Reply once the last byte has left. The prefill cache is released as soon
-   as the transfer ends, whatever ended it.
+3. Prefill in chunks, from this node's longest cached prefix of the prompt
+   on (its prefix cache); each layer's slice goes to a ``KVPusher`` the moment
+   the engine emits it, so it is on the wire while later layers compute. Only
+   tokens from ``skip_tokens`` on are sent (the decode node holds the rest),
+   numbered from 0. Sample the first token and send ``end`` with it and the
+   prefill timings (``prefill_s``, ``prefill_end_wall``, ``queue_s``,
+   ``cached_tokens``).
+4. Keep the prompt's KV in the prefix cache, and reply once the last byte has
+   left, with the prefix blocks now held. The prefill cache is released as
+   soon as the transfer ends, whatever ended it.
 
 A cancel (the ``Cancel`` RPC, or the caller going away) stops the engine at
 its next slice and sends ``abort`` to the decode node.
@@ -22,8 +29,7 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Callable
-from concurrent.futures import Future
+from collections.abc import Generator
 
 import grpc
 from grpc import aio
@@ -31,7 +37,9 @@ from grpc import aio
 from cluster.auth import AuthError
 from proto import pdcluster_pb2 as pb
 from workers.kv.listener import KVPushError, KVPusher, open_kv_connection
+from workers.engines.prefix_cache import PrefixHit
 from workers.engines.sampling import SamplingParams, sample
+from workers.rpc.loop import LoopClosed, PrefillTask, StreamCancelled
 from workers.rpc.state import (
     ActiveRequest,
     Cancelled,
@@ -60,23 +68,26 @@ class PrefillRPC:
         arrival = time.monotonic()
         state.counters.requests_total += 1
         active: ActiveRequest | None = None
-        job: Future | None = None
+        task: PrefillTask | None = None
         try:
             prompt, params, chunk_size = self._check(request)
             active = state.open(request.request_id, "prefill")
             loop = asyncio.get_running_loop()
             started: asyncio.Future[None] = loop.create_future()
-            ahead = state.engines.num_pending  # jobs queued or running before this one
-            job = state.engines.submit(self._job, active, request, prompt, params, chunk_size, arrival,
-                                       lambda: loop.call_soon_threadsafe(_set_done, started))
-            await self._until_started(started, job, active, ahead)
-            first, queue_s, prefill_s = await asyncio.wrap_future(job)
+            ahead = state.loop.num_prefills_waiting  # prefills queued or running before this one
+            hit = state.prefix_lookup(prompt)
+            job = self._job(active, request, prompt, params, chunk_size, arrival, hit)
+            task = active.prefill = state.loop.prefill(
+                active.cache_key, job, lambda: loop.call_soon_threadsafe(_set_done, started))
+            await self._until_started(started, task, active, ahead)
+            first, queue_s, prefill_s, blocks = await asyncio.wrap_future(task.future)
             pusher = active.pusher
             assert pusher is not None
             await asyncio.wait_for(asyncio.wrap_future(pusher.done), timeout=state.settings.send_timeout_s)
             state.counters.kv_bytes_sent += pusher.bytes_sent
             return pb.PrefillReply(first_token=first, queue_s=queue_s, prefill_s=prefill_s,
-                                   kv_bytes=pusher.bytes_sent, send_s=pusher.send_s)
+                                   kv_bytes=pusher.bytes_sent, send_s=pusher.send_s,
+                                   cached_tokens=hit.num_tokens if hit is not None else 0, prefix_blocks=blocks)
         except asyncio.CancelledError:  # the caller went away or its deadline passed
             state.counters.requests_cancelled += 1
             raise
@@ -92,7 +103,9 @@ class PrefillRPC:
                 if active.pusher is not None:
                     active.pusher.close()
                     active.pusher.sock.close()
-                state.retire(active, job)
+                if task is not None:
+                    task.cancel()  # dropped if it has not started
+                state.retire(active, task.future if task is not None else None)
 
     def _check(self, request: pb.PrefillRequest) -> tuple[list[int], SamplingParams, int]:
         state = self.state
@@ -103,22 +116,30 @@ class PrefillRPC:
             raise RPCFailure(grpc.StatusCode.INVALID_ARGUMENT,
                              "kv_host, kv_port and transfer_token (from the decode node's reserved event) are required")
         prompt = state.check_prompt(request.request_id, request.prompt_token_ids)
+        if request.skip_tokens >= len(prompt):
+            raise RPCFailure(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"skip_tokens ({request.skip_tokens}) must be less than the prompt's "
+                             f"{len(prompt)} tokens: the last token's KV is always sent")
         return prompt, sampling_from_proto(request.sampling), request.chunk_size or state.settings.chunk_size
 
-    async def _until_started(self, started: asyncio.Future[None], job: Future, active: ActiveRequest,
+    async def _until_started(self, started: asyncio.Future[None], job: PrefillTask, active: ActiveRequest,
                              ahead: int) -> None:
-        """Wait for the job to start on the engine, at most the queue deadline; then drop it and fail."""
+        """Wait for the job to start on the engine (or to end unstarted: a
+        cancel dropped it), at most the queue deadline; then drop it and fail."""
+        ended = asyncio.wrap_future(job.future)
         try:
-            await asyncio.wait_for(asyncio.shield(started), self.queue_deadline_s)
+            await asyncio.wait_for(asyncio.wait({started, ended}, return_when=asyncio.FIRST_COMPLETED),
+                                   self.queue_deadline_s)
         except asyncio.TimeoutError:
-            if started.done():  # it started right at the deadline: let it run
-                return
-            active.cancelled.set()  # a job that starts anyway stops before connecting
-            job.cancel()  # drops it if still queued
-            raise RPCFailure(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"prefill did not start within its queue deadline of {self.queue_deadline_s:g}s: the engine was "
-                f"busy with {ahead} earlier request(s) (pdc worker --queue-deadline-s)") from None
+            pass
+        if started.done() or ended.done():  # running, or over: the caller awaits the job's result
+            return
+        active.cancelled.set()  # a job that starts anyway stops before connecting
+        job.cancel()  # drops it if still queued
+        raise RPCFailure(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"prefill did not start within its queue deadline of {self.queue_deadline_s:g}s: the engine was "
+            f"busy with {ahead} earlier request(s) (pdc worker --queue-deadline-s)")
 
     def _connect(self, request: pb.PrefillRequest) -> socket.socket:
         """On the engine thread, as the prefill starts: a KV connection that passed the handshake."""
@@ -147,33 +168,47 @@ class PrefillRPC:
         return pusher
 
     def _job(self, active: ActiveRequest, request: pb.PrefillRequest, prompt: list[int], params: SamplingParams,
-             chunk_size: int, arrival: float, on_start: Callable[[], object]) -> tuple[int, float, float]:
-        """On the engine thread: connect, then prefill, streaming each slice as it is computed."""
+             chunk_size: int, arrival: float, hit: PrefixHit | None
+             ) -> Generator[None, None, tuple[int, float, float, list[int]]]:
+        """The step loop's prefill job (engine thread, one chunk per ``next``):
+        connect, then prefill from the cached prefix on, streaming each slice
+        as it is computed; then keep the prompt's KV in the prefix cache."""
         started = time.monotonic()
-        on_start()
         if active.cancelled.is_set():  # its queue deadline passed, or it was cancelled while queued
             raise Cancelled(active.request_id)
-        engines = self.state.engines
+        state = self.state
+        engine = state.engines.engine
+        skip = request.skip_tokens
         pusher = self._open_pusher(active, request)
         try:
-            pusher.begin(active.request_id, engines.engine.kv_layout(len(prompt)))
-            result = engines.engine.prefill(active.cache_key, prompt, cancellable(active, pusher.send_slice),
-                                            chunk_size)
+            pusher.begin(active.request_id, engine.kv_layout(len(prompt) - skip))
+            result = None
+            for result in engine.prefill_chunks(active.cache_key, prompt, cancellable(active, pusher.send_slice),
+                                                chunk_size, prefix=hit.layers if hit is not None else None,
+                                                emit_from=skip):
+                if result is None:
+                    yield
+            if result is None:
+                raise RuntimeError("prefill_chunks ended without a result")
             first = sample(result.logits, params, 0)
             pusher.end(first, {"prefill_s": result.compute_s, "prefill_end_wall": time.time(),
-                               "queue_s": started - arrival})
-            return first, started - arrival, result.compute_s
+                               "queue_s": started - arrival,
+                               "cached_tokens": hit.num_tokens if hit is not None else 0})
+            blocks = state.store_prefix(active.cache_key, prompt)
+            return first, started - arrival, result.compute_s, blocks
         except BaseException as e:
             pusher.abort(f"prefill failed on the prefill node: {type(e).__name__}: {e}")
             raise
         finally:
-            engines.engine.release(active.cache_key)
+            engine.release(active.cache_key)
 
 
 def _failure(error: BaseException, request: pb.PrefillRequest, *, cancelled: bool) -> RPCFailure:
     if isinstance(error, RPCFailure):
         return error
-    if cancelled or isinstance(error, Cancelled):
+    if isinstance(error, LoopClosed):
+        return RPCFailure(grpc.StatusCode.UNAVAILABLE, str(error))
+    if cancelled or isinstance(error, (Cancelled, StreamCancelled, GeneratorExit)):
         return RPCFailure(grpc.StatusCode.CANCELLED, "request cancelled")
     if isinstance(error, (KVPushError, OSError, TimeoutError, asyncio.TimeoutError)):
         return RPCFailure(grpc.StatusCode.UNAVAILABLE,

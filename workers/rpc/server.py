@@ -41,6 +41,7 @@ from workers.engines.registry import check_engine, describe_engines, engine_name
 from workers.engines.thread import EngineThread
 from workers.kv.leases import LeaseTable
 from workers.engines.model_config import read_model_spec, resolve_model
+from workers.engines.prefix_cache import PrefixCache
 from workers.rpc.profile import (
     BUDGET_S,
     catalog_hardware,
@@ -50,6 +51,7 @@ from workers.rpc.profile import (
 )
 from workers.rpc.servicer import WorkerServicer
 from workers.rpc.info import model_info, pdcluster_version
+from workers.rpc.loop import MAX_BATCH, StepLoop
 from workers.rpc.state import ServiceSettings, WorkerState
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,8 @@ log = logging.getLogger(__name__)
 ROLES: dict[str, tuple[str, ...]] = {"prefill": ("prefill",), "decode": ("decode",), "both": ("prefill", "decode")}
 SEND_MODES = ("thread", "direct")
 _WILDCARD_HOSTS = ("", "0.0.0.0", "::")
+
+PREFIX_CACHE_BYTES = 1_000_000_000  # --prefix-cache-gb default: 1 GB
 
 # Called once the worker serves, with its node description (the fields of
 # cluster.node.NodeInfo); may return an async function that undoes it (e.g.
@@ -93,6 +97,9 @@ class WorkerConfig:
     chunk_size: int = 128  # default prefill chunk
     max_leases: int = 16
     max_reserved_bytes: int | None = None  # KV budget (--kv-budget-gb); None: leases are bounded by count only
+    prefix_cache_bytes: int = PREFIX_CACHE_BYTES  # --prefix-cache-gb; 0 turns prefix reuse off
+    max_batch: int = MAX_BATCH  # requests decoding at once in the step loop
+    interleave_prefill: bool = True  # one prefill chunk per decode step (off: whole prompts between steps)
     connect_timeout_s: float = 10.0  # prefill -> decode KV connect + handshake
     send_timeout_s: float = 30.0  # longest the KV stream may make no progress
     handshake_timeout_s: float = 2.0  # KV listener side: a sender answers in one round trip
@@ -127,7 +134,9 @@ class WorkerConfig:
                      "grace_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("chunk_size", "max_leases", "max_queued_bytes"):
+        if self.prefix_cache_bytes < 0:
+            raise ValueError(f"prefix_cache_bytes must be >= 0 (0: off), got {self.prefix_cache_bytes}")
+        for name in ("chunk_size", "max_leases", "max_queued_bytes", "max_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_reserved_bytes is not None and self.max_reserved_bytes < 1:
@@ -177,6 +186,7 @@ class Worker:
         self.listener: KVListener | None = None
         self.server: aio.Server | None = None
         self.servicer: WorkerServicer | None = None
+        self.loop: StepLoop | None = None
         self.port = 0
         self.model_info: pb.ModelInfo | None = None
         self.measured: MeasuredProfile | None = None  # start-up measurement, where not declared
@@ -210,7 +220,10 @@ class Worker:
             send_timeout_s=config.send_timeout_s, threaded_send=config.send_mode == "thread",
             max_queued_bytes=config.max_queued_bytes,
         )
-        state = WorkerState(settings, self.engines, self.leases, spec, config.cluster_key)
+        self.loop = StepLoop(self.engines, interleave=config.interleave_prefill, max_batch=config.max_batch)
+        prefix_cache = PrefixCache(self.model_info.fingerprint, config.prefix_cache_bytes)
+        state = WorkerState(settings, self.engines, self.leases, spec, config.cluster_key, loop=self.loop,
+                            prefix_cache=prefix_cache)
         self.servicer = WorkerServicer(state, self.model_info, self.profile, queue_deadline_s=config.queue_deadline_s)
         self.server = aio.server(interceptors=[AuthServerInterceptor(config.cluster_key)], options=SERVER_OPTIONS)
         pb_grpc.add_WorkerServicer_to_server(self.servicer, self.server)
@@ -229,6 +242,8 @@ class Worker:
             if self.server is not None:
                 await self.server.stop(self.config.grace_s)
         finally:
+            if self.loop is not None:
+                self.loop.close()  # ends whatever the grace period left running
             if self.listener is not None:
                 self.listener.close()
             if self.engines is not None:
@@ -369,6 +384,17 @@ def add_worker_parser(sub: Any, discovery: Discovery | None = None,
                         "may hold at once, e.g. the memory it can spare beside the weights; a Decode whose KV "
                         "would take the total over it fails at once with RESOURCE_EXHAUSTED, naming the budget "
                         "(default: no budget; only --max-leases bounds reservations)")
+    p.add_argument("--prefix-cache-gb", type=gb_bytes, default=PREFIX_CACHE_BYTES, metavar="GB",
+                   dest="prefix_cache_bytes",
+                   help="keep finished requests' KV (prompt plus answer) for reuse by later requests that start "
+                        "with the same tokens, up to this many GB (1e9 bytes), least recently used out first; "
+                        "with --kv-budget-gb it also yields to live requests' KV; 0 turns it off "
+                        f"(default: {PREFIX_CACHE_BYTES / 1e9:g})")
+    p.add_argument("--max-batch", type=int, default=MAX_BATCH,
+                   help=f"requests decoding together in one step (continuous batching; default: {MAX_BATCH})")
+    p.add_argument("--no-interleave-prefill", action="store_false", dest="interleave_prefill",
+                   help="run each prompt's prefill to its end before the next decode step, instead of one "
+                        "chunk per step (running streams then stall for a whole prefill; for measurement)")
     p.add_argument("--profile", default=None, metavar="FILE.toml",
                    help="declare this machine's profile: hardware, tflops, mem_bw_gbps (see examples/profiles/)")
     p.add_argument("--hardware", choices=list(HARDWARE), default=None,
@@ -379,6 +405,17 @@ def add_worker_parser(sub: Any, discovery: Discovery | None = None,
                    help="declared memory bandwidth, GB/s (overrides --profile and --hardware; default: measured)")
     p.add_argument("--send-mode", choices=SEND_MODES, default="thread", help="KV sending: sender thread or engine thread")
     p.set_defaults(run=lambda args: run_worker_command(args, discovery, models))
+
+
+def gb_bytes(text: str) -> int:
+    """A GB flag's value in bytes (``--prefix-cache-gb``): a finite number of GB >= 0, rounded up."""
+    try:
+        gb = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(gb) or gb < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of GB >= 0, got {text!r}")
+    return math.ceil(gb * 1e9)
 
 
 def kv_budget_bytes(text: str) -> int:
@@ -406,6 +443,8 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         device=args.device, dtype=args.dtype, node_id=args.node_id, model_id=args.model_id,
         lease_s=args.lease_s, queue_deadline_s=args.queue_deadline_s, chunk_size=args.chunk_size,
         max_leases=args.max_leases, max_reserved_bytes=args.kv_budget_bytes,
+        prefix_cache_bytes=args.prefix_cache_bytes, max_batch=args.max_batch,
+        interleave_prefill=args.interleave_prefill,
         hardware=declared.hardware or "", tflops=declared.tflops or 0.0, mem_bw_gbps=declared.mem_bw_gbps or 0.0,
         send_mode=args.send_mode,
         peers=tuple(p.strip() for p in args.peers.split(",") if p.strip()),

@@ -23,6 +23,7 @@ from grpc import aio
 
 from proto import pdcluster_pb2 as pb
 from proto import pdcluster_pb2_grpc as pb_grpc
+from workers.engines.prefix_cache import PrefixCache
 from workers.rpc.decode import DecodeRPC
 from workers.kv.probe import (
     DEFAULT_PINGS,
@@ -67,6 +68,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             kv_bytes_received=c.kv_bytes_received, leases_expired=leases.num_expired,
             active_requests=len(self.state.active), active_leases=leases.num_active,
             reserved_kv_bytes=leases.reserved_bytes, tokens_generated=c.tokens_generated,
+            running_requests=self.state.loop.num_running, **_prefix_stats(self.state.prefix_cache),
         )
 
     async def Cancel(self, request: pb.CancelRequest, context: aio.ServicerContext) -> pb.CancelReply:
@@ -102,6 +104,15 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         except ProbeError as e:
             log.warning("%s", e)
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+
+
+def _prefix_stats(cache: PrefixCache | None) -> dict:
+    """The prefix cache's ``StatsReply`` fields (none without a cache)."""
+    if cache is None:
+        return {}
+    return {"prefix_blocks": cache.held_blocks(), "prefix_block_tokens": cache.block_tokens,
+            "prefix_cache_bytes": cache.nbytes, "prefix_cache_capacity_bytes": cache.capacity_bytes,
+            "prefix_hits": cache.hits, "prefix_hit_tokens": cache.hit_tokens}
 
 
 def _check_probe(request: pb.ProbeLinkRequest) -> float:

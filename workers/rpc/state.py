@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,10 +19,12 @@ from cluster.auth import ClusterKey
 from proto import pdcluster_pb2 as pb
 from workers.kv.listener import KVPusher
 from workers.engines.base import KVSlice, SliceSink
+from workers.engines.model_config import ModelSpec
+from workers.engines.prefix_cache import PrefixCache, PrefixHit
 from workers.engines.sampling import SamplingParams
 from workers.engines.thread import EngineThread
 from workers.kv.leases import Lease, LeaseTable
-from workers.engines.model_config import ModelSpec
+from workers.rpc.loop import DecodeStream, PrefillTask, StepLoop
 
 CODECS = ("", "raw")
 
@@ -77,7 +78,8 @@ class ActiveRequest:
     kind: str  # "prefill" | "decode"
     cancelled: threading.Event = field(default_factory=threading.Event)  # polled on the engine thread
     lease: Lease | None = None
-    tokens: Iterator[int] | None = None  # the engine's decode iterator, once started
+    stream: DecodeStream | None = None  # its place in the decode batch, once it joined
+    prefill: PrefillTask | None = None  # its prefill in the step loop, once queued
     pusher: KVPusher | None = None  # a prefill's KV stream, once connected
 
     @property
@@ -89,6 +91,10 @@ class ActiveRequest:
         """Stop this request wherever it is: between slices, between tokens,
         blocked on a stalled KV stream, or waiting for its KV."""
         self.cancelled.set()
+        if self.stream is not None:
+            self.stream.cancel()
+        if self.prefill is not None:
+            self.prefill.cancel()
         if self.pusher is not None:
             self.pusher.close()
         if self.lease is not None and self.lease.token is not None and not self.lease.kv.done():
@@ -99,14 +105,44 @@ class WorkerState:
     """What the RPCs of one worker share."""
 
     def __init__(self, settings: ServiceSettings, engines: EngineThread, leases: LeaseTable,
-                 spec: ModelSpec, key: ClusterKey) -> None:
+                 spec: ModelSpec, key: ClusterKey, *, loop: StepLoop | None = None,
+                 prefix_cache: PrefixCache | None = None) -> None:
         self.settings = settings
         self.engines = engines
         self.leases = leases
         self.spec = spec
         self.key = key
+        self.loop = loop or StepLoop(engines)
+        self.prefix_cache = prefix_cache  # None: no prefix reuse on this worker
         self.counters = Counters()
         self.active: dict[tuple[str, str], ActiveRequest] = {}
+
+    def prefix_lookup(self, prompt: list[int]) -> PrefixHit | None:
+        """The longest cached whole-block prefix of ``prompt`` (never all of it), or None."""
+        return self.prefix_cache.lookup(prompt) if self.prefix_cache is not None else None
+
+    def fit_prefix_cache(self, reserving: int = 0) -> None:
+        """The prefix cache yields to live requests: with a KV budget, it keeps
+        at most what the leases (plus ``reserving`` bytes about to be
+        reserved) leave of it."""
+        budget = self.leases.max_reserved_bytes
+        if self.prefix_cache is not None and budget is not None:
+            self.prefix_cache.shrink_to(max(0, budget - self.leases.reserved_bytes - reserving))
+
+    def store_prefix(self, cache_key: str, token_ids: list[int]) -> list[int]:
+        """On the engine thread: keep ``cache_key``'s KV (the first tokens of
+        ``token_ids`` that its cache holds) in the prefix cache; the block
+        hashes now held for it ([] without a prefix cache)."""
+        if self.prefix_cache is None or self.prefix_cache.capacity_bytes == 0:
+            return []
+        engine = self.engines.engine
+        held = min(engine.cached_tokens(cache_key), len(token_ids))
+        if held < self.prefix_cache.block_tokens:
+            return []
+        layers = [engine.cached_layer(cache_key, layer) for layer in range(self.spec.num_layers)]
+        blocks = self.prefix_cache.insert(token_ids[:held], layers)
+        self.fit_prefix_cache()
+        return blocks
 
     def open(self, rid: str, kind: str) -> ActiveRequest:
         """Register a new request; one Prefill and one Decode per id at most."""

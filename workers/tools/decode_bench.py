@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from workers.engines.base import DTYPES, Engine
+from workers.engines.base import DTYPES, Engine, generate
 from workers.engines.model_config import read_model_spec
 from workers.engines.registry import (
     DECODE_PREFERENCE,
@@ -224,7 +224,7 @@ def run_ours(engine: Engine, engine_name: str, token_ids: list[int], num_tokens:
     try:
         tokens = [sample(result.logits, params, 0)]
         stamps = [time.perf_counter()]
-        for token in engine.decode(BENCH_REQUEST, tokens[0], params):
+        for token in generate(engine, BENCH_REQUEST, tokens[0], params):
             stamps.append(time.perf_counter())
             tokens.append(token)
     finally:

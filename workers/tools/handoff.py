@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from workers.engines.base import Engine, KVSlice
+from workers.engines.base import Engine, KVSlice, generate
 from workers.kv.net import connect, serve_once
 from workers.kv.transport import KVReceiver, KVSender, ReceivedKV
 from workers.engines.model_config import read_model_spec, resolve_model
@@ -92,7 +92,7 @@ def generate_alone(engine: Engine, token_ids: list[int], params: SamplingParams,
     slices: list[KVSlice] = []
     result = engine.prefill("reference", token_ids, slices.append, chunk_size=chunk_size)
     first = sample(result.logits, params, 0)
-    tokens = [first, *engine.decode("reference", first, params)]
+    tokens = [first, *generate(engine, "reference", first, params)]
     engine.release("reference")
     return tokens, slices
 
@@ -120,7 +120,7 @@ def generate_handoff(
     kv = server.result(TRANSFER_TIMEOUT_S)
     prefill.release(rid)
     decode.load_kv(rid, kv.layout, kv.slices)
-    tokens = [kv.first_token, *decode.decode(rid, kv.first_token, params)]
+    tokens = [kv.first_token, *generate(decode, rid, kv.first_token, params)]
     decode.release(rid)
     return tokens, kv, result.compute_s, kv.last_byte_at - sent_at
 
