@@ -247,10 +247,13 @@ def _run_check_handoff(args: argparse.Namespace) -> int:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    """``pdc bench`` with its benchmarks (workers/tools/bench.py): ``kv``, ``decode``."""
+    """``pdc bench`` with its benchmarks (workers/tools/bench.py): ``kv``, ``decode``; and ``serve``
+    (workers/tools/serve_bench.py), load on any OpenAI-compatible URL."""
     from workers.tools.bench import add_bench_parser
+    from workers.tools.serve_bench import add_serve_parser
 
-    add_bench_parser(sub)
+    bench = add_bench_parser(sub)
+    add_serve_parser(next(a for a in bench._actions if isinstance(a, argparse._SubParsersAction)))
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
