@@ -22,7 +22,7 @@ import dataclasses
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -43,6 +43,8 @@ from scheduler.request import (
 )
 
 log = logging.getLogger(__name__)
+
+PrefixSink = Callable[[str, Sequence[int]], None]  # (node id, prefix-block hashes it holds now)
 
 
 class WorkerAPI(Protocol):
@@ -169,9 +171,14 @@ def sampling_of(request: GenerationRequest) -> pb.SamplingParams:
 async def run_request(
     request: GenerationRequest, placement: Placement, worker: Callable[[str], WorkerAPI],
     config: LifecycleConfig = LifecycleConfig(), on_prefill_done: Callable[[], None] | None = None,
-    deadline: float | None = None,
+    deadline: float | None = None, on_prefix_blocks: PrefixSink | None = None,
 ) -> AsyncIterator[TokenEvent | FinishEvent]:
     """Drive one request; yields tokens then one FinishEvent.
+
+    ``on_prefix_blocks(node_id, hashes)`` hears, as the request ends, the
+    prefix blocks each of its nodes now holds (``PrefillReply`` and
+    ``Done.prefix_blocks``): the scheduler's prefix index is current before
+    the next turn of the conversation arrives.
 
     Failures raise a ``SchedulerError`` naming the node and the cause
     (``worker_error``). ``deadline`` (``time.monotonic()``) caps the Decode
@@ -181,7 +188,7 @@ async def run_request(
         # invariant: a continued stream (first_step > 0) is prefilled by its decode node,
         # which samples its first token at step first_step; a prefill node would use step 0.
         raise ValueError("a request continuing at first_step > 0 must be placed colocated")
-    run = _Run(request, placement, worker, config, on_prefill_done, deadline)
+    run = _Run(request, placement, worker, config, on_prefill_done, deadline, on_prefix_blocks)
     finished = False
     try:
         async with contextlib.aclosing(run.events()) as events:
@@ -198,9 +205,11 @@ class _Run:
 
     def __init__(self, request: GenerationRequest, placement: Placement,
                  worker: Callable[[str], WorkerAPI], config: LifecycleConfig,
-                 on_prefill_done: Callable[[], None] | None = None, deadline: float | None = None) -> None:
+                 on_prefill_done: Callable[[], None] | None = None, deadline: float | None = None,
+                 on_prefix_blocks: PrefixSink | None = None) -> None:
         self.request, self.placement, self.config = request, placement, config
         self.deadline = deadline
+        self._on_prefix_blocks = on_prefix_blocks
         self._on_prefill_done = on_prefill_done
         self.decoder = worker(placement.decode_node)
         self.prefiller = worker(placement.prefill_node) if placement.prefill_node else None
@@ -232,7 +241,7 @@ class _Run:
                     self._prefill_over()
                 yield TokenEvent(event.token.token_id)
             elif kind == "done":
-                yield FinishEvent(event.done.finish_reason or "stop", await self._stats(event.done.timings))
+                yield FinishEvent(event.done.finish_reason or "stop", await self._stats(event.done))
                 return
 
     async def _next_event(self, stream_iter: AsyncIterator[pb.DecodeEvent]) -> pb.DecodeEvent | None:
@@ -271,6 +280,7 @@ class _Run:
             request_id=self.request.request_id, prompt_token_ids=list(self.request.prompt_token_ids),
             sampling=sampling_of(self.request), kv_host=reserved.kv_host, kv_port=reserved.kv_port,
             transfer_token=reserved.transfer_token, chunk_size=self.config.chunk_size, codec=self.placement.codec,
+            skip_tokens=reserved.cached_tokens,  # the decode node holds these already: ship only the rest
         )
         self.prefill_task = asyncio.ensure_future(
             self.prefiller.prefill(prefill_request, timeout=self.config.prefill_timeout_s)
@@ -289,15 +299,18 @@ class _Run:
             lease_s=self.config.lease_s, codec=self.placement.codec, first_step=self.request.first_step,
         )
 
-    async def _stats(self, timings: pb.Timings) -> RequestStats:
+    async def _stats(self, done: pb.Done) -> RequestStats:
+        timings = done.timings
         prefill_s = timings.prefill_s
         queue_s = timings.queue_s
+        self._tell_prefix_blocks(self.placement.decode_node, done.prefix_blocks)
         if self.prefill_task is not None:
             try:
                 reply = await asyncio.wait_for(asyncio.shield(self.prefill_task), self.config.cancel_timeout_s)
             except Exception as e:
                 raise worker_error("prefill", self.placement.prefill_node, e) from e
             prefill_s, queue_s = reply.prefill_s or prefill_s, reply.queue_s
+            self._tell_prefix_blocks(self.placement.prefill_node, reply.prefix_blocks)
         arrived = self.request.arrived_at or self.started
         now = time.monotonic()
         first, last = (self.token_times[0], self.token_times[-1]) if self.token_times else (now, now)
@@ -310,8 +323,16 @@ class _Run:
             transfer_s=timings.transfer_s, exposed_transfer_s=timings.exposed_transfer_s,
             ttft_s=first - arrived, tpot_s=mean_tpot_s(first, last, len(self.token_times)),
             e2e_s=last - arrived, prompt_tokens=len(request.prompt_token_ids),
-            cached_prefix_tokens=request.cached_prefix_tokens, completion_tokens=len(self.token_times),
+            cached_prefix_tokens=timings.cached_tokens, decode_cached_tokens=timings.decode_cached_tokens,
+            completion_tokens=len(self.token_times),
         )
+
+    def _tell_prefix_blocks(self, node: str | None, hashes: Sequence[int]) -> None:
+        if node and hashes and self._on_prefix_blocks is not None:
+            try:
+                self._on_prefix_blocks(node, list(hashes))
+            except Exception:  # the index is advice for placement: never fail a request over it
+                log.exception("request %s: recording prefix blocks of %s failed", self.request.request_id, node)
 
     async def close(self, *, cancel_workers: bool) -> None:
         self._prefill_over()  # whatever happened, the prefill node's part is over

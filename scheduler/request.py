@@ -63,7 +63,8 @@ class RequestStats:
     tpot_s: float | None = None  # mean seconds per token after the first; None (undefined) below two tokens
     e2e_s: float = 0.0  # arrival -> last token
     prompt_tokens: int = 0
-    cached_prefix_tokens: int = 0
+    cached_prefix_tokens: int = 0  # prompt tokens not prefilled: their KV came from a prefix cache
+    decode_cached_tokens: int = 0  # prompt tokens the decode node held already: their KV was not sent
     completion_tokens: int = 0
     migrations: int = 0  # times the live scheduler moved the stream to another node after its first token
 
