@@ -1,10 +1,33 @@
 """The MLX engine: an mlx-lm model on Apple silicon (or mlx[cpu] on Linux).
 
-mlx-lm's attention layers write through ``cache.update_and_fetch(keys, values)``
-with post-RoPE ``[batch, kv_heads, tokens, head_dim]`` arrays. ``_StreamingKVCache``
-overrides that method: it evaluates the layer's new K/V at once (MLX is lazy;
-``mx.eval`` here forces exactly the computation up to this layer) and hands it
-to the caller's sink before the next layer is even built.
+Prefill is ours. mlx-lm's attention layers write through
+``cache.update_and_fetch(keys, values)`` with post-RoPE ``[batch, kv_heads,
+tokens, head_dim]`` arrays. ``_StreamingKVCache`` overrides that method: it
+evaluates the layer's new K/V at once (MLX is lazy; ``mx.eval`` here forces
+exactly the computation up to this layer) and hands it to the caller's sink
+before the next layer is even built.
+
+Decode is mlx-lm's continuous batching, ``BatchGenerator``. NOTE on how the
+engine drives it:
+
+* ``add`` inserts the request with the prompt ``[first_token]`` over its own
+  per-layer cache (merged into the batch's left-padded ``BatchKVCache`` when it
+  joins), ``max_tokens - 1`` tokens and its stop ids as one-token stop
+  sequences, so that mlx-lm ends a request exactly where ``base.is_last`` does.
+* ``step`` first admits the requests added since the last step (their first
+  forward, over ``first_token``, without stepping the others: see
+  ``_admit_inserted``), then runs one ``next``. mlx-lm pipelines one step
+  ahead: ``next`` queues the forward over the token it returns before the
+  caller reads it, so every running request gets one token per step.
+* A request that leaves (finished, or ``remove``) takes its cache out of the
+  batch (``BatchKVCache.extract``). That cache also holds the newest token,
+  already fed by the step queued ahead; it is trimmed off, so a cache outside
+  the batch always holds the prompt plus the tokens the protocol's steps fed
+  (``first_token`` and every token but the newest), as ``add`` expects.
+* mlx-lm hands samplers logprobs (logits - logsumexp); ours read the logits
+  themselves (``_LogitsTap``), so greedy is numpy's argmax of the float32
+  logits exactly and a seeded request draws the same tokens as ``sample`` on
+  the prefill node's logits, alone or in any batch.
 
 This is the only module that imports mlx or mlx-lm; load it through
 ``workers.engines.registry``.
@@ -12,13 +35,16 @@ This is the only module that imports mlx or mlx-lm; load it through
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
+from mlx_lm.generate import BatchGenerator, GenerationBatch, StopSequences
 from mlx_lm.models.cache import KVCache
 from mlx_lm.utils import load_model
 
@@ -29,24 +55,33 @@ from workers.engines.base import (
     PrefillResult,
     SliceSink,
     check_layout,
-    decode_loop,
+    check_prefix,
+    emitting_from,
+    is_last,
     join_layer,
+    run_prefill,
     timed_runs,
 )
 from workers.engines.memory import host_free_bytes
-from workers.engines.sampling import SamplingParams
 from workers.engines.model_config import check_tokenizer, read_model_spec
+from workers.engines.sampling import SamplingParams, sample
 
 log = logging.getLogger(__name__)
 
 _MX_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 _WIRE_NAMES = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}
+# The step loop bounds the batch (its max_batch); the generator admits whatever was added.
+_UNBOUNDED = sys.maxsize
 
 LayerHook = Callable[[int, mx.array, mx.array], None]
+Sampler = Callable[[mx.array], mx.array]
 
 
 class _StreamingKVCache(KVCache):
-    """mlx-lm's KVCache, reporting each layer's new K/V as it is written."""
+    """mlx-lm's KVCache, reporting each layer's new K/V as it is written.
+
+    ``BatchKVCache.merge`` copies it into the batch like any ``KVCache``; what
+    comes back out (``extract``) is a plain ``KVCache``."""
 
     def __init__(self, layer: int, hook: LayerHook | None = None) -> None:
         super().__init__()
@@ -60,9 +95,42 @@ class _StreamingKVCache(KVCache):
         return out
 
 
-def _set_cache_state(cache: KVCache, keys: mx.array, values: mx.array) -> None:
-    """Fill ``cache`` with ``[1, kv_heads, tokens, head_dim]`` K/V (mlx-lm 0.32 API)."""
-    cache.state = (keys, values, keys.shape[2])
+class _LogitsTap:
+    """The model as ``BatchGenerator`` calls it, keeping its last forward's
+    float32 logits for our samplers, which mlx-lm hands only logprobs.
+
+    A ``GenerationBatch`` step runs one forward, then calls its samplers on the
+    rows in batch order: once for all rows when they share one sampler, else
+    once per row (mlx-lm 0.32). ``take`` hands the rows out in that order."""
+
+    def __init__(self, model: object) -> None:
+        self.model = model
+        self.logits: mx.array | None = None  # [rows, vocab] float32
+        self._next_row = 0
+
+    def __call__(self, inputs: mx.array, cache: list | None = None, **kwargs: object) -> mx.array:
+        out = self.model(inputs, cache=cache, **kwargs)  # [rows, tokens, vocab]
+        self.logits = out[:, -1, :].astype(mx.float32)  # [rows, vocab]
+        self._next_row = 0
+        return out
+
+    def take(self, num_rows: int) -> mx.array:
+        """The logits of the next ``num_rows`` rows, ``[num_rows, vocab]``."""
+        start, self._next_row = self._next_row, self._next_row + num_rows
+        if self.logits is None or self._next_row > self.logits.shape[0]:
+            raise RuntimeError("a sampler asked for more logits rows than the last forward made")
+        return self.logits[start : self._next_row]
+
+
+@dataclass
+class _Decoding:
+    """A request in the generator, from ``add`` until it leaves."""
+
+    uid: int  # the generator's id
+    params: SamplingParams
+    num_prompt: int  # tokens its cache held at ``add``
+    produced: int = 0  # tokens ``step`` gave it
+    joined: bool = False  # admitted: its cache is in the batch and holds its newest token too
 
 
 class MLXEngine:
@@ -78,7 +146,14 @@ class MLXEngine:
             self.model.set_dtype(_MX_DTYPES[dtype])
         self.dtype = dtype or _weights_dtype(self.model)
         self.device = f"mlx:{mx.default_device()}"
-        self._caches: dict[str, list[_StreamingKVCache]] = {}
+        self._caches: dict[str, list[KVCache] | None] = {}  # None: in the generator (self._decoding)
+        self._decoding: dict[str, _Decoding] = {}  # in the order they joined
+        self._by_uid: dict[int, str] = {}
+        self._tap = _LogitsTap(self.model)
+        self._greedy = _greedy_sampler(self._tap)
+        self._generator = BatchGenerator(self._tap, sampler=self._greedy, completion_batch_size=_UNBOUNDED,
+                                         prefill_batch_size=_UNBOUNDED)
+        self._view: tuple[str, list[KVCache]] | None = None  # a running request's cache, extracted this step
         log.info("mlx engine: %s (%s) on %s in %s", model_dir, self.spec.model_type, self.device, self.dtype)
 
     @property
@@ -88,104 +163,129 @@ class MLXEngine:
     def kv_layout(self, num_tokens: int) -> KVLayout:
         return KVLayout(self.spec.num_layers, self.spec.kv_heads, self.spec.head_dim, self.dtype, num_tokens)
 
+    # -- prefill and loaded KV ------------------------------------------------
+
     def prefill(
-        self, request_id: str, token_ids: list[int], on_slice: SliceSink, chunk_size: int = 128
+        self, request_id: str, token_ids: list[int], on_slice: SliceSink, chunk_size: int = 128,
+        prefix: list[KVSlice] | None = None, emit_from: int = 0,
     ) -> PrefillResult:
+        return run_prefill(self.prefill_chunks(request_id, token_ids, on_slice, chunk_size, prefix, emit_from))
+
+    def prefill_chunks(
+        self, request_id: str, token_ids: list[int], on_slice: SliceSink, chunk_size: int = 128,
+        prefix: list[KVSlice] | None = None, emit_from: int = 0,
+    ) -> Iterator[PrefillResult | None]:
         if not token_ids:
             raise ValueError("prefill needs at least one token")
+        if chunk_size < 1 or not 0 <= emit_from <= len(token_ids):
+            raise ValueError(f"bad prefill: chunk_size={chunk_size}, emit_from={emit_from} of {len(token_ids)}")
+        num_cached = check_prefix(prefix, self.spec.num_layers, len(token_ids))
+        sink = emitting_from(on_slice, emit_from)
         started = time.perf_counter()
-        cache = self._new_cache()
-        self._caches[request_id] = cache
-        logits = None
-        for start in range(0, len(token_ids), chunk_size):
-            hook = self._slice_hook(start, on_slice)
-            for layer_cache in cache:
-                layer_cache.hook = hook
-            logits = self.model(mx.array([token_ids[start : start + chunk_size]]), cache=cache)
-            mx.eval(logits)
-        for layer_cache in cache:
-            layer_cache.hook = None
-        last = _to_numpy(logits[0, -1].astype(mx.float32))  # [vocab]
-        return PrefillResult(logits=last, num_tokens=len(token_ids), compute_s=time.perf_counter() - started)
+        self.release(request_id)
+        cache = self._caches[request_id] = self._new_cache()
+        if num_cached:
+            self._load_layers(cache, prefix)
+            if emit_from < num_cached:
+                for layer in range(self.spec.num_layers):
+                    sink(self.cached_layer(request_id, layer))
+        compute_s = time.perf_counter() - started
+        for start in range(num_cached, len(token_ids), chunk_size):
+            if start > num_cached:
+                yield None
+            started = time.perf_counter()
+            logits = self._prefill_chunk(cache, token_ids[start : start + chunk_size], start, sink)
+            compute_s += time.perf_counter() - started
+        yield PrefillResult(logits=logits, num_tokens=len(token_ids), compute_s=compute_s)
 
-    def load_kv(self, request_id: str, layout: KVLayout, slices: list[KVSlice]) -> None:
+    def load_kv(self, request_id: str, layout: KVLayout, slices: list[KVSlice],
+                prefix: list[KVSlice] | None = None) -> None:
         check_layout(layout, self.kv_layout(layout.num_tokens))
+        num_cached = prefix[0].num_tokens if prefix else 0
+        check_prefix(prefix, layout.num_layers, num_cached + layout.num_tokens)
         cache = self._new_cache()
-        for layer, layer_cache in enumerate(cache):
-            keys, values = join_layer(slices, layer, layout)
-            # [kv_heads, tokens, head_dim] -> [1, kv_heads, tokens, head_dim]
-            keys_mx = self._to_mx(keys, layout.dtype)[None]
-            _set_cache_state(layer_cache, keys_mx, self._to_mx(values, layout.dtype)[None])
-        mx.eval([c.keys for c in cache] + [c.values for c in cache])
+        if prefix:
+            self._load_layers(cache, prefix)
+        joined = [KVSlice(layer, num_cached, *join_layer(slices, layer, layout), layout.dtype)
+                  for layer in range(layout.num_layers)]
+        self._load_layers(cache, joined)
+        self.release(request_id)
         self._caches[request_id] = cache
 
-    def decode(self, request_id: str, first_token: int, params: SamplingParams) -> Iterator[int]:
+    # -- the decode batch ----------------------------------------------------
+
+    def add(self, request_id: str, first_token: int, params: SamplingParams, first_step: int = 0) -> None:
+        if request_id in self._decoding:
+            raise ValueError(f"request {request_id!r} is already running")
         cache = self._cache_of(request_id)
-        if params.temperature == 0.0:
-            return self._decode_greedy(cache, first_token, params)
-        return decode_loop(lambda token: self._step(cache, token), first_token, params)
+        if is_last(first_token, 0, params):
+            raise ValueError(f"request {request_id!r} has nothing to generate after its first token")
+        sampler = self._greedy if params.temperature == 0.0 else _seeded_sampler(self._tap, params, first_step)
+        stops = StopSequences([(token,) for token in params.stop_token_ids])
+        (uid,) = self._generator.insert([[first_token]], max_tokens=[params.max_tokens - 1], caches=[cache],
+                                        samplers=[sampler], stop_sequences=[stops])
+        self._decoding[request_id] = _Decoding(uid, params, num_prompt=cache[-1].offset)
+        self._by_uid[uid] = request_id
+        self._caches[request_id] = None
 
-    def step_logits(self, request_id: str, token: int) -> np.ndarray:
-        """Feed ``token`` to ``request_id``'s cache: the new last-position
-        logits ``[vocab]`` as float32 (one ``decode_loop`` step)."""
-        return self._step(self._cache_of(request_id), token)
+    def step(self) -> dict[str, int]:
+        self._view = None
+        if not self._decoding:
+            return {}
+        stepping = list(self._decoding)
+        joining = [decoding for decoding in self._decoding.values() if not decoding.joined]
+        if joining:
+            _admit_inserted(self._generator)
+            for decoding in joining:
+                decoding.joined = True
+        _, responses = self._generator.next()
+        tokens: dict[str, int] = {}
+        for response in responses:
+            request_id = self._by_uid[response.uid]
+            decoding = self._decoding[request_id]
+            decoding.produced += 1
+            tokens[request_id] = response.token
+            if (response.finish_reason is not None) != is_last(response.token, decoding.produced, decoding.params):
+                raise RuntimeError(f"mlx-lm and is_last disagree on whether token {decoding.produced} of "
+                                   f"{request_id!r} is its last ({response.finish_reason})")
+            if response.finish_reason is not None:
+                self._leave(request_id, response.prompt_cache)
+        if len(tokens) != len(responses) or set(tokens) != set(stepping):
+            raise RuntimeError("a decode step gave some running request no token, or two")
+        return tokens
 
-    def _step(self, cache: list[_StreamingKVCache], token: int) -> np.ndarray:
-        logits = self.model(mx.array([[token]]), cache=cache)
-        return _to_numpy(logits[0, -1].astype(mx.float32))  # [vocab]
-
-    def _decode_greedy(self, cache: list[_StreamingKVCache], first_token: int, params: SamplingParams) -> Iterator[int]:
-        """``decode_loop`` for greedy requests, as mlx-lm's ``generate_step`` runs it.
-
-        Invariants that keep it token-identical to ``decode_loop`` + ``sample``:
-        the argmax is taken on device over the same float32 logits with numpy's
-        rules (``_argmax_like_numpy``), and stop tokens and ``max_tokens`` end it
-        at the same token. What differs is timing: only the token id crosses to
-        the host, and step ``i + 1`` is built on the still-lazy token ``i`` and
-        queued (``mx.async_eval``) before token ``i`` is read, so building one
-        graph overlaps computing the previous one. A step queued past the last
-        token (a stop token, or the caller closing the generator) is trimmed
-        from the cache, which then holds what ``decode_loop`` would leave."""
-
-        def step(token: mx.array) -> mx.array:
-            logits = self.model(token.reshape(1, 1), cache=cache)  # [1, 1, vocab]
-            return _argmax_like_numpy(logits[0, -1].astype(mx.float32))
-
-        if params.max_tokens < 2 or first_token in params.stop_token_ids:
+    def remove(self, request_id: str) -> None:
+        decoding = self._decoding.get(request_id)
+        if decoding is None:
             return
-        pending = step(mx.array(first_token))
-        mx.async_eval(pending)
-        queued_unread = False  # a step fed the last yielded token: the cache holds one token too many
-        try:
-            for index in range(1, params.max_tokens):
-                current = pending
-                queued_unread = False
-                if index + 1 < params.max_tokens:
-                    pending = step(current)
-                    mx.async_eval(pending)
-                    queued_unread = True
-                token = current.item()
-                yield token
-                if token in params.stop_token_ids:
-                    return
-        finally:
-            if queued_unread:
-                for layer_cache in cache:
-                    layer_cache.trim(1)
+        self._view = None
+        cache, _ = self._generator.remove([decoding.uid], return_prompt_caches=True)[decoding.uid]
+        self._leave(request_id, cache)
+
+    def running(self) -> list[str]:
+        return list(self._decoding)
 
     def release(self, request_id: str) -> None:
+        self.remove(request_id)
         self._caches.pop(request_id, None)
+
+    # -- what the engine holds -----------------------------------------------
 
     def cached_requests(self) -> list[str]:
         return list(self._caches)  # one C-level copy under the GIL: a consistent snapshot
 
     def cached_tokens(self, request_id: str) -> int:
+        decoding = self._decoding.get(request_id)
+        if decoding is not None:
+            return decoding.num_prompt + decoding.produced
         return self._cache_of(request_id)[-1].offset
 
     def cached_layer(self, request_id: str, layer: int) -> KVSlice:
-        entry = self._cache_of(request_id)[layer]
-        # [1, kv_heads, capacity, head_dim]; the first `offset` tokens are filled
-        keys, values = (np.ascontiguousarray(_to_wire(a[0, :, : entry.offset, :])) for a in (entry.keys, entry.values))
+        num_tokens = self.cached_tokens(request_id)
+        cache = self._running_cache(request_id) if request_id in self._decoding else self._cache_of(request_id)
+        entry = cache[layer]
+        # [1, kv_heads, capacity, head_dim] -> [kv_heads, num_tokens, head_dim]
+        keys, values = (np.ascontiguousarray(_to_wire(a[0, :, :num_tokens, :])) for a in (entry.keys, entry.values))
         return KVSlice(layer, 0, keys, values, self.dtype)
 
     def measure_profile(self, budget_s: float) -> MeasuredProfile:
@@ -206,7 +306,12 @@ class MLXEngine:
         return host_free_bytes()
 
     def close(self) -> None:
+        self._generator.remove([decoding.uid for decoding in self._decoding.values()])
+        self._generator.close()
+        self._decoding.clear()
+        self._by_uid.clear()
         self._caches.clear()
+        self._view = self._tap.logits = None
         # Frees this thread's streams and its random key now, while Python runs. Left to
         # the thread's exit, the key's destructor takes the GIL and, if the interpreter is
         # finalizing by then, aborts the process. No MLX call may follow on this thread.
@@ -226,14 +331,61 @@ class MLXEngine:
         for token, _ in steps:
             on_token(int(token))
 
+    # -- helpers ---------------------------------------------------------------
+
+    def _prefill_chunk(self, cache: list[_StreamingKVCache], chunk: list[int], start: int, sink: SliceSink
+                       ) -> np.ndarray:
+        """Run ``chunk`` (tokens from ``start`` on) into ``cache``, emitting each layer's
+        slice as it is written: the last position's logits ``[vocab]`` float32."""
+        hook = self._slice_hook(start, sink)
+        for layer_cache in cache:
+            layer_cache.hook = hook
+        try:
+            logits = self.model(mx.array([chunk]), cache=cache)  # [1, chunk, vocab]
+            last = logits[0, -1].astype(mx.float32)  # [vocab]
+            mx.eval(last)
+        finally:
+            for layer_cache in cache:
+                layer_cache.hook = None
+        return np.asarray(last)
+
+    def _load_layers(self, cache: list[_StreamingKVCache], slices: list[KVSlice]) -> None:
+        """Append one wire slice per layer (``slices[i]`` is layer ``i``) to ``cache``."""
+        for kv_slice, layer_cache in zip(slices, cache, strict=True):
+            want = (self.spec.kv_heads, kv_slice.num_tokens, self.spec.head_dim)
+            if kv_slice.keys.shape != want or kv_slice.values.shape != want:
+                raise ValueError(f"layer {kv_slice.layer}: KV of shape {kv_slice.keys.shape}, expected {want}")
+            # [kv_heads, tokens, head_dim] -> [1, kv_heads, tokens, head_dim]
+            keys = self._to_mx(kv_slice.keys, kv_slice.dtype)[None]
+            layer_cache.update_and_fetch(keys, self._to_mx(kv_slice.values, kv_slice.dtype)[None])
+        mx.eval([c.keys for c in cache] + [c.values for c in cache])
+
+    def _leave(self, request_id: str, cache: list[KVCache]) -> None:
+        """``request_id`` is out of the generator: keep ``cache`` under its id,
+        without the newest token that a joined request's cache also holds."""
+        decoding = self._decoding.pop(request_id)
+        del self._by_uid[decoding.uid]
+        if decoding.joined:
+            for layer_cache in cache:
+                layer_cache.trim(1)
+        mx.async_eval([c.keys for c in cache] + [c.values for c in cache])  # lets go of the batch's arrays
+        self._caches[request_id] = cache
+
+    def _running_cache(self, request_id: str) -> list[KVCache]:
+        """A running request's cache, extracted from the batch once per step."""
+        if self._view is None or self._view[0] != request_id:
+            uid = self._decoding[request_id].uid
+            self._view = (request_id, self._generator.extract_cache([uid])[uid][0])
+        return self._view[1]
+
     def _new_cache(self) -> list[_StreamingKVCache]:
         return [_StreamingKVCache(i) for i in range(len(self.model.layers))]
 
-    def _cache_of(self, request_id: str) -> list[_StreamingKVCache]:
-        try:
-            return self._caches[request_id]
-        except KeyError:
-            raise KeyError(f"no KV cache for request {request_id!r}; prefill or load_kv first") from None
+    def _cache_of(self, request_id: str) -> list[KVCache]:
+        cache = self._caches.get(request_id)
+        if cache is None:
+            raise KeyError(f"no KV cache for request {request_id!r}; prefill or load_kv first")
+        return cache
 
     def _slice_hook(self, start: int, on_slice: SliceSink) -> LayerHook:
         def hook(layer: int, keys: mx.array, values: mx.array) -> None:
@@ -251,22 +403,60 @@ class MLXEngine:
         return tensor.astype(_MX_DTYPES[self.dtype])
 
 
+def _admit_inserted(generator: BatchGenerator) -> None:
+    """Move every request inserted since the last ``next`` into the decoding
+    batch, running its first forward, without stepping the requests already
+    decoding. ``BatchGenerator.next`` steps those first and admits after, so a
+    joiner's first token would come one step late; this runs ``next`` over an
+    empty decoding batch instead, which only admits, then appends what it
+    admitted to the real one. The one place that touches mlx-lm 0.32's
+    internals (``_generation_batch``, ``_unprocessed_sequences``)."""
+    decoding = generator._generation_batch
+    generator._generation_batch = GenerationBatch.empty(generator.model, generator.sampler)
+    try:
+        generator.next()
+        if generator._unprocessed_sequences:
+            raise RuntimeError("BatchGenerator left inserted requests waiting")
+    finally:
+        admitted, generator._generation_batch = generator._generation_batch, decoding
+    decoding.extend(admitted)
+
+
+def _greedy_sampler(tap: _LogitsTap) -> Sampler:
+    """The batched sampler every greedy request shares: numpy's argmax of each row's logits."""
+
+    def greedy(logprobs: mx.array) -> mx.array:
+        return _argmax_like_numpy(tap.take(logprobs.shape[0]))
+
+    return greedy
+
+
+def _seeded_sampler(tap: _LogitsTap, params: SamplingParams, first_step: int) -> Sampler:
+    """One sampled request's sampler: ``sample`` on its row of logits, at
+    sampling steps ``first_step + 1``, ``first_step + 2``, ... (one per call)."""
+    step = first_step
+
+    def sampler(logprobs: mx.array) -> mx.array:
+        nonlocal step
+        step += 1
+        (row,) = np.asarray(tap.take(logprobs.shape[0]))  # [1, vocab] float32 -> [vocab]
+        return mx.array([sample(row, params, step)], dtype=mx.uint32)
+
+    return sampler
+
+
+def _argmax_like_numpy(logits: mx.array) -> mx.array:
+    """``np.argmax(logits, axis=-1)`` on device: each row's first maximal
+    index, or its first NaN's when it has one (numpy treats NaN as the maximum)."""
+    is_nan = mx.isnan(logits)  # [rows, vocab]
+    return mx.where(mx.any(is_nan, axis=-1), mx.argmax(is_nan, axis=-1), mx.argmax(logits, axis=-1))
+
+
 def _to_wire(array: mx.array) -> np.ndarray:
     """A numpy copy of ``array``; bf16 becomes its uint16 bit patterns."""
     if array.dtype == mx.bfloat16:
         array = array.view(mx.uint16)
     return np.array(array, copy=True)
-
-
-def _argmax_like_numpy(logits: mx.array) -> mx.array:
-    """``np.argmax(logits)`` on device: the first maximal index, or the first
-    NaN's when there is one (numpy treats NaN as the maximum)."""
-    is_nan = mx.isnan(logits)  # [vocab]
-    return mx.where(mx.any(is_nan), mx.argmax(is_nan), mx.argmax(logits))
-
-
-def _to_numpy(array: mx.array) -> np.ndarray:
-    return np.array(array, copy=False)
 
 
 def _weights_dtype(model: object) -> str:
