@@ -6,18 +6,29 @@ computed (post-RoPE) K/V for the current chunk. The hook copies the chunk to
 the host and hands it to the caller's sink before the next layer runs, so the
 first layers' KV can be on the wire while later layers still compute.
 
+Each request owns a ``DynamicCache`` (batch 1) from prefill or ``load_kv``.
+Running requests decode together in ``_Batch``, one left-padded batched cache
+as transformers' batched ``generate`` keeps it (transformers' own continuous
+batching owns a paged cache that it prefills itself, so it cannot take KV that
+another engine computed). A request's cache moves into the batch when it joins
+and back out, without its padding, when it leaves.
+
 This is the only module that imports torch or transformers; load it through
 ``workers.engines.registry``.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, DynamicCache
 from transformers.generation.streamers import BaseStreamer
 
@@ -28,19 +39,23 @@ from workers.engines.base import (
     PrefillResult,
     SliceSink,
     check_layout,
-    decode_loop,
+    check_prefix,
+    emitting_from,
+    is_last,
     join_layer,
+    run_prefill,
     timed_runs,
 )
 from workers.engines.memory import host_free_bytes
-from workers.engines.sampling import SamplingParams
 from workers.engines.model_config import check_tokenizer, read_model_spec
+from workers.engines.sampling import SamplingParams, sample
 
 log = logging.getLogger(__name__)
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 LayerHook = Callable[[int, torch.Tensor, torch.Tensor], None]
+LayerKV = tuple[torch.Tensor, torch.Tensor]  # one layer's keys and values, [batch, kv_heads, tokens, head_dim]
 
 
 def pick_device(requested: str | None = None) -> str:
@@ -68,6 +83,92 @@ class _StreamingCache(DynamicCache):
         return out
 
 
+@dataclass
+class _Decoding:
+    """A running request's sampling state."""
+
+    params: SamplingParams
+    token: int  # the last token drawn; the next step feeds it
+    step: int  # the sampling step that drew ``token``
+    produced: int = 0  # tokens drawn after the first
+
+
+@dataclass
+class _Held:
+    """One request whose KV this engine holds."""
+
+    cache: DynamicCache | None  # its own batch-1 cache; None while its KV is a row of the batch
+    decoding: _Decoding | None = None  # set while it runs (joining or in the batch)
+
+
+class _Batch:
+    """The running requests' KV as one left-padded batched cache.
+
+    Row ``i`` of every layer's keys/values ``[rows, kv_heads, length, head_dim]``
+    holds request ``ids[i]``'s tokens at ``[pads[i], length)`` and zeros before
+    them, which the attention mask hides; the smallest pad is 0. The cache is
+    rebuilt only when membership changes: a join pads and concatenates, a
+    leave cuts its row back out and drops the padding every row shares."""
+
+    def __init__(self, config: object) -> None:
+        self.config = config
+        self.ids: list[str] = []
+        self.pads: list[int] = []
+        self.cache: DynamicCache | None = None
+
+    @property
+    def length(self) -> int:
+        return self.cache.get_seq_length() if self.cache is not None else 0
+
+    def num_tokens(self, request_id: str) -> int:
+        return self.length - self.pads[self.ids.index(request_id)]
+
+    def layer(self, request_id: str, layer: int) -> LayerKV:
+        """``request_id``'s keys and values in ``layer`` without padding, ``[1, kv_heads, tokens, head_dim]``."""
+        row, entry = self.ids.index(request_id), self.cache.layers[layer]
+        pad = self.pads[row]
+        return entry.keys[row : row + 1, :, pad:], entry.values[row : row + 1, :, pad:]
+
+    def join(self, joining: dict[str, DynamicCache]) -> None:
+        """Add rows for ``joining`` (request id -> its batch-1 cache), after the rows already here."""
+        lengths = [self.length - pad for pad in self.pads] + [c.get_seq_length() for c in joining.values()]
+        length = max(lengths)
+        sources = ([self.cache] if self.cache is not None else []) + list(joining.values())
+        layers = [
+            tuple(torch.cat([_pad_left(part, length) for part in parts]) for parts in zip(*kv, strict=True))
+            for kv in zip(*(_layers_of(source) for source in sources), strict=True)
+        ]  # per layer: keys, values [rows, kv_heads, length, head_dim]
+        self.cache = _cache_of(self.config, layers)
+        self.ids += list(joining)
+        self.pads = [length - n for n in lengths]
+
+    def leave(self, request_ids: list[str]) -> dict[str, DynamicCache]:
+        """Take ``request_ids``' rows out: each one's batch-1 cache, without padding."""
+        num_layers = len(self.cache.layers)
+        left = {rid: _cache_of(self.config, [self.layer(rid, i) for i in range(num_layers)]) for rid in request_ids}
+        keep = [row for row, rid in enumerate(self.ids) if rid not in left]
+        if not keep:
+            self.ids, self.pads, self.cache = [], [], None
+            return left
+        trim = min(self.pads[row] for row in keep)
+        index = torch.tensor(keep, device=self.cache.layers[0].keys.device)
+        layers = [(e.keys[index, :, trim:], e.values[index, :, trim:]) for e in self.cache.layers]
+        self.cache = _cache_of(self.config, layers)  # [len(keep), kv_heads, length - trim, head_dim]
+        self.ids = [self.ids[row] for row in keep]
+        self.pads = [self.pads[row] - trim for row in keep]
+        return left
+
+    def forward(self, model: torch.nn.Module, tokens: list[int]) -> np.ndarray:
+        """Feed ``tokens`` (one per row, in row order): next-token logits ``[rows, vocab]`` float32."""
+        device = model.device
+        pads = torch.tensor(self.pads, device=device)[:, None]  # [rows, 1]
+        ids = torch.tensor(tokens, dtype=torch.long, device=device)[:, None]  # [rows, 1]
+        positions = self.length - pads  # [rows, 1]: each row's true length
+        mask = (torch.arange(self.length + 1, device=device)[None, :] >= pads).long()  # [rows, length + 1]
+        logits = _forward(model, ids, self.cache, attention_mask=mask, position_ids=positions)
+        return logits[:, -1].float().cpu().numpy()  # [rows, vocab]
+
+
 class TorchEngine:
     """transformers model behind the ``Engine`` protocol."""
 
@@ -82,7 +183,9 @@ class TorchEngine:
             str(model_dir), dtype=_TORCH_DTYPES[self.dtype]
         ).to(self.device)
         self.model.eval()
-        self._caches: dict[str, _StreamingCache] = {}
+        self._held: dict[str, _Held] = {}
+        self._batch = _Batch(self.model.config)
+        self._joining: list[str] = []  # added since the last step, in order; they join at the next one
         log.info("torch engine: %s (%s) on %s in %s", model_dir, self.spec.model_type, self.device, self.dtype)
 
     @property
@@ -92,57 +195,100 @@ class TorchEngine:
     def kv_layout(self, num_tokens: int) -> KVLayout:
         return KVLayout(self.spec.num_layers, self.spec.kv_heads, self.spec.head_dim, self.dtype, num_tokens)
 
-    @torch.inference_mode()
     def prefill(
-        self, request_id: str, token_ids: list[int], on_slice: SliceSink, chunk_size: int = 128
+        self, request_id: str, token_ids: list[int], on_slice: SliceSink, chunk_size: int = 128,
+        prefix: list[KVSlice] | None = None, emit_from: int = 0,
     ) -> PrefillResult:
+        return run_prefill(self.prefill_chunks(request_id, token_ids, on_slice, chunk_size, prefix, emit_from))
+
+    def prefill_chunks(
+        self, request_id: str, token_ids: list[int], on_slice: SliceSink, chunk_size: int = 128,
+        prefix: list[KVSlice] | None = None, emit_from: int = 0,
+    ) -> Iterator[PrefillResult | None]:
         if not token_ids:
             raise ValueError("prefill needs at least one token")
+        num_cached = check_prefix(prefix, self.spec.num_layers, len(token_ids))
+        sink = emitting_from(on_slice, emit_from)
         started = time.perf_counter()
-        cache = _StreamingCache(self.model.config)
-        self._caches[request_id] = cache
-        logits = None
-        for start in range(0, len(token_ids), chunk_size):
-            chunk = token_ids[start : start + chunk_size]
-            cache.hook = self._slice_hook(start, on_slice)
-            ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
-            logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-        cache.hook = None
-        last = logits[0, -1].float().cpu().numpy()  # [vocab]
-        return PrefillResult(logits=last, num_tokens=len(token_ids), compute_s=time.perf_counter() - started)
+        self.release(request_id)
+        cache = self._held.setdefault(request_id, _Held(_StreamingCache(self.model.config))).cache
+        if num_cached:
+            self._load_layers(cache, prefix)
+            if emit_from < num_cached:
+                for layer in range(self.spec.num_layers):
+                    sink(self.cached_layer(request_id, layer))
+        compute_s = time.perf_counter() - started
+        for start in range(num_cached, len(token_ids), chunk_size):
+            if start > num_cached:
+                yield None
+            started = time.perf_counter()
+            logits = self._prefill_chunk(cache, token_ids[start : start + chunk_size], start, sink)
+            compute_s += time.perf_counter() - started
+        yield PrefillResult(logits=logits, num_tokens=len(token_ids), compute_s=compute_s)
 
-    def load_kv(self, request_id: str, layout: KVLayout, slices: list[KVSlice]) -> None:
+    def load_kv(self, request_id: str, layout: KVLayout, slices: list[KVSlice],
+                prefix: list[KVSlice] | None = None) -> None:
         check_layout(layout, self.kv_layout(layout.num_tokens))
+        num_cached = prefix[0].num_tokens if prefix else 0
+        check_prefix(prefix, layout.num_layers, num_cached + layout.num_tokens)
         cache = _StreamingCache(self.model.config)
-        for layer in range(layout.num_layers):
-            keys, values = join_layer(slices, layer, layout)
-            # [kv_heads, tokens, head_dim] -> [1, kv_heads, tokens, head_dim]
-            keys_t = self._to_torch(keys, layout.dtype)[None]
-            cache.update(keys_t, self._to_torch(values, layout.dtype)[None], layer)
-        self._caches[request_id] = cache
+        if prefix:
+            self._load_layers(cache, prefix)
+        joined = [join_layer(slices, layer, layout) for layer in range(layout.num_layers)]
+        self._load_layers(cache, [KVSlice(layer, num_cached, keys, values, layout.dtype)
+                                  for layer, (keys, values) in enumerate(joined)])
+        self.release(request_id)
+        self._held[request_id] = _Held(cache)
 
-    def decode(self, request_id: str, first_token: int, params: SamplingParams) -> Iterator[int]:
-        cache = self._cache_of(request_id)
-        return decode_loop(lambda token: self._step(cache, token), first_token, params)
+    def add(self, request_id: str, first_token: int, params: SamplingParams, first_step: int = 0) -> None:
+        held = self._held_of(request_id)
+        if held.decoding is not None:
+            raise ValueError(f"request {request_id!r} is already running")
+        held.decoding = _Decoding(params, first_token, first_step)
+        self._joining.append(request_id)
+
+    @torch.inference_mode()
+    def step(self) -> dict[str, int]:
+        self._admit_joining()
+        if not self._batch.ids:
+            return {}
+        rows = [self._held[rid].decoding for rid in self._batch.ids]
+        logits = self._batch.forward(self.model, [d.token for d in rows])  # [rows, vocab]
+        tokens: dict[str, int] = {}
+        for request_id, decoding, row_logits in zip(self._batch.ids, rows, logits, strict=True):
+            decoding.step += 1
+            decoding.produced += 1
+            decoding.token = tokens[request_id] = sample(row_logits, decoding.params, decoding.step)
+        self._leave([rid for rid, d in zip(self._batch.ids, rows) if is_last(d.token, d.produced, d.params)])
+        return tokens
+
+    def remove(self, request_id: str) -> None:
+        if request_id in self._joining:
+            self._joining.remove(request_id)
+            self._held[request_id].decoding = None
+        elif request_id in self._batch.ids:
+            self._leave([request_id])
+
+    def running(self) -> list[str]:
+        return self._batch.ids + self._joining
 
     def release(self, request_id: str) -> None:
-        self._caches.pop(request_id, None)
+        self.remove(request_id)
+        self._held.pop(request_id, None)
 
     def cached_requests(self) -> list[str]:
-        return list(self._caches)  # one C-level copy under the GIL: a consistent snapshot
+        return list(self._held)  # one C-level copy under the GIL: a consistent snapshot
 
     def cached_tokens(self, request_id: str) -> int:
-        return self._cache_of(request_id).get_seq_length(self.spec.num_layers - 1)
+        cache = self._held_of(request_id).cache
+        if cache is None:
+            return self._batch.num_tokens(request_id)
+        return cache.get_seq_length(self.spec.num_layers - 1)
 
     def cached_layer(self, request_id: str, layer: int) -> KVSlice:
-        entry = self._cache_of(request_id).layers[layer]
+        keys, values = self._layer_of(request_id, layer)
         # [1, kv_heads, tokens, head_dim] -> [kv_heads, tokens, head_dim]
-        return KVSlice(layer, 0, _to_wire(entry.keys[0]), _to_wire(entry.values[0]), self.dtype)
-
-    def step_logits(self, request_id: str, token: int) -> np.ndarray:
-        """Feed ``token`` to ``request_id``'s cache: the new last-position
-        logits ``[vocab]`` as float32 (one ``decode_loop`` step)."""
-        return self._step(self._cache_of(request_id), token)
+        return KVSlice(layer, 0, _to_wire(keys[0]), _to_wire(values[0]), self.dtype)
 
     def measure_profile(self, budget_s: float) -> MeasuredProfile:
         torch_dtype = _TORCH_DTYPES[self.dtype]
@@ -160,7 +306,10 @@ class TorchEngine:
         return device_free_bytes(self.device)
 
     def close(self) -> None:
-        self._caches.clear()  # torch keeps no per-thread state that needs freeing here
+        # torch keeps no per-thread state that needs freeing here
+        self._joining.clear()
+        self._batch = _Batch(self.model.config)
+        self._held.clear()
 
     @torch.inference_mode()
     def native_generate(self, token_ids: list[int], num_tokens: int, on_token: Callable[[int], None]) -> None:
@@ -178,10 +327,51 @@ class TorchEngine:
                             streamer=_TokenStreamer(on_token))
 
     @torch.inference_mode()
-    def _step(self, cache: _StreamingCache, token: int) -> np.ndarray:
-        ids = torch.tensor([[token]], dtype=torch.long, device=self.device)
-        logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+    def _prefill_chunk(self, cache: _StreamingCache, chunk: list[int], start: int, sink: SliceSink) -> np.ndarray:
+        """Run ``chunk`` (tokens from ``start`` on) into ``cache``, emitting each layer's
+        slice as it is written: the last position's logits ``[vocab]`` float32."""
+        cache.hook = self._slice_hook(start, sink)
+        try:
+            ids = torch.tensor([chunk], dtype=torch.long, device=self.device)  # [1, chunk]
+            logits = _forward(self.model, ids, cache, logits_to_keep=1)
+        finally:
+            cache.hook = None
         return logits[0, -1].float().cpu().numpy()  # [vocab]
+
+    def _admit_joining(self) -> None:
+        """Move the requests added since the last step into the batch (one rebuild)."""
+        if not self._joining:
+            return
+        joining = {rid: self._held[rid].cache for rid in self._joining}
+        self._batch.join(joining)
+        for request_id in self._joining:
+            self._held[request_id].cache = None
+        self._joining = []
+
+    @torch.inference_mode()
+    def _leave(self, request_ids: list[str]) -> None:
+        """Take ``request_ids`` out of the batch; each keeps its cache under its id."""
+        if not request_ids:
+            return
+        for request_id, cache in self._batch.leave(request_ids).items():
+            self._held[request_id].cache = cache
+            self._held[request_id].decoding = None
+
+    def _layer_of(self, request_id: str, layer: int) -> LayerKV:
+        """``request_id``'s keys and values in ``layer``, in the batch or not, ``[1, kv_heads, tokens, head_dim]``."""
+        cache = self._held_of(request_id).cache
+        if cache is None:
+            return self._batch.layer(request_id, layer)
+        entry = cache.layers[layer]
+        return entry.keys, entry.values
+
+    @torch.inference_mode()
+    def _load_layers(self, cache: DynamicCache, slices: list[KVSlice]) -> None:
+        """Append one wire slice per layer (``slices[i]`` is layer ``i``) to ``cache``."""
+        for kv_slice in slices:
+            # [kv_heads, tokens, head_dim] -> [1, kv_heads, tokens, head_dim]
+            keys = self._to_torch(kv_slice.keys, kv_slice.dtype)[None]
+            cache.update(keys, self._to_torch(kv_slice.values, kv_slice.dtype)[None], kv_slice.layer)
 
     def _sync(self) -> None:
         """Wait for the work queued on this engine's device."""
@@ -190,9 +380,9 @@ class TorchEngine:
         elif self.device == "mps":
             torch.mps.synchronize()
 
-    def _cache_of(self, request_id: str) -> _StreamingCache:
+    def _held_of(self, request_id: str) -> _Held:
         try:
-            return self._caches[request_id]
+            return self._held[request_id]
         except KeyError:
             raise KeyError(f"no KV cache for request {request_id!r}; prefill or load_kv first") from None
 
@@ -228,6 +418,34 @@ class _TokenStreamer(BaseStreamer):
 
     def end(self) -> None:
         pass
+
+
+def _forward(model: torch.nn.Module, input_ids: torch.Tensor, cache: DynamicCache, **kwargs: object) -> torch.Tensor:
+    """``model``'s logits for ``input_ids`` ``[rows, tokens]``, appending to ``cache``."""
+    return model(input_ids=input_ids, use_cache=True, **{_cache_keyword(type(model)): cache}, **kwargs).logits
+
+
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    """transformers renamed ``forward``'s ``past_key_values`` to ``cache`` during 5.x; the one place that knows."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def _cache_of(config: object, layers: list[LayerKV]) -> DynamicCache:
+    """A DynamicCache holding ``layers`` (keys, values per layer; copied, so views of another cache are safe)."""
+    cache = DynamicCache(config=config)
+    for layer, (keys, values) in enumerate(layers):
+        cache.update(keys, values, layer)
+    return cache
+
+
+def _layers_of(cache: DynamicCache) -> list[LayerKV]:
+    return [(entry.keys, entry.values) for entry in cache.layers]
+
+
+def _pad_left(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    """``tensor`` ``[rows, kv_heads, tokens, head_dim]`` zero-padded on the left to ``length`` tokens."""
+    return F.pad(tensor, (0, 0, length - tensor.shape[-2], 0))
 
 
 def device_free_bytes(device: str) -> int:
