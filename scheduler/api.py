@@ -34,6 +34,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -178,7 +179,7 @@ def api_error(error: SchedulerError) -> APIError:
     """``error`` as the OpenAI-shaped answer it maps to (status, code, ``Retry-After``)."""
     headers = {}
     if error.retry_after_s is not None:
-        headers["Retry-After"] = str(max(1, round(error.retry_after_s)))
+        headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))  # whole seconds, never early
     return APIError(error.status, error.message, "server_error", code=error.code, headers=headers)
 
 
@@ -321,8 +322,11 @@ class _Reply:
 
 
 def _usage(stats: RequestStats) -> dict:
+    """OpenAI's usage object; ``prompt_tokens_details.cached_tokens``: prompt tokens whose KV
+    came from a prefix cache (``RequestStats.cached_prefix_tokens``), as OpenAI reports them."""
     return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
-            "total_tokens": stats.prompt_tokens + stats.completion_tokens}
+            "total_tokens": stats.prompt_tokens + stats.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": stats.cached_prefix_tokens}}
 
 
 async def _collect(events: AsyncIterator, reply: _Reply, codec: PromptCodec, parsed: ParsedRequest) -> web.Response:

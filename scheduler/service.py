@@ -10,6 +10,7 @@ HTTP API:
 * ``Dispatcher`` (scheduler/dispatch.py): the ClusterView, the policy's checked
   answer and the ``LoadLedger`` (scheduler/load.py) the simulator keeps too;
 * ``PolicyAdmin`` (scheduler/admin.py): ``/admin/policy``;
+* ``AdmissionQueue`` (scheduler/admission.py): requests no node has room for, waiting in order;
 * ``run_request`` (scheduler/lifecycle.py): one request across its workers.
 
 No weights are loaded here, so this runs on a NAS or a Pi. This module and the
@@ -33,16 +34,18 @@ from cluster.auth import ClusterKey
 from cluster.node import NodeInfo
 from cluster.node_table import NodeTable
 from scheduler.admin import PolicyAdmin
+from scheduler.admission import AdmissionConfig, AdmissionQueue, NoRoomError, Turn, nodes_with_room
 from scheduler.api import build_app
 from scheduler.clients import ClientPool
 from scheduler.dispatch import Dispatcher
 from scheduler.lifecycle import LifecycleConfig, continuation, run_request, with_fixed_seed
 from scheduler.load import LoadLedger
 from scheduler.models import ModelRegistry
-from scheduler.placement import ClusterView
+from scheduler.placement import ClusterView, Placement, PlacementError, ask_policy
 from scheduler.policy import load_policy
 from scheduler.probing import LinkProber
 from scheduler.request import (
+    CapacityExhaustedError,
     FinishEvent,
     GenerationRequest,
     ModelEntry,
@@ -75,6 +78,7 @@ class SchedulerConfig:
     api_key: str | None = field(default=None, repr=False)  # bearer key for /v1/ (None: open); never logged
     allowed_origins: tuple[str, ...] = ()  # CORS origins ("*": any); empty: CORS off
     max_migrations: int = 2  # moves of one stream to another node after its first token
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -96,6 +100,7 @@ class ClusterBackend:
                                 probe_bytes=config.link_probe_bytes, probe_timeout_s=config.link_probe_timeout_s)
         self.dispatcher = Dispatcher(load_policy(config.policy), config.policy, LoadLedger())
         self.admin = PolicyAdmin(key, self.dispatcher)
+        self.admission = AdmissionQueue(config.admission)
         self.table = NodeTable(
             key.fingerprint, use_mdns=config.mdns,
             interfaces=list(config.mdns_interfaces) if config.mdns_interfaces else None,
@@ -136,12 +141,14 @@ class ClusterBackend:
         return record.codec if record else None
 
     def health(self) -> tuple[bool, dict]:
-        """(ready, details for ``/health``): nodes with their load, links, policy, refused peers, models."""
+        """(ready, details for ``/health``): nodes with their load, links, policy, refused peers, models,
+        the admission queue."""
         nodes = self.table.snapshot()
         ready = any(n.can_prefill for n in nodes) and any(n.can_decode for n in nodes)
         return ready, {"nodes": [node_json(n, self.ledger.active_requests(n.node_id)) for n in nodes],
                        "links": self.links.snapshot(), "policy": self.dispatcher.policy_name,
-                       "refused": self.table.refused, "models": [m.model_id for m in self.models()]}
+                       "refused": self.table.refused, "models": [m.model_id for m in self.models()],
+                       "admission": self.admission.snapshot()}
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
         """Place ``request`` over the live nodes serving its model and run it; see ``Backend.generate``.
@@ -153,46 +160,90 @@ class ClusterBackend:
         ``max_migrations`` times): a surviving node prefills prompt + the tokens
         already sent and decodes on from the next sampling step. Every attempt
         stays within the request's one deadline; whatever cannot be recovered
-        raises the ``SchedulerError`` that says why."""
+        raises the ``SchedulerError`` that says why.
+
+        Admission (docs/reliability.md, "Admission"): a node that is full
+        (``CapacityExhaustedError``) is skipped and the attempt placed again at
+        once on the others; when no node has room, the request waits in the
+        admission queue, holding nothing, and is placed again when capacity may
+        have changed, until its queue timeout (then 429). A newcomer queues
+        behind its model's waiters. The wait counts in the record's ``queue_s``."""
         request = with_fixed_seed(request)
         attempt = _Attempts(request, self.config.max_migrations,
                             (request.arrived_at or time.monotonic()) + self.config.lifecycle.request_timeout_s)
-        while True:
-            current = attempt.next_request()
-            try:
-                async with contextlib.aclosing(self._run_placed(current, attempt)) as events:
-                    async for event in events:
-                        if isinstance(event, TokenEvent):
-                            attempt.sent_token(event.token_id)
+        turn = self.admission.line(request.model, attempt.deadline)
+        try:
+            if self.admission.has_waiters(request.model) and self._serves(request.model):
+                await turn.wait(f"earlier requests for model {request.model!r} are waiting for room")
+            while True:
+                try:
+                    async with contextlib.aclosing(self._attempt(attempt, turn)) as events:
+                        async for event in events:
                             yield event
-                        else:
-                            stats = attempt.merged_stats(event.stats)
-                            log.info("request %s: done (%s) %s", request.request_id, event.finish_reason,
-                                     describe(stats))
-                            yield FinishEvent(event.finish_reason, stats)
-                            return
-            except SchedulerError as e:
-                self._suspend_if_unreachable(e)
-                if not attempt.may_recover(e):
-                    raise
-                log.warning("request %s: %s; %s", request.request_id, e,
-                            "migrating the stream" if attempt.sent else "placing it again")
-                attempt.failed(e)
+                    return
+                except CapacityExhaustedError as e:
+                    if attempt.streamed():  # a node failed a running stream: recover as from any failure
+                        self._recover(attempt, e)
+                    elif e.node and not isinstance(e, NoRoomError):  # one node is full: try the others now
+                        log.info("request %s: %s; placing it elsewhere", request.request_id, e)
+                        attempt.refused(e)
+                    else:
+                        log.info("request %s: waiting for room (%d queued): %s", request.request_id,
+                                 len(self.admission), e)
+                        await turn.wait(e.message, running=bool(attempt.sent))
+                        attempt.woke()
+                except SchedulerError as e:
+                    self._recover(attempt, e)
+        finally:
+            turn.close()
+
+    def _recover(self, attempt: _Attempts, error: SchedulerError) -> None:
+        """Set up the recovery from ``error`` (placing again, or migrating the stream), or raise it."""
+        self._suspend_if_unreachable(error)
+        if not attempt.may_recover(error):
+            raise error
+        log.warning("request %s: %s; %s", attempt.request.request_id, error,
+                    "migrating the stream" if attempt.sent else "placing it again")
+        attempt.failed(error)
+
+    async def _attempt(self, attempt: _Attempts, turn: Turn) -> AsyncIterator[TokenEvent | FinishEvent]:
+        """Run ``attempt``'s next request: its tokens, then the whole request's FinishEvent."""
+        request = attempt.request
+        async with contextlib.aclosing(self._run_placed(attempt.next_request(), attempt)) as events:
+            async for event in events:
+                if isinstance(event, TokenEvent):
+                    turn.admitted()  # no-op unless it waited: it runs now, the next waiter may try
+                    attempt.sent_token(event.token_id)
+                    yield event
+                else:
+                    stats = attempt.merged_stats(event.stats)
+                    stats = dataclasses.replace(stats, queue_s=stats.queue_s + turn.queued_s)
+                    log.info("request %s: done (%s) %s", request.request_id, event.finish_reason, describe(stats))
+                    yield FinishEvent(event.finish_reason, stats)
+                    return
+
+    def _serves(self, model: str) -> bool:
+        """Whether any live node serves ``model`` (else its requests are 503 at once, never queued)."""
+        return any(n.model_id == model for n in self.table.snapshot())
 
     async def _run_placed(self, request: GenerationRequest, attempt: _Attempts
                           ) -> AsyncIterator[TokenEvent | FinishEvent]:
-        """Place one attempt over the live nodes (less those that failed it before) and run it."""
+        """Place one attempt over the live nodes (less those that failed it before) and run it.
+
+        Raises ``NoRoomError`` when the nodes left are full (they refused it, or
+        sit at the in-flight cap) but the request could run on them."""
         nodes = {n.node_id: n for n in self.table.snapshot()
                  if n.model_id == request.model and n.node_id not in attempt.excluded}
         try:
             if not nodes:
                 raise NoCapacityError(f"no node serves model {request.model!r} right now")
-            placement = self.dispatcher.place(request, self.cluster_view(request.model, nodes.values()))
+            placement = self._place(request, list(nodes.values()), attempt)
         except NoCapacityError as e:
             raise attempt.unplaceable(e) from e
         rid = request.request_id
         run = run_request(request, placement, lambda nid: self.clients.of(nodes[nid]), self.config.lifecycle,
                           on_prefill_done=lambda: self.dispatcher.prefill_done(rid), deadline=attempt.deadline)
+        refused = False
         try:
             # aclosing: when our caller closes us (a client went away), close the
             # request's generator now, so it cancels on the workers now, not
@@ -200,8 +251,38 @@ class ClusterBackend:
             async with contextlib.aclosing(run) as events:
                 async for event in events:
                     yield event
+        except CapacityExhaustedError:
+            refused = True  # it never held the node's capacity
+            raise
         finally:
             self.dispatcher.finish(rid)  # invariant: every placed attempt leaves the ledger
+            if not refused:
+                self.admission.released(request.model)
+
+    def _place(self, request: GenerationRequest, nodes: list[NodeInfo], attempt: _Attempts) -> Placement:
+        """The policy's placement over the nodes with room; ``NoRoomError`` when only full nodes could take it."""
+        offered, held = nodes_with_room(nodes, attempt.full, self.ledger.active_requests,
+                                        self.config.admission.max_inflight_per_node)
+        try:
+            if held and not any(n.can_decode for n in offered):
+                raise NoCapacityError(f"no decode-capable node serving {request.model!r} has room")
+            return self.dispatcher.place(request, self.cluster_view(request.model, offered))
+        except NoCapacityError as e:
+            if not held or not self._placeable(request, nodes):
+                raise
+            cap = self.config.admission.max_inflight_per_node
+            why = attempt.last_refusal or (f"every decode node serving {request.model!r} carries its "
+                                           f"{cap} requests (pdc serve --max-inflight-per-node {cap})")
+            raise NoRoomError(why) from e
+
+    def _placeable(self, request: GenerationRequest, nodes: list[NodeInfo]) -> bool:
+        """Whether the policy would place ``request`` on ``nodes`` if none were full (nothing is booked)."""
+        try:
+            ask_policy(self.dispatcher.policy, self.dispatcher.policy_name, request,
+                       self.cluster_view(request.model, nodes))
+        except (NoCapacityError, PlacementError):
+            return False
+        return True
 
     def _suspend_if_unreachable(self, error: SchedulerError) -> None:
         """A node whose RPC failed UNAVAILABLE leaves the table now, until a health check passes."""
@@ -213,7 +294,9 @@ class ClusterBackend:
         return self.dispatcher.view(nodes, self.links.views(), self.registry.config_for(model))
 
     def on_node_change(self, node_id: str, node: NodeInfo | None) -> None:
-        """The node table's callback: a node left (forget its links) or appeared (learn its model)."""
+        """The node table's callback: a node left (forget its links) or appeared (learn its model);
+        either way capacity may have changed, so the admission queue wakes its waiters' heads."""
+        self.admission.changed()
         if node is None:
             log.info("node %s left", node_id)
             self.links.forget(node_id)
@@ -240,9 +323,13 @@ class _Attempts:
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
         self.last_error: SchedulerError | None = None
+        self.full: set[str] = set()  # nodes that refused it for capacity since its last wait
+        self.last_refusal = ""  # the latest such refusal, in words
+        self.sent_before = 0  # tokens sent before the current attempt began
 
     def next_request(self) -> GenerationRequest:
         """The request the next attempt runs."""
+        self.sent_before = len(self.sent)
         if self.attempts == 0:
             return self.request
         return continuation(self.request, tuple(self.sent), self.attempts)
@@ -271,6 +358,21 @@ class _Attempts:
         else:
             self.replaced = True
         self.attempts += 1
+
+    def streamed(self) -> bool:
+        """Whether the current attempt sent tokens (it ran; its failure is not a refusal)."""
+        return len(self.sent) > self.sent_before
+
+    def refused(self, error: CapacityExhaustedError) -> None:
+        """``error.node`` is full: place again at once without it (under a new worker-side id),
+        spending no recovery; it is offered again after the next wait."""
+        self.full.add(error.node)
+        self.last_refusal = error.message
+        self.attempts += 1
+
+    def woke(self) -> None:
+        """Back from the admission queue: capacity may have changed anywhere."""
+        self.full.clear()
 
     def unplaceable(self, error: NoCapacityError) -> SchedulerError:
         """What to raise when an attempt finds no node: a recovery's failure names the original one."""
