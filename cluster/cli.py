@@ -291,7 +291,24 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="re-probe each prefill -> decode link this often, when both nodes are idle (default: 300)")
     p.add_argument("--link-probe-mib", type=float, default=0.0,
                    help="link probe payload in MiB (default: the worker's, 16 MiB; at most 64)")
+    _add_admission_args(p, up=False)
     p.set_defaults(run=_run_serve)
+
+
+def _add_admission_args(p: argparse.ArgumentParser, *, up: bool) -> None:
+    """The admission queue's flags (docs/operations.md, "Admission"); ``pdc up`` passes them to ``pdc serve``."""
+    from scheduler.admission import AdmissionConfig
+
+    d = AdmissionConfig()
+    p.add_argument("--max-queued", type=int, default=None if up else d.max_queued, metavar="N",
+                   help="requests that may wait for room when every node is full; one more gets 429 at once "
+                        f"(default: {d.max_queued}; 0: no queue)")
+    p.add_argument("--queue-timeout-s", type=float, default=None if up else d.queue_timeout_s, metavar="S",
+                   help="the longest a request waits for room in all, then 429 with Retry-After "
+                        f"(default: {d.queue_timeout_s:g})")
+    p.add_argument("--max-inflight-per-node", type=int, default=None if up else d.max_inflight_per_node,
+                   metavar="N", help="requests the scheduler keeps on one decode node at once; more wait in the "
+                                     "queue without asking the node (default: 0, no cap: the node's leases decide)")
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -299,6 +316,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     import os
 
     from cluster.auth import load_cluster_key
+    from scheduler.admission import AdmissionConfig
     from scheduler.lifecycle import LifecycleConfig
     from scheduler.service import SchedulerConfig, serve
 
@@ -310,6 +328,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         lifecycle=LifecycleConfig(lease_s=args.lease_s),
         api_key=args.api_key or os.environ.get("PDC_API_KEY") or None,
         allowed_origins=_split(args.allowed_origins),
+        admission=AdmissionConfig(max_queued=args.max_queued, queue_timeout_s=args.queue_timeout_s,
+                                  max_inflight_per_node=args.max_inflight_per_node),
     )
     asyncio.run(serve(config, load_cluster_key(args.cluster_key_file)))
     return 0
@@ -331,6 +351,7 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
                    help="given to the scheduler (as $PDC_API_KEY, kept off command lines): clients must send it")
     _add_local_cluster_args(p, key_help="cluster key (default: a fresh key for this run; "
                                         "`pdc up` prints the flags that reach it)")
+    _add_admission_args(p, up=True)
     p.set_defaults(run=_run_up)
 
 
@@ -342,7 +363,9 @@ def _up_config(args: argparse.Namespace, port: int) -> UpConfig:
     return UpConfig(model=model_or_default(args.model), port=port, prefill_engine=args.prefill_engine,
                     decode_engine=decode, cluster_key_file=args.cluster_key_file, log_dir=args.log_dir,
                     policy=args.policy, host=getattr(args, "host", None) or "127.0.0.1",
-                    api_key=getattr(args, "api_key", None))
+                    api_key=getattr(args, "api_key", None), max_queued=getattr(args, "max_queued", None),
+                    queue_timeout_s=getattr(args, "queue_timeout_s", None),
+                    max_inflight_per_node=getattr(args, "max_inflight_per_node", None))
 
 
 def _run_up(args: argparse.Namespace) -> int:

@@ -53,6 +53,10 @@ class UpConfig:
     log_dir: str | None = None  # child logs; a temp folder when None
     policy: str = "conditional"  # the scheduler's placement policy (name, module:Class or file.py:Class)
     api_key: str | None = None  # passed to the scheduler as `pdc serve --api-key` when set
+    # the scheduler's admission queue (`pdc serve --max-queued`, ...); None: pdc serve's default
+    max_queued: int | None = None
+    queue_timeout_s: float | None = None
+    max_inflight_per_node: int | None = None
     extra_worker_args: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -60,6 +64,16 @@ class UpConfig:
             check_engine(getattr(self, role), role)
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        for name in ("max_queued", "queue_timeout_s", "max_inflight_per_node"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < float("inf"):
+                raise ValueError(f"{name} must be a finite number >= 0 (or None: pdc serve's default), got {value}")
+
+    def admission_flags(self) -> list[str]:
+        """The ``pdc serve`` flags of the admission queue that this cluster sets."""
+        flags = {"--max-queued": self.max_queued, "--queue-timeout-s": self.queue_timeout_s,
+                 "--max-inflight-per-node": self.max_inflight_per_node}
+        return [part for flag, value in flags.items() if value is not None for part in (flag, str(value))]
 
 
 class LocalCluster:
@@ -87,7 +101,8 @@ class LocalCluster:
         # the API key reaches `pdc serve` as $PDC_API_KEY, not a flag: a command line is visible in `ps`
         api_key = {"PDC_API_KEY": self.config.api_key} if self.config.api_key else {}
         self._spawn("scheduler", ["serve", "--host", self.config.host, "--port", str(self.config.port),
-                                  "--policy", self.config.policy, *common, *mdns], env=api_key)
+                                  "--policy", self.config.policy, *self.config.admission_flags(), *common, *mdns],
+                    env=api_key)
         for role, engine in (("prefill", self.config.prefill_engine), ("decode", self.config.decode_engine)):
             self._spawn(f"{role}-worker", [
                 "worker", "--role", role, "--engine", engine, "--model", self.config.model,
