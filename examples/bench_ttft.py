@@ -1,30 +1,35 @@
 """TTFT, disaggregated vs colocated, measured by the client in one run.
 
 Starts the same local cluster as ``pdc up`` (scheduler + prefill worker +
-decode worker, real processes), then sends the same ~N-token prompt
-alternately with ``placement: disaggregated`` and ``placement: colocated`` and
-measures time to the first streamed content token at the client. Prints each
+decode worker, real processes), then sends ~N-token prompts one at a time,
+alternately with ``placement: disaggregated`` and ``placement: colocated``,
+through ``pdc bench serve``'s functions (workers/tools/serve_bench.py): the
+same streamed chat request, the same client-side TTFT. Every request gets its
+own random prompt, so no request reuses another's cached prefix. Prints each
 round, the medians and their ratio; the last line is JSON.
 
     .venv/bin/python examples/bench_ttft.py                      # small model, torch -> torch
     .venv/bin/python examples/bench_ttft.py --prompt-tokens 2000 --rounds 5 --json
+
+Against a cluster that is already running, the same comparison is two commands:
+
+    pdc bench serve --num-prompts 5 --max-concurrency 1 --input-len 2000 --output-len 2 \\
+        --extra-body '{"pdcluster": {"placement": "disaggregated"}}'     # then "colocated"
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
-import time
+from dataclasses import replace
 from pathlib import Path
-
-import openai
 
 from cluster.launcher import LocalCluster, UpConfig
 from cluster.paths import cache_dir
 from workers.tools.modelgen import make_model
+from workers.tools.serve_bench import RequestRecord, ServeBenchConfig, resolve, run_serve_bench
 
-FILLER = ("The prefill node reads the whole prompt at once and is limited by arithmetic, while the decode "
-          "node writes one token at a time and is limited by memory bandwidth. ")
+PLACEMENTS = ("disaggregated", "colocated")
 
 
 def small_model() -> Path:
@@ -35,25 +40,10 @@ def small_model() -> Path:
     return folder
 
 
-def prompt_of(client: openai.OpenAI, model: str, num_tokens: int) -> str:
-    """A completion prompt of about ``num_tokens`` tokens (checked through the API's usage)."""
-    text = FILLER * max(1, num_tokens // 25)
-    usage = client.completions.create(model=model, prompt=text, max_tokens=1, temperature=0).usage
-    words = text.split(" ")
-    keep = int(len(words) * num_tokens / max(usage.prompt_tokens, 1))
-    return " ".join(words[:keep])
-
-
-def ttft(client: openai.OpenAI, model: str, prompt: str, placement: str) -> tuple[float, dict]:
-    sent = time.perf_counter()
-    first, stats = None, {}
-    stream = client.completions.create(model=model, prompt=prompt, max_tokens=2, temperature=0, stream=True,
-                                       extra_body={"pdcluster": {"placement": placement}})
-    for chunk in stream:
-        if first is None and chunk.choices:
-            first = time.perf_counter() - sent
-        stats = (chunk.model_extra or {}).get("pdcluster", stats)
-    return first if first is not None else float("nan"), stats
+def one_request(base: ServeBenchConfig, placement: str, seed: int) -> RequestRecord:
+    """One streamed request with a fresh random prompt, placed as asked."""
+    config = replace(base, seed=seed, extra_body={"pdcluster": {"placement": placement}})
+    return run_serve_bench(config).records[0]
 
 
 def main() -> int:
@@ -69,28 +59,31 @@ def main() -> int:
     model_dir = args.model or str(small_model())
     config = UpConfig(model=model_dir, port=args.port, prefill_engine=args.prefill_engine,
                       decode_engine=args.decode_engine)
-    results: dict[str, list[float]] = {"disaggregated": [], "colocated": []}
-    last: dict[str, dict] = {}
+    results: dict[str, list[float]] = {p: [] for p in PLACEMENTS}
+    last: dict[str, RequestRecord] = {}
     with LocalCluster(config) as cluster:
         cluster.wait_ready()
-        client = openai.OpenAI(base_url=cluster.url + "/v1", api_key="x", timeout=600, max_retries=0)
-        model = client.models.list().data[0].id
-        prompt = prompt_of(client, model, args.prompt_tokens)
-        ttft(client, model, prompt, "disaggregated")  # warm-up both paths once
-        ttft(client, model, prompt, "colocated")
+        base = resolve(ServeBenchConfig(cluster.url + "/v1", num_prompts=1, max_concurrency=1,
+                                        input_len=args.prompt_tokens, output_len=2, timeout_s=600, progress=False))
+        for placement in PLACEMENTS:  # warm-up both paths once
+            one_request(base, placement, seed=1_000_000 + len(placement))
         print(f"{'round':>5}  {'placement':<14} {'TTFT s':>8}  {'prefill s':>9}  {'KV MB':>7}  {'exposed s':>9}")
         for i in range(args.rounds):
-            order = ("disaggregated", "colocated") if i % 2 == 0 else ("colocated", "disaggregated")
+            order = PLACEMENTS if i % 2 == 0 else PLACEMENTS[::-1]
             for placement in order:
-                seconds, stats = ttft(client, model, prompt, placement)
-                results[placement].append(seconds)
-                last[placement] = stats
-                print(f"{i:>5}  {placement:<14} {seconds:>8.3f}  {stats.get('prefill_s', 0):>9.3f}  "
+                record = one_request(base, placement, seed=2 * i + PLACEMENTS.index(placement))
+                if not record.ok:
+                    raise SystemExit(f"round {i} {placement}: {record.error}: {record.detail}")
+                stats = record.pdcluster or {}
+                results[placement].append(record.ttft_s or float("nan"))
+                last[placement] = record
+                print(f"{i:>5}  {placement:<14} {record.ttft_s:>8.3f}  {stats.get('prefill_s', 0):>9.3f}  "
                       f"{stats.get('kv_bytes', 0) / 1e6:>7.1f}  {stats.get('exposed_transfer_s', 0):>9.3f}")
-    disagg, coloc = statistics.median(results["disaggregated"]), statistics.median(results["colocated"])
+    disagg, coloc = (statistics.median(results[p]) for p in PLACEMENTS)
     summary = {
         "ttft_disaggregated_s": disagg, "ttft_colocated_s": coloc, "ratio": disagg / coloc,
-        "prompt_tokens": last["disaggregated"].get("prompt_tokens"), "kv_bytes": last["disaggregated"].get("kv_bytes"),
+        "prompt_tokens": last["disaggregated"].prompt_tokens,
+        "kv_bytes": (last["disaggregated"].pdcluster or {}).get("kv_bytes"),
         "rounds": args.rounds, "prefill_engine": args.prefill_engine, "decode_engine": args.decode_engine,
     }
     print(f"median TTFT: disaggregated {disagg:.3f} s, colocated {coloc:.3f} s, ratio {disagg / coloc:.3f}")

@@ -34,7 +34,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 SLO_METRICS = ("ttft", "tpot", "e2el")  # what --goodput may bound, in ms
 LATENCY_METRICS = ("ttft", "tpot", "itl", "e2el")
 PERCENTILES = (90, 99)
-PROBE_WORDS = 256  # the calibration prompt's extra words
+PROBE_WORDS = 128  # the calibration prompt's extra words
 SKIPPED = "skipped: an earlier turn failed"
 
 # Short common English words: about one token each in most BPE vocabularies.
@@ -293,7 +293,7 @@ async def _stream_into(session: aiohttp.ClientSession, config: ServeBenchConfig,
             _read_extras(event, record)
     if not done:
         return record.fail("stream ended without [DONE]", f"after {num_chunks} content chunks")
-    record.ok, record.e2el_s = True, last - start
+    record.ok, record.e2el_s = True, (last if num_chunks else time.perf_counter()) - start
     if record.output_tokens == 0:  # no usage: one token per content chunk
         record.output_tokens = num_chunks
 
@@ -345,15 +345,10 @@ async def run_load(config: ServeBenchConfig) -> BenchRun:
 
     connector = aiohttp.TCPConnector(limit=config.max_concurrency or 0)  # the bench, not aiohttp, queues
     async with aiohttp.ClientSession(connector=connector) as session:
-        model = config.model or await first_model(session, config)
+        config = await _resolve(session, config)
+        model = config.model or ""
         tokenizer = load_tokenizer(config.tokenizer) if config.tokenizer else None
-        ratio = config.tokens_per_word or 1.0
-        if tokenizer is None and config.tokens_per_word is None:
-            try:
-                ratio = await measure_tokens_per_word(session, config, model)
-            except ValueError as e:
-                print(f"pdc bench serve: prompts sized at one token a word: {e}", file=sys.stderr)
-        conversations = build_workload(config, ratio, tokenizer)
+        conversations = build_workload(config, config.tokens_per_word or 1.0, tokenizer)
         slots = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else contextlib.nullcontext()
         total = config.num_prompts * config.multi_turn
         with tqdm(total=total, desc="requests", unit="req", file=sys.stderr, disable=not config.progress) as bar:
@@ -362,6 +357,30 @@ async def run_load(config: ServeBenchConfig) -> BenchRun:
             records = [r for chat in await asyncio.gather(*chats) for r in chat]
             duration = time.perf_counter() - start
     return BenchRun(config, records, duration)
+
+
+async def _resolve(session: aiohttp.ClientSession, config: ServeBenchConfig) -> ServeBenchConfig:
+    """``config`` with ``model`` (GET /models) and, without a tokenizer, ``tokens_per_word`` (asked of the server)."""
+    model = config.model or await first_model(session, config)
+    ratio = config.tokens_per_word
+    if ratio is None and config.tokenizer is None:
+        try:
+            ratio = await measure_tokens_per_word(session, config, model)
+        except ValueError as e:
+            print(f"pdc bench serve: prompts sized at one token a word: {e}", file=sys.stderr)
+            ratio = 1.0
+    return replace(config, model=model, tokens_per_word=ratio)
+
+
+def resolve(config: ServeBenchConfig) -> ServeBenchConfig:
+    """``config`` with its model and prompt sizing settled, once for several runs against one server."""
+    import aiohttp
+
+    async def settle() -> ServeBenchConfig:
+        async with aiohttp.ClientSession() as session:
+            return await _resolve(session, config)
+
+    return asyncio.run(settle())
 
 
 async def _converse(session: aiohttp.ClientSession, config: ServeBenchConfig, model: str, conversation: Conversation,
@@ -434,9 +453,11 @@ def per_turn(records: Sequence[RequestRecord]) -> list[dict[str, Any]]:
         done = [r for r in records if r.turn == turn and r.ok]
         ttfts = [r.ttft_s * 1000.0 for r in done if r.ttft_s is not None]
         prompts = [r.prompt_tokens for r in done if r.prompt_tokens is not None]
+        cached = [r.cached_tokens for r in done if r.cached_tokens is not None]
         rows.append({"turn": turn, "completed": len(done),
                      "mean_ttft_ms": float(np.mean(ttfts)) if ttfts else None,
-                     "mean_prompt_tokens": float(np.mean(prompts)) if prompts else None})
+                     "mean_prompt_tokens": float(np.mean(prompts)) if prompts else None,
+                     "mean_cached_tokens": float(np.mean(cached)) if cached else None})
     return rows
 
 
@@ -451,7 +472,8 @@ def summarize(records: Sequence[RequestRecord], duration_s: float, config: Serve
     out: dict[str, Any] = {
         "completed": len(done), "failed": len(records) - len(done),
         "failed_reasons": dict(Counter(r.error for r in records if not r.ok).most_common()),
-        "duration": duration_s, "max_concurrency": config.max_concurrency,
+        "failed_examples": {r.error: r.detail[:300] for r in reversed(records) if not r.ok},
+        "model_id": config.model, "duration": duration_s, "max_concurrency": config.max_concurrency,
         "request_rate": "inf" if math.isinf(config.request_rate) else config.request_rate,
         "total_input_tokens": total_in, "total_output_tokens": total_out,
         "total_cached_tokens": sum(cached) if cached else None,
@@ -497,11 +519,13 @@ def print_report(summary: dict[str, Any], file: Any = None) -> None:
                                         for column in ("mean", "median", *(f"p{p}" for p in PERCENTILES))))
     console.print(latency)
     if summary["failed_reasons"]:
-        _print_rows(console, "Failed requests", ("reason", "count"), summary["failed_reasons"].items())
+        examples = summary["failed_examples"]
+        _print_rows(console, "Failed requests", ("reason", "count", "example"),
+                    [(reason, num, examples.get(reason, "")[:80]) for reason, num in summary["failed_reasons"].items()])
     if "per_turn" in summary:
-        _print_rows(console, "Per turn", ("turn", "completed", "mean TTFT (ms)", "mean prompt tokens"),
-                    [(t["turn"], t["completed"], _fmt(t["mean_ttft_ms"], ".2f"), _fmt(t["mean_prompt_tokens"], ".1f"))
-                     for t in summary["per_turn"]])
+        _print_rows(console, "Per turn", ("turn", "completed", "mean TTFT (ms)", "mean prompt tokens", "mean cached"),
+                    [(t["turn"], t["completed"], _fmt(t["mean_ttft_ms"], ".2f"), _fmt(t["mean_prompt_tokens"], ".1f"),
+                      _fmt(t["mean_cached_tokens"], ".1f")) for t in summary["per_turn"]])
     if "pdcluster" in summary:
         ext = summary["pdcluster"]
         rows = [(f"placement: {kind}", f"{share:.1%}") for kind, share in ext["shares"].items()]
@@ -529,10 +553,13 @@ def _print_rows(console: Any, title: str, header: Sequence[str], rows: Any) -> N
     from rich.table import Table
 
     table = Table(title=title, title_justify="left")
-    for i, name in enumerate(header):
-        table.add_column(name, justify="left" if i == 0 else "right")
-    for row in rows:
-        table.add_row(*(str(cell) for cell in row))
+    cells = [[str(cell) for cell in row] for row in rows]
+    for i, name in enumerate(header):  # numbers to the right
+        numeric = i > 0 and all(row[i].replace(",", "").replace(".", "").rstrip("%").isdigit() or row[i] == "-"
+                                for row in cells)
+        table.add_column(name, justify="right" if numeric else "left")
+    for row in cells:
+        table.add_row(*row)
     console.print(table)
 
 
@@ -591,7 +618,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
                         "the requests per second meeting all of them")
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed of the prompts and arrivals (default: {d.seed})")
     p.add_argument("--timeout-s", type=float, default=d.timeout_s,
-                   help=f"per request, from sending to the stream's end; later counts as failed (default: {d.timeout_s:g})")
+                   help=f"per request, from sending to the stream's end; a later end counts as failed "
+                        f"(default: {d.timeout_s:g})")
     p.add_argument("--disable-tqdm", action="store_true", help="no progress bar on stderr")
     p.add_argument("--json", action="store_true", help="end with one JSON line holding the summary (vLLM's keys)")
     p.set_defaults(run=run_bench_serve)
