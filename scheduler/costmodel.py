@@ -11,8 +11,12 @@ The model is a roofline with efficiency factors (achieved / peak):
 * decode of one token at depth d =
   max(active weight bytes / (bandwidth x e.bandwidth)
       + KV bytes read / (bandwidth x e.kv_bandwidth), FLOPs / (peak x e.compute));
+  a step of a continuous batch reads the weights once and every request's KV
+  (``decode_step_time``);
 * transfer = bytes / link rate + latency, and ``exposed_transfer`` for the part
-  that layer-wise streaming does not hide behind prefill.
+  that layer-wise streaming does not hide behind prefill;
+* ``request_cost``: one request's prefill and handoff with the prefix each
+  node holds, the arithmetic the live scheduler and the simulator share.
 
 Efficiencies belong to a (device, engine, weight format) combination: those
 fitted from a measured table live in ``CALIBRATED`` and apply to that
@@ -474,11 +478,49 @@ def decode_time(model: ModelCost, hw: Hardware, eff: Efficiency, depth: int) -> 
     """Seconds to decode one token with depth tokens already cached (batch 1):
     active weights / (bandwidth x e.bandwidth) + KV read / (bandwidth x e.kv_bandwidth),
     floored by its FLOPs at peak x e.compute."""
+    return decode_step_time(model, hw, eff, (depth,))
+
+
+def decode_step_time(model: ModelCost, hw: Hardware, eff: Efficiency, depths: Sequence[int]) -> float:
+    """Seconds for one step of a continuous batch: every request, request i with
+    ``depths[i]`` tokens cached, decodes one token.
+
+    NOTE on the batched rule. A step reads the weights once for the whole
+    batch (a MoE layer: the experts the batch's tokens route to,
+    ``expected_experts_touched``) and each request's own KV:
+
+        max(weights(k) / (bandwidth x e.bandwidth) + sum_i KV(depth_i + 1) / (bandwidth x e.kv_bandwidth),
+            sum_i (linear FLOPs(1) + attention FLOPs(depth_i)) / (peak x e.compute))
+
+    so k requests cost one weight read plus k KV reads per step, not k steps.
+    Compute binds only for large batches: with bf16 weights (2 FLOPs and 2
+    bytes per parameter) at about k = peak FLOP/s / bandwidth bytes/s
+    requests, ~370 on a DGX Spark, ~30 on an M4 Max, fewer with quantised
+    weights. One request is ``decode_time``."""
+    if not depths:
+        raise ValueError("a decode step needs at least one request")
     bandwidth = hw.mem_bw_gbps * 1e9
-    memory = model.decode_weight_bytes / (bandwidth * eff.bandwidth)
-    memory += kv_bytes(model, depth + 1) / (bandwidth * eff.kv_bandwidth)
-    flops = linear_flops(model, 1) + attention_flops(model, 1, depth)
+    memory = batch_weight_bytes(model, len(depths)) / (bandwidth * eff.bandwidth)
+    memory += sum(kv_bytes(model, d + 1) for d in depths) / (bandwidth * eff.kv_bandwidth)
+    flops = sum(linear_flops(model, 1) + attention_flops(model, 1, d) for d in depths)
     return max(memory, flops / (hw.tflops * 1e12 * eff.compute))
+
+
+def batched_decode_time(model: ModelCost, hw: Hardware, eff: Efficiency, depth: int, num_requests: int) -> float:
+    """Seconds per step of a batch of ``num_requests`` requests all at ``depth``
+    (``decode_step_time``): what each of them waits per token."""
+    if num_requests < 1:
+        raise ValueError(f"num_requests must be >= 1, got {num_requests}")
+    return decode_step_time(model, hw, eff, (depth,) * num_requests)
+
+
+def batch_weight_bytes(model: ModelCost, num_requests: int) -> float:
+    """Weight bytes one decode step of ``num_requests`` tokens reads: the dense
+    layers and lm_head once, and the experts those tokens route to."""
+    if num_requests == 1 or not model.num_moe_layers:
+        return model.decode_weight_bytes
+    touched = model.num_moe_layers * model.expected_experts_touched(num_requests) * model.expert_params
+    return model.decode_weight_bytes - _active_expert_bytes(model) + touched * _bytes(model.expert_format)
 
 
 def mean_decode_time(model: ModelCost, hw: Hardware, eff: Efficiency, depth: int, num_tokens: int) -> float:
@@ -532,6 +574,73 @@ def exposed_transfer(
             ready = prefill_s * (chunk + (i + 1) / num_layers) / num_chunks
             link_free = max(link_free, ready) + size / num_chunks / link.bytes_per_s
     return link_free - prefill_s + link.latency_s
+
+
+# --------------------------------------------------------------- one request's prefill and handoff
+
+
+@dataclass(frozen=True)
+class RequestCost:
+    """What one request's prefill and KV handoff cost on one placement.
+
+    Colocated: the decode node prefills, reusing ``num_prefill_cached`` tokens
+    of its own cache; nothing ships (``num_decode_cached`` equals it). Remote:
+    the prefill node reuses ``num_prefill_cached`` of its own and computes the
+    rest; the decode node already holds ``num_decode_cached`` and receives the
+    KV of every later prompt token, computed or reused (when it holds more
+    than the prefill node, the prefill node still computes from its own
+    prefix but ships from the decode node's)."""
+
+    num_prompt_tokens: int
+    num_prefill_cached: int  # reused from the prefilling node's own prefix cache
+    num_decode_cached: int  # already held by the decode node
+    prefill_s: float  # computing the prompt's new tokens, attending to the whole context
+    num_shipped_tokens: int  # tokens whose KV crosses the link (0 colocated)
+    shipped_bytes: float
+    wire_s: float  # shipped bytes / the link's payload rate, no latency (0 colocated)
+    exposed_s: float  # prefill end -> last byte landed on an idle link, latency included (0 colocated)
+
+    @property
+    def num_new_tokens(self) -> int:
+        """Prompt tokens the prefilling node computes."""
+        return self.num_prompt_tokens - self.num_prefill_cached
+
+    @property
+    def colocated(self) -> bool:
+        return self.num_shipped_tokens == 0
+
+
+def request_cost(
+    model: ModelCost,
+    hw: Hardware,
+    eff: Efficiency,
+    num_prompt_tokens: int,
+    num_prefill_cached: int = 0,
+    *,
+    link: Link | None = None,
+    num_decode_cached: int = 0,
+    dtype_bytes: float = 2.0,
+) -> RequestCost:
+    """Prefill and handoff of a ``num_prompt_tokens`` prompt prefilled on ``hw``
+    (which holds ``num_prefill_cached`` of it) and, with ``link``, shipped to a
+    decode node holding ``num_decode_cached``; without ``link``, colocated.
+
+    The one place this arithmetic lives: the live ``Predictor`` and the
+    simulator both call it, so they agree on how cached tokens change prefill
+    and transfer. Cached figures must be in ``[0, num_prompt_tokens)``: the
+    last prompt token is always computed (its logits give the first token)."""
+    for name, value in (("num_prefill_cached", num_prefill_cached), ("num_decode_cached", num_decode_cached)):
+        if not 0 <= value < num_prompt_tokens:
+            raise ValueError(f"{name} must be in [0, {num_prompt_tokens}), got {value}")
+    num_new = num_prompt_tokens - num_prefill_cached
+    prefill_s = prefill_time(model, hw, eff, num_new, num_prefill_cached)
+    if link is None:
+        return RequestCost(num_prompt_tokens, num_prefill_cached, num_prefill_cached, prefill_s, 0, 0.0, 0.0, 0.0)
+    num_shipped = num_prompt_tokens - num_decode_cached
+    shipped = kv_bytes(model, num_shipped, dtype_bytes)
+    exposed = exposed_transfer(model, link, num_shipped, prefill_s, dtype_bytes=dtype_bytes)
+    return RequestCost(num_prompt_tokens, num_prefill_cached, num_decode_cached, prefill_s, num_shipped,
+                       shipped, shipped / link.bytes_per_s, exposed)
 
 
 # --------------------------------------------------------------- calibration

@@ -5,7 +5,15 @@ Pure Python over plain dataclasses (``NodeInfo`` in, ``ClusterView`` and
 The ``LoadLedger`` it keeps is the one the simulator keeps: a request counts
 on its decode node until ``finish`` and on a remote prefill node until
 ``prefill_done``; the cost model's predicted prefill seconds are backlog on
-the prefilling node until then.
+the prefilling node until then. The ``PrefixIndex`` it keeps (``prefixes``)
+is fed by the service from the workers' reports and gives each view the
+prompt tokens every node holds for that request:
+
+    dispatcher.prefixes.replace(node_id, stats.prefix_blocks)   # each Stats poll
+    dispatcher.prefixes.add(node_id, done.prefix_blocks)        # Done (decode node)
+    dispatcher.prefixes.add(node_id, reply.prefix_blocks)       # PrefillReply (prefill node)
+    dispatcher.prefixes.forget(node_id)                         # the node left
+    view = dispatcher.view(nodes, links, model_config, request) # request.prefix_hashes set
 """
 from __future__ import annotations
 
@@ -23,6 +31,7 @@ from scheduler.placement import (
     ask_policy,
 )
 from scheduler.policy import Policy, Predictor
+from scheduler.prefix_index import PrefixIndex
 from scheduler.request import GenerationRequest, NoCapacityError
 
 log = logging.getLogger(__name__)
@@ -50,21 +59,39 @@ def predicted_prefill_s(request: GenerationRequest, view: ClusterView, node_id: 
 class Dispatcher:
     """Holds the policy in use and the load ledger; places requests one at a time."""
 
-    def __init__(self, policy: Policy, policy_name: str, ledger: LoadLedger | None = None) -> None:
+    def __init__(self, policy: Policy, policy_name: str, ledger: LoadLedger | None = None,
+                 prefixes: PrefixIndex | None = None) -> None:
         self.policy, self.policy_name = policy, policy_name
         self.ledger = ledger if ledger is not None else LoadLedger()
+        self.prefixes = prefixes if prefixes is not None else PrefixIndex()
 
     def use(self, policy: Policy, policy_name: str) -> None:
         """Place with ``policy`` from the next request on (requests in flight keep their placement)."""
         self.policy, self.policy_name = policy, policy_name
 
     def view(self, nodes: Iterable[NodeInfo], links: Mapping[tuple[str, str], LinkView],
-             model_config: dict | None) -> ClusterView:
-        """What the policy sees: ``nodes`` with their load, the links among them, the model's config."""
+             model_config: dict | None, request: GenerationRequest | None = None, *,
+             cached_tokens: Mapping[str, int] | None = None) -> ClusterView:
+        """What the policy sees: ``nodes`` with their load, the links among them,
+        the model's config, and the prompt tokens of ``request`` each node holds.
+
+        The cached figures are ``cached_tokens`` when given (node id -> tokens;
+        nodes it leaves out are unknown), else the prefix index's answer for
+        ``request.prefix_hashes`` (every node of the view, 0 where it holds
+        nothing), else none (no request, or a request without hashes)."""
         views = tuple(node_view(n, self.ledger) for n in nodes)
         ids = {v.node_id for v in views}
         among = {pair: link for pair, link in links.items() if set(pair) <= ids}
-        return ClusterView(views, among, model_config)
+        if cached_tokens is None:
+            cached_tokens = self.cached_tokens(request, ids) if request is not None else {}
+        cached = {node: tokens for node, tokens in cached_tokens.items() if node in ids}
+        return ClusterView(views, among, model_config, cached_tokens=cached)
+
+    def cached_tokens(self, request: GenerationRequest, node_ids: Iterable[str]) -> dict[str, int]:
+        """Node -> prompt tokens of ``request`` it holds, per the prefix index; {} without hashes."""
+        if not request.prefix_hashes:
+            return {}
+        return self.prefixes.cached_by_node(request.prefix_hashes, len(request.prompt_token_ids), node_ids)
 
     def place(self, request: GenerationRequest, view: ClusterView) -> Placement:
         """Ask the policy, check its answer and admit the request into the ledger.

@@ -7,6 +7,7 @@ policy's answer passes, live and simulated alike.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from cluster.links import LinkView  # a measured link, as placement sees it
@@ -24,7 +25,10 @@ class NodeView:
     tflops: float
     mem_bw_gbps: float
     free_mem_bytes: int = 0
-    active_requests: int = 0  # requests in flight on this node (our engines run one at a time)
+    # Requests with work left here (LoadLedger): decoding in the node's one batch, or
+    # prefilling. A decode step serves the whole batch (continuous batching), so k of
+    # them cost one weight read plus k requests' KV per step, not k separate steps.
+    active_requests: int = 0
     hardware: str = ""  # catalog name ("dgx-spark", ...) when known: selects calibrated efficiencies
     device_kind: str = ""  # "cuda", "mps", "cpu", "mlx:gpu", ... (for generic efficiencies)
     prefill_backlog_s: float = 0.0  # predicted seconds of prefill work already queued here
@@ -56,18 +60,40 @@ class Placement:
 
 @dataclass(frozen=True)
 class ClusterView:
-    """Everything a policy may look at for one request."""
+    """Everything a policy may look at for one request.
+
+    ``cached_tokens`` is per request: node id -> prompt tokens of *this*
+    request whose KV that node holds in its prefix cache (whole 64-token
+    blocks, never the last prompt token; ``scheduler/prefix_index.py``). A
+    node missing from it is unknown: ``cached`` says 0, and ``cached_prefix``
+    falls back to the request's own ``cached_prefix_tokens``."""
 
     nodes: tuple[NodeView, ...]
     links: dict[tuple[str, str], LinkView] = field(default_factory=dict)  # (prefill, decode) -> link
     model_config: dict | None = None  # the model's Hugging Face config.json, for cost models
     weight_format: str | None = None
+    cached_tokens: Mapping[str, int] = field(default_factory=dict)  # node id -> prompt tokens it holds
 
     def link(self, src: str, dst: str) -> LinkView | None:
         return self.links.get((src, dst))
 
     def node(self, node_id: str) -> NodeView:
         return next(n for n in self.nodes if n.node_id == node_id)
+
+    def cached(self, node_id: str) -> int:
+        """Prompt tokens of this request whose KV ``node_id`` holds; 0 when unknown."""
+        return self.cached_tokens.get(node_id, 0)
+
+
+def cached_prefix(request: GenerationRequest, cluster: ClusterView, node_id: str) -> int:
+    """Prompt tokens of ``request`` that ``node_id`` need not prefill (nor receive).
+
+    The view's per-node figure wins when it has one for ``node_id``; otherwise
+    the request's ``cached_prefix_tokens`` applies (the simulator's and old
+    callers' "cached on every node" figure). Clamped to ``[0, prompt - 1]``:
+    the last prompt token is always computed, its logits give the first token."""
+    figure = cluster.cached_tokens.get(node_id, request.cached_prefix_tokens)
+    return max(0, min(figure, len(request.prompt_token_ids) - 1))
 
 
 class PlacementError(ValueError):

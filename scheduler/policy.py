@@ -14,13 +14,14 @@ import importlib.util
 import itertools
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Protocol
 
 from scheduler import catalog, costmodel
-from scheduler.placement import ClusterView, NodeView, Placement
+from scheduler.placement import ClusterView, NodeView, Placement, cached_prefix
 from scheduler.request import GenerationRequest, NoCapacityError
 
 
@@ -51,24 +52,34 @@ def forced(request: GenerationRequest, cluster: ClusterView, decode: NodeView, p
         others = prefillers_for(decode, cluster)
         if not others:
             raise NoCapacityError(f"disaggregated placement needs a prefill-capable node other than {decode.node_id!r}")
-        prefill = max(others, key=lambda n: (n.tflops, -n.active_requests, n.node_id))
+        cached = _cached(request, cluster)
+        prefill = max(others, key=lambda n: (n.tflops, cached(n), -n.active_requests, n.node_id))
     return Placement(prefill.node_id if prefill else None, decode.node_id)
+
+
+def _cached(request: GenerationRequest, cluster: ClusterView) -> Callable[[NodeView], int]:
+    """node -> prompt tokens of ``request`` it holds (``placement.cached_prefix``), for sort keys."""
+    return lambda node: cached_prefix(request, cluster, node.node_id)
 
 
 class Colocated:
     """Each request on one node, no KV ever moves (the baseline): the least busy
     decode-capable node prefills locally and decodes; among equally busy ones,
-    the one with the most memory bandwidth. Spreading requests keeps the
-    baseline fair: a cluster without disaggregation still uses all its nodes."""
+    the one holding the longest prefix of the prompt, then the one with the
+    most memory bandwidth. Spreading requests keeps the baseline fair: a
+    cluster without disaggregation still uses all its nodes."""
 
     def place(self, request: GenerationRequest, cluster: ClusterView) -> Placement:
+        cached = _cached(request, cluster)
         decode = max(decoders_of(request, cluster),
-                     key=lambda n: (n.can_prefill, -n.active_requests, n.mem_bw_gbps, n.node_id))
+                     key=lambda n: (n.can_prefill, -n.active_requests, cached(n), n.mem_bw_gbps, n.node_id))
         return forced(request, cluster, decode, None)
 
 
 class RoundRobin:
-    """Decode nodes in turn; prefill on the next other prefill-capable node in turn."""
+    """Decode nodes in turn; prefill on the next other prefill-capable node in
+    turn. Blind to load and to cached prefixes by design: the rotation is the
+    policy (a request that lands on a node holding its prefix still reuses it)."""
 
     def __init__(self) -> None:
         self._turn = itertools.count()
@@ -84,28 +95,37 @@ class RoundRobin:
 
 class LeastLoaded:
     """Decode on the decode-capable node with the fewest requests in flight,
-    prefill on the least loaded other prefill-capable node (ties: more bandwidth,
-    more FLOPS)."""
+    prefill on the least loaded other prefill-capable node. Ties, decode: more
+    bandwidth, then the longer cached prefix (it only spares transfer there);
+    prefill: the longer cached prefix (compute that need not happen), then
+    more FLOPS."""
 
     def place(self, request: GenerationRequest, cluster: ClusterView) -> Placement:
-        decode = min(decoders_of(request, cluster), key=lambda n: (n.active_requests, -n.mem_bw_gbps, n.node_id))
+        cached = _cached(request, cluster)
+        decode = min(decoders_of(request, cluster),
+                     key=lambda n: (n.active_requests, -n.mem_bw_gbps, -cached(n), n.node_id))
         prefillers = prefillers_for(decode, cluster)
-        prefill = min(prefillers, key=lambda n: (n.active_requests, -n.tflops, n.node_id)) if prefillers else None
+        prefill = min(prefillers, key=lambda n: (n.active_requests, -cached(n), -n.tflops, n.node_id),
+                      default=None)
         return forced(request, cluster, decode, prefill)
 
 
 class FastestPair:
     """Prefill on the prefill-capable node with the most TFLOPS, decode on the
     decode-capable node with the most memory bandwidth; colocated when no other
-    prefill-capable node exists. Ties go to the less busy node."""
+    prefill-capable node exists. Hardware decides; among equally fast nodes,
+    the one holding the longer prefix of the prompt, then the less busy one."""
 
     def place(self, request: GenerationRequest, cluster: ClusterView) -> Placement:
-        decode = max(decoders_of(request, cluster), key=lambda n: (n.mem_bw_gbps, -n.active_requests, n.node_id))
+        cached = _cached(request, cluster)
+        decode = max(decoders_of(request, cluster),
+                     key=lambda n: (n.mem_bw_gbps, cached(n), -n.active_requests, n.node_id))
         prefillers = prefillers_for(decode, cluster)
-        prefill = max(prefillers, key=lambda n: (n.tflops, -n.active_requests, n.node_id)) if prefillers else None
+        prefill = max(prefillers, key=lambda n: (n.tflops, cached(n), -n.active_requests, n.node_id),
+                      default=None)
         if prefill is None and request.placement != "disaggregated":
             decode = max(decoders_of(request, cluster),
-                         key=lambda n: (n.can_prefill, n.mem_bw_gbps, -n.active_requests, n.node_id))
+                         key=lambda n: (n.can_prefill, n.mem_bw_gbps, cached(n), -n.active_requests, n.node_id))
         return forced(request, cluster, decode, prefill)
 
 
@@ -121,9 +141,14 @@ class Estimate:
 class Predictor:
     """Cost-model predictions for placements of one request on one ClusterView.
 
-    Nodes without a catalog hardware name use their advertised TFLOPS and
-    bandwidth with the generic efficiencies; links without a measurement are
-    treated as unknown, which rules remote prefill out (nothing to predict with).
+    Each node's cached prefix is ``cached_prefix(request, cluster, node)``;
+    the arithmetic of prefill and handoff is ``costmodel.request_cost``, the
+    one the simulator calls. Decode time is a continuous batch's step
+    (``costmodel.batched_decode_time``) with the node's active requests taken
+    as deep as this one. Nodes without a catalog hardware name use their
+    advertised TFLOPS and bandwidth with the generic efficiencies; links
+    without a measurement are treated as unknown, which rules remote prefill
+    out (nothing to predict with).
     """
 
     def __init__(self, request: GenerationRequest, cluster: ClusterView) -> None:
@@ -134,32 +159,50 @@ class Predictor:
         self.format = cluster.weight_format or native.weight_format
         self.model = native if self.format == native.weight_format else costmodel.model_cost(
             cluster.model_config, dense_format=self.format, expert_format=self.format)
-        self.num_prompt = len(request.prompt_token_ids) - request.cached_prefix_tokens
+        self.num_prompt_tokens = len(request.prompt_token_ids)
+
+    def cached(self, node: NodeView) -> int:
+        """Prompt tokens of this request whose KV ``node`` holds."""
+        return cached_prefix(self.request, self.cluster, node.node_id)
+
+    def cost(self, prefill: NodeView | None, decode: NodeView) -> costmodel.RequestCost | None:
+        """Prefill and handoff of this request on (``prefill`` or colocated, ``decode``);
+        None when the link between them is unknown."""
+        if prefill is None or prefill.node_id == decode.node_id:
+            return self._cost(decode)
+        link = self.cluster.link(prefill.node_id, decode.node_id)
+        if link is None:
+            return None
+        net = costmodel.Link("measured", link.gbps, link.latency_s, payload_efficiency=1.0)
+        return self._cost(prefill, net, self.cached(decode))
 
     def prefill_s(self, node: NodeView) -> float:
-        hw, eff = self._hardware(node)
-        return costmodel.prefill_time(self.model, hw, eff, self.num_prompt, self.request.cached_prefix_tokens)
+        """Seconds for ``node`` to prefill this request from its own cached prefix."""
+        return self._cost(node).prefill_s
 
     def tpot_s(self, node: NodeView) -> float:
-        """Per-token decode time at mid-generation depth; in-flight requests share the engine."""
+        """Per-token decode time at mid-generation depth, in one batch with the
+        node's active requests (each taken as deep as this one)."""
         hw, eff = self._hardware(node)
-        depth = len(self.request.prompt_token_ids) + self.request.max_tokens // 2
-        return costmodel.decode_time(self.model, hw, eff, depth) * (1 + node.active_requests)
+        depth = self.num_prompt_tokens + self.request.max_tokens // 2
+        return costmodel.batched_decode_time(self.model, hw, eff, depth, 1 + node.active_requests)
 
     def estimate(self, prefill: NodeView | None, decode: NodeView) -> Estimate | None:
         """Predicted TTFT and end-to-end time, or None when the link is unknown."""
-        if prefill is None:
-            ttft = decode.prefill_backlog_s + self.prefill_s(decode)
-        else:
-            link = self.cluster.link(prefill.node_id, decode.node_id)
-            if link is None:
-                return None
-            prefill_s = self.prefill_s(prefill)
-            net = costmodel.Link("measured", link.gbps, link.latency_s, payload_efficiency=1.0)
-            exposed = costmodel.exposed_transfer(self.model, net, self.num_prompt, prefill_s)  # the prefix is cached
-            ttft = prefill.prefill_backlog_s + prefill_s + exposed
+        if prefill is not None and prefill.node_id == decode.node_id:
+            prefill = None
+        cost = self.cost(prefill, decode)
+        if cost is None:
+            return None
+        ttft = (prefill or decode).prefill_backlog_s + cost.prefill_s + cost.exposed_s
         e2e = ttft + (self.request.max_tokens - 1) * self.tpot_s(decode)
         return Estimate(Placement(prefill.node_id if prefill else None, decode.node_id), ttft, e2e)
+
+    def _cost(self, node: NodeView, link: costmodel.Link | None = None,
+              num_decode_cached: int = 0) -> costmodel.RequestCost:
+        hw, eff = self._hardware(node)
+        return costmodel.request_cost(self.model, hw, eff, self.num_prompt_tokens, self.cached(node),
+                                      link=link, num_decode_cached=num_decode_cached)
 
     def _hardware(self, node: NodeView) -> tuple[costmodel.Hardware, costmodel.Efficiency]:
         known = node.hardware in catalog.HARDWARE  # a newer worker may name hardware this catalog lacks
@@ -214,7 +257,8 @@ class Conditional:
 
     def place(self, request: GenerationRequest, cluster: ClusterView) -> Placement:
         predictor = Predictor(request, cluster)
-        decode = max(decoders_of(request, cluster), key=lambda n: (n.mem_bw_gbps, -n.active_requests, n.node_id))
+        decode = max(decoders_of(request, cluster),
+                     key=lambda n: (n.mem_bw_gbps, predictor.cached(n), -n.active_requests, n.node_id))
         if not decode.can_prefill:
             return FastestPair().place(request, cluster)
         local = predictor.estimate(None, decode)

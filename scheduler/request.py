@@ -30,6 +30,7 @@ class GenerationRequest:
     # stream is continued on another node, the tokens already sent (they end
     # ``prompt_token_ids``, and ``max_tokens`` counts only what is left).
     first_step: int = 0
+    prefix_hashes: tuple[int, ...] = ()  # chained block hashes of the prompt (cluster/blocks.py), for the prefix index
 
     def __post_init__(self) -> None:
         if self.placement is not None and self.placement not in PLACEMENT_MODES:

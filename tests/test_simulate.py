@@ -140,7 +140,7 @@ def test_decode_lands_on_the_higher_bandwidth_node(link: str, prompt: int, polic
 # ---------------------------------------------------------------- queueing, time-sharing, links
 
 
-def test_a_node_runs_one_prefill_at_a_time_and_time_shares_decode() -> None:
+def test_a_node_runs_one_prefill_at_a_time_and_decodes_its_requests_in_one_batch() -> None:
     spec = cluster_file.loads(_one_node("mac-m4-max"))
     trace = [{"arrival_s": 0, "prompt_tokens": 1024, "output_tokens": 65}] * 2
     alone = simulate(SimConfig(spec, LLAMA, ("colocated",), prompt_tokens=1024, output_tokens=65))
@@ -149,9 +149,13 @@ def test_a_node_runs_one_prefill_at_a_time_and_time_shares_decode() -> None:
     first, second = Simulation(cluster, load_policy("colocated")).run([WorkItem(**t) for t in trace])
     assert first.queue_s == 0 and second.queue_s == pytest.approx(first.prefill_s)  # FIFO
     assert second.ttft_s == pytest.approx(2 * single.ttft_s)
-    # Once both decode, each token waits for the other request's step: about 2x.
-    assert second.tpot_s == pytest.approx(2 * single.tpot_s, rel=0.05)
-    assert first.tpot_s > 1.4 * single.tpot_s
+    # Continuous batching: once both decode, each step reads the weights once and both
+    # requests' KV, so a token costs a little more than alone, nowhere near 2x.
+    node = cluster.nodes["solo"]
+    both = costmodel.decode_step_time(cluster.model, node.machine, node.efficiency, [1024 + 32] * 2)
+    assert second.tpot_s == pytest.approx(both, rel=0.01)
+    assert single.tpot_s < second.tpot_s < 1.1 * single.tpot_s
+    assert first.tpot_s > single.tpot_s  # its first step waited behind the second prefill
 
 
 def test_a_busy_link_delays_the_next_transfer() -> None:

@@ -7,20 +7,25 @@ placed by the policy exactly as the live scheduler places it: the policy sees
 a ``ClusterView`` built from the simulation's state at that instant, whose
 load (requests active on each node, seconds of prefill queued there, resident
 KV) comes from the same ``LoadLedger`` the live scheduler keeps
-(``scheduler/load.py``), and its answer passes the same ``check_placement``
-(plus: a remote pair needs a link in the cluster file). Each node then behaves
-like our worker's single engine thread: one FIFO queue of jobs, run one at a
-time. A request's prefill is one job (the whole prompt, as the worker runs
-it); each decode step is one job, and the next step of that request is queued
-behind whatever arrived meanwhile. So k requests decoding on one node
-time-share it round-robin (each sees about k x the step time per token), and
-a prefill queued on a decoding node pauses its decodes for its duration.
-When prefill is remote, its KV streams layer by layer over the link from the
-moment prefill starts; a link direction carries one transfer at a time, so a
-transfer that finds the link busy starts when the previous one ends. The
-first token reaches the decode node with the last KV byte; decoding starts
-there. Durations come from the cost model (``scheduler/costmodel.py``) for the
-node's hardware, engine and weight format.
+(``scheduler/load.py``), whose per-node cached prefixes come from a
+``PrefixIndex`` (``scheduler/prefix_index.py``) fed by the simulation's own
+placements as the live one is fed by workers, and its answer passes the same
+``check_placement`` (plus: a remote pair needs a link in the cluster file).
+Each node then behaves like our worker's engine thread: one FIFO queue of
+jobs, run one at a time. A request's prefill is one job (the whole prompt
+less the prefix that node holds). Decoding is one step loop per node
+(continuous batching): a step is one job that gives every request in the
+node's batch one token and costs ``costmodel.decode_step_time`` (the weights
+read once, every member's KV); a request joins at the first step boundary
+after its first token and leaves after its last. The next step is queued
+behind whatever arrived meanwhile, so a prefill queued on a decoding node
+pauses its batch for its duration. When prefill is remote, its KV streams
+layer by layer over the link from the moment prefill starts; a link direction
+carries one transfer at a time, so a transfer that finds the link busy starts
+when the previous one ends. The first token reaches the decode node with the
+last KV byte. Prefill and handoff come from ``costmodel.request_cost`` (the
+function the live ``Predictor`` calls) for the node's hardware, engine and
+weight format.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from cluster.blocks import block_hashes
 from scheduler import catalog, costmodel
 from scheduler.load import LoadLedger
 from scheduler.placement import (
@@ -41,6 +47,7 @@ from scheduler.placement import (
     ask_policy,
 )
 from scheduler.policy import Policy
+from scheduler.prefix_index import PrefixIndex
 from scheduler.request import (
     GenerationRequest,
     NoCapacityError,
@@ -48,7 +55,7 @@ from scheduler.request import (
     mean_tpot_s,
 )
 from scheduler.sim.cluster_file import ClusterSpec, NodeSpec
-from scheduler.sim.workload import WorkItem
+from scheduler.sim.workload import WorkItem, session_token_ids
 
 
 class SimulationError(ValueError):
@@ -153,9 +160,10 @@ class EventLoop:
 
 @dataclass
 class Job:
-    """One call on a node's engine thread."""
+    """One call on a node's engine thread. ``duration_s`` may be a function,
+    called when the job starts (a decode step's batch is known only then)."""
 
-    duration_s: float
+    duration_s: float | Callable[[], float]
     on_start: Callable[[float], None] | None = None
     on_done: Callable[[float], None] | None = None
 
@@ -181,16 +189,19 @@ class EngineQueue:
             self.running = None
             return
         job = self.running = self.jobs.popleft()
-        self.running_ends_at = self.loop.now + job.duration_s
+        self.running_ends_at = self.loop.now + (job.duration_s() if callable(job.duration_s) else job.duration_s)
         if job.on_start:
             job.on_start(self.loop.now)
         self.loop.at(self.running_ends_at, self._finish)
 
     def _finish(self) -> None:
         job = self.running
-        self._start_next()  # work already queued goes before whatever on_done queues
+        # on_done runs while the finished job still holds the engine, so what it
+        # submits queues behind the work already waiting; and a request it adds
+        # to the decode batch joins a step that starts at this same instant.
         if job and job.on_done:
             job.on_done(self.loop.now)
+        self._start_next()
 
 
 # ---------------------------------------------------------------- one run
@@ -198,22 +209,22 @@ class EngineQueue:
 
 @dataclass
 class Flight:
-    """A request in flight: its placement and the times it reached each stage."""
+    """A request in flight: its placement, its cost and the times it reached each stage."""
 
     index: int
     item: WorkItem
     prefill_node: str
     decode_node: str
-    kv_bytes: float = 0.0  # the whole context's KV, resident on the nodes while the request runs
-    wire_bytes: float = 0.0  # the KV that crosses the link: the new tokens' (the prefix is cached on both ends)
-    prefill_s: float = 0.0
+    cost: costmodel.RequestCost
+    prefix_hashes: tuple[int, ...] = ()
+    kv_bytes: float = 0.0  # the whole prompt's KV, resident on the nodes while the request runs
     prefill_start: float = 0.0
     prefill_end: float = 0.0
     first_byte: float = 0.0
     last_byte: float = 0.0
     first_token: float = 0.0
     finish: float = 0.0
-    num_tokens: int = 0
+    num_tokens: int = 0  # tokens produced so far
 
     @property
     def request_id(self) -> str:
@@ -225,16 +236,22 @@ class Flight:
         """One node prefills and decodes (as ``RequestStats.colocated``)."""
         return self.prefill_node == self.decode_node
 
+    @property
+    def depth(self) -> int:
+        """Tokens in the decode node's cache before its next step: the prompt
+        and every produced token but the last (which the step feeds)."""
+        return self.item.prompt_tokens + self.num_tokens - 1
+
     def stats(self) -> RequestStats:
         """The request's record, as the live scheduler reports one."""
-        item, arrival = self.item, self.item.arrival_s
+        item, arrival, cost = self.item, self.item.arrival_s, self.cost
         remote = not self.colocated
         return RequestStats(
             request_id=self.request_id, arrival_s=arrival, prompt_tokens=item.prompt_tokens,
-            cached_prefix_tokens=item.cached_prefix_tokens, completion_tokens=item.output_tokens,
+            cached_prefix_tokens=cost.num_prefill_cached, completion_tokens=item.output_tokens,
             prefill_node=self.prefill_node, decode_node=self.decode_node,
-            kv_bytes=int(self.wire_bytes) if remote else 0,
-            queue_s=self.prefill_start - arrival, prefill_s=self.prefill_s,
+            kv_bytes=int(cost.shipped_bytes) if remote else 0,
+            queue_s=self.prefill_start - arrival, prefill_s=cost.prefill_s,
             transfer_s=self.last_byte - self.first_byte if remote else 0.0,
             exposed_transfer_s=self.last_byte - self.prefill_end if remote else 0.0,
             ttft_s=self.first_token - arrival, tpot_s=mean_tpot_s(self.first_token, self.finish, item.output_tokens),
@@ -250,10 +267,12 @@ class Simulation:
         self.loop = EventLoop()
         self.engines = {name: EngineQueue(self.loop) for name in cluster.nodes}
         self.ledger = LoadLedger(clock=lambda: self.loop.now)  # what each node carries, as policies see it
+        self.prefixes = PrefixIndex()  # which node holds which prefix, as policies see it
+        self.batches: dict[str, list[Flight]] = {name: [] for name in cluster.nodes}  # decoding, joined order
+        self.stepping = dict.fromkeys(cluster.nodes, False)  # a decode step is queued or running
         self.link_free_at = dict.fromkeys(cluster.links, 0.0)
         self.link_views = cluster.link_views()
         self.flights: list[Flight] = []
-        self._decode_s: dict[tuple[str, int], float] = {}
 
     def run(self, workload: list[WorkItem]) -> list[RequestStats]:
         """Simulate every request to its last token; records in arrival order."""
@@ -265,31 +284,40 @@ class Simulation:
     # ------------------------------------------------------------ placement
 
     def _arrive(self, index: int, item: WorkItem) -> None:
+        hashes = tuple(self._hashes(item.session, item.prompt_tokens)) if item.session else ()
+        cached = self._cached(item, hashes)
         request = GenerationRequest(
             f"req-{index}", self.cluster.model_name, (0,) * item.prompt_tokens, max_tokens=item.output_tokens,
-            arrived_at=item.arrival_s, cached_prefix_tokens=item.cached_prefix_tokens,
+            arrived_at=item.arrival_s, cached_prefix_tokens=item.cached_prefix_tokens, prefix_hashes=hashes,
         )
-        placement = self._place(request)
+        placement = self._place(request, self._view(cached))
         decode = placement.decode_node
         prefill = placement.prefill_node or decode
-        flight = Flight(index, item, prefill, decode)
-        self.flights.append(flight)
         node = self.cluster.nodes[prefill]
-        flight.prefill_s = costmodel.prefill_time(
-            self.cluster.model, node.machine, node.efficiency,
-            item.prompt_tokens - item.cached_prefix_tokens, item.cached_prefix_tokens,
-        )
-        flight.kv_bytes = costmodel.kv_bytes(self.cluster.model, item.prompt_tokens)
-        flight.wire_bytes = costmodel.kv_bytes(self.cluster.model, item.prompt_tokens - item.cached_prefix_tokens)
+        link = None if prefill == decode else self.cluster.links[(prefill, decode)]
+        cost = costmodel.request_cost(self.cluster.model, node.machine, node.efficiency, item.prompt_tokens,
+                                      cached[prefill], link=link, num_decode_cached=cached[decode] if link else 0)
+        flight = Flight(index, item, prefill, decode, cost, hashes,
+                        kv_bytes=costmodel.kv_bytes(self.cluster.model, item.prompt_tokens))
+        self.flights.append(flight)
         # The prediction is exact here: the simulated prefill takes the cost model's time.
-        self.ledger.admit(flight.request_id, prefill, decode, flight.prefill_s, flight.kv_bytes)
-        self.engines[prefill].submit(Job(flight.prefill_s, lambda t: self._prefill_started(flight, t),
+        self.ledger.admit(flight.request_id, prefill, decode, cost.prefill_s, flight.kv_bytes)
+        self.engines[prefill].submit(Job(cost.prefill_s, lambda t: self._prefill_started(flight, t),
                                          lambda t: self._prefill_done(flight, t)))
 
-    def _place(self, request: GenerationRequest) -> Placement:
+    def _cached(self, item: WorkItem, hashes: tuple[int, ...]) -> dict[str, int]:
+        """Node -> prompt tokens of ``item`` it holds: the prefix cached everywhere,
+        or the longer one the index knows the node holds for its session."""
+        held = self.prefixes.cached_by_node(hashes, item.prompt_tokens, self.cluster.nodes)
+        return {name: max(item.cached_prefix_tokens, tokens) for name, tokens in held.items()}
+
+    def _hashes(self, session: str, num_tokens: int) -> list[int]:
+        return block_hashes(self.cluster.model_name, session_token_ids(session, num_tokens))
+
+    def _place(self, request: GenerationRequest, view: ClusterView) -> Placement:
         """The policy's placement, checked as the live scheduler checks it, over a linked pair."""
         try:
-            placement = ask_policy(self.policy, self.policy_name, request, self._view())
+            placement = ask_policy(self.policy, self.policy_name, request, view)
         except NoCapacityError as e:
             raise SimulationError(f"policy {self.policy_name!r} could not place {request.request_id}: {e}") from None
         except PlacementError as e:  # a user policy's bug or bad answer: say whose, without a traceback
@@ -300,7 +328,7 @@ class Simulation:
                                   f"link between {pair[0]!r} and {pair[1]!r}")
         return placement
 
-    def _view(self) -> ClusterView:
+    def _view(self, cached: dict[str, int]) -> ClusterView:
         nodes = []
         for name, node in self.cluster.nodes.items():
             resident = self.ledger.resident_kv_bytes(name)
@@ -311,7 +339,8 @@ class Simulation:
                 free_mem_bytes=max(0, int(free)), active_requests=self.ledger.active_requests(name),
                 hardware=node.spec.hardware, prefill_backlog_s=self.ledger.prefill_backlog_s(name),
             ))
-        return ClusterView(tuple(nodes), dict(self.link_views), self.cluster.model_config, self.cluster.weight_format)
+        return ClusterView(tuple(nodes), dict(self.link_views), self.cluster.model_config, self.cluster.weight_format,
+                           cached_tokens=cached)
 
     # ------------------------------------------------------------ stages
 
@@ -321,15 +350,11 @@ class Simulation:
         if flight.colocated:
             return
         pair = (flight.prefill_node, flight.decode_node)
-        link, free_at = self.cluster.links[pair], self.link_free_at[pair]
-        num_layers = self.cluster.model.num_layers
-        new_tokens = flight.item.prompt_tokens - flight.item.cached_prefix_tokens
-        exposed = costmodel.exposed_transfer(self.cluster.model, link, new_tokens, flight.prefill_s)
+        link, free_at, cost = self.cluster.links[pair], self.link_free_at[pair], flight.cost
         # Streaming from a link busy until free_at: the last byte lands when the
         # busy link has sent everything, or as on an idle link, whichever is later.
-        flight.last_byte = max(free_at + flight.wire_bytes / link.bytes_per_s + link.latency_s,
-                               now + flight.prefill_s + exposed)
-        flight.first_byte = max(free_at, now + flight.prefill_s / num_layers)
+        flight.last_byte = max(free_at + cost.wire_s + link.latency_s, now + cost.prefill_s + cost.exposed_s)
+        flight.first_byte = max(free_at, now + cost.prefill_s / self.cluster.model.num_layers)
         self.link_free_at[pair] = flight.last_byte - link.latency_s
         self.loop.at(flight.last_byte, lambda: self._first_token(flight, self.loop.now))
 
@@ -338,24 +363,45 @@ class Simulation:
         self.ledger.prefill_done(flight.request_id)
         if flight.colocated:
             self._first_token(flight, now)
+        elif flight.prefix_hashes:  # PrefillReply.prefix_blocks: the prefill node holds the prompt now
+            self.prefixes.add(flight.prefill_node, flight.prefix_hashes)
 
     def _first_token(self, flight: Flight, now: float) -> None:
         flight.first_token = now
-        self._token(flight, now)
-
-    def _token(self, flight: Flight, now: float) -> None:
-        flight.num_tokens += 1
+        flight.num_tokens = 1
         if flight.num_tokens >= flight.item.output_tokens:
-            flight.finish = now
-            self.ledger.finish(flight.request_id)
+            self._finish(flight, now)
             return
-        depth = flight.item.prompt_tokens + flight.num_tokens - 1  # tokens cached before this step
-        step = self._decode_step_s(flight.decode_node, depth)
-        self.engines[flight.decode_node].submit(Job(step, None, lambda t: self._token(flight, t)))
+        self.batches[flight.decode_node].append(flight)
+        if not self.stepping[flight.decode_node]:
+            self._queue_step(flight.decode_node)
 
-    def _decode_step_s(self, name: str, depth: int) -> float:
-        key = (name, depth)
-        if key not in self._decode_s:
-            node = self.cluster.nodes[name]
-            self._decode_s[key] = costmodel.decode_time(self.cluster.model, node.machine, node.efficiency, depth)
-        return self._decode_s[key]
+    def _queue_step(self, name: str) -> None:
+        """Queue the node's next decode step: its batch is whoever has joined when it starts."""
+        self.stepping[name] = True
+        node, members = self.cluster.nodes[name], []
+
+        def start() -> float:
+            members.extend(self.batches[name])
+            return costmodel.decode_step_time(self.cluster.model, node.machine, node.efficiency,
+                                              [f.depth for f in members])
+
+        self.engines[name].submit(Job(start, None, lambda t: self._stepped(name, members, t)))
+
+    def _stepped(self, name: str, members: list[Flight], now: float) -> None:
+        """One token for every member; the finished leave the batch, the rest step again."""
+        self.stepping[name] = False
+        for flight in members:
+            flight.num_tokens += 1
+            if flight.num_tokens >= flight.item.output_tokens:
+                self.batches[name].remove(flight)
+                self._finish(flight, now)
+        if self.batches[name]:
+            self._queue_step(name)
+
+    def _finish(self, flight: Flight, now: float) -> None:
+        flight.finish = now
+        self.ledger.finish(flight.request_id)
+        if flight.item.session:  # Done.prefix_blocks: the decode node holds the conversation now
+            held = flight.item.prompt_tokens + flight.item.output_tokens - 1  # the last token was never fed
+            self.prefixes.add(flight.decode_node, self._hashes(flight.item.session, held))

@@ -1,19 +1,31 @@
 """Simulator workloads: when requests arrive and how long they are.
 
 Three sources: one request at time 0, seeded Poisson arrivals, or a trace file
-(JSONL or CSV with ``arrival_s, prompt_tokens, output_tokens`` and an optional
-``cached_prefix_tokens`` column).
+(JSONL or CSV with ``arrival_s, prompt_tokens, output_tokens`` and optional
+``cached_prefix_tokens`` and ``session`` columns); ``conversations`` turns
+any of them into multi-turn chats.
+
+NOTE on prefix sharing, two ways. ``cached_prefix_tokens`` is a prefix cached
+on *every* node before the request arrives (a shared system prompt, or
+llama-bench's ``-d``). ``session`` names a conversation: every request of one
+session reads the same token stream (``session_token_ids``), each prompt a
+prefix of it, so a later turn shares its history with whatever earlier turns
+left in some node's prefix cache. The simulator keeps its own ``PrefixIndex``,
+fed by its own placements as the live scheduler's is fed by workers (a
+decode node holds the conversation once a turn ends, a remote prefill node
+the prompt once its prefill ends), and shows each policy the per-node figures.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-TRACE_FIELDS = ("arrival_s", "prompt_tokens", "output_tokens", "cached_prefix_tokens")
+TRACE_FIELDS = ("arrival_s", "prompt_tokens", "output_tokens", "cached_prefix_tokens", "session")
 
 
 class WorkloadError(ValueError):
@@ -22,12 +34,14 @@ class WorkloadError(ValueError):
 
 @dataclass(frozen=True)
 class WorkItem:
-    """One request to simulate: arrival time (s) and token counts."""
+    """One request to simulate: arrival time (s), token counts, and the
+    conversation it belongs to ("" for none)."""
 
     arrival_s: float
     prompt_tokens: int
     output_tokens: int
-    cached_prefix_tokens: int = 0
+    cached_prefix_tokens: int = 0  # cached on every node before it arrives
+    session: str = ""  # requests of one session share its token stream (module NOTE)
 
     def __post_init__(self) -> None:
         if self.arrival_s < 0:
@@ -57,6 +71,33 @@ def poisson(rate: float, num_requests: int, seed: int, prompt_tokens: int, outpu
         now += rng.expovariate(rate)
         items.append(WorkItem(now, prompt_tokens, output_tokens, cached_prefix_tokens))
     return items
+
+
+def conversations(openers: list[WorkItem], turns: int, turn_tokens: int, think_s: float) -> list[WorkItem]:
+    """Each of ``openers`` as the first of ``turns`` turns of its own conversation
+    (``session`` "c0", "c1", ...). Turn k + 1 arrives ``think_s`` after turn k
+    arrived, and its prompt is turn k's prompt, its answer and ``turn_tokens``
+    new tokens: the whole history is a prefix of it. Open loop: a turn that
+    arrives before the previous one ended finds only what nodes held then."""
+    if turns < 1 or turn_tokens < 1 or think_s <= 0:
+        raise WorkloadError(f"--turns and --turn-tokens must be >= 1 and --think-s > 0, got "
+                            f"{turns}, {turn_tokens} and {think_s}")
+    items = []
+    for i, first in enumerate(openers):
+        turn = replace(first, session=first.session or f"c{i}")
+        for _ in range(turns):
+            items.append(turn)
+            turn = replace(turn, arrival_s=turn.arrival_s + think_s,
+                           prompt_tokens=turn.prompt_tokens + turn.output_tokens + turn_tokens)
+    return sorted(items, key=lambda item: item.arrival_s)
+
+
+def session_token_ids(session: str, num_tokens: int) -> list[int]:
+    """The first ``num_tokens`` tokens of ``session``'s stream: its first token
+    is drawn from the session's name, so two sessions share no whole block
+    (their chained block hashes differ from block 0 on)."""
+    first = int.from_bytes(hashlib.blake2b(session.encode(), digest_size=4).digest(), "little")
+    return [first, *range(1, num_tokens)][:num_tokens]
 
 
 def read_trace(path: str | Path) -> list[WorkItem]:
@@ -119,6 +160,7 @@ def _item(row: dict[str, Any], where: str) -> WorkItem:
             prompt_tokens=_whole(_field(row, "prompt_tokens"), "prompt_tokens"),
             output_tokens=_whole(_field(row, "output_tokens"), "output_tokens"),
             cached_prefix_tokens=_whole(row.get("cached_prefix_tokens") or 0, "cached_prefix_tokens"),
+            session=str(row.get("session") or ""),
         )
     except (TypeError, ValueError) as e:  # WorkloadError included
         raise WorkloadError(f"{where}: {e}") from None
