@@ -8,6 +8,9 @@ tokens do to prefill and transfer; and the batched decode rule.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from cluster.blocks import BLOCK_TOKENS, block_hashes
@@ -29,9 +32,16 @@ from scheduler.policy import (
 from scheduler.prefix_index import PrefixIndex
 from scheduler.request import GenerationRequest
 from scheduler.sim import cluster_file
+from scheduler.sim.cli import main
 from scheduler.sim.engine import Simulation, build_cluster
-from scheduler.sim.workload import WorkItem, conversations, session_token_ids
+from scheduler.sim.workload import (
+    WorkItem,
+    conversations,
+    read_trace,
+    session_token_ids,
+)
 
+EXAMPLES = Path(__file__).parent.parent / "examples" / "clusters"
 LLAMA = "llama-3.1-8b"
 LLAMA_CONFIG = catalog.model_config(LLAMA)
 FINGERPRINT = "llama-weights"
@@ -329,6 +339,31 @@ def test_conditional_keeps_a_short_turn_local_when_only_the_decode_node_holds_th
     assert (short.prefill_node, short.decode_node, short.kv_bytes, short.cached_prefix_tokens) == (
         "mac", "mac", 0, 8192)
     assert (document.prefill_node, document.decode_node) == ("spark", "mac")  # 16k new tokens: the Spark
+
+
+def test_pdc_simulate_turns_opens_conversations(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--cluster", str(EXAMPLES / "spark-m4max-10gbe.toml"), "--model", LLAMA, "--policy", "colocated",
+                 "--prompt-tokens", "8192", "--output-tokens", "128", "--turns", "3", "--turn-tokens", "200",
+                 "--json"]) == 0
+    requests = json.loads(capsys.readouterr().out)["requests"]
+    assert [(r["arrival_s"], r["prompt_tokens"], r["cached_prefix_tokens"], r["decode_node"]) for r in requests] == [
+        (0.0, 8192, 0, "mac"), (60.0, 8520, 8256, "mac"), (120.0, 8848, 8640, "mac")]
+    assert main(["--cluster", str(EXAMPLES / "spark-m4max-10gbe.toml"), "--model", LLAMA, "--turns", "2",
+                 "--trace", "t.jsonl"]) == 2
+    assert "--turns makes conversations" in capsys.readouterr().err
+
+
+def test_a_trace_names_its_conversations_in_a_session_column(tmp_path: Path) -> None:
+    trace = tmp_path / "chats.csv"
+    trace.write_text("arrival_s,prompt_tokens,output_tokens,session\n0,4096,64,alice\n1,4096,64,bob\n"
+                     "30,4360,64,alice\n31,300,64,\n")
+    items = read_trace(trace)
+    assert [i.session for i in items] == ["alice", "bob", "alice", ""]
+    results = Simulation(build_cluster(_sim_pair(), LLAMA), load_policy("colocated")).run(items)
+    # Alice's second turn finds her 4,096 + 63 tokens on the node that served her first (64 whole blocks);
+    # Bob's stream and the session-less request share nothing with it.
+    assert [r.cached_prefix_tokens for r in results] == [0, 0, 4096, 0]
+    assert results[2].decode_node == results[0].decode_node
 
 
 def test_requests_without_a_session_leave_the_index_empty() -> None:

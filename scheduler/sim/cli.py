@@ -24,6 +24,7 @@ from scheduler.sim.engine import SimCluster, Simulation, build_cluster
 from scheduler.sim.report import Point, Summary, plot, summarize, text_report
 from scheduler.sim.workload import (
     WorkItem,
+    conversations,
     mean_rate,
     poisson,
     read_trace,
@@ -53,6 +54,9 @@ class SimConfig:
     seed: int = 0
     slo_ttft_s: float | None = None
     slo_tpot_s: float | None = None
+    turns: int = 1  # >1: every request opens a conversation of this many turns
+    turn_tokens: int = 256  # new user tokens in each later turn
+    think_s: float = 60.0  # a later turn arrives this long after the previous turn arrived
 
     def __post_init__(self) -> None:
         if not self.policies or len(set(self.policies)) != len(self.policies):
@@ -70,6 +74,11 @@ class SimConfig:
             raise ValueError("use either --rate/--num-requests or --trace, not both")
         if self.rate is not None and (self.rate <= 0 or self.num_requests < 1):
             raise ValueError("--rate must be > 0 and --num-requests >= 1")
+        if self.turns < 1 or self.turn_tokens < 1 or self.think_s <= 0:
+            raise ValueError("--turns and --turn-tokens must be >= 1 and --think-s > 0")
+        if self.turns > 1 and self.trace is not None:
+            raise ValueError("--turns makes conversations of --rate or single requests; a trace names its "
+                             "own with a session column")
         for name, slo in (("--slo-ttft", self.slo_ttft_s), ("--slo-tpot", self.slo_tpot_s)):
             if slo is not None and slo <= 0:
                 raise ValueError(f"{name} must be > 0 seconds")
@@ -87,13 +96,21 @@ class PolicyRun:
 
 
 def workload(config: SimConfig) -> list[WorkItem]:
-    """The requests ``config`` asks for: a trace, Poisson arrivals, or one request."""
+    """The requests ``config`` asks for: a trace, Poisson arrivals, or one
+    request; with ``turns`` > 1, each of the latter opens a conversation."""
     if config.trace is not None:
         return read_trace(config.trace)
     if config.rate is not None:
-        return poisson(config.rate, config.num_requests, config.seed, config.prompt_tokens,
-                       config.output_tokens, config.cached_prefix_tokens)
-    return single(config.prompt_tokens, config.output_tokens, config.cached_prefix_tokens)
+        items = poisson(config.rate, config.num_requests, config.seed, config.prompt_tokens,
+                        config.output_tokens, config.cached_prefix_tokens)
+    else:
+        items = single(config.prompt_tokens, config.output_tokens, config.cached_prefix_tokens)
+    return _as_conversations(config, items)
+
+
+def _as_conversations(config: SimConfig, items: list[WorkItem]) -> list[WorkItem]:
+    """``items`` as the openers of ``config.turns``-turn conversations (unchanged for one turn)."""
+    return items if config.turns == 1 else conversations(items, config.turns, config.turn_tokens, config.think_s)
 
 
 def resolve(config: SimConfig) -> SimCluster:
@@ -142,7 +159,8 @@ def sweep(config: SimConfig) -> tuple[dict[str, list[Point]], str, bool]:
         limit = int(cluster.model_config.get("max_position_embeddings") or 1 << 62) - config.output_tokens
         lengths = sorted({n for n in (*PROMPT_SWEEP, config.prompt_tokens)
                           if config.cached_prefix_tokens < n <= limit})
-        points = {n: single(n, config.output_tokens, config.cached_prefix_tokens) for n in lengths}
+        points = {n: _as_conversations(config, single(n, config.output_tokens, config.cached_prefix_tokens))
+                  for n in lengths}
         label, log_x = "prompt tokens" + (f" ({config.cached_prefix_tokens} cached)"
                                           if config.cached_prefix_tokens else ""), True
     else:
@@ -205,7 +223,14 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate", type=float, default=None, help="Poisson arrival rate, requests/s (with --num-requests)")
     p.add_argument("--num-requests", type=int, default=None, help="number of Poisson arrivals (with --rate)")
     p.add_argument("--trace", type=Path, default=None,
-                   help="JSONL or CSV of arrival_s, prompt_tokens, output_tokens[, cached_prefix_tokens]")
+                   help="JSONL or CSV of arrival_s, prompt_tokens, output_tokens[, cached_prefix_tokens, session]")
+    p.add_argument("--turns", type=int, default=1,
+                   help="turns per conversation: each request opens a chat whose later turns carry its whole "
+                        "history, cached wherever earlier turns left it (default: 1, no conversations)")
+    p.add_argument("--turn-tokens", type=int, default=256,
+                   help="new user tokens in each later turn (default: 256)")
+    p.add_argument("--think-s", type=float, default=60.0,
+                   help="seconds from one turn's arrival to the next (default: 60)")
     p.add_argument("--seed", type=int, default=0, help="seed of the Poisson arrivals (default: 0)")
     p.add_argument("--slo-ttft", type=float, default=None, help="TTFT SLO in seconds, for goodput")
     p.add_argument("--slo-tpot", type=float, default=None, help="TPOT SLO in seconds, for goodput")
@@ -222,6 +247,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         output_tokens=args.output_tokens, weight_format=args.weight_dtype, engine=args.engine,
         rate=args.rate, num_requests=args.num_requests, trace=args.trace, seed=args.seed,
         slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot,
+        turns=args.turns, turn_tokens=args.turn_tokens, think_s=args.think_s,
     )
 
 
