@@ -4,15 +4,19 @@ Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (streamed as SSE
 ending in ``data: [DONE]``, or not), ``GET /v1/models``, ``GET /health``.
 Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
 Every completion, and the last chunk of a stream, carries a ``pdcluster``
-object with placement and timings.
+object with placement and timings; ``usage.prompt_tokens_details.cached_tokens``
+counts the prompt tokens whose KV came from a prefix cache, as OpenAI's does.
 
 A client that disconnects closes the backend's iterator, which cancels the
 request on every worker it touched.
 
 Failures are never silent. Before the first byte of a response a
 ``SchedulerError`` becomes its own status (``api_error``): 429 with
-``Retry-After`` when a node is full, 503 when no node can serve the model, 502
-when a worker failed, 504 when one timed out. Once a stream has started, the
+``Retry-After`` when no node has room and the admission queue refused the
+request (its error carries the queue's estimate, in whole seconds rounded up;
+see scheduler/admission.py), 503 when no node can serve the model, 502
+when a worker failed, 504 when one timed out. A stream sends its headers with
+its first token, so a request refused while it waited is a real 429 too. Once a stream has started, the
 failure ends it with one OpenAI-style error event, ``data: {"error": {...}}``
 (the openai SDK raises it as ``openai.APIError``), and no ``[DONE]``: a stream
 ends with ``[DONE]`` only when it completed. Client disconnects are told apart

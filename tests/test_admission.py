@@ -14,7 +14,17 @@ import aiohttp
 import grpc
 import openai
 import pytest
-from conftest import MODEL, FakeBackend, ServerThread
+from conftest import (
+    MODEL,
+    READY_S,
+    FakeBackend,
+    SchedulerProcess,
+    ServerThread,
+    assert_nothing_held,
+    requires_torch_and_mlx,
+    start_worker_process,
+    stop_processes,
+)
 from grpc import aio
 
 from cluster.auth import generate_key
@@ -599,5 +609,121 @@ def test_health_shows_the_admission_queue() -> None:
     assert admission["retry_after_s"] >= 1
 
 
+def test_pdc_serve_and_pdc_up_flags_reach_the_admission_config(monkeypatch: pytest.MonkeyPatch,
+                                                                tmp_path: Path) -> None:
+    from cluster.cli import _up_config, build_parser
+    from cluster.launcher import LocalCluster, UpConfig
+
+    parser = build_parser()
+    serve = parser.parse_args(["serve", "--max-queued", "3", "--queue-timeout-s", "2.5",
+                               "--max-inflight-per-node", "4"])
+    assert (serve.max_queued, serve.queue_timeout_s, serve.max_inflight_per_node) == (3, 2.5, 4)
+    defaults = parser.parse_args(["serve"])
+    assert (defaults.max_queued, defaults.queue_timeout_s, defaults.max_inflight_per_node) == (
+        AdmissionConfig().max_queued, AdmissionConfig().queue_timeout_s, 0)
+    up = _up_config(parser.parse_args(["up", "--model", str(tmp_path), "--max-queued", "3",
+                                       "--queue-timeout-s", "2.5"]), 8123)
+    assert (up.max_queued, up.queue_timeout_s, up.max_inflight_per_node) == (3, 2.5, None)
+    spawned: list[list[str]] = []
+    monkeypatch.setattr(LocalCluster, "_spawn", lambda self, name, args, env=None: spawned.append(args))
+    cluster = LocalCluster(up)
+    try:
+        cluster.start()
+    finally:
+        cluster.stop()
+    serve_args = next(args for args in spawned if args[0] == "serve")
+    assert serve_args[serve_args.index("--max-queued") + 1] == "3"
+    assert serve_args[serve_args.index("--queue-timeout-s") + 1] == "2.5"
+    assert "--max-inflight-per-node" not in serve_args  # unset: pdc serve's own default applies
+    with pytest.raises(ValueError, match="max_queued"):
+        UpConfig(model=str(tmp_path), max_queued=-1)
+
+
 def test_no_room_is_a_429_if_it_ever_escapes() -> None:
     assert NoRoomError("full").status == 429 and NoRoomError("full").code == "capacity_exhausted"
+
+
+# ---------------------------------------------------------------- a real cluster past its capacity
+
+OVERLOAD_CLIENTS = 64
+OVERLOAD_CLIENT_TIMEOUT_S = 40.0  # each request's own bound: none may hang past it
+
+
+async def _overload_one(session: aiohttp.ClientSession, url: str, body: dict) -> dict:
+    """One chat completion; what came back, and how long it took (a client timeout is an outcome too)."""
+    began = time.monotonic()
+    try:
+        async with session.post(url + "/v1/chat/completions", json=body,
+                                timeout=aiohttp.ClientTimeout(total=OVERLOAD_CLIENT_TIMEOUT_S)) as resp:
+            text = await resp.text()
+            return {"status": resp.status, "retry_after": resp.headers.get("Retry-After"), "text": text,
+                    "content_type": resp.headers.get("Content-Type", ""), "took": time.monotonic() - began}
+    except (asyncio.TimeoutError, aiohttp.ClientError) as e:
+        return {"status": None, "error": f"{type(e).__name__}: {e}", "took": time.monotonic() - began}
+
+
+def _check_overload_outcome(outcome: dict, body: dict) -> None:
+    """200: a whole answer (a stream ends with [DONE], no error event); 429: capacity_exhausted with
+    Retry-After >= 1 s; 503: no_capacity. Nothing else, and never a hang."""
+    assert outcome["status"] in (200, 429, 503), outcome
+    if outcome["status"] != 200:
+        error = json.loads(outcome["text"])["error"]
+        assert error["code"] == {429: "capacity_exhausted", 503: "no_capacity"}[outcome["status"]], error
+        if outcome["status"] == 429:
+            assert outcome["retry_after"] is not None and int(outcome["retry_after"]) >= 1, outcome
+    elif body.get("stream"):
+        events = [ln[len("data: "):] for ln in outcome["text"].splitlines() if ln.startswith("data: ")]
+        assert events[-1] == "[DONE]" and not any('"error"' in e for e in events[:-1]), events[-3:]
+    else:
+        reply = json.loads(outcome["text"])
+        assert reply["usage"]["completion_tokens"] >= 1 and reply["choices"][0]["finish_reason"], reply
+
+
+@pytest.mark.slow
+@requires_torch_and_mlx
+def test_64_concurrent_chats_past_capacity_end_in_200_429_or_503_in_time_and_leak_nothing(
+        model: Path, key_file: Path, tmp_path: Path, record_property: Callable[[str, object], None]) -> None:
+    """A torch prefill worker and an MLX decode worker with 4 leases behind a scheduler with a
+    queue of 16 and a 5 s queue timeout; 64 short chats at once (streamed and not, split and
+    not). Every one ends within its client timeout as 200, 429 (with Retry-After) or 503;
+    some succeed; afterwards no worker holds a request, a lease or a reserved KV byte."""
+    workers = [start_worker_process("prefill", "torch", model, key_file, tmp_path / "pre.log", "--node-id", "pre"),
+               start_worker_process("decode", "mlx", model, key_file, tmp_path / "dec.log", "--node-id", "dec",
+                                    "--max-leases", "4")]
+    scheduler = None
+    try:
+        for worker in workers:
+            assert worker.ready.wait(READY_S), worker.tail()
+        scheduler = SchedulerProcess(key_file, [w.grpc for w in workers], tmp_path / "scheduler.log", None,
+                                     "--max-queued", "16", "--queue-timeout-s", "5")
+        health = scheduler.wait_ready(2)
+        model_id = health["models"][0]
+        bodies = [{"model": model_id, "messages": [{"role": "user", "content": f"Say {i} about caches."}],
+                   "max_tokens": 8, "temperature": 0, "stream": i % 2 == 1,
+                   **({"pdcluster": {"placement": "disaggregated"}} if i % 4 < 2 else {})}
+                  for i in range(OVERLOAD_CLIENTS)]
+
+        async def burst() -> list[dict]:
+            async with aiohttp.ClientSession() as session:
+                return await asyncio.gather(*(_overload_one(session, scheduler.url, b) for b in bodies))
+
+        began = time.monotonic()
+        outcomes = asyncio.run(burst())
+        wall = time.monotonic() - began
+        after = scheduler.health()
+    finally:
+        if scheduler is not None:
+            scheduler.stop()
+        try:
+            assert_nothing_held([w.grpc for w in workers if w.proc.poll() is None], key_file)
+        finally:
+            stop_processes(workers)
+    counts = {status: sum(o["status"] == status for o in outcomes) for status in (200, 429, 503, None)}
+    record_property("overload", {"counts": counts, "wall_s": round(wall, 1)})
+    print(f"\noverload: {counts[200]} x 200, {counts[429]} x 429, {counts[503]} x 503 in {wall:.1f} s; "
+          f"slowest {max(o['took'] for o in outcomes):.1f} s; queue afterwards {after['admission']}")
+    for outcome, body in zip(outcomes, bodies, strict=True):
+        _check_overload_outcome(outcome, body)
+    assert counts[200] >= 4  # at least the first four leases' worth got through
+    assert max(o["took"] for o in outcomes) < OVERLOAD_CLIENT_TIMEOUT_S
+    assert after["admission"]["queued"] == 0 and after["admission"]["moving_streams"] == 0
