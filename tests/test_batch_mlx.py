@@ -10,6 +10,7 @@ a prefix.
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -262,3 +263,23 @@ def test_a_finished_requests_cache_serves_as_the_prefix_of_a_longer_prompt(engin
     assert streams["turn2"] == streams["full"]
     for rid in ("r0", "turn2", "full"):
         engine.release(rid)
+
+
+# ---------------------------------------------------------------- closing
+
+
+def test_close_with_requests_decoding_drops_the_batch_and_every_cache(make_tiny_model) -> None:
+    outcome: list[tuple[list[str], list[str], int]] = []
+
+    def on_its_thread() -> None:  # MLX cannot compute on a thread after close: keep it off the test's
+        engine = mlx_engine.MLXEngine(make_tiny_model("llama"), "float32")
+        for rid in ("r0", "r1"):
+            engine.add(rid, prefilled(engine, rid), GREEDY)
+        tokens = engine.step()
+        engine.close()
+        outcome.append((engine.running(), engine.cached_requests(), len(tokens)))
+
+    worker = threading.Thread(target=on_its_thread)
+    worker.start()
+    worker.join(timeout=120)
+    assert outcome == [([], [], 2)]
