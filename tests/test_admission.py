@@ -30,7 +30,12 @@ from grpc import aio
 from cluster.auth import generate_key
 from cluster.node import NodeInfo
 from proto import pdcluster_pb2 as pb
-from scheduler.admission import AdmissionConfig, AdmissionQueue, NoRoomError, nodes_with_room
+from scheduler.admission import (
+    AdmissionConfig,
+    AdmissionQueue,
+    NoRoomError,
+    nodes_with_room,
+)
 from scheduler.api import build_app
 from scheduler.lifecycle import LifecycleConfig
 from scheduler.request import (
@@ -544,11 +549,11 @@ def test_the_openai_client_raises_rate_limit_error_with_the_computed_retry_after
 
 async def _post(url: str, body: dict) -> tuple[int, dict, list[str]]:
     """(status, headers, SSE data lines or the JSON body) over raw aiohttp."""
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-        async with session.post(url + "/v1/chat/completions", json=body) as resp:
-            text = await resp.text()
-            lines = [ln[len("data: "):] for ln in text.splitlines() if ln.startswith("data: ")] or [text]
-            return resp.status, dict(resp.headers), lines
+    async with (aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
+                session.post(url + "/v1/chat/completions", json=body) as resp):
+        text = await resp.text()
+        lines = [ln[len("data: "):] for ln in text.splitlines() if ln.startswith("data: ")] or [text]
+        return resp.status, dict(resp.headers), lines
 
 
 def test_a_streaming_request_refused_before_its_first_token_gets_a_real_429(
