@@ -170,8 +170,11 @@ def run(body: Callable[[], Any], timeout: float = 120.0) -> Any:
 
 def config(model: Path, key: ClusterKey, role: str, **overrides: Any) -> WorkerConfig:
     """An in-process worker (MLX unless ``engine`` is overridden); declaring a
-    profile skips the start-up measurement."""
-    fields: dict[str, Any] = {"engine": "mlx", "tflops": 1.0, "mem_bw_gbps": 100.0, **overrides}
+    profile skips the start-up measurement. The prefix cache is off unless
+    ``prefix_cache_bytes`` is given: tests of the transfer mechanics send the
+    same prompt again and again and must see every transfer whole."""
+    fields: dict[str, Any] = {"engine": "mlx", "tflops": 1.0, "mem_bw_gbps": 100.0, "prefix_cache_bytes": 0,
+                              **overrides}
     return WorkerConfig(role=role, model=str(model), cluster_key=key, advertise=False,
                         node_id=f"test-{role}", grace_s=1.0, **fields)
 
@@ -208,7 +211,7 @@ class GatedEngine:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def prefill(self, request_id: str, token_ids: list[int], on_slice: Any, chunk_size: int = 128) -> Any:
+    def _sink(self, on_slice: Any) -> Any:
         first = [True]
 
         def sink(kv_slice: KVSlice) -> None:
@@ -218,7 +221,15 @@ class GatedEngine:
                 self.entered.set()
                 self.gate.wait(20)
 
-        return self.inner.prefill(request_id, token_ids, sink, chunk_size)
+        return sink
+
+    def prefill_chunks(self, request_id: str, token_ids: list[int], on_slice: Any, chunk_size: int = 128,
+                       **kwargs: Any) -> Any:
+        return self.inner.prefill_chunks(request_id, token_ids, self._sink(on_slice), chunk_size, **kwargs)
+
+    def prefill(self, request_id: str, token_ids: list[int], on_slice: Any, chunk_size: int = 128,
+                **kwargs: Any) -> Any:
+        return self.inner.prefill(request_id, token_ids, self._sink(on_slice), chunk_size, **kwargs)
 
 
 class PacedEngine(GatedEngine):
@@ -227,12 +238,12 @@ class PacedEngine(GatedEngine):
     def __init__(self, inner: Any, pause_s: float) -> None:
         self.inner, self.pause_s = inner, pause_s
 
-    def prefill(self, request_id: str, token_ids: list[int], on_slice: Any, chunk_size: int = 128) -> Any:
+    def _sink(self, on_slice: Any) -> Any:
         def sink(kv_slice: KVSlice) -> None:
             on_slice(kv_slice)
             time.sleep(self.pause_s)
 
-        return self.inner.prefill(request_id, token_ids, sink, chunk_size)
+        return sink
 
 
 @dataclass
@@ -260,10 +271,12 @@ class WorkerProcess:
 
 def start_worker_process(role: str, engine: str, model: Path, key_file: Path, log: Path,
                          *extra_args: str) -> WorkerProcess:
-    """``pdc worker`` on 127.0.0.1 without mDNS; ``extra_args`` are more ``pdc worker`` flags."""
+    """``pdc worker`` on 127.0.0.1 without mDNS; ``extra_args`` are more ``pdc worker`` flags. The
+    prefix cache is off (as in ``config``) unless ``extra_args`` set ``--prefix-cache-gb``."""
+    prefix = [] if "--prefix-cache-gb" in extra_args else ["--prefix-cache-gb", "0"]
     cmd = [sys.executable, "-m", "cluster.cli", "worker", "--role", role, "--engine", engine,
            "--model", str(model), "--host", "127.0.0.1", "--no-advertise", "--cluster-key-file", str(key_file),
-           "--node-id", f"proc-{role}", "--dtype", "float32", *extra_args]
+           "--node-id", f"proc-{role}", "--dtype", "float32", *prefix, *extra_args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log.open("wb"),
                             stdin=subprocess.DEVNULL, text=True)

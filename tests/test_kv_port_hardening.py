@@ -153,7 +153,8 @@ async def disaggregated(prefiller: WorkerClient, decoder: WorkerClient, rid: str
     reserved = first.reserved
     prefill = asyncio.ensure_future(prefiller.prefill(pb.PrefillRequest(
         request_id=rid, prompt_token_ids=prompt, sampling=sampling, kv_host=reserved.kv_host,
-        kv_port=reserved.kv_port, transfer_token=reserved.transfer_token), timeout=30))
+        kv_port=reserved.kv_port, transfer_token=reserved.transfer_token,
+                             skip_tokens=reserved.cached_tokens), timeout=30))
     tokens, done = [], None
     async for event in call:
         if event.HasField("token"):

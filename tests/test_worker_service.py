@@ -78,7 +78,8 @@ async def reserve(decoder: WorkerClient, rid: str, *, lease_s: float = 30.0,
 
 def prefill_request(rid: str, reserved: pb.Reserved, sampling: pb.SamplingParams = GREEDY) -> pb.PrefillRequest:
     return pb.PrefillRequest(request_id=rid, prompt_token_ids=PROMPT, sampling=sampling, kv_host=reserved.kv_host,
-                             kv_port=reserved.kv_port, transfer_token=reserved.transfer_token)
+                             kv_port=reserved.kv_port, transfer_token=reserved.transfer_token,
+                             skip_tokens=reserved.cached_tokens)
 
 
 async def disaggregated(prefiller: WorkerClient, decoder: WorkerClient, rid: str,
@@ -627,7 +628,7 @@ def test_a_queued_prefill_opens_no_kv_connection_until_it_computes(model: Path) 
             first = asyncio.ensure_future(p.prefill(prefill_request("first", first_reserved), timeout=30))
             await wait_for(entered.is_set)  # the first prefill holds the engine
             second = asyncio.ensure_future(p.prefill(prefill_request("second", second_reserved), timeout=30))
-            await wait_for(lambda: prefiller.engines.num_pending == 2)  # the second is queued behind it
+            await wait_for(lambda: prefiller.loop.num_prefills_waiting == 2)  # the second is queued behind it
             assert decoder.leases.find("first").state == "receiving"
             assert decoder.leases.find("second").state == "waiting"  # no connection while queued
             assert decoder.listener.num_refused == 0

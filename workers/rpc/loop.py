@@ -179,8 +179,7 @@ class StepLoop:
             stream.done = True
             stream._deliver(LoopClosed("the worker is shutting down"))
         for task in prefills:
-            if not task.future.done():
-                task.future.set_exception(LoopClosed("the worker is shutting down"))
+            _settle(task.future, error=LoopClosed("the worker is shutting down"))
 
     def _cancel(self, stream: DecodeStream) -> None:
         with self._lock:
@@ -249,10 +248,11 @@ class StepLoop:
                 task = self._prefills[0] if self._prefills else None
             if task is None:
                 return
-            if task.cancelled and not task.started:
+            if not task.started and (task.cancelled or task.future.cancelled()):
+                # dropped before it ran (a cancel, or its awaiter gave up and cancelled the future)
                 self._pop_prefill(task)
                 task.job.close()
-                task.future.set_exception(StreamCancelled(task.name))
+                _settle(task.future, error=StreamCancelled(task.name))
                 continue
             break
         try:
@@ -261,6 +261,7 @@ class StepLoop:
                 raise StreamCancelled(task.name)
             if not task.started:
                 task.started = True
+                task.future.set_running_or_notify_cancel()  # running futures cannot be cancelled any more
                 if task.on_start is not None:
                     task.on_start()
             while True:
@@ -269,10 +270,10 @@ class StepLoop:
                     return
         except StopIteration as stop:
             self._pop_prefill(task)
-            task.future.set_result(stop.value)
+            _settle(task.future, result=stop.value)
         except BaseException as e:  # the job's own failure (a cancel, a broken KV stream): that request only
             self._pop_prefill(task)
-            task.future.set_exception(e)
+            _settle(task.future, error=e)
 
     def _pop_prefill(self, task: PrefillTask) -> None:
         with self._lock:
@@ -310,3 +311,14 @@ class StepLoop:
             stream.done = True
             stream._deliver(error)
         self._running.clear()
+
+
+def _settle(future: concurrent.futures.Future, *, result: Any = None, error: BaseException | None = None) -> None:
+    """Set ``future``'s outcome unless it already has one (its awaiter may have cancelled it)."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass
