@@ -156,4 +156,4 @@ def test_our_batched_decode_of_one_request_is_token_identical_to_the_librarys_ge
     engine = load_engine(engine_name, make_tiny_model("llama"), "float32")
     ours = run_ours(engine, engine_name, PROMPT, 20)
     native = run_native(engine, engine_name, PROMPT, 20)
-    assert ours.tokens == native.tokens
+    assert ours.token_ids == native.token_ids

@@ -41,8 +41,9 @@ ROOT = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "transformers", "mlx", "mlx_lm")
 ENGINE_MODULES = {"workers/engines/torch_engine.py", "workers/engines/mlx_engine.py",
                   "workers/tools/gguf_convert.py"}  # transformers' GGUF reader, run once for the built-in model
-PROTOCOL = ("layout_dtype", "kv_layout", "prefill", "load_kv", "decode", "release", "cached_requests",
-            "cached_tokens", "cached_layer", "measure_profile", "free_memory_bytes", "close")
+PROTOCOL = ("layout_dtype", "kv_layout", "prefill", "prefill_chunks", "load_kv", "add", "step", "remove", "running",
+            "release", "cached_requests", "cached_tokens", "cached_layer", "measure_profile", "free_memory_bytes",
+            "close")
 
 
 def test_the_registry_lists_torch_and_mlx_with_their_libraries() -> None:
