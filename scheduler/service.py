@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from cluster.auth import ClusterKey
+from cluster.blocks import BLOCK_TOKENS, block_hashes
 from cluster.node import NodeInfo
 from cluster.node_table import NodeTable
 from scheduler.admin import PolicyAdmin
@@ -43,6 +44,7 @@ from scheduler.load import LoadLedger
 from scheduler.models import ModelRegistry
 from scheduler.placement import ClusterView, Placement, PlacementError, ask_policy
 from scheduler.policy import load_policy
+from scheduler.prefix_index import PrefixIndex
 from scheduler.probing import LinkProber
 from scheduler.request import (
     CapacityExhaustedError,
@@ -72,6 +74,7 @@ class SchedulerConfig:
     policy: str = "conditional"
     health_interval_s: float = 1.0
     link_refresh_s: float = 300.0  # re-probe each prefill -> decode link this often (when idle)
+    prefix_refresh_s: float = 5.0  # read every node's held prefix blocks (Stats) this often
     link_probe_bytes: int = 0  # probe payload; 0: the worker's default (16 MiB)
     link_probe_timeout_s: float = 10.0
     lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
@@ -85,6 +88,8 @@ class SchedulerConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.max_migrations < 0:
             raise ValueError(f"max_migrations must be >= 0, got {self.max_migrations}")
+        if self.prefix_refresh_s <= 0:
+            raise ValueError(f"prefix_refresh_s must be positive, got {self.prefix_refresh_s}")
         if self.link_refresh_s <= 0 or self.link_probe_timeout_s <= 0 or self.link_probe_bytes < 0:
             raise ValueError("link_refresh_s and link_probe_timeout_s must be positive, link_probe_bytes >= 0")
 
@@ -115,12 +120,18 @@ class ClusterBackend:
         return self.dispatcher.ledger
 
     async def start(self) -> None:
-        """Find nodes and start measuring the links between them."""
+        """Find nodes, start measuring the links between them and reading their prefix caches."""
         await self.table.start()
         self.links.start(self.table.snapshot, busy=self.ledger.is_busy)
+        self._prefix_task = asyncio.get_running_loop().create_task(self._refresh_prefixes())
 
     async def stop(self) -> None:
         """Stop probing and learning, leave discovery, close every worker channel."""
+        task, self._prefix_task = getattr(self, "_prefix_task", None), None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self.links.stop()
         await self.registry.stop()
         await self.table.stop()
@@ -242,7 +253,8 @@ class ClusterBackend:
             raise attempt.unplaceable(e) from e
         rid = request.request_id
         run = run_request(request, placement, lambda nid: self.clients.of(nodes[nid]), self.config.lifecycle,
-                          on_prefill_done=lambda: self.dispatcher.prefill_done(rid), deadline=attempt.deadline)
+                          on_prefill_done=lambda: self.dispatcher.prefill_done(rid), deadline=attempt.deadline,
+                          on_prefix_blocks=self.dispatcher.prefixes.add)
         refused = False
         try:
             # aclosing: when our caller closes us (a client went away), close the
@@ -266,7 +278,7 @@ class ClusterBackend:
         try:
             if held and not any(n.can_decode for n in offered):
                 raise NoCapacityError(f"no decode-capable node serving {request.model!r} has room")
-            return self.dispatcher.place(request, self.cluster_view(request.model, offered))
+            return self.dispatcher.place(request, self.cluster_view(request.model, offered, request))
         except NoCapacityError as e:
             if not held or not self._placeable(request, nodes):
                 raise
@@ -279,7 +291,7 @@ class ClusterBackend:
         """Whether the policy would place ``request`` on ``nodes`` if none were full (nothing is booked)."""
         try:
             ask_policy(self.dispatcher.policy, self.dispatcher.policy_name, request,
-                       self.cluster_view(request.model, nodes))
+                       self.cluster_view(request.model, nodes, request))
         except (NoCapacityError, PlacementError):
             return False
         return True
@@ -289,9 +301,29 @@ class ClusterBackend:
         if error.grpc_code == "UNAVAILABLE" and error.node:
             self.table.suspend(error.node, error.message)
 
-    def cluster_view(self, model: str, nodes: Iterable[NodeInfo]) -> ClusterView:
-        """What a policy sees now for ``model`` over ``nodes``."""
-        return self.dispatcher.view(nodes, self.links.views(), self.registry.config_for(model))
+    def cluster_view(self, model: str, nodes: Iterable[NodeInfo], request: GenerationRequest | None = None
+                     ) -> ClusterView:
+        """What a policy sees now for ``model`` over ``nodes``; with ``request``,
+        also how many of its prompt tokens each node holds in its prefix cache."""
+        nodes = list(nodes)
+        cached = prefix_cached_tokens(self.dispatcher.prefixes, request, nodes) if request is not None else None
+        return self.dispatcher.view(nodes, self.links.views(), self.registry.config_for(model),
+                                    cached_tokens=cached)
+
+    async def _refresh_prefixes(self) -> None:
+        """Every ``prefix_refresh_s``: each node's whole set of held prefix blocks
+        (``Stats``), so evictions reach the index; Done and PrefillReply keep it
+        current in between. A node that does not answer keeps its last set."""
+        while True:
+            await asyncio.sleep(self.config.prefix_refresh_s)
+            for node in self.table.snapshot():
+                try:
+                    stats = await self.clients.of(node).stats(timeout=self.config.health_interval_s)
+                except Exception as e:  # its health checks decide whether it stays
+                    log.debug("prefix blocks of %s: %s", node.node_id, e)
+                    continue
+                if stats.prefix_block_tokens in (0, BLOCK_TOKENS):
+                    self.dispatcher.prefixes.replace(node.node_id, stats.prefix_blocks)
 
     def on_node_change(self, node_id: str, node: NodeInfo | None) -> None:
         """The node table's callback: a node left (forget its links) or appeared (learn its model);
@@ -300,6 +332,7 @@ class ClusterBackend:
         if node is None:
             log.info("node %s left", node_id)
             self.links.forget(node_id)
+            self.dispatcher.prefixes.forget(node_id)
             return
         log.info("node %s: %s %s %s at %s (%.1f TFLOPS, %.0f GB/s)", node_id, "/".join(node.roles), node.engine,
                  node.model_id, node.grpc_address, node.tflops, node.mem_bw_gbps)
@@ -456,3 +489,18 @@ async def serve(config: SchedulerConfig, key: ClusterKey) -> None:
         log.warning("scheduler shutting down")
         await runner.cleanup()
         await backend.stop()
+
+
+def prefix_cached_tokens(index: PrefixIndex, request: GenerationRequest, nodes: list[NodeInfo]) -> dict[str, int]:
+    """Node -> prompt tokens of ``request`` whose KV its prefix cache holds, per
+    the index. Hashes are rooted in each node's weights fingerprint (the root
+    its own cache uses), so a node with other weights never matches."""
+    hashes: dict[str, list[int]] = {}
+    cached: dict[str, int] = {}
+    prompt = request.prompt_token_ids
+    for node in nodes:
+        fingerprint = node.weights_fingerprint
+        if fingerprint not in hashes:
+            hashes[fingerprint] = block_hashes(fingerprint, prompt)
+        cached[node.node_id] = index.cached_tokens(node.node_id, hashes[fingerprint], len(prompt))
+    return cached
