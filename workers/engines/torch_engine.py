@@ -134,10 +134,10 @@ class _Batch:
         lengths = [self.length - pad for pad in self.pads] + [c.get_seq_length() for c in joining.values()]
         length = max(lengths)
         sources = ([self.cache] if self.cache is not None else []) + list(joining.values())
-        layers = [
-            tuple(torch.cat([_pad_left(part, length) for part in parts]) for parts in zip(*kv, strict=True))
-            for kv in zip(*(_layers_of(source) for source in sources), strict=True)
-        ]  # per layer: keys, values [rows, kv_heads, length, head_dim]
+        layers: list[LayerKV] = []
+        for parts in zip(*(_layers_of(source) for source in sources), strict=True):  # one layer of every source
+            keys = torch.cat([_pad_left(k, length) for k, _ in parts])  # [rows, kv_heads, length, head_dim]
+            layers.append((keys, torch.cat([_pad_left(v, length) for _, v in parts])))
         self.cache = _cache_of(self.config, layers)
         self.ids += list(joining)
         self.pads = [length - n for n in lengths]
@@ -211,7 +211,8 @@ class TorchEngine:
         sink = emitting_from(on_slice, emit_from)
         started = time.perf_counter()
         self.release(request_id)
-        cache = self._held.setdefault(request_id, _Held(_StreamingCache(self.model.config))).cache
+        cache = _StreamingCache(self.model.config)
+        self._held[request_id] = _Held(cache)
         if num_cached:
             self._load_layers(cache, prefix)
             if emit_from < num_cached:
@@ -259,7 +260,8 @@ class TorchEngine:
             decoding.step += 1
             decoding.produced += 1
             decoding.token = tokens[request_id] = sample(row_logits, decoding.params, decoding.step)
-        self._leave([rid for rid, d in zip(self._batch.ids, rows) if is_last(d.token, d.produced, d.params)])
+        self._leave([rid for rid, d in zip(self._batch.ids, rows, strict=True)
+                     if is_last(d.token, d.produced, d.params)])
         return tokens
 
     def remove(self, request_id: str) -> None:
@@ -445,7 +447,8 @@ def _layers_of(cache: DynamicCache) -> list[LayerKV]:
 
 def _pad_left(tensor: torch.Tensor, length: int) -> torch.Tensor:
     """``tensor`` ``[rows, kv_heads, tokens, head_dim]`` zero-padded on the left to ``length`` tokens."""
-    return F.pad(tensor, (0, 0, length - tensor.shape[-2], 0))
+    missing = length - tensor.shape[-2]
+    return F.pad(tensor, (0, 0, missing, 0)) if missing else tensor
 
 
 def device_free_bytes(device: str) -> int:
