@@ -12,6 +12,8 @@ from cluster.links import LinkRecord, LinkTable
 COLUMNS = ("node", "roles", "engine", "model", "address", "kv", "device", "hardware", "TFLOPS", "GB/s", "free mem",
            "profile", "source")
 LINK_COLUMNS = ("prefill node", "decode node", "Gbit/s", "latency ms", "")
+LOAD_COLUMNS = ("node", "running", "leases", "reserved KV", "prefix cache", "prefix hits", "reused tokens")
+STATS_TIMEOUT_S = 3.0
 LINK_PROBE_TIMEOUT_S = 10.0
 
 
@@ -38,12 +40,15 @@ async def run_status(config: StatusConfig) -> int:
     peer_nodes, peer_errors = await _probe_peers(config.peers, key)
     nodes = sorted({n.node_id: n for n in [*nodes, *peer_nodes]}.values(), key=lambda n: n.node_id)
     links = await probe_links(nodes, key) if config.links else []
+    loads = await node_loads(nodes, key)
     if config.as_json:
         print(json.dumps({"nodes": [asdict(n) for n in nodes], "links": [r.as_json(r.measured_at) for r in links],
-                          "refused": refused, "peer_errors": peer_errors}))
+                          "load": loads, "refused": refused, "peer_errors": peer_errors}))
         return 0 if nodes else 1
     if nodes:
         print(format_table(nodes))
+        print()
+        print(format_loads(loads))
     if links:
         print()
         print(format_links(links))
@@ -101,6 +106,46 @@ def format_table(nodes: list[NodeInfo]) -> str:
         for n in nodes
     ]
     return _columns(rows)
+
+
+async def node_loads(nodes: list[NodeInfo], key) -> dict[str, dict]:
+    """Each node's ``Stats`` now: what it runs and holds (its decode batch, leases,
+    prefix cache), or the error that kept it from answering."""
+    from workers.rpc.client import WorkerClient
+
+    async def one(node: NodeInfo) -> dict:
+        client = WorkerClient(node.grpc_address, key)
+        try:
+            stats = await client.stats(timeout=STATS_TIMEOUT_S)
+        except Exception as e:
+            return {"error": f"{type(e).__name__}: {getattr(e, 'details', lambda: str(e))() or e}"}
+        finally:
+            await client.close()
+        return {"running_requests": stats.running_requests, "active_leases": stats.active_leases,
+                "reserved_kv_bytes": stats.reserved_kv_bytes, "prefix_cache_bytes": stats.prefix_cache_bytes,
+                "prefix_cache_capacity_bytes": stats.prefix_cache_capacity_bytes, "prefix_hits": stats.prefix_hits,
+                "prefix_hit_tokens": stats.prefix_hit_tokens, "prefix_blocks": len(stats.prefix_blocks)}
+
+    answers = await asyncio.gather(*(one(n) for n in nodes))
+    return {n.node_id: answer for n, answer in zip(nodes, answers)}
+
+
+def format_loads(loads: dict[str, dict]) -> str:
+    """One row per node: its decode batch, leases, reserved KV and prefix cache."""
+    rows = [LOAD_COLUMNS]
+    for node_id, load in loads.items():
+        if "error" in load:
+            rows.append((node_id, "-", "-", "-", "-", "-", f"stats failed: {load['error']}"))
+            continue
+        cache = (f"{_mb(load['prefix_cache_bytes'])} of {_mb(load['prefix_cache_capacity_bytes'])}"
+                 if load["prefix_cache_capacity_bytes"] else "off")
+        rows.append((node_id, str(load["running_requests"]), str(load["active_leases"]),
+                     _mb(load["reserved_kv_bytes"]), cache, str(load["prefix_hits"]), str(load["prefix_hit_tokens"])))
+    return _columns(rows)
+
+
+def _mb(num_bytes: int) -> str:
+    return f"{num_bytes / 1e6:.1f} MB"
 
 
 def format_links(links: list[LinkRecord]) -> str:
