@@ -118,7 +118,8 @@ async def node_loads(nodes: list[NodeInfo], key) -> dict[str, dict]:
         try:
             stats = await client.stats(timeout=STATS_TIMEOUT_S)
         except Exception as e:
-            return {"error": f"{type(e).__name__}: {getattr(e, 'details', lambda: str(e))() or e}"}
+            details = e.details() if callable(getattr(e, "details", None)) else ""
+            return {"error": f"{type(e).__name__}: {details or e}"}
         finally:
             await client.close()
         return {"running_requests": stats.running_requests, "active_leases": stats.active_leases,
