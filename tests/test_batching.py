@@ -70,8 +70,11 @@ def engines(make_tiny_model) -> Iterator[Callable[[str, str], Engine]]:
         return loaded[kind, arch]
 
     yield get
+    # not close(): the MLX engines computed on this (the test session's) thread, and MLX's close
+    # clears the calling thread's streams, which would break every later MLX test on it
     for engine in loaded.values():
-        engine.close()
+        for rid in engine.cached_requests():
+            engine.release(rid)
 
 
 @pytest.fixture(params=KINDS)
