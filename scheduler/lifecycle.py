@@ -263,7 +263,19 @@ class _Run:
         try:
             return pending.result()
         except Exception as e:
+            await self._blame_a_dead_sender(e)
             raise worker_error("decode", self.placement.decode_node, e) from e
+
+    async def _blame_a_dead_sender(self, error: BaseException) -> None:
+        """A decode that failed because its KV transfer broke (cut before its
+        end frame, aborted) usually saw its prefill node die: give the Prefill
+        call a moment to fail too, and report the prefill node when it did."""
+        task = self.prefill_task
+        if task is None or _status_of(error) not in (grpc.StatusCode.DATA_LOSS, grpc.StatusCode.ABORTED):
+            return
+        if not task.done():
+            await asyncio.wait({task}, timeout=self.config.cancel_timeout_s)
+        self._raise_if_prefill_failed()  # a no-op unless the prefill call failed
 
     def _raise_if_prefill_failed(self) -> None:
         task = self.prefill_task
