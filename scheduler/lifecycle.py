@@ -298,6 +298,12 @@ class _Run:
             self.prefiller.prefill(prefill_request, timeout=self.config.prefill_timeout_s)
         )
         self.prefill_task.add_done_callback(lambda _: self._prefill_over())
+        self.prefill_task.add_done_callback(self._prefill_blocks)
+
+    def _prefill_blocks(self, task: asyncio.Task) -> None:
+        """The prefill node's held blocks, as soon as its prefill ends (not when decode does)."""
+        if not task.cancelled() and task.exception() is None:
+            self._tell_prefix_blocks(self.placement.prefill_node, task.result().prefix_blocks)
 
     def _prefill_over(self) -> None:
         callback, self._on_prefill_done = self._on_prefill_done, None
@@ -322,7 +328,6 @@ class _Run:
             except Exception as e:
                 raise worker_error("prefill", self.placement.prefill_node, e) from e
             prefill_s, queue_s = reply.prefill_s or prefill_s, reply.queue_s
-            self._tell_prefix_blocks(self.placement.prefill_node, reply.prefix_blocks)
         arrived = self.request.arrived_at or self.started
         now = time.monotonic()
         first, last = (self.token_times[0], self.token_times[-1]) if self.token_times else (now, now)

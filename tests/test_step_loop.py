@@ -72,6 +72,9 @@ class FakeEngine:
     def running(self) -> list[str]:
         return list(self.batch)
 
+    def cached_tokens(self, request_id: str) -> int:
+        return self.caches[request_id]
+
     def release(self, request_id: str) -> None:
         self.remove(request_id)
         self.caches.pop(request_id, None)
@@ -83,6 +86,7 @@ class FakeEngine:
         """A prefill of ``chunks`` chunks, as a step-loop job."""
         self.caches[request_id] = 0
         for i in range(chunks):
+            time.sleep(self.step_s)
             self.log.append(f"chunk:{request_id}")
             self.caches[request_id] += 1
             if i < chunks - 1:
@@ -301,6 +305,40 @@ def test_close_ends_every_stream_and_waiting_prefill() -> None:
             await collect(waiting)
         with pytest.raises(LoopClosed):
             loop.join("c", 1, SamplingParams(max_tokens=5))
+        thread.shutdown()
+
+    run(main())
+
+
+def test_a_join_that_would_pad_the_batch_past_its_token_bound_waits_for_rows_to_leave() -> None:
+    async def main() -> None:
+        engine = FakeEngine()
+        thread, loop = await started_loop(engine, max_batch_tokens=100)
+        engine.caches["short"] = 10
+        engine.caches["long"] = 60  # 2 rows x 61+ slots > 100: it may not join while "short" runs
+        short = loop.join("short", 1, SamplingParams(max_tokens=6))
+        long = loop.join("long", 1, SamplingParams(max_tokens=4))
+        assert await collect(short) == expected("short", SamplingParams(max_tokens=6))
+        assert await collect(long) == expected("long", SamplingParams(max_tokens=4))
+        assert not any({"short", "long"} <= set(batch) for batch in engine.steps)
+        thread.shutdown()
+
+    run(main())
+
+
+def test_a_cancelled_prefill_behind_others_ends_at_the_next_step_not_at_its_turn() -> None:
+    async def main() -> None:
+        engine = FakeEngine()
+        thread, loop = await started_loop(engine)
+        long = loop.prefill("long", engine.prefill_job("long", 40))
+        waiting = loop.prefill("waiting", engine.prefill_job("waiting", 2))
+        await asyncio.sleep(0.01)
+        waiting.cancel()
+        with pytest.raises(StreamCancelled):
+            await asyncio.wrap_future(waiting.future)
+        assert not long.future.done()  # dropped while the long one still ran
+        await asyncio.wrap_future(long.future)
+        assert "chunk:waiting" not in engine.log
         thread.shutdown()
 
     run(main())

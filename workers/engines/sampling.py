@@ -43,7 +43,15 @@ def sample(logits: np.ndarray, params: SamplingParams, step: int) -> int:
     """Pick the token for generation step ``step`` from ``logits`` [vocab]."""
     if params.temperature == 0.0:
         return int(np.argmax(logits))
-    scores = logits.astype(np.float64) / params.temperature
+    scores = logits.astype(np.float64)
+    if not np.isfinite(scores).all():
+        # a row that overflowed (fp16) must not fail the batch it runs in: +inf wins, NaN never does
+        if np.isposinf(scores).any():
+            return int(np.argmax(np.isposinf(scores)))
+        scores = np.where(np.isnan(scores), -np.inf, scores)
+        if np.isneginf(scores).all():
+            return int(np.argmax(logits))
+    scores = scores / params.temperature
     scores = _keep_top_k(scores, params.top_k)
     probs = _softmax(scores)
     probs = _keep_top_p(probs, params.top_p)

@@ -72,7 +72,7 @@ class DecodeRPC:
             params, prompt = self._check(request)
             active = state.open(request.request_id, "decode")
             lease_s = request.lease_s or state.settings.lease_s
-            hit = state.prefix_lookup(prompt)
+            hit = await state.prefix_lookup(prompt)
             cached = hit.num_tokens if hit is not None else 0
             engine = state.engines.engine
             # the lease holds the whole prompt's KV: the transfer's, plus the cached prefix's copy
@@ -89,6 +89,7 @@ class DecodeRPC:
                     cached_tokens=cached,
                 ))
                 first, timings = await self._load(active, await self._await_kv(active.lease), hit)
+            hit = None  # the engine holds its own copy now: do not keep this one while decoding
             timings.prompt_tokens = len(prompt)
             timings.decode_cached_tokens = cached
             async for event in self._generate(active, prompt, first, params, timings, request.first_step):
@@ -131,7 +132,10 @@ class DecodeRPC:
         return params, prompt
 
     def _reserve(self, rid: str, layout: KVLayout, lease_s: float, *, remote: bool, extra_bytes: int) -> Lease:
-        self.state.fit_prefix_cache(reserving=layout.total_bytes + extra_bytes)  # the prefix cache yields first
+        leases, need = self.state.leases, layout.total_bytes + extra_bytes
+        if leases.max_reserved_bytes is None or leases.reserved_bytes + need <= leases.max_reserved_bytes:
+            # it will fit the budget: the prefix cache yields first (a refused request evicts nothing)
+            self.state.fit_prefix_cache(reserving=need)
         try:
             return self.state.leases.reserve(rid, layout, lease_s, remote=remote, extra_bytes=extra_bytes)
         except LeaseError as e:
@@ -260,7 +264,8 @@ class DecodeRPC:
         timings.decode_s = time.monotonic() - started
         timings.completion_tokens = len(tokens)
         reason = "stop" if tokens[-1] in params.stop_token_ids else "length"
-        blocks = await state.engines.run(state.store_prefix, active.cache_key, prompt + tokens)
+        releasing = active.lease.reserved_bytes if active.lease is not None else 0
+        blocks = await state.engines.run(state.store_prefix, active.cache_key, prompt + tokens, releasing)
         yield pb.DecodeEvent(done=pb.Done(finish_reason=reason, timings=timings, prefix_blocks=blocks))
 
     def _close(self, active: ActiveRequest) -> None:

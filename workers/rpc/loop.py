@@ -56,15 +56,19 @@ class PrefillTask:
     name: str
     job: Generator[None, None, Any]
     on_start: Callable[[], object] | None = None
+    owner: StepLoop | None = None
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     started: bool = False
     cancelled: bool = False
 
     def cancel(self) -> None:
-        """Drop it if it has not started; a started one stops at its next
-        chunk boundary (its job sees GeneratorExit). Either way its future
-        ends with ``StreamCancelled``, unless the job finished first."""
+        """Drop it at the next step if it has not started, wherever it waits;
+        a started one stops at its next chunk boundary (its job sees
+        GeneratorExit). Either way its future ends with ``StreamCancelled``,
+        unless the job finished first."""
         self.cancelled = True
+        if self.owner is not None:
+            self.owner._kick()
 
 
 _END = object()
@@ -85,6 +89,7 @@ class DecodeStream:
     owner: StepLoop
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     produced: int = 0  # tokens after the first so far (engine thread)
+    joined_tokens: int = 0  # tokens its cache held when it joined (engine thread)
     done: bool = False
 
     def cancel(self) -> None:
@@ -116,12 +121,18 @@ class DecodeStream:
 class StepLoop:
     """Runs prefills and one batched decode over an ``EngineThread``."""
 
-    def __init__(self, engines: EngineThread, *, interleave: bool = True, max_batch: int = MAX_BATCH) -> None:
+    def __init__(self, engines: EngineThread, *, interleave: bool = True, max_batch: int = MAX_BATCH,
+                 max_batch_tokens: int | None = None) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if max_batch_tokens is not None and max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be >= 1 or None, got {max_batch_tokens}")
         self.engines = engines
         self.interleave = interleave
         self.max_batch = max_batch
+        # Both engines batch left-padded: a batch of n rows costs n x its longest row in KV slots.
+        # A join that would take that past this bound waits for rows to leave (None: no bound).
+        self.max_batch_tokens = max_batch_tokens
         self._lock = threading.Lock()
         self._scheduled = False  # an iteration is queued on the engine thread
         self._closed = False
@@ -149,7 +160,7 @@ class StepLoop:
         """Queue a prefill job (a generator that yields after each chunk and
         returns its result, run on the engine thread); ``on_start`` runs on
         the engine thread just before its first chunk."""
-        task = PrefillTask(name, job, on_start)
+        task = PrefillTask(name, job, on_start, owner=self)
         with self._lock:
             if self._closed:
                 raise LoopClosed("the worker is shutting down")
@@ -234,6 +245,11 @@ class StepLoop:
             if stream.done:  # cancelled while waiting to join
                 continue
             try:
+                stream.joined_tokens = engine.cached_tokens(stream.request_id)
+                if not self._fits(stream):
+                    with self._lock:
+                        self._joins.appendleft(stream)  # first in line when rows leave
+                    return
                 engine.add(stream.request_id, stream.first_token, stream.params, stream.first_step)
             except Exception as e:  # no cache (released meanwhile), bad params: this request only
                 stream.done = True
@@ -241,8 +257,18 @@ class StepLoop:
                 continue
             self._running[stream.request_id] = stream
 
+    def _fits(self, joining: DecodeStream) -> bool:
+        """Whether the padded batch with ``joining`` stays within ``max_batch_tokens``
+        (a request alone always fits: its lease already did)."""
+        if self.max_batch_tokens is None or not self._running:
+            return True
+        longest = max(joining.joined_tokens + 1,
+                      *(s.joined_tokens + s.produced + 1 for s in self._running.values()))
+        return (len(self._running) + 1) * longest <= self.max_batch_tokens
+
     def _run_prefill(self) -> None:
         """One chunk of the oldest waiting prefill (all of it without ``interleave``)."""
+        self._drop_cancelled_prefills()
         while True:
             with self._lock:
                 task = self._prefills[0] if self._prefills else None
@@ -274,6 +300,16 @@ class StepLoop:
         except BaseException as e:  # the job's own failure (a cancel, a broken KV stream): that request only
             self._pop_prefill(task)
             _settle(task.future, error=e)
+
+    def _drop_cancelled_prefills(self) -> None:
+        """Settle every prefill cancelled before it started, wherever it waits."""
+        with self._lock:
+            dropped = [t for t in self._prefills if not t.started and (t.cancelled or t.future.cancelled())]
+            if dropped:
+                self._prefills = collections.deque(t for t in self._prefills if t not in dropped)
+        for task in dropped:
+            task.job.close()
+            _settle(task.future, error=StreamCancelled(task.name))
 
     def _pop_prefill(self, task: PrefillTask) -> None:
         with self._lock:

@@ -75,8 +75,10 @@ class PrefillRPC:
             loop = asyncio.get_running_loop()
             started: asyncio.Future[None] = loop.create_future()
             ahead = state.loop.num_prefills_waiting  # prefills queued or running before this one
-            hit = state.prefix_lookup(prompt)
+            hit = await state.prefix_lookup(prompt)
+            cached = hit.num_tokens if hit is not None else 0
             job = self._job(active, request, prompt, params, chunk_size, arrival, hit)
+            hit = None  # the job holds it until the engine has loaded it
             task = active.prefill = state.loop.prefill(
                 active.cache_key, job, lambda: loop.call_soon_threadsafe(_set_done, started))
             await self._until_started(started, task, active, ahead)
@@ -87,7 +89,7 @@ class PrefillRPC:
             state.counters.kv_bytes_sent += pusher.bytes_sent
             return pb.PrefillReply(first_token=first, queue_s=queue_s, prefill_s=prefill_s,
                                    kv_bytes=pusher.bytes_sent, send_s=pusher.send_s,
-                                   cached_tokens=hit.num_tokens if hit is not None else 0, prefix_blocks=blocks)
+                                   cached_tokens=cached, prefix_blocks=blocks)
         except asyncio.CancelledError:  # the caller went away or its deadline passed
             state.counters.requests_cancelled += 1
             raise
@@ -127,6 +129,7 @@ class PrefillRPC:
         """Wait for the job to start on the engine (or to end unstarted: a
         cancel dropped it), at most the queue deadline; then drop it and fail."""
         ended = asyncio.wrap_future(job.future)
+        ended.add_done_callback(_retrieved)  # the caller awaits the job's own future for its outcome
         try:
             await asyncio.wait_for(asyncio.wait({started, ended}, return_when=asyncio.FIRST_COMPLETED),
                                    self.queue_deadline_s)
@@ -214,6 +217,11 @@ def _failure(error: BaseException, request: pb.PrefillRequest, *, cancelled: boo
         return RPCFailure(grpc.StatusCode.UNAVAILABLE,
                           f"KV stream to {request.kv_host}:{request.kv_port} broke: {error}")
     return RPCFailure(grpc.StatusCode.INTERNAL, f"prefill failed: {type(error).__name__}: {error}")
+
+
+def _retrieved(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _set_done(future: asyncio.Future[None]) -> None:

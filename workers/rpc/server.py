@@ -220,7 +220,11 @@ class Worker:
             send_timeout_s=config.send_timeout_s, threaded_send=config.send_mode == "thread",
             max_queued_bytes=config.max_queued_bytes,
         )
-        self.loop = StepLoop(self.engines, interleave=config.interleave_prefill, max_batch=config.max_batch)
+        # with a KV budget, the left-padded batch (rows x longest row) stays within it too
+        per_token = engine.kv_layout(1).total_bytes
+        max_batch_tokens = max(1, config.max_reserved_bytes // per_token) if config.max_reserved_bytes else None
+        self.loop = StepLoop(self.engines, interleave=config.interleave_prefill, max_batch=config.max_batch,
+                             max_batch_tokens=max_batch_tokens)
         prefix_cache = PrefixCache(self.model_info.fingerprint, config.prefix_cache_bytes)
         state = WorkerState(settings, self.engines, self.leases, spec, config.cluster_key, loop=self.loop,
                             prefix_cache=prefix_cache)

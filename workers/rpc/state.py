@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,8 @@ from workers.engines.sampling import SamplingParams
 from workers.engines.thread import EngineThread
 from workers.kv.leases import Lease, LeaseTable
 from workers.rpc.loop import DecodeStream, PrefillTask, StepLoop
+
+log = logging.getLogger(__name__)
 
 CODECS = ("", "raw")
 
@@ -117,32 +120,49 @@ class WorkerState:
         self.counters = Counters()
         self.active: dict[tuple[str, str], ActiveRequest] = {}
 
-    def prefix_lookup(self, prompt: list[int]) -> PrefixHit | None:
-        """The longest cached whole-block prefix of ``prompt`` (never all of it), or None."""
-        return self.prefix_cache.lookup(prompt) if self.prefix_cache is not None else None
+    async def prefix_lookup(self, prompt: list[int]) -> PrefixHit | None:
+        """The longest cached whole-block prefix of ``prompt`` (never all of it),
+        or None. Joining its blocks copies them, so it runs off the event loop."""
+        if self.prefix_cache is None or self.prefix_cache.capacity_bytes == 0:
+            return None
+        return await asyncio.to_thread(self.prefix_cache.lookup, prompt)
+
+    @property
+    def kv_in_host_memory(self) -> bool:
+        """Whether the engine keeps its KV where the prefix cache lives (host or
+        unified memory): only then do the two share the KV budget."""
+        return not self.engines.engine.device.startswith("cuda")
 
     def fit_prefix_cache(self, reserving: int = 0) -> None:
-        """The prefix cache yields to live requests: with a KV budget, it keeps
-        at most what the leases (plus ``reserving`` bytes about to be
-        reserved) leave of it."""
+        """The prefix cache yields to live requests: with a KV budget over the
+        memory both use, it keeps at most what the leases (plus ``reserving``
+        bytes about to be reserved, minus any about to be freed) leave of it."""
         budget = self.leases.max_reserved_bytes
-        if self.prefix_cache is not None and budget is not None:
+        if self.prefix_cache is not None and budget is not None and self.kv_in_host_memory:
             self.prefix_cache.shrink_to(max(0, budget - self.leases.reserved_bytes - reserving))
 
-    def store_prefix(self, cache_key: str, token_ids: list[int]) -> list[int]:
+    def store_prefix(self, cache_key: str, token_ids: list[int], releasing: int = 0) -> list[int]:
         """On the engine thread: keep ``cache_key``'s KV (the first tokens of
         ``token_ids`` that its cache holds) in the prefix cache; the block
-        hashes now held for it ([] without a prefix cache)."""
+        hashes held for it afterwards ([] without a prefix cache).
+        ``releasing``: bytes of this request's own lease, about to be freed.
+        Keeping a prefix is advice for later requests: a failure here is
+        logged and never fails the request that just finished."""
         if self.prefix_cache is None or self.prefix_cache.capacity_bytes == 0:
             return []
-        engine = self.engines.engine
-        held = min(engine.cached_tokens(cache_key), len(token_ids))
-        if held < self.prefix_cache.block_tokens:
+        try:
+            engine = self.engines.engine
+            held = min(engine.cached_tokens(cache_key), len(token_ids))
+            if held < self.prefix_cache.block_tokens:
+                return []
+            layers = [engine.cached_layer(cache_key, layer) for layer in range(self.spec.num_layers)]
+            self.prefix_cache.insert(token_ids[:held], layers)
+            del layers
+            self.fit_prefix_cache(reserving=-releasing)
+            return self.prefix_cache.blocks_of(token_ids[:held])  # what survived the fit
+        except Exception:
+            log.exception("keeping the prefix of %s failed; the request itself is unaffected", cache_key)
             return []
-        layers = [engine.cached_layer(cache_key, layer) for layer in range(self.spec.num_layers)]
-        blocks = self.prefix_cache.insert(token_ids[:held], layers)
-        self.fit_prefix_cache()
-        return blocks
 
     def open(self, rid: str, kind: str) -> ActiveRequest:
         """Register a new request; one Prefill and one Decode per id at most."""
