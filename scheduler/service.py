@@ -379,6 +379,8 @@ class _Attempts:
         if not error.node or error.grpc_code == "INVALID_ARGUMENT" or time.monotonic() >= self.deadline:
             return False
         if self.sent:
+            if self.sent[-1] in self.request.stop_token_ids:  # it had ended: continuing would write past its stop
+                return False
             return self.migrations < self.max_migrations and len(self.sent) < self.request.max_tokens
         return not self.replaced
 
