@@ -76,9 +76,11 @@ class RequestStats:
         return bool(self.decode_node) and self.prefill_node == self.decode_node
 
     def to_json(self) -> dict:
-        """Every field (floats rounded to the microsecond, None as null) and ``colocated``."""
+        """Every field (floats rounded to the microsecond, None as null), ``colocated``, and
+        ``cached_tokens``: ``cached_prefix_tokens`` under the name OpenAI's usage uses."""
         out = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
         out["colocated"] = self.colocated
+        out["cached_tokens"] = self.cached_prefix_tokens
         return out
 
 

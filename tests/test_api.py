@@ -84,7 +84,7 @@ def test_the_pdcluster_object_is_the_request_record(client: openai.OpenAI) -> No
     # The same record `pdc simulate --json` lists per request (scheduler/request.py).
     reply = client.completions.create(model=MODEL, prompt="x", max_tokens=3)
     extra = reply.model_extra["pdcluster"]
-    assert set(extra) == {f.name for f in dataclasses.fields(RequestStats)} | {"colocated"}
+    assert set(extra) == {f.name for f in dataclasses.fields(RequestStats)} | {"colocated", "cached_tokens"}
     assert extra["request_id"] == reply.id and extra["colocated"] is False
     assert extra["completion_tokens"] == 3 and extra["tpot_s"] == pytest.approx(0.002)
 
