@@ -76,6 +76,16 @@ class UpConfig:
         return [part for flag, value in flags.items() if value is not None for part in (flag, str(value))]
 
 
+def worker_threads(num_workers: int) -> dict[str, str]:
+    """Each local worker's share of this machine's cores, as ``OMP_NUM_THREADS``
+    (torch's CPU thread pool), unless the user set it. Workers on one machine
+    that each take every core oversubscribe it: OpenMP's spinning barriers
+    then make a CPU decode step many times slower."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return {}
+    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // num_workers))}
+
+
 class LocalCluster:
     """Start, wait for and stop the processes of one local cluster."""
 
@@ -103,12 +113,13 @@ class LocalCluster:
         self._spawn("scheduler", ["serve", "--host", self.config.host, "--port", str(self.config.port),
                                   "--policy", self.config.policy, *self.config.admission_flags(), *common, *mdns],
                     env=api_key)
-        for role, engine in (("prefill", self.config.prefill_engine), ("decode", self.config.decode_engine)):
+        workers = (("prefill", self.config.prefill_engine), ("decode", self.config.decode_engine))
+        for role, engine in workers:
             self._spawn(f"{role}-worker", [
                 "worker", "--role", role, "--engine", engine, "--model", self.config.model,
                 "--host", LOOPBACK, "--node-id", f"local-{role}-{engine}-{suffix}", *common, *mdns,
                 *self.config.extra_worker_args,
-            ])
+            ], env=worker_threads(len(workers)))
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> dict:
         """Block until ``/health`` is 200 (both roles known); raise on timeout or a dead child."""
