@@ -4,8 +4,9 @@ One checkpoint, loaded once per engine; on that same model object, two paths
 generate the same number of greedy tokens from the same prompt:
 
 * ``ours``: ``Engine.prefill`` of the prompt, the first token sampled from its
-  logits as the prefill node does, then ``Engine.decode`` (the path every
-  request takes on a decode node).
+  logits as the prefill node does, then the request alone in the engine's
+  decode batch (``Engine.add`` and ``step``, through ``base.generate``): the
+  path every request takes on a decode node, with a batch of one.
 * ``native``: the library's own greedy generation, ``Engine.native_generate``:
   mlx-lm's ``generate_step`` on the MLX engine, transformers'
   ``model.generate(do_sample=False)`` on the torch engine.
@@ -218,7 +219,7 @@ def native_name(engine: str) -> str:
 
 
 def run_ours(engine: Engine, engine_name: str, token_ids: list[int], num_tokens: int) -> RoundResult:
-    """Prefill, the first token from its logits, then ``Engine.decode``: ``num_tokens`` in all."""
+    """Prefill, the first token from its logits, then the batch path alone (``base.generate``): ``num_tokens`` in all."""
     params = SamplingParams(max_tokens=num_tokens)  # greedy, no stop tokens
     result = engine.prefill(BENCH_REQUEST, token_ids, on_slice=lambda _: None)
     try:
@@ -319,7 +320,7 @@ def format_header(config: DecodeBenchConfig) -> str:
     return (
         f"bench decode: {model}, prompt {config.prompt_tokens} tokens, {config.new_tokens} new tokens greedy, "
         f"{config.rounds} timed rounds per path after {config.warmup} warm-up, {os.cpu_count()} CPUs\n"
-        f"  ours = Engine.prefill then Engine.decode; native = the library's own generate on the same model\n"
+        f"  ours = Engine.prefill then Engine.add/step (a batch of one); native = the library's own generate on the same model\n"
         f"  tok/s = {TIMING}"
     )
 
@@ -347,7 +348,8 @@ def add_decode_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "decode", help="our decode loop vs each engine library's own generate",
         description=(
-            "Prefill a prompt and decode greedily through the engines (Engine.prefill, Engine.decode), "
+            "Prefill a prompt and decode greedily through the engines (Engine.prefill, then Engine.add/step: the "
+            "decode batch with one request), "
             "alternating with the library's own generate on the same loaded model (mlx-lm generate_step, "
             "transformers generate). Reports per-round and median decode tokens/s, their ratio, and "
             "whether the greedy tokens are identical."
