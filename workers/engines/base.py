@@ -322,6 +322,49 @@ def check_prefix(prefix: list[KVSlice] | None, num_layers: int, prompt_tokens: i
     return p
 
 
+def check_prefill(token_ids: list[int], chunk_size: int, prefix: list[KVSlice] | None, emit_from: int,
+                  num_layers: int) -> int:
+    """Validate a prefill's arguments; the cached prefix's length (0 without one)."""
+    if not token_ids:
+        raise ValueError("prefill needs at least one token")
+    if chunk_size < 1 or not 0 <= emit_from <= len(token_ids):
+        raise ValueError(f"bad prefill: chunk_size={chunk_size}, emit_from={emit_from} of {len(token_ids)} tokens")
+    return check_prefix(prefix, num_layers, len(token_ids))
+
+
+def chunked_prefill(token_ids: list[int], on_slice: SliceSink, chunk_size: int, prefix: list[KVSlice] | None,
+                    emit_from: int, num_layers: int, *, load_prefix: Callable[[list[KVSlice]], None],
+                    cached_layer: Callable[[int], KVSlice],
+                    run_chunk: Callable[[list[int], int, SliceSink], np.ndarray]) -> Iterator[PrefillResult | None]:
+    """The chunk loop of both engines' ``prefill_chunks``, over a cache the
+    engine has just registered: load the cached prefix (emitting the part of
+    it from ``emit_from`` on), then ``run_chunk(chunk, start, sink)`` for each
+    chunk of the rest, which emits each layer's slice and returns the last
+    position's logits. Yields None between chunks, then the ``PrefillResult``;
+    ``compute_s`` counts only the time spent inside it."""
+    num_cached = check_prefill(token_ids, chunk_size, prefix, emit_from, num_layers)
+    sink = emitting_from(on_slice, emit_from)
+
+    def chunks() -> Iterator[PrefillResult | None]:
+        started = time.perf_counter()
+        if num_cached:
+            load_prefix(prefix)
+            if emit_from < num_cached:
+                for layer in range(num_layers):
+                    sink(cached_layer(layer))
+        compute_s = time.perf_counter() - started
+        logits = None
+        for start in range(num_cached, len(token_ids), chunk_size):
+            if start > num_cached:
+                yield None
+            started = time.perf_counter()
+            logits = run_chunk(token_ids[start : start + chunk_size], start, sink)
+            compute_s += time.perf_counter() - started
+        yield PrefillResult(logits=logits, num_tokens=len(token_ids), compute_s=compute_s)
+
+    return chunks()
+
+
 def generate(engine: Engine, request_id: str, first_token: int, params: SamplingParams,
              first_step: int = 0) -> Iterator[int]:
     """One request decoded alone, as an iterator: the tokens after

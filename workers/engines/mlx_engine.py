@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +55,8 @@ from workers.engines.base import (
     SliceSink,
     check_layout,
     check_prefix,
-    emitting_from,
+    check_prefill,
+    chunked_prefill,
     is_last,
     join_layer,
     run_prefill,
@@ -175,28 +175,14 @@ class MLXEngine:
         self, request_id: str, token_ids: list[int], on_slice: SliceSink, chunk_size: int = 128,
         prefix: list[KVSlice] | None = None, emit_from: int = 0,
     ) -> Iterator[PrefillResult | None]:
-        if not token_ids:
-            raise ValueError("prefill needs at least one token")
-        if chunk_size < 1 or not 0 <= emit_from <= len(token_ids):
-            raise ValueError(f"bad prefill: chunk_size={chunk_size}, emit_from={emit_from} of {len(token_ids)}")
-        num_cached = check_prefix(prefix, self.spec.num_layers, len(token_ids))
-        sink = emitting_from(on_slice, emit_from)
-        started = time.perf_counter()
+        check_prefill(token_ids, chunk_size, prefix, emit_from, self.spec.num_layers)  # before touching any cache
         self.release(request_id)
         cache = self._caches[request_id] = self._new_cache()
-        if num_cached:
-            self._load_layers(cache, prefix)
-            if emit_from < num_cached:
-                for layer in range(self.spec.num_layers):
-                    sink(self.cached_layer(request_id, layer))
-        compute_s = time.perf_counter() - started
-        for start in range(num_cached, len(token_ids), chunk_size):
-            if start > num_cached:
-                yield None
-            started = time.perf_counter()
-            logits = self._prefill_chunk(cache, token_ids[start : start + chunk_size], start, sink)
-            compute_s += time.perf_counter() - started
-        yield PrefillResult(logits=logits, num_tokens=len(token_ids), compute_s=compute_s)
+        return chunked_prefill(
+            token_ids, on_slice, chunk_size, prefix, emit_from, self.spec.num_layers,
+            load_prefix=lambda layers: self._load_layers(cache, layers),
+            cached_layer=lambda layer: self.cached_layer(request_id, layer),
+            run_chunk=lambda chunk, start, sink: self._prefill_chunk(cache, chunk, start, sink))
 
     def load_kv(self, request_id: str, layout: KVLayout, slices: list[KVSlice],
                 prefix: list[KVSlice] | None = None) -> None:
