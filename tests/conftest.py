@@ -405,6 +405,46 @@ class ServerThread:
         self.thread.join(10)
 
 
+@pytest.fixture()
+def backend(codec: PromptCodec) -> FakeBackend:
+    return FakeBackend(codec)
+
+
+@pytest.fixture()
+def server(backend: FakeBackend) -> Any:
+    """The real HTTP API (``scheduler.api.build_app``) over the fake backend."""
+    from scheduler.api import build_app
+
+    srv = ServerThread(build_app(backend))
+    yield srv
+    srv.stop()
+
+
+class FakeTable:
+    """A ``NodeTable`` stand-in for scheduler tests: fixed nodes, suspensions recorded."""
+
+    def __init__(self, nodes: list) -> None:
+        self.nodes = nodes
+        self.suspended: dict[str, str] = {}
+        self.refused: dict[str, str] = {}
+
+    def snapshot(self) -> list:
+        return [n for n in self.nodes if n.node_id not in self.suspended]
+
+    def suspend(self, node_id: str, reason: str) -> None:
+        self.suspended[node_id] = reason
+
+
+class FakePool:
+    """A ``ClientPool`` stand-in: each node's fake worker, by node id."""
+
+    def __init__(self, workers: dict) -> None:
+        self.workers = workers
+
+    def of(self, node: Any) -> Any:
+        return self.workers[node.node_id]
+
+
 # ---------------------------------------------------------------- real clusters, for fault injection
 
 READY_S = 120.0  # a process's start-up bound on a loaded 2-core machine

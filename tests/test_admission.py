@@ -18,6 +18,8 @@ from conftest import (
     MODEL,
     READY_S,
     FakeBackend,
+    FakePool,
+    FakeTable,
     SchedulerProcess,
     ServerThread,
     assert_nothing_held,
@@ -309,27 +311,6 @@ class LeasedWorker:
         return True
 
 
-class FakeTable:
-    def __init__(self, nodes: list[NodeInfo]) -> None:
-        self.nodes = nodes
-        self.suspended: dict[str, str] = {}
-        self.refused: dict[str, str] = {}
-
-    def snapshot(self) -> list[NodeInfo]:
-        return [n for n in self.nodes if n.node_id not in self.suspended]
-
-    def suspend(self, node_id: str, reason: str) -> None:
-        self.suspended[node_id] = reason
-
-
-class FakePool:
-    def __init__(self, workers: dict[str, LeasedWorker]) -> None:
-        self.workers = workers
-
-    def of(self, node: NodeInfo) -> LeasedWorker:
-        return self.workers[node.node_id]
-
-
 FAST = LifecycleConfig(request_timeout_s=15, prefill_timeout_s=5, cancel_timeout_s=1)
 
 
@@ -509,18 +490,6 @@ def test_a_stream_moving_off_a_dead_node_waits_for_room_instead_of_failing() -> 
 
 
 # ---------------------------------------------------------------- HTTP shapes
-
-
-@pytest.fixture()
-def backend(codec: PromptCodec) -> FakeBackend:
-    return FakeBackend(codec)
-
-
-@pytest.fixture()
-def server(backend: FakeBackend):
-    srv = ServerThread(build_app(backend))
-    yield srv
-    srv.stop()
 
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}

@@ -26,18 +26,6 @@ from scheduler.tokenizer import PromptCodec
 
 
 @pytest.fixture()
-def backend(codec: PromptCodec) -> FakeBackend:
-    return FakeBackend(codec)
-
-
-@pytest.fixture()
-def server(backend: FakeBackend):
-    srv = ServerThread(build_app(backend))
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture()
 def client(server: ServerThread) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=20, max_retries=0)
 

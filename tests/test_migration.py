@@ -6,7 +6,7 @@ interrupted stream token for token."""
 from __future__ import annotations
 
 import pytest
-from conftest import config, have, run, started, status_code
+from conftest import FakePool, FakeTable, config, have, run, started, status_code
 
 from cluster.auth import generate_key
 from proto import pdcluster_pb2 as pb
@@ -127,26 +127,6 @@ class StepWorker:
     async def cancel(self, request_id: str, timeout: float) -> bool:
         self.cancelled.append(request_id)
         return True
-
-
-class FakeTable:
-    def __init__(self, nodes: list[NodeInfo]) -> None:
-        self.nodes = nodes
-        self.suspended: dict[str, str] = {}
-
-    def snapshot(self) -> list[NodeInfo]:
-        return [n for n in self.nodes if n.node_id not in self.suspended]
-
-    def suspend(self, node_id: str, reason: str) -> None:
-        self.suspended[node_id] = reason
-
-
-class FakePool:
-    def __init__(self, workers: dict[str, StepWorker]) -> None:
-        self.workers = workers
-
-    def of(self, node: NodeInfo) -> StepWorker:
-        return self.workers[node.node_id]
 
 
 def _node(node_id: str, roles: tuple[str, ...], port: int) -> NodeInfo:
