@@ -54,13 +54,20 @@ def numpy_dtype(wire_dtype: str) -> np.dtype:
 
 @dataclass(frozen=True)
 class KVLayout:
-    """Shape of one request's whole KV cache on the wire."""
+    """Shape of one request's whole KV cache on the wire.
+
+    ``windows`` (empty: every layer is full attention) gives each layer's
+    sliding window in tokens, 0 for a full-attention layer. A layer with
+    window ``w`` ships only its last ``w`` tokens, ``[layer_start(layer),
+    num_tokens)``: the only ones its attention reads from here on. A full
+    layer ships ``[0, num_tokens)``."""
 
     num_layers: int
     kv_heads: int
     head_dim: int
     dtype: str  # a WIRE_DTYPES key
     num_tokens: int
+    windows: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         numpy_dtype(self.dtype)
@@ -69,15 +76,68 @@ class KVLayout:
                 raise ValueError(f"KVLayout.{name} must be positive, got {getattr(self, name)}")
         if self.num_tokens < 0:
             raise ValueError(f"KVLayout.num_tokens must be >= 0, got {self.num_tokens}")
+        if self.windows:
+            object.__setattr__(self, "windows", tuple(self.windows))
+            if len(self.windows) != self.num_layers:
+                raise ValueError(f"KVLayout.windows has {len(self.windows)} entries for "
+                                 f"{self.num_layers} layers")
+            bad = [w for w in self.windows if type(w) is not int or w < 0]
+            if bad:
+                raise ValueError(f"KVLayout.windows must be ints >= 0 (0: full attention), got {bad[0]!r}")
+            if not any(self.windows):
+                object.__setattr__(self, "windows", ())  # all full: the plain layout
+
+    @property
+    def sliding(self) -> bool:
+        """Some layer has a sliding window."""
+        return bool(self.windows)
+
+    def window(self, layer: int) -> int:
+        """Layer ``layer``'s sliding window in tokens; 0 for full attention."""
+        return self.windows[layer] if self.windows else 0
+
+    def layer_start(self, layer: int) -> int:
+        """The first token of ``layer`` on the wire (0 unless it slides)."""
+        window = self.window(layer)
+        return max(0, self.num_tokens - window) if window else 0
+
+    def layer_tokens(self, layer: int) -> int:
+        """How many tokens of ``layer`` travel: ``num_tokens`` or its window."""
+        return self.num_tokens - self.layer_start(layer)
+
+    def with_tokens(self, num_tokens: int) -> KVLayout:
+        """The same model's layout for ``num_tokens`` tokens."""
+        return KVLayout(self.num_layers, self.kv_heads, self.head_dim, self.dtype, num_tokens, self.windows)
+
+    @property
+    def layer_bytes_per_token(self) -> int:
+        """K plus V bytes for one token of one layer."""
+        return 2 * self.kv_heads * self.head_dim * numpy_dtype(self.dtype).itemsize
 
     @property
     def bytes_per_token(self) -> int:
-        """K plus V bytes for one token across all layers."""
-        return 2 * self.num_layers * self.kv_heads * self.head_dim * numpy_dtype(self.dtype).itemsize
+        """K plus V bytes for one token across all layers (as if every layer
+        kept every token; ``total_bytes`` counts windows)."""
+        return self.layer_bytes_per_token * self.num_layers
 
     @property
     def total_bytes(self) -> int:
-        return self.bytes_per_token * self.num_tokens
+        """Bytes of everything that travels: each layer's shipped tokens."""
+        if not self.windows:
+            return self.bytes_per_token * self.num_tokens
+        return self.layer_bytes_per_token * sum(self.layer_tokens(i) for i in range(self.num_layers))
+
+    def clip(self, kv_slice: KVSlice) -> KVSlice | None:
+        """The part of ``kv_slice`` that travels under this layout: tokens
+        before its layer's window are cut off; None when nothing is left."""
+        first = self.layer_start(kv_slice.layer)
+        if kv_slice.start >= first:
+            return kv_slice
+        end = kv_slice.start + kv_slice.num_tokens
+        if end <= first:
+            return None
+        cut = first - kv_slice.start
+        return KVSlice(kv_slice.layer, first, kv_slice.keys[:, cut:], kv_slice.values[:, cut:], kv_slice.dtype)
 
 
 @dataclass(frozen=True)
@@ -250,7 +310,7 @@ def check_layout(got: KVLayout, expected: KVLayout) -> None:
     """Raise ``ValueError`` unless an incoming layout fits this engine's model.
 
     The dtype may differ: the receiving engine casts at its own edge."""
-    for name in ("num_layers", "kv_heads", "head_dim"):
+    for name in ("num_layers", "kv_heads", "head_dim", "windows"):
         if getattr(got, name) != getattr(expected, name):
             raise ValueError(
                 f"KV layout mismatch: {name} is {getattr(got, name)} on the wire but "

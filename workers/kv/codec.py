@@ -7,12 +7,21 @@ A frame is::
     payload  kv frames only: raw key bytes, then raw value bytes
 
 A transfer is ``begin, kv*, end`` (or an ``abort`` anywhere) for one request
-id. Each kv frame carries one layer's K and V for tokens
-``[start, start + ntok)``, each C-contiguous ``[kv_heads, ntok, head_dim]`` in
-the layout's wire dtype (bf16 as uint16 bit patterns), and an xxh3_64 checksum
-over the key bytes followed by the value bytes (streamed ``update(keys);
-update(values)`` on send, one pass over the contiguous payload on receive: the
-same digest).
+id. The begin frame names the transfer's codec (``workers/kv/kvcodecs.py``:
+``raw``, ``int8`` or ``fp8``). Each kv frame carries one layer's K and V for
+tokens ``[start, start + ntok)`` and names its own codec: the transfer's, or
+``raw`` for a slice the codec cannot encode (non-finite values). Under
+``raw`` the payload is keys then values, each C-contiguous ``[kv_heads, ntok,
+head_dim]`` in the layout's wire dtype (bf16 as uint16 bit patterns); under
+another codec it is ``EncodedSlice.buffers()`` (scales, then codes), ``klen``
+and ``vlen`` counting the keys' and the values' share. An xxh3_64 checksum
+covers the payload bytes as sent (streamed buffer by buffer on send, one pass
+over the contiguous payload on receive: the same digest). The receiver decodes
+to the wire dtype at its edge, so what it hands on is the same ``KVSlice``
+whatever the codec.
+
+A sliding-window layer (``KVLayout.windows``) carries only its last
+``window`` tokens: its frames start at ``layout.layer_start(layer)``.
 
 Decoding trusts nothing: every header field is checked against the request id
 and the ``KVLayout`` the caller expects, and any mismatch raises
@@ -34,13 +43,14 @@ import numpy as np
 import xxhash
 
 from workers.engines.base import KVLayout, KVSlice, numpy_dtype
+from workers.kv import kvcodecs
 
 MAGIC = b"PDKV"
 VERSION = 1
 PREFIX = struct.Struct(">4sBI")  # magic, version, header length
 MAX_HEADER_BYTES = 64 * 1024
 MAX_PAYLOAD_BYTES = 1 << 30  # keys + values of one frame
-CODECS = ("raw",)
+CODECS: tuple[str, ...] = tuple(kvcodecs.CODECS)  # raw, int8, fp8
 
 Buffer = bytes | bytearray | memoryview
 # (shape, dtype) -> a fresh C-contiguous array to receive into, like np.empty
@@ -57,11 +67,13 @@ class FrameTimeout(FrameError, TimeoutError):
 
 @dataclass(frozen=True)
 class Begin:
-    """Opens a transfer: which request, and the shape of its whole cache."""
+    """Opens a transfer: which request, the shape of its whole cache, and the
+    codec its kv frames use (each may fall back to ``raw``)."""
 
     rid: str
     layout: KVLayout
     meta: dict[str, Any] | None = None
+    codec: str = "raw"
 
 
 @dataclass(frozen=True)
@@ -97,21 +109,35 @@ def pack_frame(header: dict[str, Any], *payloads: Buffer) -> list[Buffer]:
     return [PREFIX.pack(MAGIC, VERSION, len(packed)) + packed, *payloads]
 
 
-def encode_begin(rid: str, layout: KVLayout, meta: dict[str, Any] | None = None) -> list[Buffer]:
-    """The frame that opens transfer ``rid`` of a cache shaped ``layout``."""
-    header: dict[str, Any] = {"kind": "begin", "rid": rid, "layout": _layout_to_wire(layout)}
+def encode_begin(rid: str, layout: KVLayout, meta: dict[str, Any] | None = None,
+                 codec: str = "raw") -> list[Buffer]:
+    """The frame that opens transfer ``rid`` of a cache shaped ``layout``,
+    its kv frames encoded with ``codec``."""
+    kvcodecs.check_codec(codec)
+    header: dict[str, Any] = {"kind": "begin", "rid": rid, "layout": _layout_to_wire(layout), "codec": codec}
     if meta is not None:
         header["meta"] = meta
     return pack_frame(header)
 
 
-def encode_kv(rid: str, kv_slice: KVSlice) -> list[Buffer]:
-    """Header bytes plus zero-copy views of the slice's keys and values."""
-    keys = _byte_view(kv_slice.keys)
-    values = _byte_view(kv_slice.values)
+def encode_kv(rid: str, kv_slice: KVSlice, codec: str = "raw") -> list[Buffer]:
+    """Header bytes plus the payload: zero-copy views of the slice's keys and
+    values under ``raw``, the encoded buffers under another codec.
+
+    Raises ``kvcodecs.UnencodableKV`` when ``codec`` cannot encode the slice
+    (non-finite values); ``raw`` always can."""
+    if codec == "raw":
+        keys = _byte_view(kv_slice.keys)
+        values = _byte_view(kv_slice.values)
+        payloads: list[Buffer] = [keys, values]
+        klen, vlen = len(keys), len(values)
+    else:
+        encoded = kvcodecs.encode_slice(codec, kv_slice)
+        payloads = list(encoded.buffers())
+        klen = vlen = kvcodecs.check_codec(codec).spec(encoded.shape, encoded.dtype).nbytes(encoded.shape)
     hasher = xxhash.xxh3_64()
-    hasher.update(keys)
-    hasher.update(values)
+    for buffer in payloads:
+        hasher.update(buffer)
     header = {
         "kind": "kv",
         "rid": rid,
@@ -120,12 +146,12 @@ def encode_kv(rid: str, kv_slice: KVSlice) -> list[Buffer]:
         "ntok": kv_slice.num_tokens,
         "dtype": kv_slice.dtype,
         "shape": list(kv_slice.keys.shape),
-        "codec": "raw",
-        "klen": len(keys),
-        "vlen": len(values),
+        "codec": codec,
+        "klen": klen,
+        "vlen": vlen,
         "checksum": hasher.intdigest(),
     }
-    return pack_frame(header, keys, values)
+    return pack_frame(header, *payloads)
 
 
 def encode_end(rid: str, first_token: int, meta: dict[str, Any] | None = None) -> list[Buffer]:
@@ -142,13 +168,16 @@ def encode_abort(rid: str, reason: str) -> list[Buffer]:
 
 
 def _layout_to_wire(layout: KVLayout) -> dict[str, Any]:
-    return {
+    wire: dict[str, Any] = {
         "num_layers": layout.num_layers,
         "kv_heads": layout.kv_heads,
         "head_dim": layout.head_dim,
         "dtype": layout.dtype,
         "num_tokens": layout.num_tokens,
     }
+    if layout.windows:
+        wire["windows"] = list(layout.windows)
+    return wire
 
 
 def _byte_view(array: np.ndarray) -> memoryview:
@@ -160,7 +189,7 @@ def _byte_view(array: np.ndarray) -> memoryview:
 
 _INT = (int,)
 _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "begin": {"rid": str, "layout": dict, "meta": dict},
+    "begin": {"rid": str, "layout": dict, "meta": dict, "codec": str},
     "kv": {
         "rid": str, "layer": _INT, "start": _INT, "ntok": _INT, "dtype": str, "shape": list,
         "codec": str, "klen": _INT, "vlen": _INT, "checksum": _INT,
@@ -168,9 +197,10 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "end": {"rid": str, "first_token": _INT, "meta": dict},
     "abort": {"rid": str, "reason": str},
 }
-_OPTIONAL = {"meta"}
+_OPTIONAL = {"meta", "windows", "codec"}  # a begin without "codec" is raw (older senders)
 _LAYOUT_SCHEMA: dict[str, type | tuple[type, ...]] = {
     "num_layers": _INT, "kv_heads": _INT, "head_dim": _INT, "dtype": str, "num_tokens": _INT,
+    "windows": list,
 }
 
 
@@ -185,6 +215,7 @@ class KVHeader:
     klen: int
     vlen: int
     checksum: int
+    codec: str = "raw"
 
     @property
     def num_tokens(self) -> int:
@@ -224,9 +255,10 @@ def _parse_prefix(prefix: Buffer) -> int:
 
 
 def _parse_header(
-    data: Buffer, *, rid: str | None, layout: KVLayout | None
+    data: Buffer, *, rid: str | None, layout: KVLayout | None, codec: str = "raw"
 ) -> Begin | End | Abort | KVHeader:
-    """Unpack and validate a msgpack header against ``rid`` and ``layout``.
+    """Unpack and validate a msgpack header against ``rid``, ``layout`` and
+    the transfer's ``codec`` (a kv frame may use it or ``raw``).
 
     ``rid=None`` accepts any request id. ``layout=None`` means no begin frame
     has been seen yet, so a kv frame is an error."""
@@ -244,7 +276,11 @@ def _parse_header(
     if rid is not None and header["rid"] != rid:
         raise _mismatch(where, "rid", repr(rid), header["rid"])
     if kind == "begin":
-        return Begin(header["rid"], _parse_layout(header["layout"]), header.get("meta"))
+        codec = header.get("codec", "raw")
+        if codec not in CODECS:
+            raise FrameError(f"begin header field 'codec': expected one of {'/'.join(CODECS)} (the codecs "
+                             f"this node decodes), got {codec!r}")
+        return Begin(header["rid"], _parse_layout(header["layout"]), header.get("meta"), codec)
     if kind == "end":
         if header["first_token"] < 0:
             raise _mismatch(where, "first_token", ">= 0", header["first_token"])
@@ -253,25 +289,36 @@ def _parse_header(
         return Abort(header["rid"], header["reason"])
     if layout is None:
         raise FrameError(f"kv frame for {header['rid']!r} arrived before its begin frame")
-    return _parse_kv_header(header, layout)
+    return _parse_kv_header(header, layout, codec)
 
 
 def _parse_layout(fields: dict[Any, Any]) -> KVLayout:
     _check_fields("begin header layout", fields, _LAYOUT_SCHEMA)
+    windows = fields.get("windows", [])
+    if not all(type(w) is int for w in windows):
+        raise _mismatch("begin header layout", "windows", "a list of ints", windows)
     try:
-        return KVLayout(**fields)
+        return KVLayout(**{**fields, "windows": tuple(windows)})
     except ValueError as exc:
         raise FrameError(f"begin header field 'layout': {exc}") from None
 
 
-def _parse_kv_header(h: dict[str, Any], layout: KVLayout) -> KVHeader:
+def _parse_kv_header(h: dict[str, Any], layout: KVLayout, codec: str = "raw") -> KVHeader:
     where = "kv header"
-    if h["codec"] not in CODECS:
-        raise _mismatch(where, "codec", "/".join(CODECS), h["codec"])
+    allowed_codecs = sorted({"raw", codec})
+    if h["codec"] not in allowed_codecs:
+        raise _mismatch(where, "codec", f"{'/'.join(allowed_codecs)} (the begin frame named {codec!r})",
+                        h["codec"])
     if not 0 <= h["layer"] < layout.num_layers:
         raise _mismatch(where, "layer", f"0..{layout.num_layers - 1}", h["layer"])
-    if not 0 <= h["start"] < layout.num_tokens:
-        allowed = f"0..{layout.num_tokens - 1}" if layout.num_tokens else "none (the layout has 0 tokens)"
+    first = layout.layer_start(h["layer"])
+    if not first <= h["start"] < layout.num_tokens:
+        if not layout.num_tokens:
+            allowed = "none (the layout has 0 tokens)"
+        elif first:
+            allowed = f"{first}..{layout.num_tokens - 1} (layer {h['layer']} ships its last {layout.window(h['layer'])} tokens)"
+        else:
+            allowed = f"0..{layout.num_tokens - 1}"
         raise _mismatch(where, "start", allowed, h["start"])
     room = layout.num_tokens - h["start"]
     if not 0 < h["ntok"] <= room:
@@ -282,49 +329,73 @@ def _parse_kv_header(h: dict[str, Any], layout: KVLayout) -> KVHeader:
     shape = (layout.kv_heads, h["ntok"], layout.head_dim)
     if h["shape"] != list(shape) or not all(type(d) is int for d in h["shape"]):
         raise _mismatch(where, "shape", list(shape), h["shape"])
-    nbytes = math.prod(shape) * numpy_dtype(layout.dtype).itemsize
+    if 2 * math.prod(shape) * numpy_dtype(layout.dtype).itemsize > MAX_PAYLOAD_BYTES:
+        raise FrameError(f"kv frame of {list(shape)} {layout.dtype} is over the {MAX_PAYLOAD_BYTES}-byte "
+                         f"payload limit")
+    nbytes = kvcodecs.check_codec(h["codec"]).spec(shape, layout.dtype).nbytes(shape)
     for field in ("klen", "vlen"):
         if h[field] != nbytes:
-            raise _mismatch(where, field, nbytes, h[field])
-    if 2 * nbytes > MAX_PAYLOAD_BYTES:
-        raise FrameError(f"kv frame payload is {2 * nbytes} bytes; the limit is {MAX_PAYLOAD_BYTES}")
-    return KVHeader(h["layer"], h["start"], shape, layout.dtype, nbytes, nbytes, h["checksum"])
+            raise _mismatch(where, field, f"{nbytes} ({h['codec']})", h[field])
+    return KVHeader(h["layer"], h["start"], shape, layout.dtype, nbytes, nbytes, h["checksum"], h["codec"])
 
 
-def _finish_kv(header: KVHeader, payload: Buffer) -> KVSlice:
-    """Verify the checksum of a kv frame's contiguous payload (keys then
-    values) and build its slice from the payload's two halves."""
-    got = xxhash.xxh3_64_intdigest(payload)  # equals streaming update(keys); update(values)
+def _check_checksum(header: KVHeader, payload: Buffer) -> None:
+    got = xxhash.xxh3_64_intdigest(payload)  # equals streaming update() over the sent buffers
     if got != header.checksum:
         raise FrameError(
             f"kv header field 'checksum': expected {header.checksum} (sender's), got {got} for the "
             f"payload of layer {header.layer} tokens [{header.start}, {header.start + header.num_tokens})"
         )
+
+
+def _finish_kv(header: KVHeader, payload: Buffer) -> KVSlice:
+    """Verify the checksum of a raw kv frame's contiguous payload (keys then
+    values) and build its slice from the payload's two halves."""
+    _check_checksum(header, payload)
     # [2, kv_heads, ntok, head_dim]: keys, values
     kv = np.frombuffer(payload, numpy_dtype(header.dtype)).reshape((2, *header.shape))
     return KVSlice(header.layer, header.start, kv[0], kv[1], header.dtype)
 
 
+def _finish_encoded(header: KVHeader, payload: Buffer, out: np.ndarray) -> KVSlice:
+    """Verify an encoded kv frame's checksum, decode it to the wire dtype
+    into ``out`` (``[2, kv_heads, ntok, head_dim]``) and slice that."""
+    _check_checksum(header, payload)
+    try:
+        encoded = kvcodecs.EncodedSlice.from_buffer(header.codec, header.dtype, header.shape, payload)
+        keys, values = kvcodecs.decode(encoded)
+    except ValueError as exc:  # scales or codes the encoder never writes
+        raise FrameError(f"kv frame of layer {header.layer} does not decode as {header.codec}: {exc}") from None
+    out[0], out[1] = keys, values
+    return KVSlice(header.layer, header.start, out[0], out[1], header.dtype)
+
+
 # ---------------------------------------------------------------- decoding from bytes
 
 
-def decode_frame(data: Buffer, *, rid: str | None = None, layout: KVLayout | None = None) -> Frame:
-    """Decode ``data``, which must hold exactly one frame.
+def decode_frame(data: Buffer, *, rid: str | None = None, layout: KVLayout | None = None,
+                 codec: str = "raw") -> Frame:
+    """Decode ``data``, which must hold exactly one frame (a kv frame of a
+    transfer whose begin named ``codec``).
 
-    A kv frame's arrays are read-only views into ``data`` (no copy)."""
+    A raw kv frame's arrays are read-only views into ``data`` (no copy); an
+    encoded one is decoded into fresh arrays."""
     view = memoryview(data).cast("B")
     if len(view) < PREFIX.size:
         raise FrameError(f"truncated frame: {len(view)} bytes, the prefix alone is {PREFIX.size}")
     header_end = PREFIX.size + _parse_prefix(view[: PREFIX.size])
     if len(view) < header_end:
         raise FrameError(f"truncated frame: {len(view)} bytes, prefix and header need {header_end}")
-    header = _parse_header(view[PREFIX.size : header_end], rid=rid, layout=layout)
+    header = _parse_header(view[PREFIX.size : header_end], rid=rid, layout=layout, codec=codec)
     if not isinstance(header, KVHeader):
         _expect_length(len(view), header_end)
         return header
     frame_end = header_end + header.klen + header.vlen
     _expect_length(len(view), frame_end)
-    return _finish_kv(header, view[header_end:frame_end])
+    if header.codec == "raw":
+        return _finish_kv(header, view[header_end:frame_end])
+    return _finish_encoded(header, view[header_end:frame_end],
+                           np.empty((2, *header.shape), numpy_dtype(header.dtype)))
 
 
 def _expect_length(got: int, expected: int) -> None:
@@ -353,27 +424,29 @@ class FrameReader:
         self.first_byte_at: float | None = None
         self.last_frame_at: float | None = None
         self._prefix = bytearray(PREFIX.size)
+        self._scratch = bytearray()  # encoded payloads land here before decoding
 
     def read_frame(
         self, *, rid: str | None, layout: KVLayout | None, deadline: float,
-        allocate: Allocator = np.empty,
+        allocate: Allocator = np.empty, codec: str = "raw",
     ) -> Frame:
         """Read and validate one whole frame; raise ``FrameError`` on anything
         wrong, ``FrameTimeout`` if ``deadline`` passes first."""
-        header = self.read_header(rid=rid, layout=layout, deadline=deadline)
+        header = self.read_header(rid=rid, layout=layout, deadline=deadline, codec=codec)
         if isinstance(header, KVHeader):
             return self.read_payload(header, deadline=deadline, allocate=allocate)
         return header
 
     def read_header(
-        self, *, rid: str | None, layout: KVLayout | None, deadline: float
+        self, *, rid: str | None, layout: KVLayout | None, deadline: float, codec: str = "raw",
     ) -> Begin | End | Abort | KVHeader:
-        """Read and validate a frame's prefix and header. After a ``KVHeader``
-        the caller must ``read_payload`` before the next frame."""
+        """Read and validate a frame's prefix and header (a kv frame against
+        the transfer's ``codec``). After a ``KVHeader`` the caller must
+        ``read_payload`` before the next frame."""
         self._recv_exactly(memoryview(self._prefix), deadline, "frame prefix", frame_start=True)
         header_buf = bytearray(_parse_prefix(self._prefix))
         self._recv_exactly(memoryview(header_buf), deadline, "frame header")
-        header = _parse_header(header_buf, rid=rid, layout=layout)
+        header = _parse_header(header_buf, rid=rid, layout=layout, codec=codec)
         if not isinstance(header, KVHeader):
             self.last_frame_at = time.monotonic()
         return header
@@ -381,13 +454,24 @@ class FrameReader:
     def read_payload(
         self, header: KVHeader, *, deadline: float, allocate: Allocator = np.empty
     ) -> KVSlice:
-        """Receive a kv frame's keys then values into one array from
-        ``allocate`` and verify its checksum; the slice's arrays are its halves."""
-        payload = allocate((2, *header.shape), numpy_dtype(header.dtype))  # [2, kv_heads, ntok, head_dim]
-        view = memoryview(payload).cast("B")
+        """Receive a kv frame into one array from ``allocate``
+        (``[2, kv_heads, ntok, head_dim]``, keys then values) and verify its
+        checksum; the slice's arrays are its halves. An encoded frame is
+        received into a scratch buffer reused frame to frame and decoded into
+        that array, so the memory a transfer holds is the same for any codec."""
+        payload = allocate((2, *header.shape), numpy_dtype(header.dtype))
+        if header.codec == "raw":
+            view = memoryview(payload).cast("B")
+            self._recv_exactly(view, deadline, "kv payload")
+            self.last_frame_at = time.monotonic()
+            return _finish_kv(header, view)
+        size = header.klen + header.vlen
+        if len(self._scratch) < size:
+            self._scratch = bytearray(size)
+        view = memoryview(self._scratch)[:size]
         self._recv_exactly(view, deadline, "kv payload")
         self.last_frame_at = time.monotonic()
-        return _finish_kv(header, view)
+        return _finish_encoded(header, view, payload)
 
     def _recv_exactly(
         self, view: memoryview, deadline: float, what: str, frame_start: bool = False

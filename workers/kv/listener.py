@@ -38,13 +38,20 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from cluster.auth import REFUSALS, AuthError, ClusterKey, KVRefused, client_handshake, server_handshake
+from cluster.auth import (
+    REFUSALS,
+    AuthError,
+    ClusterKey,
+    KVRefused,
+    client_handshake,
+    server_handshake,
+)
 from workers.engines.base import KVLayout, KVSlice
 from workers.kv.codec import Begin, FrameError, FrameReader
-from workers.kv.net import connect, tune_socket
-from workers.kv.transport import KVReceiver, KVSender, ReceivedKV
 from workers.kv.leases import Lease, LeaseTable
+from workers.kv.net import connect, tune_socket
 from workers.kv.probe import MAX_CONCURRENT_PROBES, PROBE_TOKEN, serve_probe
+from workers.kv.transport import KVReceiver, KVSender, ReceivedKV
 
 log = logging.getLogger(__name__)
 
@@ -275,14 +282,20 @@ class KVPusher:
         return self._sender.bytes_sent
 
     @property
+    def raw_fallbacks(self) -> int:
+        """Slices the transfer's codec refused (non-finite values), sent raw."""
+        return self._sender.raw_fallbacks
+
+    @property
     def send_s(self) -> float:
         """First byte to last byte handed to the kernel."""
         if self.first_byte_at is None or self.last_byte_at is None:
             return 0.0
         return self.last_byte_at - self.first_byte_at
 
-    def begin(self, rid: str, layout: KVLayout, meta: dict[str, Any] | None = None) -> None:
-        self._put("begin", (rid, layout, meta), 0)
+    def begin(self, rid: str, layout: KVLayout, meta: dict[str, Any] | None = None,
+              codec: str = "raw") -> None:
+        self._put("begin", (rid, layout, meta, codec), 0)
 
     def send_slice(self, kv_slice: KVSlice) -> None:
         """Queue (or send) one slice; raises ``KVPushError`` once the stream broke."""

@@ -6,7 +6,15 @@ sampled token (or ``abort`` if prefill fails). The decode node's
 ``KVReceiver`` reads that stream under one deadline for the whole transfer,
 validates every frame against the layout it announced (and the layout the
 decode side reserved for), and checks that each layer's tokens
-``[0, num_tokens)`` arrive exactly once, in any chunk order.
+``[layout.layer_start(layer), num_tokens)`` arrive exactly once, in any chunk
+order. The sender cuts each slice to its layer's window, so an engine emits
+whole chunks whatever the model's sliding windows.
+
+The begin frame names the transfer's codec (``raw``, ``int8``, ``fp8``). A
+slice the codec refuses (``UnencodableKV``: NaN or inf in it) goes raw, named
+so in its frame header, and is counted in ``KVSender.raw_fallbacks``: the
+receiver gets exactly what the engine computed, and no other slice or request
+is touched.
 
 Any malformed or unexpected frame raises ``FrameError`` and fails only this
 transfer; the caller closes the connection. Payload bytes are never copied in
@@ -29,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from workers.engines.base import KVLayout, KVSlice, numpy_dtype
+from workers.kv import kvcodecs
 from workers.kv.codec import (
     Abort,
     Begin,
@@ -71,21 +80,35 @@ class KVSender:
         self.bytes_sent = 0
         self.rid: str | None = None
         self.layout: KVLayout | None = None
+        self.codec = "raw"
+        self.raw_fallbacks = 0  # slices the codec refused, sent raw
         self.finished = False
 
-    def begin(self, rid: str, layout: KVLayout, meta: dict[str, Any] | None = None) -> None:
-        """Announce transfer ``rid`` of a cache shaped ``layout``."""
+    def begin(self, rid: str, layout: KVLayout, meta: dict[str, Any] | None = None,
+              codec: str = "raw") -> None:
+        """Announce transfer ``rid`` of a cache shaped ``layout``, its slices
+        encoded with ``codec``."""
         if self.rid is not None:
             raise RuntimeError(f"KVSender already began transfer {self.rid!r}")
-        self._send(encode_begin(rid, layout, meta))
-        self.rid, self.layout = rid, layout
+        self._send(encode_begin(rid, layout, meta, codec))
+        self.rid, self.layout, self.codec = rid, layout, codec
 
     def send_slice(self, kv_slice: KVSlice) -> None:
-        """Send one layer's K/V for a token range. The arrays are not copied;
-        once this returns their bytes are in the kernel and they may be reused."""
+        """Send one layer's K/V for a token range, cut to the layer's window
+        (nothing is sent for a slice wholly before it). Under ``raw`` the
+        arrays are not copied; once this returns their bytes are in the
+        kernel and they may be reused."""
         layout = self._require_open()
         _check_slice(kv_slice, layout)
-        self._send(encode_kv(self.rid, kv_slice))  # type: ignore[arg-type]
+        clipped = layout.clip(kv_slice)
+        if clipped is None:
+            return
+        try:
+            frame = encode_kv(self.rid, clipped, self.codec)  # type: ignore[arg-type]
+        except kvcodecs.UnencodableKV:
+            self.raw_fallbacks += 1
+            frame = encode_kv(self.rid, clipped, "raw")  # type: ignore[arg-type]
+        self._send(frame)
 
     def end(self, first_token: int, meta: dict[str, Any] | None = None) -> None:
         """Close the transfer with the first sampled token."""
@@ -153,7 +176,7 @@ class KVArena:
     """Receive memory reserved in advance for one layout: exactly
     ``layout.total_bytes``, carved into C-contiguous slice arrays in arrival
     order. A complete transfer fills it exactly, since overlaps are rejected
-    before their payload is read.
+    before their payload is read (an encoded frame is decoded into its array).
 
     ``prefault=True`` touches every page now, so the transfer does not pay
     for first-touch page faults. Each ``receive`` into the arena starts from
@@ -185,10 +208,12 @@ class KVArena:
 
 class TokenCoverage:
     """Which tokens of each layer have arrived. Rejects overlaps; adjacent
-    ranges merge, so a complete layer is the single range ``[0, num_tokens)``.
-    Memory grows with the slices that arrived, not with the announced layout."""
+    ranges merge, so a complete layer is the single range
+    ``[layout.layer_start(layer), num_tokens)``. Memory grows with the slices
+    that arrived, not with the announced layout."""
 
     def __init__(self, layout: KVLayout) -> None:
+        self.layout = layout
         self.num_layers = layout.num_layers
         self.num_tokens = layout.num_tokens
         self._ranges: dict[int, tuple[list[int], list[int]]] = {}  # layer -> (starts, ends)
@@ -223,7 +248,7 @@ class TokenCoverage:
             return None
         for layer in range(self.num_layers):
             starts, ends = self._ranges.get(layer, ([], []))
-            position = 0
+            position = self.layout.layer_start(layer)
             for start, end in zip(starts, ends, strict=True):
                 if start > position:
                     return layer, position, start
@@ -247,6 +272,7 @@ class ReceivedKV:
     first_byte_at: float
     last_byte_at: float | None
     begin_meta: dict[str, Any] | None = None
+    codec: str = "raw"
 
 
 class KVReceiver:
@@ -282,7 +308,8 @@ class KVReceiver:
         slices: list[KVSlice] = []
         last_kv_at: float | None = None
         while True:
-            header = reader.read_header(rid=begin.rid, layout=begin.layout, deadline=deadline)
+            header = reader.read_header(rid=begin.rid, layout=begin.layout, deadline=deadline,
+                                        codec=begin.codec)
             if isinstance(header, KVHeader):
                 coverage.add(header.layer, header.start, header.num_tokens)
                 kv_slice = reader.read_payload(header, deadline=deadline, allocate=allocate)
@@ -295,7 +322,7 @@ class KVReceiver:
                 return ReceivedKV(
                     begin.rid, begin.layout, slices, header.first_token, header.meta,
                     reader.bytes_received, reader.first_byte_at, last_kv_at,  # type: ignore[arg-type]
-                    begin_meta=begin.meta,
+                    begin_meta=begin.meta, codec=begin.codec,
                 )
             elif isinstance(header, Abort):
                 raise TransferAborted(header.rid, header.reason)

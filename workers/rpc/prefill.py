@@ -36,9 +36,9 @@ from grpc import aio
 
 from cluster.auth import AuthError
 from proto import pdcluster_pb2 as pb
-from workers.kv.listener import KVPushError, KVPusher, open_kv_connection
 from workers.engines.prefix_cache import PrefixHit
 from workers.engines.sampling import SamplingParams, sample
+from workers.kv.listener import KVPusher, KVPushError, open_kv_connection
 from workers.rpc.loop import LoopClosed, PrefillTask, StreamCancelled
 from workers.rpc.state import (
     ActiveRequest,
@@ -87,6 +87,9 @@ class PrefillRPC:
             assert pusher is not None
             await asyncio.wait_for(asyncio.wrap_future(pusher.done), timeout=state.settings.send_timeout_s)
             state.counters.kv_bytes_sent += pusher.bytes_sent
+            if pusher.raw_fallbacks:
+                log.warning("request %s: %d KV slice(s) held NaN/inf, which %s cannot encode; they went raw",
+                            request.request_id, pusher.raw_fallbacks, request.codec)
             return pb.PrefillReply(first_token=first, queue_s=queue_s, prefill_s=prefill_s,
                                    kv_bytes=pusher.bytes_sent, send_s=pusher.send_s,
                                    cached_tokens=cached, prefix_blocks=blocks)
@@ -118,6 +121,10 @@ class PrefillRPC:
             raise RPCFailure(grpc.StatusCode.INVALID_ARGUMENT,
                              "kv_host, kv_port and transfer_token (from the decode node's reserved event) are required")
         prompt = state.check_prompt(request.request_id, request.prompt_token_ids)
+        if request.skip_tokens and state.engines.engine.kv_layout(1).sliding:
+            raise RPCFailure(grpc.StatusCode.INVALID_ARGUMENT,
+                             "skip_tokens must be 0 for a model with sliding-window layers: their KV is "
+                             "not reused from a prefix cache")
         if request.skip_tokens >= len(prompt):
             raise RPCFailure(grpc.StatusCode.INVALID_ARGUMENT,
                              f"skip_tokens ({request.skip_tokens}) must be less than the prompt's "
@@ -184,7 +191,7 @@ class PrefillRPC:
         skip = request.skip_tokens
         pusher = self._open_pusher(active, request)
         try:
-            pusher.begin(active.request_id, engine.kv_layout(len(prompt) - skip))
+            pusher.begin(active.request_id, engine.kv_layout(len(prompt) - skip), codec=request.codec or "raw")
             result = None
             for result in engine.prefill_chunks(active.cache_key, prompt, cancellable(active, pusher.send_slice),
                                                 chunk_size, prefix=hit.layers if hit is not None else None,

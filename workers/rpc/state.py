@@ -18,18 +18,19 @@ import grpc
 
 from cluster.auth import ClusterKey
 from proto import pdcluster_pb2 as pb
-from workers.kv.listener import KVPusher
 from workers.engines.base import KVSlice, SliceSink
 from workers.engines.model_config import ModelSpec
 from workers.engines.prefix_cache import PrefixCache, PrefixHit
 from workers.engines.sampling import SamplingParams
 from workers.engines.thread import EngineThread
+from workers.kv import kvcodecs
 from workers.kv.leases import Lease, LeaseTable
+from workers.kv.listener import KVPusher
 from workers.rpc.loop import DecodeStream, PrefillTask, StepLoop
 
 log = logging.getLogger(__name__)
 
-CODECS = ("", "raw")
+CODECS = ("", *kvcodecs.CODECS)  # "" (proto default) is raw
 
 
 class RPCFailure(Exception):
