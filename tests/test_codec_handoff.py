@@ -48,7 +48,7 @@ def test_int8_and_fp8_transfers_send_fewer_bytes_and_decode_the_same_greedy_toke
     async def body() -> None:
         async with started(Worker(config(model, key, "prefill")), Worker(config(model, key, "decode"))) as (p, d):
             results = {codec: await split(p, d, f"r-{codec}", codec) for codec in ("raw", "int8", "fp8")}
-            raw_tokens, raw_done, raw_reply = results["raw"]
+            raw_tokens, _, raw_reply = results["raw"]
             payload = 300 * 2 * 4 * 2 * 16 * 4  # tokens * (K, V) * layers * kv_heads * head_dim * fp32
             assert raw_reply.kv_bytes >= payload
             framing = raw_reply.kv_bytes - payload
