@@ -1,6 +1,7 @@
 """Codecs and sliding windows on the KV wire: frames, transfers over 127.0.0.1, refusals."""
 from __future__ import annotations
 
+import contextlib
 import random
 
 import msgpack
@@ -317,3 +318,63 @@ def test_arena_of_a_windowed_layout_is_filled_exactly(codec: str, seed: int) -> 
     send_transfer(server.port, slices, WINDOWED, codec)
     server.result(WAIT_S)
     assert arena._used == WINDOWED.total_bytes
+
+
+# ---------------------------------------------------------------- checksums taken where slices are produced
+
+
+def test_slice_digest_is_the_raw_frames_checksum_and_the_frame_carries_it_unchanged() -> None:
+    from workers.kv.codec import slice_digest
+
+    sent = random_slice(np.random.default_rng(8), LAYOUT, 1, 4, 6)
+    digested = slice_digest(sent)
+    assert digested.checksum == xxhash.xxh3_64_intdigest(sent.keys.tobytes() + sent.values.tobytes())
+    header = msgpack.unpackb(encode_kv(RID, digested)[0][PREFIX.size:])
+    assert header["checksum"] == digested.checksum
+    assert slice_digest(digested) is digested
+
+
+def test_a_producer_checksum_that_does_not_match_the_bytes_is_caught_by_the_receiver() -> None:
+    """The digest travels end to end: bytes changed after it was taken fail
+    the transfer, just as bytes changed on the wire do."""
+    from dataclasses import replace
+
+    from workers.kv.codec import slice_digest
+
+    slices = [slice_digest(s) for s in make_slices(LAYOUT, CHUNKS, seed=9)]
+    slices[4] = replace(slices[4], checksum=slices[4].checksum ^ 1)
+    server, _ = receive_one()
+    with contextlib.suppress(OSError):  # the receiver hangs up at the bad frame
+        send_transfer(server.port, slices, LAYOUT, "raw")
+    with pytest.raises(FrameError, match="checksum"):
+        server.result(WAIT_S)
+
+
+def test_the_pusher_digests_raw_slices_on_the_producing_thread_and_not_encoded_ones() -> None:
+    import threading
+
+    from workers.kv.listener import KVPusher
+
+    for codec, expect_digest in (("raw", True), ("int8", False)):
+        server, _ = receive_one()
+        queued: list[KVSlice] = []
+        with connect("127.0.0.1", server.port, timeout=WAIT_S) as sock:
+            pusher = KVPusher(sock, threaded=True, timeout=WAIT_S)
+            original = pusher._put
+
+            def spy(kind: str, item: object, nbytes: int, original=original, queued=queued) -> None:
+                if kind == "kv":
+                    assert threading.current_thread() is threading.main_thread()
+                    queued.append(item)  # type: ignore[arg-type]
+                original(kind, item, nbytes)
+
+            pusher._put = spy  # type: ignore[method-assign]
+            pusher.begin(RID, WINDOWED, codec=codec)
+            for kv_slice in make_slices(WINDOWED, [(0, 20), (20, 20)], seed=10):
+                pusher.send_slice(kv_slice)
+            pusher.end(1)
+            pusher.done.result(WAIT_S)
+            server.result(WAIT_S)
+        assert all((s.checksum is not None) == expect_digest for s in queued)
+        # layer 1's first chunk (tokens 0..20) lies wholly before its window (28..40): never queued
+        assert sorted((s.layer, s.start, s.num_tokens) for s in queued if s.layer == 1) == [(1, 28, 12)]

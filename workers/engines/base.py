@@ -145,7 +145,10 @@ class KVSlice:
     """One layer's K/V for tokens ``[start, start + num_tokens)``.
 
     ``keys`` and ``values`` are C-contiguous ``[kv_heads, tokens, head_dim]``
-    arrays of ``numpy_dtype(dtype)``; keys are post-RoPE.
+    arrays of ``numpy_dtype(dtype)``; keys are post-RoPE. ``checksum``, when
+    set, is the xxh3_64 of the key bytes then the value bytes, taken where
+    the slice was produced (``slice_digest``), while its bytes were still in
+    the CPU's cache; a raw KV frame carries it instead of hashing again.
     """
 
     layer: int
@@ -153,6 +156,7 @@ class KVSlice:
     keys: np.ndarray
     values: np.ndarray
     dtype: str
+    checksum: int | None = None
 
     @property
     def num_tokens(self) -> int:

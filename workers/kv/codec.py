@@ -35,7 +35,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import msgpack
@@ -126,18 +126,19 @@ def encode_kv(rid: str, kv_slice: KVSlice, codec: str = "raw") -> list[Buffer]:
 
     Raises ``kvcodecs.UnencodableKV`` when ``codec`` cannot encode the slice
     (non-finite values); ``raw`` always can."""
+    checksum = None
     if codec == "raw":
         keys = _byte_view(kv_slice.keys)
         values = _byte_view(kv_slice.values)
         payloads: list[Buffer] = [keys, values]
         klen, vlen = len(keys), len(values)
+        checksum = kv_slice.checksum  # taken where the slice was produced, if it was
     else:
         encoded = kvcodecs.encode_slice(codec, kv_slice)
         payloads = list(encoded.buffers())
         klen = vlen = kvcodecs.check_codec(codec).spec(encoded.shape, encoded.dtype).nbytes(encoded.shape)
-    hasher = xxhash.xxh3_64()
-    for buffer in payloads:
-        hasher.update(buffer)
+    if checksum is None:
+        checksum = _digest(payloads)
     header = {
         "kind": "kv",
         "rid": rid,
@@ -149,9 +150,24 @@ def encode_kv(rid: str, kv_slice: KVSlice, codec: str = "raw") -> list[Buffer]:
         "codec": codec,
         "klen": klen,
         "vlen": vlen,
-        "checksum": hasher.intdigest(),
+        "checksum": checksum,
     }
     return pack_frame(header, *payloads)
+
+
+def slice_digest(kv_slice: KVSlice) -> KVSlice:
+    """``kv_slice`` with its ``checksum`` set: the digest its raw kv frame
+    carries. Call it where the slice is produced, while its bytes are hot."""
+    if kv_slice.checksum is not None:
+        return kv_slice
+    return replace(kv_slice, checksum=_digest([_byte_view(kv_slice.keys), _byte_view(kv_slice.values)]))
+
+
+def _digest(buffers: list[Buffer]) -> int:
+    hasher = xxhash.xxh3_64()
+    for buffer in buffers:
+        hasher.update(buffer)
+    return hasher.intdigest()
 
 
 def encode_end(rid: str, first_token: int, meta: dict[str, Any] | None = None) -> list[Buffer]:
