@@ -18,6 +18,7 @@ from workers.tools.decode_bench import run_bench_decode
 from workers.tools.kv_bench import (
     BenchConfig,
     build_slices,
+    format_summary,
     main,
     run_bench_kv,
     run_kv_bench,
@@ -109,3 +110,31 @@ def test_module_main_without_a_benchmark_prints_help_and_a_bad_config_exits_2(ca
     assert "kv" in capsys.readouterr().out
     assert main(["kv", "--gb", "0", "--rounds", "1"]) == 2  # BenchConfig refuses it: a ValueError, no traceback
     assert "pdc bench: error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("digest_at", ["engine", "sender"])
+def test_raw_kv_path_delivers_exactly_with_the_checksum_taken_either_place(digest_at: str) -> None:
+    config = BenchConfig(num_tokens=64, chunk=24, rounds=1, warmup=0, timeout_s=60.0, digest_at=digest_at)
+    result = run_kv_bench(config, report=lambda _: None)  # the arena digest check passed in each round
+    summary = result.summary()
+    assert summary["digest_at"] == digest_at and summary["codec"] == "raw"
+    assert summary["engine_digest_ms_per_gb"] > 0 and summary["cold_digest_ms_per_gb"] > 0
+
+
+@pytest.mark.parametrize("codec", ["int8", "fp8"])
+def test_codec_kv_path_sends_about_half_the_bytes_and_reports_its_costs(codec: str) -> None:
+    config = BenchConfig(num_tokens=64, chunk=24, rounds=1, warmup=0, timeout_s=60.0, codec=codec)
+    lines: list[str] = []
+    result = run_kv_bench(config, report=lines.append)  # arena == the codec's decode of the source, each round
+    summary = result.summary()
+    payload = config.layout.total_bytes
+    assert summary["kv_payload_bytes"] == payload  # decoded into the arena: raw-sized
+    assert summary["encoded_payload_bytes"] < 0.52 * payload  # fp16 head_dim 128: int8 0.508, fp8 0.500
+    assert summary["kv_bytes_sent"] - summary["encoded_payload_bytes"] < (config.num_frames + 2) * 1024
+    assert summary["encode_ms_per_gb"] > 0 and summary["decode_ms_per_gb"] > 0
+    assert "codec" in format_summary(result)
+
+
+def test_finite_source_holds_no_nan_or_inf() -> None:
+    source, _ = build_slices(SMALL.layout, SMALL.chunk, seed=1, finite=True)
+    assert np.isfinite(source.view(np.float16)).all()

@@ -25,6 +25,24 @@ Each round also records each side's CPU time per GB (with a core per side,
 the busier side's figure sets the pace) and, from Linux PSI, how long tasks
 waited for a CPU: a round that shared the machine with other work is flagged.
 docs/performance.md has the figures and where the time goes.
+
+Where the sender's checksum is taken (``--digest-at``). On a prefill node a
+raw slice's xxh3 is taken on the engine thread the moment the engine produced
+it (``KVPusher.send_slice``), while its bytes are in the CPU's cache; that is
+engine-side work, not data-plane work. ``engine`` (the default) reproduces
+it: each slice is digested as the sender process builds the cache, before
+any round, and the digest travels in the frame; the cost of a hot digest is
+measured separately (copy the slice into a scratch buffer as a producer
+would, then time only the hash) and reported as ``engine_digest_ms_per_gb``
+beside the cold figure. ``sender`` hashes in ``KVSender`` during the round,
+over the cold source, as before.
+
+``--codec int8|fp8``: the kv path encodes every slice (in the sender, during
+the round) and the receiver decodes it into the arena. The source is then
+N(0, 1) KV rather than random bits (the codecs refuse NaN and inf), the arena
+is checked against the codec's own decode of the source, and the report adds
+the bytes on the wire and encode/decode ms per GB, timed in the sender process
+before the rounds.
 """
 from __future__ import annotations
 
@@ -40,7 +58,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -48,6 +66,7 @@ import numpy as np
 import xxhash
 
 from workers.engines.base import KVLayout, KVSlice, numpy_dtype
+from workers.kv import kvcodecs
 from workers.kv.net import connect, send_buffers, serve_once
 from workers.kv.transport import KVArena, KVReceiver, KVSender
 from workers.tools.bench import (
@@ -58,6 +77,8 @@ from workers.tools.bench import (
 )
 
 HOST = "127.0.0.1"
+CODECS = ("raw", "int8", "fp8")
+DIGEST_AT = ("engine", "sender")
 PATHS = ("kv", "raw")
 DTYPE_ALIASES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 SENDER_READY_TIMEOUT_S = 300.0  # spawn, imports, and filling the source with random bytes
@@ -84,9 +105,15 @@ class BenchConfig:
     timeout_s: float = 120.0  # bounds every wait of one round
     seed: int = 0
     pin: bool = True  # sender and receiver on different CPUs, when there are two
+    codec: str = "raw"  # the kv path's codec
+    digest_at: str = "engine"  # where a raw slice's checksum is taken (module docstring)
 
     def __post_init__(self) -> None:
         numpy_dtype(self.dtype)
+        if self.codec not in CODECS:
+            raise ValueError(f"bench kv: codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
+        if self.digest_at not in DIGEST_AT:
+            raise ValueError(f"bench kv: digest-at must be one of {', '.join(DIGEST_AT)}, got {self.digest_at!r}")
         for name in ("num_layers", "kv_heads", "head_dim", "chunk", "rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"bench kv: {name} must be >= 1, got {getattr(self, name)}")
@@ -150,6 +177,20 @@ class RoundResult:
 
 
 @dataclass(frozen=True)
+class Preparation:
+    """What the sender process measured while building the cache, before any
+    round: milliseconds per GB of raw KV (10^9 bytes)."""
+
+    expected_digest: int  # of the arena after a complete kv round
+    source_digest: int  # of the arena after a complete raw round
+    engine_digest_ms_per_gb: float  # xxh3 over each slice just written (hot), as KVPusher does
+    cold_digest_ms_per_gb: float  # xxh3 over the slices where they lie in the source (cold)
+    encode_ms_per_gb: float = 0.0  # --codec: encoding every slice
+    decode_ms_per_gb: float = 0.0  # --codec: decoding every slice
+    encoded_payload_bytes: int = 0  # --codec: codes + scales of every slice
+
+
+@dataclass(frozen=True)
 class BenchResult:
     """All timed rounds of a run; ``ratio`` is median kv over median raw GB/s."""
 
@@ -157,6 +198,7 @@ class BenchResult:
     layout: KVLayout
     num_frames: int
     cpus: tuple[int, int] | None  # (sender, receiver) CPUs when pinned
+    preparation: Preparation | None = None
     rounds: list[RoundResult] = field(default_factory=list)
 
     def gbps(self, path: str) -> list[float]:
@@ -194,20 +236,36 @@ class BenchResult:
             "rounds": self.config.rounds,
             "cpus": os.cpu_count(),
             "pinned_cpus": list(self.cpus) if self.cpus else None,
+            "codec": self.config.codec,
+            "digest_at": self.config.digest_at,
+            **({k: round(v, 1) if isinstance(v, float) else v for k, v in asdict(self.preparation).items()
+                if not k.endswith("digest")} if self.preparation else {}),
         }
 
 
 # ---------------------------------------------------------------- sender process
 
 
-def build_slices(layout: KVLayout, chunk: int, seed: int) -> tuple[np.ndarray, list[KVSlice]]:
-    """Random bytes for the whole cache and the slices a chunked prefill
-    emits over them (chunk by chunk, every layer of a chunk in turn). Each
-    slice's keys then values lie contiguously in ``source``, in that order,
-    so a complete transfer into a ``KVArena`` reproduces ``source`` exactly."""
-    words = np.random.default_rng(seed).integers(0, 2**63, math.ceil(layout.total_bytes / 8), np.uint64)
-    source = words.view(np.uint8)[: layout.total_bytes]
+def build_slices(layout: KVLayout, chunk: int, seed: int, finite: bool = False
+                 ) -> tuple[np.ndarray, list[KVSlice]]:
+    """Random bytes for the whole cache (``finite``: N(0, 1) values in the
+    layout's dtype, which a lossy codec can encode) and the slices a chunked
+    prefill emits over them (chunk by chunk, every layer of a chunk in turn).
+    Each slice's keys then values lie contiguously in ``source``, in that
+    order, so a complete raw transfer into a ``KVArena`` reproduces ``source``."""
     dtype = numpy_dtype(layout.dtype)
+    rng = np.random.default_rng(seed)
+    if finite:
+        count = layout.total_bytes // dtype.itemsize
+        values = np.empty(count, dtype)
+        step = 1 << 24
+        for i in range(0, count, step):  # bounded float32 scratch
+            part = rng.standard_normal(min(step, count - i), np.float32)
+            values[i : i + len(part)] = kvcodecs.from_float32(part, layout.dtype)
+        source = values.view(np.uint8)
+    else:
+        words = rng.integers(0, 2**63, math.ceil(layout.total_bytes / 8), np.uint64)
+        source = words.view(np.uint8)[: layout.total_bytes]
     slices, offset = [], 0
     for start in range(0, layout.num_tokens, chunk):
         ntok = min(chunk, layout.num_tokens - start)
@@ -220,11 +278,56 @@ def build_slices(layout: KVLayout, chunk: int, seed: int) -> tuple[np.ndarray, l
     return source, slices
 
 
-def send_kv(port: int, rid: str, layout: KVLayout, slices: list[KVSlice], timeout: float) -> int:
+def prepare(config: BenchConfig, source: np.ndarray, slices: list[KVSlice]
+            ) -> tuple[Preparation, list[KVSlice]]:
+    """Measure digests (hot and cold) and, with a codec, encode and decode
+    costs; return them with the slices the kv path sends (``--digest-at
+    engine``: carrying their checksums)."""
+    gb = config.layout.total_bytes / 1e9
+    scratch = np.empty(max(s.nbytes for s in slices), np.uint8)
+    hot = 0.0
+    digested = []
+    for s in slices:
+        produced = scratch[: s.nbytes]
+        np.copyto(produced[: s.keys.nbytes], s.keys.reshape(-1).view(np.uint8))  # as an engine writes a layer
+        np.copyto(produced[s.keys.nbytes :], s.values.reshape(-1).view(np.uint8))
+        t0 = time.perf_counter()
+        checksum = xxhash.xxh3_64_intdigest(produced)
+        hot += time.perf_counter() - t0
+        digested.append(replace(s, checksum=checksum))
+    t0 = time.perf_counter()
+    for s in slices:  # one cold pass over the whole source, as the sender's own hashing does
+        xxhash.xxh3_64_intdigest(memoryview(s.keys).cast("B"))
+        xxhash.xxh3_64_intdigest(memoryview(s.values).cast("B"))
+    cold = time.perf_counter() - t0
+    source_digest = xxhash.xxh3_64_intdigest(source)
+    encode_s = decode_s = 0.0
+    encoded_bytes = 0
+    expected = source_digest
+    if config.codec != "raw":
+        hasher = xxhash.xxh3_64()
+        for s in slices:
+            t0 = time.perf_counter()
+            encoded = kvcodecs.encode_slice(config.codec, s)
+            t1 = time.perf_counter()
+            keys, values = kvcodecs.decode(encoded)
+            t2 = time.perf_counter()
+            encode_s, decode_s = encode_s + t1 - t0, decode_s + t2 - t1
+            encoded_bytes += encoded.nbytes
+            hasher.update(keys)
+            hasher.update(values)
+        expected = hasher.intdigest()
+    sent = digested if config.digest_at == "engine" and config.codec == "raw" else slices
+    return Preparation(expected, source_digest, hot / gb * 1e3, cold / gb * 1e3,
+                       encode_s / gb * 1e3, decode_s / gb * 1e3, encoded_bytes), sent
+
+
+def send_kv(port: int, rid: str, layout: KVLayout, slices: list[KVSlice], timeout: float,
+            codec: str = "raw") -> int:
     """One transfer through the real ``KVSender``; returns wire bytes sent."""
     with connect(HOST, port, timeout=timeout) as sock:
         sender = KVSender(sock, timeout=timeout)
-        sender.begin(rid, layout)
+        sender.begin(rid, layout, codec=codec)
         for kv_slice in slices:
             sender.send_slice(kv_slice)
         sender.end(first_token=0)
@@ -243,8 +346,9 @@ def _sender_main(conn: Connection, config: BenchConfig, cpu: int | None) -> None
     try:
         if cpu is not None:
             os.sched_setaffinity(0, {cpu})
-        source, slices = build_slices(config.layout, config.chunk, config.seed)
-        conn.send(("ready", xxhash.xxh3_64_intdigest(source)))
+        source, slices = build_slices(config.layout, config.chunk, config.seed, finite=config.codec != "raw")
+        preparation, kv_slices = prepare(config, source, slices)
+        conn.send(("ready", preparation))
         while conn.poll(config.timeout_s * 10):
             command = conn.recv()
             if command is None:
@@ -252,7 +356,7 @@ def _sender_main(conn: Connection, config: BenchConfig, cpu: int | None) -> None
             path, port, rid = command
             t0, cpu0 = time.monotonic(), time.thread_time()
             if path == "kv":
-                sent = send_kv(port, rid, config.layout, slices, config.timeout_s)
+                sent = send_kv(port, rid, config.layout, kv_slices, config.timeout_s, config.codec)
             else:
                 sent = send_raw(port, slices, config.timeout_s)
             conn.send(("sent", sent, time.monotonic() - t0, time.thread_time() - cpu0))
@@ -271,7 +375,7 @@ class SenderProcess:
         self.process = context.Process(target=_sender_main, args=(child_conn, config, cpu), daemon=True)
         self.process.start()
         child_conn.close()
-        self.source_digest: int = self.reply("ready", SENDER_READY_TIMEOUT_S)[0]
+        self.preparation: Preparation = self.reply("ready", SENDER_READY_TIMEOUT_S)[0]
 
     def reply(self, expected: str, timeout: float) -> tuple[Any, ...]:
         """The sender's next message, which must be ``expected``."""
@@ -340,8 +444,11 @@ def run_round(sender: SenderProcess, arena: KVArena, path: str, rid: str) -> Rou
     seconds, payload, received, recv_cpu = server.result(timeout + 5)
     wait1, t1 = cpu_wait_us(), time.monotonic()
     sent, send_s, send_cpu = sender.reply("sent", timeout)
-    if xxhash.xxh3_64_intdigest(arena.memory) != sender.source_digest:
-        raise RuntimeError(f"bench kv: {path} round {rid}: the arena does not match the sender's bytes")
+    prep = sender.preparation
+    expected = prep.expected_digest if path == "kv" else prep.source_digest
+    if xxhash.xxh3_64_intdigest(arena.memory) != expected:
+        what = "the sender's bytes" if expected == prep.source_digest else f"the {sender.config.codec} decode of them"
+        raise RuntimeError(f"bench kv: {path} round {rid}: the arena does not match {what}")
     cpu_wait = None if wait0 is None or wait1 is None else (wait1 - wait0) / 1e6 / (t1 - t0)
     return RoundResult(path, seconds, payload, sent, received, recv_cpu, send_cpu, send_s, cpu_wait)
 
@@ -373,10 +480,10 @@ def run_kv_bench(config: BenchConfig, report: Callable[[str], None] = print) -> 
     a progress line before each phase and a table row after each timed round."""
     layout = config.layout
     cpus = pick_cpus(config.pin)
-    result = BenchResult(config, layout, config.num_frames, cpus)
     report(f"  preparing: reserving the arena, spawning the sender, filling {layout.total_bytes / 1e9:.2f} GB ...")
     arena = KVArena(layout, prefault=True)
     sender = SenderProcess(config, cpus[0] if cpus else None)
+    result = BenchResult(config, layout, config.num_frames, cpus, sender.preparation)
     try:
         with pinned_to(cpus[1] if cpus else None):
             _run_rounds(config, sender, arena, result, report)
@@ -423,7 +530,9 @@ def format_header(config: BenchConfig) -> str:
         f"  {layout.total_bytes / 1e9:.3f} GB per transfer in {config.num_frames} frames, "
         f"{config.rounds} timed rounds per path after {config.warmup} warm-up, {HOST}, "
         f"{os.cpu_count()} CPUs, {placement}\n"
-        f"  kv = KVSender -> KVReceiver into a KVArena; raw = plain socket into the same memory"
+        f"  kv = KVSender -> KVReceiver into a KVArena ({config.codec}"
+        f"{', checksums taken as slices are produced' if config.digest_at == 'engine' and config.codec == 'raw' else ''}"
+        f"); raw = plain socket into the same memory"
     )
 
 
@@ -436,6 +545,16 @@ def format_summary(result: BenchResult) -> str:
         f"  median raw  {raw:.2f} GB/s   CPU per GB: send {cpu['raw']['send']:.0f} ms, recv {cpu['raw']['recv']:.0f} ms",
         f"  ratio       {result.ratio:.3f} kv/raw ({verdict} the 0.80 target)",
     ]
+    prep = result.preparation
+    if prep is not None:
+        lines.append(f"  digest      xxh3 per GB: {prep.engine_digest_ms_per_gb:.0f} ms over slices just written "
+                     f"(engine side), {prep.cold_digest_ms_per_gb:.0f} ms over the cold source")
+        if result.config.codec != "raw":
+            first_kv = next(r for r in result.rounds if r.path == "kv")
+            lines.append(
+                f"  codec       {result.config.codec}: {prep.encoded_payload_bytes / result.layout.total_bytes:.3f} "
+                f"of raw payload ({first_kv.bytes_sent / 1e9:.3f} GB on the wire with framing), encode "
+                f"{prep.encode_ms_per_gb:.0f} ms/GB, decode {prep.decode_ms_per_gb:.0f} ms/GB (one thread)")
     warning = contention_warning([r.contended for r in result.rounds], "; rerun when it is idle")
     if warning:
         lines.append(f"  warning     {warning}")
@@ -467,6 +586,13 @@ def add_kv_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=d.timeout_s, help=f"seconds allowed per round (default: {d.timeout_s:g})")
     p.add_argument("--no-pin", action="store_true",
                    help="let the OS place sender and receiver (default: pin them to two different CPUs)")
+    p.add_argument("--codec", choices=CODECS, default=d.codec,
+                   help="KV codec of the kv path; int8/fp8 send finite N(0,1) KV and report bytes on the wire "
+                        "and encode/decode ms per GB (default: raw)")
+    p.add_argument("--digest-at", choices=DIGEST_AT, default=d.digest_at,
+                   help="where a raw slice's checksum is taken: 'engine' as the slice is produced (what a "
+                        "prefill node does; its cost is reported beside the rounds) or 'sender' in KVSender "
+                        "during the round, over the cold source (default: engine)")
     p.add_argument("--json", action="store_true", help="end with one JSON line holding the result")
     p.set_defaults(run=run_bench_kv)
 
@@ -478,6 +604,7 @@ def run_bench_kv(args: argparse.Namespace) -> int:
         dtype=DTYPE_ALIASES.get(args.dtype, args.dtype),
         num_tokens=args.tokens, gb=args.gb, chunk=args.chunk, rounds=args.rounds,
         warmup=args.warmup, timeout_s=args.timeout, pin=not args.no_pin,
+        codec=args.codec, digest_at=args.digest_at,
     )
     print(format_header(config), flush=True)
     result = run_kv_bench(config, report=lambda line: print(line, flush=True))
