@@ -451,3 +451,17 @@ def _weights_dtype(model: object) -> str:
         if weight.dtype in _WIRE_NAMES:
             return _WIRE_NAMES[weight.dtype]
     return "float32"
+
+
+def write_quantized(model_dir: str | Path, out_dir: str | Path, bits: int, group_size: int) -> None:
+    """mlx-lm's own affine quantization of ``model_dir`` into ``out_dir`` (which
+    must not exist): what ``mlx_lm.convert -q --q-bits BITS --q-group-size
+    GROUP_SIZE`` writes, run in-process (mlx-lm 0.32 API). Layers whose input
+    width is not a multiple of ``group_size`` stay unquantized, as mlx-lm decides.
+    ``workers/tools/quantize.py`` drives it; this module is the one that imports mlx-lm."""
+    import contextlib
+
+    from mlx_lm.convert import convert
+
+    with contextlib.redirect_stdout(sys.stderr):  # its progress lines are not our output
+        convert(str(model_dir), str(out_dir), quantize=True, q_bits=bits, q_group_size=group_size)

@@ -6,6 +6,14 @@ The scheduler loads no weights (it must run on a NAS or a Raspberry Pi), so
 fingerprint that two workers agree on exactly when they serve the same
 checkpoint (config plus weight files' names and sizes, not their contents,
 which would take minutes to hash for a large model).
+
+The model id and the fingerprint answer two questions. The id says which
+model a node serves: nodes with one id are paired, and a quantized decode
+copy (``workers/tools/quantize.py``) reports the base model id its sidecar
+declares, so a bf16 prefill node and a 4-bit decode node serve one model.
+The fingerprint says which exact weights compute the KV: prefix-cache block
+hashes are rooted in it (``cluster/blocks.py``), so a quantized copy and its
+full-precision base never share cached KV.
 """
 from __future__ import annotations
 
@@ -33,8 +41,22 @@ def model_fingerprint(model_dir: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+QUANTIZED_FILE = "pdcluster-quantized.json"  # written by workers/tools/quantize.py (tests check they agree)
+
+
+def served_model_id(model_dir: Path, model_id: str | None = None) -> str:
+    """The id a worker serves ``model_dir`` under: ``model_id`` when given
+    (``pdc worker --model-id``), else the base model id a quantized copy's
+    sidecar declares, else the folder's name."""
+    if model_id:
+        return model_id
+    declared = _read_json(model_dir / QUANTIZED_FILE).get("base_model_id")
+    return declared if isinstance(declared, str) and declared else model_dir.name
+
+
 def model_info(model_dir: Path, spec: ModelSpec, engine: Engine, model_id: str | None = None) -> pb.ModelInfo:
-    """The ``ModelInfo`` a worker serving ``model_dir`` on ``engine`` reports."""
+    """The ``ModelInfo`` a worker serving ``model_dir`` on ``engine`` reports
+    (its id: ``served_model_id``)."""
     tokenizer_config = _read_json(model_dir / "tokenizer_config.json")
     template_file = model_dir / "chat_template.jinja"
     chat_template = tokenizer_config.get("chat_template") or (
@@ -42,7 +64,7 @@ def model_info(model_dir: Path, spec: ModelSpec, engine: Engine, model_id: str |
     )
     tokenizer_file = model_dir / "tokenizer.json"
     return pb.ModelInfo(
-        model_id=model_id or model_dir.name,
+        model_id=served_model_id(model_dir, model_id),
         fingerprint=model_fingerprint(model_dir),
         model_type=spec.model_type,
         num_layers=spec.num_layers,
