@@ -29,12 +29,27 @@ engine drives it:
   logits exactly and a seeded request draws the same tokens as ``sample`` on
   the prefill node's logits, alone or in any batch.
 
+Sliding-window layers (gpt-oss, gemma3) use mlx-lm's own ``RotatingKVCache``
+(``_StreamingRotatingKVCache`` during our prefill), which ``BatchGenerator``
+merges into its ``BatchRotatingKVCache``. NOTE on their invariants: a
+rotating cache of window ``w`` reports the absolute ``offset`` (tokens seen)
+and holds at least the last ``min(offset, w)`` of them, which is what
+``BatchRotatingKVCache.merge`` copies into the batch: after our chunked
+prefill it holds ``w - 1`` plus the last chunk, in order; ``load_kv`` sets
+exactly the ``w`` tokens the wire carries (``state``) at offset ``n``. Both
+merge to the same batch rows. A cache extracted from the batch and trimmed by
+one token (``_leave``) has its oldest slot stale: only its last
+``min(offset, w - 1)`` tokens are real, all the next step reads (the stale
+slot is the first one the next token overwrites), so ``cached_layer`` reads
+that many.
+
 This is the only module that imports mlx or mlx-lm; load it through
 ``workers.engines.registry``.
 """
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -44,8 +59,8 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.generate import BatchGenerator, GenerationBatch, StopSequences
-from mlx_lm.models.cache import KVCache
-from mlx_lm.utils import load_model
+from mlx_lm.models.cache import KVCache, RotatingKVCache
+from mlx_lm.utils import _get_classes, load_model
 
 from workers.engines.base import (
     KVLayout,
@@ -85,6 +100,23 @@ class _StreamingKVCache(KVCache):
 
     def __init__(self, layer: int, hook: LayerHook | None = None) -> None:
         super().__init__()
+        self.layer = layer
+        self.hook = hook
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        out = super().update_and_fetch(keys, values)
+        if self.hook is not None:
+            self.hook(self.layer, keys, values)
+        return out
+
+
+class _StreamingRotatingKVCache(RotatingKVCache):
+    """mlx-lm's RotatingKVCache (a sliding-window layer), reporting each
+    layer's new K/V as it is written; merged into the batch and extracted
+    like any ``RotatingKVCache``."""
+
+    def __init__(self, layer: int, window: int, hook: LayerHook | None = None) -> None:
+        super().__init__(max_size=window, keep=0)
         self.layer = layer
         self.hook = hook
 
@@ -141,7 +173,8 @@ class MLXEngine:
     def __init__(self, model_dir: str | Path, dtype: str | None = None) -> None:
         self.spec = read_model_spec(model_dir)
         check_tokenizer(model_dir)
-        self.model, _ = load_model(Path(model_dir))
+        self.model = load_mlx_model(Path(model_dir))
+        _check_windows(self.model, self.spec.windows)
         if dtype is not None:
             self.model.set_dtype(_MX_DTYPES[dtype])
         self.dtype = dtype or _weights_dtype(self.model)
@@ -161,7 +194,8 @@ class MLXEngine:
         return self.dtype
 
     def kv_layout(self, num_tokens: int) -> KVLayout:
-        return KVLayout(self.spec.num_layers, self.spec.kv_heads, self.spec.head_dim, self.dtype, num_tokens)
+        return KVLayout(self.spec.num_layers, self.spec.kv_heads, self.spec.head_dim, self.dtype, num_tokens,
+                        self.spec.windows)
 
     # -- prefill and loaded KV ------------------------------------------------
 
@@ -190,11 +224,13 @@ class MLXEngine:
         num_cached = prefix[0].num_tokens if prefix else 0
         check_prefix(prefix, layout.num_layers, num_cached + layout.num_tokens)
         cache = self._new_cache()
-        if prefix:
-            self._load_layers(cache, prefix)
-        joined = [KVSlice(layer, num_cached, *join_layer(slices, layer, layout), layout.dtype)
-                  for layer in range(layout.num_layers)]
-        self._load_layers(cache, joined)
+        for layer, layer_cache in enumerate(cache):
+            start, keys, values = _join_window(slices, layer, layout)
+            if prefix and not start:  # a sliding layer received from start > 0 needs none of the prefix
+                self._load_layers([layer_cache], [prefix[layer]])
+            self._load_window(layer_cache, KVSlice(layer, num_cached + start, keys, values, layout.dtype),
+                              num_cached + layout.num_tokens)
+        mx.eval([c.keys for c in cache] + [c.values for c in cache])
         self.release(request_id)
         self._caches[request_id] = cache
 
@@ -267,12 +303,24 @@ class MLXEngine:
         return self._cache_of(request_id)[-1].offset
 
     def cached_layer(self, request_id: str, layer: int) -> KVSlice:
+        """Every token of a full layer; of a sliding layer, the last
+        ``min(n, window - 1)`` tokens (all that decoding reads; the module
+        docstring says why not the whole window)."""
         num_tokens = self.cached_tokens(request_id)
         cache = self._running_cache(request_id) if request_id in self._decoding else self._cache_of(request_id)
         entry = cache[layer]
-        # [1, kv_heads, capacity, head_dim] -> [kv_heads, num_tokens, head_dim]
-        keys, values = (np.ascontiguousarray(_to_wire(a[0, :, :num_tokens, :])) for a in (entry.keys, entry.values))
-        return KVSlice(layer, 0, keys, values, self.dtype)
+        if isinstance(entry, RotatingKVCache):
+            # [1, kv_heads, held, head_dim] in time order, ending at token ``entry.offset``
+            keys_all, values_all = entry._temporal_order(entry.keys), entry._temporal_order(entry.values)
+            end = keys_all.shape[2] - (entry.offset - num_tokens)  # drop a running request's newest token
+            start = num_tokens - min(num_tokens, entry.max_size - 1)
+            first = end - (num_tokens - start)
+        else:
+            start, first, end = 0, 0, num_tokens
+        # [1, kv_heads, capacity, head_dim] -> [kv_heads, tokens, head_dim]
+        keys, values = (np.ascontiguousarray(_to_wire(a[0, :, first:end, :])) for a in (
+            (keys_all, values_all) if isinstance(entry, RotatingKVCache) else (entry.keys, entry.values)))
+        return KVSlice(layer, start, keys, values, self.dtype)
 
     def measure_profile(self, budget_s: float) -> MeasuredProfile:
         on_gpu = mx.default_device() == mx.gpu
@@ -319,8 +367,7 @@ class MLXEngine:
 
     # -- helpers ---------------------------------------------------------------
 
-    def _prefill_chunk(self, cache: list[_StreamingKVCache], chunk: list[int], start: int, sink: SliceSink
-                       ) -> np.ndarray:
+    def _prefill_chunk(self, cache: list[KVCache], chunk: list[int], start: int, sink: SliceSink) -> np.ndarray:
         """Run ``chunk`` (tokens from ``start`` on) into ``cache``, emitting each layer's
         slice as it is written: the last position's logits ``[vocab]`` float32."""
         hook = self._slice_hook(start, sink)
@@ -335,16 +382,38 @@ class MLXEngine:
                 layer_cache.hook = None
         return np.asarray(last)
 
-    def _load_layers(self, cache: list[_StreamingKVCache], slices: list[KVSlice]) -> None:
-        """Append one wire slice per layer (``slices[i]`` is layer ``i``) to ``cache``."""
+    def _load_layers(self, cache: list[KVCache], slices: list[KVSlice]) -> None:
+        """Append one wire slice per layer (``slices[i]`` is ``cache[i]``'s) to ``cache``."""
         for kv_slice, layer_cache in zip(slices, cache, strict=True):
-            want = (self.spec.kv_heads, kv_slice.num_tokens, self.spec.head_dim)
-            if kv_slice.keys.shape != want or kv_slice.values.shape != want:
-                raise ValueError(f"layer {kv_slice.layer}: KV of shape {kv_slice.keys.shape}, expected {want}")
-            # [kv_heads, tokens, head_dim] -> [1, kv_heads, tokens, head_dim]
-            keys = self._to_mx(kv_slice.keys, kv_slice.dtype)[None]
-            layer_cache.update_and_fetch(keys, self._to_mx(kv_slice.values, kv_slice.dtype)[None])
+            keys, values = self._to_mx_kv(kv_slice)
+            layer_cache.update_and_fetch(keys, values)
         mx.eval([c.keys for c in cache] + [c.values for c in cache])
+
+    def _load_window(self, layer_cache: KVCache, kv_slice: KVSlice, num_tokens: int) -> None:
+        """Put ``kv_slice``, the last tokens up to ``num_tokens`` of its layer,
+        into ``layer_cache``: appended to a full layer (after what it holds), set
+        as a sliding layer's window at offset ``num_tokens``."""
+        if not isinstance(layer_cache, RotatingKVCache):
+            self._load_layers([layer_cache], [kv_slice])
+            return
+        keys, values = self._to_mx_kv(kv_slice)
+        if layer_cache.keys is not None:  # a prefix before the received tokens: window = its tail + them
+            keys = mx.concatenate([layer_cache._temporal_order(layer_cache.keys), keys], axis=2)
+            values = mx.concatenate([layer_cache._temporal_order(layer_cache.values), values], axis=2)
+        held = min(num_tokens, layer_cache.max_size)
+        if keys.shape[2] < held:
+            raise ValueError(f"layer {kv_slice.layer}: {keys.shape[2]} tokens do not cover its window of "
+                             f"{layer_cache.max_size} at {num_tokens} tokens")
+        keys, values = keys[:, :, -held:], values[:, :, -held:]  # [1, kv_heads, held, head_dim]
+        layer_cache.state = (keys, values, num_tokens, layer_cache.keep, layer_cache.max_size, held)
+
+    def _to_mx_kv(self, kv_slice: KVSlice) -> tuple[mx.array, mx.array]:
+        """A wire slice's keys and values as ``[1, kv_heads, tokens, head_dim]`` in this engine's dtype."""
+        want = (self.spec.kv_heads, kv_slice.num_tokens, self.spec.head_dim)
+        if kv_slice.keys.shape != want or kv_slice.values.shape != want:
+            raise ValueError(f"layer {kv_slice.layer}: KV of shape {kv_slice.keys.shape}, expected {want}")
+        # [kv_heads, tokens, head_dim] -> [1, kv_heads, tokens, head_dim]
+        return self._to_mx(kv_slice.keys, kv_slice.dtype)[None], self._to_mx(kv_slice.values, kv_slice.dtype)[None]
 
     def _leave(self, request_id: str, cache: list[KVCache]) -> None:
         """``request_id`` is out of the generator: keep ``cache`` under its id,
@@ -364,8 +433,10 @@ class MLXEngine:
             self._view = (request_id, self._generator.extract_cache([uid])[uid][0])
         return self._view[1]
 
-    def _new_cache(self) -> list[_StreamingKVCache]:
-        return [_StreamingKVCache(i) for i in range(len(self.model.layers))]
+    def _new_cache(self) -> list[KVCache]:
+        windows = self.spec.windows or (0,) * len(self.model.layers)
+        return [_StreamingRotatingKVCache(i, window) if window else _StreamingKVCache(i)
+                for i, window in enumerate(windows)]
 
     def _cache_of(self, request_id: str) -> list[KVCache]:
         cache = self._caches.get(request_id)
@@ -387,6 +458,109 @@ class MLXEngine:
         if wire_dtype == "bfloat16":
             tensor = tensor.view(mx.bfloat16)  # uint16 bit patterns
         return tensor.astype(_MX_DTYPES[self.dtype])
+
+
+def load_mlx_model(model_dir: Path) -> object:
+    """mlx-lm 0.32's ``load_model`` for ``model_dir``, plus what it lacks for
+    checkpoints that transformers loads:
+
+    * gpt-oss in float: transformers keeps the experts fused
+      (``experts.gate_up_proj`` ``[experts, hidden, 2 * intermediate]``, gate
+      and up interleaved; ``experts.down_proj`` ``[experts, intermediate,
+      hidden]``), where mlx-lm reads MXFP4 blocks or its own split
+      ``gate_proj``/``up_proj``/``down_proj`` (``[experts, out, in]``); the
+      fused tensors are split and transposed before mlx-lm's ``sanitize``.
+    * YaRN RoPE with ``truncate: false`` (gpt-oss's real configs): mlx-lm's
+      ``YarnRoPE`` always rounds the correction range to whole dimensions;
+      transformers does not when told so. Its frequencies are recomputed
+      unrounded (``_untruncated_yarn``), so both engines rotate alike.
+
+    The one place that uses mlx-lm's private ``_get_classes``."""
+
+    def classes(config: dict) -> tuple[type, type]:
+        model_class, args_class = _get_classes(config)
+        if config.get("model_type") != "gpt_oss":
+            return model_class, args_class
+
+        class FromTransformers(model_class):
+            def sanitize(self, weights: dict) -> dict:
+                return super().sanitize(_split_fused_experts(weights))
+
+        return FromTransformers, args_class
+
+    model, config = load_model(model_dir, get_model_classes=classes)
+    rope = config.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type")) == "yarn" and rope.get("truncate") is False:
+        _untruncated_yarn(model, rope, float(config.get("rope_theta", 10000.0)))
+    return model
+
+
+def _split_fused_experts(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """transformers' fused float gpt-oss experts as mlx-lm's split ones (other weights unchanged)."""
+    out: dict[str, mx.array] = {}
+    for name, value in weights.items():
+        if name.endswith("experts.gate_up_proj"):  # [experts, hidden, 2 * inter], gate/up interleaved
+            base = name[: -len("gate_up_proj")]
+            out[base + "gate_proj.weight"] = mx.contiguous(value[..., ::2].swapaxes(1, 2))  # [experts, inter, hidden]
+            out[base + "up_proj.weight"] = mx.contiguous(value[..., 1::2].swapaxes(1, 2))
+        elif name.endswith("experts.gate_up_proj_bias"):  # [experts, 2 * inter]
+            base = name[: -len("gate_up_proj_bias")]
+            out[base + "gate_proj.bias"] = mx.contiguous(value[..., ::2])
+            out[base + "up_proj.bias"] = mx.contiguous(value[..., 1::2])
+        elif name.endswith("experts.down_proj"):  # [experts, inter, hidden] -> [experts, hidden, inter]
+            out[name + ".weight"] = mx.contiguous(value.swapaxes(1, 2))
+        elif name.endswith("experts.down_proj_bias"):
+            out[name[: -len("_bias")] + ".bias"] = value
+        else:
+            out[name] = value
+    return out
+
+
+def _untruncated_yarn(model: object, rope: dict, base: float) -> None:
+    """Recompute every YaRN RoPE's frequencies of ``model`` without rounding
+    the correction range (transformers' ``truncate=False``), by mlx-lm's own
+    formula otherwise."""
+    from mlx_lm.models.rope_utils import YarnRoPE
+
+    factor = float(rope["factor"])
+    original = float(rope.get("original_max_position_embeddings", 4096))
+    beta_fast, beta_slow = float(rope.get("beta_fast", 32)), float(rope.get("beta_slow", 1))
+    for _, module in model.named_modules():
+        if not isinstance(module, YarnRoPE):
+            continue
+        dims = module.dims
+
+        def correction_dim(num_rotations: float, dims: int = dims) -> float:
+            return dims * math.log(original / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low, high = max(correction_dim(beta_fast), 0.0), min(correction_dim(beta_slow), dims - 1.0)
+        if low == high:
+            high += 0.001  # as mlx-lm and transformers do
+        ramp = mx.clip((mx.arange(dims // 2, dtype=mx.float32) - low) / (high - low), 0, 1)
+        extra = base ** (mx.arange(0, dims, 2, dtype=mx.float32) / dims)
+        inter = factor * extra
+        mask = 1.0 - ramp
+        module._freqs = (inter * extra) / (inter * mask + extra * (1 - mask))
+
+
+def _check_windows(model: object, windows: tuple[int, ...]) -> None:
+    """Raise unless mlx-lm builds this model's cache with the sliding windows
+    ``model_config`` reports (the ones on the wire)."""
+    built = tuple(c.max_size if isinstance(c, RotatingKVCache) else 0 for c in model.make_cache())
+    if (built if any(built) else ()) != windows:
+        raise RuntimeError(f"mlx-lm builds sliding windows {built} for this model, model_config reports "
+                           f"{windows}; refusing a model whose windows the two disagree on")
+
+
+def _join_window(slices: list[KVSlice], layer: int, layout: KVLayout) -> tuple[int, np.ndarray, np.ndarray]:
+    """``layer``'s received slices joined: (first token, keys, values), keys and
+    values ``[kv_heads, tokens, head_dim]`` covering ``[layout.layer_start(layer),
+    num_tokens)`` exactly once."""
+    first = layout.layer_start(layer)
+    if not first:
+        return 0, *join_layer(slices, layer, layout)
+    shifted = [KVSlice(s.layer, s.start - first, s.keys, s.values, s.dtype) for s in slices if s.layer == layer]
+    return first, *join_layer(shifted, layer, layout.with_tokens(layout.layer_tokens(layer)))
 
 
 def _admit_inserted(generator: BatchGenerator) -> None:

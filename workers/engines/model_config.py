@@ -2,13 +2,17 @@
 
 Pure Python (no torch, no mlx): the scheduler and both engines share it.
 
-The KV handoff contract covers models whose cache is plain per-layer K/V with
-full (global) attention. Architectures whose cache holds anything else are
-refused with an error that names the architecture and the reason, until they
-are handled and tested:
+The KV handoff contract covers models whose cache is plain per-layer K/V:
+full attention, or a sliding window per layer (``ModelSpec.windows``; a
+sliding layer ships only its last ``window`` tokens). Attention sinks
+(gpt-oss) are learned weights, not cache, so they need nothing. A windowed
+architecture is supported only where transformers and mlx-lm both implement
+the same window on the same layers, since a handoff runs one engine's cache
+through the other's model. Everything else is refused with an error that
+names the architecture and the reason, until it is handled and tested:
 
-* sliding-window layers (a rotating window, not the whole prefix);
-* attention sinks (extra learned logits the cache must carry);
+* a sliding window one of the two libraries ignores (gemma2, mistral or
+  qwen2 with ``sliding_window`` set, sliding ``layer_types`` on other arches);
 * MLA (a compressed latent instead of per-head K/V);
 * linear attention or SSM state (a recurrent state instead of K/V).
 """
@@ -20,25 +24,28 @@ from pathlib import Path
 
 # model_type values whose cache is plain per-layer K/V, tested in both engines.
 SUPPORTED_ARCHES: frozenset[str] = frozenset(
-    {"llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe"}
+    {"llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gpt_oss", "gemma3_text"}
 )
+# Of those, the ones whose sliding layers both libraries implement (the others
+# must have every layer full): model_type -> the per-layer windows of a config.
+WINDOWED_ARCHES: frozenset[str] = frozenset({"gpt_oss", "gemma3_text"})
 
 _SLIDING = "has sliding-window attention layers, whose cache is a rotating window rather than the whole prefix"
-_SINKS = "uses attention sinks (and sliding-window layers), which the plain K/V contract does not carry"
+_GEMMA2 = ("has sliding-window attention layers that mlx-lm 0.32's gemma2 does not implement (it attends "
+           "over the whole prefix in every layer, transformers slides every other layer), so the engines "
+           "would disagree")
+_MULTIMODAL = "is a multimodal checkpoint; serve its text-only model (model_type gemma3_text)"
 _MLA = "caches MLA latents (compressed joint K/V), not per-head keys and values"
 _STATE = "keeps linear-attention or SSM state, which is not a per-layer K/V cache"
 
 # Known architectures outside the contract, with the reason.
 REFUSED_ARCHES: dict[str, str] = {
-    "gemma2": _SLIDING,
-    "gemma3": _SLIDING,
-    "gemma3_text": _SLIDING,
+    "gemma2": _GEMMA2,
     "gemma3n": _SLIDING,
     "gemma4": _SLIDING,
     "gemma4_text": _SLIDING,
     "cohere2": _SLIDING,
     "exaone4": _SLIDING,
-    "gpt_oss": _SINKS,
     "deepseek_v2": _MLA,
     "deepseek_v3": _MLA,
     "deepseek_v32": _MLA,
@@ -62,6 +69,8 @@ REFUSED_ARCHES: dict[str, str] = {
     "bailing_moe_linear": _STATE,
     "minimax": _STATE,
 }
+# Checked on the top-level config (the others on the text config).
+_REFUSED_WRAPPERS: dict[str, str] = {"gemma3": _MULTIMODAL}
 
 _DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 
@@ -88,6 +97,7 @@ class ModelSpec:
     max_position_embeddings: int
     dtype: str  # checkpoint compute dtype: float32 | float16 | bfloat16
     eos_token_ids: tuple[int, ...]
+    windows: tuple[int, ...] = ()  # per layer: 0 full attention, w > 0 a sliding window; () all full
 
     def kv_bytes_per_token(self, dtype: str | None = None) -> int:
         """K plus V bytes for one token over all layers."""
@@ -107,22 +117,68 @@ def load_config(model_dir: str | Path) -> dict:
 
 
 def check_supported(config: dict) -> None:
-    """Raise ``UnsupportedModelError`` unless the cache is plain full-attention K/V."""
-    arch = _text_config(config).get("model_type") or "<missing model_type>"
+    """Raise ``UnsupportedModelError`` unless the cache is plain per-layer K/V
+    (full, or sliding windows both engines implement alike)."""
+    top = config.get("model_type")
+    if top in _REFUSED_WRAPPERS:
+        raise UnsupportedModelError(f"architecture {top!r} is not supported: it {_REFUSED_WRAPPERS[top]}")
     cfg = _text_config(config)
+    arch = cfg.get("model_type") or "<missing model_type>"
     if arch in REFUSED_ARCHES:
         raise UnsupportedModelError(f"architecture {arch!r} is not supported: it {REFUSED_ARCHES[arch]}")
     if arch not in SUPPORTED_ARCHES:
         raise UnsupportedModelError(
             f"architecture {arch!r} is unknown to pdcluster; supported: {', '.join(sorted(SUPPORTED_ARCHES))}"
         )
-    if _uses_sliding_window(cfg):
+    if arch in WINDOWED_ARCHES:
+        layer_windows(cfg)  # raises where the two libraries would slide different layers
+    elif _uses_sliding_window(cfg):
         raise UnsupportedModelError(
             f"architecture {arch!r} with sliding_window={cfg.get('sliding_window')} is not supported: "
-            f"it {_SLIDING}"
+            f"it {_SLIDING}, which mlx-lm 0.32's {arch} ignores (full attention) while transformers "
+            "applies it, so the engines would disagree"
         )
     if cfg.get("kv_lora_rank") or cfg.get("q_lora_rank"):
         raise UnsupportedModelError(f"architecture {arch!r} is not supported: it {_MLA}")
+
+
+def layer_windows(cfg: dict) -> tuple[int, ...]:
+    """Each layer's sliding window in tokens (0: full attention) as both
+    libraries build the model from the text config ``cfg``; () when every
+    layer is full. Both count a window alike: the token at position ``i``
+    attends to positions ``(i - window, i]``, itself included.
+
+    * gpt_oss: ``layer_types`` (default: sliding, full, alternating), window
+      ``sliding_window`` (default 128), in transformers and mlx-lm alike.
+    * gemma3_text: mlx-lm 0.32 reads only ``sliding_window_pattern`` (every
+      ``pattern``-th layer is global, default 6); transformers reads
+      ``layer_types`` when given, else the same pattern. A config whose two
+      disagree is refused."""
+    arch = cfg.get("model_type")
+    num_layers = int(cfg["num_hidden_layers"])
+    if arch == "gpt_oss":
+        window = int(cfg.get("sliding_window") or 128)
+        types = cfg.get("layer_types") or [("sliding_attention", "full_attention")[i % 2] for i in range(num_layers)]
+    elif arch == "gemma3_text":
+        window = int(cfg.get("sliding_window") or 512)
+        pattern = int(cfg.get("sliding_window_pattern") or 6)
+        types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(num_layers)]
+        if cfg.get("layer_types") and list(cfg["layer_types"]) != types:
+            raise UnsupportedModelError(
+                f"architecture {arch!r} with layer_types {cfg['layer_types']} is not supported: mlx-lm 0.32 "
+                f"reads only sliding_window_pattern={pattern} ({types}), so the engines would slide "
+                "different layers")
+        if pattern > num_layers:
+            raise UnsupportedModelError(
+                f"architecture {arch!r} with sliding_window_pattern={pattern} > {num_layers} layers is not "
+                "supported: mlx-lm 0.32's gemma3_text needs a global layer at index pattern - 1")
+    else:
+        return ()
+    if len(types) != num_layers or not set(types) <= {"sliding_attention", "full_attention"}:
+        raise UnsupportedModelError(f"architecture {arch!r} has layer_types {types}; expected one "
+                                    f"'sliding_attention' or 'full_attention' per layer ({num_layers})")
+    windows = tuple(window if t == "sliding_attention" else 0 for t in types)
+    return windows if any(windows) else ()
 
 
 def read_model_spec(model_dir: str | Path) -> ModelSpec:
@@ -149,6 +205,7 @@ def spec_from_config(config: dict) -> ModelSpec:
         max_position_embeddings=int(cfg.get("max_position_embeddings") or 2048),
         dtype=_DTYPES.get(dtype, "float32"),
         eos_token_ids=_eos_ids(cfg.get("eos_token_id")),
+        windows=layer_windows(cfg),
     )
 
 

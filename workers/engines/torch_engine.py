@@ -13,6 +13,17 @@ batching owns a paged cache that it prefills itself, so it cannot take KV that
 another engine computed). A request's cache moves into the batch when it joins
 and back out, without its padding, when it leaves.
 
+Sliding-window layers (gpt-oss, gemma3) are transformers' own
+``DynamicSlidingWindowLayer``, which ``DynamicCache(config=...)`` builds from
+the model config. NOTE on their invariant: such a layer of a cache holding
+``n`` tokens keeps only the last ``min(n, window - 1)`` of them (all the next
+token attends to besides itself) while its ``cumulative_length`` says ``n``;
+the masks and positions read that length. Wherever this engine builds a cache
+from tensors (``load_kv``, a batch joining or leaving) it hands each sliding
+layer its window and then sets that length (``_cache_of``). In a left-padded
+batch a row's held tokens sit at the right end like every row's tokens, so
+padding and the sliding mask compose as in ``generate``.
+
 This is the only module that imports torch or transformers; load it through
 ``workers.engines.registry``.
 """
@@ -124,10 +135,11 @@ class _Batch:
         return self.length - self.pads[self.ids.index(request_id)]
 
     def layer(self, request_id: str, layer: int) -> LayerKV:
-        """``request_id``'s keys and values in ``layer`` without padding, ``[1, kv_heads, tokens, head_dim]``."""
+        """``request_id``'s keys and values in ``layer`` without padding, ``[1, kv_heads, tokens, head_dim]``:
+        every token of a full layer, the held window of a sliding one."""
         row, entry = self.ids.index(request_id), self.cache.layers[layer]
-        pad = self.pads[row]
-        return entry.keys[row : row + 1, :, pad:], entry.values[row : row + 1, :, pad:]
+        first = _first_held(entry, self.length - self.pads[row])
+        return entry.keys[row : row + 1, :, first:], entry.values[row : row + 1, :, first:]
 
     def join(self, joining: dict[str, DynamicCache]) -> None:
         """Add rows for ``joining`` (request id -> its batch-1 cache), after the rows already here."""
@@ -136,24 +148,28 @@ class _Batch:
         sources = ([self.cache] if self.cache is not None else []) + list(joining.values())
         layers: list[LayerKV] = []
         for parts in zip(*(_layers_of(source) for source in sources), strict=True):  # one layer of every source
-            keys = torch.cat([_pad_left(k, length) for k, _ in parts])  # [rows, kv_heads, length, head_dim]
-            layers.append((keys, torch.cat([_pad_left(v, length) for _, v in parts])))
-        self.cache = _cache_of(self.config, layers)
+            held = max(k.shape[-2] for k, _ in parts)  # length, or the longest held window of a sliding layer
+            keys = torch.cat([_pad_left(k, held) for k, _ in parts])  # [rows, kv_heads, held, head_dim]
+            layers.append((keys, torch.cat([_pad_left(v, held) for _, v in parts])))
+        self.cache = _cache_of(self.config, layers, length)
         self.ids += list(joining)
         self.pads = [length - n for n in lengths]
 
     def leave(self, request_ids: list[str]) -> dict[str, DynamicCache]:
         """Take ``request_ids``' rows out: each one's batch-1 cache, without padding."""
         num_layers = len(self.cache.layers)
-        left = {rid: _cache_of(self.config, [self.layer(rid, i) for i in range(num_layers)]) for rid in request_ids}
+        left = {rid: _cache_of(self.config, [self.layer(rid, i) for i in range(num_layers)], self.num_tokens(rid))
+                for rid in request_ids}
         keep = [row for row, rid in enumerate(self.ids) if rid not in left]
         if not keep:
             self.ids, self.pads, self.cache = [], [], None
             return left
-        trim = min(self.pads[row] for row in keep)
+        length = self.length - min(self.pads[row] for row in keep)
         index = torch.tensor(keep, device=self.cache.layers[0].keys.device)
-        layers = [(e.keys[index, :, trim:], e.values[index, :, trim:]) for e in self.cache.layers]
-        self.cache = _cache_of(self.config, layers)  # [len(keep), kv_heads, length - trim, head_dim]
+        layers = [(e.keys[index, :, _first_held(e, length):], e.values[index, :, _first_held(e, length):])
+                  for e in self.cache.layers]
+        trim = self.length - length
+        self.cache = _cache_of(self.config, layers, length)  # [len(keep), kv_heads, length (or held), head_dim]
         self.ids = [self.ids[row] for row in keep]
         self.pads = [self.pads[row] - trim for row in keep]
         return left
@@ -169,6 +185,18 @@ class _Batch:
         return logits[:, -1].float().cpu().numpy()  # [rows, vocab]
 
 
+def _refuse_mlx_quantized(model_dir: str | Path) -> None:
+    """Refuse mlx-lm-quantized weights (a ``quantization`` block in config.json;
+    ``workers/tools/quantize.py``): transformers cannot load them."""
+    from workers.engines.model_config import UnsupportedModelError, load_config
+
+    quantization = load_config(model_dir).get("quantization")
+    if quantization is not None:
+        raise UnsupportedModelError(
+            f"{model_dir}: the torch engine cannot load mlx-lm-quantized weights ({quantization}); serve this "
+            f"folder with the mlx engine (a quantized decode node) and run torch on the full-precision model")
+
+
 class TorchEngine:
     """transformers model behind the ``Engine`` protocol."""
 
@@ -176,6 +204,7 @@ class TorchEngine:
 
     def __init__(self, model_dir: str | Path, device: str | None = None, dtype: str | None = None) -> None:
         self.spec = read_model_spec(model_dir)
+        _refuse_mlx_quantized(model_dir)
         check_tokenizer(model_dir)
         self.device = pick_device(device)
         self.dtype = dtype or _default_dtype(self.spec.dtype, self.device)
@@ -183,6 +212,7 @@ class TorchEngine:
             str(model_dir), dtype=_TORCH_DTYPES[self.dtype]
         ).to(self.device)
         self.model.eval()
+        check_windows(self.model.config, self.spec.windows)
         self._held: dict[str, _Held] = {}
         self._batch = _Batch(self.model.config)
         self._joining: list[str] = []  # added since the last step, in order; they join at the next one
@@ -193,7 +223,8 @@ class TorchEngine:
         return self.dtype
 
     def kv_layout(self, num_tokens: int) -> KVLayout:
-        return KVLayout(self.spec.num_layers, self.spec.kv_heads, self.spec.head_dim, self.dtype, num_tokens)
+        return KVLayout(self.spec.num_layers, self.spec.kv_heads, self.spec.head_dim, self.dtype, num_tokens,
+                        self.spec.windows)
 
     def prefill(
         self, request_id: str, token_ids: list[int], on_slice: SliceSink, chunk_size: int = 128,
@@ -220,12 +251,9 @@ class TorchEngine:
         check_layout(layout, self.kv_layout(layout.num_tokens))
         num_cached = prefix[0].num_tokens if prefix else 0
         check_prefix(prefix, layout.num_layers, num_cached + layout.num_tokens)
-        cache = _StreamingCache(self.model.config)
-        if prefix:
-            self._load_layers(cache, prefix)
-        joined = [join_layer(slices, layer, layout) for layer in range(layout.num_layers)]
-        self._load_layers(cache, [KVSlice(layer, num_cached, keys, values, layout.dtype)
-                                  for layer, (keys, values) in enumerate(joined)])
+        layers = [self._loaded_layer(prefix[layer] if prefix else None, layout.dtype,
+                                     *_join_window(slices, layer, layout)) for layer in range(layout.num_layers)]
+        cache = _cache_of(self.model.config, layers, num_cached + layout.num_tokens, _StreamingCache)
         self.release(request_id)
         self._held[request_id] = _Held(cache)
 
@@ -276,9 +304,12 @@ class TorchEngine:
         return cache.get_seq_length(self.spec.num_layers - 1)
 
     def cached_layer(self, request_id: str, layer: int) -> KVSlice:
+        """Every token of a full layer; of a sliding layer, the last
+        ``min(n, window - 1)`` tokens it holds (all that decoding reads)."""
         keys, values = self._layer_of(request_id, layer)
+        start = self.cached_tokens(request_id) - keys.shape[-2]
         # [1, kv_heads, tokens, head_dim] -> [kv_heads, tokens, head_dim]
-        return KVSlice(layer, 0, _to_wire(keys[0]), _to_wire(values[0]), self.dtype)
+        return KVSlice(layer, start, _to_wire(keys[0]), _to_wire(values[0]), self.dtype)
 
     def measure_profile(self, budget_s: float) -> MeasuredProfile:
         torch_dtype = _TORCH_DTYPES[self.dtype]
@@ -356,6 +387,19 @@ class TorchEngine:
         return entry.keys, entry.values
 
     @torch.inference_mode()
+    def _loaded_layer(self, prefix: KVSlice | None, wire_dtype: str, start: int, keys: np.ndarray,
+                      values: np.ndarray) -> LayerKV:
+        """One layer of ``load_kv``: the received tokens (from ``start`` of the
+        received part on) after the prefix's, ``[1, kv_heads, tokens, head_dim]``.
+        A sliding layer received from ``start`` > 0 needs none of the prefix."""
+        parts = [(keys, values, wire_dtype)]
+        if prefix is not None and not start:
+            parts.insert(0, (prefix.keys, prefix.values, prefix.dtype))
+        # [kv_heads, tokens, head_dim] -> [1, kv_heads, tokens, head_dim]
+        keys_t = torch.cat([self._to_torch(k, dtype) for k, _, dtype in parts], dim=1)[None]
+        return keys_t, torch.cat([self._to_torch(v, dtype) for _, v, dtype in parts], dim=1)[None]
+
+    @torch.inference_mode()
     def _load_layers(self, cache: DynamicCache, slices: list[KVSlice]) -> None:
         """Append one wire slice per layer (``slices[i]`` is layer ``i``) to ``cache``."""
         for kv_slice in slices:
@@ -421,12 +465,54 @@ def _cache_keyword(model_class: type) -> str:
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
-def _cache_of(config: object, layers: list[LayerKV]) -> DynamicCache:
-    """A DynamicCache holding ``layers`` (keys, values per layer; copied, so views of another cache are safe)."""
-    cache = DynamicCache(config=config)
+def _cache_of(config: object, layers: list[LayerKV], num_tokens: int,
+              cache_class: type[DynamicCache] = DynamicCache) -> DynamicCache:
+    """A cache of ``num_tokens`` tokens holding ``layers`` (keys, values per
+    layer, ``[rows, kv_heads, tokens, head_dim]``; copied, so views of another
+    cache are safe): all ``num_tokens`` of a full layer, at least the last
+    ``min(num_tokens, window - 1)`` of a sliding one, whose length is then set
+    to ``num_tokens`` (the invariant in the module docstring)."""
+    cache = cache_class(config=config)
     for layer, (keys, values) in enumerate(layers):
         cache.update(keys, values, layer)
+        entry = cache.layers[layer]
+        if getattr(entry, "is_sliding", False):
+            if keys.shape[-2] < min(num_tokens, entry.sliding_window - 1):
+                raise ValueError(f"layer {layer}: {keys.shape[-2]} tokens do not cover its window of "
+                                 f"{entry.sliding_window} at {num_tokens} tokens")
+            entry.cumulative_length = num_tokens
+        elif keys.shape[-2] != num_tokens:
+            raise ValueError(f"layer {layer}: {keys.shape[-2]} tokens in a full-attention layer of {num_tokens}")
     return cache
+
+
+def _first_held(entry: object, num_tokens: int) -> int:
+    """Where a row of ``num_tokens`` tokens starts in a cache layer's tensors
+    (the row's tokens are right-aligned): its padding in a full layer, in a
+    sliding one the start of what the row holds of its window."""
+    held = entry.keys.shape[-2]
+    return held - min(num_tokens, held)
+
+
+def check_windows(config: object, windows: tuple[int, ...]) -> None:
+    """Raise unless transformers builds this model's cache with the sliding
+    windows ``model_config`` reports (the ones on the wire)."""
+    layers = DynamicCache(config=config).layers
+    built = tuple(entry.sliding_window if getattr(entry, "is_sliding", False) else 0 for entry in layers)
+    if (built if any(built) else ()) != windows:
+        raise RuntimeError(f"transformers builds sliding windows {built} for this model, model_config reports "
+                           f"{windows}; refusing a model whose windows the two disagree on")
+
+
+def _join_window(slices: list[KVSlice], layer: int, layout: KVLayout) -> tuple[int, np.ndarray, np.ndarray]:
+    """``layer``'s received slices joined: (first token, keys, values), keys and
+    values ``[kv_heads, tokens, head_dim]`` covering ``[layout.layer_start(layer),
+    num_tokens)`` exactly once."""
+    first = layout.layer_start(layer)
+    if not first:
+        return 0, *join_layer(slices, layer, layout)
+    shifted = [KVSlice(s.layer, s.start - first, s.keys, s.values, s.dtype) for s in slices if s.layer == layer]
+    return first, *join_layer(shifted, layer, layout.with_tokens(layout.layer_tokens(layer)))
 
 
 def _layers_of(cache: DynamicCache) -> list[LayerKV]:

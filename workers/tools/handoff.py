@@ -202,15 +202,20 @@ def check_handoff(config: HandoffConfig) -> HandoffResult:
 
 
 def _kv_max_abs_diff(kv: ReceivedKV, reference: list[KVSlice]) -> float:
-    """Largest |K or V difference| between the shipped cache and the decode engine's own."""
-    by_key = {(s.layer, s.start): s for s in reference}
+    """Largest |K or V difference| between the shipped cache and the decode
+    engine's own, token by token (a sliding layer ships only its window)."""
     worst = 0.0
     for s in kv.slices:
-        ref = by_key.get((s.layer, s.start))
-        if ref is None or ref.keys.shape != s.keys.shape:
+        parts = sorted((r for r in reference if r.layer == s.layer), key=lambda r: r.start)
+        if not parts:
             return float("nan")
-        for got, want in ((s.keys, ref.keys), (s.values, ref.values)):
-            worst = max(worst, float(np.max(np.abs(_as_float(got, s.dtype) - _as_float(want, ref.dtype)))))
+        for pick in ("keys", "values"):
+            ref = np.concatenate([getattr(r, pick) for r in parts], axis=1)  # [kv_heads, tokens, head_dim]
+            want = ref[:, s.start : s.start + s.num_tokens]
+            if want.shape != getattr(s, pick).shape:
+                return float("nan")
+            diff = np.abs(_as_float(getattr(s, pick), s.dtype) - _as_float(want, parts[0].dtype))
+            worst = max(worst, float(np.max(diff)))
     return worst
 
 

@@ -29,20 +29,27 @@ import numpy as np
 from safetensors.numpy import save_file
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-ARCHES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe")
+ARCHES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gpt_oss", "gemma3")
+# The architectures with sliding-window layers (``KVLayout.windows``).
+WINDOWED_ARCHES: tuple[str, ...] = ("gpt_oss", "gemma3")
 
 # head_dim is always hidden_size // num_attention_heads: mlx-lm's qwen2 derives
-# it that way instead of reading config.head_dim.
+# it that way instead of reading config.head_dim. The sliding window (gpt_oss,
+# gemma3) is above the 107 tokens the batching tests reach and below the
+# 300-token prompt of the handoff matrix, whose first 128-token chunk it cuts:
+# the standard check thereby ships a clipped chunk, a whole one and a tail.
 PRESETS: dict[str, dict] = {
     "tiny": dict(
         hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, intermediate_size=128,
         num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+        sliding_window=256,
     ),
     "small": dict(
         hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
         num_key_value_heads=4, head_dim=64, intermediate_size=2048,
         num_experts=4, num_experts_per_tok=2, moe_intermediate_size=1024,
+        sliding_window=256,
     ),
 }
 
@@ -72,7 +79,12 @@ _ARCHITECTURES: dict[str, str] = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
+    "gpt_oss": "GptOssForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
 }
+# config.json's model_type where it is not the arch's name: gemma3 is the
+# text-only model (transformers' Gemma3ForCausalLM, mlx-lm's gemma3_text).
+_MODEL_TYPES: dict[str, str] = {"gemma3": "gemma3_text"}
 
 _CORPUS = '''
 The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single
@@ -231,11 +243,13 @@ def build_config(arch: str, preset: str, num_tokens: int) -> dict:
     """The ``config.json`` dict for ``arch`` at ``preset`` with a ``num_tokens`` tokenizer."""
     _check_choice("arch", arch, ARCHES)
     _check_choice("preset", preset, tuple(PRESETS))
-    shape = PRESETS[preset]
+    shape = {**PRESETS[preset], **_SHAPE_OVERRIDES.get(arch, {})}
     config = _common_config(arch, shape, padded_vocab_size(num_tokens))
     config.update(_ARCH_EXTRAS[arch])
     if _is_moe(arch):
         config.update(_moe_config(shape))
+    if arch in _WINDOWED_CONFIGS:
+        config.update(_WINDOWED_CONFIGS[arch](shape))
     return config
 
 
@@ -248,7 +262,7 @@ def _common_config(arch: str, shape: dict, vocab_size: int) -> dict:
     # given in transformers 5's nested rope_parameters form.
     return {
         "architectures": [_ARCHITECTURES[arch]],
-        "model_type": arch,
+        "model_type": _MODEL_TYPES.get(arch, arch),
         "vocab_size": vocab_size,
         "hidden_size": shape["hidden_size"],
         "intermediate_size": shape["intermediate_size"],
@@ -276,7 +290,8 @@ def _common_config(arch: str, shape: dict, vocab_size: int) -> dict:
 _NO_SLIDING = {"use_sliding_window": False, "sliding_window": None}
 
 # Per-arch config.json keys on top of _common_config. Sliding windows are off
-# everywhere: the KV handoff contract covers full attention only.
+# for the full-attention arches (mlx-lm ignores mistral's and qwen2's window);
+# gpt_oss and gemma3 have sliding layers (_WINDOWED_CONFIGS).
 _ARCH_EXTRAS: dict[str, dict] = {
     "llama": {"attention_bias": False, "mlp_bias": False},
     "mistral": {"sliding_window": None},
@@ -284,7 +299,59 @@ _ARCH_EXTRAS: dict[str, dict] = {
     "qwen3": {"attention_bias": False, **_NO_SLIDING},
     "qwen3_moe": {"attention_bias": False, **_NO_SLIDING, "decoder_sparse_step": 1,
                   "norm_topk_prob": True, "router_aux_loss_coef": 0.001},
+    "gpt_oss": {},  # _gpt_oss_config
+    "gemma3": {},  # _gemma3_config
 }
+
+
+# gemma3 keeps the real checkpoints' five sliding layers to one global layer,
+# so it needs at least six layers (mlx-lm's gemma3_text reads the global
+# layer's cache at index sliding_window_pattern - 1).
+_SHAPE_OVERRIDES: dict[str, dict] = {"gemma3": {"num_hidden_layers": 6}}
+
+
+def _gpt_oss_config(shape: dict) -> dict:
+    """openai/gpt-oss-20b's config scaled down: alternating sliding and full
+    layers (sliding first), per-head sinks, biased attention, top-k routed
+    experts with the clamped SwiGLU, YaRN RoPE. The YaRN correction range is
+    truncated (transformers' default) because mlx-lm 0.32's YarnRoPE always
+    truncates it; the real checkpoints say ``truncate: false``, which the MLX
+    engine honours itself (``mlx_engine._untruncated_yarn``)."""
+    rope = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+            "original_max_position_embeddings": 4096, "truncate": True}
+    return {
+        "layer_types": [_GPT_OSS_LAYERS[i % 2] for i in range(shape["num_hidden_layers"])],
+        "sliding_window": shape["sliding_window"],
+        "num_local_experts": shape["num_experts"], "num_experts_per_tok": shape["num_experts_per_tok"],
+        "experts_per_token": shape["num_experts_per_tok"], "intermediate_size": shape["moe_intermediate_size"],
+        "attention_bias": True, "swiglu_limit": 7.0, "router_aux_loss_coef": 0.9,
+        "output_router_logits": False, "initial_context_length": 4096, "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 131072,  # 32 x 4096, YaRN's reach
+        "rope_theta": 150000.0, "rope_scaling": rope, "rope_parameters": {**rope, "rope_theta": 150000.0},
+    }
+
+
+_GPT_OSS_LAYERS = ("sliding_attention", "full_attention")
+
+
+def _gemma3_config(shape: dict) -> dict:
+    """google/gemma-3-1b-it's text config scaled down: five sliding layers
+    (local RoPE base 10k) to one global layer (base 1M), q/k norms, sandwich
+    norms, scaled embeddings, no soft-capping."""
+    pattern = 6
+    return {
+        "layer_types": ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                        for i in range(shape["num_hidden_layers"])],
+        "sliding_window": shape["sliding_window"], "sliding_window_pattern": pattern,
+        "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": shape["head_dim"],
+        "attn_logit_softcapping": None, "final_logit_softcapping": None, "attention_bias": False,
+        "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0, "rope_scaling": None,
+        "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
+    }
+
+
+_WINDOWED_CONFIGS = {"gpt_oss": _gpt_oss_config, "gemma3": _gemma3_config}
 
 
 def _moe_config(shape: dict) -> dict:
@@ -354,9 +421,13 @@ def _layer_specs(config: dict, prefix: str) -> list[TensorSpec]:
         (f"{prefix}.input_layernorm.weight", (hidden,), None),
         (f"{prefix}.post_attention_layernorm.weight", (hidden,), None),
     ]
+    if config["model_type"] == "gemma3_text":  # sandwich norms around the MLP too
+        specs += [(f"{prefix}.{n}_feedforward_layernorm.weight", (hidden,), None) for n in ("pre", "post")]
     specs += _attention_specs(config, f"{prefix}.self_attn")
     if _is_moe(config["model_type"]):
         specs += _moe_specs(config, f"{prefix}.mlp")
+    elif config["model_type"] == "gpt_oss":
+        specs += _gpt_oss_expert_specs(config, f"{prefix}.mlp")
     else:
         specs += _mlp_specs(hidden, config["intermediate_size"], f"{prefix}.mlp")
     return specs
@@ -380,9 +451,29 @@ def _attention_specs(config: dict, prefix: str) -> list[TensorSpec]:
     if config["model_type"] == "qwen2":
         specs += [(f"{prefix}.{p}_proj.bias", (d,), 0.1) for p, d in
                   (("q", q_dim), ("k", kv_dim), ("v", kv_dim))]
-    if config["model_type"] in ("qwen3", "qwen3_moe"):
+    if config["model_type"] in ("qwen3", "qwen3_moe", "gemma3_text"):
         specs += [(f"{prefix}.{p}_norm.weight", (head_dim,), None) for p in ("q", "k")]
+    if config["model_type"] == "gpt_oss":
+        specs += [(f"{prefix}.{p}_proj.bias", (d,), 0.1) for p, d in
+                  (("q", q_dim), ("k", kv_dim), ("v", kv_dim), ("o", hidden))]
+        specs.append((f"{prefix}.sinks", (config["num_attention_heads"],), 1.0))  # one learned logit per head
     return specs
+
+
+def _gpt_oss_expert_specs(config: dict, prefix: str) -> list[TensorSpec]:
+    """transformers' fused gpt-oss experts in float (the real checkpoints hold
+    them as MXFP4 blocks and scales): ``gate_up_proj`` ``[experts, hidden,
+    2 * intermediate]`` with gate and up interleaved, ``down_proj``
+    ``[experts, intermediate, hidden]``, each with a bias; a biased router."""
+    hidden, inter, num_experts = config["hidden_size"], config["intermediate_size"], config["num_local_experts"]
+    return [
+        (f"{prefix}.router.weight", (num_experts, hidden), 1.0 / math.sqrt(hidden)),
+        (f"{prefix}.router.bias", (num_experts,), 0.1),
+        (f"{prefix}.experts.gate_up_proj", (num_experts, hidden, 2 * inter), 1.0 / math.sqrt(hidden)),
+        (f"{prefix}.experts.gate_up_proj_bias", (num_experts, 2 * inter), 0.1),
+        (f"{prefix}.experts.down_proj", (num_experts, inter, hidden), 1.0 / math.sqrt(inter)),
+        (f"{prefix}.experts.down_proj_bias", (num_experts, hidden), 0.1),
+    ]
 
 
 def _mlp_specs(hidden: int, intermediate: int, prefix: str) -> list[TensorSpec]:
