@@ -4,7 +4,10 @@ Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (streamed as SSE
 ending in ``data: [DONE]``, or not), ``GET /v1/models``, ``GET /health``.
 Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
 Every completion, and the last chunk of a stream, carries a ``pdcluster``
-object with placement and timings; ``usage.prompt_tokens_details.cached_tokens``
+object with placement and timings (``kv_codec``: the codec its KV crossed the
+link in, null when colocated); a body's ``"pdcluster": {"kv_codec": ...}``
+picks that codec for this request (validation.py);
+``usage.prompt_tokens_details.cached_tokens``
 counts the prompt tokens whose KV came from a prefix cache, as OpenAI's does.
 
 A client that disconnects closes the backend's iterator, which cancels the
@@ -294,7 +297,7 @@ def _to_generation(parsed: ParsedRequest, codec: PromptCodec, backend: Backend, 
         model=parsed.model, prompt_token_ids=tuple(token_ids), max_tokens=max_tokens,
         temperature=parsed.temperature, top_p=parsed.top_p, top_k=parsed.top_k, seed=parsed.seed,
         stop_token_ids=entry.eos_token_ids if entry and not parsed.ignore_eos else (),
-        placement=parsed.placement, arrived_at=arrived,
+        placement=parsed.placement, arrived_at=arrived, kv_codec=parsed.kv_codec,
     )
 
 

@@ -90,6 +90,11 @@ class ModelCost:
     layer_windows: tuple[int | None, ...]  # per layer: None = full attention, else sliding window
     dense_format: str = "bf16"  # everything but the routed experts
     expert_format: str = "bf16"
+    # The wire shape of one layer's K/V ([kv_heads, tokens, head_dim] each), which
+    # the compressed codecs' scales depend on; 0 when the cache is not per-head
+    # K/V (MLA latents), which only ``raw`` can carry.
+    kv_heads: int = 0
+    head_dim: int = 0
 
     def __post_init__(self) -> None:
         for fmt in (self.dense_format, self.expert_format):
@@ -169,6 +174,7 @@ def model_cost(
     sliding-window layers and gpt-oss attention sinks. Formats default to the
     checkpoint's native ones (``quantization_config``, else ``torch_dtype``).
     """
+    config = _text_config(config)
     hidden = int(_need(config, "hidden_size"))
     num_layers = int(_need(config, "num_hidden_layers"))
     vocab = int(_need(config, "vocab_size"))
@@ -200,7 +206,23 @@ def model_cost(
         layer_windows=_layer_windows(config, num_layers),
         dense_format=dense_format or native_dense,
         expert_format=expert_format or native_expert,
+        kv_heads=0 if config.get("kv_lora_rank") else kv_elems // (2 * _head_dim(config, hidden)),
+        head_dim=0 if config.get("kv_lora_rank") else _head_dim(config, hidden),
     )
+
+
+def _text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The language model's own config: multimodal checkpoints (Gemma 3 4B and
+    up, ``Gemma3ForConditionalGeneration``) nest it under ``text_config``, whose
+    keys win over the wrapper's."""
+    text = config.get("text_config")
+    if isinstance(text, Mapping) and "hidden_size" not in config:
+        return {**{k: v for k, v in config.items() if k != "text_config"}, **text}
+    return config
+
+
+def _head_dim(config: Mapping[str, Any], hidden: int) -> int:
+    return int(config.get("head_dim") or hidden // int(_need(config, "num_attention_heads")))
 
 
 def _need(config: Mapping[str, Any], key: str) -> Any:
@@ -220,7 +242,7 @@ def _attention_shape(config: Mapping[str, Any], hidden: int) -> tuple[int, int, 
         kv = hidden * (rank + rope) + rank + rank * heads * (nope + v_dim)
         params = q + kv + heads * v_dim * hidden
         return params, 2 * heads * (nope + rope) + 2 * heads * v_dim, rank + rope
-    head_dim = int(config.get("head_dim") or hidden // heads)
+    head_dim = _head_dim(config, hidden)
     kv_heads = int(config.get("num_key_value_heads") or heads)
     q_dim, kv_dim = heads * head_dim, kv_heads * head_dim
     params = hidden * (q_dim + 2 * kv_dim) + q_dim * hidden
@@ -282,6 +304,12 @@ def _mlp_bias(config: Mapping[str, Any], hidden: int) -> int:
 
 
 def _layer_windows(config: Mapping[str, Any], num_layers: int) -> tuple[int | None, ...]:
+    """Each layer's sliding window (None: full attention), from, in order:
+    ``layer_types`` ("sliding_attention" / "full_attention": gpt-oss, Gemma 3,
+    newer Gemma 2 and Qwen configs); Gemma 3's ``sliding_window_pattern``
+    (every pattern-th layer global); Gemma 2's fixed alternation (even layers
+    slide, odd ones are global, as transformers' ``Gemma2DecoderLayer``);
+    Qwen2's ``max_window_layers``; else every layer slides (Mistral)."""
     window = config.get("sliding_window")
     if config.get("layer_types"):
         types = list(config["layer_types"])
@@ -291,9 +319,11 @@ def _layer_windows(config: Mapping[str, Any], num_layers: int) -> tuple[int | No
     if not window or config.get("use_sliding_window") is False:
         return (None,) * num_layers
     window = int(window)
-    if config.get("sliding_window_pattern"):  # Gemma: every pattern-th layer is global
+    if config.get("sliding_window_pattern"):  # Gemma 3: every pattern-th layer is global
         pattern = int(config["sliding_window_pattern"])
         return tuple(None if (i + 1) % pattern == 0 else window for i in range(num_layers))
+    if config.get("model_type") == "gemma2":  # no key says it: layer i slides when i is even
+        return tuple(window if i % 2 == 0 else None for i in range(num_layers))
     if config.get("use_sliding_window") and config.get("max_window_layers") is not None:  # Qwen2
         first = int(config["max_window_layers"])
         return tuple(window if i >= first else None for i in range(num_layers))
@@ -358,6 +388,125 @@ def linear_flops(model: ModelCost, num_new: int) -> float:
     """FLOPs of the weight matmuls: 2 per active parameter per token, and the
     lm_head for the last token only (engines skip the other prompt logits)."""
     return 2.0 * (num_new * model.layer_active_params + model.unembedding_params)
+
+
+# --------------------------------------------------------------- KV codecs on the wire
+
+KV_DTYPE_BYTES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}
+KV_DTYPE = "bfloat16"  # the wire dtype the cost model prices KV in (the catalog's models compute in bf16)
+
+
+@dataclass(frozen=True)
+class CodecSpeed:
+    """What one codec costs per GB (1e9 bytes) of *raw* KV of one wire dtype:
+    encoding on the prefill node's sender thread, decoding on the decode node's
+    receiver as each frame lands."""
+
+    encode_s_per_gb: float
+    decode_s_per_gb: float
+
+    @property
+    def slowest_s_per_byte(self) -> float:
+        return max(self.encode_s_per_gb, self.decode_s_per_gb) / 1e9
+
+
+# docs/performance.md, "Compressed KV codecs (library)", "Size and speed on random
+# normal data": ``workers/kv/kvcodecs.py`` in numpy on one thread of the 2-vCPU Xeon
+# VM, one [8, 2048, 128] slice of keys and values, best of 5, ms per GB of raw KV in.
+# A new measurement replaces a row.
+CODEC_SPEED_SOURCE = "docs/performance.md, Compressed KV codecs: numpy, one thread, [8, 2048, 128] slices"
+CODEC_SPEED: dict[tuple[str, str], CodecSpeed] = {
+    ("int8", "float32"): CodecSpeed(0.400, 0.128),
+    ("fp8", "float32"): CodecSpeed(0.907, 0.523),
+    ("int8", "float16"): CodecSpeed(1.345, 1.129),
+    ("fp8", "float16"): CodecSpeed(2.530, 2.084),
+    ("int8", "bfloat16"): CodecSpeed(1.047, 0.997),
+    ("fp8", "bfloat16"): CodecSpeed(2.068, 1.798),
+}
+
+
+@dataclass(frozen=True)
+class CodecAccuracy:
+    """A measured accuracy figure of one lossy codec: greedy tokens equal to the
+    raw handoff's, out of ``num_steps``, on one preset and engine dtype."""
+
+    model: str
+    dtype: str
+    num_equal: int
+    num_steps: int
+    source: str
+
+    @property
+    def agreement(self) -> float:
+        return self.num_equal / self.num_steps
+
+
+# The accuracy gate of issue 12: ``auto`` never picks a codec whose greedy
+# agreement with raw is below MIN_GREEDY_AGREEMENT on the small preset. A codec
+# is judged by its worst measured figure there; a codec absent from the table is
+# never picked by ``auto`` (an explicit --kv-codec or request hint still works).
+MIN_GREEDY_AGREEMENT = 0.99
+_ACCURACY_SOURCE = ("docs/performance.md, Compressed KV codecs, Accuracy on models: torch prefill -> MLX "
+                    "decode, a 300-token prompt, 32 greedy tokens (examples/kv_codec_accuracy.py)")
+CODEC_ACCURACY: dict[str, tuple[CodecAccuracy, ...]] = {
+    "int8": (CodecAccuracy("small", "float32", 32, 32, _ACCURACY_SOURCE),
+             CodecAccuracy("small", "bfloat16", 32, 32, _ACCURACY_SOURCE)),
+    "fp8": (CodecAccuracy("small", "float32", 15, 32, _ACCURACY_SOURCE),
+            CodecAccuracy("small", "bfloat16", 32, 32, _ACCURACY_SOURCE)),
+}
+GATE_PRESET = "small"
+
+
+def passes_accuracy_gate(codec: str) -> bool:
+    """Whether ``auto`` may pick ``codec``: raw always; a lossy codec when its
+    worst measured greedy agreement on the small preset is at least 99 %."""
+    if codec == "raw":
+        return True
+    figures = [a.agreement for a in CODEC_ACCURACY.get(codec, ()) if a.model == GATE_PRESET]
+    return bool(figures) and min(figures) >= MIN_GREEDY_AGREEMENT
+
+
+def codec_slice_bytes(codec: str, kv_heads: int, num_tokens: float, head_dim: int, kv_dtype: str = KV_DTYPE) -> float:
+    """Bytes of one slice of keys and values on the wire, as
+    ``workers.kv.kvcodecs.encoded_nbytes`` counts them (a test holds the two
+    equal; the scheduler does not import workers): raw 2*h*t*d*itemsize; int8
+    codes plus a float16 scale per head and token, 2*h*t*(d + 2); fp8 codes plus
+    a float32 scale per head and slice, 2*(h*t*d + 4*h)."""
+    if codec == "raw":
+        return 2 * kv_heads * num_tokens * head_dim * KV_DTYPE_BYTES[kv_dtype]
+    if codec == "int8":
+        return 2 * kv_heads * num_tokens * (head_dim + 2)
+    if codec == "fp8":
+        return 2 * (kv_heads * num_tokens * head_dim + 4 * kv_heads)
+    raise ValueError(f"unknown KV codec {codec!r}; known: raw, int8, fp8")
+
+
+def can_encode(model: ModelCost, codec: str, kv_dtype: str = KV_DTYPE) -> bool:
+    """Whether the cost model can price ``codec`` for ``model``: raw always; a
+    lossy codec needs per-head K/V (not MLA) and a measured speed at ``kv_dtype``."""
+    return codec == "raw" or (model.kv_heads > 0 and (codec, kv_dtype) in CODEC_SPEED)
+
+
+def raw_always_wins_gbps(codec: str, kv_dtype: str = KV_DTYPE) -> float:
+    """The link rate (Gbit/s of payload) at and above which ``codec`` cannot
+    beat raw whatever the prompt: its slower stage (encode or decode) then takes
+    at least as long per raw byte as the wire takes for that byte raw, so the
+    codec's pipeline never finishes before raw's (``exposed_transfer``).
+    8 / max(encode, decode s/GB): int8 on bf16 KV 7.6 Gbit/s, on fp32 20."""
+    return 8 / max(CODEC_SPEED[(codec, kv_dtype)].encode_s_per_gb, CODEC_SPEED[(codec, kv_dtype)].decode_s_per_gb)
+
+
+def kv_wire_bytes_per_layer(model: ModelCost, num_tokens: int, codec: str = "raw",
+                            kv_dtype: str = KV_DTYPE) -> list[float]:
+    """Bytes each layer's KV of a num_tokens context takes on the wire under
+    ``codec`` (one slice per layer; a sliding layer ships its window)."""
+    if codec == "raw":
+        return kv_bytes_per_layer(model, num_tokens, float(KV_DTYPE_BYTES[kv_dtype]))
+    if not can_encode(model, codec, kv_dtype):
+        raise ValueError(f"{model.name}: no {codec} figures for its KV ({kv_dtype}, "
+                         f"{model.kv_heads} kv heads x {model.head_dim})")
+    return [codec_slice_bytes(codec, model.kv_heads, _tokens_held(num_tokens, w), model.head_dim, kv_dtype)
+            if _tokens_held(num_tokens, w) else 0.0 for w in model.layer_windows]
 
 
 # --------------------------------------------------------------- efficiency
@@ -540,19 +689,56 @@ def exposed_transfer(
     prefill_s: float,
     *,
     num_chunks: int = 1,
-    dtype_bytes: float = 2.0,
+    codec: str = "raw",
+    kv_dtype: str = KV_DTYPE,
 ) -> float:
-    """Seconds from the end of prefill to the last KV byte landing, when each
-    layer's slice is sent as soon as that layer finishes.
+    """Seconds from the end of prefill to the last KV slice landed (and, under a
+    compressed codec, decoded), when each layer's slice is sent as soon as that
+    layer finishes (``transfer_stages`` with the whole breakdown)."""
+    return transfer_stages(model, link, num_tokens, prefill_s, num_chunks=num_chunks, codec=codec,
+                           kv_dtype=kv_dtype).exposed_s
+
+
+@dataclass(frozen=True)
+class TransferStages:
+    """One streamed transfer, prefill end as the origin: ``exposed_s`` until the
+    last slice is usable on the decode node, of which ``decode_tail_s`` comes
+    after its last byte landed (0 for raw)."""
+
+    exposed_s: float
+    decode_tail_s: float
+    wire_bytes: float
+    encode_s: float  # the codec's whole encode work (overlapping prefill), 0 for raw
+    decode_s: float  # the codec's whole decode work (overlapping the wire), 0 for raw
+
+
+def transfer_stages(
+    model: ModelCost,
+    link: Link,
+    num_tokens: int,
+    prefill_s: float,
+    *,
+    num_chunks: int = 1,
+    codec: str = "raw",
+    kv_dtype: str = KV_DTYPE,
+) -> TransferStages:
+    """The layer-wise stream of a num_tokens prompt's KV behind a prefill of
+    prefill_s seconds, slice by slice through up to three stages.
 
     Model: prefill runs the prompt in ``num_chunks`` chunks through L layers at
-    a uniform pace, so layer i of chunk j is ready at P * (j + (i+1)/L) / C; the
-    link sends slices in that order, one at a time, at rate R, and the last
-    byte arrives one latency after it leaves. Simulating that queue gives the
+    a uniform pace, so layer i of chunk j is ready at P * (j + (i+1)/L) / C.
+    Each slice then passes, in order and one at a time per stage, the sender
+    thread's encode (a compressed codec only: ``CODEC_SPEED`` s/GB of raw KV),
+    the link (its wire bytes at rate R, landing one latency later) and the
+    receiver's decode (likewise). That is how the workers run it: a sender
+    thread drains the engine's slice queue, so encoding overlaps the next
+    layers' compute, and the receiver decodes each frame into its arena slot as
+    it lands. (A prefill node computing on the CPU shares its cores with the
+    encoder; the model does not charge that.) Simulating the queue gives the
     answer for uneven layers (sliding windows) too.
 
-    Derivation of the closed form (C = 1, L layers of b = T/L seconds each on
-    the link, T = total bytes / R): slice i starts when both it is ready and
+    Raw (one stage), the closed form (C = 1, L layers of b = T/L seconds each
+    on the link, T = total bytes / R): slice i starts when both it is ready and
     the link is free, so the link finishes at max over i of
     (P*i/L + (L - i + 1) * b). That is linear in i, so the maximum sits at an
     end: i = 1 gives P/L + T (the link is the bottleneck and never idles once
@@ -565,15 +751,33 @@ def exposed_transfer(
     T/L. Streaming hides the transfer (exposed = T/L + latency) exactly when
     T <= P, i.e. when link bytes/s >= KV bytes per token x prefill tokens/s.
     A sliding layer sends only the last ``window`` tokens the decode side keeps.
+
+    A codec wins when its smaller T saves more than its stages add: on a slow
+    link the wire binds and the saving is (1 - ratio) of the unhidden wire
+    time; when raw already hides, only the last slice is exposed and the
+    codec's encode + decode of it can cost more than its bytes save; and on a
+    link at or above ``raw_always_wins_gbps`` it never wins.
     """
-    layer_bytes = kv_bytes_per_layer(model, num_tokens, dtype_bytes)
-    num_layers = len(layer_bytes)
-    link_free = 0.0
+    wire = kv_wire_bytes_per_layer(model, num_tokens, codec, kv_dtype)
+    if codec == "raw":
+        encode_per_byte = decode_per_byte = 0.0
+        raw = wire
+    else:
+        speed = CODEC_SPEED[(codec, kv_dtype)]
+        encode_per_byte, decode_per_byte = speed.encode_s_per_gb / 1e9, speed.decode_s_per_gb / 1e9
+        raw = kv_bytes_per_layer(model, num_tokens, float(KV_DTYPE_BYTES[kv_dtype]))
+    num_layers = len(wire)
+    encoded = link_free = decoded = 0.0
     for chunk in range(num_chunks):
-        for i, size in enumerate(layer_bytes):
+        for i, size in enumerate(wire):
             ready = prefill_s * (chunk + (i + 1) / num_layers) / num_chunks
-            link_free = max(link_free, ready) + size / num_chunks / link.bytes_per_s
-    return link_free - prefill_s + link.latency_s
+            encoded = max(encoded, ready) + raw[i] / num_chunks * encode_per_byte
+            link_free = max(link_free, encoded) + size / num_chunks / link.bytes_per_s
+            decoded = max(decoded, link_free + link.latency_s) + raw[i] / num_chunks * decode_per_byte
+    tail = decoded - (link_free + link.latency_s)
+    total_raw = sum(raw)
+    return TransferStages(link_free - prefill_s + link.latency_s + tail, tail, sum(wire),
+                          total_raw * encode_per_byte, total_raw * decode_per_byte)
 
 
 # --------------------------------------------------------------- one request's prefill and handoff
@@ -589,16 +793,20 @@ class RequestCost:
     rest; the decode node already holds ``num_decode_cached`` and receives the
     KV of every later prompt token, computed or reused (when it holds more
     than the prefill node, the prefill node still computes from its own
-    prefix but ships from the decode node's)."""
+    prefix but ships from the decode node's), encoded with ``codec``."""
 
     num_prompt_tokens: int
     num_prefill_cached: int  # reused from the prefilling node's own prefix cache
     num_decode_cached: int  # already held by the decode node
     prefill_s: float  # computing the prompt's new tokens, attending to the whole context
     num_shipped_tokens: int  # tokens whose KV crosses the link (0 colocated)
-    shipped_bytes: float
+    shipped_bytes: float  # on the wire, encoded with ``codec``
     wire_s: float  # shipped bytes / the link's payload rate, no latency (0 colocated)
-    exposed_s: float  # prefill end -> last byte landed on an idle link, latency included (0 colocated)
+    exposed_s: float  # prefill end -> last slice landed and decoded on an idle link, latency included (0 colocated)
+    codec: str = "raw"  # the transfer's KV codec ("raw" colocated: nothing is encoded)
+    encode_s: float = 0.0  # the codec's encode work on the prefill node (within exposed_s where it shows)
+    decode_s: float = 0.0  # the codec's decode work on the decode node (likewise)
+    decode_tail_s: float = 0.0  # of exposed_s, after the last byte landed: decoding the last slice
 
     @property
     def num_new_tokens(self) -> int:
@@ -619,16 +827,19 @@ def request_cost(
     *,
     link: Link | None = None,
     num_decode_cached: int = 0,
-    dtype_bytes: float = 2.0,
+    codec: str = "raw",
+    kv_dtype: str = KV_DTYPE,
 ) -> RequestCost:
     """Prefill and handoff of a ``num_prompt_tokens`` prompt prefilled on ``hw``
     (which holds ``num_prefill_cached`` of it) and, with ``link``, shipped to a
-    decode node holding ``num_decode_cached``; without ``link``, colocated.
+    decode node holding ``num_decode_cached``, encoded with ``codec``; without
+    ``link``, colocated (``codec`` ignored).
 
     The one place this arithmetic lives: the live ``Predictor`` and the
-    simulator both call it, so they agree on how cached tokens change prefill
-    and transfer. Cached figures must be in ``[0, num_prompt_tokens)``: the
-    last prompt token is always computed (its logits give the first token)."""
+    simulator both call it, so they agree on how cached tokens and codecs
+    change prefill and transfer. Cached figures must be in
+    ``[0, num_prompt_tokens)``: the last prompt token is always computed (its
+    logits give the first token)."""
     for name, value in (("num_prefill_cached", num_prefill_cached), ("num_decode_cached", num_decode_cached)):
         if not 0 <= value < num_prompt_tokens:
             raise ValueError(f"{name} must be in [0, {num_prompt_tokens}), got {value}")
@@ -637,10 +848,53 @@ def request_cost(
     if link is None:
         return RequestCost(num_prompt_tokens, num_prefill_cached, num_prefill_cached, prefill_s, 0, 0.0, 0.0, 0.0)
     num_shipped = num_prompt_tokens - num_decode_cached
-    shipped = kv_bytes(model, num_shipped, dtype_bytes)
-    exposed = exposed_transfer(model, link, num_shipped, prefill_s, dtype_bytes=dtype_bytes)
+    stages = transfer_stages(model, link, num_shipped, prefill_s, codec=codec, kv_dtype=kv_dtype)
     return RequestCost(num_prompt_tokens, num_prefill_cached, num_decode_cached, prefill_s, num_shipped,
-                       shipped, shipped / link.bytes_per_s, exposed)
+                       stages.wire_bytes, stages.wire_bytes / link.bytes_per_s, stages.exposed_s, codec,
+                       stages.encode_s, stages.decode_s, stages.decode_tail_s)
+
+
+# Auto compresses only for a clear win: a lossy codec must cut the exposed
+# transfer by at least this share of raw's (and its accuracy gate must pass).
+CODEC_MIN_GAIN = 0.1
+
+
+def auto_codec_cost(
+    model: ModelCost,
+    hw: Hardware,
+    eff: Efficiency,
+    num_prompt_tokens: int,
+    num_prefill_cached: int = 0,
+    *,
+    link: Link,
+    num_decode_cached: int = 0,
+    kv_dtype: str = KV_DTYPE,
+) -> RequestCost:
+    """``request_cost`` under the codec ``auto`` picks for this transfer.
+
+    NOTE on the rule. Candidates are raw and every lossy codec that passes the
+    accuracy gate (``passes_accuracy_gate``), that the model's KV can take
+    (``can_encode``) and that can win on this link at all (its rate below
+    ``raw_always_wins_gbps``: loopback and 10GbE with bf16 KV stay raw). Prefill
+    is the same under every codec, so the choice is the smallest exposed
+    transfer (``transfer_stages``: the wire saving net of encode and decode),
+    and a lossy codec must beat raw's by ``CODEC_MIN_GAIN``; ties go to raw."""
+    raw = request_cost(model, hw, eff, num_prompt_tokens, num_prefill_cached, link=link,
+                       num_decode_cached=num_decode_cached, kv_dtype=kv_dtype)
+    best = raw
+    for codec in auto_candidates(model, link, kv_dtype):
+        cost = request_cost(model, hw, eff, num_prompt_tokens, num_prefill_cached, link=link,
+                            num_decode_cached=num_decode_cached, codec=codec, kv_dtype=kv_dtype)
+        if raw.exposed_s - cost.exposed_s > CODEC_MIN_GAIN * raw.exposed_s and cost.exposed_s < best.exposed_s:
+            best = cost
+    return best
+
+
+def auto_candidates(model: ModelCost, link: Link, kv_dtype: str = KV_DTYPE) -> list[str]:
+    """The lossy codecs ``auto`` weighs against raw on ``link`` (see ``auto_codec_cost``)."""
+    gbps = link.bytes_per_s * 8 / 1e9
+    return [c for c in ("int8", "fp8") if passes_accuracy_gate(c) and can_encode(model, c, kv_dtype)
+            and gbps < raw_always_wins_gbps(c, kv_dtype)]
 
 
 # --------------------------------------------------------------- calibration

@@ -28,9 +28,8 @@ from scheduler.placement import (
     NodeView,
     Placement,
     PlacementError,
-    ask_policy,
 )
-from scheduler.policy import Policy, Predictor
+from scheduler.policy import Policy, Predictor, choose_placement
 from scheduler.prefix_index import PrefixIndex
 from scheduler.request import GenerationRequest, NoCapacityError
 
@@ -42,7 +41,7 @@ def node_view(node: NodeInfo, ledger: LoadLedger) -> NodeView:
     return NodeView(node.node_id, node.roles, node.engine, node.model_id, node.tflops, node.mem_bw_gbps,
                     node.free_mem_bytes, ledger.active_requests(node.node_id), hardware=node.hardware,
                     device_kind=node.device, prefill_backlog_s=ledger.prefill_backlog_s(node.node_id),
-                    measured=node.profile_source != "declared")
+                    measured=node.profile_source != "declared", host=node.host)
 
 
 def predicted_prefill_s(request: GenerationRequest, view: ClusterView, node_id: str) -> float:
@@ -60,8 +59,9 @@ class Dispatcher:
     """Holds the policy in use and the load ledger; places requests one at a time."""
 
     def __init__(self, policy: Policy, policy_name: str, ledger: LoadLedger | None = None,
-                 prefixes: PrefixIndex | None = None) -> None:
+                 prefixes: PrefixIndex | None = None, *, kv_codec: str = "auto") -> None:
         self.policy, self.policy_name = policy, policy_name
+        self.kv_codec = kv_codec  # the server's codec mode (pdc serve --kv-codec); requests may override it
         self.ledger = ledger if ledger is not None else LoadLedger()
         self.prefixes = prefixes if prefixes is not None else PrefixIndex()
 
@@ -85,7 +85,7 @@ class Dispatcher:
         if cached_tokens is None:
             cached_tokens = self.cached_tokens(request, ids) if request is not None else {}
         cached = {node: tokens for node, tokens in cached_tokens.items() if node in ids}
-        return ClusterView(views, among, model_config, cached_tokens=cached)
+        return ClusterView(views, among, model_config, cached_tokens=cached, kv_codec=self.kv_codec)
 
     def cached_tokens(self, request: GenerationRequest, node_ids: Iterable[str]) -> dict[str, int]:
         """Node -> prompt tokens of ``request`` it holds, per the prefix index; {} without hashes."""
@@ -96,12 +96,14 @@ class Dispatcher:
     def place(self, request: GenerationRequest, view: ClusterView) -> Placement:
         """Ask the policy, check its answer and admit the request into the ledger.
 
+        The placement's codec is settled here (``policy.choose_placement``): the
+        request's hint or ``kv_codec`` when explicit, else the cost model's pick.
         Raises ``NoCapacityError`` (HTTP 503) when the policy finds no node, fails,
         or answers with a placement that cannot run; the message names the policy."""
         if request.request_id in self.ledger:
             raise NoCapacityError(f"request {request.request_id!r} is already in flight")
         try:
-            placement = ask_policy(self.policy, self.policy_name, request, view)
+            placement = choose_placement(self.policy, self.policy_name, request, view)
         except PlacementError as e:
             log.error("%s", e, exc_info=e.__cause__)
             raise NoCapacityError(f"placement {e}") from e

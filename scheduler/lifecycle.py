@@ -335,7 +335,8 @@ class _Run:
         return RequestStats(
             request_id=request.request_id, arrival_s=arrived,
             prefill_node=self.placement.prefill_node or self.placement.decode_node,
-            decode_node=self.placement.decode_node, codec=self.placement.codec,
+            decode_node=self.placement.decode_node,
+            kv_codec=None if self.placement.colocated else self.placement.codec,
             kv_bytes=timings.kv_bytes, queue_s=queue_s, prefill_s=prefill_s,
             transfer_s=timings.transfer_s, exposed_transfer_s=timings.exposed_transfer_s,
             ttft_s=first - arrived, tpot_s=mean_tpot_s(first, last, len(self.token_times)),

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from cluster.links import LinkView  # a measured link, as placement sees it
-from scheduler.request import GenerationRequest, NoCapacityError
+from scheduler.request import GenerationRequest, NoCapacityError, check_kv_codec
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class NodeView:
     device_kind: str = ""  # "cuda", "mps", "cpu", "mlx:gpu", ... (for generic efficiencies)
     prefill_backlog_s: float = 0.0  # predicted seconds of prefill work already queued here
     measured: bool = False  # tflops/mem_bw_gbps are a start-up measurement (achieved), not peak figures
+    host: str = ""  # the address the node advertises ("" unknown): two nodes on one host never compress KV
 
     @property
     def can_prefill(self) -> bool:
@@ -43,9 +44,18 @@ class NodeView:
         return "decode" in self.roles
 
 
+CODECS = ("raw", "int8", "fp8")  # the KV codecs a transfer may use (workers/kv/kvcodecs.py)
+
+
 @dataclass(frozen=True)
 class Placement:
-    """``prefill_node`` None means the decode node prefills locally (colocated)."""
+    """``prefill_node`` None means the decode node prefills locally (colocated).
+
+    ``codec`` is the KV codec of the transfer (``raw``, ``int8``, ``fp8``). A
+    policy may leave it ``raw``: under ``--kv-codec auto`` the scheduler then
+    picks it (``policy.settle_codec``); a lossy codec a policy names is kept.
+    An explicit ``--kv-codec`` or request hint overrides the policy's. It has no
+    effect on a colocated placement (no KV moves)."""
 
     prefill_node: str | None
     decode_node: str
@@ -73,6 +83,10 @@ class ClusterView:
     model_config: dict | None = None  # the model's Hugging Face config.json, for cost models
     weight_format: str | None = None
     cached_tokens: Mapping[str, int] = field(default_factory=dict)  # node id -> prompt tokens it holds
+    kv_codec: str = "auto"  # the server's codec mode (--kv-codec); a request's hint overrides it
+
+    def __post_init__(self) -> None:
+        check_kv_codec(self.kv_codec, "ClusterView.kv_codec")
 
     def link(self, src: str, dst: str) -> LinkView | None:
         return self.links.get((src, dst))
@@ -119,7 +133,7 @@ def ask_policy(policy: object, policy_name: str, request: GenerationRequest, vie
 def check_placement(placement: object, view: ClusterView, policy_name: str) -> Placement:
     """The placement to dispatch, or ``PlacementError`` naming the policy.
 
-    Refused: anything but a ``Placement``; a node not in ``view``; decode on a
+    Refused: anything but a ``Placement``; a codec not in ``CODECS``; a node not in ``view``; decode on a
     node without the decode role; a remote prefill on a node without the
     prefill role. A placement naming the decode node as its own prefill node
     means colocated and comes back as ``Placement(None, decode_node, codec)``,
@@ -127,6 +141,8 @@ def check_placement(placement: object, view: ClusterView, policy_name: str) -> P
     if not isinstance(placement, Placement):
         raise PlacementError(f"policy {policy_name!r} returned {placement!r}, not a Placement")
     where = f"policy {policy_name!r} returned {placement}"
+    if placement.codec not in CODECS:
+        raise PlacementError(f"{where}: unknown KV codec {placement.codec!r} (known: {', '.join(CODECS)})")
     if placement.prefill_node == placement.decode_node:
         placement = Placement(None, placement.decode_node, placement.codec)
     nodes = {n.node_id: n for n in view.nodes}

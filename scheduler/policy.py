@@ -12,17 +12,26 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import itertools
+import logging
 import sys
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Protocol
 
 from scheduler import catalog, costmodel
-from scheduler.placement import ClusterView, NodeView, Placement, cached_prefix
+from scheduler.placement import (
+    ClusterView,
+    NodeView,
+    Placement,
+    ask_policy,
+    cached_prefix,
+)
 from scheduler.request import GenerationRequest, NoCapacityError
+
+log = logging.getLogger(__name__)
 
 
 class Policy(Protocol):
@@ -44,8 +53,10 @@ def prefillers_for(decode: NodeView, cluster: ClusterView) -> list[NodeView]:
     return [n for n in cluster.nodes if n.can_prefill and n.node_id != decode.node_id]
 
 
-def forced(request: GenerationRequest, cluster: ClusterView, decode: NodeView, prefill: NodeView | None) -> Placement:
-    """Apply a request's ``placement`` override on top of a policy's choice."""
+def forced(request: GenerationRequest, cluster: ClusterView, decode: NodeView, prefill: NodeView | None,
+           codec: str = "raw") -> Placement:
+    """Apply a request's ``placement`` override on top of a policy's choice
+    (``codec``: the policy's for the transfer it chose, dropped if that changes)."""
     if request.placement == "colocated":
         return Placement(None, decode.node_id)
     if request.placement == "disaggregated" and prefill is None:
@@ -54,7 +65,8 @@ def forced(request: GenerationRequest, cluster: ClusterView, decode: NodeView, p
             raise NoCapacityError(f"disaggregated placement needs a prefill-capable node other than {decode.node_id!r}")
         cached = _cached(request, cluster)
         prefill = max(others, key=lambda n: (n.tflops, cached(n), -n.active_requests, n.node_id))
-    return Placement(prefill.node_id if prefill else None, decode.node_id)
+        codec = "raw"
+    return Placement(prefill.node_id if prefill else None, decode.node_id, codec if prefill else "raw")
 
 
 def _cached(request: GenerationRequest, cluster: ClusterView) -> Callable[[NodeView], int]:
@@ -160,6 +172,7 @@ class Predictor:
         self.model = native if self.format == native.weight_format else costmodel.model_cost(
             cluster.model_config, dense_format=self.format, expert_format=self.format)
         self.num_prompt_tokens = len(request.prompt_token_ids)
+        self.codec_mode = codec_mode(request, cluster)
 
     def cached(self, node: NodeView) -> int:
         """Prompt tokens of this request whose KV ``node`` holds."""
@@ -174,7 +187,7 @@ class Predictor:
         if link is None:
             return None
         net = costmodel.Link("measured", link.gbps, link.latency_s, payload_efficiency=1.0)
-        return self._cost(prefill, net, self.cached(decode))
+        return self._cost(prefill, net, self.cached(decode), self._fixed_codec(prefill, decode))
 
     def prefill_s(self, node: NodeView) -> float:
         """Seconds for ``node`` to prefill this request from its own cached prefix."""
@@ -196,13 +209,22 @@ class Predictor:
             return None
         ttft = (prefill or decode).prefill_backlog_s + cost.prefill_s + cost.exposed_s
         e2e = ttft + (self.request.max_tokens - 1) * self.tpot_s(decode)
-        return Estimate(Placement(prefill.node_id if prefill else None, decode.node_id), ttft, e2e)
+        return Estimate(Placement(prefill.node_id if prefill else None, decode.node_id, cost.codec), ttft, e2e)
+
+    def _fixed_codec(self, prefill: NodeView, decode: NodeView) -> str | None:
+        """The codec of a transfer ``prefill`` -> ``decode`` when there is
+        nothing to weigh; None: ``auto`` weighs the codecs on the link."""
+        if self.codec_mode != "auto":  # explicit; a cache only raw can carry (MLA) is priced raw
+            return self.codec_mode if costmodel.can_encode(self.model, self.codec_mode) else "raw"
+        return "raw" if same_host(prefill, decode) else None
 
     def _cost(self, node: NodeView, link: costmodel.Link | None = None,
-              num_decode_cached: int = 0) -> costmodel.RequestCost:
+              num_decode_cached: int = 0, codec: str | None = "raw") -> costmodel.RequestCost:
         hw, eff = self._hardware(node)
-        return costmodel.request_cost(self.model, hw, eff, self.num_prompt_tokens, self.cached(node),
-                                      link=link, num_decode_cached=num_decode_cached)
+        args = (self.model, hw, eff, self.num_prompt_tokens, self.cached(node))
+        if link is not None and codec is None:
+            return costmodel.auto_codec_cost(*args, link=link, num_decode_cached=num_decode_cached)
+        return costmodel.request_cost(*args, link=link, num_decode_cached=num_decode_cached, codec=codec or "raw")
 
     def _hardware(self, node: NodeView) -> tuple[costmodel.Hardware, costmodel.Efficiency]:
         known = node.hardware in catalog.HARDWARE  # a newer worker may name hardware this catalog lacks
@@ -231,7 +253,7 @@ class Roofline:
         best = min(options, key=lambda o: (o.e2e_s, o.ttft_s))
         decode = cluster.node(best.placement.decode_node)
         prefill = cluster.node(best.placement.prefill_node) if best.placement.prefill_node else None
-        return forced(request, cluster, decode, prefill)
+        return forced(request, cluster, decode, prefill, best.placement.codec)
 
 
 class Conditional:
@@ -266,7 +288,60 @@ class Conditional:
         best = min(remote, key=lambda e: e.ttft_s, default=None)
         wins = best is not None and local.ttft_s - best.ttft_s > self.min_gain * local.ttft_s
         prefill = cluster.node(best.placement.prefill_node) if wins else None
-        return forced(request, cluster, decode, prefill)
+        return forced(request, cluster, decode, prefill, best.placement.codec if wins else "raw")
+
+
+# --------------------------------------------------------------- the codec of a placement
+
+
+def codec_mode(request: GenerationRequest, cluster: ClusterView) -> str:
+    """The codec mode that governs ``request``: its own hint, else the server's."""
+    return request.kv_codec or cluster.kv_codec
+
+
+def same_host(a: NodeView, b: NodeView) -> bool:
+    """Both nodes advertise one address (or both a loopback one): their link is
+    memory copies, where compressing KV only adds work."""
+    if not a.host or not b.host:
+        return False
+    return a.host == b.host or (_is_loopback(a.host) and _is_loopback(b.host))
+
+
+def _is_loopback(host: str) -> bool:
+    return host.startswith("127.") or host in ("::1", "localhost")
+
+
+def settle_codec(placement: Placement, request: GenerationRequest, cluster: ClusterView) -> Placement:
+    """``placement`` with the codec its transfer will use.
+
+    Colocated: unchanged (no KV moves; the codec has no effect and the record
+    reports none). An explicit mode (the request's hint, else the server's
+    ``--kv-codec``) replaces the policy's codec on every transfer. Under
+    ``auto`` a lossy codec the policy named is kept; a ``raw`` one (the
+    default every policy may leave) becomes the ``Predictor``'s choice for the
+    pair, so the cost-model policies and the others agree, and raw when the
+    cost model cannot tell (no config, no measured link)."""
+    if placement.colocated:
+        return placement
+    mode = codec_mode(request, cluster)
+    if mode != "auto":
+        return replace(placement, codec=mode)
+    if placement.codec != "raw":
+        return placement
+    try:
+        predictor = Predictor(request, cluster)
+        cost = predictor.cost(cluster.node(placement.prefill_node), cluster.node(placement.decode_node))
+    except (ValueError, LookupError, TypeError, ArithmeticError) as e:  # a config it cannot read: raw is right
+        log.debug("request %s: no codec estimate, sending raw: %s", request.request_id, e)
+        return placement
+    return placement if cost is None else replace(placement, codec=cost.codec)
+
+
+def choose_placement(policy: object, policy_name: str, request: GenerationRequest, view: ClusterView) -> Placement:
+    """The placement to dispatch: the policy's answer through the one gate
+    (``placement.ask_policy``), with its transfer's codec settled
+    (``settle_codec``). The live dispatcher and the simulator both call it."""
+    return settle_codec(ask_policy(policy, policy_name, request, view), request, view)
 
 
 POLICIES: dict[str, type] = {

@@ -8,6 +8,16 @@ from typing import Protocol
 from scheduler.tokenizer import PromptCodec
 
 PLACEMENT_MODES = ("disaggregated", "colocated")
+# The KV codec of a disaggregated transfer: "auto" lets the scheduler choose per
+# transfer (docs/placement.md, "KV codecs"); the others are honoured as given.
+KV_CODEC_MODES = ("auto", "raw", "int8", "fp8")
+
+
+def check_kv_codec(value: str, what: str = "kv_codec") -> str:
+    """``value`` if it is one of ``KV_CODEC_MODES``; ValueError naming ``what`` otherwise."""
+    if value not in KV_CODEC_MODES:
+        raise ValueError(f"{what} must be one of {', '.join(KV_CODEC_MODES)}, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -31,10 +41,13 @@ class GenerationRequest:
     # ``prompt_token_ids``, and ``max_tokens`` counts only what is left).
     first_step: int = 0
     prefix_hashes: tuple[int, ...] = ()  # chained block hashes of the prompt (cluster/blocks.py), for the prefix index
+    kv_codec: str | None = None  # the client's codec hint (KV_CODEC_MODES); None: the server's --kv-codec
 
     def __post_init__(self) -> None:
         if self.placement is not None and self.placement not in PLACEMENT_MODES:
             raise ValueError(f"placement must be one of {PLACEMENT_MODES}, got {self.placement!r}")
+        if self.kv_codec is not None:
+            check_kv_codec(self.kv_codec)
         if not self.prompt_token_ids:
             raise ValueError("the prompt is empty")
 
@@ -53,8 +66,10 @@ class RequestStats:
     request_id: str = ""
     prefill_node: str = ""  # the node that ran prefill: the decode node itself when colocated ("" unknown)
     decode_node: str = ""
-    codec: str = "raw"
-    kv_bytes: int = 0  # KV bytes that crossed the network (0 when colocated)
+    # The codec the KV crossed the link in ("raw", "int8", "fp8"); None when no KV
+    # crossed (colocated: a codec hint has no effect there) or the placement is unknown.
+    kv_codec: str | None = None
+    kv_bytes: int = 0  # KV bytes that crossed the network, as encoded (0 when colocated)
     arrival_s: float = 0.0
     queue_s: float = 0.0  # arrival -> prefill start
     prefill_s: float = 0.0  # prefill compute

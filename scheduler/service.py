@@ -55,6 +55,7 @@ from scheduler.request import (
     RequestStats,
     SchedulerError,
     TokenEvent,
+    check_kv_codec,
     mean_tpot_s,
 )
 from scheduler.tokenizer import PromptCodec
@@ -72,6 +73,7 @@ class SchedulerConfig:
     mdns: bool = True
     mdns_interfaces: tuple[str, ...] | None = None
     policy: str = "conditional"
+    kv_codec: str = "auto"  # KV codec of each transfer: auto (the cost model picks) or raw|int8|fp8
     health_interval_s: float = 1.0
     link_refresh_s: float = 300.0  # re-probe each prefill -> decode link this often (when idle)
     prefix_refresh_s: float = 5.0  # read every node's held prefix blocks (Stats) this often
@@ -84,6 +86,7 @@ class SchedulerConfig:
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
 
     def __post_init__(self) -> None:
+        check_kv_codec(self.kv_codec, "kv_codec")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.max_migrations < 0:
@@ -103,7 +106,8 @@ class ClusterBackend:
         self.registry = ModelRegistry(self.clients.info)
         self.links = LinkProber(self.clients, refresh_s=config.link_refresh_s, interval_s=config.health_interval_s,
                                 probe_bytes=config.link_probe_bytes, probe_timeout_s=config.link_probe_timeout_s)
-        self.dispatcher = Dispatcher(load_policy(config.policy), config.policy, LoadLedger())
+        self.dispatcher = Dispatcher(load_policy(config.policy), config.policy, LoadLedger(),
+                                     kv_codec=config.kv_codec)
         self.admin = PolicyAdmin(key, self.dispatcher)
         self.admission = AdmissionQueue(config.admission)
         self.table = NodeTable(
@@ -158,6 +162,7 @@ class ClusterBackend:
         ready = any(n.can_prefill for n in nodes) and any(n.can_decode for n in nodes)
         return ready, {"nodes": [node_json(n, self.ledger.active_requests(n.node_id)) for n in nodes],
                        "links": self.links.snapshot(), "policy": self.dispatcher.policy_name,
+                       "kv_codec": self.config.kv_codec,
                        "refused": self.table.refused, "models": [m.model_id for m in self.models()],
                        "admission": self.admission.snapshot()}
 
@@ -475,8 +480,8 @@ async def serve(config: SchedulerConfig, key: ClusterKey) -> None:
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)
     await site.start()
-    log.warning("scheduler listening on http://%s:%d/v1 (policy %s, API key %s, CORS %s)", config.host, config.port,
-                config.policy, "required" if config.api_key else "off",
+    log.warning("scheduler listening on http://%s:%d/v1 (policy %s, KV codec %s, API key %s, CORS %s)", config.host,
+                config.port, config.policy, config.kv_codec, "required" if config.api_key else "off",
                 ",".join(config.allowed_origins) if config.allowed_origins else "off")
     warning = exposure_warning(config)
     if warning:

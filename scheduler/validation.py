@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from scheduler.request import PLACEMENT_MODES
+from scheduler.request import KV_CODEC_MODES, PLACEMENT_MODES
 
 MAX_STOP_STRINGS = 4
 
@@ -45,6 +45,7 @@ class ParsedRequest:
     include_usage: bool
     placement: str | None
     ignore_eos: bool
+    kv_codec: str | None = None  # pdcluster.kv_codec: the KV codec hint (None: the server's --kv-codec)
 
 
 def parse_body(body: object, *, chat: bool) -> ParsedRequest:
@@ -73,6 +74,7 @@ def parse_body(body: object, *, chat: bool) -> ParsedRequest:
         include_usage=bool(stream_options.get("include_usage", False)),
         placement=_placement(body),
         ignore_eos=_bool(body, "ignore_eos"),
+        kv_codec=_kv_codec(body),
     )
 
 
@@ -162,13 +164,27 @@ def _bool(body: dict, name: str) -> bool:
     return value
 
 
-def _placement(body: dict) -> str | None:
+def _extension(body: dict) -> dict:
+    """The body's ``pdcluster`` object ({} when absent)."""
     ext = body.get("pdcluster")
     if ext is None:
-        return None
+        return {}
     if not isinstance(ext, dict):
         raise APIError(400, "'pdcluster' must be an object", param="pdcluster")
-    placement = ext.get("placement")
+    return ext
+
+
+def _kv_codec(body: dict) -> str | None:
+    """``pdcluster.kv_codec``: the codec of this request's KV transfer if it has one
+    (auto, raw, int8, fp8); it overrides the server's ``--kv-codec``."""
+    codec = _extension(body).get("kv_codec")
+    if codec is not None and codec not in KV_CODEC_MODES:
+        raise APIError(400, f"'pdcluster.kv_codec' must be one of {list(KV_CODEC_MODES)}", param="pdcluster.kv_codec")
+    return codec
+
+
+def _placement(body: dict) -> str | None:
+    placement = _extension(body).get("placement")
     if placement is not None and placement not in PLACEMENT_MODES:
         raise APIError(400, f"'pdcluster.placement' must be one of {list(PLACEMENT_MODES)}", param="pdcluster.placement")
     return placement

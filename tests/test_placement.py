@@ -124,9 +124,9 @@ def _long_req(max_tokens: int = 64) -> GenerationRequest:
     return GenerationRequest("r", "m", tuple(range(8192)), max_tokens=max_tokens)
 
 
-def _costed(*nodes: NodeView, gbps: float | None = None) -> ClusterView:
+def _costed(*nodes: NodeView, gbps: float | None = None, kv_codec: str = "auto") -> ClusterView:
     links = {("big", "local"): LinkView(gbps, 0.0002)} if gbps else {}
-    return ClusterView(tuple(nodes), links, LLAMA_CONFIG)
+    return ClusterView(tuple(nodes), links, LLAMA_CONFIG, kv_codec=kv_codec)
 
 
 def test_conditional_never_sends_kv_over_an_unmeasured_link() -> None:
@@ -183,13 +183,14 @@ def test_round_robin_rotates_the_prefill_node_too() -> None:
 
 
 def test_conditional_sends_prefill_away_from_a_decode_node_with_a_prefill_backlog() -> None:
-    # Over 0.5 Gb/s the 1 GiB of KV costs ~17 s: remote TTFT ~17.2 s against ~11.0 s local,
+    # Raw KV over 0.5 Gb/s: the 1 GiB costs ~17 s, remote TTFT ~17.2 s against ~11.0 s local,
     # so an idle local node prefills itself; 30 s already queued there makes local ~41 s.
-    assert Conditional().place(_long_req(), _costed(BIG, LOCAL, gbps=0.5)) == Placement(None, "local")
+    # (Under auto, int8 would make remote ~8.8 s: a 20 % gain, a near tie; test_codec_choice.)
+    assert Conditional().place(_long_req(), _costed(BIG, LOCAL, gbps=0.5, kv_codec="raw")) == Placement(None, "local")
     queued = NodeView("local", ("prefill", "decode"), "mlx", "m", tflops=17, mem_bw_gbps=546, prefill_backlog_s=30.0)
-    predictor = Predictor(_long_req(), _costed(BIG, queued, gbps=0.5))
+    predictor = Predictor(_long_req(), _costed(BIG, queued, gbps=0.5, kv_codec="raw"))
     assert predictor.estimate(None, queued).ttft_s == pytest.approx(30.0 + predictor.prefill_s(queued), rel=1e-12)
-    assert Conditional().place(_long_req(), _costed(BIG, queued, gbps=0.5)) == Placement("big", "local")
+    assert Conditional().place(_long_req(), _costed(BIG, queued, gbps=0.5, kv_codec="raw")) == Placement("big", "local")
 
 
 def test_roofline_leaves_a_fast_decoder_only_when_its_batch_is_large() -> None:

@@ -86,46 +86,60 @@ def test_the_engine_flag_selects_the_calibrated_factors(tmp_path: Path, capsys: 
 # ---------------------------------------------------------------- placement physics (Llama-3.1-8B bf16, 8k prompt)
 
 
-def _placed(spec: cluster_file.ClusterSpec, policy: str, prompt: int = 8192, output: int = 128):
-    config = SimConfig(spec, LLAMA, (policy,), prompt_tokens=prompt, output_tokens=output)
+def _placed(spec: cluster_file.ClusterSpec, policy: str, prompt: int = 8192, output: int = 128,
+            kv_codec: str = "auto"):
+    config = SimConfig(spec, LLAMA, (policy,), prompt_tokens=prompt, output_tokens=output, kv_codec=kv_codec)
     return simulate(config)[policy].requests[0]
 
 
 def test_conditional_prefills_on_the_spark_and_decodes_on_the_mac_over_10gbe() -> None:
     r = _placed(_pair("mac-m4-max", "10gbe"), "conditional")
-    assert (r.prefill_node, r.decode_node, r.colocated) == ("spark", "mac", False)
+    assert (r.prefill_node, r.decode_node, r.colocated, r.kv_codec) == ("spark", "mac", False, "raw")
     assert r.exposed_transfer_s < r.prefill_s / 20  # layer-wise streaming hides the 1 GiB of KV
     assert r.transfer_s > 10 * r.exposed_transfer_s
     assert r.kv_bytes == 8192 * 128 * 1024
 
 
-def test_conditional_keeps_an_m3_ultra_alone_over_1gbe() -> None:
-    r = _placed(_pair("mac-m3-ultra", "1gbe"), "conditional")
-    assert (r.prefill_node, r.decode_node, r.colocated) == ("mac", "mac", True)
+def test_with_raw_kv_conditional_keeps_an_m3_ultra_alone_over_1gbe() -> None:
+    r = _placed(_pair("mac-m3-ultra", "1gbe"), "conditional", kv_codec="raw")
+    assert (r.prefill_node, r.decode_node, r.colocated, r.kv_codec) == ("mac", "mac", True, None)
 
 
-def test_conditional_keeps_an_m4_max_alone_over_1gbe() -> None:
-    r = _placed(_pair("mac-m4-max", "1gbe"), "conditional")
+def test_with_raw_kv_conditional_keeps_an_m4_max_alone_over_1gbe() -> None:
+    r = _placed(_pair("mac-m4-max", "1gbe"), "conditional", kv_codec="raw")
     assert (r.prefill_node, r.decode_node, r.colocated) == ("mac", "mac", True)
 
 
 def test_over_1gbe_an_m4_max_is_a_near_tie_that_the_gain_margin_keeps_local() -> None:
-    # The M4 Max prefills 8k tokens in ~10.9 s; the Spark in ~1.5 s plus ~7.7 s of
-    # exposed transfer: remote is predicted ~16 % faster, inside the model's 20 %
+    # Raw KV: the M4 Max prefills 8k tokens in ~10.9 s; the Spark in ~1.5 s plus ~7.7 s
+    # of exposed transfer: remote is predicted ~16 % faster, inside the model's 20 %
     # error, so `conditional` stays local; with no margin it would go remote.
     spec = _pair("mac-m4-max", "1gbe")
-    local = _placed(spec, "colocated")  # the Mac: most bandwidth, prefills itself
-    remote = _placed(spec, "fastest-pair")  # the Spark prefills, the Mac decodes
+    local = _placed(spec, "colocated", kv_codec="raw")  # the Mac: most bandwidth, prefills itself
+    remote = _placed(spec, "fastest-pair", kv_codec="raw")  # the Spark prefills, the Mac decodes
     assert (local.prefill_node, remote.prefill_node) == ("mac", "spark")
     assert 0 < (local.ttft_s - remote.ttft_s) / local.ttft_s < 0.2
-    [eager] = Simulation(build_cluster(spec, LLAMA), Conditional(min_gain=0.0)).run(single(8192, 128))
+    [eager] = Simulation(build_cluster(spec, LLAMA), Conditional(min_gain=0.0), kv_codec="raw").run(single(8192, 128))
     assert (eager.prefill_node, eager.decode_node) == ("spark", "mac")
     assert eager.ttft_s == pytest.approx(remote.ttft_s)
 
 
-def test_conditional_keeps_an_m4_max_alone_over_wifi6() -> None:
-    r = _placed(_pair("mac-m4-max", "wifi6"), "conditional")
+def test_with_raw_kv_conditional_keeps_an_m4_max_alone_over_wifi6() -> None:
+    r = _placed(_pair("mac-m4-max", "wifi6"), "conditional", kv_codec="raw")
     assert (r.prefill_node, r.decode_node, r.colocated) == ("mac", "mac", True)
+
+
+@pytest.mark.parametrize("mac", ["mac-m4-max", "mac-m3-ultra"])
+def test_over_1gbe_int8_kv_moves_conditional_to_remote_prefill(mac: str) -> None:
+    # The flip docs/placement.md works through: int8 halves the 1 GiB on the wire, so
+    # the exposed transfer falls from ~7.7 s to ~3.2 s, and the Spark's ~4.7 s TTFT
+    # beats either Mac prefilling alone by more than the 20 % margin. auto picks int8.
+    raw = _placed(_pair(mac, "1gbe"), "conditional", kv_codec="raw")
+    for codec in ("int8", "auto"):
+        r = _placed(_pair(mac, "1gbe"), "conditional", kv_codec=codec)
+        assert (r.prefill_node, r.decode_node, r.kv_codec) == ("spark", "mac", "int8"), codec
+        assert r.ttft_s < 0.8 * raw.ttft_s
+        assert r.kv_bytes == 32 * 8 * 8192 * 2 * (128 + 2)  # 2*h*t*(d + 2) per layer: codes + fp16 scales
 
 
 @pytest.mark.parametrize("link", ["10gbe", "2.5gbe", "1gbe", "wifi6"])
@@ -403,7 +417,7 @@ def test_a_cached_prefix_is_not_shipped_again() -> None:
     # only the 512 new tokens' KV (128 KiB each for Llama-3.1-8B bf16) crosses the link.
     spec = _pair("mac-m4-max", "1gbe")
     config = SimConfig(spec, LLAMA, ("fastest-pair",), prompt_tokens=8192, cached_prefix_tokens=7680,
-                       output_tokens=16)
+                       output_tokens=16, kv_codec="raw")
     r = simulate(config)["fastest-pair"].requests[0]
     assert r.kv_bytes == 512 * 128 * 1024
     wire_s = r.kv_bytes / build_cluster(spec, LLAMA).links[("spark", "mac")].bytes_per_s

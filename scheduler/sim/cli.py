@@ -17,7 +17,7 @@ from pathlib import Path
 
 from scheduler import costmodel
 from scheduler.policy import POLICIES, load_policy
-from scheduler.request import RequestStats
+from scheduler.request import KV_CODEC_MODES, RequestStats, check_kv_codec
 from scheduler.sim import cluster_file
 from scheduler.sim.cluster_file import ClusterSpec
 from scheduler.sim.engine import SimCluster, Simulation, build_cluster
@@ -57,8 +57,10 @@ class SimConfig:
     turns: int = 1  # >1: every request opens a conversation of this many turns
     turn_tokens: int = 256  # new user tokens in each later turn
     think_s: float = 60.0  # a later turn arrives this long after the previous turn arrived
+    kv_codec: str = "auto"  # the codec mode, as pdc serve --kv-codec
 
     def __post_init__(self) -> None:
+        check_kv_codec(self.kv_codec, "--kv-codec")
         if not self.policies or len(set(self.policies)) != len(self.policies):
             raise ValueError(f"--policy needs one or more distinct policies, got {','.join(self.policies)!r}")
         if self.prompt_tokens < 1 or self.output_tokens < 1:
@@ -119,7 +121,7 @@ def resolve(config: SimConfig) -> SimCluster:
 
 def run_policy(cluster: SimCluster, spec: str, items: list[WorkItem], config: SimConfig) -> PolicyRun:
     """A fresh instance of policy ``spec`` over ``items``."""
-    results = Simulation(cluster, load_policy(spec), spec).run(items)
+    results = Simulation(cluster, load_policy(spec), spec, kv_codec=config.kv_codec).run(items)
     return PolicyRun(results, summarize(results, config.slo_ttft_s, config.slo_tpot_s))
 
 
@@ -140,7 +142,7 @@ def to_json(config: SimConfig, runs: dict[str, PolicyRun], source: str = "") -> 
                     "efficiency": n.efficiency.source}
              for name, n in cluster.nodes.items()}
     head = {"cluster": source or config.cluster.name, "model": config.model,
-            "weight_format": cluster.weight_format, "nodes": nodes}
+            "weight_format": cluster.weight_format, "kv_codec": config.kv_codec, "nodes": nodes}
     out = {**head, "policies": {spec: run.to_json() for spec, run in runs.items()}}
     if len(runs) == 1:
         (spec, run), = runs.items()
@@ -216,6 +218,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-tokens", type=int, default=256, help="tokens to generate (default: 256)")
     p.add_argument("--weight-dtype", choices=list(costmodel.WEIGHT_BITS), default=None,
                    help="weight format (default: the checkpoint's own)")
+    p.add_argument("--kv-codec", choices=KV_CODEC_MODES, default="auto",
+                   help="KV codec of every remote prefill's transfer, as pdc serve --kv-codec: auto (default: "
+                        "the cost model picks per transfer, docs/placement.md), raw, int8 or fp8")
     p.add_argument("--engine", default=None,
                    choices=costmodel.known_engines(),
                    help="engine of nodes whose cluster entry names none (default: mlx on Macs, torch elsewhere; "
@@ -247,7 +252,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         output_tokens=args.output_tokens, weight_format=args.weight_dtype, engine=args.engine,
         rate=args.rate, num_requests=args.num_requests, trace=args.trace, seed=args.seed,
         slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot,
-        turns=args.turns, turn_tokens=args.turn_tokens, think_s=args.think_s,
+        turns=args.turns, turn_tokens=args.turn_tokens, think_s=args.think_s, kv_codec=args.kv_codec,
     )
 
 

@@ -23,9 +23,10 @@ pauses its batch for its duration. When prefill is remote, its KV streams
 layer by layer over the link from the moment prefill starts; a link direction
 carries one transfer at a time, so a transfer that finds the link busy starts
 when the previous one ends. The first token reaches the decode node with the
-last KV byte. Prefill and handoff come from ``costmodel.request_cost`` (the
-function the live ``Predictor`` calls) for the node's hardware, engine and
-weight format.
+last KV slice (decoded, under a compressed codec). Prefill and handoff come
+from ``costmodel.request_cost`` (the function the live ``Predictor`` calls) for
+the node's hardware, engine and weight format, in the codec the placement
+settled on (``policy.choose_placement``, as live: ``--kv-codec`` or ``auto``).
 """
 from __future__ import annotations
 
@@ -44,9 +45,8 @@ from scheduler.placement import (
     NodeView,
     Placement,
     PlacementError,
-    ask_policy,
 )
-from scheduler.policy import Policy
+from scheduler.policy import Policy, choose_placement
 from scheduler.prefix_index import PrefixIndex
 from scheduler.request import (
     GenerationRequest,
@@ -250,7 +250,7 @@ class Flight:
             request_id=self.request_id, arrival_s=arrival, prompt_tokens=item.prompt_tokens,
             cached_prefix_tokens=cost.num_prefill_cached, completion_tokens=item.output_tokens,
             prefill_node=self.prefill_node, decode_node=self.decode_node,
-            kv_bytes=int(cost.shipped_bytes) if remote else 0,
+            kv_codec=cost.codec if remote else None, kv_bytes=int(cost.shipped_bytes) if remote else 0,
             queue_s=self.prefill_start - arrival, prefill_s=cost.prefill_s,
             transfer_s=self.last_byte - self.first_byte if remote else 0.0,
             exposed_transfer_s=self.last_byte - self.prefill_end if remote else 0.0,
@@ -262,8 +262,9 @@ class Flight:
 class Simulation:
     """One workload under one policy on one resolved cluster."""
 
-    def __init__(self, cluster: SimCluster, policy: Policy, policy_name: str = "") -> None:
+    def __init__(self, cluster: SimCluster, policy: Policy, policy_name: str = "", *, kv_codec: str = "auto") -> None:
         self.cluster, self.policy, self.policy_name = cluster, policy, policy_name or type(policy).__name__
+        self.kv_codec = kv_codec  # the run's codec mode, as pdc serve --kv-codec
         self.loop = EventLoop()
         self.engines = {name: EngineQueue(self.loop) for name in cluster.nodes}
         self.ledger = LoadLedger(clock=lambda: self.loop.now)  # what each node carries, as policies see it
@@ -296,7 +297,8 @@ class Simulation:
         node = self.cluster.nodes[prefill]
         link = None if prefill == decode else self.cluster.links[(prefill, decode)]
         cost = costmodel.request_cost(self.cluster.model, node.machine, node.efficiency, item.prompt_tokens,
-                                      cached[prefill], link=link, num_decode_cached=cached[decode] if link else 0)
+                                      cached[prefill], link=link, num_decode_cached=cached[decode] if link else 0,
+                                      codec=placement.codec if link else "raw")
         flight = Flight(index, item, prefill, decode, cost, hashes,
                         kv_bytes=costmodel.kv_bytes(self.cluster.model, item.prompt_tokens))
         self.flights.append(flight)
@@ -317,7 +319,7 @@ class Simulation:
     def _place(self, request: GenerationRequest, view: ClusterView) -> Placement:
         """The policy's placement, checked as the live scheduler checks it, over a linked pair."""
         try:
-            placement = ask_policy(self.policy, self.policy_name, request, view)
+            placement = choose_placement(self.policy, self.policy_name, request, view)
         except NoCapacityError as e:
             raise SimulationError(f"policy {self.policy_name!r} could not place {request.request_id}: {e}") from None
         except PlacementError as e:  # a user policy's bug or bad answer: say whose, without a traceback
@@ -340,7 +342,7 @@ class Simulation:
                 hardware=node.spec.hardware, prefill_backlog_s=self.ledger.prefill_backlog_s(name),
             ))
         return ClusterView(tuple(nodes), dict(self.link_views), self.cluster.model_config, self.cluster.weight_format,
-                           cached_tokens=cached)
+                           cached_tokens=cached, kv_codec=self.kv_codec)
 
     # ------------------------------------------------------------ stages
 
@@ -351,11 +353,13 @@ class Simulation:
             return
         pair = (flight.prefill_node, flight.decode_node)
         link, free_at, cost = self.cluster.links[pair], self.link_free_at[pair], flight.cost
-        # Streaming from a link busy until free_at: the last byte lands when the
-        # busy link has sent everything, or as on an idle link, whichever is later.
-        flight.last_byte = max(free_at + cost.wire_s + link.latency_s, now + cost.prefill_s + cost.exposed_s)
+        # Streaming from a link busy until free_at: the last slice is usable when the
+        # busy link has sent everything (and the receiver decoded the last slice),
+        # or as on an idle link, whichever is later.
+        flight.last_byte = max(free_at + cost.wire_s + link.latency_s + cost.decode_tail_s,
+                               now + cost.prefill_s + cost.exposed_s)
         flight.first_byte = max(free_at, now + cost.prefill_s / self.cluster.model.num_layers)
-        self.link_free_at[pair] = flight.last_byte - link.latency_s
+        self.link_free_at[pair] = flight.last_byte - cost.decode_tail_s - link.latency_s
         self.loop.at(flight.last_byte, lambda: self._first_token(flight, self.loop.now))
 
     def _prefill_done(self, flight: Flight, now: float) -> None:

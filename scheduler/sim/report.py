@@ -96,12 +96,12 @@ def _ms(value: float | None) -> str:
 
 def request_table(results: Sequence[RequestStats]) -> str:
     """One row per request: placement and where its time went."""
-    header = ("request", "arrive s", "prefill -> decode", "queue s", "prefill s", "transfer s", "exposed s",
+    header = ("request", "arrive s", "prefill -> decode", "codec", "queue s", "prefill s", "transfer s", "exposed s",
               "ttft s", "tpot ms", "e2e s")
     rows = [
         (r.request_id, _s(r.arrival_s),
          f"{r.decode_node} (colocated)" if r.colocated else f"{r.prefill_node} -> {r.decode_node}",
-         _s(r.queue_s), _s(r.prefill_s), _s(r.transfer_s), _s(r.exposed_transfer_s), _s(r.ttft_s), _ms(r.tpot_s),
+         r.kv_codec or "-", _s(r.queue_s), _s(r.prefill_s), _s(r.transfer_s), _s(r.exposed_transfer_s), _s(r.ttft_s), _ms(r.tpot_s),
          _s(r.e2e_s))
         for r in results
     ]
