@@ -11,6 +11,7 @@ from workers.engines.model_config import (
     ModelFolderError,
     UnsupportedModelError,
     check_tokenizer,
+    layer_windows,
     read_model_spec,
     resolve_model,
 )
@@ -28,8 +29,7 @@ def _write_config(folder: Path, **config: object) -> Path:
     "model_type, reason",
     [
         ("gemma2", "sliding-window"),
-        ("gemma3_text", "sliding-window"),
-        ("gpt_oss", "attention sinks"),
+        ("cohere2", "sliding-window"),
         ("deepseek_v3", "MLA"),
         ("mamba", "SSM"),
         ("qwen3_next", "linear-attention"),
@@ -88,3 +88,58 @@ def test_spec_reads_gqa_and_head_dim(make_tiny_model) -> None:
     spec = read_model_spec(make_tiny_model("qwen3"))
     assert (spec.num_layers, spec.kv_heads, spec.head_dim) == (4, 2, 16)
     assert spec.kv_bytes_per_token() == 2 * 4 * 2 * 16 * 4
+
+
+# ---------------------------------------------------------------- sliding windows
+
+
+def test_gpt_oss_alternates_sliding_and_full_layers_and_its_sinks_need_nothing(tmp_path: Path) -> None:
+    folder = _write_config(tmp_path / "m", model_type="gpt_oss", num_hidden_layers=4, sliding_window=128)
+    assert read_model_spec(folder).windows == (128, 0, 128, 0)  # transformers' and mlx-lm's default layer_types
+
+
+def test_gpt_oss_layer_types_choose_the_sliding_layers(tmp_path: Path) -> None:
+    types = ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]
+    folder = _write_config(tmp_path / "m", model_type="gpt_oss", num_hidden_layers=4, sliding_window=64,
+                           layer_types=types)
+    assert read_model_spec(folder).windows == (0, 64, 64, 0)
+
+
+def test_gemma3_text_slides_five_layers_of_six(tmp_path: Path) -> None:
+    folder = _write_config(tmp_path / "m", model_type="gemma3_text", num_hidden_layers=12, sliding_window=512,
+                           sliding_window_pattern=6)
+    assert read_model_spec(folder).windows == (512,) * 5 + (0,) + (512,) * 5 + (0,)
+
+
+def test_gemma3_layer_types_that_mlx_lm_would_not_follow_are_refused(tmp_path: Path) -> None:
+    types = ["sliding_attention", "full_attention"] * 3  # mlx-lm 0.32 reads only sliding_window_pattern
+    folder = _write_config(tmp_path / "m", model_type="gemma3_text", num_hidden_layers=6, sliding_window=512,
+                           sliding_window_pattern=6, layer_types=types)
+    with pytest.raises(UnsupportedModelError, match="gemma3_text.*sliding_window_pattern=6"):
+        read_model_spec(folder)
+
+
+def test_multimodal_gemma3_is_refused_pointing_at_its_text_model(tmp_path: Path) -> None:
+    folder = _write_config(tmp_path / "m", model_type="gemma3",
+                           text_config={"model_type": "gemma3_text", "num_hidden_layers": 6})
+    with pytest.raises(UnsupportedModelError, match="'gemma3'.*multimodal.*gemma3_text"):
+        read_model_spec(folder)
+
+
+def test_gemma2_is_refused_because_mlx_lm_does_not_slide_it(tmp_path: Path) -> None:
+    folder = _write_config(tmp_path / "m", model_type="gemma2")
+    with pytest.raises(UnsupportedModelError, match="gemma2.*sliding-window.*mlx-lm.*whole prefix"):
+        read_model_spec(folder)
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2"])
+def test_a_live_window_that_mlx_lm_ignores_is_refused_saying_so(tmp_path: Path, model_type: str) -> None:
+    folder = _write_config(tmp_path / "m", model_type=model_type, sliding_window=4096, use_sliding_window=True)
+    with pytest.raises(UnsupportedModelError, match=f"{model_type}.*sliding_window=4096.*mlx-lm 0.32's "
+                                                    f"{model_type} ignores"):
+        read_model_spec(folder)
+
+
+def test_full_attention_models_report_no_windows(make_tiny_model) -> None:
+    assert read_model_spec(make_tiny_model("llama")).windows == ()
+    assert layer_windows({"model_type": "qwen3", "num_hidden_layers": 2}) == ()

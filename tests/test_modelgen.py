@@ -21,6 +21,7 @@ from tokenizers import Tokenizer
 
 from workers.tools.modelgen import (
     ARCHES,
+    MODEL_TYPES,
     SPECIAL_TOKENS,
     build_config,
     build_tokenizer,
@@ -71,10 +72,9 @@ def torch_greedy(model_dir: Path, ids: list[int], num_new: int) -> tuple[list[in
 def mlx_greedy(model_dir: Path, ids: list[int], num_new: int) -> list[int]:
     """Greedy tokens from mlx-lm with its own prompt cache."""
     import mlx.core as mx
-    from mlx_lm import load
     from mlx_lm.models.cache import make_prompt_cache
 
-    model, _ = load(str(model_dir))
+    model, _ = mlx_load(model_dir)
     cache = make_prompt_cache(model)
     tokens: list[int] = []
     inputs = mx.array([ids])
@@ -83,6 +83,21 @@ def mlx_greedy(model_dir: Path, ids: list[int], num_new: int) -> list[int]:
         tokens.append(int(mx.argmax(logits[0, -1]).item()))
         inputs = mx.array([[tokens[-1]]])
     return tokens
+
+
+def mlx_load(model_dir: Path) -> tuple[object, object]:
+    """mlx-lm's own ``load``; gpt_oss's model through the MLX engine's loader,
+    since mlx-lm 0.32 reads gpt-oss experts only as MXFP4 blocks or in its own
+    split layout, not in transformers' fused float one (``load_mlx_model``)."""
+    from mlx_lm import load
+
+    if json.loads((model_dir / "config.json").read_text())["model_type"] != "gpt_oss":
+        return load(str(model_dir))
+    from mlx_lm.utils import load_tokenizer
+
+    from workers.engines.mlx_engine import load_mlx_model
+
+    return load_mlx_model(model_dir), load_tokenizer(model_dir)
 
 
 # ---------------------------------------------------------------- both engines
@@ -165,10 +180,9 @@ def test_chat_template_renders_a_chatml_generation_prompt(make_tiny_model, arch:
 @pytest.mark.parametrize("arch", ARCHES)
 def test_mlx_lm_loads_the_checkpoint_weights_and_tokenizer(make_tiny_model, arch: str) -> None:
     from mlx.utils import tree_flatten
-    from mlx_lm import load
 
     model_dir = make_tiny_model(arch)
-    model, tokenizer = load(str(model_dir))
+    model, tokenizer = mlx_load(model_dir)
     weights = load_file(model_dir / "model.safetensors")
     params = dict(tree_flatten(model.parameters()))
     assert sum(p.size for p in params.values()) == sum(w.size for w in weights.values())
@@ -211,7 +225,7 @@ def test_config_has_the_fields_both_engines_and_the_handoff_need(make_tiny_model
     num_tokens = Tokenizer.from_file(str(model_dir / "tokenizer.json")).get_vocab_size()
     assert config["vocab_size"] % 64 == 0 and 0 <= config["vocab_size"] - num_tokens < 64
     assert config["torch_dtype"] == config["dtype"] == "float32"
-    assert config["model_type"] == arch and config["tie_word_embeddings"] is False
+    assert config["model_type"] == MODEL_TYPES.get(arch, arch) and config["tie_word_embeddings"] is False
     assert config["max_position_embeddings"] >= 4096
     assert config["num_key_value_heads"] < config["num_attention_heads"]  # GQA
     assert config["eos_token_id"] == 2 and config["bos_token_id"] == 0
@@ -231,7 +245,12 @@ EXPECTED_LAYER0_NAMES = {
     "qwen2": {"self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"},
     "qwen3": {"self_attn.q_norm.weight", "self_attn.k_norm.weight"},
     "qwen3_moe": {"self_attn.q_norm.weight", "mlp.gate.weight", "mlp.experts.3.down_proj.weight"},
+    "gpt_oss": {"self_attn.sinks", "self_attn.o_proj.bias", "mlp.router.weight", "mlp.router.bias",
+                "mlp.experts.gate_up_proj", "mlp.experts.gate_up_proj_bias", "mlp.experts.down_proj",
+                "mlp.experts.down_proj_bias"},
+    "gemma3": {"self_attn.q_norm.weight", "pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight"},
 }
+BIASED_ARCHES = ("qwen2", "gpt_oss")
 
 
 @pytest.mark.parametrize("arch", ARCHES)
@@ -240,7 +259,7 @@ def test_weight_names_are_hugging_face_checkpoint_names(make_tiny_model, arch: s
     assert {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"} <= names
     assert {f"model.layers.0.{n}" for n in EXPECTED_LAYER0_NAMES[arch]} <= names
     has_bias = any(n.endswith("_proj.bias") for n in names)
-    assert has_bias == (arch == "qwen2")
+    assert has_bias == (arch in BIASED_ARCHES)
 
 
 @pytest.mark.parametrize("arch", ARCHES)

@@ -31,9 +31,18 @@ copies run outside the lock, so a long hit never stalls the asyncio loop.
 ``num_entries`` counts sequences (blocks without a held child); ``evictions``
 counts blocks. A chain larger than the whole capacity is not stored. Capacity 0
 disables the cache.
+
+Models with sliding-window layers (``KVLayout.windows``) get no prefix reuse:
+such a layer holds only its window, not the blocks of a prefix. The cache is
+off for them (it stores nothing and every lookup misses, so the scheduler sees
+no cached blocks), said once in the log. It knows from ``windows`` at
+construction, or at the first insert whose layers show it (some layer from
+token 0, another only from later on: a sliding layer past its window); what it
+held until then is dropped.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -44,6 +53,10 @@ import numpy as np
 
 from cluster.blocks import BLOCK_TOKENS, block_hashes, reusable_tokens
 from workers.engines.base import KVLayout, KVSlice, numpy_dtype
+
+log = logging.getLogger(__name__)
+_SLIDING_OFF = ("prefix cache off: this model has sliding-window layers, whose cache holds only the last "
+                "window of tokens rather than reusable prefix blocks")
 
 
 @dataclass(frozen=True)
@@ -68,7 +81,7 @@ class PrefixCache:
     every method may be called from any thread."""
 
     def __init__(self, model_fingerprint: str, capacity_bytes: int, block_tokens: int = BLOCK_TOKENS,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, windows: tuple[int, ...] = ()) -> None:
         if capacity_bytes < 0:
             raise ValueError(f"capacity_bytes must be >= 0, got {capacity_bytes}")
         if block_tokens <= 0:
@@ -82,6 +95,9 @@ class PrefixCache:
         self._layout: KVLayout | None = None  # fixed by the first insert, until clear()
         self._nbytes = 0
         self._hits = self._hit_tokens = self._misses = self._evictions = 0
+        self._sliding = False  # the model has sliding-window layers: no prefix reuse
+        if any(windows):
+            self._turn_off_for_sliding()
 
     # ---------------------------------------------------------------- lookup
 
@@ -90,6 +106,8 @@ class PrefixCache:
         reuse (never all of it: at least the last token is prefilled), or None.
         With ``touch``, the reused blocks become most recently used and the hit
         or miss is counted."""
+        if self._sliding:
+            return None
         hashes = self._hashes(token_ids)
         with self._lock:
             num_blocks = self._num_reusable(hashes, len(token_ids))
@@ -133,7 +151,11 @@ class PrefixCache:
         sequence that extends a held one adds only its new blocks, and one
         already covered only touches its blocks. A chain larger than the
         capacity is not stored. Evicts least recently used blocks until the
-        byte bound holds. Returns the block hashes now held for this sequence."""
+        byte bound holds. Returns the block hashes now held for this sequence
+        ([] for a model with sliding-window layers, whose KV is not stored)."""
+        if self._sliding or _shows_a_window(layers):
+            self._turn_off_for_sliding()
+            return []
         hashes = self._hashes(token_ids)
         layout = _layout_of(layers, len(hashes) * self.block_tokens)
         block_bytes = layout.bytes_per_token * self.block_tokens
@@ -144,6 +166,8 @@ class PrefixCache:
             missing = [i for i, h in enumerate(hashes) if h not in self._blocks]
         copies = {i: self._copy_block(layers, layout, i) for i in missing}  # outside the lock: may be large
         with self._lock:
+            if self._sliding:  # turned off meanwhile
+                return []
             self._check_layout(layout)
             self._layout = layout
             num_stored = self._add_chain(hashes, copies)
@@ -185,6 +209,19 @@ class PrefixCache:
                 f"this prefix cache holds KV of {held.num_layers} layers x {held.kv_heads} heads x "
                 f"{held.head_dim} dims ({held.dtype}), got {layout.num_layers} x {layout.kv_heads} x "
                 f"{layout.head_dim} ({layout.dtype}); one cache serves one model and dtype")
+
+    @property
+    def sliding(self) -> bool:
+        """Off because the model has sliding-window layers (no prefix reuse)."""
+        return self._sliding
+
+    def _turn_off_for_sliding(self) -> None:
+        """No prefix reuse from now on; drop what is held; say so once."""
+        if self._sliding:
+            return
+        self._sliding = True
+        self.clear()
+        log.info(_SLIDING_OFF)
 
     # ---------------------------------------------------------------- eviction
 
@@ -310,6 +347,14 @@ class PrefixCache:
         """Blocks evicted (by the byte bound, ``shrink_to`` or a resize), in all."""
         with self._lock:
             return self._evictions
+
+
+def _shows_a_window(layers: list[KVSlice]) -> bool:
+    """Whether an insert's layers come from a model with sliding-window
+    layers: one layer from token 0 and another only from a later token (a
+    sliding layer past its window, ``Engine.cached_layer``)."""
+    starts = {kv_slice.start for kv_slice in layers}
+    return 0 in starts and len(starts) > 1
 
 
 def _layout_of(layers: list[KVSlice], num_tokens: int) -> KVLayout:

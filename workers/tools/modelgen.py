@@ -84,7 +84,7 @@ _ARCHITECTURES: dict[str, str] = {
 }
 # config.json's model_type where it is not the arch's name: gemma3 is the
 # text-only model (transformers' Gemma3ForCausalLM, mlx-lm's gemma3_text).
-_MODEL_TYPES: dict[str, str] = {"gemma3": "gemma3_text"}
+MODEL_TYPES: dict[str, str] = {"gemma3": "gemma3_text"}
 
 _CORPUS = '''
 The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single
@@ -243,7 +243,9 @@ def build_config(arch: str, preset: str, num_tokens: int) -> dict:
     """The ``config.json`` dict for ``arch`` at ``preset`` with a ``num_tokens`` tokenizer."""
     _check_choice("arch", arch, ARCHES)
     _check_choice("preset", preset, tuple(PRESETS))
-    shape = {**PRESETS[preset], **_SHAPE_OVERRIDES.get(arch, {})}
+    shape = dict(PRESETS[preset])
+    if arch == "gemma3":
+        shape["num_hidden_layers"] = max(shape["num_hidden_layers"], _GEMMA3_PATTERN)
     config = _common_config(arch, shape, padded_vocab_size(num_tokens))
     config.update(_ARCH_EXTRAS[arch])
     if _is_moe(arch):
@@ -262,7 +264,7 @@ def _common_config(arch: str, shape: dict, vocab_size: int) -> dict:
     # given in transformers 5's nested rope_parameters form.
     return {
         "architectures": [_ARCHITECTURES[arch]],
-        "model_type": _MODEL_TYPES.get(arch, arch),
+        "model_type": MODEL_TYPES.get(arch, arch),
         "vocab_size": vocab_size,
         "hidden_size": shape["hidden_size"],
         "intermediate_size": shape["intermediate_size"],
@@ -305,9 +307,9 @@ _ARCH_EXTRAS: dict[str, dict] = {
 
 
 # gemma3 keeps the real checkpoints' five sliding layers to one global layer,
-# so it needs at least six layers (mlx-lm's gemma3_text reads the global
-# layer's cache at index sliding_window_pattern - 1).
-_SHAPE_OVERRIDES: dict[str, dict] = {"gemma3": {"num_hidden_layers": 6}}
+# so it has at least six layers (mlx-lm's gemma3_text reads the global layer's
+# cache at index sliding_window_pattern - 1).
+_GEMMA3_PATTERN = 6
 
 
 def _gpt_oss_config(shape: dict) -> dict:
@@ -338,7 +340,7 @@ def _gemma3_config(shape: dict) -> dict:
     """google/gemma-3-1b-it's text config scaled down: five sliding layers
     (local RoPE base 10k) to one global layer (base 1M), q/k norms, sandwich
     norms, scaled embeddings, no soft-capping."""
-    pattern = 6
+    pattern = _GEMMA3_PATTERN
     return {
         "layer_types": ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
                         for i in range(shape["num_hidden_layers"])],
