@@ -487,13 +487,26 @@ def can_encode(model: ModelCost, codec: str, kv_dtype: str = KV_DTYPE) -> bool:
     return codec == "raw" or (model.kv_heads > 0 and (codec, kv_dtype) in CODEC_SPEED)
 
 
-def raw_always_wins_gbps(codec: str, kv_dtype: str = KV_DTYPE) -> float:
-    """The link rate (Gbit/s of payload) at and above which ``codec`` cannot
-    beat raw whatever the prompt: its slower stage (encode or decode) then takes
-    at least as long per raw byte as the wire takes for that byte raw, so the
-    codec's pipeline never finishes before raw's (``exposed_transfer``).
-    8 / max(encode, decode s/GB): int8 on bf16 KV 7.6 Gbit/s, on fp32 20."""
-    return 8 / max(CODEC_SPEED[(codec, kv_dtype)].encode_s_per_gb, CODEC_SPEED[(codec, kv_dtype)].decode_s_per_gb)
+def codec_ratio(model: ModelCost, codec: str, kv_dtype: str = KV_DTYPE) -> float:
+    """Wire bytes under ``codec`` per raw byte of ``model``'s KV (long slices:
+    fp8's per-slice scales vanish): int8 (d + 2) / (d x itemsize), fp8 1 / itemsize."""
+    if codec == "raw":
+        return 1.0
+    num_tokens = 1 << 20
+    raw = codec_slice_bytes("raw", model.kv_heads, num_tokens, model.head_dim, kv_dtype)
+    return codec_slice_bytes(codec, model.kv_heads, num_tokens, model.head_dim, kv_dtype) / raw
+
+
+def raw_always_wins_gbps(model: ModelCost, codec: str, kv_dtype: str = KV_DTYPE) -> float:
+    """The link rate (Gbit/s of payload) at and above which ``auto`` never
+    picks ``codec`` for ``model``, whatever the prompt: 8 x (1 - ratio) /
+    (encode + decode s/GB). ``auto`` demands that a codec's exposed-transfer
+    saving beat its whole encode + decode work, and the saving is at most the
+    wire time of the bytes it removes, (1 - ratio) x raw bytes / R. int8 on
+    bf16 KV at head_dim 128: 8 x 0.492 / 2.044 = 1.93 Gbit/s (so 1GbE and
+    Wi-Fi may compress, 2.5GbE, 10GbE and loopback never); on fp32 KV 11.3."""
+    speed = CODEC_SPEED[(codec, kv_dtype)]
+    return 8 * (1 - codec_ratio(model, codec, kv_dtype)) / (speed.encode_s_per_gb + speed.decode_s_per_gb)
 
 
 def kv_wire_bytes_per_layer(model: ModelCost, num_tokens: int, codec: str = "raw",
@@ -752,11 +765,11 @@ def transfer_stages(
     T <= P, i.e. when link bytes/s >= KV bytes per token x prefill tokens/s.
     A sliding layer sends only the last ``window`` tokens the decode side keeps.
 
-    A codec wins when its smaller T saves more than its stages add: on a slow
-    link the wire binds and the saving is (1 - ratio) of the unhidden wire
-    time; when raw already hides, only the last slice is exposed and the
-    codec's encode + decode of it can cost more than its bytes save; and on a
-    link at or above ``raw_always_wins_gbps`` it never wins.
+    A codec shortens the stream when its smaller T saves more than its stages
+    add: on a slow link the wire binds and the saving approaches (1 - ratio)
+    of the unhidden wire time; when raw already hides, only the last slice is
+    exposed and little is left to save (``auto_codec_cost`` says when ``auto``
+    takes a codec).
     """
     wire = kv_wire_bytes_per_layer(model, num_tokens, codec, kv_dtype)
     if codec == "raw":
@@ -854,11 +867,6 @@ def request_cost(
                        stages.encode_s, stages.decode_s, stages.decode_tail_s)
 
 
-# Auto compresses only for a clear win: a lossy codec must cut the exposed
-# transfer by at least this share of raw's (and its accuracy gate must pass).
-CODEC_MIN_GAIN = 0.1
-
-
 def auto_codec_cost(
     model: ModelCost,
     hw: Hardware,
@@ -872,20 +880,25 @@ def auto_codec_cost(
 ) -> RequestCost:
     """``request_cost`` under the codec ``auto`` picks for this transfer.
 
-    NOTE on the rule. Candidates are raw and every lossy codec that passes the
+    NOTE on the rule. Candidates are every lossy codec that passes the
     accuracy gate (``passes_accuracy_gate``), that the model's KV can take
     (``can_encode``) and that can win on this link at all (its rate below
-    ``raw_always_wins_gbps``: loopback and 10GbE with bf16 KV stay raw). Prefill
-    is the same under every codec, so the choice is the smallest exposed
-    transfer (``transfer_stages``: the wire saving net of encode and decode),
-    and a lossy codec must beat raw's by ``CODEC_MIN_GAIN``; ties go to raw."""
+    ``raw_always_wins_gbps``: loopback, 10GbE and 2.5GbE with bf16 KV stay
+    raw). Prefill is the same under every codec, so the codecs differ only in
+    the exposed transfer (``transfer_stages``, where encode and decode overlap
+    the stream as the workers run them). A codec is taken only when its
+    predicted saving in exposed transfer exceeds its whole encode + decode
+    work, so it still wins if none of that work overlapped anything (a CPU
+    prefill node encodes on the cores that prefill); among those, the smallest
+    exposed transfer. A short prompt whose raw KV already hides behind prefill
+    saves a fraction of its last slice and stays raw."""
     raw = request_cost(model, hw, eff, num_prompt_tokens, num_prefill_cached, link=link,
                        num_decode_cached=num_decode_cached, kv_dtype=kv_dtype)
     best = raw
     for codec in auto_candidates(model, link, kv_dtype):
         cost = request_cost(model, hw, eff, num_prompt_tokens, num_prefill_cached, link=link,
                             num_decode_cached=num_decode_cached, codec=codec, kv_dtype=kv_dtype)
-        if raw.exposed_s - cost.exposed_s > CODEC_MIN_GAIN * raw.exposed_s and cost.exposed_s < best.exposed_s:
+        if raw.exposed_s - cost.exposed_s > cost.encode_s + cost.decode_s and cost.exposed_s < best.exposed_s:
             best = cost
     return best
 
@@ -894,7 +907,7 @@ def auto_candidates(model: ModelCost, link: Link, kv_dtype: str = KV_DTYPE) -> l
     """The lossy codecs ``auto`` weighs against raw on ``link`` (see ``auto_codec_cost``)."""
     gbps = link.bytes_per_s * 8 / 1e9
     return [c for c in ("int8", "fp8") if passes_accuracy_gate(c) and can_encode(model, c, kv_dtype)
-            and gbps < raw_always_wins_gbps(c, kv_dtype)]
+            and gbps < raw_always_wins_gbps(model, c, kv_dtype)]
 
 
 # --------------------------------------------------------------- calibration
