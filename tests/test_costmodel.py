@@ -29,6 +29,7 @@ from scheduler.costmodel import (
     exposed_transfer,
     kv_bytes,
     kv_bytes_per_token,
+    kv_wire_bytes_per_layer,
     linear_flops,
     model_cost,
     predict_row,
@@ -95,6 +96,50 @@ def test_sliding_window_layers_hold_at_most_their_window() -> None:
     assert kv_bytes_per_token(model, 64) == 36 * per_layer_token == 72 * KIB
     assert kv_bytes(model, PROMPT) == 18 * PROMPT * per_layer_token + 18 * 128 * per_layer_token
     assert kv_bytes_per_token(model, 32768) < kv_bytes_per_token(model, 1024) < kv_bytes_per_token(model, 64)
+
+
+@pytest.mark.parametrize("name, layers, experts", [("gpt-oss-120b", 36, 128), ("gpt-oss-20b", 24, 32)])
+def test_gpt_oss_kv_bytes_at_a_prompt_length_by_hand(name: str, layers: int, experts: int) -> None:
+    # The catalog's configs are OpenAI's: 64 query / 8 KV heads of 64, hidden 2880,
+    # top-4 routing, sliding window 128 on every other layer (sliding first).
+    config = catalog.model_config(name)
+    assert (config["num_hidden_layers"], config["num_local_experts"], config["num_experts_per_tok"]) == \
+        (layers, experts, 4)
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"],
+            config["hidden_size"], config["sliding_window"]) == (64, 8, 64, 2880, 128)
+    model = catalog.model(name)
+    assert model.layer_windows == (128, None) * (layers // 2)
+    assert (model.kv_heads, model.head_dim) == (8, 64)
+    # 5,000 tokens: a full layer holds all 5,000, a sliding one its last 128;
+    # K and V x 8 heads x 64 dims x 2 bytes = 2,048 bytes per token per layer.
+    full, sliding = layers // 2 * 5000 * 2048, layers // 2 * 128 * 2048
+    assert kv_bytes(model, 5000) == full + sliding
+    assert kv_bytes_per_token(model, 5000) == pytest.approx((full + sliding) / 5000)
+    if name == "gpt-oss-120b":
+        # 18 x 5,000 x 2,048 + 18 x 128 x 2,048 = 184,320,000 + 4,718,592 (all 36 full: 368,640,000)
+        assert kv_bytes(model, 5000) == 189_038_592
+    # The transfer ships the same windows, and attention counts each layer's own window.
+    assert sum(kv_wire_bytes_per_layer(model, 5000)) == kv_bytes(model, 5000)
+    pairs = layers // 2 * (5000 * 5001 // 2) + layers // 2 * (128 * 129 // 2 + (5000 - 128) * 128)
+    assert attention_flops(model, 5000) == pairs * 4 * 64 * 64
+
+
+def test_gemma_windows_come_from_layer_types_the_pattern_or_gemma2s_alternation() -> None:
+    base = {"hidden_size": 1152, "num_hidden_layers": 6, "num_attention_heads": 4, "num_key_value_heads": 1,
+            "head_dim": 256, "vocab_size": 1000, "intermediate_size": 6912, "sliding_window": 512}
+    gemma2 = model_cost({**base, "model_type": "gemma2"})  # no key says which: even layers slide
+    assert gemma2.layer_windows == (512, None, 512, None, 512, None)
+    gemma3 = model_cost({**base, "model_type": "gemma3_text", "sliding_window_pattern": 6})
+    assert gemma3.layer_windows == (512,) * 5 + (None,)
+    types = ["sliding_attention"] * 5 + ["full_attention"]
+    assert model_cost({**base, "model_type": "gemma3_text", "layer_types": types}).layer_windows == \
+        gemma3.layer_windows
+    # Gemma 3 4B and up nest the language model under text_config.
+    nested = model_cost({"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"],
+                         "text_config": {**base, "model_type": "gemma3_text", "layer_types": types}})
+    assert nested.layer_windows == gemma3.layer_windows and nested.num_layers == 6
+    per_token_layer = 2 * 1 * 256 * 2
+    assert kv_bytes(gemma3, 4096) == (5 * 512 + 4096) * per_token_layer
 
 
 def test_sliding_window_flags_follow_the_config() -> None:
