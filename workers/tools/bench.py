@@ -1,8 +1,9 @@
 """``pdc bench``: the benchmarks of pdcluster's own components, under one command.
 
 Each benchmark module (``kv_bench``: the KV data plane, ``decode_bench``: the
-decode loop) registers its subcommand with a function taking the ``bench``
-subparsers; ``add_bench_parser`` puts them all under ``pdc bench``, and
+decode loop, ``link_bench``: emulated home links) registers its subcommand with a
+function taking the ``bench`` subparsers; ``add_bench_parser`` puts them all
+under ``pdc bench``, and
 ``bench_main`` runs one module on its own (``python -m workers.tools.kv_bench
 kv ...``), with the same flags and exit codes as through ``pdc``.
 """
@@ -27,8 +28,9 @@ def benchmarks() -> list[Register]:
     """Every benchmark's ``add_*_parser``, in ``pdc bench --help`` order."""
     from workers.tools.decode_bench import add_decode_parser
     from workers.tools.kv_bench import add_kv_parser
+    from workers.tools.link_bench import add_link_parser
 
-    return [add_kv_parser, add_decode_parser]
+    return [add_kv_parser, add_decode_parser, add_link_parser]
 
 
 def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
