@@ -16,7 +16,10 @@ The model is a roofline with efficiency factors (achieved / peak):
 * transfer = bytes / link rate + latency, and ``exposed_transfer`` for the part
   that layer-wise streaming does not hide behind prefill;
 * ``request_cost``: one request's prefill and handoff with the prefix each
-  node holds, the arithmetic the live scheduler and the simulator share.
+  node holds, in the transfer's KV codec (encoded bytes on the wire, encode
+  and decode as stages of the stream: ``transfer_stages``), the arithmetic
+  the live scheduler and the simulator share; ``auto_codec_cost`` is the
+  codec ``--kv-codec auto`` picks (docs/placement.md, "KV codecs").
 
 Efficiencies belong to a (device, engine, weight format) combination: those
 fitted from a measured table live in ``CALIBRATED`` and apply to that
