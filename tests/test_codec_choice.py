@@ -6,6 +6,7 @@ dataclasses out."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import urllib.error
 import urllib.request
@@ -21,6 +22,7 @@ from cluster.node import NodeInfo
 from scheduler import catalog, costmodel
 from scheduler.api import build_app
 from scheduler.dispatch import Dispatcher
+from scheduler.lifecycle import run_request
 from scheduler.load import LoadLedger
 from scheduler.placement import (
     ClusterView,
@@ -314,6 +316,21 @@ def test_pdc_simulate_takes_kv_codec_and_reports_it(capsys: pytest.CaptureFixtur
     runs = simulate(SimConfig(_sim_pair("1gbe"), LLAMA_NAME, ("fastest-pair",), prompt_tokens=4096,
                               output_tokens=4, kv_codec="fp8"))
     assert runs["fastest-pair"].requests[0].kv_codec == "fp8"
+
+
+# ---------------------------------------------------------------- the lifecycle sends it and reports it
+
+
+def test_the_lifecycle_sends_the_placements_codec_to_both_workers_and_reports_it() -> None:
+    from test_lifecycle import FAST, _collect, _request, _workers
+
+    workers = _workers()
+    remote = asyncio.run(_collect(run_request(_request(), Placement("p", "d", "int8"), workers.__getitem__, FAST)))
+    assert workers["p"].prefill_requests[0].codec == workers["d"].decode_requests[0].codec == "int8"
+    assert remote[-1].stats.kv_codec == "int8" and remote[-1].stats.to_json()["kv_codec"] == "int8"
+    workers = _workers()
+    local = asyncio.run(_collect(run_request(_request(), Placement(None, "d", "int8"), workers.__getitem__, FAST)))
+    assert local[-1].stats.colocated and local[-1].stats.kv_codec is None  # nothing crossed a link
 
 
 # ---------------------------------------------------------------- the HTTP API
