@@ -59,7 +59,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.generate import BatchGenerator, GenerationBatch, StopSequences
-from mlx_lm.models.cache import KVCache, RotatingKVCache
+from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 from mlx_lm.utils import _get_classes, load_model
 
 from workers.engines.base import (
@@ -357,7 +357,6 @@ class MLXEngine:
         this engine's model, calling ``on_token`` as each comes out. Never
         stops early. The baseline of ``pdc bench decode``; mlx-lm 0.32 API."""
         from mlx_lm.generate import generate_step
-        from mlx_lm.models.cache import make_prompt_cache
         from mlx_lm.sample_utils import make_sampler
 
         steps = generate_step(mx.array(token_ids), self.model, max_tokens=num_tokens,
@@ -546,7 +545,7 @@ def _untruncated_yarn(model: object, rope: dict, base: float) -> None:
 def _check_windows(model: object, windows: tuple[int, ...]) -> None:
     """Raise unless mlx-lm builds this model's cache with the sliding windows
     ``model_config`` reports (the ones on the wire)."""
-    built = tuple(c.max_size if isinstance(c, RotatingKVCache) else 0 for c in model.make_cache())
+    built = tuple(c.max_size if isinstance(c, RotatingKVCache) else 0 for c in make_prompt_cache(model))
     if (built if any(built) else ()) != windows:
         raise RuntimeError(f"mlx-lm builds sliding windows {built} for this model, model_config reports "
                            f"{windows}; refusing a model whose windows the two disagree on")
