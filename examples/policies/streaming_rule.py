@@ -71,4 +71,5 @@ if __name__ == "__main__":
         for name, run in runs.items():
             r = run.requests[0]
             where = f"{r.decode_node} (colocated)" if r.colocated else f"{r.prefill_node} -> {r.decode_node}"
-            print(f"{kind:6} {name.rpartition(':')[2]:13} {where:18} ttft {r.ttft_s:6.2f} s  e2e {r.e2e_s:6.2f} s")
+            print(f"{kind:6} {name.rpartition(':')[2]:13} {where:18} {r.kv_codec or '-':4} "
+                  f"ttft {r.ttft_s:6.2f} s  e2e {r.e2e_s:6.2f} s")
