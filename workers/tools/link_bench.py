@@ -114,7 +114,8 @@ def ensure_link_model(folder: Path | None = None) -> Path:
     marker = out / "pdcluster-model.json"
     if marker.is_file() and json.loads(marker.read_text()).get("shape") == LINK_MODEL_SHAPE:
         return out
-    tmp = Path(tempfile.mkdtemp(prefix=".link-model-", dir=out.parent if out.parent.exists() else None))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".link-model-", dir=out.parent))  # same filesystem: rename is atomic
     make_model(tmp, "llama", seed=0, preset="tiny")
     config = {**json.loads((tmp / "config.json").read_text()), **LINK_MODEL_SHAPE,
               "torch_dtype": "bfloat16", "dtype": "bfloat16"}  # the cost model prices KV in bf16 too
@@ -125,7 +126,6 @@ def ensure_link_model(folder: Path | None = None) -> Path:
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     marker_text = {"kind": "random", "arch": "llama", "seed": 0, "preset": "link", "shape": LINK_MODEL_SHAPE}
     (tmp / "pdcluster-model.json").write_text(json.dumps(marker_text) + "\n")
-    out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
