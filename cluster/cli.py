@@ -191,6 +191,9 @@ def _add_make_model(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--arch", choices=ARCHES, default="llama", help="architecture (default: llama)")
     p.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="size (default: tiny)")
+    p.add_argument("--quantize", type=int, choices=(4, 8), default=None, metavar="BITS",
+                   help="also write mlx-lm's BITS-bit copy (4 or 8) to DIR-qBITS, a decode copy declaring "
+                        "DIR's name as its base model id (needs the mlx extra)")
     p.set_defaults(run=_run_make_model)
 
 
@@ -199,6 +202,11 @@ def _run_make_model(args: argparse.Namespace) -> int:
 
     path = make_model(args.dir, args.arch, seed=args.seed, preset=args.preset, progress=sys.stderr.isatty())
     print(f"wrote {args.preset} {args.arch} checkpoint (seed {args.seed}) to {path}")
+    if args.quantize:
+        from workers.tools.quantize import make_quantized_sibling
+
+        copy = make_quantized_sibling(path, args.quantize)
+        print(f"wrote its mlx-lm {args.quantize}-bit copy (base model id {path.resolve().name!r}) to {copy}")
     return 0
 
 
@@ -232,6 +240,11 @@ def _add_check_handoff(sub: argparse._SubParsersAction) -> None:
                    help="compute dtype on both engines (default: float32, where greedy decoding is exact)")
     p.add_argument("--device", default=None, help="torch device: cuda, mps or cpu (default: best available)")
     p.add_argument("--json", action="store_true", help="end with one JSON line holding the result")
+    p.add_argument("--quantized-decode", metavar="BITS|DIR", default=None,
+                   help="decode on a quantized copy and measure instead of proving identity: 4 or 8 (mlx-lm's "
+                        "copy of --model, made once into pdcluster's cache) or a copy's folder (pdc make-model "
+                        "--quantize, mlx_lm.convert -q). Reports greedy and teacher-forced top-1 agreement and "
+                        "the mean KL divergence against the copy generating alone; exits 0 once measured")
     p.set_defaults(run=_run_check_handoff)
 
 
@@ -241,7 +254,7 @@ def _run_check_handoff(args: argparse.Namespace) -> int:
     config = HandoffConfig(
         model=model_or_default(args.model), prefill_engine=args.prefill, decode_engine=args.decode,
         prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens, chunk_size=args.chunk_size,
-        dtype=args.dtype, device=args.device,
+        dtype=args.dtype, device=args.device, quantized_decode=args.quantized_decode,
     )
     return run_check_handoff(config, as_json=args.json)
 
@@ -278,6 +291,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                         "roofline, conditional), package.module:Class or path/to/file.py:Class "
                         "(default: conditional, remote prefill only when the cost model predicts a clear win "
                         "over the measured link)")
+    p.add_argument("--kv-codec", choices=("auto", "raw", "int8", "fp8"), default="auto",
+                   help="KV codec of each prefill -> decode transfer: auto (default: compress only where the cost "
+                        "model predicts the smaller transfer beats encode + decode, never between nodes on one host "
+                        "and never a codec failing its accuracy gate; docs/placement.md), raw, int8 or fp8; a request "
+                        "may override it with \"pdcluster\": {\"kv_codec\": ...}")
     p.add_argument("--lease-s", type=float, default=0.0,
                    help="decode-side KV reservation lease in seconds, sent with every request; 0 (default): "
                         "each decode worker's own pdc worker --lease-s")
@@ -324,6 +342,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     config = SchedulerConfig(
         host=args.host, port=args.port, peers=_split(args.peers), mdns=not args.no_mdns,
         mdns_interfaces=tuple(args.mdns_interface) if args.mdns_interface else None, policy=args.policy,
+        kv_codec=args.kv_codec,
         link_refresh_s=args.link_refresh_s, link_probe_bytes=int(args.link_probe_mib * (1 << 20)),
         lifecycle=LifecycleConfig(lease_s=args.lease_s),
         api_key=args.api_key or os.environ.get("PDC_API_KEY") or None,
@@ -351,6 +370,9 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
                    help="given to the scheduler (as $PDC_API_KEY, kept off command lines): clients must send it")
     _add_local_cluster_args(p, key_help="cluster key (default: a fresh key for this run; "
                                         "`pdc up` prints the flags that reach it)")
+    p.add_argument("--kv-codec", choices=("auto", "raw", "int8", "fp8"), default="auto",
+                   help="the scheduler's KV codec, as for `pdc serve --kv-codec` (default: auto; both local "
+                        "workers share this host, so auto sends raw)")
     _add_admission_args(p, up=True)
     p.set_defaults(run=_run_up)
 
@@ -362,7 +384,8 @@ def _up_config(args: argparse.Namespace, port: int) -> UpConfig:
     decode = args.decode_engine or default_decode_engine()
     return UpConfig(model=model_or_default(args.model), port=port, prefill_engine=args.prefill_engine,
                     decode_engine=decode, cluster_key_file=args.cluster_key_file, log_dir=args.log_dir,
-                    policy=args.policy, host=getattr(args, "host", None) or "127.0.0.1",
+                    policy=args.policy, kv_codec=getattr(args, "kv_codec", "auto"),
+                    host=getattr(args, "host", None) or "127.0.0.1",
                     api_key=getattr(args, "api_key", None), max_queued=getattr(args, "max_queued", None),
                     queue_timeout_s=getattr(args, "queue_timeout_s", None),
                     max_inflight_per_node=getattr(args, "max_inflight_per_node", None))

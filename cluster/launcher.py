@@ -52,6 +52,7 @@ class UpConfig:
     cluster_key_file: str | None = None
     log_dir: str | None = None  # child logs; a temp folder when None
     policy: str = "conditional"  # the scheduler's placement policy (name, module:Class or file.py:Class)
+    kv_codec: str = "auto"  # the scheduler's KV codec (`pdc serve --kv-codec`)
     api_key: str | None = None  # passed to the scheduler as `pdc serve --api-key` when set
     # the scheduler's admission queue (`pdc serve --max-queued`, ...); None: pdc serve's default
     max_queued: int | None = None
@@ -111,7 +112,8 @@ class LocalCluster:
         # the API key reaches `pdc serve` as $PDC_API_KEY, not a flag: a command line is visible in `ps`
         api_key = {"PDC_API_KEY": self.config.api_key} if self.config.api_key else {}
         self._spawn("scheduler", ["serve", "--host", self.config.host, "--port", str(self.config.port),
-                                  "--policy", self.config.policy, *self.config.admission_flags(), *common, *mdns],
+                                  "--policy", self.config.policy, "--kv-codec", self.config.kv_codec,
+                                  *self.config.admission_flags(), *common, *mdns],
                     env=api_key)
         workers = (("prefill", self.config.prefill_engine), ("decode", self.config.decode_engine))
         for role, engine in workers:
