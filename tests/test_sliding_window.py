@@ -166,6 +166,29 @@ def test_cached_layers_hold_the_same_window_in_both_engines(arch: str, engines, 
         np.testing.assert_allclose(got.keys, want.keys, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["torch", "mlx"])
+@pytest.mark.parametrize("arch", WINDOWED_ARCHES)
+def test_load_kv_after_a_prefix_decodes_as_alone(arch: str, kind: str, engines, make_tiny_model) -> None:
+    """A prefix of 128 tokens, then the rest received: the rest's sliding
+    window reaches into the prefix (300 tokens) or starts past it (400)."""
+    engine = engines(kind, arch)
+    for num_tokens in (300, 400):
+        ids = prompt(make_tiny_model, arch, num_tokens)
+        want, _ = generate_alone(engine, ids, greedy(12), chunk_size=128)
+        engine.prefill("p", ids[:128], lambda s: None, chunk_size=128)
+        prefix = [engine.cached_layer("p", layer) for layer in range(engine.kv_layout(0).num_layers)]
+        engine.release("p")
+        assert all(s.start == 0 and s.num_tokens == 128 for s in prefix)  # under the window: all of it
+        layout, rest = engine.kv_layout(num_tokens - 128), []
+        result = engine.prefill("r", ids, lambda s: rest.append(layout.clip(s)), chunk_size=128, emit_from=128)
+        engine.release("r")
+        first = sample(result.logits, greedy(12), 0)
+        engine.load_kv("x", layout, [s for s in rest if s is not None], prefix=prefix)
+        assert engine.cached_tokens("x") == num_tokens
+        assert [first, *generate(engine, "x", first, greedy(12))] == want
+        engine.release("x")
+
+
 # ---------------------------------------------------------------- batching
 
 
