@@ -26,11 +26,13 @@ ver    version                 text
 kfp    key_fingerprint         text (fingerprint of the cluster key, never the key)
 hw     hardware                catalog name (``dgx-spark``, ...) when declared, else empty
 psrc   profile_source          ``measured`` | ``declared`` | ``measured+declared``
+pp     prefill_probe           ``tokens:seconds`` pairs, comma list (``128:0.112,512:0.95``); absent: none
 ====== ======================= ======
 
 The host is not in the TXT record: it comes from the service's A/AAAA records.
 ``hw`` and ``psrc`` came after the first release, so a record without them is
-still version 1 and reads as ``""`` and ``"measured"`` (what those nodes did).
+still version 1 and reads as ``""`` and ``"measured"`` (what those nodes did);
+``pp`` likewise (absent: the node timed no prefill, as every node before it).
 """
 from __future__ import annotations
 
@@ -75,6 +77,9 @@ class NodeInfo:
     hardware: str = ""  # catalog name the node declared (scheduler/catalog.py); "" when not declared
     profile_source: str = "measured"  # one of PROFILE_SOURCES
     source: str = "static"
+    # (prompt tokens, seconds) of the served model's prefill timed at start-up
+    # (workers/rpc/profile.py); () when not timed (declared TFLOPS, older workers)
+    prefill_probe: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.node_id, str) or not _NODE_ID_RE.fullmatch(self.node_id):
@@ -110,6 +115,7 @@ class NodeInfo:
             )
         if self.source not in SOURCES:
             raise ValueError(f"node {self.node_id}: source {self.source!r} is not one of {SOURCES}")
+        object.__setattr__(self, "prefill_probe", _check_probe(self.node_id, self.prefill_probe))
 
     @property
     def grpc_address(self) -> str:
@@ -149,6 +155,8 @@ class NodeInfo:
             "hw": self.hardware,
             "psrc": self.profile_source,
         }
+        if self.prefill_probe:
+            txt["pp"] = ",".join(f"{n}:{t:.6g}" for n, t in self.prefill_probe)
         for key, value in txt.items():
             size = len(key.encode()) + 1 + len(value.encode())
             if size > MAX_TXT_ITEM_BYTES:
@@ -206,11 +214,37 @@ class NodeInfo:
                 hardware=txt.get("hw", ""),
                 profile_source=txt.get("psrc", "measured"),
                 source=source,
+                prefill_probe=_parse_probe(txt.get("pp", ""), where),
             )
         except ValueError as err:
             if str(err).startswith(where):
                 raise
             raise ValueError(f"{where}: {err}") from None
+
+
+def _check_probe(node_id: str, probe: object) -> tuple[tuple[int, float], ...]:
+    """``probe`` as a tuple of (tokens >= 1, finite seconds > 0) pairs; ``ValueError`` otherwise."""
+    try:
+        points = tuple((n, t) for n, t in probe)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise ValueError(f"node {node_id}: prefill_probe {probe!r} must be (tokens, seconds) pairs") from None
+    for n, t in points:
+        if (isinstance(n, bool) or not isinstance(n, int) or n < 1 or isinstance(t, bool)
+                or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0):
+            raise ValueError(f"node {node_id}: prefill_probe point {(n, t)!r}: need tokens >= 1 and seconds > 0")
+    return tuple((n, float(t)) for n, t in points)
+
+
+def _parse_probe(text: str, where: str) -> tuple[tuple[int, float], ...]:
+    """TXT ``pp`` (``128:0.112,512:0.95``) -> pairs; checked by ``NodeInfo`` itself."""
+    points = []
+    for item in filter(None, text.split(",")):
+        tokens, _, seconds = item.partition(":")
+        try:
+            points.append((int(tokens), float(seconds)))
+        except ValueError:
+            raise ValueError(f"{where}: TXT pp item {item!r} is not tokens:seconds") from None
+    return tuple(points)
 
 
 def _decode_props(props: Mapping[bytes | str, bytes | str | None]) -> dict[str, str]:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15proto/pdcluster.proto\x12\x0cpdcluster.v1\"\x8b\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\rB\x07\n\x05_seed\"\x85\x02\n\x0bNodeProfile\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05roles\x18\x02 \x03(\t\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x0e\n\x06tflops\x18\x05 \x01(\x01\x12\x13\n\x0bmem_bw_gbps\x18\x06 \x01(\x01\x12\x16\n\x0e\x66ree_mem_bytes\x18\x07 \x01(\x04\x12\x0f\n\x07version\x18\x08 \x01(\t\x12\x14\n\x0cgrpc_address\x18\t \x01(\t\x12\x0f\n\x07kv_port\x18\n \x01(\r\x12\x17\n\x0fkey_fingerprint\x18\x0b \x01(\t\x12\x10\n\x08hardware\x18\x0c \x01(\t\x12\x16\n\x0eprofile_source\x18\r \x01(\t\"\xc3\x02\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x12\n\nmodel_type\x18\x03 \x01(\t\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x10\n\x08kv_heads\x18\x05 \x01(\r\x12\x10\n\x08head_dim\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x12\n\nvocab_size\x18\x08 \x01(\r\x12\x1f\n\x17max_position_embeddings\x18\t \x01(\r\x12\x15\n\reos_token_ids\x18\n \x03(\r\x12\x16\n\x0etokenizer_json\x18\x0b \x01(\t\x12\x15\n\rchat_template\x18\x0c \x01(\t\x12\x11\n\tbos_token\x18\r \x01(\t\x12\x11\n\teos_token\x18\x0e \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x0f \x01(\t\"\r\n\x0bInfoRequest\"\\\n\tInfoReply\x12\'\n\x04node\x18\x01 \x01(\x0b\x32\x19.pdcluster.v1.NodeProfile\x12&\n\x05model\x18\x02 \x01(\x0b\x32\x17.pdcluster.v1.ModelInfo\"\x0f\n\rHealthRequest\"d\n\x0bHealthReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x17\n\x0f\x61\x63tive_requests\x18\x02 \x01(\r\x12\x15\n\ractive_leases\x18\x03 \x01(\r\x12\x19\n\x11reserved_kv_bytes\x18\x04 \x01(\x04\"\xe0\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.pdcluster.v1.SamplingParams\x12\x0f\n\x07kv_host\x18\x04 \x01(\t\x12\x0f\n\x07kv_port\x18\x05 \x01(\r\x12\x16\n\x0etransfer_token\x18\x06 \x01(\x0c\x12\x12\n\nchunk_size\x18\x07 \x01(\r\x12\r\n\x05\x63odec\x18\x08 \x01(\t\x12\x13\n\x0bskip_tokens\x18\t \x01(\r\"\x97\x01\n\x0cPrefillReply\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\r\x12\x0f\n\x07queue_s\x18\x02 \x01(\x01\x12\x11\n\tprefill_s\x18\x03 \x01(\x01\x12\x10\n\x08kv_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06send_s\x18\x05 \x01(\x01\x12\x15\n\rcached_tokens\x18\x06 \x01(\r\x12\x15\n\rprefix_blocks\x18\x07 \x03(\x06\"\xb8\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.pdcluster.v1.SamplingParams\x12\x15\n\rlocal_prefill\x18\x04 \x01(\x08\x12\x0f\n\x07lease_s\x18\x05 \x01(\x01\x12\r\n\x05\x63odec\x18\x06 \x01(\t\x12\x12\n\nfirst_step\x18\x07 \x01(\r\"v\n\x08Reserved\x12\x0f\n\x07kv_host\x18\x01 \x01(\t\x12\x0f\n\x07kv_port\x18\x02 \x01(\r\x12\x16\n\x0etransfer_token\x18\x03 \x01(\x0c\x12\x19\n\x11reserved_kv_bytes\x18\x04 \x01(\x04\x12\x15\n\rcached_tokens\x18\x05 \x01(\r\"(\n\x05Token\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05index\x18\x02 \x01(\r\"\xe8\x01\n\x07Timings\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x10\n\x08kv_bytes\x18\x03 \x01(\x04\x12\x12\n\ntransfer_s\x18\x04 \x01(\x01\x12\x1a\n\x12\x65xposed_transfer_s\x18\x05 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x06 \x01(\x01\x12\x15\n\rprompt_tokens\x18\x07 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x08 \x01(\r\x12\x15\n\rcached_tokens\x18\t \x01(\r\x12\x1c\n\x14\x64\x65\x63ode_cached_tokens\x18\n \x01(\r\"\\\n\x04\x44one\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12&\n\x07timings\x18\x02 \x01(\x0b\x32\x15.pdcluster.v1.Timings\x12\x15\n\rprefix_blocks\x18\x03 \x03(\x06\"\x8c\x01\n\x0b\x44\x65\x63odeEvent\x12*\n\x08reserved\x18\x01 \x01(\x0b\x32\x16.pdcluster.v1.ReservedH\x00\x12$\n\x05token\x18\x02 \x01(\x0b\x32\x13.pdcluster.v1.TokenH\x00\x12\"\n\x04\x64one\x18\x03 \x01(\x0b\x32\x12.pdcluster.v1.DoneH\x00\x42\x07\n\x05\x65vent\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1c\n\x0b\x43\x61ncelReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xc7\x03\n\nStatsReply\x12\x16\n\x0erequests_total\x18\x01 \x01(\x04\x12\x17\n\x0frequests_failed\x18\x02 \x01(\x04\x12\x1a\n\x12requests_cancelled\x18\x03 \x01(\x04\x12\x15\n\rkv_bytes_sent\x18\x04 \x01(\x04\x12\x19\n\x11kv_bytes_received\x18\x05 \x01(\x04\x12\x16\n\x0eleases_expired\x18\x06 \x01(\x04\x12\x17\n\x0f\x61\x63tive_requests\x18\x07 \x01(\r\x12\x15\n\ractive_leases\x18\x08 \x01(\r\x12\x19\n\x11reserved_kv_bytes\x18\t \x01(\x04\x12\x18\n\x10tokens_generated\x18\n \x01(\x04\x12\x15\n\rprefix_blocks\x18\x0b \x03(\x06\x12\x1b\n\x13prefix_block_tokens\x18\x0c \x01(\r\x12\x1a\n\x12prefix_cache_bytes\x18\r \x01(\x04\x12#\n\x1bprefix_cache_capacity_bytes\x18\x0e \x01(\x04\x12\x13\n\x0bprefix_hits\x18\x0f \x01(\x04\x12\x19\n\x11prefix_hit_tokens\x18\x10 \x01(\x04\x12\x18\n\x10running_requests\x18\x11 \x01(\r\"m\n\x10ProbeLinkRequest\x12\x0f\n\x07kv_host\x18\x01 \x01(\t\x12\x0f\n\x07kv_port\x18\x02 \x01(\r\x12\x15\n\rpayload_bytes\x18\x03 \x01(\x04\x12\r\n\x05pings\x18\x04 \x01(\r\x12\x11\n\ttimeout_s\x18\x05 \x01(\x01\"[\n\x0eProbeLinkReply\x12\x0c\n\x04gbps\x18\x01 \x01(\x01\x12\x11\n\tlatency_s\x18\x02 \x01(\x01\x12\x15\n\rpayload_bytes\x18\x03 \x01(\x04\x12\x11\n\tpayload_s\x18\x04 \x01(\x01\x32\xdb\x03\n\x06Worker\x12:\n\x04Info\x12\x19.pdcluster.v1.InfoRequest\x1a\x17.pdcluster.v1.InfoReply\x12@\n\x06Health\x12\x1b.pdcluster.v1.HealthRequest\x1a\x19.pdcluster.v1.HealthReply\x12\x43\n\x07Prefill\x12\x1c.pdcluster.v1.PrefillRequest\x1a\x1a.pdcluster.v1.PrefillReply\x12\x42\n\x06\x44\x65\x63ode\x12\x1b.pdcluster.v1.DecodeRequest\x1a\x19.pdcluster.v1.DecodeEvent0\x01\x12@\n\x06\x43\x61ncel\x12\x1b.pdcluster.v1.CancelRequest\x1a\x19.pdcluster.v1.CancelReply\x12=\n\x05Stats\x12\x1a.pdcluster.v1.StatsRequest\x1a\x18.pdcluster.v1.StatsReply\x12I\n\tProbeLink\x12\x1e.pdcluster.v1.ProbeLinkRequest\x1a\x1c.pdcluster.v1.ProbeLinkReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15proto/pdcluster.proto\x12\x0cpdcluster.v1\"\x8b\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\rB\x07\n\x05_seed\"\xb8\x02\n\x0bNodeProfile\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05roles\x18\x02 \x03(\t\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x0e\n\x06tflops\x18\x05 \x01(\x01\x12\x13\n\x0bmem_bw_gbps\x18\x06 \x01(\x01\x12\x16\n\x0e\x66ree_mem_bytes\x18\x07 \x01(\x04\x12\x0f\n\x07version\x18\x08 \x01(\t\x12\x14\n\x0cgrpc_address\x18\t \x01(\t\x12\x0f\n\x07kv_port\x18\n \x01(\r\x12\x17\n\x0fkey_fingerprint\x18\x0b \x01(\t\x12\x10\n\x08hardware\x18\x0c \x01(\t\x12\x16\n\x0eprofile_source\x18\r \x01(\t\x12\x31\n\rprefill_probe\x18\x0e \x03(\x0b\x32\x1a.pdcluster.v1.PrefillProbe\"/\n\x0cPrefillProbe\x12\x0e\n\x06tokens\x18\x01 \x01(\r\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"\xc3\x02\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x12\n\nmodel_type\x18\x03 \x01(\t\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x10\n\x08kv_heads\x18\x05 \x01(\r\x12\x10\n\x08head_dim\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x12\n\nvocab_size\x18\x08 \x01(\r\x12\x1f\n\x17max_position_embeddings\x18\t \x01(\r\x12\x15\n\reos_token_ids\x18\n \x03(\r\x12\x16\n\x0etokenizer_json\x18\x0b \x01(\t\x12\x15\n\rchat_template\x18\x0c \x01(\t\x12\x11\n\tbos_token\x18\r \x01(\t\x12\x11\n\teos_token\x18\x0e \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x0f \x01(\t\"\r\n\x0bInfoRequest\"\\\n\tInfoReply\x12\'\n\x04node\x18\x01 \x01(\x0b\x32\x19.pdcluster.v1.NodeProfile\x12&\n\x05model\x18\x02 \x01(\x0b\x32\x17.pdcluster.v1.ModelInfo\"\x0f\n\rHealthRequest\"d\n\x0bHealthReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x17\n\x0f\x61\x63tive_requests\x18\x02 \x01(\r\x12\x15\n\ractive_leases\x18\x03 \x01(\r\x12\x19\n\x11reserved_kv_bytes\x18\x04 \x01(\x04\"\xe0\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.pdcluster.v1.SamplingParams\x12\x0f\n\x07kv_host\x18\x04 \x01(\t\x12\x0f\n\x07kv_port\x18\x05 \x01(\r\x12\x16\n\x0etransfer_token\x18\x06 \x01(\x0c\x12\x12\n\nchunk_size\x18\x07 \x01(\r\x12\r\n\x05\x63odec\x18\x08 \x01(\t\x12\x13\n\x0bskip_tokens\x18\t \x01(\r\"\x97\x01\n\x0cPrefillReply\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\r\x12\x0f\n\x07queue_s\x18\x02 \x01(\x01\x12\x11\n\tprefill_s\x18\x03 \x01(\x01\x12\x10\n\x08kv_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06send_s\x18\x05 \x01(\x01\x12\x15\n\rcached_tokens\x18\x06 \x01(\r\x12\x15\n\rprefix_blocks\x18\x07 \x03(\x06\"\xb8\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.pdcluster.v1.SamplingParams\x12\x15\n\rlocal_prefill\x18\x04 \x01(\x08\x12\x0f\n\x07lease_s\x18\x05 \x01(\x01\x12\r\n\x05\x63odec\x18\x06 \x01(\t\x12\x12\n\nfirst_step\x18\x07 \x01(\r\"v\n\x08Reserved\x12\x0f\n\x07kv_host\x18\x01 \x01(\t\x12\x0f\n\x07kv_port\x18\x02 \x01(\r\x12\x16\n\x0etransfer_token\x18\x03 \x01(\x0c\x12\x19\n\x11reserved_kv_bytes\x18\x04 \x01(\x04\x12\x15\n\rcached_tokens\x18\x05 \x01(\r\"(\n\x05Token\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05index\x18\x02 \x01(\r\"\xe8\x01\n\x07Timings\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x10\n\x08kv_bytes\x18\x03 \x01(\x04\x12\x12\n\ntransfer_s\x18\x04 \x01(\x01\x12\x1a\n\x12\x65xposed_transfer_s\x18\x05 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x06 \x01(\x01\x12\x15\n\rprompt_tokens\x18\x07 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x08 \x01(\r\x12\x15\n\rcached_tokens\x18\t \x01(\r\x12\x1c\n\x14\x64\x65\x63ode_cached_tokens\x18\n \x01(\r\"\\\n\x04\x44one\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12&\n\x07timings\x18\x02 \x01(\x0b\x32\x15.pdcluster.v1.Timings\x12\x15\n\rprefix_blocks\x18\x03 \x03(\x06\"\x8c\x01\n\x0b\x44\x65\x63odeEvent\x12*\n\x08reserved\x18\x01 \x01(\x0b\x32\x16.pdcluster.v1.ReservedH\x00\x12$\n\x05token\x18\x02 \x01(\x0b\x32\x13.pdcluster.v1.TokenH\x00\x12\"\n\x04\x64one\x18\x03 \x01(\x0b\x32\x12.pdcluster.v1.DoneH\x00\x42\x07\n\x05\x65vent\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1c\n\x0b\x43\x61ncelReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xc7\x03\n\nStatsReply\x12\x16\n\x0erequests_total\x18\x01 \x01(\x04\x12\x17\n\x0frequests_failed\x18\x02 \x01(\x04\x12\x1a\n\x12requests_cancelled\x18\x03 \x01(\x04\x12\x15\n\rkv_bytes_sent\x18\x04 \x01(\x04\x12\x19\n\x11kv_bytes_received\x18\x05 \x01(\x04\x12\x16\n\x0eleases_expired\x18\x06 \x01(\x04\x12\x17\n\x0f\x61\x63tive_requests\x18\x07 \x01(\r\x12\x15\n\ractive_leases\x18\x08 \x01(\r\x12\x19\n\x11reserved_kv_bytes\x18\t \x01(\x04\x12\x18\n\x10tokens_generated\x18\n \x01(\x04\x12\x15\n\rprefix_blocks\x18\x0b \x03(\x06\x12\x1b\n\x13prefix_block_tokens\x18\x0c \x01(\r\x12\x1a\n\x12prefix_cache_bytes\x18\r \x01(\x04\x12#\n\x1bprefix_cache_capacity_bytes\x18\x0e \x01(\x04\x12\x13\n\x0bprefix_hits\x18\x0f \x01(\x04\x12\x19\n\x11prefix_hit_tokens\x18\x10 \x01(\x04\x12\x18\n\x10running_requests\x18\x11 \x01(\r\"m\n\x10ProbeLinkRequest\x12\x0f\n\x07kv_host\x18\x01 \x01(\t\x12\x0f\n\x07kv_port\x18\x02 \x01(\r\x12\x15\n\rpayload_bytes\x18\x03 \x01(\x04\x12\r\n\x05pings\x18\x04 \x01(\r\x12\x11\n\ttimeout_s\x18\x05 \x01(\x01\"[\n\x0eProbeLinkReply\x12\x0c\n\x04gbps\x18\x01 \x01(\x01\x12\x11\n\tlatency_s\x18\x02 \x01(\x01\x12\x15\n\rpayload_bytes\x18\x03 \x01(\x04\x12\x11\n\tpayload_s\x18\x04 \x01(\x01\x32\xdb\x03\n\x06Worker\x12:\n\x04Info\x12\x19.pdcluster.v1.InfoRequest\x1a\x17.pdcluster.v1.InfoReply\x12@\n\x06Health\x12\x1b.pdcluster.v1.HealthRequest\x1a\x19.pdcluster.v1.HealthReply\x12\x43\n\x07Prefill\x12\x1c.pdcluster.v1.PrefillRequest\x1a\x1a.pdcluster.v1.PrefillReply\x12\x42\n\x06\x44\x65\x63ode\x12\x1b.pdcluster.v1.DecodeRequest\x1a\x19.pdcluster.v1.DecodeEvent0\x01\x12@\n\x06\x43\x61ncel\x12\x1b.pdcluster.v1.CancelRequest\x1a\x19.pdcluster.v1.CancelReply\x12=\n\x05Stats\x12\x1a.pdcluster.v1.StatsRequest\x1a\x18.pdcluster.v1.StatsReply\x12I\n\tProbeLink\x12\x1e.pdcluster.v1.ProbeLinkRequest\x1a\x1c.pdcluster.v1.ProbeLinkReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,45 +34,47 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS']._serialized_start=40
   _globals['_SAMPLINGPARAMS']._serialized_end=179
   _globals['_NODEPROFILE']._serialized_start=182
-  _globals['_NODEPROFILE']._serialized_end=443
-  _globals['_MODELINFO']._serialized_start=446
-  _globals['_MODELINFO']._serialized_end=769
-  _globals['_INFOREQUEST']._serialized_start=771
-  _globals['_INFOREQUEST']._serialized_end=784
-  _globals['_INFOREPLY']._serialized_start=786
-  _globals['_INFOREPLY']._serialized_end=878
-  _globals['_HEALTHREQUEST']._serialized_start=880
-  _globals['_HEALTHREQUEST']._serialized_end=895
-  _globals['_HEALTHREPLY']._serialized_start=897
-  _globals['_HEALTHREPLY']._serialized_end=997
-  _globals['_PREFILLREQUEST']._serialized_start=1000
-  _globals['_PREFILLREQUEST']._serialized_end=1224
-  _globals['_PREFILLREPLY']._serialized_start=1227
-  _globals['_PREFILLREPLY']._serialized_end=1378
-  _globals['_DECODEREQUEST']._serialized_start=1381
-  _globals['_DECODEREQUEST']._serialized_end=1565
-  _globals['_RESERVED']._serialized_start=1567
-  _globals['_RESERVED']._serialized_end=1685
-  _globals['_TOKEN']._serialized_start=1687
-  _globals['_TOKEN']._serialized_end=1727
-  _globals['_TIMINGS']._serialized_start=1730
-  _globals['_TIMINGS']._serialized_end=1962
-  _globals['_DONE']._serialized_start=1964
-  _globals['_DONE']._serialized_end=2056
-  _globals['_DECODEEVENT']._serialized_start=2059
-  _globals['_DECODEEVENT']._serialized_end=2199
-  _globals['_CANCELREQUEST']._serialized_start=2201
-  _globals['_CANCELREQUEST']._serialized_end=2236
-  _globals['_CANCELREPLY']._serialized_start=2238
-  _globals['_CANCELREPLY']._serialized_end=2266
-  _globals['_STATSREQUEST']._serialized_start=2268
-  _globals['_STATSREQUEST']._serialized_end=2282
-  _globals['_STATSREPLY']._serialized_start=2285
-  _globals['_STATSREPLY']._serialized_end=2740
-  _globals['_PROBELINKREQUEST']._serialized_start=2742
-  _globals['_PROBELINKREQUEST']._serialized_end=2851
-  _globals['_PROBELINKREPLY']._serialized_start=2853
-  _globals['_PROBELINKREPLY']._serialized_end=2944
-  _globals['_WORKER']._serialized_start=2947
-  _globals['_WORKER']._serialized_end=3422
+  _globals['_NODEPROFILE']._serialized_end=494
+  _globals['_PREFILLPROBE']._serialized_start=496
+  _globals['_PREFILLPROBE']._serialized_end=543
+  _globals['_MODELINFO']._serialized_start=546
+  _globals['_MODELINFO']._serialized_end=869
+  _globals['_INFOREQUEST']._serialized_start=871
+  _globals['_INFOREQUEST']._serialized_end=884
+  _globals['_INFOREPLY']._serialized_start=886
+  _globals['_INFOREPLY']._serialized_end=978
+  _globals['_HEALTHREQUEST']._serialized_start=980
+  _globals['_HEALTHREQUEST']._serialized_end=995
+  _globals['_HEALTHREPLY']._serialized_start=997
+  _globals['_HEALTHREPLY']._serialized_end=1097
+  _globals['_PREFILLREQUEST']._serialized_start=1100
+  _globals['_PREFILLREQUEST']._serialized_end=1324
+  _globals['_PREFILLREPLY']._serialized_start=1327
+  _globals['_PREFILLREPLY']._serialized_end=1478
+  _globals['_DECODEREQUEST']._serialized_start=1481
+  _globals['_DECODEREQUEST']._serialized_end=1665
+  _globals['_RESERVED']._serialized_start=1667
+  _globals['_RESERVED']._serialized_end=1785
+  _globals['_TOKEN']._serialized_start=1787
+  _globals['_TOKEN']._serialized_end=1827
+  _globals['_TIMINGS']._serialized_start=1830
+  _globals['_TIMINGS']._serialized_end=2062
+  _globals['_DONE']._serialized_start=2064
+  _globals['_DONE']._serialized_end=2156
+  _globals['_DECODEEVENT']._serialized_start=2159
+  _globals['_DECODEEVENT']._serialized_end=2299
+  _globals['_CANCELREQUEST']._serialized_start=2301
+  _globals['_CANCELREQUEST']._serialized_end=2336
+  _globals['_CANCELREPLY']._serialized_start=2338
+  _globals['_CANCELREPLY']._serialized_end=2366
+  _globals['_STATSREQUEST']._serialized_start=2368
+  _globals['_STATSREQUEST']._serialized_end=2382
+  _globals['_STATSREPLY']._serialized_start=2385
+  _globals['_STATSREPLY']._serialized_end=2840
+  _globals['_PROBELINKREQUEST']._serialized_start=2842
+  _globals['_PROBELINKREQUEST']._serialized_end=2951
+  _globals['_PROBELINKREPLY']._serialized_start=2953
+  _globals['_PROBELINKREPLY']._serialized_end=3044
+  _globals['_WORKER']._serialized_start=3047
+  _globals['_WORKER']._serialized_end=3522
 # @@protoc_insertion_point(module_scope)

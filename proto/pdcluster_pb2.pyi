@@ -23,7 +23,7 @@ class SamplingParams(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class NodeProfile(_message.Message):
-    __slots__ = ("node_id", "roles", "engine", "device", "tflops", "mem_bw_gbps", "free_mem_bytes", "version", "grpc_address", "kv_port", "key_fingerprint", "hardware", "profile_source")
+    __slots__ = ("node_id", "roles", "engine", "device", "tflops", "mem_bw_gbps", "free_mem_bytes", "version", "grpc_address", "kv_port", "key_fingerprint", "hardware", "profile_source", "prefill_probe")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLES_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,7 @@ class NodeProfile(_message.Message):
     KEY_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     HARDWARE_FIELD_NUMBER: _ClassVar[int]
     PROFILE_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_PROBE_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     roles: _containers.RepeatedScalarFieldContainer[str]
     engine: str
@@ -50,7 +51,16 @@ class NodeProfile(_message.Message):
     key_fingerprint: str
     hardware: str
     profile_source: str
-    def __init__(self, node_id: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., engine: _Optional[str] = ..., device: _Optional[str] = ..., tflops: _Optional[float] = ..., mem_bw_gbps: _Optional[float] = ..., free_mem_bytes: _Optional[int] = ..., version: _Optional[str] = ..., grpc_address: _Optional[str] = ..., kv_port: _Optional[int] = ..., key_fingerprint: _Optional[str] = ..., hardware: _Optional[str] = ..., profile_source: _Optional[str] = ...) -> None: ...
+    prefill_probe: _containers.RepeatedCompositeFieldContainer[PrefillProbe]
+    def __init__(self, node_id: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., engine: _Optional[str] = ..., device: _Optional[str] = ..., tflops: _Optional[float] = ..., mem_bw_gbps: _Optional[float] = ..., free_mem_bytes: _Optional[int] = ..., version: _Optional[str] = ..., grpc_address: _Optional[str] = ..., kv_port: _Optional[int] = ..., key_fingerprint: _Optional[str] = ..., hardware: _Optional[str] = ..., profile_source: _Optional[str] = ..., prefill_probe: _Optional[_Iterable[_Union[PrefillProbe, _Mapping]]] = ...) -> None: ...
+
+class PrefillProbe(_message.Message):
+    __slots__ = ("tokens", "seconds")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    tokens: int
+    seconds: float
+    def __init__(self, tokens: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("model_id", "fingerprint", "model_type", "num_layers", "kv_heads", "head_dim", "dtype", "vocab_size", "max_position_embeddings", "eos_token_ids", "tokenizer_json", "chat_template", "bos_token", "eos_token", "config_json")

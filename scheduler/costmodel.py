@@ -8,6 +8,9 @@ The model is a roofline with efficiency factors (achieved / peak):
 * prefill of n new tokens on d cached =
   max(linear FLOPs / (peak x e.compute) + attention FLOPs / (peak x e.attention),
       bytes touched / (bandwidth x e.bandwidth));
+  on a node that timed the served model's own prefill at start-up, the two
+  FLOP terms are priced at its probed rates instead (``ProbedPrefill``,
+  ``with_probe``);
 * decode of one token at depth d =
   max(active weight bytes / (bandwidth x e.bandwidth)
       + KV bytes read / (bandwidth x e.kv_bandwidth), FLOPs / (peak x e.compute));
@@ -28,7 +31,7 @@ combination only; every other combination gets ``GENERIC[weight_format]``.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from cluster.hardware import Hardware  # noqa: F401  (the cost model's machine type)
@@ -534,14 +537,69 @@ _MAX_EFFICIENCY = 1.5
 
 
 @dataclass(frozen=True)
+class ProbedPrefill:
+    """A node's prefill of the served model, timed at start-up (``workers/rpc/profile.py``),
+    as the FLOP rates it implies by this cost model's own FLOP count.
+
+    ``points`` are (prompt tokens, seconds). With two or more lengths the
+    times are fitted as t = linear FLOPs / ``linear_flops_s`` + attention
+    FLOPs / ``attention_flops_s`` (``_fit_relative``, as ``calibrate`` fits
+    a table); with one length, or a fit that gives a non-positive or far-off
+    coefficient, both rates are the probes' FLOPs over their seconds. It
+    replaces peak TFLOPS x efficiency in the node's prefill compute time only:
+    the weight-read floor and decode keep the node's TFLOPS and bandwidth."""
+
+    linear_flops_s: float
+    attention_flops_s: float
+    points: tuple[tuple[int, float], ...]
+    fit: str  # "linear and attention" (two rates fitted) or "one rate"
+
+    def compute_s(self, model: ModelCost, num_new: int, num_cached: int = 0) -> float:
+        """Seconds to compute num_new tokens on num_cached at the probed rates."""
+        return (linear_flops(model, num_new) / self.linear_flops_s
+                + attention_flops(model, num_new, num_cached) / self.attention_flops_s)
+
+
+_PROBE_FIT_SPREAD = 10.0  # a fitted rate further than this factor from the one-rate figure is noise, not physics
+
+
+def probed_prefill(model: ModelCost, points: Sequence[tuple[int, float]]) -> ProbedPrefill:
+    """The prefill rates a node's probe implies for ``model`` (see ``ProbedPrefill``);
+    ``ValueError`` for no points, a length < 1 or a time that is not finite and > 0."""
+    points = tuple((int(n), float(t)) for n, t in points)
+    if not points:
+        raise ValueError("a prefill probe needs at least one (tokens, seconds) point")
+    for n, t in points:
+        if n < 1 or not 0 < t < float("inf"):
+            raise ValueError(f"prefill probe point ({n}, {t}): need tokens >= 1 and 0 < seconds < inf")
+    linear = [linear_flops(model, n) for n, _ in points]
+    attention = [attention_flops(model, n) for n, _ in points]
+    times = [t for _, t in points]
+    one_rate = (sum(linear) + sum(attention)) / sum(times)
+    if len({n for n, _ in points}) >= 2:
+        try:
+            a, b = _fit_relative(linear, attention, times)
+        except ValueError:
+            a = b = 0.0
+        rates = (1 / a, 1 / b) if a > 0 and b > 0 else (0.0, 0.0)
+        if all(one_rate / _PROBE_FIT_SPREAD <= r <= one_rate * _PROBE_FIT_SPREAD for r in rates):
+            return ProbedPrefill(rates[0], rates[1], points, "linear and attention")
+    return ProbedPrefill(one_rate, one_rate, points, "one rate")
+
+
+@dataclass(frozen=True)
 class Efficiency:
-    """Achieved / peak for one (device, engine, weight format) combination."""
+    """Achieved / peak for one (device, engine, weight format) combination.
+
+    ``probe``: a node's own prefill of the served model (``with_probe``), which
+    then prices that node's prefill compute in place of peak x compute/attention."""
 
     compute: float  # weight matmuls in prefill, against peak TFLOPS
     attention: float  # the context term (QK^T, PV) in prefill, against peak TFLOPS
     bandwidth: float  # weight reads in decode, against peak memory bandwidth
     kv_bandwidth: float  # KV-cache reads in decode, against peak memory bandwidth
     source: str = "generic"
+    probe: ProbedPrefill | None = None
 
     def __post_init__(self) -> None:
         for field in ("compute", "attention", "bandwidth", "kv_bandwidth"):
@@ -592,6 +650,14 @@ CALIBRATED: dict[tuple[str, str, str], Efficiency] = {
 }
 
 
+def with_probe(eff: Efficiency, model: ModelCost, points: Sequence[tuple[int, float]]) -> Efficiency:
+    """``eff`` with a node's prefill probe (``probed_prefill``) pricing its prefill; unchanged
+    without points. The one rule the live ``Predictor`` and the simulator both apply."""
+    if not points:
+        return eff
+    return replace(eff, probe=probed_prefill(model, points))
+
+
 def known_engines() -> list[str]:
     """Engine names the cost model understands: ours, and every calibrated one."""
     return sorted({"torch", "mlx", *(engine for _, engine, _ in CALIBRATED)})
@@ -619,7 +685,10 @@ def prefill_time(model: ModelCost, hw: Hardware, eff: Efficiency, num_new: int, 
 def prefill_compute_time(
     model: ModelCost, hw: Hardware, eff: Efficiency, num_new: int, num_cached: int = 0
 ) -> float:
-    """Linear FLOPs / (peak x e.compute) + attention FLOPs / (peak x e.attention)."""
+    """Linear FLOPs / (peak x e.compute) + attention FLOPs / (peak x e.attention); with
+    a probe (``Efficiency.probe``), the same FLOPs at the node's probed rates instead."""
+    if eff.probe is not None:
+        return eff.probe.compute_s(model, num_new, num_cached)
     peak = hw.tflops * 1e12
     linear = linear_flops(model, num_new) / (peak * eff.compute)
     return linear + attention_flops(model, num_new, num_cached) / (peak * eff.attention)

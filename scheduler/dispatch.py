@@ -41,7 +41,7 @@ def node_view(node: NodeInfo, ledger: LoadLedger) -> NodeView:
     return NodeView(node.node_id, node.roles, node.engine, node.model_id, node.tflops, node.mem_bw_gbps,
                     node.free_mem_bytes, ledger.active_requests(node.node_id), hardware=node.hardware,
                     device_kind=node.device, prefill_backlog_s=ledger.prefill_backlog_s(node.node_id),
-                    measured=node.profile_source != "declared", host=node.host)
+                    measured=node.profile_source != "declared", host=node.host, prefill_probe=node.prefill_probe)
 
 
 def predicted_prefill_s(request: GenerationRequest, view: ClusterView, node_id: str) -> float:

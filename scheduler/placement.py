@@ -34,6 +34,9 @@ class NodeView:
     prefill_backlog_s: float = 0.0  # predicted seconds of prefill work already queued here
     measured: bool = False  # tflops/mem_bw_gbps are a start-up measurement (achieved), not peak figures
     host: str = ""  # the address the node advertises ("" unknown): two nodes on one host never compress KV
+    # (prompt tokens, seconds) of the served model's prefill timed at start-up: when present it
+    # prices this node's prefill (costmodel.with_probe) in place of TFLOPS x efficiency
+    prefill_probe: tuple[tuple[int, float], ...] = ()
 
     @property
     def can_prefill(self) -> bool:

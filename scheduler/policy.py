@@ -158,7 +158,10 @@ class Predictor:
     one the simulator calls. Decode time is a continuous batch's step
     (``costmodel.batched_decode_time``) with the node's active requests taken
     as deep as this one. Nodes without a catalog hardware name use their
-    advertised TFLOPS and bandwidth with the generic efficiencies; links
+    advertised TFLOPS and bandwidth with the generic efficiencies (or
+    ``costmodel.MEASURED`` when the node measured them); a node that timed the
+    served model's prefill at start-up (``NodeView.prefill_probe``) has its
+    prefill priced from that probe (``costmodel.with_probe``). Links
     without a measurement are treated as unknown, which rules remote prefill
     out (nothing to predict with).
     """
@@ -227,6 +230,11 @@ class Predictor:
         return costmodel.request_cost(*args, link=link, num_decode_cached=num_decode_cached, codec=codec or "raw")
 
     def _hardware(self, node: NodeView) -> tuple[costmodel.Hardware, costmodel.Efficiency]:
+        """The node's machine and efficiencies, its prefill probe (if any) pricing its prefill."""
+        hw, eff = self._profile(node)
+        return hw, costmodel.with_probe(eff, self.model, node.prefill_probe)
+
+    def _profile(self, node: NodeView) -> tuple[costmodel.Hardware, costmodel.Efficiency]:
         known = node.hardware in catalog.HARDWARE  # a newer worker may name hardware this catalog lacks
         if known:
             hw = catalog.hardware(node.hardware)

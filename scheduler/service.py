@@ -468,7 +468,8 @@ def node_json(node: NodeInfo, active: int) -> dict:
     return {"node_id": node.node_id, "roles": list(node.roles), "engine": node.engine, "model": node.model_id,
             "address": node.grpc_address, "device": node.device, "tflops": node.tflops,
             "mem_bw_gbps": node.mem_bw_gbps, "hardware": node.hardware, "profile_source": node.profile_source,
-            "source": node.source, "active_requests": active}
+            "source": node.source, "active_requests": active,
+            "prefill_probe": [list(point) for point in node.prefill_probe]}
 
 
 async def serve(config: SchedulerConfig, key: ClusterKey) -> None:

@@ -305,6 +305,36 @@ def test_the_live_predictor_and_the_simulator_agree_under_every_codec(mode: str,
     assert simulated.ttft_s == pytest.approx(estimate.ttft_s, rel=1e-12)
 
 
+# Two measured CPUs that timed this model's prefill at start-up (tokens, seconds): the
+# probe, not TFLOPS x efficiency, prices their prefill, live and simulated alike.
+_PROBES = {"fast": ((128, 0.15), (512, 0.9)), "slow": ((128, 0.6), (512, 3.4))}
+
+
+def _calibrated_pair(gbit_s: float) -> cluster_file.ClusterSpec:
+    nodes = "".join(f'[[nodes]]\nname = "{name}"\nhardware = "ryzen-ai-max-395"\nengine = "torch"\n'
+                    f'tflops = 0.2\nmem_bw_gbps = 26.0\nprefill_probe = {[list(p) for p in probe]}\n'
+                    for name, probe in _PROBES.items())
+    return cluster_file.loads(nodes + f'[[links]]\nnodes = ["fast", "slow"]\ngbit_s = {gbit_s}\nlatency_s = 1e-4\n')
+
+
+@pytest.mark.parametrize("mode", ["raw", "int8"])
+def test_the_live_predictor_and_the_simulator_agree_on_a_calibrated_node(mode: str) -> None:
+    prompt, spec = 525, _calibrated_pair(0.08)
+    cluster = build_cluster(spec, LLAMA_NAME)
+    [simulated] = Simulation(cluster, _Fixed(Placement("fast", "slow")), kv_codec=mode).run([WorkItem(0.0, prompt, 1)])
+    [local] = Simulation(cluster, _Fixed(Placement(None, "slow")), kv_codec=mode).run([WorkItem(0.0, prompt, 1)])
+    nodes = tuple(NodeView(n.name, n.roles, "torch", "m", tflops=n.machine().tflops, mem_bw_gbps=n.machine().mem_bw_gbps,
+                           hardware=n.hardware, prefill_probe=n.prefill_probe) for n in spec.nodes)
+    view = ClusterView(nodes, cluster.link_views(), LLAMA_CONFIG, kv_codec=mode)
+    predictor = Predictor(_req(prompt), view)
+    cost = predictor.cost(view.node("fast"), view.node("slow"))
+    expected = costmodel.probed_prefill(LLAMA, _PROBES["fast"]).compute_s(LLAMA, prompt)
+    assert cost.prefill_s == simulated.prefill_s == pytest.approx(expected, rel=1e-12)  # the probe, not TFLOPS
+    assert simulated.ttft_s == pytest.approx(predictor.estimate(view.node("fast"), view.node("slow")).ttft_s, rel=1e-12)
+    assert local.ttft_s == pytest.approx(predictor.estimate(None, view.node("slow")).ttft_s, rel=1e-12)
+    assert local.prefill_s == predictor.prefill_s(view.node("slow"))
+
+
 def test_pdc_simulate_takes_kv_codec_and_reports_it(capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser(prog="pdc")
     add_simulate_parser(parser.add_subparsers())

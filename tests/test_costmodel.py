@@ -561,3 +561,64 @@ def test_cost_model_imports_nothing_heavy() -> None:
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+
+
+# ---------------------------------------------------------------- a node's prefill probe
+
+
+def _probe_points(model, linear_rate: float, attention_rate: float, lengths=(128, 512)) -> list[tuple[int, float]]:
+    from scheduler import costmodel
+
+    return [(n, costmodel.linear_flops(model, n) / linear_rate + costmodel.attention_flops(model, n) / attention_rate)
+            for n in lengths]
+
+
+def test_a_two_length_probe_recovers_the_linear_and_attention_rates_that_made_it() -> None:
+    from scheduler import costmodel
+
+    model = costmodel.model_cost(catalog.model_config("llama-3.1-8b"))
+    probe = costmodel.probed_prefill(model, _probe_points(model, 20e12, 8e12))
+    assert probe.fit == "linear and attention"
+    assert probe.linear_flops_s == pytest.approx(20e12, rel=1e-9)
+    assert probe.attention_flops_s == pytest.approx(8e12, rel=1e-9)
+    expected = costmodel.linear_flops(model, 4096) / 20e12 + costmodel.attention_flops(model, 4096, 1024) / 8e12
+    assert probe.compute_s(model, 4096, 1024) == pytest.approx(expected, rel=1e-9)
+
+
+def test_one_length_or_a_fit_that_makes_no_sense_gives_one_rate_over_all_flops() -> None:
+    from scheduler import costmodel
+
+    model = costmodel.model_cost(catalog.model_config("llama-3.1-8b"))
+    flops = costmodel.linear_flops(model, 256) + costmodel.attention_flops(model, 256)
+    one = costmodel.probed_prefill(model, [(256, 0.5)])
+    assert (one.fit, one.linear_flops_s, one.attention_flops_s) == ("one rate", flops / 0.5, flops / 0.5)
+    # the longer prompt faster than the shorter: no positive pair of rates fits it
+    noisy = costmodel.probed_prefill(model, [(128, 0.5), (512, 0.4)])
+    assert noisy.fit == "one rate" and noisy.linear_flops_s == noisy.attention_flops_s
+
+
+@pytest.mark.parametrize("points", [[], [(0, 1.0)], [(128, 0.0)], [(128, float("inf"))]])
+def test_a_probe_without_points_or_with_an_impossible_one_is_refused(points: list) -> None:
+    from scheduler import costmodel
+
+    model = costmodel.model_cost(catalog.model_config("llama-3.1-8b"))
+    with pytest.raises(ValueError, match="probe"):
+        costmodel.probed_prefill(model, points)
+
+
+def test_a_probe_prices_prefill_compute_in_place_of_tflops_and_leaves_decode_alone() -> None:
+    from scheduler import costmodel
+
+    model = costmodel.model_cost(catalog.model_config("llama-3.1-8b"))
+    hw = costmodel.Hardware("cpu", 0.15, 20.0, 64.0)  # a matmul-measured CPU
+    eff = costmodel.MEASURED
+    probed = costmodel.with_probe(eff, model, _probe_points(model, 0.02e12, 0.01e12))
+    assert costmodel.with_probe(eff, model, []) is eff  # no probe (declared profiles): today's arithmetic
+    n = 1000
+    want = costmodel.linear_flops(model, n) / 0.02e12 + costmodel.attention_flops(model, n) / 0.01e12
+    assert costmodel.prefill_compute_time(model, hw, probed, n) == pytest.approx(want, rel=1e-9)
+    assert costmodel.prefill_time(model, hw, probed, n) == max(
+        costmodel.prefill_compute_time(model, hw, probed, n), costmodel.prefill_floor_time(model, hw, probed, n))
+    assert costmodel.request_cost(model, hw, probed, n).prefill_s == costmodel.prefill_time(model, hw, probed, n)
+    assert costmodel.decode_time(model, hw, probed, n) == costmodel.decode_time(model, hw, eff, n)
+    assert costmodel.prefill_compute_time(model, hw, eff, n) != pytest.approx(want, rel=0.2)

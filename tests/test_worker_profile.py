@@ -25,12 +25,16 @@ from proto import pdcluster_pb2 as pb
 from scheduler.catalog import HARDWARE
 from workers.engines.base import MeasuredProfile
 from workers.engines.registry import load_engine
+from workers.rpc import profile as profile_module
 from workers.rpc.client import WorkerClient, node_from_info
 from workers.rpc.profile import (
     BUDGET_S,
+    PROBE_REQUEST_ID,
+    PROBE_WARMUP_TOKENS,
     DeclaredProfile,
     ProfileError,
     load_profile_file,
+    probe_prefill,
 )
 from workers.rpc.server import Worker, WorkerConfig, config_from_args
 
@@ -222,6 +226,86 @@ def test_start_up_measures_only_when_a_figure_is_not_declared(
     assert (node.tflops, node.mem_bw_gbps, node.profile_source) == expected
     assert node.hardware == declared.get("hardware", "")
     assert NodeInfo.from_txt(node.to_txt(), node.host, node.grpc_port, source="static") == node
+
+
+# ---------------------------------------------------------------- the prefill probe
+
+
+class _ProbeEngine:
+    """Prefills by advancing a fake clock: 1 ms per token, plus attention's n^2 / 1e6 s."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.prefills: list[tuple[str, int, int]] = []
+        self.released: list[str] = []
+
+    def prefill(self, request_id: str, token_ids: list[int], on_slice: Callable, chunk_size: int = 128) -> None:
+        self.prefills.append((request_id, len(token_ids), chunk_size))
+        self.now += 1e-3 * len(token_ids) + len(token_ids) ** 2 / 1e6
+
+    def release(self, request_id: str) -> None:
+        self.released.append(request_id)
+
+
+def test_prefill_probe_times_each_length_after_a_warm_up_and_releases_its_cache() -> None:
+    engine = _ProbeEngine()
+    points = probe_prefill(engine, vocab_size=100, max_tokens=4096, chunk_size=64, budget_s=100.0,
+                           lengths=(512, 128), clock=lambda: engine.now)
+    assert [n for _, n, _ in engine.prefills] == [PROBE_WARMUP_TOKENS, 128, 512]
+    assert {(rid, chunk) for rid, _, chunk in engine.prefills} == {(PROBE_REQUEST_ID, 64)}
+    assert engine.released == [PROBE_REQUEST_ID] * 3
+    assert points == (pytest.approx((128, 0.128 + 0.016384)), pytest.approx((512, 0.512 + 0.262144)))
+
+
+def test_prefill_probe_stops_before_a_length_the_budget_cannot_fit_and_caps_at_the_context() -> None:
+    engine = _ProbeEngine()
+    # 128 tokens take 0.144 s; 512 would be guessed at 0.144 * 2 * 4 = 1.15 s, over what is left of 1 s
+    points = probe_prefill(engine, vocab_size=100, max_tokens=4096, chunk_size=128, budget_s=1.0,
+                           lengths=(128, 512), clock=lambda: engine.now)
+    assert [n for n, _ in points] == [128]
+    engine = _ProbeEngine()
+    points = probe_prefill(engine, vocab_size=100, max_tokens=300, chunk_size=128, budget_s=100.0,
+                           lengths=(128, 512, 2048), clock=lambda: engine.now)
+    assert [n for n, _ in points] == [128, 300]
+
+
+@requires_mlx
+@pytest.mark.parametrize(("declared", "probed"), [({}, True), ({"tflops": 5.0}, False),
+                                                  ({"hardware": "dgx-spark"}, False)])
+def test_the_prefill_probe_runs_only_where_tflops_are_measured_and_reaches_the_scheduler(
+        make_tiny_model: Callable[..., Path], monkeypatch: pytest.MonkeyPatch, declared: dict[str, object],
+        probed: bool) -> None:
+    from workers.engines.mlx_engine import MLXEngine
+
+    fake_points = ((128, 0.25), (512, 1.5))
+    calls: list[int] = []
+
+    def fake_probe(engine: object, vocab_size: int, max_tokens: int, chunk_size: int) -> tuple:
+        calls.append(chunk_size)
+        return fake_points
+
+    monkeypatch.setattr(MLXEngine, "measure_profile", lambda engine, budget_s: MEASURED)
+    monkeypatch.setattr("workers.rpc.server.probe_prefill", fake_probe)
+    config = WorkerConfig(role="decode", engine="mlx", model=str(make_tiny_model("llama")),
+                          cluster_key=generate_key(), advertise=False, grace_s=1.0, **declared)
+
+    async def body() -> tuple[NodeInfo, pb.NodeProfile]:
+        async with Worker(config) as worker:
+            return NodeInfo(**worker.node_info()), worker.profile()
+
+    node, profile = asyncio.run(asyncio.wait_for(body(), 60))
+    expected = fake_points if probed else ()
+    assert calls == ([config.chunk_size] if probed else [])
+    assert node.prefill_probe == expected
+    assert tuple((p.tokens, p.seconds) for p in profile.prefill_probe) == expected
+    assert node_from_info(pb.InfoReply(node=profile), "10.0.0.1:50051").prefill_probe == expected
+    assert NodeInfo.from_txt(node.to_txt(), node.host, node.grpc_port, source="static") == node
+
+
+def test_the_probe_constants_leave_two_lengths_within_a_short_start_up() -> None:
+    lengths = profile_module.PROBE_TOKENS
+    assert list(lengths) == sorted(set(lengths)) and len(lengths) >= 2  # two lengths separate the two terms
+    assert 0 < profile_module.PROBE_BUDGET_S <= 10
 
 
 def test_worker_process_with_a_profile_file_reports_it_and_its_config_json(

@@ -7,6 +7,8 @@
     hardware = "dgx-spark"          # a catalog name (scheduler/catalog.py)
     roles = ["prefill", "decode"]   # default: both
     # optional overrides: tflops, mem_bw_gbps, mem_gb, engine
+    # optional: prefill_probe = [[128, 0.11], [512, 0.95]]  (prompt tokens, seconds of
+    #   the served model's prefill, as a worker times it at start-up; prices prefill)
 
     [[links]]
     nodes = ["spark", "mac"]
@@ -34,7 +36,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 ROLES = ("prefill", "decode")
-_NODE_KEYS = {"name", "hardware", "roles", "tflops", "mem_bw_gbps", "mem_gb", "engine"}
+_NODE_KEYS = {"name", "hardware", "roles", "tflops", "mem_bw_gbps", "mem_gb", "engine", "prefill_probe"}
 _LINK_KEYS = {"nodes", "kind", "gbit_s", "latency_s", "payload_efficiency"}
 _TOP_KEYS = {"name", "description", "nodes", "links"}
 _CUSTOM_LINK_LATENCY_S = 1e-4
@@ -55,6 +57,7 @@ class NodeSpec:
     mem_bw_gbps: float | None = None
     mem_gb: float | None = None
     engine: str | None = None
+    prefill_probe: tuple[tuple[int, float], ...] = ()  # (tokens, seconds): prices prefill (costmodel.with_probe)
 
     def machine(self) -> costmodel.Hardware:
         """The catalog hardware with this node's overrides applied."""
@@ -176,7 +179,20 @@ def _parse_node(entry: Any, index: int, source: str) -> NodeSpec:
         mem_bw_gbps=_positive(entry, "mem_bw_gbps", where),
         mem_gb=_positive(entry, "mem_gb", where),
         engine=engine,
+        prefill_probe=_parse_probe(entry.get("prefill_probe", []), where),
     )
+
+
+def _parse_probe(points: Any, where: str) -> tuple[tuple[int, float], ...]:
+    """``prefill_probe``: a list of [tokens >= 1, seconds > 0] pairs."""
+    shape = f"{where}: 'prefill_probe' must be a list of [tokens, seconds] pairs (tokens >= 1, seconds > 0)"
+    if not isinstance(points, list):
+        raise ClusterFileError(f"{shape}, got {points!r}")
+    for point in points:
+        if (not isinstance(point, list) or len(point) != 2 or not isinstance(point[0], int) or isinstance(point[0], bool)
+                or point[0] < 1 or not _is_number(point[1]) or not 0 < point[1] < float("inf")):
+            raise ClusterFileError(f"{shape}, got {point!r}")
+    return tuple((int(n), float(t)) for n, t in points)
 
 
 def _parse_roles(roles: Any, where: str) -> tuple[str, ...]:

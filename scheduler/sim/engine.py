@@ -127,7 +127,8 @@ def build_cluster(spec: ClusterSpec, model: str, *, engine: str | None = None,
                 f"{cost.total_weight_bytes / 1e9:.1f} GB of weights; set mem_gb on the node to simulate it anyway"
             )
         node_engine = node.engine or engine or default_engine(node.hardware)
-        eff = costmodel.efficiency(node.hardware, node_engine, cost.weight_format)
+        eff = costmodel.with_probe(costmodel.efficiency(node.hardware, node_engine, cost.weight_format), cost,
+                                   node.prefill_probe)
         nodes[node.name] = SimNode(node, node_engine, machine, eff)
     links = {}
     for link in spec.links:

@@ -98,7 +98,8 @@ class WorkerClient:
 def node_from_info(info: pb.InfoReply, address: str, source: str = "static") -> NodeInfo:
     """The ``NodeInfo`` of the worker at ``address`` (``host:port``) from its Info reply.
 
-    Workers older than ``NodeProfile.profile_source`` leave it empty; they measured."""
+    Workers older than ``NodeProfile.profile_source`` leave it empty; they measured.
+    Workers older than ``NodeProfile.prefill_probe`` send none: the node timed no prefill."""
     from cluster.node import NodeInfo
 
     host, _, port = address.rpartition(":")
@@ -109,4 +110,5 @@ def node_from_info(info: pb.InfoReply, address: str, source: str = "static") -> 
         kv_port=node.kv_port, device=node.device, tflops=node.tflops, mem_bw_gbps=node.mem_bw_gbps,
         free_mem_bytes=node.free_mem_bytes, version=node.version, key_fingerprint=node.key_fingerprint,
         hardware=node.hardware, profile_source=node.profile_source or "measured", source=source,
+        prefill_probe=tuple((p.tokens, p.seconds) for p in node.prefill_probe),
     )

@@ -13,18 +13,30 @@ memory bandwidth) comes from the first of these that gives it:
    bandwidth, each within a small time budget. The worker runs it only when
    1-3 leave a figure unknown, on the engine's own thread (MLX streams are
    per thread).
+
+A matmul says little about a small or attention-heavy model's prefill (on a
+CPU, a 2048x2048 matmul ran 5-14x faster than such a model's prefill). So
+when TFLOPS are measured, not declared, the worker also times a real
+prefill of the model it serves (``probe_prefill``: ``PROBE_TOKENS`` prompt
+lengths, as many as ``PROBE_BUDGET_S`` allows, the slices dropped) and
+reports (tokens, seconds) in ``NodeProfile.prefill_probe``. The scheduler's
+cost model turns them into this node's prefill rates with its own FLOP count
+(``scheduler/costmodel.py`` ``with_probe``); no FLOP arithmetic lives here.
+A declared profile keeps its figures and has no probe.
 """
 from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from cluster import hardware as catalog
 from cluster.hardware import Hardware
+from workers.engines.base import Engine, KVSlice
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -33,6 +45,13 @@ else:  # pragma: no cover - Python 3.10
 
 BUDGET_S = 0.3  # per figure measured at start-up (Engine.measure_profile)
 PROFILE_KEYS = ("hardware", "tflops", "mem_bw_gbps")  # what a profile file may say
+# The served model's prefill, timed at start-up where TFLOPS are measured (probe_prefill):
+# prompt lengths tried in order while the budget lasts (the first always runs; two lengths
+# separate the linear and the attention term), and the whole probe's budget in seconds.
+PROBE_TOKENS = (128, 512, 2048)
+PROBE_BUDGET_S = 3.0
+PROBE_WARMUP_TOKENS = 16
+PROBE_REQUEST_ID = "__pdc_profile_probe__"
 
 
 class ProfileError(ValueError):
@@ -125,3 +144,41 @@ def _figure(data: Mapping[str, Any], key: str, where: str) -> float | None:
     if not math.isfinite(value) or value <= 0:
         raise ProfileError(f"{where}: {key} must be a finite number > 0, got {value!r}")
     return float(value)
+
+
+def probe_prefill(engine: Engine, vocab_size: int, max_tokens: int, chunk_size: int,
+                  budget_s: float = PROBE_BUDGET_S, lengths: tuple[int, ...] = PROBE_TOKENS,
+                  clock: Callable[[], float] = time.perf_counter) -> tuple[tuple[int, float], ...]:
+    """Time ``engine.prefill`` of the served model: (prompt tokens, seconds) per length.
+
+    Runs on the engine's own thread, before the worker serves. After an untimed
+    warm-up of ``PROBE_WARMUP_TOKENS``, each of ``lengths`` (capped at
+    ``max_tokens``, the model's context) runs once in ``chunk_size`` chunks
+    as a served prefill does, its slices dropped, its cache released. The
+    first length always runs; a later one only when its guessed time (the
+    previous one's, scaled by twice the length ratio, for the attention
+    term's growth) fits what is left of ``budget_s``. Token ids are spread
+    over the vocabulary; prefill time does not depend on which they are.
+    """
+    def drop(_slice: KVSlice) -> None:
+        return None
+
+    def timed(num_tokens: int) -> float:
+        token_ids = [(7 + 7919 * i) % vocab_size for i in range(num_tokens)]
+        started = clock()
+        try:
+            engine.prefill(PROBE_REQUEST_ID, token_ids, drop, chunk_size)
+            return clock() - started
+        finally:
+            engine.release(PROBE_REQUEST_ID)
+
+    began = clock()
+    timed(min(PROBE_WARMUP_TOKENS, max_tokens))
+    points: list[tuple[int, float]] = []
+    for n in sorted({min(n, max_tokens) for n in lengths}):
+        if points:
+            guess = points[-1][1] * 2 * n / points[-1][0]
+            if clock() - began + guess > budget_s:
+                break
+        points.append((n, timed(n)))
+    return tuple(points)

@@ -40,13 +40,14 @@ from workers.engines.memory import host_free_bytes
 from workers.engines.registry import check_engine, describe_engines, engine_names, load_engine
 from workers.engines.thread import EngineThread
 from workers.kv.leases import LeaseTable
-from workers.engines.model_config import read_model_spec, resolve_model
+from workers.engines.model_config import ModelSpec, read_model_spec, resolve_model
 from workers.engines.prefix_cache import PrefixCache
 from workers.rpc.profile import (
     BUDGET_S,
     catalog_hardware,
     declared_figures,
     declared_profile,
+    probe_prefill,
     profile_source,
 )
 from workers.rpc.servicer import WorkerServicer
@@ -190,6 +191,7 @@ class Worker:
         self.port = 0
         self.model_info: pb.ModelInfo | None = None
         self.measured: MeasuredProfile | None = None  # start-up measurement, where not declared
+        self.prefill_probe: tuple[tuple[int, float], ...] = ()  # (tokens, seconds), where TFLOPS are measured
 
     @property
     def grpc_address(self) -> str:
@@ -210,6 +212,8 @@ class Worker:
         self.model_info = model_info(model_dir, spec, engine, config.model_id)
         if not all(config.declared_figures):
             self.measured = await self._measure(engine)
+        if not config.declared_figures[0]:
+            self.prefill_probe = await self._probe(engine, spec)
         self.listener = KVListener(self.leases, config.cluster_key, config.host, config.kv_port,
                                    handshake_timeout=config.handshake_timeout_s,
                                    max_connections=config.max_leases + 16)
@@ -225,7 +229,8 @@ class Worker:
         max_batch_tokens = max(1, config.max_reserved_bytes // per_token) if config.max_reserved_bytes else None
         self.loop = StepLoop(self.engines, interleave=config.interleave_prefill, max_batch=config.max_batch,
                              max_batch_tokens=max_batch_tokens)
-        prefix_cache = PrefixCache(self.model_info.fingerprint, config.prefix_cache_bytes)
+        prefix_cache = PrefixCache(self.model_info.fingerprint, config.prefix_cache_bytes,
+                                   windows=engine.kv_layout(0).windows)  # sliding layers: no prefix reuse
         state = WorkerState(settings, self.engines, self.leases, spec, config.cluster_key, loop=self.loop,
                             prefix_cache=prefix_cache)
         self.servicer = WorkerServicer(state, self.model_info, self.profile, queue_deadline_s=config.queue_deadline_s)
@@ -275,6 +280,18 @@ class Worker:
         log.info("measured %.2f TFLOPS, %.1f GB/s on %s", measured.tflops, measured.mem_bw_gbps, engine.device)
         return measured
 
+    async def _probe(self, engine: Engine, spec: ModelSpec) -> tuple[tuple[int, float], ...]:
+        """The served model's prefill timed on the engine's thread (workers/rpc/profile.py)."""
+        try:
+            points = await self.engines.run(probe_prefill, engine, spec.vocab_size,
+                                            spec.max_position_embeddings - 1, self.config.chunk_size)
+        except Exception as e:  # the probe is advice: without it the scheduler prices prefill from TFLOPS
+            log.warning("could not time a prefill of the model (%s: %s); the scheduler will price this "
+                        "node's prefill from its TFLOPS", type(e).__name__, e)
+            return ()
+        log.info("prefill probe: %s", ", ".join(f"{n} tokens in {t:.3f} s" for n, t in points))
+        return points
+
     def profile(self) -> pb.NodeProfile:
         """This node's ``NodeProfile``: declared figures, else measured ones; free memory now."""
         config, measured = self.config, self.measured
@@ -290,6 +307,7 @@ class Worker:
             grpc_address=self.grpc_address, kv_port=self.kv_port,
             key_fingerprint=config.cluster_key.fingerprint,
             hardware=config.hardware, profile_source=profile_source(bool(tflops), bool(mem_bw_gbps)),
+            prefill_probe=[pb.PrefillProbe(tokens=n, seconds=t) for n, t in self.prefill_probe],
         )
 
     def node_info(self) -> dict[str, Any]:
@@ -304,6 +322,7 @@ class Worker:
             "free_mem_bytes": profile.free_mem_bytes, "version": profile.version,
             "key_fingerprint": profile.key_fingerprint,
             "hardware": profile.hardware, "profile_source": profile.profile_source,
+            "prefill_probe": tuple((p.tokens, p.seconds) for p in profile.prefill_probe),
         }
 
     async def __aenter__(self) -> Worker:

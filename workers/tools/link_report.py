@@ -222,12 +222,15 @@ def check_row(row: dict[str, Any]) -> None:
 
 def sim_cluster_toml(prefill: dict[str, Any], decode: dict[str, Any], gbps: float, latency_s: float) -> str:
     """A ``pdc simulate`` cluster file for the two workers as ``/health`` lists them (their
-    start-up measurements) and the probed link. See ``SIM_GENERIC_COMPUTE`` for the scaling."""
+    start-up measurements, the prefill probe included) and the probed link. See
+    ``SIM_GENERIC_COMPUTE`` for the scaling; a probe prices prefill the same way in both."""
     def node(n: dict[str, Any]) -> str:
         roles = ", ".join(f'"{r}"' for r in n["roles"])
+        probe = ", ".join(f"[{int(tokens)}, {float(seconds)!r}]" for tokens, seconds in n.get("prefill_probe") or ())
         return (f'[[nodes]]\nname = "{n["node_id"]}"\nhardware = "{SIM_HARDWARE}"\nroles = [{roles}]\n'
                 f'engine = "torch"\ntflops = {n["tflops"] / SIM_GENERIC_COMPUTE!r}\n'
-                f'mem_bw_gbps = {n["mem_bw_gbps"] / SIM_GENERIC_BANDWIDTH!r}\n')
+                f'mem_bw_gbps = {n["mem_bw_gbps"] / SIM_GENERIC_BANDWIDTH!r}\n'
+                + (f"prefill_probe = [{probe}]\n" if probe else ""))
     link = (f'[[links]]\nnodes = ["{prefill["node_id"]}", "{decode["node_id"]}"]\n'
             f"gbit_s = {gbps!r}\nlatency_s = {latency_s!r}\n")
     return f'name = "pdc bench link"\n\n{node(prefill)}\n{node(decode)}\n{link}'
