@@ -324,19 +324,28 @@ def check_layout(got: KVLayout, expected: KVLayout) -> None:
 
 def join_layer(slices: list[KVSlice], layer: int, layout: KVLayout) -> tuple[np.ndarray, np.ndarray]:
     """One layer's slices joined in token order: keys and values, each
-    ``[kv_heads, num_tokens, head_dim]``. Raises unless the slices cover
-    ``[0, layout.num_tokens)`` exactly once."""
+    ``[kv_heads, tokens, head_dim]``. Raises unless the slices cover the
+    layer's tokens on the wire, ``[layout.layer_start(layer), num_tokens)``
+    (all of them for a full-attention layer), exactly once."""
+    return join_window(slices, layer, layout)[1:]
+
+
+def join_window(slices: list[KVSlice], layer: int, layout: KVLayout) -> tuple[int, np.ndarray, np.ndarray]:
+    """``join_layer`` with the layer's first token: ``(layout.layer_start(layer),
+    keys, values)``; nonzero for a sliding layer that received only its window."""
+    first = layout.layer_start(layer)
     parts = sorted((s for s in slices if s.layer == layer), key=lambda s: s.start)
-    next_start = 0
+    next_start = first
     for part in parts:
         if part.start != next_start:
             raise ValueError(f"layer {layer}: expected a slice at token {next_start}, got one at {part.start}")
         next_start += part.num_tokens
     if next_start != layout.num_tokens:
-        raise ValueError(f"layer {layer}: slices cover {next_start} of {layout.num_tokens} tokens")
+        raise ValueError(f"layer {layer}: slices cover tokens [{first}, {next_start}) of "
+                         f"[{first}, {layout.num_tokens})")
     keys = np.concatenate([p.keys for p in parts], axis=1)  # [kv_heads, tokens, head_dim]
     values = np.concatenate([p.values for p in parts], axis=1)
-    return keys, values
+    return first, keys, values
 
 
 def is_last(token: int, produced: int, params: SamplingParams) -> bool:

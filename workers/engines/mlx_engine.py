@@ -73,7 +73,7 @@ from workers.engines.base import (
     check_prefill,
     chunked_prefill,
     is_last,
-    join_layer,
+    join_window,
     run_prefill,
     timed_runs,
 )
@@ -225,7 +225,7 @@ class MLXEngine:
         check_prefix(prefix, layout.num_layers, num_cached + layout.num_tokens)
         cache = self._new_cache()
         for layer, layer_cache in enumerate(cache):
-            start, keys, values = _join_window(slices, layer, layout)
+            start, keys, values = join_window(slices, layer, layout)
             if prefix and not start:  # a sliding layer received from start > 0 needs none of the prefix
                 self._load_layers([layer_cache], [prefix[layer]])
             self._load_window(layer_cache, KVSlice(layer, num_cached + start, keys, values, layout.dtype),
@@ -549,17 +549,6 @@ def _check_windows(model: object, windows: tuple[int, ...]) -> None:
     if (built if any(built) else ()) != windows:
         raise RuntimeError(f"mlx-lm builds sliding windows {built} for this model, model_config reports "
                            f"{windows}; refusing a model whose windows the two disagree on")
-
-
-def _join_window(slices: list[KVSlice], layer: int, layout: KVLayout) -> tuple[int, np.ndarray, np.ndarray]:
-    """``layer``'s received slices joined: (first token, keys, values), keys and
-    values ``[kv_heads, tokens, head_dim]`` covering ``[layout.layer_start(layer),
-    num_tokens)`` exactly once."""
-    first = layout.layer_start(layer)
-    if not first:
-        return 0, *join_layer(slices, layer, layout)
-    shifted = [KVSlice(s.layer, s.start - first, s.keys, s.values, s.dtype) for s in slices if s.layer == layer]
-    return first, *join_layer(shifted, layer, layout.with_tokens(layout.layer_tokens(layer)))
 
 
 def _admit_inserted(generator: BatchGenerator) -> None:

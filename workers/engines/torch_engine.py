@@ -53,7 +53,7 @@ from workers.engines.base import (
     check_prefill,
     chunked_prefill,
     is_last,
-    join_layer,
+    join_window,
     run_prefill,
     timed_runs,
 )
@@ -252,7 +252,7 @@ class TorchEngine:
         num_cached = prefix[0].num_tokens if prefix else 0
         check_prefix(prefix, layout.num_layers, num_cached + layout.num_tokens)
         layers = [self._loaded_layer(prefix[layer] if prefix else None, layout.dtype,
-                                     *_join_window(slices, layer, layout)) for layer in range(layout.num_layers)]
+                                     *join_window(slices, layer, layout)) for layer in range(layout.num_layers)]
         cache = _cache_of(self.model.config, layers, num_cached + layout.num_tokens, _StreamingCache)
         self.release(request_id)
         self._held[request_id] = _Held(cache)
@@ -502,17 +502,6 @@ def check_windows(config: object, windows: tuple[int, ...]) -> None:
     if (built if any(built) else ()) != windows:
         raise RuntimeError(f"transformers builds sliding windows {built} for this model, model_config reports "
                            f"{windows}; refusing a model whose windows the two disagree on")
-
-
-def _join_window(slices: list[KVSlice], layer: int, layout: KVLayout) -> tuple[int, np.ndarray, np.ndarray]:
-    """``layer``'s received slices joined: (first token, keys, values), keys and
-    values ``[kv_heads, tokens, head_dim]`` covering ``[layout.layer_start(layer),
-    num_tokens)`` exactly once."""
-    first = layout.layer_start(layer)
-    if not first:
-        return 0, *join_layer(slices, layer, layout)
-    shifted = [KVSlice(s.layer, s.start - first, s.keys, s.values, s.dtype) for s in slices if s.layer == layer]
-    return first, *join_layer(shifted, layer, layout.with_tokens(layout.layer_tokens(layer)))
 
 
 def _layers_of(cache: DynamicCache) -> list[LayerKV]:
