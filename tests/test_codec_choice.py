@@ -19,10 +19,11 @@ from conftest import MODEL, FakeBackend, ServerThread
 
 from cluster.links import LinkView
 from cluster.node import NodeInfo
+from proto import pdcluster_pb2 as pb
 from scheduler import catalog, costmodel
 from scheduler.api import build_app
 from scheduler.dispatch import Dispatcher
-from scheduler.lifecycle import run_request
+from scheduler.lifecycle import LifecycleConfig, run_request
 from scheduler.load import LoadLedger
 from scheduler.placement import (
     ClusterView,
@@ -351,15 +352,52 @@ def test_pdc_simulate_takes_kv_codec_and_reports_it(capsys: pytest.CaptureFixtur
 # ---------------------------------------------------------------- the lifecycle sends it and reports it
 
 
-def test_the_lifecycle_sends_the_placements_codec_to_both_workers_and_reports_it() -> None:
-    from test_lifecycle import FAST, _collect, _request, _workers
+class _RecordingWorker:
+    """A worker that records what it is asked: decode reserves, then waits for the peer's prefill."""
 
-    workers = _workers()
-    remote = asyncio.run(_collect(run_request(_request(), Placement("p", "d", "int8"), workers.__getitem__, FAST)))
+    def __init__(self) -> None:
+        self.prefill_requests: list[pb.PrefillRequest] = []
+        self.decode_requests: list[pb.DecodeRequest] = []
+        self.kv_arrived = asyncio.Event()
+        self.peer: _RecordingWorker | None = None
+
+    async def decode(self, request: pb.DecodeRequest, timeout: float) -> AsyncIterator[pb.DecodeEvent]:
+        self.decode_requests.append(request)
+        if not request.local_prefill:
+            yield pb.DecodeEvent(reserved=pb.Reserved(kv_host="127.0.0.1", kv_port=4242, transfer_token=b"t"))
+            await asyncio.wait_for(self.kv_arrived.wait(), timeout)
+        yield pb.DecodeEvent(token=pb.Token(token_id=100, index=0))
+        yield pb.DecodeEvent(done=pb.Done(finish_reason="length", timings=pb.Timings(kv_bytes=999)))
+
+    async def prefill(self, request: pb.PrefillRequest, timeout: float) -> pb.PrefillReply:
+        self.prefill_requests.append(request)
+        assert self.peer is not None
+        self.peer.kv_arrived.set()
+        return pb.PrefillReply(first_token=100, prefill_s=0.25, kv_bytes=999)
+
+    async def cancel(self, request_id: str, timeout: float) -> bool:
+        return True
+
+
+def _recording_pair() -> dict[str, _RecordingWorker]:
+    workers = {"p": _RecordingWorker(), "d": _RecordingWorker()}
+    workers["p"].peer = workers["d"]
+    return workers
+
+
+def test_the_lifecycle_sends_the_placements_codec_to_both_workers_and_reports_it() -> None:
+    fast = LifecycleConfig(request_timeout_s=5, prefill_timeout_s=5, lease_s=5, cancel_timeout_s=1)
+
+    async def run(placement: Placement, workers: dict[str, _RecordingWorker]) -> list:
+        request = GenerationRequest("req-1", "m", (1, 2, 3), max_tokens=1)
+        return [e async for e in run_request(request, placement, workers.__getitem__, fast)]
+
+    workers = _recording_pair()
+    remote = asyncio.run(run(Placement("p", "d", "int8"), workers))
     assert workers["p"].prefill_requests[0].codec == workers["d"].decode_requests[0].codec == "int8"
     assert remote[-1].stats.kv_codec == "int8" and remote[-1].stats.to_json()["kv_codec"] == "int8"
-    workers = _workers()
-    local = asyncio.run(_collect(run_request(_request(), Placement(None, "d", "int8"), workers.__getitem__, FAST)))
+    workers = _recording_pair()
+    local = asyncio.run(run(Placement(None, "d", "int8"), workers))
     assert local[-1].stats.colocated and local[-1].stats.kv_codec is None  # nothing crossed a link
 
 

@@ -39,6 +39,30 @@ def test_link_classes_parse_in_order_and_unknown_or_repeated_names_are_refused()
         link_report.parse_links(" , ")
 
 
+def test_the_scaled_link_keeps_1gbe_to_spark_kv_proportion_and_is_never_the_default() -> None:
+    [scaled] = link_report.parse_links("1gbe-scaled")
+    assert scaled.scaled and "1gbe-scaled" not in LINK_CLASSES  # opt-in: the default links are real rates
+    # DESIGN's pair: 8,192 tokens x 128 KiB of KV in 1.47 s on the Spark, against 1 Gbit/s
+    assert link_report.REFERENCE_KV_MB_S == pytest.approx(730.4, abs=0.1)
+    kv_per_token = 2.0 * 24 * 8 * 128 * 2  # the bench's model: 96 KiB per token
+    rate = link_report.kv_rate_mb_s([[128, 0.15], [512, 1.0]], kv_per_token)  # the longest probe counts
+    assert rate == pytest.approx(512 * 98304 / 1.0 / 1e6)
+    shaped = link_report.scaled_link(scaled, rate)
+    assert shaped.gbit_s == pytest.approx(1.0 * rate / link_report.REFERENCE_KV_MB_S)
+    assert shaped.gbit_s * 1e3 / 8 / rate == pytest.approx(1e3 / 8 / link_report.REFERENCE_KV_MB_S)  # the proportion
+    assert link_report.scaled_link(LINK_CLASSES["1gbe"], rate) == LINK_CLASSES["1gbe"]
+    with pytest.raises(ValueError, match="no prefill probe"):
+        link_report.kv_rate_mb_s([], kv_per_token)
+
+
+def test_kv_bytes_per_token_reads_the_models_config(tmp_path: Path) -> None:
+    config = {"num_hidden_layers": 24, "num_attention_heads": 8, "num_key_value_heads": 8, "head_dim": 128,
+              "hidden_size": 64}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert link_bench.kv_bytes_per_token(tmp_path, "bfloat16") == 96 * 1024
+    assert link_bench.kv_bytes_per_token(tmp_path, "float32") == 192 * 1024
+
+
 def test_config_refuses_unknown_codecs_and_short_prompts() -> None:
     with pytest.raises(ValueError, match="unknown 'zstd'"):
         link_report.parse_list("raw,zstd", "--codecs", link_bench.CODECS)

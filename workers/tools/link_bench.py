@@ -49,7 +49,12 @@ from typing import Any
 
 from workers.tools import link_report as report
 from workers.tools.bench import bench_main
-from workers.tools.link_report import LINK_CLASSES, LinkClass, LinkMeasure
+from workers.tools.link_report import (
+    LINK_CLASSES,
+    SCALED_LINK_CLASSES,
+    LinkClass,
+    LinkMeasure,
+)
 from workers.tools.netns import CpuShare, NetnsError, NetnsPair, Shaping, cleanup_stale
 
 REPO = Path(__file__).resolve().parents[2]
@@ -228,6 +233,7 @@ class LinkBench:
         self.cpu: CpuShare | None = None
         self.key_file = self.log_dir / "cluster.key"
         self.closed = False
+        self.prefill_kv_mb_s: float | None = None  # the prefill node's KV production, by its prefill probe
 
     def start(self) -> None:
         """Namespaces, the decode node's CPU share, both workers (until they print ``ready:``)."""
@@ -247,21 +253,38 @@ class LinkBench:
             ], env=threads, cpu=cpu)
         for name in ("prefill", "decode"):
             self.procs.wait_line(name, " ready: ", self.config.ready_timeout_s)
+        if any(link.scaled for link in self.config.links):
+            self.prefill_kv_mb_s = report.kv_rate_mb_s(self.prefill_probe(),
+                                                       kv_bytes_per_token(self.model, self.config.dtype))
+
+    def prefill_probe(self) -> list[list[float]]:
+        """The prefill worker's start-up prefill probe, as a scheduler lists it in ``/health``
+        (one started for this over the link as it is, then stopped)."""
+        health, _ = self.serve_and_run("scheduler-probe", [])
+        node = next(n for n in health["nodes"] if n["node_id"] == self.prefill_id)
+        return node.get("prefill_probe") or []
 
     def run_link(self, link: LinkClass) -> list[dict[str, Any]]:
-        """Shape, serve, measure, simulate: this link's rows."""
+        """Shape, serve, measure, simulate: this link's rows. A scaled link class is shaped at
+        this machine's scale (``link_report.scaled_link``, from the prefill node's probe)."""
+        if link.scaled:
+            link = report.scaled_link(link, self.prefill_kv_mb_s or 0.0)
         self.pair.shape(Shaping(link.gbit_s, link.delay_ms, link.jitter_ms))
+        plan = build_plan(self.config, self.model, seed=len(link.name) * 7919 + int(link.gbit_s * 100))
+        health, results = self.serve_and_run(f"scheduler-{link.name}", plan)
+        measure = self.link_measure(health, link)
+        return self.rows(link, health, measure, results)
+
+    def serve_and_run(self, name: str, plan: list[dict[str, Any]]) -> tuple[dict, dict[tuple, list[dict]]]:
+        """Start a scheduler (``name``) beside the decode worker, run ``plan`` through it, stop it."""
         peers = f"{self.pair.addr_prefill}:{GRPC_PORT},{self.pair.addr_decode}:{GRPC_PORT}"
-        self.procs.spawn(f"scheduler-{link.name}", self.pair.ns_decode, [
+        self.procs.spawn(name, self.pair.ns_decode, [
             "serve", "--host", "127.0.0.1", "--port", str(HTTP_PORT), "--no-mdns", "--peers", peers,
             "--cluster-key-file", str(self.key_file), "--policy", "conditional", "--link-probe-mib", "32"])
         try:
-            plan = build_plan(self.config, self.model, seed=len(link.name) * 7919 + int(link.gbit_s * 100))
-            health, results = self.run_client(plan)
+            return self.run_client(plan)
         finally:
-            self.procs.stop(f"scheduler-{link.name}")
-        measure = self.link_measure(health, link)
-        return self.rows(link, health, measure, results)
+            self.procs.stop(name)
 
     def run_client(self, plan: list[dict[str, Any]]) -> tuple[dict, dict[tuple, list[dict]]]:
         """Run ``plan`` from inside the decode namespace; (``/health``, results by key)."""
@@ -336,6 +359,14 @@ class LinkBench:
         return self.pair.destroy()
 
 
+def kv_bytes_per_token(model: Path, dtype: str) -> float:
+    """KV bytes per prompt token of a full-attention model in ``dtype`` (2 x layers x KV heads x head dim)."""
+    config = json.loads((model / "config.json").read_text())
+    heads = config.get("num_key_value_heads") or config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    return 2.0 * config["num_hidden_layers"] * heads * head_dim * (4 if dtype in ("float32", "fp32") else 2)
+
+
 def build_plan(config: LinkBenchConfig, model: Path, seed: int) -> list[dict[str, Any]]:
     """Every request of one link, in order; each prompt distinct (no prefix is ever reused).
     Keys: ``[prompt_tokens, placement, codec, repeat]``; warm-ups first, keyed ``warmup``."""
@@ -388,6 +419,9 @@ def run_link_bench(config: LinkBenchConfig, out: Any = sys.stdout) -> list[dict[
             link_rows = bench.run_link(link)
             rows += link_rows
             note = f"; {bench.pair.netem_error}" if bench.pair.netem_error else ""
+            if link.scaled:
+                note += (f"; SCALED, not {link.name.removesuffix('-scaled')}: shaped at {link_rows[0]['shaped_gbit_s']:.3f} "
+                         f"Gbit/s for a prefill node producing {bench.prefill_kv_mb_s:.1f} MB/s of KV")
             print(f"{link.name}: {len(link_rows)} rows in {time.monotonic() - started:.0f} s{note}", file=out, flush=True)
         failed = False
         return rows
@@ -434,7 +468,9 @@ def add_link_parser(sub: argparse._SubParsersAction) -> None:
             "conditional policy's decision. Needs root (namespaces, tc, a cgroup). docs/links.md explains it."),
         epilog="example: sudo pdc bench link --emulate 1gbe,wifi6 --codecs raw,int8 --json")
     p.add_argument("--emulate", default=",".join(LINK_CLASSES),
-                   help=f"link classes, comma-separated: {', '.join(LINK_CLASSES)} (default: all)")
+                   help=f"link classes, comma-separated: {', '.join(LINK_CLASSES)} (default: these), or "
+                        f"{', '.join(SCALED_LINK_CLASSES)}: 1 GbE's rate-to-prefill proportion at this machine's "
+                        f"scale, a far slower wire than 1 GbE, from the prefill node's probe (docs/links.md)")
     p.add_argument("--codecs", default=",".join(d.codecs),
                    help=f"KV codecs asked per request (\"pdcluster\": {{\"kv_codec\": ...}}), of {', '.join(CODECS)} "
                         f"(default: {','.join(d.codecs)})")

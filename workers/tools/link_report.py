@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 # The exposed transfer is within 10 % of theory, or within 20 ms (the floor where theory is ~0).
@@ -48,6 +48,7 @@ class LinkClass:
     delay_ms: float
     jitter_ms: float
     source: str
+    scaled: bool = False  # gbit_s is the real link's; the bench shapes it scaled to this machine (scaled_link)
 
 
 # Rates are line rates (tbf counts IP packets, so TCP payload gets ~94 % of them, as on Ethernet);
@@ -61,17 +62,48 @@ LINK_CLASSES: dict[str, LinkClass] = {c.name: c for c in (
 )}
 
 
+# A link scaled to this machine keeps a real link's rate-to-prefill proportion: what makes
+# int8 matter is a link slower than the prefill node's KV production (DESIGN: link bandwidth
+# >= KV bytes per token x prefill tokens per second). The reference pair is DESIGN's: a DGX
+# Spark prefilling Llama-3.1-8B in bf16 (128 KiB of KV per token), 8,192 tokens in 1.47 s
+# (exo's measurement), i.e. 730 MB/s of KV, against 1 GbE. On a node that produces KV at
+# R MB/s the scaled link runs at 1 Gbit/s x R / 730: the same proportion, a far slower wire.
+REFERENCE_KV_MB_S = 8192 * 128 * 1024 / 1.47 / 1e6
+SCALED_LINK_CLASSES: dict[str, LinkClass] = {c.name: c for c in (
+    LinkClass("1gbe-scaled", 1.0, 0.1, 0.0, "1 GbE's rate-to-prefill proportion (Spark -> Mac, 8B bf16: 730 MB/s "
+                                            "of KV against 1 Gbit/s) on this machine's prefill node: 1 Gbit/s x "
+                                            "(its KV MB/s, from its prefill probe) / 730. Not 1 GbE", scaled=True),
+)}
+KNOWN_LINK_CLASSES = {**LINK_CLASSES, **SCALED_LINK_CLASSES}
+
+
 def parse_links(text: str) -> tuple[LinkClass, ...]:
     """``"1gbe,wifi6"`` -> the link classes, in order; ValueError naming an unknown one."""
     names = [n.strip().lower() for n in text.split(",") if n.strip()]
     if not names:
-        raise ValueError(f"--emulate needs at least one link class: {', '.join(LINK_CLASSES)}")
-    unknown = [n for n in names if n not in LINK_CLASSES]
+        raise ValueError(f"--emulate needs at least one link class: {', '.join(KNOWN_LINK_CLASSES)}")
+    unknown = [n for n in names if n not in KNOWN_LINK_CLASSES]
     if unknown:
-        raise ValueError(f"unknown link class {unknown[0]!r}; known: {', '.join(LINK_CLASSES)}")
+        raise ValueError(f"unknown link class {unknown[0]!r}; known: {', '.join(KNOWN_LINK_CLASSES)}")
     if len(set(names)) != len(names):
         raise ValueError(f"--emulate names a link twice: {text!r}")
-    return tuple(LINK_CLASSES[n] for n in names)
+    return tuple(KNOWN_LINK_CLASSES[n] for n in names)
+
+
+def kv_rate_mb_s(probe: Sequence[Sequence[float]], kv_bytes_per_token: float) -> float:
+    """MB/s of KV a node produces by its prefill probe's longest prompt: tokens x bytes per token / seconds."""
+    if not probe:
+        raise ValueError("the prefill node reported no prefill probe: a scaled link needs its KV rate")
+    tokens, seconds = max(probe, key=lambda point: point[0])
+    return tokens * kv_bytes_per_token / seconds / 1e6
+
+
+def scaled_link(link: LinkClass, kv_mb_s: float) -> LinkClass:
+    """``link`` at this machine's scale: its rate x ``kv_mb_s`` / ``REFERENCE_KV_MB_S`` (see above)."""
+    if not link.scaled:
+        return link
+    return replace(link, gbit_s=link.gbit_s * kv_mb_s / REFERENCE_KV_MB_S,
+                   source=f"{link.source}; here {kv_mb_s:.1f} MB/s of KV")
 
 
 def parse_list(text: str, flag: str, allowed: Sequence[str] | None = None) -> tuple[str, ...]:
