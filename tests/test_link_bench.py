@@ -45,14 +45,16 @@ def test_the_scaled_link_keeps_1gbe_to_spark_kv_proportion_and_is_never_the_defa
     # DESIGN's pair: 8,192 tokens x 128 KiB of KV in 1.47 s on the Spark, against 1 Gbit/s
     assert link_report.REFERENCE_KV_MB_S == pytest.approx(730.4, abs=0.1)
     kv_per_token = 2.0 * 24 * 8 * 128 * 2  # the bench's model: 96 KiB per token
-    rate = link_report.kv_rate_mb_s([[128, 0.15], [512, 1.0]], kv_per_token)  # the longest probe counts
+    probe = [[128, 0.15], [512, 1.0], [2048, 7.0]]
+    rate = link_report.kv_rate_mb_s(probe, kv_per_token, 768)  # the point nearest the longest prompt counts
     assert rate == pytest.approx(512 * 98304 / 1.0 / 1e6)
+    assert link_report.kv_rate_mb_s(probe, kv_per_token, 1500) == pytest.approx(2048 * 98304 / 7.0 / 1e6)
     shaped = link_report.scaled_link(scaled, rate)
     assert shaped.gbit_s == pytest.approx(1.0 * rate / link_report.REFERENCE_KV_MB_S)
     assert shaped.gbit_s * 1e3 / 8 / rate == pytest.approx(1e3 / 8 / link_report.REFERENCE_KV_MB_S)  # the proportion
     assert link_report.scaled_link(LINK_CLASSES["1gbe"], rate) == LINK_CLASSES["1gbe"]
     with pytest.raises(ValueError, match="no prefill probe"):
-        link_report.kv_rate_mb_s([], kv_per_token)
+        link_report.kv_rate_mb_s([], kv_per_token, 512)
 
 
 def test_kv_bytes_per_token_reads_the_models_config(tmp_path: Path) -> None:

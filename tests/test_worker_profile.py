@@ -305,7 +305,7 @@ def test_the_prefill_probe_runs_only_where_tflops_are_measured_and_reaches_the_s
 def test_the_probe_constants_leave_two_lengths_within_a_short_start_up() -> None:
     lengths = profile_module.PROBE_TOKENS
     assert list(lengths) == sorted(set(lengths)) and len(lengths) >= 2  # two lengths separate the two terms
-    assert 0 < profile_module.PROBE_BUDGET_S <= 10
+    assert 0 < profile_module.PROBE_BUDGET_S <= 15
 
 
 def test_worker_process_with_a_profile_file_reports_it_and_its_config_json(

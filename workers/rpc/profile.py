@@ -47,9 +47,11 @@ BUDGET_S = 0.3  # per figure measured at start-up (Engine.measure_profile)
 PROFILE_KEYS = ("hardware", "tflops", "mem_bw_gbps")  # what a profile file may say
 # The served model's prefill, timed at start-up where TFLOPS are measured (probe_prefill):
 # prompt lengths tried in order while the budget lasts (the first always runs; two lengths
-# separate the linear and the attention term), and the whole probe's budget in seconds.
+# separate the linear and the attention term, a third widens the range the fit covers), and
+# the whole probe's budget in seconds: a GPU runs all three in well under a second, a CPU
+# node of pdc bench link (or one held to a seventh of a core) two or three in 2-10 s.
 PROBE_TOKENS = (128, 512, 2048)
-PROBE_BUDGET_S = 3.0
+PROBE_BUDGET_S = 12.0
 PROBE_WARMUP_TOKENS = 16
 PROBE_REQUEST_ID = "__pdc_profile_probe__"
 

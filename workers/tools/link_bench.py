@@ -251,11 +251,12 @@ class LinkBench:
                 "--host", addr, "--port", str(GRPC_PORT), "--kv-port", str(KV_PORT), "--no-advertise",
                 "--node-id", node_id, "--cluster-key-file", str(self.key_file), "--prefix-cache-gb", "0",
             ], env=threads, cpu=cpu)
-        for name in ("prefill", "decode"):
+            # one at a time: each worker times its prefill at start-up (its probe) without the other's load
             self.procs.wait_line(name, " ready: ", self.config.ready_timeout_s)
         if any(link.scaled for link in self.config.links):
             self.prefill_kv_mb_s = report.kv_rate_mb_s(self.prefill_probe(),
-                                                       kv_bytes_per_token(self.model, self.config.dtype))
+                                                       kv_bytes_per_token(self.model, self.config.dtype),
+                                                       max(self.config.prompt_tokens))
 
     def prefill_probe(self) -> list[list[float]]:
         """The prefill worker's start-up prefill probe, as a scheduler lists it in ``/health``

@@ -90,11 +90,13 @@ def parse_links(text: str) -> tuple[LinkClass, ...]:
     return tuple(KNOWN_LINK_CLASSES[n] for n in names)
 
 
-def kv_rate_mb_s(probe: Sequence[Sequence[float]], kv_bytes_per_token: float) -> float:
-    """MB/s of KV a node produces by its prefill probe's longest prompt: tokens x bytes per token / seconds."""
+def kv_rate_mb_s(probe: Sequence[Sequence[float]], kv_bytes_per_token: float, near_tokens: int) -> float:
+    """MB/s of KV a node produces at its operating point: tokens x bytes per token / seconds of
+    the prefill probe's point nearest ``near_tokens`` (the run's longest prompt; by ratio), since
+    the rate falls as attention grows with the prompt."""
     if not probe:
         raise ValueError("the prefill node reported no prefill probe: a scaled link needs its KV rate")
-    tokens, seconds = max(probe, key=lambda point: point[0])
+    tokens, seconds = min(probe, key=lambda point: max(point[0], near_tokens) / min(point[0], near_tokens))
     return tokens * kv_bytes_per_token / seconds / 1e6
 
 
