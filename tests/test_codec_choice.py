@@ -308,7 +308,7 @@ def test_the_live_predictor_and_the_simulator_agree_under_every_codec(mode: str,
 
 # Two measured CPUs that timed this model's prefill at start-up (tokens, seconds): the
 # probe, not TFLOPS x efficiency, prices their prefill, live and simulated alike.
-_PROBES = {"fast": ((128, 0.15), (512, 0.9)), "slow": ((128, 0.6), (512, 3.4))}
+_PROBES = {"fast": ((128, 0.15), (512, 0.9)), "slow": ((128, 0.9), (512, 5.0))}
 
 
 def _calibrated_pair(gbit_s: float) -> cluster_file.ClusterSpec:
@@ -334,6 +334,21 @@ def test_the_live_predictor_and_the_simulator_agree_on_a_calibrated_node(mode: s
     assert simulated.ttft_s == pytest.approx(predictor.estimate(view.node("fast"), view.node("slow")).ttft_s, rel=1e-12)
     assert local.ttft_s == pytest.approx(predictor.estimate(None, view.node("slow")).ttft_s, rel=1e-12)
     assert local.prefill_s == predictor.prefill_s(view.node("slow"))
+    # the simulator's policy sees the probes too: conditional decides as it does live
+    [decided] = Simulation(cluster, Conditional(), kv_codec=mode).run([WorkItem(0.0, prompt, 1)])
+    live = Conditional().place(_req(prompt), view)
+    assert (decided.prefill_node, decided.decode_node) == (live.prefill_node or "slow", live.decode_node)
+
+
+def test_over_a_slow_link_the_probes_keep_raw_local_and_send_int8_remote() -> None:
+    # fast: 525 tokens in ~0.9 s, slow: ~5.1 s; 0.08 Gbit/s carries the raw KV (69 MB) in ~7 s, int8 in ~3.5 s:
+    # raw remote gains < 20 % on local, int8 (half the bytes) gains more (the scaled 1 GbE of pdc bench link)
+    cluster = build_cluster(_calibrated_pair(0.08), "llama-3.1-8b")
+    decisions = {}
+    for mode in ("raw", "int8"):
+        [done] = Simulation(cluster, Conditional(), kv_codec=mode).run([WorkItem(0.0, 525, 1)])
+        decisions[mode] = "local" if done.prefill_node == done.decode_node else "remote"
+    assert decisions == {"raw": "local", "int8": "remote"}
 
 
 def test_pdc_simulate_takes_kv_codec_and_reports_it(capsys: pytest.CaptureFixture[str]) -> None:

@@ -341,6 +341,7 @@ class Simulation:
                 tflops=node.machine.tflops, mem_bw_gbps=node.machine.mem_bw_gbps,
                 free_mem_bytes=max(0, int(free)), active_requests=self.ledger.active_requests(name),
                 hardware=node.spec.hardware, prefill_backlog_s=self.ledger.prefill_backlog_s(name),
+                prefill_probe=node.spec.prefill_probe,
             ))
         return ClusterView(tuple(nodes), dict(self.link_views), self.cluster.model_config, self.cluster.weight_format,
                            cached_tokens=cached, kv_codec=self.kv_codec)
