@@ -145,7 +145,8 @@ class ClusterBackend:
 
     def models(self) -> list[ModelEntry]:
         """Known models with a live decode-capable node."""
-        return self.registry.entries(n.model_id for n in self.table.snapshot() if n.can_decode)
+        return self.registry.entries(n.model_id for n in self.table.snapshot()
+                                     if n.can_decode and self.registry.accepts(n))
 
     def codec_for(self, model: str) -> PromptCodec | None:
         """``model``'s tokenizer and chat template once any node has taught it (None: unknown, a 404).
@@ -163,7 +164,8 @@ class ClusterBackend:
         return ready, {"nodes": [node_json(n, self.ledger.active_requests(n.node_id)) for n in nodes],
                        "links": self.links.snapshot(), "policy": self.dispatcher.policy_name,
                        "kv_codec": self.config.kv_codec,
-                       "refused": self.table.refused, "models": [m.model_id for m in self.models()],
+                       "refused": {**self.table.refused, **self.registry.refused(nodes)},
+                       "models": [m.model_id for m in self.models()],
                        "admission": self.admission.snapshot()}
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
@@ -249,7 +251,8 @@ class ClusterBackend:
         Raises ``NoRoomError`` when the nodes left are full (they refused it, or
         sit at the in-flight cap) but the request could run on them."""
         nodes = {n.node_id: n for n in self.table.snapshot()
-                 if n.model_id == request.model and n.node_id not in attempt.excluded}
+                 if n.model_id == request.model and n.node_id not in attempt.excluded
+                 and self.registry.accepts(n)}  # a node serving another model under this id never pairs
         try:
             if not nodes:
                 raise NoCapacityError(f"no node serves model {request.model!r} right now")

@@ -293,3 +293,23 @@ def test_a_bf16_style_prefill_node_hands_off_to_a_4_bit_decode_node(base: Path, 
         if scheduler is not None:
             scheduler.stop()
         stop_processes(workers)
+
+
+def test_placement_never_pairs_a_node_the_registry_refused(base: Path) -> None:
+    from conftest import FakeTable
+
+    from cluster.auth import generate_key
+    from scheduler.request import GenerationRequest, NoCapacityError
+    from scheduler.service import ClusterBackend, SchedulerConfig
+
+    full, other = _info(base), _info(_copy(base, 4))
+    other.num_layers, other.fingerprint = 6, "other-weights"
+    prefill, decode = _node("bf16-box", full, ("prefill",)), _node("mac", other, ("decode",))
+    backend = ClusterBackend(SchedulerConfig(mdns=False), generate_key())
+    backend.registry = _judge((prefill, full), (decode, other))
+    backend.table = FakeTable([prefill, decode])
+    assert backend.models() == []  # its only decode node serves another model under this id
+    assert backend.health()[1]["refused"]["mac"].startswith("num_layers is 6 there")
+    request = GenerationRequest("r", base.name, (1, 2, 3), max_tokens=1)
+    with pytest.raises(NoCapacityError):
+        asyncio.run(anext(aiter(backend.generate(request))))
