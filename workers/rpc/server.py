@@ -90,7 +90,7 @@ class WorkerConfig:
     device: str | None = None  # torch: cuda, mps or cpu (default: best available)
     dtype: str | None = None  # compute dtype (default: the checkpoint's)
     node_id: str = ""  # "" picks <hostname>-<engine>-<random>
-    model_id: str | None = None  # name clients use (default: the model folder's name)
+    model_id: str | None = None  # name clients use (default: a quantized copy's declared base id, else the folder name)
     lease_s: float = 30.0  # default lease when a Decode does not set one
     # prefill side: the longest a Prefill waits on the engine before it starts; decode side:
     # the allowance a waiting lease gives its sender's queue before the lease counts
