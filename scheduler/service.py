@@ -325,6 +325,7 @@ class ClusterBackend:
         while True:
             await asyncio.sleep(self.config.prefix_refresh_s)
             for node in self.table.snapshot():
+                self.registry.learn_soon(node)  # retries a node whose model info could not be fetched yet
                 try:
                     stats = await self.clients.of(node).stats(timeout=self.config.health_interval_s)
                 except Exception as e:  # its health checks decide whether it stays

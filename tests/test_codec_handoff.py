@@ -22,10 +22,11 @@ GREEDY = pb.SamplingParams(max_tokens=16)
 TIMEOUT_S = 60.0
 
 
-async def split(prefiller: WorkerClient, decoder: WorkerClient, rid: str, codec: str
-                ) -> tuple[list[int], pb.Done, pb.PrefillReply]:
+async def split(prefiller: WorkerClient, decoder: WorkerClient, rid: str, codec: str,
+                decode_codec: str | None = None) -> tuple[list[int], pb.Done, pb.PrefillReply]:
     call = decoder.decode(pb.DecodeRequest(request_id=rid, prompt_token_ids=PROMPT, sampling=GREEDY,
-                                           codec=codec), timeout=TIMEOUT_S)
+                                           codec=codec if decode_codec is None else decode_codec),
+                          timeout=TIMEOUT_S)
     reserved = (await asyncio.wait_for(call.read(), 30)).reserved
     prefill = asyncio.ensure_future(prefiller.prefill(pb.PrefillRequest(
         request_id=rid, prompt_token_ids=PROMPT, sampling=GREEDY, kv_host=reserved.kv_host,
@@ -78,5 +79,18 @@ def test_an_unknown_codec_is_refused_by_both_roles_before_any_work(model: Path) 
             with pytest.raises(Exception, match="unsupported KV codec 'zstd'"):
                 async for _ in call:
                     pass
+
+    run(body)
+
+
+def test_kv_in_another_codec_than_the_decode_request_names_fails_that_request(model: Path) -> None:
+    key = generate_key()
+
+    async def body() -> None:
+        async with started(Worker(config(model, key, "prefill")), Worker(config(model, key, "decode"))) as (p, d):
+            with pytest.raises(Exception, match="the prefill node sent int8 KV, but this request's codec is raw"):
+                await split(p, d, "mismatch", "int8", decode_codec="raw")
+            tokens, done, _ = await split(p, d, "after", "int8")  # the worker goes on
+            assert len(tokens) == 16 and done.finish_reason == "length"
 
     run(body)

@@ -378,3 +378,16 @@ def test_the_pusher_digests_raw_slices_on_the_producing_thread_and_not_encoded_o
         assert all((s.checksum is not None) == expect_digest for s in queued)
         # layer 1's first chunk (tokens 0..20) lies wholly before its window (28..40): never queued
         assert sorted((s.layer, s.start, s.num_tokens) for s in queued if s.layer == 1) == [(1, 28, 12)]
+
+
+def test_a_kv_frame_without_its_codec_field_is_a_frame_error() -> None:
+    prefix_and_header, *payload = encode_kv(RID, random_slice(np.random.default_rng(9), LAYOUT, 0, 0, 4))
+    header = msgpack.unpackb(prefix_and_header[PREFIX.size:])
+    del header["codec"]
+    with pytest.raises(FrameError, match="kv header: missing field 'codec'"):
+        decode_frame(frame_bytes(pack_frame(header, *payload)), rid=RID, layout=LAYOUT)
+
+
+def test_clip_hands_out_contiguous_arrays() -> None:
+    cut = WINDOWED.clip(random_slice(np.random.default_rng(10), WINDOWED, 1, 20, 16))
+    assert cut.keys.flags.c_contiguous and cut.values.flags.c_contiguous

@@ -136,8 +136,9 @@ class KVLayout:
         end = kv_slice.start + kv_slice.num_tokens
         if end <= first:
             return None
-        cut = first - kv_slice.start
-        return KVSlice(kv_slice.layer, first, kv_slice.keys[:, cut:], kv_slice.values[:, cut:], kv_slice.dtype)
+        cut = first - kv_slice.start  # one copy each: a token cut of [heads, tokens, dim] is strided
+        return KVSlice(kv_slice.layer, first, np.ascontiguousarray(kv_slice.keys[:, cut:]),
+                       np.ascontiguousarray(kv_slice.values[:, cut:]), kv_slice.dtype)
 
 
 @dataclass(frozen=True)

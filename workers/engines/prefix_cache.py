@@ -95,12 +95,17 @@ class PrefixCache:
         self._layout: KVLayout | None = None  # fixed by the first insert, until clear()
         self._nbytes = 0
         self._hits = self._hit_tokens = self._misses = self._evictions = 0
-        self._sliding = False  # the model has sliding-window layers: no prefix reuse
+        self._sliding = False  # the model has sliding-window layers: no prefix reuse (see ``sliding``)
         if any(windows):
             self._turn_off_for_sliding()
 
     # ---------------------------------------------------------------- lookup
 
+
+    @property
+    def sliding(self) -> bool:
+        """The model has sliding-window layers, so nothing is stored or found."""
+        return self._sliding
     def lookup(self, token_ids: Sequence[int], *, touch: bool = True) -> PrefixHit | None:
         """The longest cached full-block prefix a prompt of ``token_ids`` can
         reuse (never all of it: at least the last token is prefilled), or None.

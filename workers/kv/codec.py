@@ -213,7 +213,8 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "end": {"rid": str, "first_token": _INT, "meta": dict},
     "abort": {"rid": str, "reason": str},
 }
-_OPTIONAL = {"meta", "windows", "codec"}  # a begin without "codec" is raw (older senders)
+# fields a header may omit, per where they appear; a begin without "codec" is raw (older senders)
+_OPTIONAL: dict[str, set[str]] = {"begin": {"meta", "codec"}, "end": {"meta"}, "begin header layout": {"windows"}}
 _LAYOUT_SCHEMA: dict[str, type | tuple[type, ...]] = {
     "num_layers": _INT, "kv_heads": _INT, "head_dim": _INT, "dtype": str, "num_tokens": _INT,
     "windows": list,
@@ -242,13 +243,14 @@ def _mismatch(where: str, field: str, expected: object, got: object) -> FrameErr
     return FrameError(f"{where} field {field!r}: expected {expected}, got {got!r}")
 
 
-def _check_fields(where: str, fields: dict[Any, Any], schema: dict[str, Any]) -> None:
+def _check_fields(where: str, fields: dict[Any, Any], schema: dict[str, Any], optional: frozenset[str] | set[str] = frozenset()
+                  ) -> None:
     for name in fields:
         if name not in schema and name != "kind":
             raise FrameError(f"{where}: unexpected field {name!r}")
     for name, types in schema.items():
         if name not in fields:
-            if name in _OPTIONAL:
+            if name in optional:
                 continue
             raise FrameError(f"{where}: missing field {name!r}")
         value = fields[name]
@@ -288,7 +290,7 @@ def _parse_header(
     if kind not in _SCHEMA:
         raise _mismatch("frame header", "kind", "/".join(_SCHEMA), kind)
     where = f"{kind} header"
-    _check_fields(where, header, _SCHEMA[kind])
+    _check_fields(where, header, _SCHEMA[kind], _OPTIONAL.get(kind, set()))
     if rid is not None and header["rid"] != rid:
         raise _mismatch(where, "rid", repr(rid), header["rid"])
     if kind == "begin":
@@ -309,7 +311,7 @@ def _parse_header(
 
 
 def _parse_layout(fields: dict[Any, Any]) -> KVLayout:
-    _check_fields("begin header layout", fields, _LAYOUT_SCHEMA)
+    _check_fields("begin header layout", fields, _LAYOUT_SCHEMA, _OPTIONAL["begin header layout"])
     windows = fields.get("windows", [])
     if not all(type(w) is int for w in windows):
         raise _mismatch("begin header layout", "windows", "a list of ints", windows)

@@ -88,7 +88,8 @@ class DecodeRPC:
                     transfer_token=active.lease.token, reserved_kv_bytes=active.lease.reserved_bytes,
                     cached_tokens=cached,
                 ))
-                first, timings = await self._load(active, await self._await_kv(active.lease), hit)
+                first, timings = await self._load(active, await self._await_kv(active.lease), hit,
+                                                  request.codec or "raw")
             hit = None  # the engine holds its own copy now: do not keep this one while decoding
             timings.prompt_tokens = len(prompt)
             timings.decode_cached_tokens = cached
@@ -203,10 +204,14 @@ class DecodeRPC:
         except (OSError, AuthError) as e:
             raise RPCFailure(grpc.StatusCode.UNAVAILABLE, f"KV transfer for request {rid!r} failed: {e}") from None
 
-    async def _load(self, active: ActiveRequest, arrived: Arrival, hit: PrefixHit | None) -> tuple[int, pb.Timings]:
-        """Load a received transfer into the engine after the cached prefix
-        (``hit``); the first token and timings so far."""
+    async def _load(self, active: ActiveRequest, arrived: Arrival, hit: PrefixHit | None,
+                    codec: str) -> tuple[int, pb.Timings]:
+        """Load a received transfer, sent in the request's ``codec``, into the
+        engine after the cached prefix (``hit``); the first token and timings so far."""
         kv, engines = arrived.kv, self.state.engines
+        if kv.codec != codec:
+            raise RPCFailure(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"the prefill node sent {kv.codec} KV, but this request's codec is {codec}")
         self.state.counters.kv_bytes_received += kv.bytes_received
         waited = time.monotonic()
 

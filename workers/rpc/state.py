@@ -149,8 +149,8 @@ class WorkerState:
         ``releasing``: bytes of this request's own lease, about to be freed.
         Keeping a prefix is advice for later requests: a failure here is
         logged and never fails the request that just finished."""
-        if self.prefix_cache is None or self.prefix_cache.capacity_bytes == 0:
-            return []
+        if self.prefix_cache is None or self.prefix_cache.capacity_bytes == 0 or self.prefix_cache.sliding:
+            return []  # (sliding: the cache would drop the layers, so do not copy them out)
         try:
             engine = self.engines.engine
             held = min(engine.cached_tokens(cache_key), len(token_ids))
