@@ -262,7 +262,9 @@ class LinkBench:
         """The prefill worker's start-up prefill probe, as a scheduler lists it in ``/health``
         (one started for this over the link as it is, then stopped)."""
         health, _ = self.serve_and_run("scheduler-probe", [])
-        node = next(n for n in health["nodes"] if n["node_id"] == self.prefill_id)
+        node = next((n for n in health["nodes"] if n["node_id"] == self.prefill_id), None)
+        if node is None:
+            raise RuntimeError(f"bench link: the scheduler does not list the prefill worker {self.prefill_id}")
         return node.get("prefill_probe") or []
 
     def run_link(self, link: LinkClass) -> list[dict[str, Any]]:
@@ -312,8 +314,10 @@ class LinkBench:
         return lines[0]["health"], results
 
     def link_measure(self, health: dict, link: LinkClass) -> LinkMeasure:
-        probe = next(x for x in health["links"] if x["prefill_node"] == self.prefill_id
-                     and x["decode_node"] == self.decode_id)
+        probe = next((x for x in health["links"] if x["prefill_node"] == self.prefill_id
+                      and x["decode_node"] == self.decode_id), None)
+        if probe is None:
+            raise RuntimeError(f"bench link: the scheduler measured no link {self.prefill_id} -> {self.decode_id}")
         delay = None if self.pair.netem_error and link.delay_ms else link.delay_ms
         return LinkMeasure(probe["gbps"], probe["latency_ms"] / 1e3, link.gbit_s, delay)
 
@@ -542,7 +546,7 @@ def print_report(rows: Sequence[dict[str, Any]], config: LinkBenchConfig, out: A
         print(line, file=out)
     used = {r["codec"]: r["codec_used"] for r in rows if r["codec_used"] and r["codec_used"] != r["codec"]}
     for asked, got in used.items():
-        print(f"note: asked for {asked}, the server sent {got} (it does not honour the kv_codec hint yet)", file=out)
+        print(f"note: asked for {asked}, the server sent {got}", file=out)
 
 
 if __name__ == "__main__":

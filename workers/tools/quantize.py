@@ -110,7 +110,7 @@ def quantize_checkpoint(model_dir: str | Path, out_dir: str | Path, bits: int,
         write_quantized(src, tmp, bits, group_size)
         _copy_tokenizer(src, tmp)
         check_same_model(base, read_model_spec(tmp), str(out))
-        sidecar = {"base_model_id": base_model_id or src.resolve().name, "bits": bits, "group_size": group_size,
+        sidecar = {"base_model_id": base_model_id or src.name or src.resolve().name,  # served_model_id's folder name "bits": bits, "group_size": group_size,
                    "mode": "affine", "quantized_by": f"mlx-lm {metadata.version('mlx-lm')}",
                    "base_folder": str(src.resolve())}
         (tmp / QUANTIZED_FILE).write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
