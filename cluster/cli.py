@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,12 @@ examples:
   pdc check-handoff --model smollm2-135m-instruct --prefill torch --decode mlx
   pdc make-model /tmp/tiny-qwen3 --arch qwen3
 """
+
+
+# pdc up, pdc bench and friends spawn processes after using gRPC: with gRPC's
+# fork support on, a child forked for subprocess.Popen restarts gRPC's poller
+# before exec, finds its epoll fd closed and aborts. Nothing here needs it.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

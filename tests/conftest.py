@@ -28,6 +28,11 @@ import pytest
 from hypothesis import strategies as st
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The tests run gRPC in this process and also spawn worker processes. With
+# gRPC's fork support on, a child forked for subprocess.Popen restarts gRPC's
+# poller before exec, finds its epoll fd closed (close_fds) and aborts
+# ("epoll_wait error: Bad file descriptor", exit -6). Spawning needs none of it.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import grpc  # noqa: E402
