@@ -50,6 +50,10 @@ VERSION = 1
 PREFIX = struct.Struct(">4sBI")  # magic, version, header length
 MAX_HEADER_BYTES = 64 * 1024
 MAX_PAYLOAD_BYTES = 1 << 30  # keys + values of one frame
+# Receive in pieces of this size, as the raw-socket baseline does: on
+# loopback larger recvs leave both sides idle more (docs/performance.md).
+RECV_BYTES = 64 << 10
+TIMEOUT_SLACK_S = 0.05
 CODECS: tuple[str, ...] = tuple(kvcodecs.CODECS)  # raw, int8, fp8
 
 Buffer = bytes | bytearray | memoryview
@@ -494,14 +498,22 @@ class FrameReader:
     def _recv_exactly(
         self, view: memoryview, deadline: float, what: str, frame_start: bool = False
     ) -> None:
+        """Fill ``view``, at most ``RECV_BYTES`` per ``recv_into``. The socket
+        timeout is what is left of ``deadline``, refreshed once it is
+        ``TIMEOUT_SLACK_S`` stale (each ``settimeout`` is a syscall), so a
+        wait can overrun the deadline by that much at most."""
         got = 0
+        set_at = -math.inf
         while got < len(view):
-            remaining = deadline - time.monotonic()
+            now = time.monotonic()
+            remaining = deadline - now
             if remaining <= 0:
                 raise self._timeout(what, got, len(view))
-            self.sock.settimeout(remaining)
+            if now - set_at > TIMEOUT_SLACK_S:
+                self.sock.settimeout(remaining)
+                set_at = now
             try:
-                n = self.sock.recv_into(view[got:])
+                n = self.sock.recv_into(view[got : got + RECV_BYTES])
             except TimeoutError:  # socket.timeout
                 raise self._timeout(what, got, len(view)) from None
             except ConnectionError as exc:
