@@ -20,7 +20,8 @@ The model is a roofline with efficiency factors (achieved / peak):
   that layer-wise streaming does not hide behind prefill;
 * ``request_cost``: one request's prefill and handoff with the prefix each
   node holds, in the transfer's KV codec (encoded bytes on the wire, encode
-  and decode as stages of the stream: ``transfer_stages``), the arithmetic
+  and decode as stages of the stream: ``transfer_stages``; on a node that
+  prefills on its CPU the encode is added to prefill instead), the arithmetic
   the live scheduler and the simulator share; ``auto_codec_cost`` is the
   codec ``--kv-codec auto`` picks (docs/placement.md, "KV codecs").
 
@@ -431,6 +432,20 @@ CODEC_SPEED: dict[tuple[str, str], CodecSpeed] = {
 }
 
 
+# On a node that prefills on its CPU the sender thread's encode shares the prefill's cores
+# (and, in our worker, its Python GIL), so it lengthens prefill instead of overlapping it,
+# and it costs more than CODEC_SPEED's idle-core figure: in docs/links.md's run of
+# ``pdc bench link`` before this term existed (one torch thread, [8, 141-525, 128] bf16
+# slices), int8 requests prefilled 2.98 s per GB of raw KV longer than raw ones (the median
+# of 12 int8/raw pairs of forced disaggregated requests, 1.15-4.63 s/GB, one pair -0.4),
+# against int8's 1.047 s/GB in CODEC_SPEED: 2.85x. A measured figure for that machine,
+# taken from prefill times alone (not from TTFT errors); ``request_cost`` applies it to
+# every codec's CODEC_SPEED encode on a CPU prefill node (``Efficiency.encode_shares_prefill``).
+SHARED_CORE_ENCODE_FACTOR = 2.85
+SHARED_CORE_ENCODE_SOURCE = ("docs/links.md: int8 minus raw prefill_s per GB of raw KV, median of 12 pairs, "
+                             "2.98 s/GB / CODEC_SPEED int8 bf16 encode 1.047 s/GB")
+
+
 @dataclass(frozen=True)
 class CodecAccuracy:
     """A measured accuracy figure of one lossy codec: greedy tokens equal to the
@@ -600,6 +615,9 @@ class Efficiency:
     kv_bandwidth: float  # KV-cache reads in decode, against peak memory bandwidth
     source: str = "generic"
     probe: ProbedPrefill | None = None
+    # The node computes on its CPU (``computes_on_cpu``): a codec's encode runs on the cores
+    # that prefill, so ``request_cost`` adds it to prefill instead of overlapping it.
+    encode_shares_prefill: bool = False
 
     def __post_init__(self) -> None:
         for field in ("compute", "attention", "bandwidth", "kv_bandwidth"):
@@ -650,12 +668,24 @@ CALIBRATED: dict[tuple[str, str, str], Efficiency] = {
 }
 
 
-def with_probe(eff: Efficiency, model: ModelCost, points: Sequence[tuple[int, float]]) -> Efficiency:
-    """``eff`` with a node's prefill probe (``probed_prefill``) pricing its prefill; unchanged
-    without points. The one rule the live ``Predictor`` and the simulator both apply."""
-    if not points:
-        return eff
-    return replace(eff, probe=probed_prefill(model, points))
+def with_probe(eff: Efficiency, model: ModelCost, points: Sequence[tuple[int, float]], *,
+               device: str = "") -> Efficiency:
+    """``eff`` for one node: its prefill probe (``probed_prefill``), when it has points, pricing
+    its prefill, and, when its engine ``device`` is a CPU (``computes_on_cpu``), a codec's encode
+    charged to its prefill (``Efficiency.encode_shares_prefill``). The one rule the live
+    ``Predictor`` and the simulator both apply."""
+    if points:
+        eff = replace(eff, probe=probed_prefill(model, points))
+    if computes_on_cpu(device):
+        eff = replace(eff, encode_shares_prefill=True)
+    return eff
+
+
+def computes_on_cpu(device: str) -> bool:
+    """Whether an engine device, as a worker reports it (torch ``cpu``, ``cuda:0``, ``mps``; mlx
+    ``mlx:Device(cpu, 0)``), is a CPU; "" (unknown, or a declared catalog accelerator) is not."""
+    name = device.lower().removeprefix("mlx:").replace("device(", "")
+    return name.split(":")[0].split(",")[0].strip() == "cpu"
 
 
 def known_engines() -> list[str]:
@@ -806,6 +836,7 @@ def transfer_stages(
     num_chunks: int = 1,
     codec: str = "raw",
     kv_dtype: str = KV_DTYPE,
+    encode_in_prefill: bool = False,
 ) -> TransferStages:
     """The layer-wise stream of a num_tokens prompt's KV behind a prefill of
     prefill_s seconds, slice by slice through up to three stages.
@@ -818,9 +849,11 @@ def transfer_stages(
     receiver's decode (likewise). That is how the workers run it: a sender
     thread drains the engine's slice queue, so encoding overlaps the next
     layers' compute, and the receiver decodes each frame into its arena slot as
-    it lands. (A prefill node computing on the CPU shares its cores with the
-    encoder; the model does not charge that.) Simulating the queue gives the
-    answer for uneven layers (sliding windows) too.
+    it lands. A prefill node computing on its CPU shares its cores with the
+    encoder: ``request_cost`` then adds the encode to ``prefill_s`` and passes
+    ``encode_in_prefill``, so each slice leaves encoded at its ready time (no
+    encode stage; ``encode_s`` still reports the work). Simulating the queue
+    gives the answer for uneven layers (sliding windows) too.
 
     Raw (one stage), the closed form (C = 1, L layers of b = T/L seconds each
     on the link, T = total bytes / R): slice i starts when both it is ready and
@@ -851,12 +884,13 @@ def transfer_stages(
         speed = CODEC_SPEED[(codec, kv_dtype)]
         encode_per_byte, decode_per_byte = speed.encode_s_per_gb / 1e9, speed.decode_s_per_gb / 1e9
         raw = kv_bytes_per_layer(model, num_tokens, float(KV_DTYPE_BYTES[kv_dtype]))
+    stage_encode_per_byte = 0.0 if encode_in_prefill else encode_per_byte
     num_layers = len(wire)
     encoded = link_free = decoded = 0.0
     for chunk in range(num_chunks):
         for i, size in enumerate(wire):
             ready = prefill_s * (chunk + (i + 1) / num_layers) / num_chunks
-            encoded = max(encoded, ready) + raw[i] / num_chunks * encode_per_byte
+            encoded = max(encoded, ready) + raw[i] / num_chunks * stage_encode_per_byte
             link_free = max(link_free, encoded) + size / num_chunks / link.bytes_per_s
             decoded = max(decoded, link_free + link.latency_s) + raw[i] / num_chunks * decode_per_byte
     tail = decoded - (link_free + link.latency_s)
@@ -892,6 +926,7 @@ class RequestCost:
     encode_s: float = 0.0  # the codec's encode work on the prefill node (within exposed_s where it shows)
     decode_s: float = 0.0  # the codec's decode work on the decode node (likewise)
     decode_tail_s: float = 0.0  # of exposed_s, after the last byte landed: decoding the last slice
+    encode_in_prefill_s: float = 0.0  # of prefill_s, the encode on a CPU prefill node's own cores (else 0)
 
     @property
     def num_new_tokens(self) -> int:
@@ -922,7 +957,11 @@ def request_cost(
 
     The one place this arithmetic lives: the live ``Predictor`` and the
     simulator both call it, so they agree on how cached tokens and codecs
-    change prefill and transfer. Cached figures must be in
+    change prefill and transfer. On a prefill node that computes on its CPU
+    (``eff.encode_shares_prefill``) a lossy codec's encode runs on the prefill's
+    own cores, so ``prefill_s`` = compute + ``SHARED_CORE_ENCODE_FACTOR`` x the
+    codec's encode (``encode_in_prefill_s``); elsewhere the encode overlaps
+    prefill as a stage of the stream. Cached figures must be in
     ``[0, num_prompt_tokens)``: the last prompt token is always computed (its
     logits give the first token)."""
     for name, value in (("num_prefill_cached", num_prefill_cached), ("num_decode_cached", num_decode_cached)):
@@ -933,10 +972,17 @@ def request_cost(
     if link is None:
         return RequestCost(num_prompt_tokens, num_prefill_cached, num_prefill_cached, prefill_s, 0, 0.0, 0.0, 0.0)
     num_shipped = num_prompt_tokens - num_decode_cached
-    stages = transfer_stages(model, link, num_shipped, prefill_s, codec=codec, kv_dtype=kv_dtype)
-    return RequestCost(num_prompt_tokens, num_prefill_cached, num_decode_cached, prefill_s, num_shipped,
-                       stages.wire_bytes, stages.wire_bytes / link.bytes_per_s, stages.exposed_s, codec,
-                       stages.encode_s, stages.decode_s, stages.decode_tail_s)
+    shared = eff.encode_shares_prefill and codec != "raw"
+    encode_in_prefill_s = 0.0
+    if shared:  # the encode takes the prefill's own cores: prefill + factor x encode, in series
+        encode_in_prefill_s = SHARED_CORE_ENCODE_FACTOR * transfer_stages(
+            model, link, num_shipped, 0.0, codec=codec, kv_dtype=kv_dtype).encode_s
+    stages = transfer_stages(model, link, num_shipped, prefill_s + encode_in_prefill_s, codec=codec,
+                             kv_dtype=kv_dtype, encode_in_prefill=shared)
+    return RequestCost(num_prompt_tokens, num_prefill_cached, num_decode_cached, prefill_s + encode_in_prefill_s,
+                       num_shipped, stages.wire_bytes, stages.wire_bytes / link.bytes_per_s, stages.exposed_s, codec,
+                       encode_in_prefill_s if shared else stages.encode_s, stages.decode_s, stages.decode_tail_s,
+                       encode_in_prefill_s)
 
 
 def auto_codec_cost(
@@ -956,21 +1002,25 @@ def auto_codec_cost(
     accuracy gate (``passes_accuracy_gate``), that the model's KV can take
     (``can_encode``) and that can win on this link at all (its rate below
     ``raw_always_wins_gbps``: loopback, 10GbE and 2.5GbE with bf16 KV stay
-    raw). Prefill is the same under every codec, so the codecs differ only in
-    the exposed transfer (``transfer_stages``, where encode and decode overlap
-    the stream as the workers run them). A codec is taken only when its
-    predicted saving in exposed transfer exceeds its whole encode + decode
-    work, so it still wins if none of that work overlapped anything (a CPU
-    prefill node encodes on the cores that prefill); among those, the smallest
-    exposed transfer. A short prompt whose raw KV already hides behind prefill
-    saves a fraction of its last slice and stays raw."""
+    raw). On an accelerator prefill is the same under every codec, so the
+    codecs differ only in the exposed transfer (``transfer_stages``, where
+    encode and decode overlap the stream as the workers run them); on a CPU
+    prefill node a codec's prefill also carries its encode (``request_cost``).
+    A codec is taken only when its predicted saving in prefill + exposed
+    transfer exceeds its work not already charged in series (decode, and
+    encode unless it is in prefill), so it still wins if none of that work
+    overlapped anything; among those, the smallest prefill + exposed
+    transfer. A short prompt whose raw KV already hides behind prefill saves a
+    fraction of its last slice and stays raw."""
     raw = request_cost(model, hw, eff, num_prompt_tokens, num_prefill_cached, link=link,
                        num_decode_cached=num_decode_cached, kv_dtype=kv_dtype)
     best = raw
     for codec in auto_candidates(model, link, kv_dtype):
         cost = request_cost(model, hw, eff, num_prompt_tokens, num_prefill_cached, link=link,
                             num_decode_cached=num_decode_cached, codec=codec, kv_dtype=kv_dtype)
-        if raw.exposed_s - cost.exposed_s > cost.encode_s + cost.decode_s and cost.exposed_s < best.exposed_s:
+        saving = raw.prefill_s + raw.exposed_s - cost.prefill_s - cost.exposed_s
+        unhidden = cost.decode_s + (0.0 if cost.encode_in_prefill_s else cost.encode_s)
+        if saving > unhidden and cost.prefill_s + cost.exposed_s < best.prefill_s + best.exposed_s:
             best = cost
     return best
 

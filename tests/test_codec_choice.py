@@ -340,6 +340,50 @@ def test_the_live_predictor_and_the_simulator_agree_on_a_calibrated_node(mode: s
     assert (decided.prefill_node, decided.decode_node) == (live.prefill_node or "slow", live.decode_node)
 
 
+@pytest.mark.parametrize("device, shares", [("cpu", True), ("mlx:Device(cpu, 0)", True), ("cuda:0", False),
+                                             ("mps", False), ("mlx:Device(gpu, 0)", False), ("", False)])
+def test_a_codecs_encode_lengthens_prefill_only_on_a_node_that_prefills_on_its_cpu(device: str, shares: bool) -> None:
+    eff = costmodel.with_probe(costmodel.MEASURED, LLAMA, _PROBES["fast"], device=device)
+    hw = costmodel.Hardware("n", 0.2, 26.0, 1.0)
+    link = costmodel.Link("l", 0.5, 1e-4, payload_efficiency=1.0)
+    raw = costmodel.request_cost(LLAMA, hw, eff, 525, link=link)
+    int8 = costmodel.request_cost(LLAMA, hw, eff, 525, link=link, codec="int8")
+    encode = costmodel.kv_bytes(LLAMA, 525) * costmodel.CODEC_SPEED[("int8", "bfloat16")].encode_s_per_gb / 1e9
+    assert raw.encode_in_prefill_s == 0.0  # raw has no encode, wherever it runs
+    if shares:  # in series with the prefill on the same cores, at the measured shared-core cost
+        assert int8.encode_in_prefill_s == pytest.approx(costmodel.SHARED_CORE_ENCODE_FACTOR * encode, rel=1e-9)
+        assert int8.prefill_s == pytest.approx(raw.prefill_s + int8.encode_in_prefill_s, rel=1e-12)
+        assert int8.encode_s == int8.encode_in_prefill_s
+    else:  # a stage beside an accelerator's prefill, as before
+        assert int8.prefill_s == raw.prefill_s and int8.encode_in_prefill_s == 0.0
+        assert int8.encode_s == pytest.approx(encode, rel=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["raw", "int8", "auto"])
+def test_the_live_predictor_and_the_simulator_agree_on_a_cpu_prefill_node(mode: str) -> None:
+    prompt = 525
+    text = _calibrated_pair(0.08).nodes
+    spec = cluster_file.loads("".join(f'[[nodes]]\nname = "{n.name}"\nhardware = "{n.hardware}"\nengine = "torch"\n'
+                                      f'device = "cpu"\ntflops = 0.2\nmem_bw_gbps = 26.0\n'
+                                      f'prefill_probe = {[list(p) for p in n.prefill_probe]}\n' for n in text)
+                              + '[[links]]\nnodes = ["fast", "slow"]\ngbit_s = 0.08\nlatency_s = 1e-4\n')
+    assert spec.node("fast").device == "cpu"
+    cluster = build_cluster(spec, LLAMA_NAME)
+    [simulated] = Simulation(cluster, _Fixed(Placement("fast", "slow")), kv_codec=mode).run([WorkItem(0.0, prompt, 1)])
+    nodes = tuple(NodeView(n.name, n.roles, "torch", "m", tflops=n.machine().tflops, mem_bw_gbps=n.machine().mem_bw_gbps,
+                           hardware=n.hardware, device_kind="cpu", prefill_probe=n.prefill_probe) for n in spec.nodes)
+    view = ClusterView(nodes, cluster.link_views(), LLAMA_CONFIG, kv_codec=mode)
+    predictor = Predictor(_req(prompt), view)
+    cost = predictor.cost(view.node("fast"), view.node("slow"))
+    assert simulated.kv_codec == cost.codec
+    assert cost.prefill_s == simulated.prefill_s  # identical: one function, the encode included
+    assert (cost.encode_in_prefill_s > 0) == (cost.codec != "raw")
+    assert simulated.ttft_s == pytest.approx(predictor.estimate(view.node("fast"), view.node("slow")).ttft_s, rel=1e-12)
+    [decided] = Simulation(cluster, Conditional(), kv_codec=mode).run([WorkItem(0.0, prompt, 1)])
+    live = Conditional().place(_req(prompt), view)
+    assert (decided.prefill_node, decided.decode_node) == (live.prefill_node or "slow", live.decode_node)
+
+
 def test_over_a_slow_link_the_probes_keep_raw_local_and_send_int8_remote() -> None:
     # fast: 525 tokens in ~0.9 s, slow: ~5.1 s; 0.08 Gbit/s carries the raw KV (69 MB) in ~7 s, int8 in ~3.5 s:
     # raw remote gains < 20 % on local, int8 (half the bytes) gains more (the scaled 1 GbE of pdc bench link)

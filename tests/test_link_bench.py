@@ -164,15 +164,16 @@ def test_scaled_profiles_make_the_simulator_price_nodes_as_the_live_predictor_do
     assert node.prefill_probe == ()  # a worker that timed no prefill: priced from TFLOPS, as live
 
 
-def test_the_workers_prefill_probe_reaches_the_simulator_as_the_live_predictor_reads_it() -> None:
+def test_the_workers_prefill_probe_and_device_reach_the_simulator_as_the_live_predictor_reads_them() -> None:
     from scheduler.sim import cluster_file
 
     probe = [[128, 0.143], [512, 0.958]]
     prefill = {"node_id": "p", "roles": ["prefill"], "tflops": 0.15, "mem_bw_gbps": 20.0, "prefill_probe": probe}
     decode = {"node_id": "d", "roles": ["prefill", "decode"], "tflops": 0.075, "mem_bw_gbps": 20.0,
               "prefill_probe": [[128, 0.4]]}
-    spec = cluster_file.loads(link_report.sim_cluster_toml(prefill, decode, 0.94, 1e-4))
+    spec = cluster_file.loads(link_report.sim_cluster_toml({**prefill, "device": "cpu"}, decode, 0.94, 1e-4))
     assert spec.node("p").prefill_probe == ((128, 0.143), (512, 0.958))
+    assert (spec.node("p").device, spec.node("d").device) == ("cpu", "")  # a CPU's encode shares its prefill
     assert spec.node("d").prefill_probe == ((128, 0.4),)
     trace = [json.loads(line) for line in link_report.sim_trace([64, 128]).splitlines()]
     assert [t["prompt_tokens"] for t in trace] == [64, 128] and trace[1]["arrival_s"] >= 1000

@@ -9,6 +9,8 @@
     # optional overrides: tflops, mem_bw_gbps, mem_gb, engine
     # optional: prefill_probe = [[128, 0.11], [512, 0.95]]  (prompt tokens, seconds of
     #   the served model's prefill, as a worker times it at start-up; prices prefill)
+    # optional: device = "cpu"  (the engine device a worker reports; "cpu": a KV codec's
+    #   encode shares the prefill's cores and lengthens it; default: the catalog's accelerator)
 
     [[links]]
     nodes = ["spark", "mac"]
@@ -36,7 +38,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 ROLES = ("prefill", "decode")
-_NODE_KEYS = {"name", "hardware", "roles", "tflops", "mem_bw_gbps", "mem_gb", "engine", "prefill_probe"}
+_NODE_KEYS = {"name", "hardware", "roles", "tflops", "mem_bw_gbps", "mem_gb", "engine", "prefill_probe", "device"}
 _LINK_KEYS = {"nodes", "kind", "gbit_s", "latency_s", "payload_efficiency"}
 _TOP_KEYS = {"name", "description", "nodes", "links"}
 _CUSTOM_LINK_LATENCY_S = 1e-4
@@ -58,6 +60,7 @@ class NodeSpec:
     mem_gb: float | None = None
     engine: str | None = None
     prefill_probe: tuple[tuple[int, float], ...] = ()  # (tokens, seconds): prices prefill (costmodel.with_probe)
+    device: str = ""  # the engine device as a worker reports it ("cpu", "cuda:0"); "" = the catalog's accelerator
 
     def machine(self) -> costmodel.Hardware:
         """The catalog hardware with this node's overrides applied."""
@@ -180,7 +183,15 @@ def _parse_node(entry: Any, index: int, source: str) -> NodeSpec:
         mem_gb=_positive(entry, "mem_gb", where),
         engine=engine,
         prefill_probe=_parse_probe(entry.get("prefill_probe", []), where),
+        device=_parse_device(entry.get("device", ""), where),
     )
+
+
+def _parse_device(value: object, where: str) -> str:
+    """``device``: the engine device a worker reports (``cpu``: a codec's encode shares its prefill's cores)."""
+    if not isinstance(value, str):
+        raise ClusterFileError(f"{where}: 'device' must be a string such as \"cpu\" or \"cuda:0\", got {value!r}")
+    return value
 
 
 def _parse_probe(points: Any, where: str) -> tuple[tuple[int, float], ...]:

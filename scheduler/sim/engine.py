@@ -128,7 +128,7 @@ def build_cluster(spec: ClusterSpec, model: str, *, engine: str | None = None,
             )
         node_engine = node.engine or engine or default_engine(node.hardware)
         eff = costmodel.with_probe(costmodel.efficiency(node.hardware, node_engine, cost.weight_format), cost,
-                                   node.prefill_probe)
+                                   node.prefill_probe, device=node.device)
         nodes[node.name] = SimNode(node, node_engine, machine, eff)
     links = {}
     for link in spec.links:
@@ -303,8 +303,11 @@ class Simulation:
         flight = Flight(index, item, prefill, decode, cost, hashes,
                         kv_bytes=costmodel.kv_bytes(self.cluster.model, item.prompt_tokens))
         self.flights.append(flight)
-        # The prediction is exact here: the simulated prefill takes the cost model's time.
-        self.ledger.admit(flight.request_id, prefill, decode, cost.prefill_s, flight.kv_bytes)
+        # The prediction is exact here: the simulated prefill takes the cost model's time. The
+        # ledger counts prefill compute alone, as the live one (dispatch.predicted_prefill_s) does;
+        # the engine stays busy for a CPU node's encode too.
+        self.ledger.admit(flight.request_id, prefill, decode, cost.prefill_s - cost.encode_in_prefill_s,
+                          flight.kv_bytes)
         self.engines[prefill].submit(Job(cost.prefill_s, lambda t: self._prefill_started(flight, t),
                                          lambda t: self._prefill_done(flight, t)))
 
@@ -341,7 +344,7 @@ class Simulation:
                 tflops=node.machine.tflops, mem_bw_gbps=node.machine.mem_bw_gbps,
                 free_mem_bytes=max(0, int(free)), active_requests=self.ledger.active_requests(name),
                 hardware=node.spec.hardware, prefill_backlog_s=self.ledger.prefill_backlog_s(name),
-                prefill_probe=node.spec.prefill_probe,
+                prefill_probe=node.spec.prefill_probe, device_kind=node.spec.device,
             ))
         return ClusterView(tuple(nodes), dict(self.link_views), self.cluster.model_config, self.cluster.weight_format,
                            cached_tokens=cached, kv_codec=self.kv_codec)

@@ -225,6 +225,9 @@ def _row_extras(row: dict, disagg: Sequence[dict], colocated: Sequence[dict], co
         "link_gbps": _r(measure.gbps), "link_latency_ms": _r(measure.latency_s * 1e3, 3),
         "shaped_gbit_s": measure.shaped_gbit_s, "shaped_delay_ms": measure.shaped_delay_ms,
         "ttft_conditional_s": _r(_median([s["ttft_s"] for s in conditional])),
+        # TTFT outside queue, prefill and exposed transfer (RPCs, the first token's trip): measured, not modelled
+        "post_s": _r(_median([s["ttft_s"] - s.get("queue_s", 0.0) - s["prefill_s"] - s["exposed_transfer_s"]
+                              for s in disagg])),
         "physics": best,
         "decision_matches_physics": None if best is None or row["decision"] is None else best == row["decision"],
         "sim_placement": sim_placement,
@@ -256,13 +259,14 @@ def check_row(row: dict[str, Any]) -> None:
 
 def sim_cluster_toml(prefill: dict[str, Any], decode: dict[str, Any], gbps: float, latency_s: float) -> str:
     """A ``pdc simulate`` cluster file for the two workers as ``/health`` lists them (their
-    start-up measurements, the prefill probe included) and the probed link. See
+    start-up measurements, the prefill probe and engine device included) and the probed link. See
     ``SIM_GENERIC_COMPUTE`` for the scaling; a probe prices prefill the same way in both."""
     def node(n: dict[str, Any]) -> str:
         roles = ", ".join(f'"{r}"' for r in n["roles"])
         probe = ", ".join(f"[{int(tokens)}, {float(seconds)!r}]" for tokens, seconds in n.get("prefill_probe") or ())
         return (f'[[nodes]]\nname = "{n["node_id"]}"\nhardware = "{SIM_HARDWARE}"\nroles = [{roles}]\n'
-                f'engine = "torch"\ntflops = {n["tflops"] / SIM_GENERIC_COMPUTE!r}\n'
+                f'engine = "torch"\ndevice = "{n.get("device") or ""}"\n'
+                f'tflops = {n["tflops"] / SIM_GENERIC_COMPUTE!r}\n'
                 f'mem_bw_gbps = {n["mem_bw_gbps"] / SIM_GENERIC_BANDWIDTH!r}\n'
                 + (f"prefill_probe = [{probe}]\n" if probe else ""))
     link = (f'[[links]]\nnodes = ["{prefill["node_id"]}", "{decode["node_id"]}"]\n'
