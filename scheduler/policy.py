@@ -230,9 +230,10 @@ class Predictor:
         return costmodel.request_cost(*args, link=link, num_decode_cached=num_decode_cached, codec=codec or "raw")
 
     def _hardware(self, node: NodeView) -> tuple[costmodel.Hardware, costmodel.Efficiency]:
-        """The node's machine and efficiencies, its prefill probe (if any) pricing its prefill."""
+        """The node's machine and efficiencies, its prefill probe (if any) pricing its prefill
+        and its device saying whether a codec's encode shares its prefill's cores."""
         hw, eff = self._profile(node)
-        return hw, costmodel.with_probe(eff, self.model, node.prefill_probe)
+        return hw, costmodel.with_probe(eff, self.model, node.prefill_probe, device=node.device_kind)
 
     def _profile(self, node: NodeView) -> tuple[costmodel.Hardware, costmodel.Efficiency]:
         known = node.hardware in catalog.HARDWARE  # a newer worker may name hardware this catalog lacks
