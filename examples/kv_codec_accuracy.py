@@ -14,8 +14,15 @@
    an MLX prefill over the generated tokens with the handed-off prompt KV as
    its prefix), and the relative RMS error of K and V.
 
+   With ``--prompts P`` it does this for P prompts (the same text, each
+   starting ``61 * p`` tokens further in) and pools every position: greedy
+   matches are summed, top-1 agreement and KL are over all P x steps
+   teacher-forced positions. A model is ``tiny``, ``small``, ``smollm2``,
+   ``ARCH:PRESET`` (``pdc make-model --arch ARCH --preset PRESET``, e.g.
+   ``gemma3:tiny``) or a model folder.
+
     .venv/bin/python examples/kv_codec_accuracy.py [--models tiny,small,smollm2] \\
-        [--prompt-tokens 300] [--steps 32] [--dtype float32] [--json]
+        [--prompt-tokens 300] [--steps 32] [--prompts 1] [--dtype float32] [--json]
 """
 from __future__ import annotations
 
@@ -59,8 +66,8 @@ class SpeedRow:
 class AccuracyRow:
     model: str
     codec: str
-    greedy_match: int  # free-running tokens equal to the raw handoff's, position by position
-    first_divergence: int | None
+    greedy_match: int  # free-running tokens equal to the raw handoff's, position by position (all prompts)
+    first_divergence: int | None  # the earliest over the prompts
     top1_agreement: float  # teacher-forced, along the raw tokens
     raw_margin_where_top1_differs: float | None  # raw log-prob gap between the two tokens, at worst
     mean_kl: float
@@ -68,6 +75,8 @@ class AccuracyRow:
     key_rel_rms: float
     value_rel_rms: float
     wire_ratio: float
+    prompts: int = 1
+    positions: int = 0  # teacher-forced positions pooled
 
 
 def as_wire(x32: np.ndarray, dtype: str) -> np.ndarray:
@@ -128,18 +137,47 @@ def next_token_logprobs(engine: Engine, prompt: list[int], prefix: list[KVSlice]
     return np.stack(rows)
 
 
-def accuracy(name: str, model_dir: Path, prompt_tokens: int, steps: int, dtype: str) -> list[AccuracyRow]:
+def accuracy(name: str, model_dir: Path, prompt_tokens: int, steps: int, dtype: str,
+             prompts: int = 1) -> list[AccuracyRow]:
     prefill = load_engine("torch", model_dir, dtype)
     decoder = load_engine("mlx", model_dir, dtype)
-    prompt = prompt_token_ids(model_dir, prompt_tokens)
+    pooled: dict[str, list[dict]] = {codec: [] for codec in CODECS}
+    for p in range(prompts):
+        prompt = prompt_token_ids(model_dir, prompt_tokens + 61 * p)[61 * p:]
+        for codec, figures in one_prompt(prefill, decoder, prompt, steps).items():
+            pooled[codec].append(figures)
+    prefill.close()
+    decoder.close()
+    rows = []
+    for codec, runs in pooled.items():
+        top1 = np.concatenate([r["top1"] for r in runs])
+        kl = np.concatenate([r["kl"] for r in runs])
+        gaps = np.concatenate([r["gaps"] for r in runs])
+        divergences = [r["first_divergence"] for r in runs if r["first_divergence"] is not None]
+        rows.append(AccuracyRow(
+            model=name, codec=codec, greedy_match=sum(r["greedy_match"] for r in runs),
+            first_divergence=min(divergences) if divergences else None,
+            top1_agreement=float(np.mean(top1)),
+            raw_margin_where_top1_differs=float(gaps.max()) if gaps.size else None,
+            mean_kl=float(np.mean(kl)), max_kl=float(np.max(kl)),
+            key_rel_rms=float(np.mean([r["key_rel_rms"] for r in runs])),
+            value_rel_rms=float(np.mean([r["value_rel_rms"] for r in runs])),
+            wire_ratio=float(np.mean([r["wire_ratio"] for r in runs])), prompts=prompts, positions=int(top1.size),
+        ))
+    return rows
+
+
+def one_prompt(prefill: Engine, decoder: Engine, prompt: list[int], steps: int) -> dict[str, dict]:
+    """Each codec's figures for one prompt, against the raw handoff."""
     slices: list[KVSlice] = []
     result = prefill.prefill("prompt", prompt, slices.append)
     prefill.release("prompt")
     first = sample(result.logits, SamplingParams(temperature=0.0), 0)
     params = SamplingParams(max_tokens=steps + 1, temperature=0.0)
     layout: KVLayout = prefill.kv_layout(len(prompt))
+    slices = [c for c in (layout.clip(s) for s in slices) if c is not None]  # what travels
     raw_bytes = sum(s.nbytes for s in slices)
-    rows, reference, reference_lp = [], None, None
+    figures, reference, reference_lp = {}, None, None
     for codec in CODECS:
         shipped = [round_trip(codec, s) for s in slices]
         received = [s for s, _ in shipped]
@@ -156,20 +194,16 @@ def accuracy(name: str, model_dir: Path, prompt_tokens: int, steps: int, dtype: 
         matches = [a == b for a, b in zip(tokens, reference, strict=False)]
         top1, raw_top1 = np.argmax(lp, -1), np.argmax(reference_lp, -1)
         rows_ = np.arange(len(top1))
-        gaps = (reference_lp[rows_, raw_top1] - reference_lp[rows_, top1])[top1 != raw_top1]
-        rows.append(AccuracyRow(
-            model=name, codec=codec,
-            greedy_match=sum(matches[1:]), first_divergence=next((i for i, m in enumerate(matches) if not m), None),
-            top1_agreement=float(np.mean(top1 == raw_top1)),
-            raw_margin_where_top1_differs=float(gaps.max()) if gaps.size else None,
-            mean_kl=float(np.mean(kl)), max_kl=float(np.max(kl)),
-            key_rel_rms=_mean_rel_rms(received, slices, "keys"),
-            value_rel_rms=_mean_rel_rms(received, slices, "values"),
-            wire_ratio=sum(n for _, n in shipped) / raw_bytes,
-        ))
-    prefill.close()
-    decoder.close()
-    return rows
+        figures[codec] = {
+            "greedy_match": sum(matches[1:]),
+            "first_divergence": next((i for i, m in enumerate(matches) if not m), None),
+            "top1": top1 == raw_top1, "kl": kl,
+            "gaps": (reference_lp[rows_, raw_top1] - reference_lp[rows_, top1])[top1 != raw_top1],
+            "key_rel_rms": _mean_rel_rms(received, slices, "keys"),
+            "value_rel_rms": _mean_rel_rms(received, slices, "values"),
+            "wire_ratio": sum(n for _, n in shipped) / raw_bytes,
+        }
+    return figures
 
 
 def _mean_rel_rms(got: list[KVSlice], want: list[KVSlice], part: str) -> float:
@@ -178,10 +212,11 @@ def _mean_rel_rms(got: list[KVSlice], want: list[KVSlice], part: str) -> float:
 
 
 def model_folder(name: str, tmp: Path) -> Path:
-    if name in ("tiny", "small"):
+    if name in ("tiny", "small") or ":" in name:
         from workers.tools.modelgen import make_model
 
-        return make_model(tmp / name, "llama", seed=0, preset=name)
+        arch, _, preset = name.rpartition(":")
+        return make_model(tmp / name.replace(":", "-"), arch or "llama", seed=0, preset=preset)
     from workers.tools.builtin import resolve_model
 
     return Path(resolve_model({"smollm2": "smollm2-135m-instruct"}.get(name, name)))
@@ -192,6 +227,7 @@ def main() -> int:
     parser.add_argument("--models", default="tiny,small,smollm2", help="tiny, small, smollm2 or a model folder")
     parser.add_argument("--prompt-tokens", type=int, default=300)
     parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--prompts", type=int, default=1, help="prompts per model, pooled (default: 1)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", action="store_true", help="end with one JSON line of every row")
@@ -212,11 +248,12 @@ def main() -> int:
             folder = model_folder(name, Path(tmp))
             # each model's engines live and close on a thread of their own (close frees that thread's MLX state)
             with concurrent.futures.ThreadPoolExecutor(1) as thread:
-                model_rows = thread.submit(accuracy, name, folder, args.prompt_tokens, args.steps, args.dtype).result()
+                model_rows = thread.submit(accuracy, name, folder, args.prompt_tokens, args.steps, args.dtype,
+                                           args.prompts).result()
             for r in model_rows:
                 rows.append(r)
                 margin = r.raw_margin_where_top1_differs
-                print(f"{r.model:<8} {r.codec:<5} {f'{r.greedy_match}/{args.steps}':>11} "
+                print(f"{r.model:<8} {r.codec:<5} {f'{r.greedy_match}/{args.steps * args.prompts}':>11} "
                       f"{r.first_divergence!s:>8} {r.top1_agreement:>8.3f} {r.mean_kl:>9.2e} {r.max_kl:>9.2e} "
                       f"{r.key_rel_rms:>9.2e} {r.value_rel_rms:>9.2e} {r.wire_ratio:>6.3f} "
                       f"{'-' if margin is None else f'{margin:.1e}':>10}")
