@@ -310,6 +310,12 @@ def _mlp_bias(config: Mapping[str, Any], hidden: int) -> int:
     return 2 * int(config.get("intermediate_size") or 0) + hidden if config.get("mlp_bias") else 0
 
 
+def layer_windows(config: Mapping[str, Any], num_layers: int) -> tuple[int | None, ...]:
+    """Each layer's sliding window (None: full attention) of a config.json
+    (its ``text_config`` when it nests one); see ``_layer_windows``."""
+    return _layer_windows(config.get("text_config") or config, num_layers)
+
+
 def _layer_windows(config: Mapping[str, Any], num_layers: int) -> tuple[int | None, ...]:
     """Each layer's sliding window (None: full attention), from, in order:
     ``layer_types`` ("sliding_attention" / "full_attention": gpt-oss, Gemma 3,

@@ -12,7 +12,7 @@ byte-identical to the teacher's: a decode node may serve mlx-lm's 4- or
 (``workers/tools/quantize.py``, ``workers/rpc/info.py``). What must agree is
 what the KV handoff and the token ids depend on, ``SAME_MODEL_FIELDS``: the
 architecture, the layer count, the KV heads, the head dim and the
-vocabulary. Each (model id, weights fingerprint) pair is judged once against
+vocabulary, and, from config.json, each layer's sliding window. Each (model id, weights fingerprint) pair is judged once against
 the teacher (a node with the teacher's fingerprint has its config.json, so
 it passes unasked); a node that differs is refused with the field named
 (``problem``), and must not be placed (``accepts``). Prefix-cache hashes stay
@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 from cluster.node import NodeInfo
 from proto import pdcluster_pb2 as pb
+from scheduler.costmodel import layer_windows
 from scheduler.request import ModelEntry
 from scheduler.tokenizer import PromptCodec, TokenizerBundle
 
@@ -69,7 +70,23 @@ def model_mismatch(record: ModelRecord, model: pb.ModelInfo) -> str | None:
         if got != want:
             return (f"{name} is {got!r} there but {want!r} on node {record.source or '?'}, which taught "
                     f"model {record.entry.model_id!r}")
+    if record.config is not None:  # the KV layouts must agree layer by layer, sliding windows included
+        want_windows = _windows(record.config, model.num_layers)
+        got_windows = _windows(_config_of(model, "the node"), model.num_layers)
+        if got_windows is not None and want_windows is not None and got_windows != want_windows:
+            return (f"sliding windows per layer are {list(got_windows)} there but {list(want_windows)} on node "
+                    f"{record.source or '?'}, which taught model {record.entry.model_id!r}")
     return None
+
+
+def _windows(config: dict | None, num_layers: int) -> tuple[int | None, ...] | None:
+    """Each layer's sliding window of ``config`` (None: full), or None when unreadable."""
+    if config is None:
+        return None
+    try:
+        return layer_windows(config, num_layers)
+    except (ValueError, TypeError):
+        return None
 
 
 def record_from_info(model: pb.ModelInfo, source: str = "") -> ModelRecord:

@@ -171,6 +171,20 @@ def test_the_scheduler_refuses_a_pair_whose_model_differs_naming_the_field(base:
     assert why.startswith(f"{field} is {value!r} there") and "bf16-box" in why
 
 
+def test_the_scheduler_refuses_a_pair_whose_sliding_windows_differ(base: Path) -> None:
+    """Equal shapes but another window per layer: the KV layouts would not
+    agree, so the pair is refused before any request, naming the windows."""
+    full, other = _info(base), _info(_copy(base, 4))
+    config = json.loads(other.config_json)
+    config.update(layer_types=["sliding_attention", "full_attention"] * (other.num_layers // 2),
+                  sliding_window=64)
+    other.config_json, other.fingerprint = json.dumps(config), "windowed-weights"
+    prefill, decode = _node("bf16-box", full, ("prefill",)), _node("mac", other, ("decode",))
+    registry = _judge((prefill, full), (decode, other))
+    assert not registry.accepts(decode)
+    assert registry.refused([decode])["mac"].startswith("sliding windows per layer are [64, None")
+
+
 def test_a_refused_node_is_not_fetched_again_and_the_teachers_copies_pass_unasked(base: Path) -> None:
     full = _info(base)
     asked: list[str] = []
