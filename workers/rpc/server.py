@@ -391,7 +391,7 @@ def add_worker_parser(sub: Any, discovery: Discovery | None = None,
     p.add_argument("--mdns-interface", action="append", default=None, help="advertise only on this address (repeatable)")
     p.add_argument("--cluster-key-file", default=None, help="cluster key (default: $PDC_CLUSTER_KEY, then `pdc init`'s file)")
     p.add_argument("--node-id", default="", help="node id (default: <hostname>-<engine>-<random>)")
-    p.add_argument("--model-id", default=None, help="model name clients send (default: the folder name)")
+    p.add_argument("--model-id", default=None, help="model name clients send (default: a quantized copy's declared base id, else the folder name)")
     p.add_argument("--device", default=None, help="torch device: cuda, mps or cpu (default: best available)")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="compute dtype (default: the checkpoint's)")
     p.add_argument("--lease-s", type=float, default=30.0,
