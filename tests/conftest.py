@@ -75,6 +75,26 @@ def make_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., P
     return build
 
 
+@pytest.fixture(scope="module")
+def engines(make_tiny_model: Callable[..., Path]) -> Any:
+    """``engines(kind, arch)`` -> an fp32 engine of the tiny ``arch``, loaded once per module."""
+    from workers.engines.registry import load_engine
+
+    loaded: dict[tuple[str, str], Any] = {}
+
+    def get(kind: str, arch: str) -> Any:
+        if (kind, arch) not in loaded:
+            loaded[kind, arch] = load_engine(kind, make_tiny_model(arch), "float32")
+        return loaded[kind, arch]
+
+    yield get
+    # not close(): the MLX engines computed on this (the test session's) thread, and MLX's close
+    # clears the calling thread's streams, which would break every later MLX test on it
+    for engine in loaded.values():
+        for rid in engine.cached_requests():
+            engine.release(rid)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     import socket

@@ -10,7 +10,7 @@ and ``emit_from`` must emit exactly the tail of what a full prefill emits.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +18,6 @@ import pytest
 from conftest import have, requires_mlx, requires_torch
 
 from workers.engines.base import Engine, KVSlice, generate, is_last
-from workers.engines.registry import load_engine
 from workers.engines.sampling import SamplingParams, sample
 from workers.tools.modelgen import ARCHES
 
@@ -57,24 +56,6 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def engines(make_tiny_model) -> Iterator[Callable[[str, str], Engine]]:
-    """``engines(kind, arch)`` -> an fp32 engine, loaded once per module."""
-    loaded: dict[tuple[str, str], Engine] = {}
-
-    def get(kind: str, arch: str) -> Engine:
-        if (kind, arch) not in loaded:
-            loaded[kind, arch] = load_engine(kind, make_tiny_model(arch), "float32")
-        return loaded[kind, arch]
-
-    yield get
-    # not close(): the MLX engines computed on this (the test session's) thread, and MLX's close
-    # clears the calling thread's streams, which would break every later MLX test on it
-    for engine in loaded.values():
-        for rid in engine.cached_requests():
-            engine.release(rid)
 
 
 @pytest.fixture(params=KINDS)

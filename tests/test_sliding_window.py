@@ -11,7 +11,6 @@ whole request alone. Engines are loaded once for the module and released
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,22 +32,6 @@ DIRECTIONS = [("torch", "mlx"), ("mlx", "torch"), ("torch", "torch"), ("mlx", "m
 # first chunk, and longer with a one-token last chunk and the window starting
 # one token into the second chunk.
 CASES = [(120, 128, 16), (245, 128, 24), (WINDOW, 64, 16), (300, 100, 24), (385, 128, 16)]
-
-
-@pytest.fixture(scope="module")
-def engines(make_tiny_model) -> Iterator[Callable[[str, str], Engine]]:
-    """``engines(kind, arch)`` -> an fp32 engine, loaded once per module."""
-    loaded: dict[tuple[str, str], Engine] = {}
-
-    def get(kind: str, arch: str) -> Engine:
-        if (kind, arch) not in loaded:
-            loaded[kind, arch] = load_engine(kind, make_tiny_model(arch), "float32")
-        return loaded[kind, arch]
-
-    yield get
-    for engine in loaded.values():  # not close(): see the module docstring
-        for rid in engine.cached_requests():
-            engine.release(rid)
 
 
 def greedy(max_tokens: int) -> SamplingParams:

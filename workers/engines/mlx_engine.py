@@ -92,7 +92,21 @@ LayerHook = Callable[[int, mx.array, mx.array], None]
 Sampler = Callable[[mx.array], mx.array]
 
 
-class _StreamingKVCache(KVCache):
+class _ReportsWrites:
+    """Mixin for an mlx-lm cache layer: after each write, hands the layer's new
+    K/V to ``self.hook(layer, keys, values)`` (set by the subclass)."""
+
+    layer: int
+    hook: LayerHook | None
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        out = super().update_and_fetch(keys, values)  # type: ignore[misc]
+        if self.hook is not None:
+            self.hook(self.layer, keys, values)
+        return out
+
+
+class _StreamingKVCache(_ReportsWrites, KVCache):
     """mlx-lm's KVCache, reporting each layer's new K/V as it is written.
 
     ``BatchKVCache.merge`` copies it into the batch like any ``KVCache``; what
@@ -103,14 +117,8 @@ class _StreamingKVCache(KVCache):
         self.layer = layer
         self.hook = hook
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array):
-        out = super().update_and_fetch(keys, values)
-        if self.hook is not None:
-            self.hook(self.layer, keys, values)
-        return out
 
-
-class _StreamingRotatingKVCache(RotatingKVCache):
+class _StreamingRotatingKVCache(_ReportsWrites, RotatingKVCache):
     """mlx-lm's RotatingKVCache (a sliding-window layer), reporting each
     layer's new K/V as it is written; merged into the batch and extracted
     like any ``RotatingKVCache``."""
@@ -119,12 +127,6 @@ class _StreamingRotatingKVCache(RotatingKVCache):
         super().__init__(max_size=window, keep=0)
         self.layer = layer
         self.hook = hook
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array):
-        out = super().update_and_fetch(keys, values)
-        if self.hook is not None:
-            self.hook(self.layer, keys, values)
-        return out
 
 
 class _LogitsTap:

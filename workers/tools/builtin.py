@@ -142,7 +142,7 @@ def ensure_model(name: str, *, progress: bool | None = None) -> Path:
         return model.folder
     show = sys.stderr.isatty() if progress is None else progress
     model.folder.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(model.folder.parent / f".{name}.lock"):
+    with exclusive(model.folder.parent / f".{name}.lock"):
         if not model.is_built():  # another process may have built it while we waited
             _build_into_place(model, show)
     return model.folder
@@ -176,7 +176,8 @@ def _build_into_place(model: BuiltinModel, progress: bool) -> None:
 
 
 @contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
+def exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on ``lock_path`` (created if missing) for the block."""
     with lock_path.open("a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:

@@ -25,18 +25,16 @@ Invariants of a copy written here:
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 
 from cluster.paths import cache_dir
 from workers.engines.model_config import ModelSpec, load_config, read_model_spec
+from workers.tools.builtin import exclusive
 
 QUANTIZED_FILE = "pdcluster-quantized.json"  # read by workers/rpc/info.py (tests check they agree)
 BITS: tuple[int, ...] = (4, 8)
@@ -168,7 +166,7 @@ def cached_quantized(model_dir: str | Path, bits: int, group_size: int = DEFAULT
     root = cache_dir() / "quantized"
     out = root / f"{src.name}-{digest.hexdigest()[:12]}-q{check_bits(bits)}g{group_size}"
     root.mkdir(parents=True, exist_ok=True)
-    with _exclusive(root / f".{out.name}.lock"):
+    with exclusive(root / f".{out.name}.lock"):
         if not (out / QUANTIZED_FILE).is_file():
             shutil.rmtree(out, ignore_errors=True)  # a partial folder from an older layout
             quantize_checkpoint(src, out, bits, group_size)
@@ -181,13 +179,3 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
         (dst / name).unlink(missing_ok=True)
         if (src / name).is_file():
             shutil.copyfile(src / name, dst / name)
-
-
-@contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    with lock_path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
