@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_status(sub)
     _add_policy(sub)
     _add_bench(sub)
+    from cluster.ray_cli import add_ray_parser
+
+    add_ray_parser(sub)
     from scheduler.sim.cli import add_simulate_parser
 
     add_simulate_parser(sub)
@@ -290,8 +293,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
     p.add_argument("--peers", default="", help="static workers, host:port,... (gRPC addresses)")
-    p.add_argument("--no-mdns", action="store_true", help="do not browse mDNS; use --peers only")
+    p.add_argument("--no-mdns", action="store_true", help="do not browse mDNS; use --peers (and --ray) only")
     p.add_argument("--mdns-interface", action="append", default=None, help="browse only on this address (repeatable)")
+    _add_ray_arg(p, "find workers among the Ray worker actors of the cluster at ADDRESS (`pdc ray up`), beside "
+                    "mDNS and --peers; every other rule holds (cluster key, health checks)")
     _add_key_arg(p)
     p.add_argument("--policy", default="conditional",
                    help="placement policy: a built-in (colocated, round-robin, least-loaded, fastest-pair, "
@@ -347,7 +352,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
     config = SchedulerConfig(
-        host=args.host, port=args.port, peers=_split(args.peers), mdns=not args.no_mdns,
+        host=args.host, port=args.port, peers=_split(args.peers), ray=args.ray, mdns=not args.no_mdns,
         mdns_interfaces=tuple(args.mdns_interface) if args.mdns_interface else None, policy=args.policy,
         kv_codec=args.kv_codec,
         link_refresh_s=args.link_refresh_s, link_probe_bytes=int(args.link_probe_mib * (1 << 20)),
@@ -459,6 +464,7 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=3.0, help="seconds to browse (default: 3)")
     p.add_argument("--peers", default="", help="static workers to probe, host:port,...")
     p.add_argument("--mdns-interface", action="append", default=None, help="browse only on this address (repeatable)")
+    _add_ray_arg(p, "also list the Ray worker actors of the cluster at ADDRESS (`pdc ray up`), source 'ray'")
     _add_key_arg(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--no-links", action="store_true", help="do not probe the prefill -> decode links")
@@ -470,7 +476,7 @@ def _run_status(args: argparse.Namespace) -> int:
 
     from cluster.status import StatusConfig, run_status
 
-    config = StatusConfig(timeout_s=args.timeout, peers=_split(args.peers),
+    config = StatusConfig(timeout_s=args.timeout, peers=_split(args.peers), ray=args.ray,
                           interfaces=tuple(args.mdns_interface) if args.mdns_interface else None,
                           cluster_key_file=args.cluster_key_file, as_json=args.json, links=not args.no_links)
     return asyncio.run(run_status(config))
@@ -533,6 +539,12 @@ def _http_error_message(status: int, reason: str, body: bytes) -> str:
     except (ValueError, TypeError, KeyError):
         first = body.decode("utf-8", "replace").strip().splitlines()[:1]
         return f"HTTP {status} {reason}" + (f": {first[0][:200]}" if first else "")
+
+
+def _add_ray_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                   help=f"{what}; ADDRESS is the GCS host:port (without it: $RAY_ADDRESS, else the Ray cluster "
+                        "running on this machine). Needs the ray extra; docs/ray.md")
 
 
 def _add_key_arg(p: argparse.ArgumentParser,

@@ -1,5 +1,6 @@
 """The scheduler's live node table: mDNS (``cluster.discovery.Browser``) merged with
-static ``--peers`` (resolved by a supplied ``probe``), minus nodes that fail a
+static ``--peers`` and the worker actors of a Ray cluster (each address resolved by a
+supplied ``probe``), minus nodes that fail a
 supplied ``health`` check ``max_failures`` times in a row, minus nodes the scheduler
 ``suspend()``-ed until their next passing check. ``snapshot()`` is the scheduler's
 view; ``refused``, ``down`` and ``tried`` feed ``pdc status``.
@@ -11,14 +12,31 @@ import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
 
-from cluster.discovery import SERVICE_TYPE, Browser, OnChange, _admission_problem, _describe
+from cluster.discovery import (
+    SERVICE_TYPE,
+    Browser,
+    OnChange,
+    _admission_problem,
+    _describe,
+)
 from cluster.node import NodeInfo
 
 log = logging.getLogger(__name__)
 
 Probe = Callable[[str], Awaitable[NodeInfo]]
 Health = Callable[[str], Awaitable[bool]]
+
+
+class PeerSource(Protocol):
+    """A source of worker addresses that come and go (cluster/ray_backend.py's ``RaySource``)."""
+
+    def describe(self) -> str: ...
+
+    async def addresses(self) -> dict[str, str]:
+        """grpc address -> a name for it, for every worker there now; raises when it cannot tell."""
+        ...
 
 
 def parse_peer(address: str) -> tuple[str, int]:
@@ -31,9 +49,11 @@ def parse_peer(address: str) -> tuple[str, int]:
 
 
 class NodeTable:
-    """The scheduler's live node table: mDNS + static peers, minus nodes that fail health checks.
+    """The scheduler's live node table: mDNS + static peers + Ray actors, minus nodes that fail health checks.
 
-    Each round (every ``interval`` s): probe static peers not yet resolved, then run
+    Each round (every ``interval`` s): list ``ray``'s addresses (an address it no longer
+    lists leaves at once, as a node that leaves mDNS; when the listing fails the last one
+    stands and health checks decide), probe peers not yet resolved, then run
     ``health(grpc_address)`` on every known node, each bounded by ``call_timeout``.
     A node failing ``max_failures`` rounds in a row leaves ``snapshot()`` (and shows in
     ``down``) until a check passes again; a static peer is then re-probed. A node that leaves mDNS
@@ -56,12 +76,17 @@ class NodeTable:
         call_timeout: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         on_change: OnChange | None = None,
+        ray: PeerSource | None = None,
     ) -> None:
-        if peers and probe is None:
-            raise ValueError("static peers need a probe(address) -> NodeInfo callable")
+        if (peers or ray) and probe is None:
+            raise ValueError("static peers and Ray actors need a probe(address) -> NodeInfo callable")
         if interval <= 0 or call_timeout <= 0 or max_failures < 1:
             raise ValueError("interval and call_timeout must be > 0 and max_failures >= 1")
         self.peers = {peer: parse_peer(peer) for peer in peers}
+        self._peer_source = {peer: "static" for peer in peers}  # address -> "static" | "ray"
+        self._ray_names: dict[str, str] = {}  # address -> actor name, as Ray last listed them
+        self.ray = ray
+        self._ray_status = "not listed yet"
         self.expected_key_fingerprint = expected_key_fingerprint
         self.interfaces = interfaces
         self.probe, self.health = probe, health
@@ -69,7 +94,7 @@ class NodeTable:
         self.clock = clock
         self.on_change = on_change
         self.browser = Browser(interfaces, expected_key_fingerprint, self._on_browser_change) if use_mdns else None
-        self._static: dict[str, NodeInfo] = {}  # peer address -> node
+        self._static: dict[str, NodeInfo] = {}  # peer address (static or Ray) -> node
         self._peer_status: dict[str, str] = {peer: "not probed yet" for peer in self.peers}
         self._static_refused: dict[str, tuple[str, str]] = {}  # peer address -> (node id, reason)
         self._failures: dict[str, int] = {}  # node id -> health failures in a row
@@ -144,11 +169,46 @@ class NodeTable:
     def tried(self) -> list[str]:
         """What was tried, for ``pdc status`` to print when a node is missing."""
         lines = [f"mdns: browsing {SERVICE_TYPE} on {_describe(self.interfaces)}" if self.browser else "mdns: off"]
-        lines += [f"static peer {peer}: {status}" for peer, status in self._peer_status.items()]
+        if self.ray is not None:
+            lines.append(f"ray: {self.ray.describe()}: {self._ray_status}")
+        lines += [f"{self._peer_label(peer)}: {status}" for peer, status in self._peer_status.items()]
         return lines
 
+    def _peer_label(self, peer: str) -> str:
+        if self._peer_source[peer] == "ray":
+            return f"ray actor {self._ray_names.get(peer, '?')} at {peer}"
+        return f"static peer {peer}"
+
+    async def _refresh_ray(self) -> None:
+        """Follow Ray's listing: new addresses become peers to probe, vanished ones leave now."""
+        try:
+            listed = await asyncio.wait_for(self.ray.addresses(), max(self.call_timeout, 5.0))  # type: ignore[union-attr]
+        except Exception as err:
+            self._ray_status = f"listing failed ({type(err).__name__}: {err}); keeping the last listing"
+            log.warning("ray: %s", self._ray_status)
+            return
+        self._ray_status = f"{len(listed)} ready worker actors"
+        for peer in [p for p, source in self._peer_source.items() if source == "ray" and p not in listed]:
+            log.info("ray actor %s at %s is gone from Ray", self._ray_names.get(peer, "?"), peer)
+            self._forget_peer(peer)
+        for peer, name in listed.items():
+            self._ray_names[peer] = name
+            if peer not in self.peers:
+                self.peers[peer], self._peer_source[peer] = parse_peer(peer), "ray"
+                self._peer_status[peer] = "not probed yet"
+
+    def _forget_peer(self, peer: str) -> None:
+        node = self._static.pop(peer, None)
+        if node is not None:
+            self._failures.pop(node.node_id, None)
+            self._suspended.pop(node.node_id, None)
+        for table in (self.peers, self._peer_source, self._peer_status, self._static_refused, self._ray_names):
+            table.pop(peer, None)
+
     async def check_once(self) -> None:
-        """One round: probe unresolved static peers, then health-check every known node."""
+        """One round: follow Ray, probe unresolved peers, then health-check every known node."""
+        if self.ray is not None:
+            await self._refresh_ray()
         await asyncio.gather(*(self._probe_peer(peer) for peer in self.peers if peer not in self._static))
         if self.health is not None:
             known = self._known()
@@ -174,15 +234,21 @@ class NodeTable:
         try:
             node = await asyncio.wait_for(self.probe(peer), self.call_timeout)  # type: ignore[misc]
         except Exception as err:
+            if _is_unauthenticated(err):  # it answered, but not to this cluster's key: another cluster's node
+                reason = "it does not accept this cluster's key (UNAUTHENTICATED): a node of another cluster"
+                self._peer_status[peer] = f"refused: {reason}"
+                self._static_refused[peer] = (self._peer_label(peer), reason)
+                log.warning("not admitting %s: %s", self._peer_label(peer), reason)
+                return
             self._peer_status[peer] = f"probe failed: {type(err).__name__}: {err}".rstrip(": ")
-            log.info("static peer %s: %s", peer, self._peer_status[peer])
+            log.info("%s: %s", self._peer_label(peer), self._peer_status[peer])
             return
-        node = dataclasses.replace(node, host=host, grpc_port=port, source="static")
+        node = dataclasses.replace(node, host=host, grpc_port=port, source=self._peer_source[peer])
         reason = _admission_problem(node, self.expected_key_fingerprint)
         if reason is not None:
             self._peer_status[peer] = f"refused: {reason}"
             self._static_refused[peer] = (node.node_id, reason)
-            log.warning("not admitting static peer %s: %s", peer, reason)
+            log.warning("not admitting %s: %s", self._peer_label(peer), reason)
             return
         self._peer_status[peer] = f"ok (node {node.node_id})"
         self._static[peer] = node
@@ -249,3 +315,12 @@ class NodeTable:
                 self.on_change(node_id, node)
             except Exception:
                 log.exception("on_change callback failed for node %s", node_id)
+
+
+def _is_unauthenticated(error: BaseException) -> bool:
+    """Whether a probe failed because the worker refused our key (a gRPC UNAUTHENTICATED status)."""
+    code = getattr(error, "code", None)
+    try:
+        return callable(code) and getattr(code(), "name", "") == "UNAUTHENTICATED"
+    except Exception:
+        return False

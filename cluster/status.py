@@ -21,6 +21,7 @@ LINK_PROBE_TIMEOUT_S = 10.0
 class StatusConfig:
     timeout_s: float = 3.0
     peers: tuple[str, ...] = ()
+    ray: str | None = None  # Ray cluster address whose worker actors to list ("auto": the one on this machine)
     interfaces: tuple[str, ...] | None = None
     cluster_key_file: str | None = None
     as_json: bool = False
@@ -38,6 +39,9 @@ async def run_status(config: StatusConfig) -> int:
     interfaces = list(config.interfaces) if config.interfaces else None
     nodes, refused = await discover_once(config.timeout_s, interfaces, key.fingerprint)
     peer_nodes, peer_errors = await _probe_peers(config.peers, key)
+    if config.ray is not None:
+        ray_nodes, ray_errors = await _probe_ray(config.ray, key)
+        peer_nodes, peer_errors = [*peer_nodes, *ray_nodes], {**peer_errors, **ray_errors}
     nodes = sorted({n.node_id: n for n in [*nodes, *peer_nodes]}.values(), key=lambda n: n.node_id)
     links = await probe_links(nodes, key) if config.links else []
     loads = await node_loads(nodes, key)
@@ -62,14 +66,26 @@ async def run_status(config: StatusConfig) -> int:
     return 0
 
 
-async def _probe_peers(peers: tuple[str, ...], key) -> tuple[list[NodeInfo], dict[str, str]]:
+async def _probe_ray(address: str, key) -> tuple[list[NodeInfo], dict[str, str]]:
+    """The Ray worker actors' nodes, each probed over the keyed control plane like a peer."""
+    from cluster.ray_backend import RaySource
+
+    source = RaySource(None if address == "auto" else address)
+    try:
+        listed = await source.addresses()
+    except Exception as e:
+        return [], {f"ray {address}": f"{type(e).__name__}: {e}"}
+    return await _probe_peers(tuple(listed), key, source="ray")
+
+
+async def _probe_peers(peers: tuple[str, ...], key, source: str = "static") -> tuple[list[NodeInfo], dict[str, str]]:
     from workers.rpc.client import WorkerClient, node_from_info
 
     found, errors = [], {}
     for peer in peers:
         client = WorkerClient(peer, key)
         try:
-            found.append(node_from_info(await client.info(timeout=3.0), peer, source="static"))
+            found.append(node_from_info(await client.info(timeout=3.0), peer, source=source))
         except Exception as e:
             errors[peer] = f"{type(e).__name__}: {getattr(e, 'details', lambda: str(e))() or e}"
         finally:
@@ -105,7 +121,7 @@ def format_table(nodes: list[NodeInfo]) -> str:
          n.source)
         for n in nodes
     ]
-    return _columns(rows)
+    return columns(rows)
 
 
 async def node_loads(nodes: list[NodeInfo], key) -> dict[str, dict]:
@@ -142,7 +158,7 @@ def format_loads(loads: dict[str, dict]) -> str:
                  if load["prefix_cache_capacity_bytes"] else "off")
         rows.append((node_id, str(load["running_requests"]), str(load["active_leases"]),
                      _mb(load["reserved_kv_bytes"]), cache, str(load["prefix_hits"]), str(load["prefix_hit_tokens"])))
-    return _columns(rows)
+    return columns(rows)
 
 
 def _mb(num_bytes: int) -> str:
@@ -156,10 +172,10 @@ def format_links(links: list[LinkRecord]) -> str:
          "" if r.ok else f"probe failed: {r.error}")
         for r in links
     ]
-    return _columns(rows)
+    return columns(rows)
 
 
-def _columns(rows: list[tuple[str, ...]]) -> str:
+def columns(rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths if w).rstrip())

@@ -33,7 +33,7 @@ from aiohttp import web
 from cluster.auth import ClusterKey
 from cluster.blocks import BLOCK_TOKENS, block_hashes
 from cluster.node import NodeInfo
-from cluster.node_table import NodeTable
+from cluster.node_table import NodeTable, PeerSource
 from scheduler.admin import PolicyAdmin
 from scheduler.admission import AdmissionConfig, AdmissionQueue, NoRoomError, Turn, nodes_with_room
 from scheduler.api import build_app
@@ -70,6 +70,7 @@ class SchedulerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     peers: tuple[str, ...] = ()
+    ray: str | None = None  # Ray cluster address whose worker actors are nodes ("auto": the one on this machine)
     mdns: bool = True
     mdns_interfaces: tuple[str, ...] | None = None
     policy: str = "conditional"
@@ -115,7 +116,7 @@ class ClusterBackend:
             interfaces=list(config.mdns_interfaces) if config.mdns_interfaces else None,
             peers=config.peers, probe=self.clients.node_at, health=self.clients.is_healthy,
             interval=config.health_interval_s, call_timeout=config.health_interval_s,
-            on_change=self.on_node_change,
+            on_change=self.on_node_change, ray=ray_source(config.ray),
         )
 
     @property
@@ -440,6 +441,16 @@ class _Attempts:
             completion_tokens=len(self.sent), ttft_s=first - arrived, e2e_s=end - arrived,
             tpot_s=mean_tpot_s(first, end, len(self.sent)), migrations=self.migrations,
         )
+
+
+def ray_source(address: str | None) -> PeerSource | None:
+    """The node table's Ray source for ``--ray ADDRESS`` (None without it): the only
+    place the scheduler reaches for cluster/ray_backend.py, so only ``--ray`` imports ray."""
+    if address is None:
+        return None
+    from cluster.ray_backend import RaySource
+
+    return RaySource(None if address == "auto" else address)
 
 
 def is_loopback(host: str) -> bool:

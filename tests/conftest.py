@@ -486,13 +486,14 @@ class SchedulerProcess:
     """One `pdc serve` process reaching its workers through static peers (no mDNS)."""
 
     def __init__(self, key_file: Path, peers: list[str], log: Path, port: int | None = None,
-                 *extra_args: str) -> None:
+                 *extra_args: str, env: dict[str, str] | None = None) -> None:
         self.port = port or free_port()
         cmd = [sys.executable, "-m", "cluster.cli", "serve", "--port", str(self.port), "--no-mdns",
                "--peers", ",".join(peers), "--cluster-key-file", str(key_file), *extra_args]
         self.log = log
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("ab"), stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     stdin=subprocess.DEVNULL,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
     @property
     def url(self) -> str:
