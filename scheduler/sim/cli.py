@@ -4,16 +4,20 @@ The policies are the live scheduler's own classes (``scheduler/policy.py``, or
 a user's ``module:Class`` / ``file.py:Class``); the cluster comes from a TOML
 cluster file (``scheduler/sim/cluster_file.py``); time comes from the cost model.
 ``sim_workload`` makes the arrivals, ``sim_engine`` runs them, ``sim_report``
-summarises. Usable as ``python -m scheduler.sim.cli`` too.
+summarises. ``--sweep`` runs a grid of such simulations, one policy each, in
+local processes or as Ray tasks (``scheduler/sim/sweep.py``). Usable as
+``python -m scheduler.sim.cli`` too.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from scheduler import costmodel
 from scheduler.policy import POLICIES, load_policy
@@ -206,12 +210,17 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cluster", required=True, help="cluster file (TOML), e.g. examples/clusters/spark-m4max-10gbe.toml")
-    p.add_argument("--model", required=True, help="catalog model name (e.g. llama-3.1-8b) or a config.json path")
+    p.add_argument("--cluster", required=True,
+                   help="cluster file (TOML), e.g. examples/clusters/spark-m4max-10gbe.toml; with --sweep, "
+                        "several separated by commas")
+    p.add_argument("--model", required=True,
+                   help="catalog model name (e.g. llama-3.1-8b) or a config.json path; with --sweep, several "
+                        "separated by commas")
     p.add_argument("--policy", default="conditional",
                    help=f"a built-in ({', '.join(POLICIES)}), package.module:Class or path/to/file.py:Class; "
                         "several separated by commas, compared on the same workload (default: conditional)")
-    p.add_argument("--prompt-tokens", type=int, default=2048, help="prompt length (default: 2048)")
+    p.add_argument("--prompt-tokens", type=_numbers(int), default=(2048,),
+                   help="prompt length (default: 2048); with --sweep, several separated by commas")
     p.add_argument("--cached-prefix-tokens", type=int, default=0,
                    help="prompt tokens already cached on the chosen nodes, as in a multi-turn chat: prefill "
                         "computes and ships only the rest (default: 0)")
@@ -225,7 +234,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    choices=costmodel.known_engines(),
                    help="engine of nodes whose cluster entry names none (default: mlx on Macs, torch elsewhere; "
                         "llamacpp selects the calibrated factors)")
-    p.add_argument("--rate", type=float, default=None, help="Poisson arrival rate, requests/s (with --num-requests)")
+    p.add_argument("--rate", type=_numbers(float), default=None,
+                   help="Poisson arrival rate, requests/s (with --num-requests); with --sweep, several separated "
+                        "by commas")
     p.add_argument("--num-requests", type=int, default=None, help="number of Poisson arrivals (with --rate)")
     p.add_argument("--trace", type=Path, default=None,
                    help="JSONL or CSV of arrival_s, prompt_tokens, output_tokens[, cached_prefix_tokens, session]")
@@ -239,36 +250,144 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the Poisson arrivals (default: 0)")
     p.add_argument("--slo-ttft", type=float, default=None, help="TTFT SLO in seconds, for goodput")
     p.add_argument("--slo-tpot", type=float, default=None, help="TPOT SLO in seconds, for goodput")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--json", action="store_true", help="print one JSON object (with --sweep: the sweep's)")
+    p.add_argument("--out", type=Path, default=None, metavar="PATH.json",
+                   help="also write the JSON object to this file (with --sweep: axes, settings and a row per point)")
     p.add_argument("--plot", type=Path, default=None,
                    help="write a PNG of p50 TTFT and E2E against prompt length or request rate (needs matplotlib)")
+    sweep = p.add_argument_group(
+        "sweeps", "--sweep runs every combination of the comma-separated values of --cluster, --model, --policy, "
+        "--rate and --prompt-tokens (the last varies fastest), one seeded simulation of one policy per point, "
+        "and prints a row per point (docs/ray.md). Cluster files and config.json models are read here and "
+        "shipped as data; a module:Class or file.py:Class policy must be importable where points run (on Ray: "
+        "installed on every node, or the .py file at the same absolute path).")
+    sweep.add_argument("--sweep", action="store_true", help="run the grid of the comma-separated values")
+    sweep.add_argument("--jobs", type=int, default=None,
+                       help=f"local worker processes (default: the CPU count, {os.cpu_count()} here)")
+    sweep.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDR",
+                       help="run each point as a Ray task (pip install 'pdcluster[ray]'): ADDR is ray.init's "
+                            "address (HOST:PORT, ray://HOST:PORT, auto or local); without ADDR, Ray's default "
+                            "(RAY_ADDRESS, else a running local cluster, else a new local one)")
+    sweep.add_argument("--point-timeout", type=float, default=None, metavar="S",
+                       help="stop the sweep with an error when no point has finished for S seconds (default: 600)")
+
+
+def _numbers(kind: type) -> Callable[[str], tuple]:
+    """An argparse type: one number, or several separated by commas (for --sweep), as a tuple."""
+    def parse(text: str) -> tuple:
+        try:
+            values = tuple(kind(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {kind.__name__}s separated by commas") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected at least one {kind.__name__}")
+        return values
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _split(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def _one(values: tuple | None, flag: str) -> Any:
+    """The single value of a flag that takes several only with --sweep."""
+    if values is None or len(values) == 1:
+        return values and values[0]
+    raise ValueError(f"{flag} takes one value; several ({', '.join(map(str, values))}) need --sweep")
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    """SimConfig's fields from the flags, but for the sweep axes (cluster, model, policies, rate,
+    prompt tokens) and the trace: what every point of a sweep shares."""
+    return {
+        "cached_prefix_tokens": args.cached_prefix_tokens, "output_tokens": args.output_tokens,
+        "weight_format": args.weight_dtype, "engine": args.engine, "num_requests": args.num_requests,
+        "seed": args.seed, "slo_ttft_s": args.slo_ttft, "slo_tpot_s": args.slo_tpot, "turns": args.turns,
+        "turn_tokens": args.turn_tokens, "think_s": args.think_s, "kv_codec": args.kv_codec,
+    }
 
 
 def config_from_args(args: argparse.Namespace) -> SimConfig:
+    for flag, text in (("--cluster", args.cluster), ("--model", args.model)):
+        _one(_split(text) or (text,), flag)
     return SimConfig(
-        cluster=cluster_file.load(args.cluster), model=args.model,
-        policies=tuple(p.strip() for p in args.policy.split(",") if p.strip()),
-        prompt_tokens=args.prompt_tokens, cached_prefix_tokens=args.cached_prefix_tokens,
-        output_tokens=args.output_tokens, weight_format=args.weight_dtype, engine=args.engine,
-        rate=args.rate, num_requests=args.num_requests, trace=args.trace, seed=args.seed,
-        slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot,
-        turns=args.turns, turn_tokens=args.turn_tokens, think_s=args.think_s, kv_codec=args.kv_codec,
+        cluster=cluster_file.load(args.cluster), model=args.model, policies=_split(args.policy),
+        prompt_tokens=_one(args.prompt_tokens, "--prompt-tokens"), rate=_one(args.rate, "--rate"),
+        trace=args.trace, **_settings(args),
     )
 
 
+def _check_flags(args: argparse.Namespace) -> None:
+    """Refuse flags that mean nothing in this mode, rather than ignore them."""
+    if args.out is not None and not args.out.parent.is_dir():
+        raise ValueError(f"--out {args.out}: no folder {args.out.parent}")
+    if not args.sweep:
+        for flag, value in (("--jobs", args.jobs), ("--ray", args.ray), ("--point-timeout", args.point_timeout)):
+            if value is not None:
+                raise ValueError(f"{flag} goes with --sweep")
+        return
+    if args.plot is not None:
+        raise ValueError("--plot does not go with --sweep: it draws one workload's policies; a sweep's rows are "
+                         "in --out or --json")
+    if args.trace is not None:
+        raise ValueError("--trace does not go with --sweep: a sweep's points are --rate/--num-requests Poisson "
+                         "arrivals, or one request each")
+    if args.ray is not None and args.jobs is not None:
+        raise ValueError("--jobs sets local processes; with --ray, the Ray cluster's CPUs set how many points run "
+                         "at once")
+
+
 def run_simulate(args: argparse.Namespace) -> int:
-    """What ``pdc simulate`` does: simulate, print the table or JSON, maybe plot."""
+    """What ``pdc simulate`` does: simulate, print the table or JSON, maybe write it and plot."""
+    _check_flags(args)
+    if args.sweep:
+        return run_sweep(args)
     config = config_from_args(args)
     runs = simulate(config)
+    document = to_json(config, runs, str(args.cluster)) if args.json or args.out else None
     if args.json:
-        print(json.dumps(to_json(config, runs, str(args.cluster)), indent=2))
+        print(json.dumps(document, indent=2))
     else:
         print(text_report({spec: (run.requests, run.summary) for spec, run in runs.items()}))
+    if args.out is not None:
+        _write_json(args.out, document)
     if args.plot is not None:
         series, label, log_x = sweep(config)
         out = plot(series, label, plot_title(config, str(args.cluster)), args.plot, log_x=log_x)
         print(f"wrote {out}", file=sys.stderr)
     return 0
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    """What ``pdc simulate --sweep`` does: check and run every point, print the table or JSON, maybe
+    write it. A grid that cannot run raises (exit 2); a point that fails while running exits 1."""
+    from scheduler.sim import sweep as grid  # sweep.py builds on this module
+
+    config = grid.SweepConfig(
+        clusters=_split(args.cluster), models=_split(args.model), policies=_split(args.policy),
+        rates=args.rate or (None,), prompt_tokens=args.prompt_tokens, shared=_settings(args),
+        jobs=args.jobs or os.cpu_count() or 1, on_ray=args.ray is not None, ray_address=args.ray or None,
+        stall_s=args.point_timeout or 600.0,
+    )
+    try:
+        rows = grid.run(config)
+    except grid.PointError as e:
+        print(f"pdc simulate: error: {e}", file=sys.stderr)
+        return 1
+    document = grid.to_json(config, rows)
+    print(json.dumps(document, indent=2) if args.json else grid.table(rows))
+    if args.out is not None:
+        _write_json(args.out, document)
+    return 0
+
+
+def _write_json(path: Path, document: dict) -> None:
+    try:
+        path.write_text(json.dumps(document, indent=2) + "\n")
+    except OSError as e:
+        raise ValueError(f"--out {path}: cannot write it ({e.strerror or e})") from None
+    print(f"wrote {path}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
