@@ -394,3 +394,53 @@ def test_instance_names_carry_the_key_fingerprint_and_fit_one_dns_label() -> Non
     long_a, long_b = "x" * 62 + "a", "x" * 62 + "b"
     label_a = instance_name(long_a, "0123456789abcdef").split(".")[0]
     assert len(label_a) <= 63 and label_a != instance_name(long_b, "0123456789abcdef").split(".")[0]
+
+
+class FakeRay:
+    """A PeerSource whose listing the test sets; ``fail`` makes the next listings raise."""
+
+    def __init__(self) -> None:
+        self.listed: dict[str, str] = {}
+        self.fail = False
+
+    def describe(self) -> str:
+        return "fake Ray"
+
+    async def addresses(self) -> dict[str, str]:
+        if self.fail:
+            raise ConnectionError("GCS unreachable")
+        return dict(self.listed)
+
+
+class Unauthenticated(Exception):
+    """What a gRPC call refused for its key raises: an error with ``code()``."""
+
+    def code(self) -> Any:
+        return type("Code", (), {"name": "UNAUTHENTICATED"})()
+
+
+def test_ray_actors_join_with_source_ray_leave_when_unlisted_and_survive_a_failed_listing() -> None:
+    async def body() -> None:
+        ray, nodes = FakeRay(), {"127.0.0.1:7101": make_node("actor-a"), "127.0.0.1:7102": make_node("actor-b")}
+
+        async def probe(address: str) -> NodeInfo:
+            if address == "127.0.0.1:7103":
+                raise Unauthenticated("bad key")
+            return nodes[address]
+
+        async with NodeTable(KFP, use_mdns=False, probe=probe, ray=ray, interval=0.05) as table:
+            ray.listed = {"127.0.0.1:7101": "pdc-a", "127.0.0.1:7102": "pdc-b"}
+            await wait_until(lambda: len(table.snapshot()) == 2, "both actors to join")
+            assert {n.source for n in table.snapshot()} == {"ray"}
+            ray.fail = True  # Ray unreachable: the last listing stands
+            await wait_until(lambda: "listing failed" in "\n".join(table.tried), "the failed listing to show")
+            assert len(table.snapshot()) == 2
+            ray.fail, ray.listed = False, {"127.0.0.1:7101": "pdc-a", "127.0.0.1:7103": "evil"}
+            await wait_until(lambda: [n.node_id for n in table.snapshot()] == [nodes["127.0.0.1:7101"].node_id],
+                             "the unlisted actor to leave")
+            await wait_until(lambda: any("evil" in k for k in table.refused), "the actor refusing our key")
+            tried = "\n".join(table.tried)
+            assert "ray: fake Ray: 2 ready worker actors" in tried
+            assert "ray actor evil at 127.0.0.1:7103: refused: it does not accept this cluster's key" in tried
+
+    run(body())

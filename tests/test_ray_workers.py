@@ -183,3 +183,15 @@ def test_ray_up_refuses_bad_resources_and_cleans_up_actors_no_node_can_host(ray_
                   "--prefill-resources", '{"pdc_gpu_box": 1}', "--timeout", "5")
     assert missing.returncode == 1 and "pdc_gpu_box" in missing.stderr, missing.stderr[-2000:]
     assert "nowhere" not in ray_script(ray_head, "from cluster import ray_backend as rb\nprint(rb.worker_names())\n")
+
+
+def test_nothing_imports_ray_unless_a_ray_command_or_flag_is_used() -> None:
+    code = ("import sys\n"
+            "from cluster.cli import build_parser\n"
+            "import scheduler.service, cluster.node_table, cluster.status, workers.rpc.server\n"
+            "build_parser().parse_args(['serve'])\n"
+            "assert scheduler.service.ray_source(None) is None\n"
+            "print('ray' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=CALL_S)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"
