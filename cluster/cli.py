@@ -42,7 +42,14 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from cluster.config_file import expand_argv
+
     parser = build_parser()
+    try:  # pdc serve|worker --config FILE: the file's table becomes flags before the command line's
+        argv = expand_argv(sys.argv[1:] if argv is None else argv, commands(parser))
+    except ValueError as e:
+        print(f"pdc: error: {e}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -106,7 +113,29 @@ def build_parser() -> argparse.ArgumentParser:
     from scheduler.sim.cli import add_simulate_parser
 
     add_simulate_parser(sub)
+    from cluster.run_cmd import add_run_parsers
+
+    add_run_parsers(sub, commands(parser))
+    for name in ("serve", "worker"):
+        _add_config_args(commands(parser)[name], name)
     return parser
+
+
+def commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """``pdc``'s subcommand parsers by name."""
+    (sub,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+def _add_config_args(p: argparse.ArgumentParser, command: str) -> None:
+    """``--config`` (and ``--worker-index``): read before parsing by cluster/config_file.py expand_argv."""
+    table = "[scheduler]" if command == "serve" else "[[worker]]"
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help=f"take settings from the {table} table of this config file (docs/operations.md); "
+                        "flags given here override it")
+    if command == "worker":
+        p.add_argument("--worker-index", metavar="N", default=None,
+                       help="which [[worker]] table, 0-based, when the file has several")
 
 
 def _version() -> str:
