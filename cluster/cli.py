@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_simulate_parser(sub)
     from cluster.run_cmd import add_run_parsers
+    from cluster.service_units import add_service_parser
+
+    add_service_parser(sub)
 
     add_run_parsers(sub, commands(parser))
     for name in ("serve", "worker"):
