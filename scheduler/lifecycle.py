@@ -162,10 +162,19 @@ def sampling_of(request: GenerationRequest) -> pb.SamplingParams:
     params = pb.SamplingParams(
         max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
         top_k=request.top_k, stop_token_ids=list(request.stop_token_ids),
+        presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
+        logit_bias=dict(request.logit_bias), logprobs=request.logprobs, top_logprobs=request.top_logprobs,
     )
     if request.seed is not None:
         params.seed = request.seed
     return params
+
+
+def token_event(token: pb.Token) -> TokenEvent:
+    """A worker's ``token`` event as the scheduler's, logprobs included when it carries them."""
+    if not token.HasField("logprob"):
+        return TokenEvent(token.token_id)
+    return TokenEvent(token.token_id, token.logprob, tuple((t.token_id, t.logprob) for t in token.top_logprobs))
 
 
 async def run_request(
@@ -239,7 +248,7 @@ class _Run:
                 self.token_times.append(time.monotonic())
                 if self.prefiller is None:
                     self._prefill_over()
-                yield TokenEvent(event.token.token_id)
+                yield token_event(event.token)
             elif kind == "done":
                 yield FinishEvent(event.done.finish_reason or "stop", await self._stats(event.done))
                 return

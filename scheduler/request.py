@@ -42,6 +42,13 @@ class GenerationRequest:
     first_step: int = 0
     prefix_hashes: tuple[int, ...] = ()  # chained block hashes of the prompt (cluster/blocks.py), for the prefix index
     kv_codec: str | None = None  # the client's codec hint (KV_CODEC_MODES); None: the server's --kv-codec
+    # Applied by the decode engines before sampling (workers/engines/sampling.py, ``draw``):
+    presence_penalty: float = 0.0  # OpenAI's, over the tokens generated so far, in [-2, 2]
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]) pairs
+    logprobs: bool = False  # each TokenEvent carries its logprob ...
+    top_logprobs: int = 0  # ... and this many most likely alternatives (0..20)
+    user: str | None = None  # the client's end-user id (OpenAI's ``user``): logged with the request
 
     def __post_init__(self) -> None:
         if self.placement is not None and self.placement not in PLACEMENT_MODES:
@@ -106,7 +113,12 @@ def mean_tpot_s(first_token_s: float, last_token_s: float, num_tokens: int) -> f
 
 @dataclass(frozen=True)
 class TokenEvent:
+    """One generated token; with its logprob and the most likely alternatives
+    (``(token_id, logprob)``, most likely first) when the request asked for logprobs."""
+
     token_id: int
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from typing import Protocol
 
 import numpy as np
 
-from workers.engines.sampling import SamplingParams
+from workers.engines.sampling import SamplingParams, TokenLogprobs
 
 # wire dtype name -> numpy dtype used to hold its bytes
 WIRE_DTYPES: dict[str, np.dtype] = {
@@ -242,15 +242,20 @@ class Engine(Protocol):
         cache then holds ``p + layout.num_tokens`` tokens."""
         ...
 
-    def add(self, request_id: str, first_token: int, params: SamplingParams, first_step: int = 0) -> None:
+    def add(self, request_id: str, first_token: int, params: SamplingParams, first_step: int = 0,
+            history: tuple[int, ...] = ()) -> None:
         """Join the running batch. ``request_id``'s cache (from ``prefill`` or
         ``load_kv``) holds the prompt; ``first_token`` was sampled at sampling
         step ``first_step`` and is not in the cache yet. Each later ``step``
         feeds the request's previous token and samples the next one with
         sampling step ``first_step + 1``, ``first_step + 2``, ... and its own
-        ``params`` (temperature, top_p, top_k, seed): a request draws the same
-        tokens alone or in any batch. The caller adds a request only when it
-        has something to generate (``not is_last(first_token, 0, params)``).
+        ``params`` (temperature, top_p, top_k, seed, penalties, logit bias),
+        through a ``sampling.TokenSampler``: a request draws the same tokens
+        alone or in any batch. ``history``: the tokens the request generated
+        before ``first_token`` (a continued stream's), which the penalties
+        count besides ``first_token`` and every token drawn here. The caller
+        adds a request only when it has something to generate
+        (``not is_last(first_token, 0, params)``).
         ``KeyError`` without a cache, ``ValueError`` when already running."""
         ...
 
@@ -259,6 +264,12 @@ class Engine(Protocol):
         token. A request leaves the batch by itself after the step that gave it
         its last token (``is_last``); its cache stays under its id, holding
         ``cached_tokens`` tokens, until ``release``. An empty batch returns ``{}``."""
+        ...
+
+    def step_logprobs(self) -> dict[str, TokenLogprobs]:
+        """The logprobs of the tokens the last ``step`` gave, for the requests
+        whose params ask for them (``SamplingParams.logprobs``): request id ->
+        its token's ``TokenLogprobs`` (``sampling.draw``)."""
         ...
 
     def remove(self, request_id: str) -> None:

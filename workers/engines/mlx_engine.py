@@ -27,7 +27,12 @@ engine drives it:
 * mlx-lm hands samplers logprobs (logits - logsumexp); ours read the logits
   themselves (``_LogitsTap``), so greedy is numpy's argmax of the float32
   logits exactly and a seeded request draws the same tokens as ``sample`` on
-  the prefill node's logits, alone or in any batch.
+  the prefill node's logits, alone or in any batch. Plain greedy rows share
+  one on-device argmax; a row that samples, has penalties or a logit bias, or
+  wants logprobs draws through its own ``TokenSampler`` on its numpy row (the
+  torch engine's code exactly). Its sampler runs one step ahead of the token
+  ``step`` returns (the pipelining above), so the logprobs it computes wait
+  in a queue until ``step`` hands out their token.
 
 Sliding-window layers (gpt-oss, gemma3) use mlx-lm's own ``RotatingKVCache``
 (``_StreamingRotatingKVCache`` during our prefill), which ``BatchGenerator``
@@ -48,11 +53,12 @@ This is the only module that imports mlx or mlx-lm; load it through
 """
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -79,7 +85,7 @@ from workers.engines.base import (
 )
 from workers.engines.memory import host_free_bytes
 from workers.engines.model_config import check_tokenizer, read_model_spec
-from workers.engines.sampling import SamplingParams, sample
+from workers.engines.sampling import SamplingParams, TokenLogprobs, TokenSampler
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +171,8 @@ class _Decoding:
     num_prompt: int  # tokens its cache held at ``add``
     produced: int = 0  # tokens ``step`` gave it
     joined: bool = False  # admitted: its cache is in the batch and holds its newest token too
+    # the logprobs its sampler computed for tokens that ``step`` has not handed out yet, oldest first
+    logprobs: collections.deque[TokenLogprobs] = field(default_factory=collections.deque)
 
 
 class MLXEngine:
@@ -189,6 +197,7 @@ class MLXEngine:
         self._generator = BatchGenerator(self._tap, sampler=self._greedy, completion_batch_size=_UNBOUNDED,
                                          prefill_batch_size=_UNBOUNDED)
         self._view: tuple[str, list[KVCache]] | None = None  # a running request's cache, extracted this step
+        self._logprobs: dict[str, TokenLogprobs] = {}  # the last step's, for the requests that asked
         log.info("mlx engine: %s (%s) on %s in %s", model_dir, self.spec.model_type, self.device, self.dtype)
 
     @property
@@ -238,18 +247,23 @@ class MLXEngine:
 
     # -- the decode batch ----------------------------------------------------
 
-    def add(self, request_id: str, first_token: int, params: SamplingParams, first_step: int = 0) -> None:
+    def add(self, request_id: str, first_token: int, params: SamplingParams, first_step: int = 0,
+            history: tuple[int, ...] = ()) -> None:
         if request_id in self._decoding:
             raise ValueError(f"request {request_id!r} is already running")
         cache = self._cache_of(request_id)
         if is_last(first_token, 0, params):
             raise ValueError(f"request {request_id!r} has nothing to generate after its first token")
-        sampler = self._greedy if params.temperature == 0.0 else _seeded_sampler(self._tap, params, first_step)
+        decoding = _Decoding(-1, params, num_prompt=cache[-1].offset)
+        sampler = self._greedy
+        if not params.is_plain_greedy:
+            sampler = _row_sampler(self._tap, TokenSampler(params, first_step, (*history, first_token)),
+                                   decoding.logprobs)
         stops = StopSequences([(token,) for token in params.stop_token_ids])
-        (uid,) = self._generator.insert([[first_token]], max_tokens=[params.max_tokens - 1], caches=[cache],
-                                        samplers=[sampler], stop_sequences=[stops])
-        self._decoding[request_id] = _Decoding(uid, params, num_prompt=cache[-1].offset)
-        self._by_uid[uid] = request_id
+        (decoding.uid,) = self._generator.insert([[first_token]], max_tokens=[params.max_tokens - 1],
+                                                 caches=[cache], samplers=[sampler], stop_sequences=[stops])
+        self._decoding[request_id] = decoding
+        self._by_uid[decoding.uid] = request_id
         self._caches[request_id] = None
 
     def step(self) -> dict[str, int]:
@@ -264,11 +278,14 @@ class MLXEngine:
                 decoding.joined = True
         _, responses = self._generator.next()
         tokens: dict[str, int] = {}
+        self._logprobs = {}
         for response in responses:
             request_id = self._by_uid[response.uid]
             decoding = self._decoding[request_id]
             decoding.produced += 1
             tokens[request_id] = response.token
+            if decoding.params.logprobs:
+                self._logprobs[request_id] = _logprobs_of(decoding, request_id, response.token)
             if (response.finish_reason is not None) != is_last(response.token, decoding.produced, decoding.params):
                 raise RuntimeError(f"mlx-lm and is_last disagree on whether token {decoding.produced} of "
                                    f"{request_id!r} is its last ({response.finish_reason})")
@@ -277,6 +294,9 @@ class MLXEngine:
         if len(tokens) != len(responses) or set(tokens) != set(stepping):
             raise RuntimeError("a decode step gave some running request no token, or two")
         return tokens
+
+    def step_logprobs(self) -> dict[str, TokenLogprobs]:
+        return dict(self._logprobs)
 
     def remove(self, request_id: str) -> None:
         decoding = self._decoding.get(request_id)
@@ -581,18 +601,26 @@ def _greedy_sampler(tap: _LogitsTap) -> Sampler:
     return greedy
 
 
-def _seeded_sampler(tap: _LogitsTap, params: SamplingParams, first_step: int) -> Sampler:
-    """One sampled request's sampler: ``sample`` on its row of logits, at
-    sampling steps ``first_step + 1``, ``first_step + 2``, ... (one per call)."""
-    step = first_step
+def _row_sampler(tap: _LogitsTap, sampler: TokenSampler, logprobs: collections.deque[TokenLogprobs]) -> Sampler:
+    """One request's own sampler: ``sampler.draw`` on its row of logits, one
+    draw (the next sampling step) per call; the logprobs of each draw, when its
+    params ask for them, go to the end of ``logprobs``."""
 
-    def sampler(logprobs: mx.array) -> mx.array:
-        nonlocal step
-        step += 1
-        (row,) = np.asarray(tap.take(logprobs.shape[0]))  # [1, vocab] float32 -> [vocab]
-        return mx.array([sample(row, params, step)], dtype=mx.uint32)
+    def draw(mlx_logprobs: mx.array) -> mx.array:
+        (row,) = np.asarray(tap.take(mlx_logprobs.shape[0]))  # [1, vocab] float32 -> [vocab]
+        token, drawn = sampler.draw(row)
+        if drawn is not None:
+            logprobs.append(drawn)
+        return mx.array([token], dtype=mx.uint32)
 
-    return sampler
+    return draw
+
+
+def _logprobs_of(decoding: _Decoding, request_id: str, token: int) -> TokenLogprobs:
+    """The oldest logprobs ``decoding``'s sampler queued: those of ``token``, which ``step`` hands out now."""
+    if not decoding.logprobs or decoding.logprobs[0].token_id != token:
+        raise RuntimeError(f"request {request_id!r}: its sampler's logprobs are out of step with its tokens")
+    return decoding.logprobs.popleft()
 
 
 def _argmax_like_numpy(logits: mx.array) -> mx.array:

@@ -59,7 +59,7 @@ from workers.engines.base import (
 )
 from workers.engines.memory import host_free_bytes
 from workers.engines.model_config import check_tokenizer, read_model_spec
-from workers.engines.sampling import SamplingParams, sample
+from workers.engines.sampling import SamplingParams, TokenLogprobs, TokenSampler
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +98,13 @@ class _StreamingCache(DynamicCache):
 class _Decoding:
     """A running request's sampling state."""
 
-    params: SamplingParams
+    sampler: TokenSampler  # its params, the sampling step that drew ``token``, its token counts
     token: int  # the last token drawn; the next step feeds it
-    step: int  # the sampling step that drew ``token``
     produced: int = 0  # tokens drawn after the first
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.sampler.params
 
 
 @dataclass
@@ -216,6 +219,7 @@ class TorchEngine:
         self._held: dict[str, _Held] = {}
         self._batch = _Batch(self.model.config)
         self._joining: list[str] = []  # added since the last step, in order; they join at the next one
+        self._logprobs: dict[str, TokenLogprobs] = {}  # the last step's, for the requests that asked
         log.info("torch engine: %s (%s) on %s in %s", model_dir, self.spec.model_type, self.device, self.dtype)
 
     @property
@@ -257,11 +261,12 @@ class TorchEngine:
         self.release(request_id)
         self._held[request_id] = _Held(cache)
 
-    def add(self, request_id: str, first_token: int, params: SamplingParams, first_step: int = 0) -> None:
+    def add(self, request_id: str, first_token: int, params: SamplingParams, first_step: int = 0,
+            history: tuple[int, ...] = ()) -> None:
         held = self._held_of(request_id)
         if held.decoding is not None:
             raise ValueError(f"request {request_id!r} is already running")
-        held.decoding = _Decoding(params, first_token, first_step)
+        held.decoding = _Decoding(TokenSampler(params, first_step, (*history, first_token)), first_token)
         self._joining.append(request_id)
 
     @torch.inference_mode()
@@ -272,13 +277,19 @@ class TorchEngine:
         rows = [self._held[rid].decoding for rid in self._batch.ids]
         logits = self._batch.forward(self.model, [d.token for d in rows])  # [rows, vocab]
         tokens: dict[str, int] = {}
+        self._logprobs = {}
         for request_id, decoding, row_logits in zip(self._batch.ids, rows, logits, strict=True):
-            decoding.step += 1
             decoding.produced += 1
-            decoding.token = tokens[request_id] = sample(row_logits, decoding.params, decoding.step)
+            decoding.token, logprobs = decoding.sampler.draw(row_logits)
+            tokens[request_id] = decoding.token
+            if logprobs is not None:
+                self._logprobs[request_id] = logprobs
         self._leave([rid for rid, d in zip(self._batch.ids, rows, strict=True)
                      if is_last(d.token, d.produced, d.params)])
         return tokens
+
+    def step_logprobs(self) -> dict[str, TokenLogprobs]:
+        return dict(self._logprobs)
 
     def remove(self, request_id: str) -> None:
         if request_id in self._joining:

@@ -18,6 +18,12 @@ a request here after ``first_step`` tokens were already sent; the prompt ends
 with them. The first token sampled here uses sampling step ``first_step``,
 the next ``first_step + 1``, ...: sampling depends only on (seed, step), so a
 seeded or greedy stream continues token for token as if never interrupted.
+The last ``first_step`` prompt tokens count as generated for the presence
+and frequency penalties, so a penalized stream continues as it would have too.
+
+Logprobs (``sampling.logprobs``): each ``token`` event carries its token's
+logprob and top alternatives; the first token's come with it from the
+prefill node (the ``end`` frame's ``first_logprobs``) or from the local prefill.
 
 However the stream ends (done, error, lease expiry, ``Cancel``, the client
 going away), ``_close`` frees the lease, cuts any transfer into it, takes the
@@ -43,7 +49,7 @@ from workers.engines.prefix_cache import PrefixHit
 from workers.kv.codec import FrameError, FrameTimeout
 from workers.kv.transport import TransferAborted
 from workers.kv.leases import Lease, LeaseError
-from workers.engines.sampling import SamplingParams, sample
+from workers.engines.sampling import SamplingParams, TokenLogprobs, TokenSampler
 from workers.rpc.loop import LoopClosed, StreamCancelled
 from workers.rpc.state import (
     ActiveRequest,
@@ -51,7 +57,6 @@ from workers.rpc.state import (
     RPCFailure,
     WorkerState,
     cancellable,
-    sampling_from_proto,
 )
 
 log = logging.getLogger(__name__)
@@ -121,7 +126,7 @@ class DecodeRPC:
         if request.lease_s < 0:
             raise RPCFailure(grpc.StatusCode.INVALID_ARGUMENT, f"lease_s must be >= 0, got {request.lease_s}")
         prompt = state.check_prompt(request.request_id, request.prompt_token_ids)
-        params = sampling_from_proto(request.sampling)
+        params = state.check_sampling(request.sampling)
         if request.first_step and not request.local_prefill:
             # a prefill node samples its first token at step 0: only this node can start at first_step
             raise RPCFailure(grpc.StatusCode.INVALID_ARGUMENT, "first_step > 0 needs local_prefill")
@@ -144,11 +149,11 @@ class DecodeRPC:
             raise RPCFailure(code, str(e)) from None
 
     async def _prefill_here(self, active: ActiveRequest, prompt: list[int], params: SamplingParams,
-                            arrival: float, first_step: int, hit: PrefixHit | None) -> tuple[int, pb.Timings]:
+                            arrival: float, first_step: int, hit: PrefixHit | None) -> tuple[_First, pb.Timings]:
         """Colocated: prefill on this engine, from the cached prefix on, as a
         step-loop prefill (decode steps of running requests go on between its
         chunks); the cache stays for decoding. The first token is sampled at
-        step ``first_step``."""
+        step ``first_step``, the prompt's last ``first_step`` tokens counting as generated."""
         state = self.state
         started: list[float] = []
 
@@ -173,8 +178,9 @@ class DecodeRPC:
             raise RPCFailure(grpc.StatusCode.UNAVAILABLE, str(e)) from None
         queue_s = (started[0] if started else arrival) - arrival
         cached = hit.num_tokens if hit is not None else 0
-        return sample(result.logits, params, first_step), pb.Timings(
-            queue_s=queue_s, prefill_s=result.compute_s, cached_tokens=cached)
+        sampler = TokenSampler(params, first_step - 1, _generated(prompt, first_step))
+        return sampler.draw(result.logits), pb.Timings(queue_s=queue_s, prefill_s=result.compute_s,
+                                                        cached_tokens=cached)
 
     async def _await_kv(self, lease: Lease) -> Arrival:
         """The transfer into ``lease``, or an RPCFailure saying why there is none.
@@ -205,9 +211,10 @@ class DecodeRPC:
             raise RPCFailure(grpc.StatusCode.UNAVAILABLE, f"KV transfer for request {rid!r} failed: {e}") from None
 
     async def _load(self, active: ActiveRequest, arrived: Arrival, hit: PrefixHit | None,
-                    codec: str) -> tuple[int, pb.Timings]:
+                    codec: str) -> tuple[_First, pb.Timings]:
         """Load a received transfer, sent in the request's ``codec``, into the
-        engine after the cached prefix (``hit``); the first token and timings so far."""
+        engine after the cached prefix (``hit``); the first token (with its
+        logprobs when the prefill node sent them) and timings so far."""
         kv, engines = arrived.kv, self.state.engines
         if kv.codec != codec:
             raise RPCFailure(grpc.StatusCode.FAILED_PRECONDITION,
@@ -238,30 +245,38 @@ class DecodeRPC:
             exposed_transfer_s=exposed,
             cached_tokens=int(_number(meta.get("cached_tokens")) or 0),
         )
-        return kv.first_token, timings
+        logprobs = None
+        if "first_logprobs" in meta:
+            try:
+                logprobs = TokenLogprobs.from_json(meta["first_logprobs"])
+            except ValueError as e:
+                raise RPCFailure(grpc.StatusCode.DATA_LOSS, f"the prefill node's first-token logprobs: {e}") from None
+        return (kv.first_token, logprobs), timings
 
-    async def _generate(self, active: ActiveRequest, prompt: list[int], first: int, params: SamplingParams,
+    async def _generate(self, active: ActiveRequest, prompt: list[int], first_drawn: _First, params: SamplingParams,
                         timings: pb.Timings, first_step: int = 0) -> AsyncIterator[pb.DecodeEvent]:
-        """``token`` events from ``first`` on, one per step of the batch this
-        request joins, then ``done``. ``first`` was sampled at step
+        """``token`` events from the first token on, one per step of the batch
+        this request joins, then ``done``. The first was sampled at step
         ``first_step``; the token at index i uses step ``first_step + i``."""
         state, counters = self.state, self.state.counters
         started = time.monotonic()
+        first, first_logprobs = first_drawn
         tokens = [first]
         counters.tokens_generated += 1
-        yield pb.DecodeEvent(token=pb.Token(token_id=first, index=0))
+        yield _token_event(first, 0, first_logprobs)
         if not is_last(first, 0, params):
             try:
-                active.stream = state.loop.join(active.cache_key, first, params, first_step)
+                active.stream = state.loop.join(active.cache_key, first, params, first_step,
+                                                history=_generated(prompt, first_step))
             except LoopClosed as e:
                 raise RPCFailure(grpc.StatusCode.UNAVAILABLE, str(e)) from None
             if active.cancelled.is_set():  # cancelled while it loaded
                 active.stream.cancel()
             try:
-                async for token in active.stream:
+                async for token, logprobs in active.stream.draws():
                     tokens.append(token)
                     counters.tokens_generated += 1
-                    yield pb.DecodeEvent(token=pb.Token(token_id=token, index=len(tokens) - 1))
+                    yield _token_event(token, len(tokens) - 1, logprobs)
             except StreamCancelled:
                 raise RPCFailure(grpc.StatusCode.CANCELLED, "request cancelled") from None
             except LoopClosed as e:
@@ -289,6 +304,23 @@ class DecodeRPC:
         except RuntimeError:  # engine thread already shut down
             released = None
         state.retire(active, released)
+
+
+_First = tuple[int, TokenLogprobs | None]  # the first token, with its logprobs when the request asks
+
+
+def _generated(prompt: list[int], first_step: int) -> tuple[int, ...]:
+    """The tokens a continued stream generated before this call: its prompt's last ``first_step``."""
+    return tuple(prompt[len(prompt) - first_step:]) if first_step else ()
+
+
+def _token_event(token: int, index: int, logprobs: TokenLogprobs | None) -> pb.DecodeEvent:
+    """The ``token`` event for the ``index``-th token, with its logprobs when there are any."""
+    event = pb.Token(token_id=token, index=index)
+    if logprobs is not None:
+        event.logprob = logprobs.logprob
+        event.top_logprobs.extend(pb.TopLogprob(token_id=i, logprob=lp) for i, lp in logprobs.top)
+    return pb.DecodeEvent(token=event)
 
 
 def _expiry(rid: str, why: str) -> RPCFailure:

@@ -9,7 +9,8 @@ whose KV has loaded or whose local prefill has ended join it
 (``Engine.add``), oldest first, up to ``max_batch`` running. *Run*: at most
 one prefill chunk of the oldest waiting prefill (first come, first served;
 with ``interleave`` off, the whole prompt), then one decode step over every
-running request (``Engine.step``). *Postprocess*: each token goes to its
+running request (``Engine.step``). *Postprocess*: each token (with its logprobs,
+when the request asked for them: ``Engine.step_logprobs``) goes to its
 request's stream on the event loop; a request whose token is its last
 (``is_last``) has left the batch by itself and its stream ends; a finished
 prefill resolves its future. The loop then queues its next iteration while
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from workers.engines.base import is_last
-from workers.engines.sampling import SamplingParams
+from workers.engines.sampling import SamplingParams, TokenLogprobs
 from workers.engines.thread import EngineThread
 
 log = logging.getLogger(__name__)
@@ -78,8 +79,11 @@ _END = object()
 class DecodeStream:
     """One request's tokens, from the engine thread to the event loop.
 
-    Iterate it (``async for``) for the tokens after the first; it ends after
-    the last one, or raises what ended it (``StreamCancelled``, an engine error)."""
+    Iterate it (``async for``) for the tokens after the first, or ``draws()``
+    for ``(token, logprobs)`` pairs (logprobs None unless ``params.logprobs``);
+    either ends after the last one, or raises what ended it
+    (``StreamCancelled``, an engine error). ``history``: the tokens the
+    request generated before ``first_token`` (``Engine.add``)."""
 
     request_id: str  # the engine cache key
     first_token: int
@@ -91,6 +95,7 @@ class DecodeStream:
     produced: int = 0  # tokens after the first so far (engine thread)
     joined_tokens: int = 0  # tokens its cache held when it joined (engine thread)
     done: bool = False
+    history: tuple[int, ...] = ()
 
     def cancel(self) -> None:
         """Leave the batch at the next step boundary; the stream ends with ``StreamCancelled``."""
@@ -102,6 +107,11 @@ class DecodeStream:
         return self._tokens()
 
     async def _tokens(self) -> AsyncIterator[int]:
+        async for token, _ in self.draws():
+            yield token
+
+    async def draws(self) -> AsyncIterator[tuple[int, TokenLogprobs | None]]:
+        """Each token after the first with its logprobs (None unless the request asked)."""
         while True:
             item = await self.queue.get()
             if item is _END:
@@ -168,11 +178,14 @@ class StepLoop:
         self._kick()
         return task
 
-    def join(self, request_id: str, first_token: int, params: SamplingParams, first_step: int = 0) -> DecodeStream:
+    def join(self, request_id: str, first_token: int, params: SamplingParams, first_step: int = 0,
+             history: tuple[int, ...] = ()) -> DecodeStream:
         """Queue ``request_id`` (its cache ready in the engine) to join the
         batch at the next step boundary. The caller checks ``is_last(first_token, 0, params)``
-        first: a request with nothing to generate never joins."""
-        stream = DecodeStream(request_id, first_token, params, first_step, asyncio.get_running_loop(), self)
+        first: a request with nothing to generate never joins. ``history``:
+        the tokens it generated before ``first_token`` (``Engine.add``)."""
+        stream = DecodeStream(request_id, first_token, params, first_step, asyncio.get_running_loop(), self,
+                              history=tuple(history))
         with self._lock:
             if self._closed:
                 raise LoopClosed("the worker is shutting down")
@@ -250,7 +263,11 @@ class StepLoop:
                     with self._lock:
                         self._joins.appendleft(stream)  # first in line when rows leave
                     return
-                engine.add(stream.request_id, stream.first_token, stream.params, stream.first_step)
+                if stream.params.penalizes:  # only the penalties read the history
+                    engine.add(stream.request_id, stream.first_token, stream.params, stream.first_step,
+                               history=stream.history)
+                else:
+                    engine.add(stream.request_id, stream.first_token, stream.params, stream.first_step)
             except Exception as e:  # no cache (released meanwhile), bad params: this request only
                 stream.done = True
                 stream._deliver(e)
@@ -324,6 +341,7 @@ class StepLoop:
             self._fail_running(engine, e)
             return
         self.steps += 1
+        logprobs = engine.step_logprobs() if any(s.params.logprobs for s in self._running.values()) else {}
         for request_id, stream in list(self._running.items()):
             token = tokens.get(request_id)
             if token is None:  # released behind the loop's back: nothing to deliver
@@ -332,7 +350,7 @@ class StepLoop:
                 stream._deliver(RuntimeError(f"request {request_id!r} left the batch without finishing"))
                 continue
             stream.produced += 1
-            stream._deliver(token)
+            stream._deliver((token, logprobs.get(request_id)))
             if is_last(token, stream.produced, stream.params):
                 del self._running[request_id]  # the engine let it go after this step
                 stream.done = True

@@ -15,7 +15,8 @@
    tokens from ``skip_tokens`` on are sent (the decode node holds the rest),
    numbered from 0. Sample the first token and send ``end`` with it and the
    prefill timings (``prefill_s``, ``prefill_end_wall``, ``queue_s``,
-   ``cached_tokens``).
+   ``cached_tokens``), and the first token's logprobs when the request asks
+   for them (``first_logprobs``, ``TokenLogprobs.to_json``).
 4. Keep the prompt's KV in the prefix cache, and reply once the last byte has
    left, with the prefix blocks now held. The prefill cache is released as
    soon as the transfer ends, whatever ended it.
@@ -37,7 +38,7 @@ from grpc import aio
 from cluster.auth import AuthError
 from proto import pdcluster_pb2 as pb
 from workers.engines.prefix_cache import PrefixHit
-from workers.engines.sampling import SamplingParams, sample
+from workers.engines.sampling import SamplingParams, draw
 from workers.kv.listener import KVPusher, KVPushError, open_kv_connection
 from workers.rpc.loop import LoopClosed, PrefillTask, StreamCancelled
 from workers.rpc.state import (
@@ -46,7 +47,6 @@ from workers.rpc.state import (
     RPCFailure,
     WorkerState,
     cancellable,
-    sampling_from_proto,
 )
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ class PrefillRPC:
             raise RPCFailure(grpc.StatusCode.INVALID_ARGUMENT,
                              f"skip_tokens ({request.skip_tokens}) must be less than the prompt's "
                              f"{len(prompt)} tokens: the last token's KV is always sent")
-        return prompt, sampling_from_proto(request.sampling), request.chunk_size or state.settings.chunk_size
+        return prompt, state.check_sampling(request.sampling), request.chunk_size or state.settings.chunk_size
 
     async def _until_started(self, started: asyncio.Future[None], job: PrefillTask, active: ActiveRequest,
                              ahead: int) -> None:
@@ -200,10 +200,12 @@ class PrefillRPC:
                     yield
             if result is None:
                 raise RuntimeError("prefill_chunks ended without a result")
-            first = sample(result.logits, params, 0)
-            pusher.end(first, {"prefill_s": result.compute_s, "prefill_end_wall": time.time(),
-                               "queue_s": started - arrival,
-                               "cached_tokens": hit.num_tokens if hit is not None else 0})
+            first, logprobs = draw(result.logits, params, 0)
+            meta = {"prefill_s": result.compute_s, "prefill_end_wall": time.time(), "queue_s": started - arrival,
+                    "cached_tokens": hit.num_tokens if hit is not None else 0}
+            if logprobs is not None:  # the decode node reports them with the first token
+                meta["first_logprobs"] = logprobs.to_json()
+            pusher.end(first, meta)
             blocks = state.store_prefix(active.cache_key, prompt)
             return first, started - arrival, result.compute_s, blocks
         except BaseException as e:

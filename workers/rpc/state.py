@@ -213,6 +213,14 @@ class WorkerState:
                              f"token id {bad} is outside the model's vocabulary of {self.spec.vocab_size}")
         return prompt
 
+    def check_sampling(self, params: pb.SamplingParams) -> SamplingParams:
+        """``sampling_from_proto``, whose logit bias names only tokens of this model, or INVALID_ARGUMENT."""
+        sampling = sampling_from_proto(params)
+        if sampling.max_token_id() >= self.spec.vocab_size:
+            raise RPCFailure(grpc.StatusCode.INVALID_ARGUMENT, f"sampling: logit_bias names token id "
+                             f"{sampling.max_token_id()}, outside the model's vocabulary of {self.spec.vocab_size}")
+        return sampling
+
     def check_codec(self, codec: str) -> None:
         if codec not in CODECS:
             raise RPCFailure(grpc.StatusCode.INVALID_ARGUMENT, f"unsupported KV codec {codec!r}; this worker "
@@ -226,6 +234,9 @@ def sampling_from_proto(params: pb.SamplingParams) -> SamplingParams:
             max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p or 1.0,
             top_k=params.top_k, seed=params.seed if params.HasField("seed") else None,
             stop_token_ids=tuple(params.stop_token_ids),
+            presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+            logit_bias=tuple(sorted(params.logit_bias.items())),
+            logprobs=params.logprobs, top_logprobs=params.top_logprobs,
         )
     except ValueError as e:
         raise RPCFailure(grpc.StatusCode.INVALID_ARGUMENT, f"sampling: {e}") from None
