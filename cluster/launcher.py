@@ -14,6 +14,7 @@ import errno
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -120,6 +121,7 @@ class LocalCluster:
             self._spawn(f"{role}-worker", [
                 "worker", "--role", role, "--engine", engine, "--model", self.config.model,
                 "--host", LOOPBACK, "--node-id", f"local-{role}-{engine}-{suffix}", *common, *mdns,
+                "--metrics-port", "0",  # a free port: its ready line (the worker's log) says which
                 *self.config.extra_worker_args,
             ], env=worker_threads(len(workers)))
 
@@ -146,6 +148,17 @@ class LocalCluster:
             lines = (self.log_dir / f"{name}.log").read_text(errors="replace").splitlines()[-num_lines:]
             parts.append(f"--- {name}\n" + "\n".join(lines))
         return "\n".join(parts)
+
+    def worker_metrics_urls(self) -> dict[str, str]:
+        """Each ready worker's ``/metrics`` address, read from the ready line in its log."""
+        urls = {}
+        for name, _ in self.procs:
+            log_file = self.log_dir / f"{name}.log"
+            found = re.search(r" ready: .* metrics=(\S+)", log_file.read_text(errors="replace")) \
+                if log_file.exists() else None
+            if found:
+                urls[name] = found.group(1)
+        return urls
 
     def stop(self, *, keep_files: bool = False) -> None:
         """SIGTERM every child (workers first), then SIGKILL what is left after the grace period.
@@ -247,6 +260,8 @@ def run_up(config: UpConfig) -> int:
         print(f"pdcluster is up: {cluster.url}/v1 (nodes: {nodes}); logs in {cluster.log_dir}. Ctrl-C to stop.")
         print(f"reach it with: pdc status --cluster-key-file {cluster.key_file} --mdns-interface {LOOPBACK}")
         print(f"               pdc policy --url {cluster.url} --cluster-key-file {cluster.key_file}")
+        workers = ", ".join(cluster.worker_metrics_urls().values())
+        print(f"metrics (Prometheus): {cluster.url}/metrics" + (f"; each worker's: {workers}" if workers else ""))
         while not stopping:
             cluster._check_alive()
             time.sleep(0.5)

@@ -67,6 +67,7 @@ log = logging.getLogger(__name__)
 BACKEND_KEY = web.AppKey("backend", object)
 ADMIN_KEY = web.AppKey("admin", object)
 SECURITY_KEY = web.AppKey("security", object)
+METRICS_KEY = web.AppKey("metrics", object)  # () -> (Prometheus text, content type); None: no /metrics
 ADMIN_AUTH_HEADER = "X-PDC-Auth"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -110,7 +111,8 @@ CORS_HEADERS = "Authorization, Content-Type, X-PDC-Auth"
 
 
 def build_app(backend: Backend, admin: AdminBackend | None = None, *, api_key: str | None = None,
-              allowed_origins: tuple[str, ...] = ()) -> web.Application:
+              allowed_origins: tuple[str, ...] = (),
+              metrics: Callable[[], tuple[bytes, str]] | None = None) -> web.Application:
     """The aiohttp application serving ``backend`` (and ``/admin/policy`` when ``admin`` is given).
 
     ``api_key``: required as a bearer token on ``/v1/`` routes (None or "": open).
@@ -127,6 +129,8 @@ def build_app(backend: Backend, admin: AdminBackend | None = None, *, api_key: s
     app.router.add_post("/v1/completions", _completions)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/health", _health)
+    app[METRICS_KEY] = metrics
+    app.router.add_get("/metrics", _metrics)
     return app
 
 
@@ -241,6 +245,18 @@ async def _health(request: web.Request) -> web.Response:
     if not request.app[SECURITY_KEY].authorized(request):
         details = {}
     return web.json_response({"status": "ok" if ready else "unavailable", **details}, status=200 if ready else 503)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    """Prometheus text (scheduler/metrics.py); with an API key, for key holders only, as /health's details."""
+    render = request.app[METRICS_KEY]
+    if render is None:
+        raise APIError(404, "this server keeps no metrics", "invalid_request_error")
+    if not request.app[SECURITY_KEY].authorized(request):
+        raise APIError(401, "Incorrect or missing API key: send it as 'Authorization: Bearer <key>'",
+                       "invalid_request_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    body, content_type = render()  # from memory only: no I/O, quick on the event loop
+    return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 async def _chat_completions(request: web.Request) -> web.StreamResponse:

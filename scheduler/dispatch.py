@@ -64,6 +64,7 @@ class Dispatcher:
         self.kv_codec = kv_codec  # the server's codec mode (pdc serve --kv-codec); requests may override it
         self.ledger = ledger if ledger is not None else LoadLedger()
         self.prefixes = prefixes if prefixes is not None else PrefixIndex()
+        self.num_placements: dict[tuple[str, str], int] = {}  # (policy, mode) -> placements made (metrics)
 
     def use(self, policy: Policy, policy_name: str) -> None:
         """Place with ``policy`` from the next request on (requests in flight keep their placement)."""
@@ -110,6 +111,8 @@ class Dispatcher:
         prefill_on = placement.prefill_node or placement.decode_node
         self.ledger.admit(request.request_id, placement.prefill_node, placement.decode_node,
                           predicted_prefill_s(request, view, prefill_on))
+        counted = (self.policy_name, "colocated" if placement.colocated else "disaggregated")
+        self.num_placements[counted] = self.num_placements.get(counted, 0) + 1
         log.info("request %s: prefill=%s decode=%s codec=%s (policy %s)", request.request_id,
                  placement.prefill_node or f"{placement.decode_node} (colocated)", placement.decode_node,
                  placement.codec, self.policy_name)

@@ -11,7 +11,8 @@ HTTP API:
   answer and the ``LoadLedger`` (scheduler/load.py) the simulator keeps too;
 * ``PolicyAdmin`` (scheduler/admin.py): ``/admin/policy``;
 * ``AdmissionQueue`` (scheduler/admission.py): requests no node has room for, waiting in order;
-* ``run_request`` (scheduler/lifecycle.py): one request across its workers.
+* ``run_request`` (scheduler/lifecycle.py): one request across its workers;
+* ``SchedulerMetrics`` (scheduler/metrics.py): ``/metrics``, each request observed once as it ends.
 
 No weights are loaded here, so this runs on a NAS or a Pi. This module and the
 ones it composes are the scheduler's only contact with gRPC and zeroconf.
@@ -41,6 +42,7 @@ from scheduler.clients import ClientPool
 from scheduler.dispatch import Dispatcher
 from scheduler.lifecycle import LifecycleConfig, continuation, run_request, with_fixed_seed
 from scheduler.load import LoadLedger
+from scheduler.metrics import SchedulerMetrics, cluster_sample
 from scheduler.models import ModelRegistry
 from scheduler.placement import ClusterView, Placement, PlacementError, ask_policy
 from scheduler.policy import load_policy
@@ -111,6 +113,7 @@ class ClusterBackend:
                                      kv_codec=config.kv_codec)
         self.admin = PolicyAdmin(key, self.dispatcher)
         self.admission = AdmissionQueue(config.admission)
+        self.metrics = SchedulerMetrics(lambda: cluster_sample(self))  # /metrics
         self.table = NodeTable(
             key.fingerprint, use_mdns=config.mdns,
             interfaces=list(config.mdns_interfaces) if config.mdns_interfaces else None,
@@ -191,6 +194,7 @@ class ClusterBackend:
         attempt = _Attempts(request, self.config.max_migrations,
                             (request.arrived_at or time.monotonic()) + self.config.lifecycle.request_timeout_s)
         turn = self.admission.line(request.model, attempt.deadline)
+        ended: BaseException | None = None
         try:
             if self.admission.has_waiters(request.model) and self._serves(request.model):
                 await turn.wait(f"earlier requests for model {request.model!r} are waiting for room")
@@ -213,8 +217,12 @@ class ClusterBackend:
                         attempt.woke()
                 except SchedulerError as e:
                     self._recover(attempt, e)
+        except BaseException as e:
+            ended = e
+            raise
         finally:
             turn.close()
+            self.metrics.observe_request(request.model, *attempt.outcome(ended))  # once per request
 
     def _recover(self, attempt: _Attempts, error: SchedulerError) -> None:
         """Set up the recovery from ``error`` (placing again, or migrating the stream), or raise it."""
@@ -232,13 +240,17 @@ class ClusterBackend:
             async for event in events:
                 if isinstance(event, TokenEvent):
                     turn.admitted()  # no-op unless it waited: it runs now, the next waiter may try
+                    previous = attempt.last_token_at
                     attempt.sent_token(event.token_id)
+                    if previous is not None:
+                        self.metrics.observe_token_gap(request.model, attempt.last_token_at - previous)
                     yield event
                 else:
                     stats = attempt.merged_stats(event.stats)
                     stats = dataclasses.replace(stats, queue_s=stats.queue_s + turn.queued_s)
                     log.info("request %s: done (%s) %s", request.request_id, event.finish_reason, describe(stats))
-                    yield FinishEvent(event.finish_reason, stats)
+                    attempt.finished = FinishEvent(event.finish_reason, stats)
+                    yield attempt.finished
                     return
 
     def _serves(self, model: str) -> bool:
@@ -257,7 +269,7 @@ class ClusterBackend:
         try:
             if not nodes:
                 raise NoCapacityError(f"no node serves model {request.model!r} right now")
-            placement = self._place(request, list(nodes.values()), attempt)
+            placement = attempt.placement = self._place(request, list(nodes.values()), attempt)
         except NoCapacityError as e:
             raise attempt.unplaceable(e) from e
         rid = request.request_id
@@ -332,6 +344,7 @@ class ClusterBackend:
                 except Exception as e:  # its health checks decide whether it stays
                     log.debug("prefix blocks of %s: %s", node.node_id, e)
                     continue
+                self.metrics.record_stats(node.node_id, stats)
                 if stats.prefix_block_tokens in (0, BLOCK_TOKENS):
                     self.dispatcher.prefixes.replace(node.node_id, stats.prefix_blocks)
 
@@ -343,6 +356,7 @@ class ClusterBackend:
             log.info("node %s left", node_id)
             self.links.forget(node_id)
             self.dispatcher.prefixes.forget(node_id)
+            self.metrics.forget(node_id)
             return
         log.info("node %s: %s %s %s at %s (%.1f TFLOPS, %.0f GB/s)", node_id, "/".join(node.roles), node.engine,
                  node.model_id, node.grpc_address, node.tflops, node.mem_bw_gbps)
@@ -369,6 +383,8 @@ class _Attempts:
         self.full: set[str] = set()  # nodes that refused it for capacity since its last wait
         self.last_refusal = ""  # the latest such refusal, in words
         self.sent_before = 0  # tokens sent before the current attempt began
+        self.placement: Placement | None = None  # the latest attempt's
+        self.finished: FinishEvent | None = None  # the whole request's end, once it came
 
     def next_request(self) -> GenerationRequest:
         """The request the next attempt runs."""
@@ -427,6 +443,24 @@ class _Attempts:
         where = "the stream could not move to another node" if self.sent else "no other node could take it"
         return type(original)(f"{original.message}; {where}: {error.message}", node=original.node,
                               grpc_code=original.grpc_code)
+
+    def outcome(self, ended: BaseException | None) -> tuple[str, RequestStats]:
+        """How the request ended, with its record, for the metrics: its finish reason and whole
+        record once it finished; else the failure's code ("abort": closed before its end, e.g. the
+        client went away) and what is known (its latest placement, the tokens sent)."""
+        if self.finished is not None:
+            return self.finished.finish_reason, self.finished.stats
+        if isinstance(ended, SchedulerError):
+            outcome = ended.code
+        else:
+            outcome = "abort" if ended is None or isinstance(ended, (GeneratorExit, asyncio.CancelledError)) \
+                else "internal_error"
+        placement = self.placement
+        return outcome, RequestStats(
+            request_id=self.request.request_id, prompt_tokens=len(self.request.prompt_token_ids),
+            prefill_node=(placement.prefill_node or placement.decode_node) if placement else "",
+            decode_node=placement.decode_node if placement else "", completion_tokens=len(self.sent),
+            migrations=self.migrations)
 
     def merged_stats(self, last: RequestStats) -> RequestStats:
         """The record of the whole request from its last attempt's: original id and prompt,
@@ -491,7 +525,8 @@ async def serve(config: SchedulerConfig, key: ClusterKey) -> None:
     """Run until SIGINT/SIGTERM."""
     backend = ClusterBackend(config, key)
     await backend.start()
-    app = build_app(backend, admin=backend.admin, api_key=config.api_key, allowed_origins=config.allowed_origins)
+    app = build_app(backend, admin=backend.admin, api_key=config.api_key, allowed_origins=config.allowed_origins,
+                    metrics=backend.metrics.exposition)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)

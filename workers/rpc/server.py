@@ -50,7 +50,7 @@ from workers.rpc.profile import (
     probe_prefill,
     profile_source,
 )
-from workers.rpc.servicer import WorkerServicer
+from workers.rpc.metrics import MeteredServicer, MetricsServer, WorkerMetrics
 from workers.rpc.info import model_info, pdcluster_version
 from workers.rpc.loop import MAX_BATCH, StepLoop
 from workers.rpc.state import ServiceSettings, WorkerState
@@ -113,6 +113,7 @@ class WorkerConfig:
     advertise: bool = True  # advertise over mDNS (through the discovery hook)
     mdns_interfaces: tuple[str, ...] | None = None  # None: all interfaces
     grace_s: float = 5.0  # shutdown grace for in-flight RPCs
+    metrics_port: int | None = None  # HTTP /metrics on host (--metrics-port); 0 picks a free port; None: off
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -127,6 +128,8 @@ class WorkerConfig:
                 raise ValueError(f"{name} must be in [0, 65535], got {getattr(self, name)}")
         if self.port and self.port == self.kv_port:
             raise ValueError(f"port and kv_port must differ, both are {self.port}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"metrics_port must be in [0, 65535] (or None: off), got {self.metrics_port}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.send_mode not in SEND_MODES:
@@ -186,7 +189,9 @@ class Worker:
                                  queue_s=config.queue_deadline_s)
         self.listener: KVListener | None = None
         self.server: aio.Server | None = None
-        self.servicer: WorkerServicer | None = None
+        self.servicer: MeteredServicer | None = None
+        self.metrics: WorkerMetrics | None = None
+        self.metrics_server: MetricsServer | None = None  # with config.metrics_port
         self.loop: StepLoop | None = None
         self.port = 0
         self.model_info: pb.ModelInfo | None = None
@@ -200,6 +205,13 @@ class Worker:
     @property
     def kv_port(self) -> int:
         return self.listener.port if self.listener else 0
+
+    @property
+    def metrics_url(self) -> str | None:
+        """Where this worker serves ``/metrics`` (None: ``--metrics-port`` not given)."""
+        if self.metrics_server is None:
+            return None
+        return f"http://{_bracket(self.config.public_host)}:{self.metrics_server.port}/metrics"
 
     async def start(self) -> None:
         """Load the model, then open the KV listener and the gRPC server."""
@@ -233,7 +245,9 @@ class Worker:
                                    windows=engine.kv_layout(0).windows)  # sliding layers: no prefix reuse
         state = WorkerState(settings, self.engines, self.leases, spec, config.cluster_key, loop=self.loop,
                             prefix_cache=prefix_cache)
-        self.servicer = WorkerServicer(state, self.model_info, self.profile, queue_deadline_s=config.queue_deadline_s)
+        self.metrics = WorkerMetrics(config.node_id, state)
+        self.servicer = MeteredServicer(self.metrics, state, self.model_info, self.profile,
+                                        queue_deadline_s=config.queue_deadline_s)
         self.server = aio.server(interceptors=[AuthServerInterceptor(config.cluster_key)], options=SERVER_OPTIONS)
         pb_grpc.add_WorkerServicer_to_server(self.servicer, self.server)
         try:
@@ -244,10 +258,20 @@ class Worker:
             raise OSError(errno.EADDRINUSE, f"gRPC port {config.port} on {config.host} is already in use "
                                             "(or not bindable); choose another with --port")
         await self.server.start()
+        if config.metrics_port is not None:
+            self.metrics_server = MetricsServer(self.metrics, config.host, config.metrics_port)
+            try:
+                await self.metrics_server.start()
+            except OSError as e:
+                self.metrics_server = None
+                raise OSError(e.errno, f"metrics port {config.metrics_port} on {config.host}: {e.strerror or e}; "
+                                       "choose another with --metrics-port") from e
 
     async def stop(self) -> None:
         """Stop serving: in-flight RPCs get ``grace_s``, then every lease is freed."""
         try:
+            if self.metrics_server is not None:
+                await self.metrics_server.stop()
             if self.server is not None:
                 await self.server.stop(self.config.grace_s)
         finally:
@@ -345,8 +369,8 @@ async def run_worker(config: WorkerConfig, on_started: OnStarted | None = None) 
         await worker.start()
         print(f"pdc worker {config.node_id} ready: role={config.role} engine={config.engine} "
               f"model={worker.model_info.model_id} grpc={worker.grpc_address} "
-              f"kv={_bracket(config.public_host)}:{worker.kv_port} key={config.cluster_key.fingerprint}",
-              flush=True)
+              f"kv={_bracket(config.public_host)}:{worker.kv_port} key={config.cluster_key.fingerprint}"
+              + (f" metrics={worker.metrics_url}" if worker.metrics_url else ""), flush=True)
         if on_started is not None:
             undo = await on_started(worker.node_info())
         await stop.wait()
@@ -385,6 +409,10 @@ def add_worker_parser(sub: Any, discovery: Discovery | None = None,
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=0, help="gRPC port (default: a free one)")
     p.add_argument("--kv-port", type=int, default=0, help="KV data-plane port (default: a free one)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics on --host, without authentication "
+                        "(0: a free port, printed in the ready line; default: off; the scheduler's /metrics "
+                        "carries every node's main figures)")
     p.add_argument("--advertise-host", default=None, help="address other nodes use (default: --host)")
     p.add_argument("--peers", default="", help="static peers, host:port,... (where multicast does not work)")
     p.add_argument("--no-advertise", action="store_true", help="do not advertise over mDNS")
@@ -463,6 +491,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
     return WorkerConfig(
         role=args.role, engine=args.engine, model=args.model, cluster_key=load_cluster_key(args.cluster_key_file),
         host=args.host, port=args.port, kv_port=args.kv_port, advertise_host=args.advertise_host,
+        metrics_port=args.metrics_port,
         device=args.device, dtype=args.dtype, node_id=args.node_id, model_id=args.model_id,
         lease_s=args.lease_s, queue_deadline_s=args.queue_deadline_s, chunk_size=args.chunk_size,
         max_leases=args.max_leases, max_reserved_bytes=args.kv_budget_bytes,
