@@ -1,8 +1,13 @@
 """The OpenAI-compatible HTTP API (aiohttp).
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (streamed as SSE
-ending in ``data: [DONE]``, or not), ``GET /v1/models``, ``GET /health``.
-Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
+ending in ``data: [DONE]``, or not), ``GET /v1/models``, ``GET /v1/models/{id}``,
+``GET /health``. Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
+The other dialects build on this module and register their routes (and their
+error shapes) in ``build_app``: the Ollama API (api_ollama.py), Anthropic's
+Messages API (api_anthropic.py) and OpenAI's Responses API (api_responses.py).
+Every dialect translates its body into the chat-completions body, so one
+``parse_body`` checks it and one ``start_generation`` runs it (docs/api.md).
 Every completion, and the last chunk of a stream, carries a ``pdcluster``
 object with placement and timings (``kv_codec``: the codec its KV crossed the
 link in, null when colocated); a body's ``"pdcluster": {"kv_codec": ...}``
@@ -23,11 +28,12 @@ its first token, so a request refused while it waited is a real 429 too. Once a 
 failure ends it with one OpenAI-style error event, ``data: {"error": {...}}``
 (the openai SDK raises it as ``openai.APIError``), and no ``[DONE]``: a stream
 ends with ``[DONE]`` only when it completed. Client disconnects are told apart
-by type (``_ClientGone``), never by catching ``RuntimeError``.
+by type (``ClientGone``, api_stream.py), never by catching ``RuntimeError``.
 
 Security (``build_app(api_key=..., allowed_origins=...)``): with an API key,
-every ``/v1/`` route wants ``Authorization: Bearer <key>`` (as vLLM and
-OpenAI do) and answers 401 ``invalid_api_key`` in OpenAI's shape otherwise.
+every ``/v1/`` and ``/api/`` route wants ``Authorization: Bearer <key>`` (as
+vLLM and OpenAI do) or ``x-api-key: <key>`` (as Anthropic's clients send it) and
+answers 401 ``invalid_api_key`` otherwise, in the shape of the API called.
 ``/health`` stays open for load balancers and probes, but without the key it
 says only ``{"status": ...}``: node names, addresses and load are for key
 holders. ``/admin/policy`` keeps its own cluster-key signature. CORS is off
@@ -41,23 +47,23 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from aiohttp import web
 
 from scheduler.policy import POLICIES
+from scheduler.api_stream import Deltas, api_error, collect_text, sse, stream_deltas, text_deltas
 from scheduler.request import (
     Backend,
     FinishEvent,
     GenerationRequest,
+    ModelEntry,
     RequestStats,
     SchedulerError,
-    TokenEvent,
 )
 from scheduler.tokenizer import ChatTemplateError, PromptCodec
 from scheduler.validation import APIError, ParsedRequest, parse_body
@@ -67,7 +73,10 @@ log = logging.getLogger(__name__)
 BACKEND_KEY = web.AppKey("backend", object)
 ADMIN_KEY = web.AppKey("admin", object)
 SECURITY_KEY = web.AppKey("security", object)
+# path prefix -> how errors on it are rendered (a dialect's shape; OpenAI's elsewhere)
+ERROR_SHAPES_KEY = web.AppKey("error_shapes", dict)
 METRICS_KEY = web.AppKey("metrics", object)  # () -> (Prometheus text, content type); None: no /metrics
+KEYED_PREFIXES = ("/v1/", "/api/")  # the routes an API key guards
 ADMIN_AUTH_HEADER = "X-PDC-Auth"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -94,12 +103,15 @@ class Security:
     allowed_origins: tuple[str, ...] = ()
 
     def authorized(self, request: web.Request) -> bool:
-        """Whether ``request`` carries ``Authorization: Bearer <api_key>`` (always, without a key)."""
+        """Whether ``request`` carries ``Authorization: Bearer <api_key>`` or ``x-api-key: <api_key>``
+        (always, without a key)."""
         if not self.api_key:
             return True
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer":
+            token = request.headers.get("x-api-key", "")
         # compare_digest: the time taken does not tell how much of a guess was right
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
+        return bool(token) and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
 
     def allows_origin(self, origin: str | None) -> bool:
         """Whether a browser page from ``origin`` may read our answers."""
@@ -107,7 +119,7 @@ class Security:
 
 
 CORS_METHODS = "GET, POST, PUT, OPTIONS"
-CORS_HEADERS = "Authorization, Content-Type, X-PDC-Auth"
+CORS_HEADERS = "Authorization, Content-Type, X-PDC-Auth, X-Api-Key"
 
 
 def build_app(backend: Backend, admin: AdminBackend | None = None, *, api_key: str | None = None,
@@ -115,22 +127,28 @@ def build_app(backend: Backend, admin: AdminBackend | None = None, *, api_key: s
               metrics: Callable[[], tuple[bytes, str]] | None = None) -> web.Application:
     """The aiohttp application serving ``backend`` (and ``/admin/policy`` when ``admin`` is given).
 
-    ``api_key``: required as a bearer token on ``/v1/`` routes (None or "": open).
+    ``api_key``: required on ``/v1/`` and ``/api/`` routes (None or "": open).
     ``allowed_origins``: the origins CORS admits (``*`` for any; empty: CORS off)."""
-    app = web.Application(middlewares=[_cors_preflight, _errors_as_openai, _api_key_required],
+    from scheduler import api_anthropic, api_ollama, api_responses  # they build on this module
+
+    app = web.Application(middlewares=[_cors_preflight, _errors_in_shape, _api_key_required],
                           client_max_size=32 << 20)
     app[BACKEND_KEY] = backend
     app[ADMIN_KEY] = admin
     app[SECURITY_KEY] = Security(api_key or None, tuple(allowed_origins))
+    app[ERROR_SHAPES_KEY] = {}
     app.on_response_prepare.append(_cors_headers)
     app.router.add_get("/admin/policy", _get_policy)
     app.router.add_put("/admin/policy", _put_policy)
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.router.add_post("/v1/completions", _completions)
     app.router.add_get("/v1/models", _models)
+    app.router.add_get("/v1/models/{model_id:.+}", _model)  # ids may hold "/" (org/name)
     app.router.add_get("/health", _health)
     app[METRICS_KEY] = metrics
     app.router.add_get("/metrics", _metrics)
+    for dialect in (api_ollama, api_anthropic, api_responses):
+        dialect.add_routes(app)
     return app
 
 
@@ -162,36 +180,37 @@ async def _cors_headers(request: web.Request, response: web.StreamResponse) -> N
 
 @web.middleware
 async def _api_key_required(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """With an API key, every ``/v1/`` route wants it as a bearer token (401 in OpenAI's shape)."""
+    """With an API key, every ``/v1/`` and ``/api/`` route wants it (401 ``invalid_api_key``)."""
     security: Security = request.app[SECURITY_KEY]
-    if request.path.startswith("/v1/") and not security.authorized(request):
+    if request.path.startswith(KEYED_PREFIXES) and not security.authorized(request):
         log.info("%s %s from %s refused: missing or wrong API key", request.method, request.path, request.remote)
-        raise APIError(401, "Incorrect or missing API key: send it as 'Authorization: Bearer <key>'",
-                       "invalid_request_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        raise APIError(401, "Incorrect or missing API key: send it as 'Authorization: Bearer <key>' "
+                       "or 'x-api-key: <key>'", "invalid_request_error", code="invalid_api_key",
+                       headers={"WWW-Authenticate": "Bearer"})
     return await handler(request)
 
 
 @web.middleware
-async def _errors_as_openai(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def _errors_in_shape(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error before the first byte, in the error shape of the API that was called."""
     try:
         return await handler(request)
     except APIError as e:
-        return e.response()
+        return _error_response(request, e)
     except SchedulerError as e:
         log.warning("%s %s failed before the first byte: %s %s", request.method, request.path, e.status, e)
-        return api_error(e).response()
+        return _error_response(request, api_error(e))
     except web.HTTPException as e:
         if e.status >= 400:
-            return APIError(e.status, e.reason or "error", "invalid_request_error").response()
+            return _error_response(request, APIError(e.status, e.reason or "error", "invalid_request_error"))
         raise
 
 
-def api_error(error: SchedulerError) -> APIError:
-    """``error`` as the OpenAI-shaped answer it maps to (status, code, ``Retry-After``)."""
-    headers = {}
-    if error.retry_after_s is not None:
-        headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))  # whole seconds, never early
-    return APIError(error.status, error.message, "server_error", code=error.code, headers=headers)
+def _error_response(request: web.Request, error: APIError) -> web.Response:
+    """``error`` in the shape a dialect registered for ``request``'s path; OpenAI's otherwise."""
+    shapes: dict[str, Callable[[APIError], web.Response]] = request.app[ERROR_SHAPES_KEY]
+    shape = next((render for prefix, render in shapes.items() if request.path.startswith(prefix)), None)
+    return shape(error) if shape else error.response()
 
 
 def _admin(request: web.Request) -> AdminBackend:
@@ -231,12 +250,22 @@ async def _put_policy(request: web.Request) -> web.Response:
 
 async def _models(request: web.Request) -> web.Response:
     backend: Backend = request.app[BACKEND_KEY]
-    data = [
-        {"id": m.model_id, "object": "model", "created": m.created, "owned_by": "pdcluster",
-         "context_length": m.context_length}
-        for m in backend.models()
-    ]
-    return web.json_response({"object": "list", "data": data})
+    return web.json_response({"object": "list", "data": [_model_json(m) for m in backend.models()]})
+
+
+async def _model(request: web.Request) -> web.Response:
+    """One served model in OpenAI's shape; 404 ``model_not_found`` for any other id."""
+    model_id = request.match_info["model_id"]
+    entry = next((m for m in request.app[BACKEND_KEY].models() if m.model_id == model_id), None)
+    if entry is None:
+        raise APIError(404, f"The model '{model_id}' does not exist or no node serves it", "invalid_request_error",
+                       param="model", code="model_not_found")
+    return web.json_response(_model_json(entry))
+
+
+def _model_json(m: ModelEntry) -> dict:
+    return {"id": m.model_id, "object": "model", "created": m.created, "owned_by": "pdcluster",
+            "context_length": m.context_length}
 
 
 async def _health(request: web.Request) -> web.Response:
@@ -269,25 +298,32 @@ async def _completions(request: web.Request) -> web.StreamResponse:
 
 async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
     arrived = time.monotonic()
-    backend: Backend = request.app[BACKEND_KEY]
     try:
         body = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise APIError(400, "request body is not valid JSON", "invalid_request_error") from None
     parsed = parse_body(body, chat=chat)
+    gen, deltas = start_generation(request, parsed, arrived)
+    reply = _Reply(chat=chat, model=parsed.model, request_id=gen.request_id, created=int(time.time()),
+                   prompt_tokens=len(gen.prompt_token_ids))
+    if parsed.stream:
+        return await stream_deltas(request, deltas, _OpenAIStream(reply, parsed.include_usage), gen.request_id)
+    return await _collect(deltas, reply)
+
+
+def start_generation(request: web.Request, parsed: ParsedRequest, arrived: float) -> tuple[GenerationRequest, Deltas]:
+    """Tokenize ``parsed`` and start it on the backend: its GenerationRequest and its text
+    deltas (stop strings applied). 404 ``model_not_found`` when no node serves the model.
+    Nothing runs until the deltas are iterated; closing them cancels the request."""
+    backend: Backend = request.app[BACKEND_KEY]
     codec = backend.codec_for(parsed.model)
     if codec is None:
         raise APIError(404, f"The model '{parsed.model}' does not exist or no node serves it", "invalid_request_error",
                        param="model", code="model_not_found")
     gen = _to_generation(parsed, codec, backend, arrived)
-    reply = _Reply(chat=chat, model=parsed.model, request_id=gen.request_id, created=int(time.time()),
-                   prompt_tokens=len(gen.prompt_token_ids))
-    log.info("request %s: model=%s prompt=%d tokens max_tokens=%d stream=%s",
-             gen.request_id, parsed.model, len(gen.prompt_token_ids), gen.max_tokens, parsed.stream)
-    events = backend.generate(gen)
-    if parsed.stream:
-        return await _stream(request, events, reply, codec, parsed)
-    return await _collect(events, reply, codec, parsed)
+    log.info("request %s: %s model=%s prompt=%d tokens max_tokens=%d stream=%s", gen.request_id, request.path,
+             parsed.model, len(gen.prompt_token_ids), gen.max_tokens, parsed.stream)
+    return gen, text_deltas(backend.generate(gen), codec, parsed.stop, len(gen.prompt_token_ids))
 
 
 def _to_generation(parsed: ParsedRequest, codec: PromptCodec, backend: Backend, arrived: float) -> GenerationRequest:
@@ -352,142 +388,39 @@ def _usage(stats: RequestStats) -> dict:
             "prompt_tokens_details": {"cached_tokens": stats.cached_prefix_tokens}}
 
 
-async def _collect(events: AsyncIterator, reply: _Reply, codec: PromptCodec, parsed: ParsedRequest) -> web.Response:
-    text, finish = "", None
-    async for delta, finish in _text_deltas(events, codec, parsed, reply.prompt_tokens):
-        text += delta
-    if finish is None:
-        raise APIError(502, "the request ended without a result", "server_error")
+async def _collect(deltas: Deltas, reply: _Reply) -> web.Response:
+    text, finish = await collect_text(deltas)
     body = reply.envelope([reply.choice(text, finish.finish_reason, delta=False)], chunk=False)
     body["usage"] = _usage(finish.stats)
     body["pdcluster"] = finish.stats.to_json()
     return web.json_response(body)
 
 
-async def _stream(
-    request: web.Request, events: AsyncIterator, reply: _Reply, codec: PromptCodec, parsed: ParsedRequest
-) -> web.StreamResponse:
-    deltas = _text_deltas(events, codec, parsed, reply.prompt_tokens)
-    try:
-        first = await anext(deltas, None)  # errors before the first token still get a proper HTTP status
-    except BaseException:
-        await deltas.aclose()
-        raise
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    await response.prepare(request)
-    closing = b"data: [DONE]\n\n"
-    try:
-        await _send(response, reply.envelope([reply.choice("", None, delta=True, first=True)], chunk=True))
-        item = first
-        while item is not None:
-            delta, finish = item
-            if finish is None:
-                if delta:
-                    await _send(response, reply.envelope([reply.choice(delta, None, delta=True)], chunk=True))
-            else:
-                await _send_final(response, reply, delta, finish, parsed.include_usage)
-            item = await anext(deltas, None)
-    except _ClientGone as e:
-        log.info("request %s: client disconnected (%s); cancelling", reply.request_id, e.__cause__)
-        closing = b""
-    except SchedulerError as e:
-        log.warning("request %s: failed mid-stream: %s", reply.request_id, e)
-        closing = _event(api_error(e).body())
-    except Exception as e:  # a bug, not a worker: still never a silent end
-        log.exception("request %s: failed mid-stream", reply.request_id)
-        closing = _event(APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error",
-                                  code="internal_error").body())
-    finally:
-        await deltas.aclose()
-    if closing:
-        await _write(response, closing)
-    return response
+@dataclass
+class _OpenAIStream:
+    """OpenAI's SSE chunks: the role first, text deltas, the finish with its
+    ``pdcluster`` record, the usage chunk when asked for, then ``data: [DONE]``."""
 
+    reply: _Reply
+    include_usage: bool
+    content_type = "text/event-stream"
 
-class _ClientGone(Exception):
-    """Writing to the client failed: it went away (the cause says how)."""
+    def opening(self) -> bytes:
+        return sse(self.reply.envelope([self.reply.choice("", None, delta=True, first=True)], chunk=True))
 
+    def delta(self, text: str) -> bytes:
+        return sse(self.reply.envelope([self.reply.choice(text, None, delta=True)], chunk=True))
 
-def _event(payload: dict) -> bytes:
-    """One SSE ``data:`` event."""
-    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+    def finished(self, text: str, finish: FinishEvent) -> bytes:
+        chunk = self.reply.envelope([self.reply.choice(text, finish.finish_reason, delta=True)], chunk=True)
+        chunk["pdcluster"] = finish.stats.to_json()
+        out = sse(chunk)
+        if self.include_usage:
+            tail = self.reply.envelope([], chunk=True)
+            tail["usage"] = _usage(finish.stats)
+            tail["pdcluster"] = finish.stats.to_json()
+            out += sse(tail)
+        return out + b"data: [DONE]\n\n"
 
-
-async def _send_final(response: web.StreamResponse, reply: _Reply, delta: str, finish: FinishEvent, usage: bool) -> None:
-    chunk = reply.envelope([reply.choice(delta, finish.finish_reason, delta=True)], chunk=True)
-    chunk["pdcluster"] = finish.stats.to_json()
-    await _send(response, chunk)
-    if usage:
-        tail = reply.envelope([], chunk=True)
-        tail["usage"] = _usage(finish.stats)
-        tail["pdcluster"] = finish.stats.to_json()
-        await _send(response, tail)
-
-
-async def _send(response: web.StreamResponse, payload: dict) -> None:
-    """Write one SSE event; raises ``_ClientGone`` once the client is gone,
-    so the caller stops generating and cancels the request on the workers."""
-    try:
-        await response.write(_event(payload))
-    except (ConnectionResetError, RuntimeError) as e:  # aiohttp: reset, or "cannot write to closing transport"
-        raise _ClientGone() from e
-
-
-async def _write(response: web.StreamResponse, data: bytes) -> None:
-    """Best-effort write for the closing event (``[DONE]`` or the error), after the generator is closed."""
-    try:
-        await response.write(data)
-    except (ConnectionResetError, RuntimeError):
-        pass  # the client is gone; nothing is left to cancel
-
-
-async def _text_deltas(
-    events: AsyncIterator, codec: PromptCodec, parsed: ParsedRequest, prompt_tokens: int
-) -> AsyncIterator[tuple[str, FinishEvent | None]]:
-    """Backend events -> (text delta, None) ... then (last delta, FinishEvent).
-
-    Applies stop strings: the text ends before the first stop string and the
-    backend request is cancelled."""
-    detok = codec.detokenizer()
-    stop = [s for s in parsed.stop if s]
-    num_tokens = 0
-    held = ""  # text not yet emitted because it may be the start of a stop string
-    try:
-        async for event in events:
-            if isinstance(event, TokenEvent):
-                num_tokens += 1
-                held += detok.push(event.token_id)
-                cut = _find_stop(held, stop)
-                if cut is not None:
-                    # The backend's stats come only with its FinishEvent; report what is known here
-                    # (the nodes stay "" for unknown, so the record does not claim to be colocated).
-                    known = RequestStats(prompt_tokens=prompt_tokens, completion_tokens=num_tokens)
-                    yield held[:cut], FinishEvent("stop", known)
-                    return
-                safe = len(held) - _longest_stop_prefix(held, stop)
-                if safe > 0:
-                    yield held[:safe], None
-                    held = held[safe:]
-            elif isinstance(event, FinishEvent):
-                held += detok.flush()
-                cut = _find_stop(held, stop)
-                yield (held if cut is None else held[:cut]), event
-                return
-    finally:
-        await events.aclose()
-
-
-def _find_stop(text: str, stops: list[str]) -> int | None:
-    hits = [text.find(s) for s in stops if s in text]
-    return min(hits) if hits else None
-
-
-def _longest_stop_prefix(text: str, stops: list[str]) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:n]):
-                best = max(best, n)
-                break
-    return best
+    def failure(self, error: APIError) -> bytes:
+        return sse(error.body())  # the openai SDK raises it as openai.APIError

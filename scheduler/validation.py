@@ -1,6 +1,7 @@
 """Validate OpenAI request bodies into ``ParsedRequest``; bad input -> ``APIError`` (400)."""
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -188,3 +189,33 @@ def _placement(body: dict) -> str | None:
     if placement is not None and placement not in PLACEMENT_MODES:
         raise APIError(400, f"'pdcluster.placement' must be one of {list(PLACEMENT_MODES)}", param="pdcluster.placement")
     return placement
+
+
+# ---------------------------------------------------------------- other API dialects (docs/api.md)
+
+
+def refuse_unsupported(body: dict, supported: Collection[str], reasons: Mapping[str, str], *,
+                       where: str = "") -> None:
+    """400 naming the first field of ``body`` outside ``supported`` that is set (not null, "", [] or {}).
+
+    The Ollama, Anthropic and Responses routes accept only what they honour;
+    ``reasons`` says why a known field is refused, ``where`` prefixes the name
+    (``"options."``)."""
+    for name, value in body.items():
+        if name in supported or value is None or value in ("", [], {}):
+            continue
+        why = reasons.get(name, "pdcluster does not support it")
+        raise APIError(400, f"'{where}{name}' is not supported: {why}", param=f"{where}{name}")
+
+
+def parse_translated(body: dict, names: Mapping[str, str], *, chat: bool = True) -> ParsedRequest:
+    """``parse_body`` for a body another dialect translated into the chat-completions shape;
+    an error names the client's own field (``names``: chat-completions field -> the dialect's)."""
+    try:
+        return parse_body(body, chat=chat)
+    except APIError as e:
+        name = names.get(e.param or "")
+        if name is None:
+            raise
+        raise APIError(e.status, e.message.replace(f"'{e.param}'", f"'{name}'"), e.type, name, e.code,
+                       e.headers) from None
