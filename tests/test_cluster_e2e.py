@@ -15,6 +15,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import anthropic
+import ollama
 import openai
 import pytest
 from conftest import free_port, requires_torch_and_mlx
@@ -94,6 +96,47 @@ def test_client_disconnect_frees_kv_on_both_workers(client: openai.OpenAI, clust
         time.sleep(0.25)
     assert all(s.active_requests == 0 and s.active_leases == 0 for s in stats), stats
     assert any(s.requests_cancelled >= 1 for s in stats)
+
+
+def test_ollama_anthropic_and_responses_clients_hold_a_two_turn_chat_streamed_and_not(
+    client: openai.OpenAI, cluster: LocalCluster
+) -> None:
+    """Greedy, so each turn's streamed text is its non-streamed text, and every dialect's first
+    answer is the chat route's: one chat template, one tokenizer, the same tokens."""
+    model = _model(client)
+    ollama_client = ollama.Client(host=cluster.url, timeout=120)
+    claude = anthropic.Anthropic(base_url=cluster.url, api_key="x", timeout=120, max_retries=0)
+
+    def ask_ollama(history: list[dict]) -> tuple[str, str, int]:
+        args = {"model": model, "messages": history, "options": {"temperature": 0, "num_predict": 8}}
+        whole = ollama_client.chat(**args)
+        streamed = "".join(p.message.content for p in ollama_client.chat(**args, stream=True))
+        return whole.message.content, streamed, whole.prompt_eval_count
+
+    def ask_anthropic(history: list[dict]) -> tuple[str, str, int]:
+        args = {"model": model, "messages": history, "max_tokens": 8, "extra_body": {"temperature": 0}}
+        whole = claude.messages.create(**args)
+        with claude.messages.stream(**args) as stream:
+            streamed = "".join(stream.text_stream)
+        return whole.content[0].text, streamed, whole.usage.input_tokens + whole.usage.cache_read_input_tokens
+
+    def ask_responses(history: list[dict]) -> tuple[str, str, int]:
+        args = {"model": model, "input": history, "max_output_tokens": 8, "temperature": 0}
+        whole = client.responses.create(**args)
+        streamed = "".join(e.delta for e in client.responses.create(**args, stream=True)
+                           if e.type == "response.output_text.delta")
+        return whole.output_text, streamed, whole.usage.input_tokens
+
+    question = [{"role": "user", "content": "Tell me about prefill."}]
+    chat = client.chat.completions.create(model=model, messages=question, max_tokens=8, temperature=0)
+    assert chat.choices[0].message.content
+    for ask in (ask_ollama, ask_anthropic, ask_responses):
+        first, first_streamed, first_prompt = ask(question)
+        assert first == first_streamed == chat.choices[0].message.content, ask.__name__
+        history = [*question, {"role": "assistant", "content": first}, {"role": "user", "content": "And decode?"}]
+        second, second_streamed, second_prompt = ask(history)
+        assert second and second == second_streamed, ask.__name__
+        assert first_prompt == chat.usage.prompt_tokens < second_prompt, ask.__name__
 
 
 async def _worker_stats(cluster: LocalCluster) -> list:
