@@ -2,7 +2,8 @@
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (streamed as SSE
 ending in ``data: [DONE]``, or not), ``GET /v1/models``, ``GET /v1/models/{id}``,
-``GET /health``. Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
+``GET /health``, ``GET /metrics`` (Prometheus, scheduler/metrics.py; with an API key, for key
+holders only). Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
 The other dialects build on this module and register their routes (and their
 error shapes) in ``build_app``: the Ollama API (api_ollama.py), Anthropic's
 Messages API (api_anthropic.py) and OpenAI's Responses API (api_responses.py).
@@ -65,8 +66,9 @@ from scheduler.request import (
     RequestStats,
     SchedulerError,
 )
+from scheduler.logprobs import LogprobTap
 from scheduler.tokenizer import ChatTemplateError, PromptCodec
-from scheduler.validation import APIError, ParsedRequest, parse_body
+from scheduler.validation import APIError, ParsedRequest, check_logit_bias, parse_body
 
 log = logging.getLogger(__name__)
 
@@ -303,27 +305,34 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise APIError(400, "request body is not valid JSON", "invalid_request_error") from None
     parsed = parse_body(body, chat=chat)
-    gen, deltas = start_generation(request, parsed, arrived)
+    tap = LogprobTap(chat=chat) if parsed.logprobs is not None else None
+    gen, deltas = start_generation(request, parsed, arrived, tap)
     reply = _Reply(chat=chat, model=parsed.model, request_id=gen.request_id, created=int(time.time()),
-                   prompt_tokens=len(gen.prompt_token_ids))
+                   prompt_tokens=len(gen.prompt_token_ids), logprobs=tap)
     if parsed.stream:
         return await stream_deltas(request, deltas, _OpenAIStream(reply, parsed.include_usage), gen.request_id)
     return await _collect(deltas, reply)
 
 
-def start_generation(request: web.Request, parsed: ParsedRequest, arrived: float) -> tuple[GenerationRequest, Deltas]:
+def start_generation(request: web.Request, parsed: ParsedRequest, arrived: float,
+                     logprobs: LogprobTap | None = None) -> tuple[GenerationRequest, Deltas]:
     """Tokenize ``parsed`` and start it on the backend: its GenerationRequest and its text
     deltas (stop strings applied). 404 ``model_not_found`` when no node serves the model.
-    Nothing runs until the deltas are iterated; closing them cancels the request."""
+    Nothing runs until the deltas are iterated; closing them cancels the request.
+    ``logprobs`` keeps every token for rendering its logprobs (``parsed.logprobs``)."""
     backend: Backend = request.app[BACKEND_KEY]
     codec = backend.codec_for(parsed.model)
     if codec is None:
         raise APIError(404, f"The model '{parsed.model}' does not exist or no node serves it", "invalid_request_error",
                        param="model", code="model_not_found")
     gen = _to_generation(parsed, codec, backend, arrived)
-    log.info("request %s: %s model=%s prompt=%d tokens max_tokens=%d stream=%s", gen.request_id, request.path,
-             parsed.model, len(gen.prompt_token_ids), gen.max_tokens, parsed.stream)
-    return gen, text_deltas(backend.generate(gen), codec, parsed.stop, len(gen.prompt_token_ids))
+    log.info("request %s: %s model=%s prompt=%d tokens max_tokens=%d stream=%s%s", gen.request_id, request.path,
+             parsed.model, len(gen.prompt_token_ids), gen.max_tokens, parsed.stream,
+             f" user={gen.user!r}" if gen.user is not None else "")
+    events = backend.generate(gen)
+    if logprobs is not None:
+        events = logprobs.wrap(events, codec)
+    return gen, text_deltas(events, codec, parsed.stop, len(gen.prompt_token_ids))
 
 
 def _to_generation(parsed: ParsedRequest, codec: PromptCodec, backend: Backend, arrived: float) -> GenerationRequest:
@@ -334,6 +343,7 @@ def _to_generation(parsed: ParsedRequest, codec: PromptCodec, backend: Backend, 
     token_ids = codec.encode(text)
     if not token_ids:
         raise APIError(400, "the prompt is empty", "invalid_request_error", param="prompt")
+    check_logit_bias(parsed, codec.tokenizer.get_vocab_size())
     entry = next((m for m in backend.models() if m.model_id == parsed.model), None)
     context = entry.context_length if entry else 0
     max_tokens = parsed.max_tokens or max(1, min(256, context - len(token_ids)))
@@ -350,6 +360,9 @@ def _to_generation(parsed: ParsedRequest, codec: PromptCodec, backend: Backend, 
         temperature=parsed.temperature, top_p=parsed.top_p, top_k=parsed.top_k, seed=parsed.seed,
         stop_token_ids=entry.eos_token_ids if entry and not parsed.ignore_eos else (),
         placement=parsed.placement, arrived_at=arrived, kv_codec=parsed.kv_codec,
+        presence_penalty=parsed.presence_penalty, frequency_penalty=parsed.frequency_penalty,
+        logit_bias=parsed.logit_bias, logprobs=parsed.logprobs is not None, top_logprobs=parsed.logprobs or 0,
+        user=parsed.user,
     )
 
 
@@ -362,18 +375,22 @@ class _Reply:
     request_id: str
     created: int
     prompt_tokens: int = 0
+    logprobs: LogprobTap | None = None  # when the request asked for logprobs
 
     @property
     def object(self) -> str:
         return "chat.completion" if self.chat else "text_completion"
 
     def choice(self, text: str, finish_reason: str | None, *, delta: bool, first: bool = False) -> dict:
+        """One choice; with logprobs, those of every token not rendered in an earlier choice."""
+        logprobs = self.logprobs.take() if self.logprobs is not None and not first else None
         if not self.chat:
-            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         if not delta:
-            return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
+            return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                    "finish_reason": finish_reason}
         content = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-        return {"index": 0, "delta": content, "logprobs": None, "finish_reason": finish_reason}
+        return {"index": 0, "delta": content, "logprobs": logprobs, "finish_reason": finish_reason}
 
     def envelope(self, choices: list[dict], *, chunk: bool) -> dict:
         obj = self.object + (".chunk" if chunk and self.chat else "")

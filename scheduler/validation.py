@@ -1,7 +1,21 @@
-"""Validate OpenAI request bodies into ``ParsedRequest``; bad input -> ``APIError`` (400)."""
+"""Validate OpenAI request bodies into ``ParsedRequest``; bad input -> ``APIError`` (400).
+
+Accept only what we honour: every field of a body is either read here and
+has its effect, or refused with a 400 naming it (``param``). Three lists say
+which (docs/operations.md, "Request parameters"):
+
+* the fields each route honours (``CHAT_FIELDS``, ``COMPLETION_FIELDS``);
+* ``NOT_YET``: OpenAI fields the server cannot honour yet, each with the
+  values that ask for nothing (``n: 1``, ``tools: []``, ``echo: false``...),
+  which are accepted; any other value is refused. When the server learns one,
+  delete its line there and read the field in ``parse_body``;
+* anything else is an unknown field: refused, as OpenAI refuses it.
+
+``null`` is the same as leaving a field out, as in OpenAI's API.
+"""
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -9,6 +23,65 @@ from aiohttp import web
 from scheduler.request import KV_CODEC_MODES, PLACEMENT_MODES
 
 MAX_STOP_STRINGS = 4
+# OpenAI's ranges; the decode engines check the same ones (workers/engines/sampling.py,
+# which the scheduler may not import: tests/test_sampling_params.py holds the two equal).
+MAX_PENALTY = 2.0
+MAX_LOGIT_BIAS = 100.0
+MAX_LOGIT_BIAS_TOKENS = 1024
+MAX_TOP_LOGPROBS = 20  # chat's top_logprobs
+MAX_COMPLETION_LOGPROBS = 5  # the legacy completions' logprobs
+
+# The fields each route reads and honours (vLLM's top_k and ignore_eos included; ``user``
+# is logged with the request; ``pdcluster`` is this server's extension object).
+COMMON_FIELDS = frozenset({
+    "model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options",
+    "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "user", "pdcluster", "ignore_eos",
+})
+CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
+COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"}
+STREAM_OPTIONS = frozenset({"include_usage"})
+EXTENSION_FIELDS = frozenset({"placement", "kv_codec"})  # inside "pdcluster"
+
+
+def _is(*values: object) -> Callable[[object], bool]:
+    """A predicate: the value is None or equals one of ``values`` with the same type (``1`` is not ``True``)."""
+    return lambda v: v is None or any(type(v) is type(x) and v == x for x in values)
+
+
+# Not supported yet: field -> (what it asks for, whether a value asks for nothing).
+# Such values are accepted (they change nothing); any other is a 400 naming the field.
+NOT_YET: dict[str, tuple[str, Callable[[object], bool]]] = {
+    "tools": ("tool calling is not supported yet", _is([])),
+    "tool_choice": ("tool calling is not supported yet", _is("none")),
+    "parallel_tool_calls": ("tool calling is not supported yet", _is()),
+    "functions": ("function calling is not supported yet", _is([])),
+    "function_call": ("function calling is not supported yet", _is("none")),
+    "response_format": ("only plain text output is supported yet (no JSON mode or schema)", _is({"type": "text"})),
+    "n": ("only one choice per request (n=1) is supported", _is(1)),
+    "best_of": ("only best_of=1 is supported", _is(1)),
+    "echo": ("echoing the prompt is not supported", _is(False)),
+    "suffix": ("suffix (insertion) is not supported", _is("")),
+    "audio": ("audio output is not supported", _is()),
+    "modalities": ("only text output is supported", _is(["text"])),
+    "prediction": ("predicted outputs are not supported", _is()),
+    "reasoning_effort": ("this server has no reasoning-effort control", _is()),
+    "verbosity": ("this server has no verbosity control", _is()),
+    "web_search_options": ("web search is not supported", _is()),
+    "store": ("completions are not stored", _is(False)),
+    "metadata": ("completions are not stored, so they carry no metadata", _is({})),
+    "service_tier": ("there is one service tier", _is("auto", "default")),
+}
+# In a chat message: field -> (what it asks for, whether a value asks for nothing).
+MESSAGE_NOT_YET: dict[str, tuple[str, Callable[[object], bool]]] = {
+    "tool_calls": ("tool calling is not supported yet", _is([])),
+    "tool_call_id": ("tool calling is not supported yet", _is()),
+    "function_call": ("function calling is not supported yet", _is()),
+    "name": ("participant names are not passed to the chat template", _is()),
+    "audio": ("audio is not supported", _is()),
+    "refusal": ("refusals are not passed to the chat template", _is()),
+    "annotations": ("annotations are not passed to the chat template", _is([])),
+}
+ROLES = ("system", "developer", "user", "assistant")  # "tool" and "function" need tool calling
 
 
 class APIError(Exception):
@@ -47,22 +120,31 @@ class ParsedRequest:
     placement: str | None
     ignore_eos: bool
     kv_codec: str | None = None  # pdcluster.kv_codec: the KV codec hint (None: the server's --kv-codec)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), ids not yet checked against a vocabulary
+    # None: no logprobs; k >= 0: each token's logprob and its k most likely alternatives
+    # (chat: logprobs=true with top_logprobs=k; completions: logprobs=k)
+    logprobs: int | None = None
+    user: str | None = None  # the client's end-user id, logged with the request
 
 
 def parse_body(body: object, *, chat: bool) -> ParsedRequest:
-    """Check every field we use; unknown OpenAI fields are ignored like the API does."""
+    """Check every field: each one we honour is read, anything else is a 400 naming it."""
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object")
+    body = {name: value for name, value in body.items() if value is not None}  # null: as if left out
+    refuse_unhonoured(body, CHAT_FIELDS if chat else COMPLETION_FIELDS)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise APIError(400, "'model' is required and must be a string", param="model")
     messages = _messages(body) if chat else None
     prompt = "" if chat else _prompt(body)
-    if body.get("n", 1) != 1:
-        raise APIError(400, "only n=1 is supported", param="n")
-    stream_options = body.get("stream_options") or {}
+    stream_options = body.get("stream_options", {})
     if not isinstance(stream_options, dict):
         raise APIError(400, "'stream_options' must be an object", param="stream_options")
+    stream_options = {name: value for name, value in stream_options.items() if value is not None}
+    refuse_unhonoured(stream_options, STREAM_OPTIONS, where="stream_options.")
     return ParsedRequest(
         model=model, messages=messages, prompt=prompt,
         max_tokens=_max_tokens(body),
@@ -72,11 +154,42 @@ def parse_body(body: object, *, chat: bool) -> ParsedRequest:
         seed=_seed(body),
         stop=_stop(body),
         stream=_bool(body, "stream"),
-        include_usage=bool(stream_options.get("include_usage", False)),
+        include_usage=_bool(stream_options, "include_usage", where="stream_options."),
         placement=_placement(body),
         ignore_eos=_bool(body, "ignore_eos"),
         kv_codec=_kv_codec(body),
+        presence_penalty=float(_number(body, "presence_penalty", 0.0, -MAX_PENALTY, MAX_PENALTY)),
+        frequency_penalty=float(_number(body, "frequency_penalty", 0.0, -MAX_PENALTY, MAX_PENALTY)),
+        logit_bias=_logit_bias(body),
+        logprobs=_chat_logprobs(body) if chat else _completion_logprobs(body),
+        user=_user(body),
     )
+
+
+def refuse_unhonoured(body: dict, honoured: Collection[str], *, where: str = "",
+                      not_yet: Mapping[str, tuple[str, Callable[[object], bool]]] = NOT_YET) -> None:
+    """400 naming the first field of ``body`` that is neither in ``honoured`` nor
+    a ``not_yet`` field set to a value that asks for nothing; ``where`` prefixes
+    the name in the error (``"messages[0]."``)."""
+    for name, value in body.items():
+        if name in honoured:
+            continue
+        if name in not_yet:
+            why, asks_nothing = not_yet[name]
+            if asks_nothing(value):
+                continue
+            raise APIError(400, f"'{where}{name}' is not supported: {why}", param=f"{where}{name}",
+                           code="unsupported_parameter")
+        raise APIError(400, f"Unrecognized request argument supplied: {where}{name}", param=f"{where}{name}",
+                       code="unknown_parameter")
+
+
+def check_logit_bias(parsed: ParsedRequest, vocab_size: int) -> None:
+    """400 unless every token id in ``parsed.logit_bias`` is below ``vocab_size`` (the tokenizer's)."""
+    bad = [token for token, _ in parsed.logit_bias if token >= vocab_size]
+    if bad:
+        raise APIError(400, f"'logit_bias' names token id {bad[0]}, outside the model's vocabulary of "
+                       f"{vocab_size} tokens", param="logit_bias")
 
 
 def _messages(body: dict) -> list[dict]:
@@ -87,6 +200,13 @@ def _messages(body: dict) -> list[dict]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise APIError(400, f"messages[{i}] must be an object with a 'role'", param=f"messages[{i}]")
+        m = {name: value for name, value in m.items() if value is not None}
+        refuse_unhonoured(m, ("role", "content"), where=f"messages[{i}].", not_yet=MESSAGE_NOT_YET)
+        if m["role"] not in ROLES:
+            why = "tool calling is not supported yet" if m["role"] in ("tool", "function") else \
+                f"expected one of {', '.join(ROLES)}"
+            raise APIError(400, f"messages[{i}].role {m['role']!r} is not supported: {why}",
+                           param=f"messages[{i}].role")
         out.append({"role": m["role"], "content": _content(m.get("content"), i)})
     return out
 
@@ -116,14 +236,66 @@ def _prompt(body: dict) -> str:
 
 
 def _max_tokens(body: dict) -> int | None:
+    """``max_completion_tokens`` (chat), or its older name ``max_tokens``; both only when they agree."""
+    values = {}
     for name in ("max_completion_tokens", "max_tokens"):
         value = body.get(name)
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise APIError(400, f"'{name}' must be an integer >= 1", param=name)
-        return value
-    return None
+        values[name] = value
+    if len(set(values.values())) > 1:
+        raise APIError(400, "'max_completion_tokens' and 'max_tokens' disagree; send one of them",
+                       param="max_completion_tokens")
+    return next(iter(values.values()), None)
+
+
+def _logit_bias(body: dict) -> tuple[tuple[int, float], ...]:
+    """``{"token id": bias}`` -> ``((id, bias), ...)`` sorted by id; ids are checked
+    against the model's vocabulary once it is known (``check_logit_bias``)."""
+    bias = body.get("logit_bias", {})
+    if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS_TOKENS:
+        raise APIError(400, f"'logit_bias' must map at most {MAX_LOGIT_BIAS_TOKENS} token ids to biases",
+                       param="logit_bias")
+    out = []
+    for key, value in bias.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+            raise APIError(400, f"'logit_bias' keys must be token ids (\"123\"), got {key!r}", param="logit_bias")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+            raise APIError(400, f"'logit_bias' values must be numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
+                           f"got {value!r} for token {key}", param="logit_bias")
+        out.append((int(key), float(value)))
+    return tuple(sorted(out))
+
+
+def _chat_logprobs(body: dict) -> int | None:
+    """Chat: ``logprobs`` (bool) and ``top_logprobs`` (0..20, only with logprobs)."""
+    top = body.get("top_logprobs")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS):
+        raise APIError(400, f"'top_logprobs' must be an integer in [0, {MAX_TOP_LOGPROBS}]", param="top_logprobs")
+    if not _bool(body, "logprobs"):
+        if top is not None:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        return None
+    return top or 0
+
+
+def _completion_logprobs(body: dict) -> int | None:
+    """Completions: ``logprobs`` is how many alternatives (0..5) besides the chosen token."""
+    value = body.get("logprobs")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COMPLETION_LOGPROBS:
+        raise APIError(400, f"'logprobs' must be an integer in [0, {MAX_COMPLETION_LOGPROBS}]", param="logprobs")
+    return value
+
+
+def _user(body: dict) -> str | None:
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise APIError(400, "'user' must be a string", param="user")
+    return user
 
 
 def _number(body: dict, name: str, default: float, low: float, high: float,
@@ -158,10 +330,10 @@ def _stop(body: dict) -> tuple[str, ...]:
     return tuple(stop)
 
 
-def _bool(body: dict, name: str) -> bool:
+def _bool(body: dict, name: str, *, where: str = "") -> bool:
     value = body.get(name, False)
     if not isinstance(value, bool):
-        raise APIError(400, f"'{name}' must be a boolean", param=name)
+        raise APIError(400, f"'{where}{name}' must be a boolean", param=f"{where}{name}")
     return value
 
 
@@ -172,6 +344,7 @@ def _extension(body: dict) -> dict:
         return {}
     if not isinstance(ext, dict):
         raise APIError(400, "'pdcluster' must be an object", param="pdcluster")
+    refuse_unhonoured({k: v for k, v in ext.items() if v is not None}, EXTENSION_FIELDS, where="pdcluster.")
     return ext
 
 
