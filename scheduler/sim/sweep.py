@@ -22,6 +22,8 @@ import itertools
 import json
 import logging
 import multiprocessing
+import os
+import socket
 import sys
 import tempfile
 import time
@@ -45,6 +47,7 @@ AXES = ("cluster", "model", "policy", "rate", "prompt_tokens")  # grid order: th
 SHARED = frozenset(f.name for f in fields(SimConfig)) - {"cluster", "model", "policies", "rate", "prompt_tokens",
                                                           "trace"}
 MAX_PROBLEMS = 8  # distinct problems listed when a grid is refused
+CONNECT_TIMEOUT_S = 10.0  # a Ray address must accept a TCP connection this soon
 BAD_VALUE = (ValueError, catalog.CatalogError)  # what a bad flag value raises while the driver checks points
 
 
@@ -254,7 +257,7 @@ def run(config: SweepConfig) -> list[dict[str, Any]]:
     grid order. SweepError before anything runs; PointError naming the first point that fails."""
     points = build_points(config)
     where = f"on Ray ({config.ray_address or 'default'})" if config.on_ray else f"in {config.jobs} processes"
-    finished = _on_ray(points, config) if config.on_ray else _in_processes(points, config)
+    finished = _on_ray(_connect_ray(config), points, config) if config.on_ray else _in_processes(points, config)
     rows: dict[int, dict[str, Any]] = {}
     start = time.monotonic()
     with contextlib.closing(finished), tqdm(total=len(points), unit="point", desc="sweep", file=sys.stderr) as bar:
@@ -280,14 +283,21 @@ def _in_processes(points: list[SweepPoint], config: SweepConfig) -> Iterator[tup
             yield index, row
 
 
-def _on_ray(points: list[SweepPoint], config: SweepConfig) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(index, row) as points finish, each point one Ray task (one CPU); ray.wait is bounded by stall_s."""
+def _connect_ray(config: SweepConfig) -> Any:
+    """The ray module, connected to the cluster ``config`` names; SweepError if it cannot be."""
     ray = _import_ray()
+    _check_reachable(config.ray_address)
     try:
         ray.init(address=config.ray_address, logging_level=logging.WARNING)
     except ConnectionError as e:
         raise SweepError(f"--ray: cannot reach a Ray cluster at {config.ray_address or 'the default address'}: "
                          f"{e}") from None
+    return ray
+
+
+def _on_ray(ray: Any, points: list[SweepPoint], config: SweepConfig) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(index, row) as points finish, each point one Ray task (one CPU); ray.wait is bounded by stall_s.
+    Disconnects from Ray (cancelling what is left) when done or failed."""
     pending: dict[Any, SweepPoint] = {}
     try:
         task = ray.remote(num_cpus=1)(run_point)
@@ -310,6 +320,21 @@ def _import_ray() -> Any:
     except ImportError:
         raise SweepError("--ray needs Ray, which is not installed: pip install 'pdcluster[ray]'") from None
     return ray
+
+
+def _check_reachable(address: str | None) -> None:
+    """Fail fast where ray.init would wait forever: a HOST:PORT (given, or RAY_ADDRESS) where nothing listens.
+    ``auto``, ``local`` and ``ray://`` addresses are left to Ray."""
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except OSError as e:
+        raise SweepError(f"--ray: no Ray cluster answers at {address} ({e.strerror or e}); start one there "
+                         "(ray start --head) or give the address of one") from None
 
 
 def _ray_result(ray: Any, ref: Any, point: SweepPoint) -> dict[str, Any]:
