@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_status(sub)
     _add_policy(sub)
+    _add_drain(sub)
     _add_bench(sub)
     from cluster.ray_cli import add_ray_parser
 
@@ -532,33 +533,72 @@ def _add_policy(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_policy(args: argparse.Namespace) -> int:
+    method = "PUT" if args.spec else "GET"
+    reply = admin_call(args.url, args.cluster_key_file, method, "/admin/policy",
+                       {"policy": args.spec} if args.spec else None, expect="policy")
+    print(f"policy: {reply['policy']}" + (f" (built-in: {', '.join(reply['builtin'])})" if "builtin" in reply else ""))
+    return 0
+
+
+def admin_call(url: str, key_file: str | None, method: str, path: str, body: dict | None, *,
+               expect: str, timeout_s: float = 10.0) -> dict:
+    """One call to a running scheduler's keyed admin API (signed with the cluster key); its JSON
+    reply, which must hold ``expect``. ValueError (pdc prints it, exits 2) saying what went wrong."""
     import json
     import urllib.error
     import urllib.request
 
     from cluster.auth import load_cluster_key, sign_call
 
-    key = load_cluster_key(args.cluster_key_file)
-    method = "PUT" if args.spec else "GET"
-    body = json.dumps({"policy": args.spec}).encode() if args.spec else None
+    key = load_cluster_key(key_file)
     request = urllib.request.Request(
-        args.url.rstrip("/") + "/admin/policy", data=body, method=method,
-        headers={"Content-Type": "application/json", "X-PDC-Auth": sign_call(key, f"{method} /admin/policy")},
+        url.rstrip("/") + path, data=json.dumps(body).encode() if body is not None else None, method=method,
+        headers={"Content-Type": "application/json", "X-PDC-Auth": sign_call(key, f"{method} {path}")},
     )
     try:
-        with urllib.request.urlopen(request, timeout=10) as resp:
-            status, body = resp.status, resp.read()
-    except urllib.error.HTTPError as e:  # main() prints ValueErrors as `pdc: error: ...` and exits 2
+        with urllib.request.urlopen(request, timeout=timeout_s) as resp:
+            status, data = resp.status, resp.read()
+    except urllib.error.HTTPError as e:
         raise ValueError(_http_error_message(e.code, e.reason, e.read())) from None
     except OSError as e:  # URLError (refused, unknown host), timeouts
-        raise ValueError(f"cannot reach the scheduler at {args.url}: {getattr(e, 'reason', e)}") from None
+        raise ValueError(f"cannot reach the scheduler at {url}: {getattr(e, 'reason', e)}") from None
     try:
-        reply = json.loads(body)
+        reply = json.loads(data)
     except ValueError:
         reply = None
-    if not isinstance(reply, dict) or "policy" not in reply:
-        raise ValueError(f"{args.url} did not answer as a pdc scheduler: {_http_error_message(status, 'OK', body)}")
-    print(f"policy: {reply['policy']}" + (f" (built-in: {', '.join(reply['builtin'])})" if "builtin" in reply else ""))
+    if not isinstance(reply, dict) or expect not in reply:
+        raise ValueError(f"{url} did not answer as a pdc scheduler: {_http_error_message(status, 'OK', data)}")
+    return reply
+
+
+def _add_drain(sub: argparse._SubParsersAction) -> None:
+    for verb, drain in (("drain", True), ("undrain", False)):
+        p = sub.add_parser(
+            verb, help="take a node out of placement, letting its requests finish" if drain
+            else "let a drained node take requests again",
+            description=(
+                "Drain NODE through the scheduler's keyed admin API: the scheduler places nothing new there, "
+                "the requests it runs finish, and those still running after --timeout move to other nodes "
+                "(a stream continues where it was). The node keeps serving nothing until `pdc undrain NODE`; "
+                "stop or upgrade it meanwhile." if drain else
+                "Undrain NODE through the scheduler's keyed admin API: it takes new requests again."),
+        )
+        p.add_argument("node", help="node id (as `pdc status` or /health lists it)")
+        p.add_argument("--url", default="http://127.0.0.1:8000", help="scheduler URL (default: http://127.0.0.1:8000)")
+        if drain:
+            p.add_argument("--timeout", type=float, default=0.0, metavar="S",
+                           help="seconds the node's requests in flight get before moving elsewhere "
+                                "(default: the worker's --drain-timeout)")
+        _add_key_arg(p)
+        p.set_defaults(run=lambda args, drain=drain: _run_drain(args, drain))
+
+
+def _run_drain(args: argparse.Namespace, drain: bool) -> int:
+    reply = admin_call(args.url, args.cluster_key_file, "POST", "/admin/drain",
+                       {"node": args.node, "drain": drain, "timeout_s": getattr(args, "timeout", 0.0)},
+                       expect="draining")
+    print(f"node {reply['node']}: " + (f"draining, {reply['active_requests']} requests in flight"
+                                       if reply["draining"] else "taking requests"))
     return 0
 
 

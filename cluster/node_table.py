@@ -26,7 +26,8 @@ from cluster.node import NodeInfo
 log = logging.getLogger(__name__)
 
 Probe = Callable[[str], Awaitable[NodeInfo]]
-Health = Callable[[str], Awaitable[bool]]
+# True: healthy; False: failed; a string: healthy but taking no new request (e.g. "draining")
+Health = Callable[[str], Awaitable[bool | str]]
 
 
 class PeerSource(Protocol):
@@ -101,6 +102,8 @@ class NodeTable:
         self._last_ok: dict[str, float] = {}
         # node id -> why the scheduler suspended it; cleared by the node's next passing check or its leaving
         self._suspended: dict[str, str] = {}
+        # node id -> why it takes no new request (a drain), as its last health check said
+        self._draining: dict[str, str] = {}
         self._published: dict[str, NodeInfo] = {}
         self._loop_task: asyncio.Task[None] | None = None
 
@@ -128,6 +131,13 @@ class NodeTable:
     def snapshot(self) -> list[NodeInfo]:
         """Live, admitted nodes sorted by id."""
         return sorted((n for n in self._known().values() if self._is_up(n.node_id)), key=lambda n: n.node_id)
+
+    def node(self, node_id: str) -> NodeInfo | None:
+        """The known node ``node_id``, placeable or not (draining, failing, suspended)."""
+        return self._known().get(node_id)
+
+    def known_ids(self) -> list[str]:
+        return sorted(self._known())
 
     def suspend(self, node_id: str, reason: str) -> None:
         """Take ``node_id`` out of ``snapshot()`` now (``on_change`` fires); its next passing health check re-admits it.
@@ -159,6 +169,8 @@ class NodeTable:
         return {node_id: self._down_reason(node_id) for node_id in self._known() if not self._is_up(node_id)}
 
     def _down_reason(self, node_id: str) -> str:
+        if node_id in self._draining and not self._failing(node_id):
+            return self._draining[node_id]
         if node_id in self._suspended and not self._failing(node_id):
             return f"suspended: {self._suspended[node_id]}"
         now = self.clock()
@@ -256,14 +268,16 @@ class NodeTable:
 
     async def _check(self, node: NodeInfo) -> bool:
         try:
-            return bool(await asyncio.wait_for(self.health(node.grpc_address), self.call_timeout))  # type: ignore[misc]
+            ok = await asyncio.wait_for(self.health(node.grpc_address), self.call_timeout)  # type: ignore[misc]
+            return ok if isinstance(ok, str) else bool(ok)
         except Exception as err:
             log.debug("health check of %s at %s failed: %r", node.node_id, node.grpc_address, err)
             return False
 
-    def _record_health(self, node: NodeInfo, ok: bool) -> bool:
+    def _record_health(self, node: NodeInfo, ok: bool | str) -> bool:
         """Count a check; return True when the node just came back."""
         was_up, was_failing = self._is_up(node.node_id), self._failing(node.node_id)
+        self._set_draining(node.node_id, ok if isinstance(ok, str) else None)
         if ok:
             self._failures[node.node_id] = 0
             self._last_ok[node.node_id] = self.clock()
@@ -284,7 +298,26 @@ class NodeTable:
         return known
 
     def _is_up(self, node_id: str) -> bool:
-        return not self._failing(node_id) and node_id not in self._suspended
+        return not self._failing(node_id) and node_id not in self._suspended and node_id not in self._draining
+
+    def mark_draining(self, node_id: str, reason: str | None) -> None:
+        """Take ``node_id`` out of placement now (``reason``) or put it back (None), ahead of the
+        health check that will say the same; ``on_change`` fires."""
+        self._set_draining(node_id, reason)
+        self._publish()
+
+    def _set_draining(self, node_id: str, reason: str | None) -> None:
+        if reason is None:
+            if self._draining.pop(node_id, None) is not None:
+                log.info("node %s takes requests again", node_id)
+        elif node_id not in self._draining:
+            self._draining[node_id] = reason
+            log.info("node %s is %s: placing nothing new there", node_id, reason)
+
+    @property
+    def draining(self) -> dict[str, str]:
+        """Nodes taking no new request -> why."""
+        return dict(self._draining)
 
     def _failing(self, node_id: str) -> bool:
         return self._failures.get(node_id, 0) >= self.max_failures

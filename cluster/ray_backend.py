@@ -101,13 +101,13 @@ class WorkerActor:
 
     async def _serve(self) -> None:
         from cluster.auth import load_cluster_key
-        from cluster.cli import model_or_default
         from workers.rpc.server import Worker, WorkerConfig
+        from workers.tools.builtin import DEFAULT_MODEL, resolve_model
 
         spec = self.spec
         try:
             config = WorkerConfig(
-                role=spec.role, engine=spec.engine, model=model_or_default(spec.model),
+                role=spec.role, engine=spec.engine, model=resolve_model(spec.model or DEFAULT_MODEL),
                 cluster_key=load_cluster_key(spec.cluster_key_file), host=self._base["node_ip"],
                 node_id=spec.name, model_id=spec.model_id, dtype=spec.dtype, device=spec.device, advertise=False,
             )

@@ -130,16 +130,34 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthReply(_message.Message):
-    __slots__ = ("ok", "active_requests", "active_leases", "reserved_kv_bytes")
+    __slots__ = ("ok", "active_requests", "active_leases", "reserved_kv_bytes", "draining")
     OK_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_LEASES_FIELD_NUMBER: _ClassVar[int]
     RESERVED_KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     active_requests: int
     active_leases: int
     reserved_kv_bytes: int
-    def __init__(self, ok: _Optional[bool] = ..., active_requests: _Optional[int] = ..., active_leases: _Optional[int] = ..., reserved_kv_bytes: _Optional[int] = ...) -> None: ...
+    draining: bool
+    def __init__(self, ok: _Optional[bool] = ..., active_requests: _Optional[int] = ..., active_leases: _Optional[int] = ..., reserved_kv_bytes: _Optional[int] = ..., draining: _Optional[bool] = ...) -> None: ...
+
+class DrainRequest(_message.Message):
+    __slots__ = ("drain", "timeout_s")
+    DRAIN_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    drain: bool
+    timeout_s: float
+    def __init__(self, drain: _Optional[bool] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+
+class DrainReply(_message.Message):
+    __slots__ = ("draining", "active_requests")
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    draining: bool
+    active_requests: int
+    def __init__(self, draining: _Optional[bool] = ..., active_requests: _Optional[int] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling", "kv_host", "kv_port", "transfer_token", "chunk_size", "codec", "skip_tokens")

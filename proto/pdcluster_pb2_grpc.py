@@ -69,6 +69,11 @@ class WorkerStub:
                 request_serializer=proto_dot_pdcluster__pb2.ProbeLinkRequest.SerializeToString,
                 response_deserializer=proto_dot_pdcluster__pb2.ProbeLinkReply.FromString,
                 _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/pdcluster.v1.Worker/Drain',
+                request_serializer=proto_dot_pdcluster__pb2.DrainRequest.SerializeToString,
+                response_deserializer=proto_dot_pdcluster__pb2.DrainReply.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -129,6 +134,15 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Drain(self, request, context):
+        """Stop taking new requests (drain) or take them again (undrain). Requests in
+        flight run on; those still running `timeout_s` after a drain began fail
+        with UNAVAILABLE so that the scheduler moves them to another node.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -166,6 +180,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.ProbeLink,
                     request_deserializer=proto_dot_pdcluster__pb2.ProbeLinkRequest.FromString,
                     response_serializer=proto_dot_pdcluster__pb2.ProbeLinkReply.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=proto_dot_pdcluster__pb2.DrainRequest.FromString,
+                    response_serializer=proto_dot_pdcluster__pb2.DrainReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -357,6 +376,33 @@ class Worker:
             '/pdcluster.v1.Worker/ProbeLink',
             proto_dot_pdcluster__pb2.ProbeLinkRequest.SerializeToString,
             proto_dot_pdcluster__pb2.ProbeLinkReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdcluster.v1.Worker/Drain',
+            proto_dot_pdcluster__pb2.DrainRequest.SerializeToString,
+            proto_dot_pdcluster__pb2.DrainReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -6,16 +6,22 @@ the ``Dispatcher``; this object authenticates and loads specs.
 """
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from cluster.auth import ClusterKey, NonceCache, verify_call
 from scheduler.dispatch import Dispatcher
 from scheduler.policy import load_policy
 
 
-class PolicyAdmin:
-    """The API's ``AdminBackend``: authorize a call, report or switch the dispatcher's policy."""
+DrainNode = Callable[[str, bool, float], Awaitable[dict]]
 
-    def __init__(self, key: ClusterKey, dispatcher: Dispatcher) -> None:
-        self.key, self.dispatcher = key, dispatcher
+
+class PolicyAdmin:
+    """The API's ``AdminBackend``: authorize a call, report or switch the dispatcher's policy,
+    drain or undrain a node (through ``drain``, the service's)."""
+
+    def __init__(self, key: ClusterKey, dispatcher: Dispatcher, drain: DrainNode | None = None) -> None:
+        self.key, self.dispatcher, self._drain = key, dispatcher, drain
         self._nonces = NonceCache()  # tokens already used: a replay is refused
 
     def authorize(self, method: str, token: str | None) -> str | None:
@@ -31,3 +37,9 @@ class PolicyAdmin:
         naming what is wrong leaves the current policy in place."""
         self.dispatcher.use(load_policy(spec), spec)
         return spec
+
+    async def drain_node(self, node_id: str, drain: bool, timeout_s: float) -> dict:
+        """Drain (or undrain) ``node_id``; LookupError for an unknown node."""
+        if self._drain is None:
+            raise LookupError("this scheduler drains no nodes")
+        return await self._drain(node_id, drain, timeout_s)

@@ -96,6 +96,10 @@ class AdminBackend(Protocol):
         """Load and install ``spec`` (a name, module:Class or file.py:Class); ValueError if it cannot."""
         ...
 
+    async def drain_node(self, node_id: str, drain: bool, timeout_s: float) -> dict:
+        """Drain (or undrain) ``node_id``; its state. LookupError: no such node; ValueError: it refused."""
+        ...
+
 
 @dataclass(frozen=True)
 class Security:
@@ -142,6 +146,7 @@ def build_app(backend: Backend, admin: AdminBackend | None = None, *, api_key: s
     app.on_response_prepare.append(_cors_headers)
     app.router.add_get("/admin/policy", _get_policy)
     app.router.add_put("/admin/policy", _put_policy)
+    app.router.add_post("/admin/drain", _post_drain)
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.router.add_post("/v1/completions", _completions)
     app.router.add_get("/v1/models", _models)
@@ -248,6 +253,29 @@ async def _put_policy(request: web.Request) -> web.Response:
         raise APIError(400, message, param="policy") from None
     log.warning("placement policy switched to %s", name)
     return web.json_response({"policy": name})
+
+
+async def _post_drain(request: web.Request) -> web.Response:
+    """``{"node": ID, "drain": true|false, "timeout_s": S}``: take a node out of placement (its requests
+    in flight finish, or fail over after ``timeout_s``) or put it back."""
+    admin = _admin(request)
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise APIError(400, "request body is not valid JSON") from None
+    node, drain = (body.get("node"), body.get("drain", True)) if isinstance(body, dict) else (None, None)
+    timeout_s = body.get("timeout_s", 0) if isinstance(body, dict) else 0
+    if not isinstance(node, str) or not node or not isinstance(drain, bool) \
+            or isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 <= timeout_s < 86400:
+        raise APIError(400, "body must be {\"node\": NODE_ID, \"drain\": true|false, \"timeout_s\": S >= 0}")
+    try:
+        state = await admin.drain_node(node, drain, float(timeout_s))
+    except LookupError as e:
+        raise APIError(404, str(e), param="node") from None
+    except ValueError as e:
+        raise APIError(502, str(e), "upstream_error") from None
+    log.warning("node %s %s by an admin call", node, "draining" if drain else "undrained")
+    return web.json_response(state)
 
 
 async def _models(request: web.Request) -> web.Response:

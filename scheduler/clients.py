@@ -42,12 +42,14 @@ class ClientPool:
         info = await self.at(address).info(timeout=self.info_timeout_s)
         return node_from_info(info, address, source="static")
 
-    async def is_healthy(self, address: str) -> bool:
-        """Whether the worker at ``address`` answers Health ok in time (the node table's check)."""
+    async def is_healthy(self, address: str) -> bool | str:
+        """Whether the worker at ``address`` answers Health ok in time (the node table's check);
+        ``"draining"`` when it does but takes no new request."""
         try:
-            return (await self.at(address).health(timeout=self.health_timeout_s)).ok
+            reply = await self.at(address).health(timeout=self.health_timeout_s)
         except Exception:
             return False
+        return "draining" if reply.ok and reply.draining else reply.ok
 
     async def close(self) -> None:
         """Close every client's channel."""

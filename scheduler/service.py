@@ -111,7 +111,7 @@ class ClusterBackend:
                                 probe_bytes=config.link_probe_bytes, probe_timeout_s=config.link_probe_timeout_s)
         self.dispatcher = Dispatcher(load_policy(config.policy), config.policy, LoadLedger(),
                                      kv_codec=config.kv_codec)
-        self.admin = PolicyAdmin(key, self.dispatcher)
+        self.admin = PolicyAdmin(key, self.dispatcher, drain=self.drain_node)
         self.admission = AdmissionQueue(config.admission)
         self.metrics = SchedulerMetrics(lambda: cluster_sample(self))  # /metrics
         self.table = NodeTable(
@@ -169,6 +169,7 @@ class ClusterBackend:
                        "links": self.links.snapshot(), "policy": self.dispatcher.policy_name,
                        "kv_codec": self.config.kv_codec,
                        "refused": {**self.table.refused, **self.registry.refused(nodes)},
+                       "draining": self.table.draining,
                        "models": [m.model_id for m in self.models()],
                        "admission": self.admission.snapshot()}
 
@@ -347,6 +348,19 @@ class ClusterBackend:
                 self.metrics.record_stats(node.node_id, stats)
                 if stats.prefix_block_tokens in (0, BLOCK_TOKENS):
                     self.dispatcher.prefixes.replace(node.node_id, stats.prefix_blocks)
+
+    async def drain_node(self, node_id: str, drain: bool, timeout_s: float) -> dict:
+        """Ask ``node_id`` to drain (or undrain) and take it out of placement now (or put it back)."""
+        node = self.table.node(node_id)
+        if node is None:
+            raise LookupError(f"no node {node_id!r} (known: {', '.join(self.table.known_ids()) or 'none'})")
+        try:
+            reply = await self.clients.of(node).drain(drain, timeout_s, timeout=self.config.health_interval_s * 5)
+        except Exception as e:
+            details = e.details() if callable(getattr(e, "details", None)) else str(e)
+            raise ValueError(f"node {node_id} did not take the drain call: {details}") from None
+        self.table.mark_draining(node_id, "draining" if reply.draining else None)
+        return {"node": node_id, "draining": reply.draining, "active_requests": reply.active_requests}
 
     def on_node_change(self, node_id: str, node: NodeInfo | None) -> None:
         """The node table's callback: a node left (forget its links) or appeared (learn its model);

@@ -56,6 +56,11 @@ class WorkerClient:
     async def health(self, timeout: float | None = None) -> pb.HealthReply:
         return await self._stub.Health(pb.HealthRequest(), timeout=timeout or self.timeout)
 
+    async def drain(self, drain: bool, timeout_s: float = 0.0, timeout: float | None = None) -> pb.DrainReply:
+        """Drain (``drain=True``; in-flight requests get ``timeout_s``, 0: the worker's own) or undrain."""
+        return await self._stub.Drain(pb.DrainRequest(drain=drain, timeout_s=timeout_s),
+                                      timeout=timeout or self.timeout)
+
     async def stats(self, timeout: float | None = None) -> pb.StatsReply:
         return await self._stub.Stats(pb.StatsRequest(), timeout=timeout or self.timeout)
 

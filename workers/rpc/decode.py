@@ -173,7 +173,7 @@ class DecodeRPC:
         except (Cancelled, StreamCancelled, asyncio.CancelledError) as e:
             if isinstance(e, asyncio.CancelledError) and not active.cancelled.is_set():
                 raise
-            raise RPCFailure(grpc.StatusCode.CANCELLED, "request cancelled") from None
+            raise active.cancelled_failure from None
         except LoopClosed as e:
             raise RPCFailure(grpc.StatusCode.UNAVAILABLE, str(e)) from None
         queue_s = (started[0] if started else arrival) - arrival
@@ -278,7 +278,7 @@ class DecodeRPC:
                     counters.tokens_generated += 1
                     yield _token_event(token, len(tokens) - 1, logprobs)
             except StreamCancelled:
-                raise RPCFailure(grpc.StatusCode.CANCELLED, "request cancelled") from None
+                raise active.cancelled_failure from None
             except LoopClosed as e:
                 raise RPCFailure(grpc.StatusCode.UNAVAILABLE, str(e)) from None
         timings.decode_s = time.monotonic() - started

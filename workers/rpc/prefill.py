@@ -97,7 +97,9 @@ class PrefillRPC:
             state.counters.requests_cancelled += 1
             raise
         except Exception as e:
-            failure = _failure(e, request, cancelled=active is not None and active.cancelled.is_set())
+            cancelled = active is not None and active.cancelled.is_set()
+            failure = active.cancelled_failure if cancelled and active.failure else _failure(e, request,
+                                                                                             cancelled=cancelled)
             state.count_failure(failure.code)
             if failure.code == grpc.StatusCode.INTERNAL:
                 log.exception("request %s: prefill failed", request.request_id)

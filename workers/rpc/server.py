@@ -54,6 +54,8 @@ from workers.rpc.metrics import MeteredServicer, MetricsServer, WorkerMetrics
 from workers.rpc.info import model_info, pdcluster_version
 from workers.rpc.loop import MAX_BATCH, StepLoop
 from workers.rpc.state import ServiceSettings, WorkerState
+from workers.rpc.drain import Drain
+from workers.rpc.servicer import DRAIN_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +115,7 @@ class WorkerConfig:
     advertise: bool = True  # advertise over mDNS (through the discovery hook)
     mdns_interfaces: tuple[str, ...] | None = None  # None: all interfaces
     grace_s: float = 5.0  # shutdown grace for in-flight RPCs
+    drain_timeout_s: float = DRAIN_TIMEOUT_S  # a drain gives requests in flight this long, then fails them over
     metrics_port: int | None = None  # HTTP /metrics on host (--metrics-port); 0 picks a free port; None: off
 
     def __post_init__(self) -> None:
@@ -135,7 +138,7 @@ class WorkerConfig:
         if self.send_mode not in SEND_MODES:
             raise ValueError(f"send_mode must be one of {SEND_MODES}, got {self.send_mode!r}")
         for name in ("lease_s", "queue_deadline_s", "connect_timeout_s", "send_timeout_s", "handshake_timeout_s",
-                     "grace_s"):
+                     "grace_s", "drain_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.prefix_cache_bytes < 0:
@@ -190,6 +193,7 @@ class Worker:
         self.listener: KVListener | None = None
         self.server: aio.Server | None = None
         self.servicer: MeteredServicer | None = None
+        self.drain: Drain | None = None  # once started
         self.metrics: WorkerMetrics | None = None
         self.metrics_server: MetricsServer | None = None  # with config.metrics_port
         self.loop: StepLoop | None = None
@@ -246,8 +250,9 @@ class Worker:
         state = WorkerState(settings, self.engines, self.leases, spec, config.cluster_key, loop=self.loop,
                             prefix_cache=prefix_cache)
         self.metrics = WorkerMetrics(config.node_id, state)
+        self.drain = Drain(state, config.node_id, config.drain_timeout_s)
         self.servicer = MeteredServicer(self.metrics, state, self.model_info, self.profile,
-                                        queue_deadline_s=config.queue_deadline_s)
+                                        queue_deadline_s=config.queue_deadline_s, drain=self.drain)
         self.server = aio.server(interceptors=[AuthServerInterceptor(config.cluster_key)], options=SERVER_OPTIONS)
         pb_grpc.add_WorkerServicer_to_server(self.servicer, self.server)
         try:
@@ -358,12 +363,13 @@ class Worker:
 
 
 async def run_worker(config: WorkerConfig, on_started: OnStarted | None = None) -> None:
-    """Serve until SIGINT or SIGTERM. ``on_started`` is the discovery hook."""
+    """Serve until SIGINT or SIGTERM, then drain (``config.drain_timeout_s``) and stop; a second
+    signal stops at once. ``on_started`` is the discovery hook."""
     worker = Worker(config)
-    stop = asyncio.Event()
+    signals: asyncio.Queue[int] = asyncio.Queue()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, signals.put_nowait, sig)
     undo: Callable[[], Awaitable[None]] | None = None
     try:
         await worker.start()
@@ -373,13 +379,29 @@ async def run_worker(config: WorkerConfig, on_started: OnStarted | None = None) 
               + (f" metrics={worker.metrics_url}" if worker.metrics_url else ""), flush=True)
         if on_started is not None:
             undo = await on_started(worker.node_info())
-        await stop.wait()
+        first = await signals.get()
+        await _drain_until_idle(worker, signal.Signals(first).name, signals)
         log.warning("worker %s: shutting down", config.node_id)
     finally:
         if undo is not None:
             with contextlib.suppress(Exception):
                 await undo()
         await worker.stop()
+
+
+async def _drain_until_idle(worker: Worker, reason: str, signals: asyncio.Queue[int]) -> None:
+    """Drain ``worker`` until nothing is in flight (stragglers fail over at the drain timeout,
+    then get ``grace_s`` to go), or until a second signal."""
+    if worker.drain is None:
+        return
+    worker.drain.start(reason)
+    idle = asyncio.ensure_future(worker.drain.wait_idle(worker.config.drain_timeout_s + worker.config.grace_s))
+    again = asyncio.ensure_future(signals.get())
+    done, _ = await asyncio.wait([idle, again], return_when=asyncio.FIRST_COMPLETED)
+    for task in (idle, again):
+        task.cancel()
+    if again in done:
+        log.warning("worker %s: a second signal: stopping now", worker.config.node_id)
 
 
 # ---------------------------------------------------------------- CLI
@@ -454,6 +476,10 @@ def add_worker_parser(sub: Any, discovery: Discovery | None = None,
                    help="declared peak TFLOPS (overrides --profile and --hardware; default: measured at start-up)")
     p.add_argument("--mem-bw-gbps", type=float, default=None,
                    help="declared memory bandwidth, GB/s (overrides --profile and --hardware; default: measured)")
+    p.add_argument("--drain-timeout", type=float, default=DRAIN_TIMEOUT_S, metavar="S", dest="drain_timeout_s",
+                   help="on SIGTERM/SIGINT (or `pdc drain`) take no new request and give those in flight this long "
+                        "to finish; the rest fail over to other nodes (the scheduler moves them). A second signal "
+                        f"stops at once (default: {DRAIN_TIMEOUT_S:g})")
     p.add_argument("--send-mode", choices=SEND_MODES, default="thread", help="KV sending: sender thread or engine thread")
     p.set_defaults(run=lambda args: run_worker_command(args, discovery, models))
 
@@ -498,7 +524,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         prefix_cache_bytes=args.prefix_cache_bytes, max_batch=args.max_batch,
         interleave_prefill=args.interleave_prefill,
         hardware=declared.hardware or "", tflops=declared.tflops or 0.0, mem_bw_gbps=declared.mem_bw_gbps or 0.0,
-        send_mode=args.send_mode,
+        send_mode=args.send_mode, drain_timeout_s=args.drain_timeout_s,
         peers=tuple(p.strip() for p in args.peers.split(",") if p.strip()),
         advertise=not args.no_advertise,
         mdns_interfaces=tuple(args.mdns_interface) if args.mdns_interface else None,

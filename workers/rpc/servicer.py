@@ -25,6 +25,7 @@ from proto import pdcluster_pb2 as pb
 from proto import pdcluster_pb2_grpc as pb_grpc
 from workers.engines.prefix_cache import PrefixCache
 from workers.rpc.decode import DecodeRPC
+from workers.rpc.drain import Drain
 from workers.kv.probe import (
     DEFAULT_PINGS,
     DEFAULT_PROBE_BYTES,
@@ -40,13 +41,16 @@ from workers.rpc.state import RPCFailure, WorkerState
 
 log = logging.getLogger(__name__)
 
+DRAIN_TIMEOUT_S = 30.0  # pdc worker --drain-timeout default
+
 
 class WorkerServicer(pb_grpc.WorkerServicer):
     """The control plane of one worker over one engine."""
 
     def __init__(self, state: WorkerState, model: pb.ModelInfo, profile: Callable[[], pb.NodeProfile], *,
-                 queue_deadline_s: float = QUEUE_DEADLINE_S) -> None:
+                 queue_deadline_s: float = QUEUE_DEADLINE_S, drain: Drain | None = None) -> None:
         self.state = state
+        self.drain = drain or Drain(state, profile().node_id, DRAIN_TIMEOUT_S)
         self.model = model
         self.profile = profile
         self._prefill = PrefillRPC(state, queue_deadline_s=queue_deadline_s)
@@ -58,7 +62,16 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     async def Health(self, request: pb.HealthRequest, context: aio.ServicerContext) -> pb.HealthReply:
         leases = self.state.leases
         return pb.HealthReply(ok=True, active_requests=len(self.state.active), active_leases=leases.num_active,
-                              reserved_kv_bytes=leases.reserved_bytes)
+                              reserved_kv_bytes=leases.reserved_bytes, draining=self.drain.draining)
+
+    async def Drain(self, request: pb.DrainRequest, context: aio.ServicerContext) -> pb.DrainReply:
+        if not math.isfinite(request.timeout_s) or request.timeout_s < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"timeout_s must be >= 0, got {request.timeout_s}")
+        if request.drain:
+            self.drain.start("asked over the control plane", request.timeout_s)
+        else:
+            self.drain.stop()
+        return pb.DrainReply(draining=self.drain.draining, active_requests=len(self.state.active))
 
     async def Stats(self, request: pb.StatsRequest, context: aio.ServicerContext) -> pb.StatsReply:
         c, leases = self.state.counters, self.state.leases

@@ -85,15 +85,18 @@ class ActiveRequest:
     stream: DecodeStream | None = None  # its place in the decode batch, once it joined
     prefill: PrefillTask | None = None  # its prefill in the step loop, once queued
     pusher: KVPusher | None = None  # a prefill's KV stream, once connected
+    failure: RPCFailure | None = None  # why it was cancelled, when not the caller's own cancel (a drain)
 
     @property
     def cache_key(self) -> str:
         """The engine cache key: prefill and decode of one request may share a worker."""
         return f"{self.request_id}#{self.kind}"
 
-    def cancel(self) -> None:
+    def cancel(self, failure: RPCFailure | None = None) -> None:
         """Stop this request wherever it is: between slices, between tokens,
-        blocked on a stalled KV stream, or waiting for its KV."""
+        blocked on a stalled KV stream, or waiting for its KV. Its RPC fails with
+        ``failure`` (default: CANCELLED, "request cancelled")."""
+        self.failure = self.failure or failure
         self.cancelled.set()
         if self.stream is not None:
             self.stream.cancel()
@@ -102,7 +105,12 @@ class ActiveRequest:
         if self.pusher is not None:
             self.pusher.close()
         if self.lease is not None and self.lease.token is not None and not self.lease.kv.done():
-            self.lease.kv.set_exception(RPCFailure(grpc.StatusCode.CANCELLED, "request cancelled"))
+            self.lease.kv.set_exception(self.cancelled_failure)
+
+    @property
+    def cancelled_failure(self) -> RPCFailure:
+        """What its RPC fails with once cancelled."""
+        return self.failure or RPCFailure(grpc.StatusCode.CANCELLED, "request cancelled")
 
 
 class WorkerState:
@@ -120,6 +128,7 @@ class WorkerState:
         self.prefix_cache = prefix_cache  # None: no prefix reuse on this worker
         self.counters = Counters()
         self.active: dict[tuple[str, str], ActiveRequest] = {}
+        self.draining = ""  # why this worker takes no new request ("" when it does); see workers/rpc/drain.py
 
     async def prefix_lookup(self, prompt: list[int]) -> PrefixHit | None:
         """The longest cached whole-block prefix of ``prompt`` (never all of it),
@@ -166,7 +175,10 @@ class WorkerState:
             return []
 
     def open(self, rid: str, kind: str) -> ActiveRequest:
-        """Register a new request; one Prefill and one Decode per id at most."""
+        """Register a new request; one Prefill and one Decode per id at most; none while draining."""
+        if self.draining:
+            raise RPCFailure(grpc.StatusCode.UNAVAILABLE, f"this worker is draining ({self.draining}): "
+                                                          "it takes no new request")
         if (rid, kind) in self.active:
             raise RPCFailure(grpc.StatusCode.ALREADY_EXISTS, f"request {rid!r} already has a {kind} on this worker")
         active = ActiveRequest(rid, kind)
