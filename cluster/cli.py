@@ -55,6 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if getattr(args, "log_format", "text") != "text":  # pdc serve|worker|up --log-format json
+        from cluster.logs_cmd import use_log_format
+
+        use_log_format(args.log_format)
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
@@ -107,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_status(sub)
     _add_policy(sub)
     _add_drain(sub)
+    from cluster.logs_cmd import add_log_format_arg, add_logs_parser
+    add_logs_parser(sub, admin_call)
     _add_bench(sub)
     from cluster.ray_cli import add_ray_parser
 
@@ -122,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_parsers(sub, commands(parser))
     for name in ("serve", "worker"):
         _add_config_args(commands(parser)[name], name)
+    add_log_format_arg(commands(parser)["worker"])
     return parser
 
 
@@ -355,6 +362,15 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--link-probe-mib", type=float, default=0.0,
                    help="link probe payload in MiB (default: the worker's, 16 MiB; at most 64)")
     _add_admission_args(p, up=False)
+    p.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM or SIGINT, new requests get 503 with Retry-After while those in flight get "
+                        "this long to end; then the rest are cancelled and it exits (default: 30; a second "
+                        "signal stops at once)")
+    p.add_argument("--request-log-size", type=int, default=1000, metavar="N",
+                   help="requests kept for `pdc logs` and /admin/requests (default: 1000)")
+    from cluster.logs_cmd import add_log_format_arg
+
+    add_log_format_arg(p)
     p.set_defaults(run=_run_serve)
 
 
@@ -394,6 +410,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         allowed_origins=_split(args.allowed_origins),
         admission=AdmissionConfig(max_queued=args.max_queued, queue_timeout_s=args.queue_timeout_s,
                                   max_inflight_per_node=args.max_inflight_per_node),
+        drain_timeout_s=args.drain_timeout, request_log_size=args.request_log_size,
     )
     asyncio.run(serve(config, load_cluster_key(args.cluster_key_file)))
     return 0
@@ -419,6 +436,9 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
                    help="the scheduler's KV codec, as for `pdc serve --kv-codec` (default: auto; both local "
                         "workers share this host, so auto sends raw)")
     _add_admission_args(p, up=True)
+    from cluster.logs_cmd import add_log_format_arg
+
+    add_log_format_arg(p)  # this process's and every child's
     p.set_defaults(run=_run_up)
 
 
@@ -433,7 +453,8 @@ def _up_config(args: argparse.Namespace, port: int) -> UpConfig:
                     host=getattr(args, "host", None) or "127.0.0.1",
                     api_key=getattr(args, "api_key", None), max_queued=getattr(args, "max_queued", None),
                     queue_timeout_s=getattr(args, "queue_timeout_s", None),
-                    max_inflight_per_node=getattr(args, "max_inflight_per_node", None))
+                    max_inflight_per_node=getattr(args, "max_inflight_per_node", None),
+                    log_format=getattr(args, "log_format", "text"))
 
 
 def _run_up(args: argparse.Namespace) -> int:
@@ -541,18 +562,21 @@ def _run_policy(args: argparse.Namespace) -> int:
 
 
 def admin_call(url: str, key_file: str | None, method: str, path: str, body: dict | None, *,
-               expect: str, timeout_s: float = 10.0) -> dict:
+               expect: str, timeout_s: float = 10.0, query: dict[str, int] | None = None) -> dict:
     """One call to a running scheduler's keyed admin API (signed with the cluster key); its JSON
-    reply, which must hold ``expect``. ValueError (pdc prints it, exits 2) saying what went wrong."""
+    reply, which must hold ``expect``. ValueError (pdc prints it, exits 2) saying what went wrong.
+    ``query`` goes in the URL (the signature covers the method and path only)."""
     import json
     import urllib.error
+    import urllib.parse
     import urllib.request
 
     from cluster.auth import load_cluster_key, sign_call
 
     key = load_cluster_key(key_file)
     request = urllib.request.Request(
-        url.rstrip("/") + path, data=json.dumps(body).encode() if body is not None else None, method=method,
+        url.rstrip("/") + path + (f"?{urllib.parse.urlencode(query)}" if query else ""),
+        data=json.dumps(body).encode() if body is not None else None, method=method,
         headers={"Content-Type": "application/json", "X-PDC-Auth": sign_call(key, f"{method} {path}")},
     )
     try:

@@ -28,6 +28,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cluster.logs_cmd import LOG_FORMATS
 from workers.engines.registry import (
     DEFAULT_DECODE_ENGINE,
     DEFAULT_PREFILL_ENGINE,
@@ -59,6 +60,7 @@ class UpConfig:
     max_queued: int | None = None
     queue_timeout_s: float | None = None
     max_inflight_per_node: int | None = None
+    log_format: str = "text"  # every child's --log-format (text|json)
     extra_worker_args: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -66,6 +68,8 @@ class UpConfig:
             check_engine(getattr(self, role), role)
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"log_format must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}")
         for name in ("max_queued", "queue_timeout_s", "max_inflight_per_node"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < float("inf"):
@@ -105,7 +109,7 @@ class LocalCluster:
 
     def start(self) -> None:
         """Start the scheduler and both workers, in that order."""
-        common = ["--cluster-key-file", self.key_file]
+        common = ["--cluster-key-file", self.key_file, "--log-format", self.config.log_format]
         mdns = ["--mdns-interface", LOOPBACK]
         # a suffix per launch: two local clusters on one machine (or two machines'
         # `pdc up` on one LAN) must not claim the same mDNS instance names

@@ -31,6 +31,13 @@ failure ends it with one OpenAI-style error event, ``data: {"error": {...}}``
 ends with ``[DONE]`` only when it completed. Client disconnects are told apart
 by type (``ClientGone``, api_stream.py), never by catching ``RuntimeError``.
 
+Requests (``_traced``): every ``POST`` under ``/v1/`` and ``/api/`` is traced
+from its arrival to its last byte and logs one line as it ends, its
+``RequestRecord`` (scheduler/request_log.py), kept for ``GET /admin/requests``.
+While the scheduler drains (scheduler/drain.py), every new request under
+``/v1/`` and ``/api/`` gets 503 ``draining`` with ``Retry-After`` in its
+dialect's shape and ``/health`` says ``"draining"`` (503).
+
 Security (``build_app(api_key=..., allowed_origins=...)``): with an API key,
 every ``/v1/`` and ``/api/`` route wants ``Authorization: Bearer <key>`` (as
 vLLM and OpenAI do) or ``x-api-key: <key>`` (as Anthropic's clients send it) and
@@ -45,6 +52,7 @@ preflight); one from any other origin gets 403.
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -56,6 +64,7 @@ from typing import Protocol
 
 from aiohttp import web
 
+from scheduler.drain import Drain
 from scheduler.policy import POLICIES
 from scheduler.api_stream import Deltas, api_error, collect_text, sse, stream_deltas, text_deltas
 from scheduler.request import (
@@ -67,6 +76,7 @@ from scheduler.request import (
     SchedulerError,
 )
 from scheduler.logprobs import LogprobTap
+from scheduler.request_log import RequestLog, RequestTrace
 from scheduler.tokenizer import ChatTemplateError, PromptCodec
 from scheduler.validation import APIError, ParsedRequest, check_logit_bias, parse_body
 
@@ -78,6 +88,9 @@ SECURITY_KEY = web.AppKey("security", object)
 # path prefix -> how errors on it are rendered (a dialect's shape; OpenAI's elsewhere)
 ERROR_SHAPES_KEY = web.AppKey("error_shapes", dict)
 METRICS_KEY = web.AppKey("metrics", object)  # () -> (Prometheus text, content type); None: no /metrics
+REQUEST_LOG_KEY = web.AppKey("request_log", RequestLog)
+DRAIN_KEY = web.AppKey("drain", object)  # Drain | None (None: this app never drains)
+TRACE_KEY = web.RequestKey("trace", RequestTrace)  # on a traced request
 KEYED_PREFIXES = ("/v1/", "/api/")  # the routes an API key guards
 ADMIN_AUTH_HEADER = "X-PDC-Auth"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -130,15 +143,20 @@ CORS_HEADERS = "Authorization, Content-Type, X-PDC-Auth, X-Api-Key"
 
 def build_app(backend: Backend, admin: AdminBackend | None = None, *, api_key: str | None = None,
               allowed_origins: tuple[str, ...] = (),
-              metrics: Callable[[], tuple[bytes, str]] | None = None) -> web.Application:
-    """The aiohttp application serving ``backend`` (and ``/admin/policy`` when ``admin`` is given).
+              metrics: Callable[[], tuple[bytes, str]] | None = None, request_log: RequestLog | None = None,
+              drain: Drain | None = None) -> web.Application:
+    """The aiohttp application serving ``backend`` (and ``/admin/...`` when ``admin`` is given).
 
     ``api_key``: required on ``/v1/`` and ``/api/`` routes (None or "": open).
-    ``allowed_origins``: the origins CORS admits (``*`` for any; empty: CORS off)."""
+    ``allowed_origins``: the origins CORS admits (``*`` for any; empty: CORS off).
+    ``request_log``: where each request's record goes (the backend's, so its stats join; default: a new one).
+    ``drain``: the scheduler's drain (None: never drains)."""
     from scheduler import api_anthropic, api_ollama, api_responses  # they build on this module
 
-    app = web.Application(middlewares=[_cors_preflight, _errors_in_shape, _api_key_required],
+    app = web.Application(middlewares=[_cors_preflight, _errors_in_shape, _api_key_required, _traced],
                           client_max_size=32 << 20)
+    app[REQUEST_LOG_KEY] = request_log if request_log is not None else RequestLog()
+    app[DRAIN_KEY] = drain
     app[BACKEND_KEY] = backend
     app[ADMIN_KEY] = admin
     app[SECURITY_KEY] = Security(api_key or None, tuple(allowed_origins))
@@ -147,6 +165,7 @@ def build_app(backend: Backend, admin: AdminBackend | None = None, *, api_key: s
     app.router.add_get("/admin/policy", _get_policy)
     app.router.add_put("/admin/policy", _put_policy)
     app.router.add_post("/admin/drain", _post_drain)
+    app.router.add_get("/admin/requests", _get_requests)
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.router.add_post("/v1/completions", _completions)
     app.router.add_get("/v1/models", _models)
@@ -204,13 +223,56 @@ async def _errors_in_shape(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except APIError as e:
         return _error_response(request, e)
-    except SchedulerError as e:
-        log.warning("%s %s failed before the first byte: %s %s", request.method, request.path, e.status, e)
+    except SchedulerError as e:  # a traced request's record says it (_traced)
+        log.debug("%s %s failed before the first byte: %s %s", request.method, request.path, e.status, e)
         return _error_response(request, api_error(e))
     except web.HTTPException as e:
         if e.status >= 400:
             return _error_response(request, APIError(e.status, e.reason or "error", "invalid_request_error"))
         raise
+
+
+@web.middleware
+async def _traced(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse ``/v1/`` and ``/api/`` while draining (503 with ``Retry-After``); trace every ``POST``
+    there from its arrival to its last byte and log its record as it ends (scheduler/request_log.py)."""
+    if not request.path.startswith(KEYED_PREFIXES):
+        return await handler(request)
+    drain: Drain | None = request.app[DRAIN_KEY]
+    if request.method != "POST":
+        if drain is not None and drain.draining:
+            raise drain.refusal()
+        return await handler(request)
+    requests: RequestLog = request.app[REQUEST_LOG_KEY]
+    trace = request[TRACE_KEY] = requests.open(request.path, asyncio.current_task())
+    try:
+        if drain is not None and drain.draining:
+            raise drain.refusal()
+        response = await handler(request)
+        trace.status = response.status
+        return response
+    except APIError as e:
+        trace.failed(e.status, e.code or e.type, e.message)
+        raise
+    except SchedulerError as e:
+        trace.failed(e.status, e.code, e.message)
+        raise
+    except web.HTTPException as e:
+        trace.failed(e.status, "http_error", e.reason or "")
+        raise
+    except asyncio.CancelledError:
+        if trace.cut is not None:  # the drain cut it while it wrote (else: the client went away)
+            trace.failed(trace.cut.status, trace.cut.code, trace.cut.message)
+        raise
+    except Exception as e:
+        trace.failed(500, "internal_error", f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        record = requests.close(trace)
+        if record is not None:  # a server-side failure is a warning; the drain's refusals are expected
+            failed = record.status >= 500 and record.outcome != "draining"
+            log.log(logging.WARNING if failed else logging.INFO, "%s", record.line(),
+                    extra={"request": record.to_json()})
 
 
 def _error_response(request: web.Request, error: APIError) -> web.Response:
@@ -278,6 +340,36 @@ async def _post_drain(request: web.Request) -> web.Response:
     return web.json_response(state)
 
 
+async def _get_requests(request: web.Request) -> web.Response:
+    """``?limit=N&after=SEQ``: the newest ``limit`` request records (default 100) with ``seq`` > ``after``,
+    oldest first; with the requests in flight and whether the scheduler drains."""
+    _admin(request)
+    requests: RequestLog = request.app[REQUEST_LOG_KEY]
+    unknown = sorted(set(request.query) - {"limit", "after"})
+    if unknown:
+        raise APIError(400, f"unknown query parameter {unknown[0]!r}: /admin/requests takes limit and after",
+                       param=unknown[0])
+    limit = _query_int(request, "limit", min(100, requests.size), 1, requests.size,
+                       f"the scheduler keeps the last {requests.size} (pdc serve --request-log-size)")
+    after = _query_int(request, "after", 0, 0, None, "")
+    drain: Drain | None = request.app[DRAIN_KEY]
+    return web.json_response({"requests": [r.to_json() for r in requests.recent(limit, after)],
+                              "size": requests.size, "recorded": requests.num_recorded,
+                              "in_flight": requests.num_open, "draining": bool(drain and drain.draining)})
+
+
+def _query_int(request: web.Request, name: str, default: int, low: int, high: int | None, why: str) -> int:
+    """Query parameter ``name`` as an integer in [low, high]; 400 naming it otherwise."""
+    text = request.query.get(name)
+    if text is None:
+        return default
+    value = int(text) if text.isdigit() else None
+    if value is None or value < low or (high is not None and value > high):
+        bound = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+        raise APIError(400, f"'{name}' must be {bound}, got {text!r}" + (f": {why}" if why else ""), param=name)
+    return value
+
+
 async def _models(request: web.Request) -> web.Response:
     backend: Backend = request.app[BACKEND_KEY]
     return web.json_response({"object": "list", "data": [_model_json(m) for m in backend.models()]})
@@ -301,9 +393,12 @@ def _model_json(m: ModelEntry) -> dict:
 async def _health(request: web.Request) -> web.Response:
     """Open to anyone; the details (nodes, addresses, load) only with the API key, when there is one."""
     ready, details = request.app[BACKEND_KEY].health()
+    details["requests_in_flight"] = request.app[REQUEST_LOG_KEY].num_open
     if not request.app[SECURITY_KEY].authorized(request):
         details = {}
-    return web.json_response({"status": "ok" if ready else "unavailable", **details}, status=200 if ready else 503)
+    drain: Drain | None = request.app[DRAIN_KEY]
+    status = "draining" if drain is not None and drain.draining else "ok" if ready else "unavailable"
+    return web.json_response({"status": status, **details}, status=200 if status == "ok" else 503)
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -349,18 +444,26 @@ def start_generation(request: web.Request, parsed: ParsedRequest, arrived: float
     Nothing runs until the deltas are iterated; closing them cancels the request.
     ``logprobs`` keeps every token for rendering its logprobs (``parsed.logprobs``)."""
     backend: Backend = request.app[BACKEND_KEY]
+    trace = request.get(TRACE_KEY)
+    if trace is not None:
+        trace.model = parsed.model
     codec = backend.codec_for(parsed.model)
     if codec is None:
         raise APIError(404, f"The model '{parsed.model}' does not exist or no node serves it", "invalid_request_error",
                        param="model", code="model_not_found")
     gen = _to_generation(parsed, codec, backend, arrived)
-    log.info("request %s: %s model=%s prompt=%d tokens max_tokens=%d stream=%s%s", gen.request_id, request.path,
-             parsed.model, len(gen.prompt_token_ids), gen.max_tokens, parsed.stream,
-             f" user={gen.user!r}" if gen.user is not None else "")
+    # the request's one INFO line is its record, as it ends (_traced)
+    log.debug("request %s: %s model=%s prompt=%d tokens max_tokens=%d stream=%s%s", gen.request_id, request.path,
+              parsed.model, len(gen.prompt_token_ids), gen.max_tokens, parsed.stream,
+              f" user={gen.user!r}" if gen.user is not None else "")
     events = backend.generate(gen)
     if logprobs is not None:
         events = logprobs.wrap(events, codec)
-    return gen, text_deltas(events, codec, parsed.stop, len(gen.prompt_token_ids))
+    deltas = text_deltas(events, codec, parsed.stop, len(gen.prompt_token_ids))
+    if trace is None:
+        return gen, deltas
+    request.app[REQUEST_LOG_KEY].started(trace, gen, parsed.stream)
+    return gen, trace.watch(deltas)
 
 
 def _to_generation(parsed: ParsedRequest, codec: PromptCodec, backend: Backend, arrived: float) -> GenerationRequest:

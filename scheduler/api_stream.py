@@ -165,10 +165,10 @@ async def stream_deltas(request: web.Request, deltas: Deltas, shape: StreamShape
             if delta:
                 await _send(response, shape.delta(delta))
             item = await anext(deltas, None)
-    except ClientGone as e:
-        log.info("request %s: client disconnected (%s); cancelling", request_id, e.__cause__)
+    except ClientGone as e:  # the request's record (api.py, _traced) says how it ended
+        log.debug("request %s: client disconnected (%s); cancelling", request_id, e.__cause__)
     except SchedulerError as e:
-        log.warning("request %s: failed mid-stream: %s", request_id, e)
+        log.debug("request %s: failed mid-stream: %s", request_id, e)
         closing = shape.failure(api_error(e))
     except Exception as e:  # a bug, not a worker: still never a silent end
         log.exception("request %s: failed mid-stream", request_id)

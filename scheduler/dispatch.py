@@ -113,9 +113,10 @@ class Dispatcher:
                           predicted_prefill_s(request, view, prefill_on))
         counted = (self.policy_name, "colocated" if placement.colocated else "disaggregated")
         self.num_placements[counted] = self.num_placements.get(counted, 0) + 1
-        log.info("request %s: prefill=%s decode=%s codec=%s (policy %s)", request.request_id,
-                 placement.prefill_node or f"{placement.decode_node} (colocated)", placement.decode_node,
-                 placement.codec, self.policy_name)
+        # debug: the request's one INFO line (its record, as it ends) names its placement
+        log.debug("request %s: prefill=%s decode=%s codec=%s (policy %s)", request.request_id,
+                  placement.prefill_node or f"{placement.decode_node} (colocated)", placement.decode_node,
+                  placement.codec, self.policy_name)
         return placement
 
     def prefill_done(self, request_id: str) -> None:

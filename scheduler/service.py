@@ -12,7 +12,9 @@ HTTP API:
 * ``PolicyAdmin`` (scheduler/admin.py): ``/admin/policy``;
 * ``AdmissionQueue`` (scheduler/admission.py): requests no node has room for, waiting in order;
 * ``run_request`` (scheduler/lifecycle.py): one request across its workers;
-* ``SchedulerMetrics`` (scheduler/metrics.py): ``/metrics``, each request observed once as it ends.
+* ``SchedulerMetrics`` (scheduler/metrics.py): ``/metrics``, each request observed once as it ends;
+* ``RequestLog`` (scheduler/request_log.py): the requests in flight, each one's log line as it ends,
+  the last N for ``/admin/requests``; ``Drain`` (scheduler/drain.py): ``serve``'s stop on SIGTERM/SIGINT.
 
 No weights are loaded here, so this runs on a NAS or a Pi. This module and the
 ones it composes are the scheduler's only contact with gRPC and zeroconf.
@@ -24,6 +26,7 @@ import contextlib
 import dataclasses
 import ipaddress
 import logging
+import math
 import signal
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -40,6 +43,7 @@ from scheduler.admission import AdmissionConfig, AdmissionQueue, NoRoomError, Tu
 from scheduler.api import build_app
 from scheduler.clients import ClientPool
 from scheduler.dispatch import Dispatcher
+from scheduler.drain import CUT_GRACE_S, Drain
 from scheduler.lifecycle import LifecycleConfig, continuation, run_request, with_fixed_seed
 from scheduler.load import LoadLedger
 from scheduler.metrics import SchedulerMetrics, cluster_sample
@@ -60,6 +64,7 @@ from scheduler.request import (
     check_kv_codec,
     mean_tpot_s,
 )
+from scheduler.request_log import RequestLog
 from scheduler.tokenizer import PromptCodec
 
 log = logging.getLogger(__name__)
@@ -87,9 +92,15 @@ class SchedulerConfig:
     allowed_origins: tuple[str, ...] = ()  # CORS origins ("*": any); empty: CORS off
     max_migrations: int = 2  # moves of one stream to another node after its first token
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    drain_timeout_s: float = 30.0  # after the first SIGTERM/SIGINT, requests in flight get this long to end
+    request_log_size: int = 1000  # request records kept for /admin/requests (pdc logs)
 
     def __post_init__(self) -> None:
         check_kv_codec(self.kv_codec, "kv_codec")
+        if not math.isfinite(self.drain_timeout_s) or self.drain_timeout_s < 0:
+            raise ValueError(f"drain_timeout_s must be a finite number >= 0, got {self.drain_timeout_s}")
+        if self.request_log_size < 1:
+            raise ValueError(f"request_log_size must be >= 1, got {self.request_log_size}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.max_migrations < 0:
@@ -114,6 +125,7 @@ class ClusterBackend:
         self.admin = PolicyAdmin(key, self.dispatcher, drain=self.drain_node)
         self.admission = AdmissionQueue(config.admission)
         self.metrics = SchedulerMetrics(lambda: cluster_sample(self))  # /metrics
+        self.requests = RequestLog(config.request_log_size)  # in flight, and the last N records
         self.table = NodeTable(
             key.fingerprint, use_mdns=config.mdns,
             interfaces=list(config.mdns_interfaces) if config.mdns_interfaces else None,
@@ -209,11 +221,11 @@ class ClusterBackend:
                     if attempt.streamed():  # a node failed a running stream: recover as from any failure
                         self._recover(attempt, e)
                     elif e.node and not isinstance(e, NoRoomError):  # one node is full: try the others now
-                        log.info("request %s: %s; placing it elsewhere", request.request_id, e)
+                        log.debug("request %s: %s; placing it elsewhere", request.request_id, e)
                         attempt.refused(e)
                     else:
-                        log.info("request %s: waiting for room (%d queued): %s", request.request_id,
-                                 len(self.admission), e)
+                        log.debug("request %s: waiting for room (%d queued): %s", request.request_id,
+                                  len(self.admission), e)
                         await turn.wait(e.message, running=bool(attempt.sent))
                         attempt.woke()
                 except SchedulerError as e:
@@ -223,7 +235,9 @@ class ClusterBackend:
             raise
         finally:
             turn.close()
-            self.metrics.observe_request(request.model, *attempt.outcome(ended))  # once per request
+            outcome, stats = attempt.outcome(ended)
+            self.metrics.observe_request(request.model, outcome, stats)  # once per request
+            self.requests.ended(request.request_id, outcome, stats)  # joins the request's record
 
     def _recover(self, attempt: _Attempts, error: SchedulerError) -> None:
         """Set up the recovery from ``error`` (placing again, or migrating the stream), or raise it."""
@@ -249,7 +263,8 @@ class ClusterBackend:
                 else:
                     stats = attempt.merged_stats(event.stats)
                     stats = dataclasses.replace(stats, queue_s=stats.queue_s + turn.queued_s)
-                    log.info("request %s: done (%s) %s", request.request_id, event.finish_reason, describe(stats))
+                    # its INFO line is its record, logged by the API as the response ends
+                    log.debug("request %s: done (%s) %s", request.request_id, event.finish_reason, describe(stats))
                     attempt.finished = FinishEvent(event.finish_reason, stats)
                     yield attempt.finished
                     return
@@ -459,9 +474,10 @@ class _Attempts:
                               grpc_code=original.grpc_code)
 
     def outcome(self, ended: BaseException | None) -> tuple[str, RequestStats]:
-        """How the request ended, with its record, for the metrics: its finish reason and whole
-        record once it finished; else the failure's code ("abort": closed before its end, e.g. the
-        client went away) and what is known (its latest placement, the tokens sent)."""
+        """How the request ended, with its record, for the metrics and the request log: its finish
+        reason and whole record once it finished; else the failure's code ("abort": closed before its
+        end, e.g. the client went away) and what is known (its latest placement and codec, the tokens
+        sent, and from the first token on its TTFT, TPOT and E2E so far)."""
         if self.finished is not None:
             return self.finished.finish_reason, self.finished.stats
         if isinstance(ended, SchedulerError):
@@ -470,11 +486,15 @@ class _Attempts:
             outcome = "abort" if ended is None or isinstance(ended, (GeneratorExit, asyncio.CancelledError)) \
                 else "internal_error"
         placement = self.placement
+        arrived, first, last = self.request.arrived_at, self.first_token_at, self.last_token_at or 0.0
+        times = {} if not arrived or first is None else {
+            "ttft_s": first - arrived, "e2e_s": last - arrived, "tpot_s": mean_tpot_s(first, last, len(self.sent))}
         return outcome, RequestStats(
             request_id=self.request.request_id, prompt_tokens=len(self.request.prompt_token_ids),
             prefill_node=(placement.prefill_node or placement.decode_node) if placement else "",
             decode_node=placement.decode_node if placement else "", completion_tokens=len(self.sent),
-            migrations=self.migrations)
+            kv_codec=placement.codec if placement and not placement.colocated else None,
+            migrations=self.migrations, **times)
 
     def merged_stats(self, last: RequestStats) -> RequestStats:
         """The record of the whole request from its last attempt's: original id and prompt,
@@ -536,12 +556,16 @@ def node_json(node: NodeInfo, active: int) -> dict:
 
 
 async def serve(config: SchedulerConfig, key: ClusterKey) -> None:
-    """Run until SIGINT/SIGTERM."""
+    """Run until SIGINT/SIGTERM, then drain (scheduler/drain.py): new requests get 503, the ones in
+    flight run to their end within ``config.drain_timeout_s``; a second signal stops at once."""
     backend = ClusterBackend(config, key)
     await backend.start()
+    drain = Drain(backend.requests, config.drain_timeout_s)
     app = build_app(backend, admin=backend.admin, api_key=config.api_key, allowed_origins=config.allowed_origins,
-                    metrics=backend.metrics.exposition)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+                    metrics=backend.metrics.exposition, request_log=backend.requests, drain=drain)
+    # the drain waits for requests itself; what is left after it (the last bytes, idle keep-alive
+    # connections) gets CUT_GRACE_S before aiohttp cancels it
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=CUT_GRACE_S)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)
     await site.start()
@@ -551,12 +575,17 @@ async def serve(config: SchedulerConfig, key: ClusterKey) -> None:
     warning = exposure_warning(config)
     if warning:
         log.warning("%s", warning)
-    stop = asyncio.Event()
+    stop, stop_now = asyncio.Event(), asyncio.Event()
+
+    def on_signal() -> None:  # the first signal drains, a second one stops at once
+        (stop_now if stop.is_set() else stop).set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     try:
         await stop.wait()
+        await drain.run(stop_now)
     finally:
         log.warning("scheduler shutting down")
         await runner.cleanup()

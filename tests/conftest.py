@@ -430,6 +430,45 @@ class ServerThread:
         self.thread.join(10)
 
 
+class WorkersThread:
+    """In-process workers serving from a background event loop, for synchronous tests that
+    drive ``pdc serve`` processes (``addresses`` go to its ``--peers``): real gRPC and KV
+    ports on 127.0.0.1 without a process start-up per worker."""
+
+    def __init__(self, *configs: WorkerConfig) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.workers = [Worker(c) for c in configs]
+        try:
+            self._call(self._start(), READY_S)
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def addresses(self) -> list[str]:
+        return [w.grpc_address for w in self.workers]
+
+    async def _start(self) -> None:
+        for worker in self.workers:  # one after another: engine imports are not thread-safe
+            await worker.start()
+
+    async def _stop(self) -> None:
+        for worker in self.workers:
+            await worker.stop()
+
+    def _call(self, coro: Any, timeout: float) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        try:
+            self._call(self._stop(), 30)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+
+
 @pytest.fixture()
 def backend(codec: PromptCodec) -> FakeBackend:
     return FakeBackend(codec)
