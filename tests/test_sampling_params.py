@@ -244,6 +244,31 @@ def test_requests_with_different_penalties_in_one_batch_each_draw_what_they_draw
     assert all(lp is None for _, lp in batched["plain"] + batched["pres"])
 
 
+def test_a_request_with_logprobs_joining_a_running_batch_gets_its_own_tokens_logprobs(engine) -> None:
+    # mlx samples one step ahead of the token it hands out: the logprobs must still belong to that token
+    asks = SamplingParams(max_tokens=10, frequency_penalty=1.0, logprobs=True, top_logprobs=3)
+    want = _alone(engine, REPETITIVE, asks)
+    result = engine.prefill("running", OTHER, lambda s: None)
+    engine.add("running", draw(result.logits, SamplingParams(), 0)[0], SamplingParams(max_tokens=6))
+    got: list[tuple[int, TokenLogprobs | None]] = []
+    for step in range(MAX_STEPS):
+        if step == 3:  # joins while "running" decodes, which leaves before it ends
+            result = engine.prefill("joiner", REPETITIVE, lambda s: None)
+            got.append(draw(result.logits, asks, 0))
+            engine.add("joiner", got[0][0], asks)
+        if not engine.running():
+            break
+        tokens, logprobs = engine.step(), engine.step_logprobs()
+        assert "running" not in logprobs  # it did not ask
+        if "joiner" in tokens:
+            got.append((tokens["joiner"], logprobs["joiner"]))
+    for rid in ("running", "joiner"):
+        engine.release(rid)
+    assert _tokens(got) == _tokens(want)
+    for (_, a), (_, b) in zip(got, want, strict=True):
+        assert [i for i, _ in a.top] == [i for i, _ in b.top] and a.logprob == pytest.approx(b.logprob, abs=1e-5)
+
+
 def test_a_penalized_stream_continued_elsewhere_goes_on_as_if_never_interrupted(engine) -> None:
     params = SamplingParams(max_tokens=18, frequency_penalty=1.0, presence_penalty=0.5)
     whole = _tokens(_alone(engine, REPETITIVE, params))
