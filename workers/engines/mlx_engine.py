@@ -254,16 +254,15 @@ class MLXEngine:
         cache = self._cache_of(request_id)
         if is_last(first_token, 0, params):
             raise ValueError(f"request {request_id!r} has nothing to generate after its first token")
-        decoding = _Decoding(-1, params, num_prompt=cache[-1].offset)
+        logprobs: collections.deque[TokenLogprobs] = collections.deque()
         sampler = self._greedy
         if not params.is_plain_greedy:
-            sampler = _row_sampler(self._tap, TokenSampler(params, first_step, (*history, first_token)),
-                                   decoding.logprobs)
+            sampler = _row_sampler(self._tap, TokenSampler(params, first_step, (*history, first_token)), logprobs)
         stops = StopSequences([(token,) for token in params.stop_token_ids])
-        (decoding.uid,) = self._generator.insert([[first_token]], max_tokens=[params.max_tokens - 1],
-                                                 caches=[cache], samplers=[sampler], stop_sequences=[stops])
-        self._decoding[request_id] = decoding
-        self._by_uid[decoding.uid] = request_id
+        (uid,) = self._generator.insert([[first_token]], max_tokens=[params.max_tokens - 1], caches=[cache],
+                                        samplers=[sampler], stop_sequences=[stops])
+        self._decoding[request_id] = _Decoding(uid, params, num_prompt=cache[-1].offset, logprobs=logprobs)
+        self._by_uid[uid] = request_id
         self._caches[request_id] = None
 
     def step(self) -> dict[str, int]:
