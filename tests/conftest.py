@@ -491,6 +491,7 @@ class FakeTable:
         self.nodes = nodes
         self.suspended: dict[str, str] = {}
         self.refused: dict[str, str] = {}
+        self.draining: dict[str, str] = {}
 
     def snapshot(self) -> list:
         return [n for n in self.nodes if n.node_id not in self.suspended]
