@@ -65,6 +65,7 @@ def use_log_format(name: str) -> None:
     formatter = JsonFormatter() if name == "json" else logging.Formatter(TEXT_FORMAT)
     for handler in logging.getLogger().handlers:
         handler.setFormatter(formatter)
+    logging.captureWarnings(name == "json")  # a Python warning becomes a JSON line too, not raw text
 
 
 # ---------------------------------------------------------------- pdc logs
@@ -158,8 +159,8 @@ def show(records: list[dict], as_json: bool) -> None:
 
 def row(r: dict) -> str:
     """One request as a table row (times in seconds)."""
-    def secs(value: float | None) -> str:
-        return "-" if value is None else f"{value:.3f}"
+    def secs(value: float | None, digits: int = 3) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
 
     if r.get("placement") == "colocated":
         where = f"{r['decode_node']} (colocated)"
@@ -172,7 +173,7 @@ def row(r: dict) -> str:
     return _row([
         time.strftime("%H:%M:%S", time.localtime(r["ts"])), r.get("request_id") or "-", r.get("route", ""),
         str(r.get("status", "")), r.get("outcome", ""), where, secs(r.get("queue_s")) if placed else "-",
-        secs(r.get("ttft_s")) if r.get("completion_tokens") else "-", secs(r.get("tpot_s")),
+        secs(r.get("ttft_s")) if r.get("completion_tokens") else "-", secs(r.get("tpot_s"), 4),
         secs(r.get("e2e_s")) if r.get("completion_tokens") else "-",
         f"{r.get('prompt_tokens', 0)}+{r.get('completion_tokens', 0)}",
         error if len(error) <= 80 else error[:77] + "...",
