@@ -87,7 +87,7 @@ def add_logs_parser(sub: argparse._SubParsersAction, admin_call: AdminCall) -> N
     p.add_argument("--follow", "-f", action="store_true",
                    help="then keep printing new requests as they end, until Ctrl-C or until the scheduler "
                         f"stops answering ({FOLLOW_MISSES} failed polls in a row)")
-    p.add_argument("--interval", type=float, default=1.0, metavar="S",
+    p.add_argument("--interval", type=float, default=None, metavar="S",
                    help="seconds between polls with --follow (default: 1)")
     p.add_argument("--cluster-key-file", default=None,
                    help="cluster key (default: $PDC_CLUSTER_KEY, then `pdc init`'s file)")
@@ -98,6 +98,9 @@ def run_logs(args: argparse.Namespace, admin_call: AdminCall) -> int:
     """``pdc logs``: the last ``-n`` requests, then with ``--follow`` every newer one."""
     if args.num < 1:
         raise ValueError(f"-n must be >= 1, got {args.num}")
+    if args.interval is not None and not args.follow:
+        raise ValueError("--interval sets how often --follow polls: give --follow too")
+    args.interval = 1.0 if args.interval is None else args.interval
     if not 0.1 <= args.interval <= 3600:
         raise ValueError(f"--interval must be in [0.1, 3600] seconds, got {args.interval}")
 

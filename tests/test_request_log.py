@@ -34,7 +34,7 @@ from conftest import (
 )
 
 from cluster.auth import generate_key, sign_call, write_config
-from cluster.cli import build_parser
+from cluster.cli import build_parser, main
 from cluster.launcher import LocalCluster, UpConfig
 from cluster.logs_cmd import JsonFormatter, row, use_log_format
 from scheduler.api import build_app
@@ -228,6 +228,14 @@ def test_log_format_reaches_every_service_process(tmp_path: Path, monkeypatch: p
     finally:
         root.removeHandler(handler)
         logging.captureWarnings(False)
+
+
+def test_pdc_logs_refuses_flags_it_would_not_honour(capsys: pytest.CaptureFixture) -> None:
+    assert main(["logs", "--interval", "2"]) == 2  # polls happen only with --follow
+    assert "give --follow too" in capsys.readouterr().err
+    assert main(["logs", "-n", "0"]) == 2
+    assert main(["logs", "--follow", "--interval", "0"]) == 2
+    assert "--interval must be in [0.1, 3600]" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- a real pdc serve, read with pdc logs
