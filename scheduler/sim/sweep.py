@@ -256,7 +256,8 @@ def run(config: SweepConfig) -> list[dict[str, Any]]:
     """Check every point, run them (local processes or Ray tasks), and return their rows in
     grid order. SweepError before anything runs; PointError naming the first point that fails."""
     points = build_points(config)
-    where = f"on Ray ({config.ray_address or 'default'})" if config.on_ray else f"in {config.jobs} processes"
+    processes = f"{config.jobs} process" + ("es" if config.jobs > 1 else "")
+    where = f"on Ray ({config.ray_address or 'default'})" if config.on_ray else f"in {processes}"
     finished = _on_ray(_connect_ray(config), points, config) if config.on_ray else _in_processes(points, config)
     rows: dict[int, dict[str, Any]] = {}
     start = time.monotonic()
@@ -264,7 +265,8 @@ def run(config: SweepConfig) -> list[dict[str, Any]]:
         for index, row in finished:
             rows[index] = row
             bar.update()
-    print(f"swept {len(points)} points in {time.monotonic() - start:.1f} s {where}", file=sys.stderr)
+    print(f"swept {len(points)} point{'s' if len(points) > 1 else ''} in {time.monotonic() - start:.1f} s {where}",
+          file=sys.stderr)
     return [rows[point.index] for point in points]
 
 
@@ -286,12 +288,13 @@ def _in_processes(points: list[SweepPoint], config: SweepConfig) -> Iterator[tup
 def _connect_ray(config: SweepConfig) -> Any:
     """The ray module, connected to the cluster ``config`` names; SweepError if it cannot be."""
     ray = _import_ray()
-    _check_reachable(config.ray_address)
+    _check_reachable(_dialled_address(ray, config.ray_address))
     try:
         ray.init(address=config.ray_address, logging_level=logging.WARNING)
-    except ConnectionError as e:
-        raise SweepError(f"--ray: cannot reach a Ray cluster at {config.ray_address or 'the default address'}: "
-                         f"{e}") from None
+    except (ConnectionError, RuntimeError) as e:
+        raise SweepError(f"--ray: cannot join the Ray cluster at {config.ray_address or 'the default address'}: "
+                         f"{e}. If it uses token authentication, set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN "
+                         "(or RAY_AUTH_TOKEN_PATH) here too") from None
     return ray
 
 
@@ -322,12 +325,26 @@ def _import_ray() -> Any:
     return ray
 
 
+def _dialled_address(ray: Any, address: str | None) -> str | None:
+    """The GCS HOST:PORT that ``ray.init(address)`` will dial: the one given, RAY_ADDRESS, or the cluster
+    of the last ``ray start`` here; None when Ray will start a cluster of its own or use a ray:// client.
+    This is Ray's own resolver (private: the function ray.init calls), so the one version-specific call."""
+    if address and "://" in address:
+        return None
+    resolve = getattr(getattr(getattr(ray, "_private", None), "services", None),
+                      "canonicalize_bootstrap_address", None)
+    if resolve is None:  # another Ray: probe what was given
+        return address or os.environ.get("RAY_ADDRESS") or None
+    try:
+        return resolve(address)
+    except (ConnectionError, ValueError) as e:  # auto and no cluster running here; a malformed address
+        raise SweepError(f"--ray {address or ''}: {e}".replace(" :", ":")) from None
+
+
 def _check_reachable(address: str | None) -> None:
-    """Fail fast where ray.init would wait forever: a HOST:PORT (given, or RAY_ADDRESS) where nothing listens.
-    ``auto``, ``local`` and ``ray://`` addresses are left to Ray."""
-    address = address or os.environ.get("RAY_ADDRESS", "")
-    host, _, port = address.rpartition(":")
-    if "://" in address or not host or not port.isdigit():
+    """Fail fast where ray.init would wait forever: a HOST:PORT where nothing listens."""
+    host, _, port = (address or "").rpartition(":")
+    if not host or not port.isdigit():
         return
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S):
