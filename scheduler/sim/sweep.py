@@ -43,7 +43,6 @@ from scheduler.sim.cli import PolicyRun, SimConfig, resolve, run_policy, workloa
 from scheduler.sim.engine import build_cluster
 from scheduler.sim.report import _format, _s
 
-AXES = ("cluster", "model", "policy", "rate", "prompt_tokens")  # grid order: the last varies fastest
 SHARED = frozenset(f.name for f in fields(SimConfig)) - {"cluster", "model", "policies", "rate", "prompt_tokens",
                                                           "trace"}
 MAX_PROBLEMS = 8  # distinct problems listed when a grid is refused
