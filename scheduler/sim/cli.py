@@ -255,20 +255,20 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also write the JSON object to this file (with --sweep: axes, settings and a row per point)")
     p.add_argument("--plot", type=Path, default=None,
                    help="write a PNG of p50 TTFT and E2E against prompt length or request rate (needs matplotlib)")
-    sweep = p.add_argument_group(
+    group = p.add_argument_group(
         "sweeps", "--sweep runs every combination of the comma-separated values of --cluster, --model, --policy, "
         "--rate and --prompt-tokens (the last varies fastest), one seeded simulation of one policy per point, "
         "and prints a row per point (docs/ray.md). Cluster files and config.json models are read here and "
         "shipped as data; a module:Class or file.py:Class policy must be importable where points run (on Ray: "
         "installed on every node, or the .py file at the same absolute path).")
-    sweep.add_argument("--sweep", action="store_true", help="run the grid of the comma-separated values")
-    sweep.add_argument("--jobs", type=int, default=None,
+    group.add_argument("--sweep", action="store_true", help="run the grid of the comma-separated values")
+    group.add_argument("--jobs", type=int, default=None,
                        help=f"local worker processes (default: the CPU count, {os.cpu_count()} here)")
-    sweep.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDR",
+    group.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDR",
                        help="run each point as a Ray task (pip install 'pdcluster[ray]'): ADDR is ray.init's "
                             "address (HOST:PORT, ray://HOST:PORT, auto or local); without ADDR, Ray's default "
                             "(RAY_ADDRESS, else a running local cluster, else a new local one)")
-    sweep.add_argument("--point-timeout", type=float, default=None, metavar="S",
+    group.add_argument("--point-timeout", type=float, default=None, metavar="S",
                        help="stop the sweep with an error when no point has finished for S seconds (default: 600)")
 
 
@@ -291,10 +291,12 @@ def _split(text: str) -> tuple[str, ...]:
 
 
 def _one(values: tuple | None, flag: str) -> Any:
-    """The single value of a flag that takes several only with --sweep."""
-    if values is None or len(values) == 1:
-        return values and values[0]
-    raise ValueError(f"{flag} takes one value; several ({', '.join(map(str, values))}) need --sweep")
+    """The single value (or None) of a flag that takes several only with --sweep."""
+    if values is None:
+        return None
+    if len(values) > 1:
+        raise ValueError(f"{flag} takes one value; several ({', '.join(map(str, values))}) need --sweep")
+    return values[0]
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -367,8 +369,9 @@ def run_sweep(args: argparse.Namespace) -> int:
     config = grid.SweepConfig(
         clusters=_split(args.cluster), models=_split(args.model), policies=_split(args.policy),
         rates=args.rate or (None,), prompt_tokens=args.prompt_tokens, shared=_settings(args),
-        jobs=args.jobs or os.cpu_count() or 1, on_ray=args.ray is not None, ray_address=args.ray or None,
-        stall_s=args.point_timeout or 600.0,
+        jobs=(os.cpu_count() or 1) if args.jobs is None else args.jobs,
+        on_ray=args.ray is not None, ray_address=args.ray or None,
+        stall_s=600.0 if args.point_timeout is None else args.point_timeout,
     )
     try:
         rows = grid.run(config)
