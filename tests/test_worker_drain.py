@@ -137,7 +137,7 @@ def cluster(make_tiny_model: Any, tmp_path: Path) -> Any:
     workers = {"prefill": start_worker_process("prefill", "torch", model, key_file, tmp_path / "p.log")}
     for name in ("decode-a", "decode-b"):
         workers[name] = start_worker_process("decode", "mlx", model, key_file, tmp_path / f"{name}.log",
-                                             "--node-id", f"proc-{name}", "--drain-timeout", "30")
+                                             "--node-id", f"proc-{name}", "--drain-timeout", "180")
     scheduler = None
     try:
         for name, worker in workers.items():
@@ -179,7 +179,8 @@ def stream_in_thread(scheduler: SchedulerProcess, max_tokens: int) -> tuple[thre
 def test_sigterm_on_a_decode_worker_mid_stream_finishes_the_stream_and_sends_new_requests_elsewhere(
         cluster: Any) -> None:
     scheduler, workers, _ = cluster
-    thread, out = stream_in_thread(scheduler, max_tokens=300)
+    # long enough (>= 6 s on a quiet host) that the scheduler's 1 s health check sees the drain before it ends
+    thread, out = stream_in_thread(scheduler, max_tokens=2000)
     assert out["first"].wait(60), scheduler.log.read_text(errors="replace")[-3000:]
     busy = next(n["node_id"] for n in health_of(scheduler)["nodes"] if n["active_requests"] and "decode" in n["roles"])
     proc = workers[busy.removeprefix("proc-")].proc
@@ -187,10 +188,10 @@ def test_sigterm_on_a_decode_worker_mid_stream_finishes_the_stream_and_sends_new
     wait_for(lambda: busy in health_of(scheduler).get("draining", {}), "the scheduler to see the drain")
     record = scheduler.chat(max_tokens=4).model_extra["pdcluster"]  # type: ignore[attr-defined]
     assert record["decode_node"] != busy  # new work goes elsewhere
-    thread.join(120)
+    thread.join(180)
     assert not thread.is_alive()
     assert out["record"]["decode_node"] == busy and out["record"]["migrations"] == 0
-    assert out["record"]["completion_tokens"] == 300  # the stream ran to its end on the draining node
+    assert out["record"]["completion_tokens"] == 2000  # the stream ran to its end on the draining node
     assert proc.wait(60) == 0  # then the worker exited cleanly
 
 
