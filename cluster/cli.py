@@ -51,6 +51,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pdc: error: {e}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
+    if getattr(args, "run", None) is not None and "config" in vars(args) and hasattr(args, "port"):
+        from cluster.config_file import refuse_unexpanded
+
+        try:
+            refuse_unexpanded(args)
+        except ValueError as e:
+            print(f"pdc: error: {e}", file=sys.stderr)
+            return 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -192,10 +192,9 @@ def expand_argv(argv: Sequence[str], commands: dict[str, argparse.ArgumentParser
 
     Anything else comes back unchanged. The file's flags go first, so the command line's win."""
     argv = list(argv)
-    positions = [i for i, token in enumerate(argv) if token in ("serve", "worker")]
-    if not positions:
+    at = next((i for i, token in enumerate(argv) if not token.startswith("-")), None)  # the subcommand
+    if at is None or argv[at] not in ("serve", "worker"):
         return argv
-    at = positions[0]
     command, rest = argv[at], argv[at + 1:]
     path, rest = _take(rest, "--config")
     index, rest = _take(rest, "--worker-index")
@@ -264,3 +263,10 @@ def _show(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return ",".join(map(str, value))
     return str(value)
+
+
+def refuse_unexpanded(args: argparse.Namespace) -> None:
+    """``--config`` reached argparse un-expanded (an abbreviation such as ``--conf``): refuse it rather
+    than run on defaults."""
+    if getattr(args, "config", None) is not None or getattr(args, "worker_index", None) is not None:
+        raise ValueError("spell out --config FILE (and --worker-index N); abbreviations of them are not read")

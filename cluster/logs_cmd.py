@@ -137,6 +137,11 @@ def follow(fetch: Callable[[dict[str, int]], dict], last: int, size: int, args: 
                     return 1
                 continue
             misses = 0
+            if reply.get("recorded", last) < last:  # its counter went back: a new scheduler process
+                print(f"... the scheduler restarted (its log counts {reply['recorded']} requests, we had seen "
+                      f"{last}); following from its start")
+                last = 0
+                continue
             records = reply["requests"]
             if records and records[0]["seq"] > last + 1:
                 print(f"... {records[0]['seq'] - last - 1} requests ended between polls and were not kept")

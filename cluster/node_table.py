@@ -212,8 +212,8 @@ class NodeTable:
     def _forget_peer(self, peer: str) -> None:
         node = self._static.pop(peer, None)
         if node is not None:
-            self._failures.pop(node.node_id, None)
-            self._suspended.pop(node.node_id, None)
+            for table in (self._failures, self._suspended, self._draining, self._last_ok):
+                table.pop(node.node_id, None)
         for table in (self.peers, self._peer_source, self._peer_status, self._static_refused, self._ray_names):
             table.pop(peer, None)
 
@@ -277,8 +277,8 @@ class NodeTable:
     def _record_health(self, node: NodeInfo, ok: bool | str) -> bool:
         """Count a check; return True when the node just came back."""
         was_up, was_failing = self._is_up(node.node_id), self._failing(node.node_id)
-        self._set_draining(node.node_id, ok if isinstance(ok, str) else None)
-        if ok:
+        if ok:  # a failed check says nothing about a drain: it stands until a passing check says otherwise
+            self._set_draining(node.node_id, ok if isinstance(ok, str) else None)
             self._failures[node.node_id] = 0
             self._last_ok[node.node_id] = self.clock()
             self._resume([node.node_id])
@@ -331,8 +331,8 @@ class NodeTable:
 
     def _on_browser_change(self, node_id: str, node: NodeInfo | None) -> None:
         if node is None:
-            self._failures.pop(node_id, None)
-            self._suspended.pop(node_id, None)
+            for table in (self._failures, self._suspended, self._draining, self._last_ok):
+                table.pop(node_id, None)
         self._publish()
 
     def _publish(self) -> None:

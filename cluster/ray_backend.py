@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -41,6 +42,7 @@ DEFAULT_RESOURCES = {"prefill": {"pdc_prefill": 1.0}, "decode": {"pdc_decode": 1
 DEFAULT_ENGINES = {"prefill": "torch", "decode": "mlx"}
 ACTOR_CONCURRENCY = 4  # describe() must answer while ready() waits on a loading model
 STOP_GRACE_S = 10.0
+CONNECT_TIMEOUT_S = 5.0  # the TCP probe of the GCS before ray.init, which would wait forever
 
 
 @dataclass(frozen=True)
@@ -160,12 +162,47 @@ class WorkerActor:
 # ---------------------------------------------------------------- driver side
 
 
+def dialled_address(address: str | None) -> str | None:
+    """The GCS HOST:PORT that ``ray.init(address)`` will dial: the one given, RAY_ADDRESS, or the cluster
+    of the last ``ray start`` here; None when Ray would start a cluster of its own or use a ray:// client.
+    Ray's own resolver (private: the function ray.init calls), the one version-specific call here.
+    ValueError for ``auto`` with no cluster running here, or a malformed address."""
+    if address and "://" in address:
+        return None
+    resolve = getattr(getattr(getattr(ray, "_private", None), "services", None),
+                      "canonicalize_bootstrap_address", None)
+    if resolve is None:  # another Ray: probe what was given
+        return address or os.environ.get("RAY_ADDRESS") or None
+    try:
+        return resolve(address)
+    except (ConnectionError, ValueError) as e:
+        raise ValueError(str(e)) from None
+
+
+def check_reachable(address: str | None) -> None:
+    """Fail fast where ray.init would wait forever: ValueError when nothing listens at HOST:PORT."""
+    host, _, port = (address or "").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except OSError as e:
+        raise ValueError(f"no Ray cluster answers at {address} ({e.strerror or e}); start one there "
+                         "(ray start --head) or give the address of one") from None
+
+
 def connect(address: str | None) -> None:
     """Join the Ray cluster at ``address`` (None: ``$RAY_ADDRESS``, else the one running on this
-    machine) in the ``pdcluster`` namespace. Never starts a cluster: ``ValueError`` saying what to do."""
+    machine) in the ``pdcluster`` namespace. Never starts a cluster, never waits on an address where
+    nothing listens: ``ValueError`` saying what to do."""
     if ray.is_initialized():
         return
     target = address or os.environ.get("RAY_ADDRESS") or "auto"
+    try:
+        check_reachable(dialled_address(target))
+    except ValueError as e:
+        raise ValueError(f"cannot join the Ray cluster at {target}: {e}") from None
     try:
         ray.init(address=target, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as e:
@@ -271,6 +308,7 @@ class RaySource:
     def __init__(self, address: str | None, timeout_s: float = 3.0) -> None:
         self.address, self.timeout_s = address, timeout_s
         self._connected = False
+        self._lock = threading.Lock()  # one listing (and one connect attempt) at a time
 
     def describe(self) -> str:
         return f"Ray cluster {self.address or os.environ.get('RAY_ADDRESS') or 'auto'}, namespace {NAMESPACE}"
@@ -280,8 +318,16 @@ class RaySource:
         return await asyncio.to_thread(self._addresses)
 
     def _addresses(self) -> dict[str, str]:
+        if not self._lock.acquire(timeout=self.timeout_s):
+            raise TimeoutError("the previous Ray listing has not finished")
+        try:
+            return self._list()
+        finally:
+            self._lock.release()
+
+    def _list(self) -> dict[str, str]:
         if not self._connected:
-            connect(self.address)
+            connect(self.address)  # fails fast where nothing listens
             self._connected = True
         started = time.monotonic()
         states = describe_workers(self.timeout_s)

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from cluster.config_file import ConfigFile, Section, default_path, effective, load, pick_worker
+from cluster.config_file import ConfigFile, Section, _take, default_path, effective, load, pick_worker
 from cluster.status import columns
 
 STOP_GRACE_S = 40.0  # children get this long after SIGTERM (a worker's drain and grace), then SIGKILL
@@ -18,9 +18,10 @@ def add_run_parsers(sub: argparse._SubParsersAction, commands: dict[str, argpars
     run = sub.add_parser(
         "run", help="start what this machine's config file lists (scheduler, workers or both)",
         description=("Start the scheduler ([scheduler]) and every worker ([[worker]]) of the config file, each "
-                     "as its own process, and stay in the foreground: SIGTERM or Ctrl-C stops them all; when "
-                     "one exits, the others are stopped and pdc run exits with its status, so a service "
-                     "manager restarts the set. The file's keys are the flags of `pdc serve` and `pdc worker`."))
+                     "as its own process, and stay in the foreground: SIGTERM or Ctrl-C passes one SIGTERM to "
+                     "each (they drain; a second signal kills). When one exits on its own, the others are "
+                     "stopped and pdc run exits with its status (1 if it was 0), so a service manager "
+                     "restarts the set. The file's keys are the flags of `pdc serve` and `pdc worker`."))
     run.add_argument("--config", type=Path, default=None, help=f"config file (default: {default_path()})")
     run.set_defaults(run=lambda args: run_config(_load(args.config, commands)))
 
@@ -34,8 +35,14 @@ def add_run_parsers(sub: argparse._SubParsersAction, commands: dict[str, argpars
     show.add_argument("--config", type=Path, default=None, help=f"config file (default: {default_path()})")
     show.add_argument("section", nargs="?", default=None, help="scheduler, or worker N (default: every table)")
     show.add_argument("rest", nargs=argparse.REMAINDER, help="worker index, then flags of that command")
-    show.set_defaults(run=lambda args: show_config(_load(args.config, commands), commands, args.section, args.rest))
+    show.set_defaults(run=lambda args: _show(args, commands))
     config.set_defaults(run=lambda args: (config.print_help(), 2)[1])
+
+
+def _show(args: argparse.Namespace, commands: dict[str, argparse.ArgumentParser]) -> int:
+    """``--config`` after the section (``pdc config show worker 0 --config F``) is show's own, not a flag to show."""
+    path, rest = _take(list(args.rest), "--config")
+    return show_config(_load(Path(path) if path else args.config, commands), commands, args.section, rest)
 
 
 def _load(path: Path | None, commands: dict[str, argparse.ArgumentParser]) -> ConfigFile:
@@ -69,7 +76,7 @@ def run_config(config: ConfigFile) -> int:
     """Start one process per table; return when the first exits (after stopping the rest) or on a signal."""
     if not config.sections:
         raise ValueError(f"{config.path} lists no [scheduler] or [[worker]] table: nothing to run")
-    procs = [(part, _spawn(config, part)) for part in config.sections]
+    procs: list[tuple[Section, subprocess.Popen]] = []
     stopping = False
 
     def stop(signum: int, _frame: object) -> None:
@@ -79,16 +86,20 @@ def run_config(config: ConfigFile) -> int:
                 proc.kill()
         stopping = True
         for _, proc in procs:
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGTERM)  # each drains: the children get this one signal, never two
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, stop)
+    for part in config.sections:
+        if stopping:
+            break
+        procs.append((part, _spawn(config, part)))
     print(f"pdc run: started {', '.join(f'{p.table} (pid {proc.pid})' for p, proc in procs)} from {config.path}",
           flush=True)
     while not stopping and all(proc.poll() is None for _, proc in procs):
         time.sleep(0.2)
-    first = next(((part, proc) for part, proc in procs if proc.poll() is not None), None)
-    if first is not None and not stopping:
+    first = None if stopping else next(((part, proc) for part, proc in procs if proc.poll() is not None), None)
+    if first is not None:
         print(f"pdc run: {first[0].table} exited with status {first[1].returncode}; stopping the others",
               file=sys.stderr, flush=True)
         stopping = True
@@ -102,11 +113,14 @@ def run_config(config: ConfigFile) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
-    return first[1].returncode if first is not None and first[1].returncode else 0
+    if first is not None:  # a child ended on its own: a failure, even with 0, so the service manager restarts
+        return first[1].returncode or 1
+    return 0
 
 
 def _spawn(config: ConfigFile, part: Section) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "cluster.cli", part.command, "--config", str(config.path)]
     if part.command == "worker":
         cmd += ["--worker-index", part.table.split("[")[1].rstrip("]")]
-    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+    # its own session: a terminal's Ctrl-C reaches pdc run only, which passes on one SIGTERM
+    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)

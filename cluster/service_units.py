@@ -69,7 +69,9 @@ Type=simple
 ExecStart={shlex.join(config.command)}
 Restart=on-failure
 RestartSec=5
-# SIGTERM stops gracefully: pdc run passes it to every process it started
+# SIGTERM to pdc run alone (KillMode=mixed): it passes one SIGTERM to each process it started, which
+# drains; a second one would stop them at once. What is left at TimeoutStopSec gets SIGKILL.
+KillMode=mixed
 KillSignal=SIGTERM
 TimeoutStopSec={STOP_TIMEOUT_S}
 Environment=PYTHONUNBUFFERED=1
@@ -138,8 +140,9 @@ def add_service_parser(sub: argparse._SubParsersAction) -> None:
         v = verbs.add_parser(verb, help=helptext, description=helptext)
         v.add_argument("--user", action="store_true",
                        help="for this user only (systemd --user / a LaunchAgent; default: system-wide, needs root)")
-        v.add_argument("--config", type=Path, default=None,
-                       help=f"the config file the service runs (default: {default_path()})")
+        if verb == "install":
+            v.add_argument("--config", type=Path, default=None,
+                           help=f"the config file the service runs (default: {default_path()})")
         v.add_argument("--platform", choices=PLATFORMS, default=None,
                        help="which service manager (default: this machine's); with --dry-run, to see the other's")
         v.add_argument("--dry-run", action="store_true", help="print the unit and the commands; change nothing")
@@ -151,7 +154,7 @@ def service_config(args: argparse.Namespace) -> ServiceConfig:
     platform = args.platform or ("macos" if sys.platform == "darwin" else "linux")
     if sys.platform not in ("darwin", "linux") and not args.dry_run:
         raise ValueError(f"no service manager support on {sys.platform}; --dry-run shows the units")
-    config_file = (args.config or default_path()).expanduser().resolve()
+    config_file = (getattr(args, "config", None) or default_path()).expanduser().resolve()
     return ServiceConfig(platform=platform, user=args.user, config_file=config_file,
                          executable=(sys.executable, "-m", "cluster.cli"), home=Path.home())
 

@@ -147,3 +147,18 @@ kv-port = {decode_kv}
     assert code == 0, (tmp_path / "run.log").read_text(errors="replace")[-3000:]
     assert time.monotonic() - started < 60
     assert "pdc run: started scheduler" in (tmp_path / "run.log").read_text(errors="replace")
+
+
+def test_an_abbreviated_config_flag_is_refused_not_ignored(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["serve", "--conf", str(tmp_path / "nothing.toml")]) == 2
+    assert "spell out --config" in capsys.readouterr().err
+
+
+def test_config_show_reads_its_own_config_flag_after_the_section(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    path = write(tmp_path, FILE)
+    assert main(["config", "show", "worker", "1", "--config", str(path)]) == 0
+    assert "[worker[1]]" in capsys.readouterr().out
+    # a config file named after another command's words is not expanded
+    assert expand_argv(["simulate", "--cluster", "serve", "--config", "x"], commands(build_parser())) == \
+        ["simulate", "--cluster", "serve", "--config", "x"]

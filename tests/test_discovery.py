@@ -444,3 +444,27 @@ def test_ray_actors_join_with_source_ray_leave_when_unlisted_and_survive_a_faile
             assert "ray actor evil at 127.0.0.1:7103: refused: it does not accept this cluster's key" in tried
 
     run(body())
+
+
+def test_a_failed_health_check_does_not_undrain_a_node_a_passing_one_does() -> None:
+    async def body() -> None:
+        node = make_node("drainee")
+        answers = iter(["draining", False, "draining", True])
+        state: dict[str, bool | str] = {"now": "draining"}
+
+        async def probe(address: str) -> NodeInfo:
+            return node
+
+        async def health(address: str) -> bool | str:
+            return state["now"]
+
+        table = NodeTable(KFP, use_mdns=False, peers=["127.0.0.1:7201"], probe=probe, health=health, interval=60)
+        seen = []
+        for answer in answers:
+            state["now"] = answer
+            await table.check_once()
+            seen.append([n.node_id for n in table.snapshot()])
+        assert seen == [[], [], [], [node.node_id]]  # draining, failed once (still draining), draining, back
+        assert table.draining == {}
+
+    run(body())

@@ -76,3 +76,16 @@ def test_install_writes_the_unit_and_says_when_systemctl_is_missing(
     args.config = tmp_path / "missing.toml"
     with pytest.raises(ValueError, match="no config file"):
         run_service("install", args)
+
+
+def test_systemd_sends_sigterm_to_pdc_run_alone(tmp_path: Path) -> None:
+    """KillMode=mixed: a second SIGTERM to the children would skip their drain."""
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.read_string(systemd_unit(config("linux", True, tmp_path)))
+    assert unit["Service"]["KillMode"] == "mixed"
+
+
+def test_only_install_takes_a_config_file() -> None:
+    with pytest.raises(SystemExit) as refused:  # argparse: unrecognized arguments
+        main(["service", "status", "--config", "x.toml", "--dry-run"])
+    assert refused.value.code == 2

@@ -22,8 +22,6 @@ import itertools
 import json
 import logging
 import multiprocessing
-import os
-import socket
 import sys
 import tempfile
 import time
@@ -46,7 +44,6 @@ from scheduler.sim.report import _format, _s
 SHARED = frozenset(f.name for f in fields(SimConfig)) - {"cluster", "model", "policies", "rate", "prompt_tokens",
                                                           "trace"}
 MAX_PROBLEMS = 8  # distinct problems listed when a grid is refused
-CONNECT_TIMEOUT_S = 10.0  # a Ray address must accept a TCP connection this soon
 BAD_VALUE = (ValueError, catalog.CatalogError)  # what a bad flag value raises while the driver checks points
 
 
@@ -325,32 +322,23 @@ def _import_ray() -> Any:
 
 
 def _dialled_address(ray: Any, address: str | None) -> str | None:
-    """The GCS HOST:PORT that ``ray.init(address)`` will dial: the one given, RAY_ADDRESS, or the cluster
-    of the last ``ray start`` here; None when Ray will start a cluster of its own or use a ray:// client.
-    This is Ray's own resolver (private: the function ray.init calls), so the one version-specific call."""
-    if address and "://" in address:
-        return None
-    resolve = getattr(getattr(getattr(ray, "_private", None), "services", None),
-                      "canonicalize_bootstrap_address", None)
-    if resolve is None:  # another Ray: probe what was given
-        return address or os.environ.get("RAY_ADDRESS") or None
+    """The GCS HOST:PORT ``ray.init(address)`` will dial (cluster/ray_backend.py), as a SweepError."""
+    from cluster.ray_backend import dialled_address
+
     try:
-        return resolve(address)
-    except (ConnectionError, ValueError) as e:  # auto and no cluster running here; a malformed address
+        return dialled_address(address)
+    except ValueError as e:
         raise SweepError(f"--ray {address or ''}: {e}".replace(" :", ":")) from None
 
 
 def _check_reachable(address: str | None) -> None:
-    """Fail fast where ray.init would wait forever: a HOST:PORT where nothing listens."""
-    host, _, port = (address or "").rpartition(":")
-    if not host or not port.isdigit():
-        return
+    """Fail fast where ray.init would wait forever (cluster/ray_backend.py), as a SweepError."""
+    from cluster.ray_backend import check_reachable
+
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S):
-            pass
-    except OSError as e:
-        raise SweepError(f"--ray: no Ray cluster answers at {address} ({e.strerror or e}); start one there "
-                         "(ray start --head) or give the address of one") from None
+        check_reachable(address)
+    except ValueError as e:
+        raise SweepError(f"--ray: {e}") from None
 
 
 def _ray_result(ray: Any, ref: Any, point: SweepPoint) -> dict[str, Any]:

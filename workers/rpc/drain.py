@@ -31,6 +31,8 @@ class Drain:
     def __init__(self, state: WorkerState, node_id: str, default_timeout_s: float) -> None:
         self.state, self.node_id, self.default_timeout_s = state, node_id, default_timeout_s
         self._expiry: asyncio.Task[None] | None = None
+        self.shutting_down = False  # a signal's drain: the process exits after it, so no undrain
+
 
     @property
     def draining(self) -> bool:

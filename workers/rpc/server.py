@@ -394,6 +394,7 @@ async def _drain_until_idle(worker: Worker, reason: str, signals: asyncio.Queue[
     then get ``grace_s`` to go), or until a second signal."""
     if worker.drain is None:
         return
+    worker.drain.shutting_down = True
     worker.drain.start(reason)
     idle = asyncio.ensure_future(worker.drain.wait_idle(worker.config.drain_timeout_s + worker.config.grace_s))
     again = asyncio.ensure_future(signals.get())

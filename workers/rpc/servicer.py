@@ -67,6 +67,10 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     async def Drain(self, request: pb.DrainRequest, context: aio.ServicerContext) -> pb.DrainReply:
         if not math.isfinite(request.timeout_s) or request.timeout_s < 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"timeout_s must be >= 0, got {request.timeout_s}")
+        if self.drain.shutting_down:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "this worker is shutting down (a signal's drain): it cannot be drained again or "
+                                "undrained")
         if request.drain:
             self.drain.start("asked over the control plane", request.timeout_s)
         else:
