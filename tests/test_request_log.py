@@ -64,7 +64,7 @@ def _post(url: str, body: dict) -> int:
         return e.code
 
 
-def _until(predicate, what: str, timeout: float = 10.0) -> None:
+def _until(predicate, what: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"

@@ -160,7 +160,7 @@ def _stream(client: openai.OpenAI, max_tokens: int) -> openai.Stream:
                                           extra_body={"ignore_eos": True})
 
 
-def _until_draining(scheduler: SchedulerProcess, timeout: float = 10.0) -> None:
+def _until_draining(scheduler: SchedulerProcess, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while _raw(scheduler.url, "/health")[1].get("status") != "draining":  # a 503 while draining
         assert time.monotonic() < deadline, "the scheduler never said it was draining"

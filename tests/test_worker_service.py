@@ -90,7 +90,7 @@ async def disaggregated(prefiller: WorkerClient, decoder: WorkerClient, rid: str
     return tokens, done, await prefill
 
 
-async def settled(client: WorkerClient, timeout: float = 10.0) -> pb.HealthReply:
+async def settled(client: WorkerClient, timeout: float = 30.0) -> pb.HealthReply:
     """Health once the worker holds no request, lease or reserved byte (or the last seen)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -121,7 +121,7 @@ def gated_worker(model: Path, key: ClusterKey, entered: threading.Event, gate: t
                   engine_factory=lambda: GatedEngine(MLXEngine(model, dtype="float32"), entered, gate))
 
 
-async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+async def wait_for(predicate: Callable[[], bool], timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached in time"
