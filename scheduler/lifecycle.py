@@ -159,11 +159,14 @@ def continuation(request: GenerationRequest, sent: tuple[int, ...], attempt: int
 
 
 def sampling_of(request: GenerationRequest) -> pb.SamplingParams:
+    """``request``'s sampling as the workers take it: the same for its prefill, its
+    decode and every continuation (``continuation`` keeps the grammar too)."""
     params = pb.SamplingParams(
         max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
         top_k=request.top_k, stop_token_ids=list(request.stop_token_ids),
         presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
         logit_bias=dict(request.logit_bias), logprobs=request.logprobs, top_logprobs=request.top_logprobs,
+        grammar=request.grammar,
     )
     if request.seed is not None:
         params.seed = request.seed

@@ -49,6 +49,10 @@ class GenerationRequest:
     logprobs: bool = False  # each TokenEvent carries its logprob ...
     top_logprobs: int = 0  # ... and this many most likely alternatives (0..20)
     user: str | None = None  # the client's end-user id (OpenAI's ``user``): logged with the request
+    # An llguidance grammar (TopLevelGrammar JSON, from ``response_format`` or
+    # ``tool_choice``); "" is unconstrained. Every node that draws a token masks
+    # the logits with it (workers/engines/grammar.py), a migrated stream too.
+    grammar: str = ""
 
     def __post_init__(self) -> None:
         if self.placement is not None and self.placement not in PLACEMENT_MODES:
