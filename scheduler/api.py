@@ -66,7 +66,7 @@ from aiohttp import web
 
 from scheduler.drain import Drain
 from scheduler.policy import POLICIES
-from scheduler.api_stream import Deltas, api_error, collect_text, sse, stream_deltas, text_deltas
+from scheduler.api_stream import Deltas, api_error, collect, sse, stream_deltas, text_deltas
 from scheduler.request import (
     Backend,
     FinishEvent,
@@ -77,7 +77,10 @@ from scheduler.request import (
 )
 from scheduler.logprobs import LogprobTap
 from scheduler.request_log import RequestLog, RequestTrace
+from scheduler.structured import GrammarError, check_grammar, lark_grammar
 from scheduler.tokenizer import ChatTemplateError, PromptCodec
+from scheduler.tools import NoToolSupport, ToolCall, ToolCallSplitter, ToolFormat, call_grammar, detect_format, \
+    split_tool_calls
 from scheduler.validation import APIError, ParsedRequest, check_logit_bias, parse_body
 
 log = logging.getLogger(__name__)
@@ -451,7 +454,8 @@ def start_generation(request: web.Request, parsed: ParsedRequest, arrived: float
     if codec is None:
         raise APIError(404, f"The model '{parsed.model}' does not exist or no node serves it", "invalid_request_error",
                        param="model", code="model_not_found")
-    gen = _to_generation(parsed, codec, backend, arrived)
+    tool_format = _tool_format(parsed, codec)
+    gen = _to_generation(parsed, codec, backend, arrived, tool_format)
     # the request's one INFO line is its record, as it ends (_traced)
     log.debug("request %s: %s model=%s prompt=%d tokens max_tokens=%d stream=%s%s", gen.request_id, request.path,
               parsed.model, len(gen.prompt_token_ids), gen.max_tokens, parsed.stream,
@@ -459,16 +463,52 @@ def start_generation(request: web.Request, parsed: ParsedRequest, arrived: float
     events = backend.generate(gen)
     if logprobs is not None:
         events = logprobs.wrap(events, codec)
-    deltas = text_deltas(events, codec, parsed.stop, len(gen.prompt_token_ids))
+    keep = frozenset(filter(None, map(codec.special_token_id, tool_format.markers))) if tool_format else frozenset()
+    deltas = text_deltas(events, codec, parsed.stop, len(gen.prompt_token_ids), keep=keep)
+    if tool_format is not None and parsed.tool_choice.mode != "none":
+        deltas = split_tool_calls(deltas, ToolCallSplitter(tool_format, parsed.tools))
     if trace is None:
         return gen, deltas
     request.app[REQUEST_LOG_KEY].started(trace, gen, parsed.stream)
     return gen, trace.watch(deltas)
 
 
-def _to_generation(parsed: ParsedRequest, codec: PromptCodec, backend: Backend, arrived: float) -> GenerationRequest:
+def _tool_format(parsed: ParsedRequest, codec: PromptCodec) -> ToolFormat | None:
+    """The tool-call format of the model's chat template when the request offers tools; 400 when it has none."""
+    if not parsed.tools:
+        return None
     try:
-        text = codec.render_chat(parsed.messages) if parsed.messages is not None else parsed.prompt
+        return detect_format(codec.bundle.chat_template)
+    except NoToolSupport as e:
+        raise APIError(400, f"'tools' cannot be used with model {parsed.model!r}: {e}", param="tools") from None
+
+
+def _grammar(parsed: ParsedRequest, codec: PromptCodec, tool_format: ToolFormat | None) -> str:
+    """The request's grammar for constrained decoding ("" for none), checked against the model's tokenizer."""
+    if parsed.response_grammar is not None:
+        grammar, param = parsed.response_grammar, "response_format"
+    elif tool_format is not None and parsed.tool_choice.forces_call:
+        special = {m: i for m in tool_format.markers if (i := codec.special_token_id(m)) is not None}
+        try:
+            grammar = lark_grammar(call_grammar(tool_format, parsed.tools, parsed.tool_choice,
+                                                parsed.parallel_tool_calls, special))
+        except GrammarError as e:
+            raise APIError(400, f"'tools': a parameters schema cannot constrain decoding: {e}", param="tools") from None
+        param = "tools"
+    else:
+        return ""
+    try:
+        check_grammar(grammar, codec.grammar_tokenizer)
+    except GrammarError as e:
+        raise APIError(400, f"'{param}' cannot constrain decoding: {e}", param=param) from None
+    return grammar
+
+
+def _to_generation(parsed: ParsedRequest, codec: PromptCodec, backend: Backend, arrived: float,
+                   tool_format: ToolFormat | None = None) -> GenerationRequest:
+    try:
+        tools = [t.to_template() for t in parsed.tools]
+        text = codec.render_chat(parsed.messages, tools) if parsed.messages is not None else parsed.prompt
     except ChatTemplateError as e:
         raise APIError(400, str(e), "invalid_request_error", param="messages") from None
     token_ids = codec.encode(text)
@@ -493,7 +533,7 @@ def _to_generation(parsed: ParsedRequest, codec: PromptCodec, backend: Backend, 
         placement=parsed.placement, arrived_at=arrived, kv_codec=parsed.kv_codec,
         presence_penalty=parsed.presence_penalty, frequency_penalty=parsed.frequency_penalty,
         logit_bias=parsed.logit_bias, logprobs=parsed.logprobs is not None, top_logprobs=parsed.logprobs or 0,
-        user=parsed.user,
+        user=parsed.user, grammar=_grammar(parsed, codec, tool_format),
     )
 
 
@@ -512,14 +552,19 @@ class _Reply:
     def object(self) -> str:
         return "chat.completion" if self.chat else "text_completion"
 
-    def choice(self, text: str, finish_reason: str | None, *, delta: bool, first: bool = False) -> dict:
-        """One choice; with logprobs, those of every token not rendered in an earlier choice."""
+    def choice(self, text: str, finish_reason: str | None, *, delta: bool, first: bool = False,
+               calls: list[ToolCall] | tuple[ToolCall, ...] = ()) -> dict:
+        """One choice; with logprobs, those of every token not rendered in an earlier choice;
+        ``calls``: the tool calls of a whole message (content null when there is no text, as OpenAI's)."""
         logprobs = self.logprobs.take() if self.logprobs is not None and not first else None
         if not self.chat:
             return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         if not delta:
-            return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                    "finish_reason": finish_reason}
+            message: dict = {"role": "assistant", "content": text or (None if calls else "")}
+            if calls:
+                message["tool_calls"] = [{"id": c.id, "type": "function",
+                                          "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
+            return {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
         content = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
         return {"index": 0, "delta": content, "logprobs": logprobs, "finish_reason": finish_reason}
 
@@ -537,8 +582,8 @@ def _usage(stats: RequestStats) -> dict:
 
 
 async def _collect(deltas: Deltas, reply: _Reply) -> web.Response:
-    text, finish = await collect_text(deltas)
-    body = reply.envelope([reply.choice(text, finish.finish_reason, delta=False)], chunk=False)
+    text, calls, finish = await collect(deltas)
+    body = reply.envelope([reply.choice(text, finish.finish_reason, delta=False, calls=calls)], chunk=False)
     body["usage"] = _usage(finish.stats)
     body["pdcluster"] = finish.stats.to_json()
     return web.json_response(body)
@@ -558,6 +603,14 @@ class _OpenAIStream:
 
     def delta(self, text: str) -> bytes:
         return sse(self.reply.envelope([self.reply.choice(text, None, delta=True)], chunk=True))
+
+    def tool_call(self, call: ToolCall) -> bytes:
+        """As OpenAI streams a call: its id, type and name with empty arguments, then the arguments."""
+        head = {"index": call.index, "id": call.id, "type": "function",
+                "function": {"name": call.name, "arguments": ""}}
+        tail = {"index": call.index, "function": {"arguments": call.arguments}}
+        return b"".join(sse(self.reply.envelope([{"index": 0, "delta": {"tool_calls": [part]}, "logprobs": None,
+                                                  "finish_reason": None}], chunk=True)) for part in (head, tail))
 
     def finished(self, text: str, finish: FinishEvent) -> bytes:
         chunk = self.reply.envelope([self.reply.choice(text, finish.finish_reason, delta=True)], chunk=True)

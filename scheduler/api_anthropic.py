@@ -18,11 +18,19 @@ A stream sends Anthropic's events: ``message_start``, ``content_block_start``,
 ``message_delta`` (``stop_reason``, final usage), ``message_stop``; a failure
 after the first event ends it with an ``error`` event (the anthropic SDK raises
 it). Errors are Anthropic's ``{"type": "error", "error": {"type", "message"}}``.
-Tools, thinking, images and documents, prompt-cache hints and assistant prefill
+Tools: ``tools`` (``input_schema``) and ``tool_choice`` (``auto``, ``any``,
+``tool`` with its ``name``, ``none``; ``disable_parallel_tool_use``) become the
+OpenAI route's tools, so ``any`` and ``tool`` are forced by constrained
+decoding; history ``tool_use`` blocks become assistant tool calls and
+``tool_result`` blocks tool messages. A reply's calls are ``tool_use`` blocks
+after its text, with ``stop_reason: "tool_use"``; a stream opens a block for
+each call and sends its input as one ``input_json_delta``.
+Thinking, images and documents, prompt-cache hints and assistant prefill
 are 400 until they are supported (docs/api.md).
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -31,18 +39,17 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from scheduler.api import ERROR_SHAPES_KEY, start_generation
-from scheduler.api_stream import StopStringHit, collect_text, sse, stream_deltas
+from scheduler.api_stream import StopStringHit, collect, sse, stream_deltas
 from scheduler.request import FinishEvent, RequestStats
+from scheduler.tools import ToolCall
 from scheduler.validation import APIError, parse_translated, refuse_unsupported
 
 log = logging.getLogger(__name__)
 
 FIELDS = ("model", "messages", "max_tokens", "system", "temperature", "top_p", "top_k", "stop_sequences",
-          "stream", "metadata", "pdcluster")
+          "stream", "metadata", "pdcluster", "tools", "tool_choice")
 NAMES = {"stop": "stop_sequences"}  # chat-completions field -> ours, in errors
 REASONS = {
-    "tools": "tool use is not supported yet",
-    "tool_choice": "tool use is not supported yet",
     "thinking": "extended thinking is not supported",
     "cache_control": "pdcluster reuses prompt prefixes on its own (--prefix-cache-gb); it takes no cache hints",
     "citations": "citations are not supported",
@@ -53,14 +60,14 @@ REASONS = {
 BLOCK_REASONS = {
     "image": "images are not supported: the served models read text",
     "document": "documents are not supported: send their text",
-    "tool_use": "tool use is not supported yet",
-    "tool_result": "tool use is not supported yet",
     "thinking": "thinking blocks are not supported",
     "redacted_thinking": "thinking blocks are not supported",
 }
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
-STOP_REASONS = {"stop": "end_turn", "length": "max_tokens"}
+STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
+TOOL_FIELDS = ("name", "description", "input_schema", "type")
+CHOICES = {"auto": "auto", "any": "required", "none": "none"}  # Anthropic's tool_choice type -> OpenAI's
 
 
 def add_routes(app: web.Application) -> None:
@@ -91,8 +98,8 @@ async def _messages(request: web.Request) -> web.StreamResponse:
     shape = _AnthropicShape(model=parsed.model, prompt_tokens=len(gen.prompt_token_ids))
     if parsed.stream:
         return await stream_deltas(request, deltas, shape, gen.request_id)
-    text, finish = await collect_text(deltas)
-    return web.json_response(shape.message(text, finish))
+    text, calls, finish = await collect(deltas)
+    return web.json_response(shape.message(text, finish, calls))
 
 
 def _translate(body: object) -> dict:
@@ -116,6 +123,48 @@ def _translate(body: object) -> dict:
     out["messages"] = _system(body.get("system")) + _conversation(body.get("messages"))
     if stops:
         out["stop"] = stops
+    if body.get("tools"):
+        out["tools"] = _tools(body["tools"])
+    if body.get("tool_choice") is not None:
+        out |= _tool_choice(body["tool_choice"])
+    return out
+
+
+def _tools(tools: object) -> list[dict]:
+    """Anthropic's tools (``name``, ``description``, ``input_schema``) as OpenAI's."""
+    if not isinstance(tools, list):
+        raise APIError(400, "'tools' must be an array", param="tools")
+    out = []
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict):
+            raise APIError(400, f"'tools[{i}]' must be an object", param=f"tools[{i}]")
+        refuse_unsupported(tool, TOOL_FIELDS, REASONS, where=f"tools[{i}].")
+        if tool.get("type", "custom") != "custom":
+            raise APIError(400, f"'tools[{i}].type' {tool['type']!r}: Anthropic's server tools are not supported",
+                           param=f"tools[{i}].type")
+        function = {"name": tool.get("name"), "parameters": tool.get("input_schema")}
+        if tool.get("description") is not None:
+            function["description"] = tool["description"]
+        out.append({"type": "function", "function": function})
+    return out
+
+
+def _tool_choice(choice: object) -> dict:
+    """Anthropic's ``tool_choice`` as OpenAI's ``tool_choice`` and ``parallel_tool_calls``."""
+    if not isinstance(choice, dict) or choice.get("type") not in (*CHOICES, "tool"):
+        raise APIError(400, "'tool_choice' must be {\"type\": \"auto\"|\"any\"|\"none\"} or "
+                       "{\"type\": \"tool\", \"name\": ...}", param="tool_choice")
+    refuse_unsupported(choice, ("type", "name", "disable_parallel_tool_use"), REASONS, where="tool_choice.")
+    if choice["type"] == "tool":
+        out: dict = {"tool_choice": {"type": "function", "function": {"name": choice.get("name")}}}
+    else:
+        out = {"tool_choice": CHOICES[choice["type"]]}
+    disable = choice.get("disable_parallel_tool_use", False)
+    if not isinstance(disable, bool):
+        raise APIError(400, "'tool_choice.disable_parallel_tool_use' must be a boolean",
+                       param="tool_choice.disable_parallel_tool_use")
+    if choice["type"] != "none":
+        out["parallel_tool_calls"] = not disable
     return out
 
 
@@ -144,12 +193,51 @@ def _conversation(messages: object) -> list[dict]:
         if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
             raise APIError(400, f"{where} must be an object whose role is 'user' or 'assistant'", param=where)
         refuse_unsupported(message, ("role", "content"), REASONS, where=f"{where}.")
-        out.append({"role": message["role"], "content": _text(message.get("content"), f"{where}.content")})
-    if out[-1]["role"] != "user":
-        where = f"messages[{len(out) - 1}].role"
+        out += _turn(message["role"], message.get("content"), f"{where}.content")
+    if messages[-1]["role"] != "user":
+        where = f"messages[{len(messages) - 1}].role"
         raise APIError(400, f"'{where}': the last message must be the user's: continuing an assistant turn "
                        "(prefill) is not supported", param=where)
     return out
+
+
+def _turn(role: str, content: object, where: str) -> list[dict]:
+    """One Anthropic message as chat messages: a user turn's ``tool_result`` blocks become ``tool``
+    messages (before its text), an assistant turn's ``tool_use`` blocks its ``tool_calls``."""
+    if not isinstance(content, list):
+        return [{"role": role, "content": _text(content, where)}]
+    kinds = ("tool_result",) if role == "user" else ("tool_use",)
+    blocks = [b for b in content if not (isinstance(b, dict) and b.get("type") in kinds)]
+    special = [(j, b) for j, b in enumerate(content) if isinstance(b, dict) and b.get("type") in kinds]
+    if role == "user":
+        results = [_tool_result(b, f"{where}[{j}]") for j, b in special]
+        text = _text(blocks, where) if blocks else None
+        return results + ([{"role": "user", "content": text}] if text is not None else [])
+    message: dict = {"role": "assistant", "content": _text(blocks, where)}
+    if special:
+        message["tool_calls"] = [_tool_use(b, f"{where}[{j}]") for j, b in special]
+    return [message]
+
+
+def _tool_use(block: dict, where: str) -> dict:
+    refuse_unsupported(block, ("type", "id", "name", "input"), REASONS, where=f"{where}.")
+    if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str) \
+            or not isinstance(block.get("input", {}), dict):
+        raise APIError(400, f"'{where}' must be {{\"type\": \"tool_use\", \"id\", \"name\", \"input\": {{...}}}}",
+                       param=where)
+    return {"id": block["id"], "type": "function",
+            "function": {"name": block["name"], "arguments": json.dumps(block.get("input", {}))}}
+
+
+def _tool_result(block: dict, where: str) -> dict:
+    refuse_unsupported(block, ("type", "tool_use_id", "content", "is_error"), REASONS, where=f"{where}.")
+    if not isinstance(block.get("tool_use_id"), str):
+        raise APIError(400, f"'{where}.tool_use_id' must be a string", param=f"{where}.tool_use_id")
+    content = block.get("content", "")
+    text = _text(content, f"{where}.content") if content else ""
+    if block.get("is_error") is True:  # the model sees that the call failed, as Anthropic's does
+        text = f"Error: {text}"
+    return {"role": "tool", "tool_call_id": block["tool_use_id"], "content": text}
 
 
 def _text(content: object, where: str) -> str:
@@ -193,13 +281,17 @@ class _AnthropicShape:
     model: str
     prompt_tokens: int
     message_id: str = field(default_factory=lambda: f"msg_{uuid.uuid4().hex[:24]}")
+    num_blocks: int = 1  # the text block (index 0) is open from the start; tool_use blocks follow it
     content_type = "text/event-stream"
 
-    def message(self, text: str | None, finish: FinishEvent | None) -> dict:
+    def message(self, text: str | None, finish: FinishEvent | None, calls: list[ToolCall] | None = None) -> dict:
         reason, sequence = _stop(finish) if finish else (None, None)
         usage = _usage(finish.stats) if finish else {"input_tokens": self.prompt_tokens, "output_tokens": 0}
+        content = [] if text is None or (calls and not text) else [{"type": "text", "text": text}]
+        content += [{"type": "tool_use", "id": c.id, "name": c.name, "input": c.arguments_object}
+                    for c in calls or ()]
         body = {"id": self.message_id, "type": "message", "role": "assistant", "model": self.model,
-                "content": [] if text is None else [{"type": "text", "text": text}],
+                "content": content,
                 "stop_reason": reason, "stop_sequence": sequence, "usage": usage}
         if finish:
             body["pdcluster"] = finish.stats.to_json()
@@ -215,10 +307,21 @@ class _AnthropicShape:
         return sse({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}},
                    "content_block_delta")
 
+    def tool_call(self, call: ToolCall) -> bytes:
+        """Closes the text block before the first call; then a ``tool_use`` block per call."""
+        index, self.num_blocks = self.num_blocks, self.num_blocks + 1
+        return ((sse({"type": "content_block_stop", "index": 0}, "content_block_stop") if index == 1 else b"")
+                + sse({"type": "content_block_start", "index": index, "content_block": {
+                    "type": "tool_use", "id": call.id, "name": call.name, "input": {}}}, "content_block_start")
+                + sse({"type": "content_block_delta", "index": index, "delta": {
+                    "type": "input_json_delta", "partial_json": call.arguments}}, "content_block_delta")
+                + sse({"type": "content_block_stop", "index": index}, "content_block_stop"))
+
     def finished(self, text: str, finish: FinishEvent) -> bytes:
         reason, sequence = _stop(finish)
         return ((self.delta(text) if text else b"")
-                + sse({"type": "content_block_stop", "index": 0}, "content_block_stop")
+                + (sse({"type": "content_block_stop", "index": 0}, "content_block_stop") if self.num_blocks == 1
+                   else b"")
                 + sse({"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": sequence},
                        "usage": _usage(finish.stats), "pdcluster": finish.stats.to_json()}, "message_delta")
                 + sse({"type": "message_stop"}, "message_stop"))

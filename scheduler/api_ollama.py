@@ -11,6 +11,13 @@ Answers stream as NDJSON by default (one object a line, the last with
 ``"done": true``, ``done_reason`` and the token counts); ``"stream": false``
 answers one object. An empty ``messages`` or ``prompt`` answers at once with
 ``done_reason: "load"``, as Ollama does (the model is always loaded here).
+``tools`` go to the chat template as on the OpenAI route (Ollama has no
+``tool_choice``: the model decides); history ``tool_calls`` carry arguments as
+objects and ``tool`` messages name their function in ``tool_name``; a reply's
+calls come in ``message.tool_calls`` (a stream sends them in a line of their
+own after the text) and end as ``done_reason: "stop"``, as Ollama's do.
+``format`` ("json" or a JSON schema) constrains decoding, as
+``response_format`` does (scheduler/structured.py).
 Errors are Ollama's ``{"error": "..."}``; a stream that fails after its first
 line ends with one such line. Any field or option pdcluster does not honour is
 a 400 naming it (docs/api.md lists them).
@@ -26,19 +33,18 @@ from importlib import metadata
 from aiohttp import web
 
 from scheduler.api import BACKEND_KEY, ERROR_SHAPES_KEY, start_generation
-from scheduler.api_stream import collect_text, stream_deltas
+from scheduler.api_stream import collect, stream_deltas
+from scheduler.tools import NoToolSupport, ToolCall, detect_format
 from scheduler.request import Backend, FinishEvent, ModelEntry
 from scheduler.validation import APIError, parse_translated, refuse_unsupported
 
 ROUTES = ("/api/chat", "/api/generate", "/api/tags", "/api/show", "/api/version")
 OPTIONS = ("temperature", "top_p", "top_k", "seed", "stop", "num_predict")
 OPTION_NAMES = {name: f"options.{name}" for name in OPTIONS} | {"max_tokens": "options.num_predict"}
-CHAT_FIELDS = ("model", "messages", "stream", "options", "pdcluster")
-GENERATE_FIELDS = ("model", "prompt", "system", "raw", "stream", "options", "pdcluster")
-MESSAGE_FIELDS = ("role", "content")
+CHAT_FIELDS = ("model", "messages", "stream", "options", "pdcluster", "tools", "format")
+GENERATE_FIELDS = ("model", "prompt", "system", "raw", "stream", "options", "pdcluster", "format")
+MESSAGE_FIELDS = ("role", "content", "tool_calls", "tool_name")
 REASONS = {
-    "tools": "tool calling is not supported yet",
-    "format": "structured output (JSON mode or a schema) is not supported",
     "images": "images are not supported: the served models read text",
     "think": "thinking control is not supported",
     "keep_alive": "models stay loaded on their workers for as long as the workers run; keep_alive cannot change that",
@@ -47,8 +53,6 @@ REASONS = {
     "context": "send the conversation as /api/chat messages instead",
     "logprobs": "log probabilities are not returned",
     "top_logprobs": "log probabilities are not returned",
-    "tool_calls": "tool calling is not supported yet",
-    "tool_name": "tool calling is not supported yet",
     "thinking": "thinking content is not supported",
     "num_ctx": "the context length is the model's, fixed by the cluster",
 }
@@ -85,18 +89,30 @@ async def _run(request: web.Request, *, chat: bool) -> web.StreamResponse:
     model = body.get("model")
     shape = _OllamaShape(model=model if isinstance(model, str) else "", chat=chat, arrived=arrived)
     openai_body = {**_sampling(body.get("options")), **_prompt(body, chat)}
-    openai_body |= {k: body[k] for k in ("model", "pdcluster") if k in body}
+    openai_body |= {k: body[k] for k in ("model", "pdcluster", "tools") if k in body}
+    if body.get("format") not in (None, ""):
+        openai_body["response_format"] = _response_format(body["format"])
     openai_body["stream"] = body.get("stream", True)  # Ollama streams unless told not to
     if not isinstance(openai_body["stream"], bool):
         raise APIError(400, "'stream' must be a boolean", param="stream")
     if not openai_body.get("messages") and not openai_body.get("prompt"):
         return _loaded(request, shape, openai_body)
-    parsed = parse_translated(openai_body, OPTION_NAMES, chat="messages" in openai_body)
+    parsed = parse_translated(openai_body, OPTION_NAMES | {"response_format": "format"},
+                              chat="messages" in openai_body)
     gen, deltas = start_generation(request, parsed, arrived)
     if parsed.stream:
         return await stream_deltas(request, deltas, shape, gen.request_id)
-    text, finish = await collect_text(deltas)
-    return web.json_response(shape.final(text, finish))
+    text, calls, finish = await collect(deltas)
+    return web.json_response(shape.final(text, finish, calls))
+
+
+def _response_format(value: object) -> dict:
+    """Ollama's ``format``: "json" (any JSON value: here, an object, as OpenAI's JSON mode) or a JSON schema."""
+    if value == "json":
+        return {"type": "json_object"}
+    if isinstance(value, dict):
+        return {"type": "json_schema", "json_schema": {"name": "format", "schema": value}}
+    raise APIError(400, "'format' must be \"json\" or a JSON schema object", param="format")
 
 
 async def _json_object(request: web.Request) -> dict:
@@ -136,10 +152,7 @@ def _prompt(body: dict, chat: bool) -> dict:
             if not isinstance(message, dict):
                 raise APIError(400, f"messages[{i}] must be an object", param=f"messages[{i}]")
             refuse_unsupported(message, MESSAGE_FIELDS, REASONS, where=f"messages[{i}].")
-            if message.get("role") == "tool":
-                raise APIError(400, f"messages[{i}]: the tool role is not supported: tool calling is not "
-                               "supported yet", param=f"messages[{i}].role")
-        return {"messages": messages}
+        return {"messages": [_message(m, i) for i, m in enumerate(messages)]}
     prompt, system = body.get("prompt") or "", body.get("system")
     if not isinstance(prompt, str):
         raise APIError(400, "'prompt' must be a string", param="prompt")
@@ -155,6 +168,30 @@ def _prompt(body: dict, chat: bool) -> dict:
         return {"messages": []}
     return {"messages": [*([{"role": "system", "content": system}] if system else []),
                          {"role": "user", "content": prompt}]}
+
+
+def _message(message: dict, i: int) -> dict:
+    """An Ollama chat message in OpenAI's shape: tool calls carry arguments as objects (OpenAI: JSON
+    text) and no ids; a tool result names its function (``tool_name``), not a call id."""
+    out = {"role": message.get("role"), "content": message.get("content")}
+    calls = message.get("tool_calls")
+    if calls:
+        if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("function"), dict)
+                                                  for c in calls):
+            raise APIError(400, f"'messages[{i}].tool_calls' must be an array of {{\"function\": {{\"name\", "
+                           "\"arguments\"}}}}", param=f"messages[{i}].tool_calls")
+        out["tool_calls"] = [{"id": f"call_{i}_{j}", "type": "function",
+                              "function": {"name": c["function"].get("name"),
+                                           "arguments": json.dumps(c["function"].get("arguments", {}))}}
+                             for j, c in enumerate(calls)]
+    if message.get("role") == "tool":
+        name = message.get("tool_name")
+        if name is not None and not isinstance(name, str):
+            raise APIError(400, f"'messages[{i}].tool_name' must be a string", param=f"messages[{i}].tool_name")
+        out["tool_call_id"] = name or ""
+    elif message.get("tool_name") is not None:
+        raise APIError(400, f"'messages[{i}].tool_name' belongs to a 'tool' message", param=f"messages[{i}].tool_name")
+    return out
 
 
 def _loaded(request: web.Request, shape: _OllamaShape, openai_body: dict) -> web.Response:
@@ -186,11 +223,15 @@ class _OllamaShape:
             return body | {"message": {"role": "assistant", "content": text}, "done": False}
         return body | {"response": text, "done": False}
 
-    def final(self, text: str, finish: FinishEvent) -> dict:
-        """The closing object: ``text`` (all of it, or the stream's last delta) and the counts."""
+    def final(self, text: str, finish: FinishEvent, calls: list[ToolCall] | None = None) -> dict:
+        """The closing object: ``text`` (all of it, or the stream's last delta), ``calls`` and the counts.
+        A reply with tool calls ends as "stop", as Ollama's does."""
         stats = finish.stats
-        return self.part(text) | {
-            "done": True, "done_reason": finish.finish_reason,
+        body = self.part(text)
+        if calls:
+            body["message"]["tool_calls"] = [_tool_call(c) for c in calls]
+        return body | {
+            "done": True, "done_reason": "stop" if finish.finish_reason == "tool_calls" else finish.finish_reason,
             "total_duration": int((time.monotonic() - self.arrived) * NS), "load_duration": 0,
             "prompt_eval_count": stats.prompt_tokens, "prompt_eval_duration": int(stats.prefill_s * NS),
             "eval_count": stats.completion_tokens, "eval_duration": int(max(0.0, stats.e2e_s - stats.ttft_s) * NS),
@@ -203,11 +244,21 @@ class _OllamaShape:
     def delta(self, text: str) -> bytes:
         return _line(self.part(text))
 
+    def tool_call(self, call: ToolCall) -> bytes:
+        part = self.part("")
+        part["message"]["tool_calls"] = [_tool_call(call)]
+        return _line(part)
+
     def finished(self, text: str, finish: FinishEvent) -> bytes:
         return (_line(self.part(text)) if text else b"") + _line(self.final("", finish))
 
     def failure(self, error: APIError) -> bytes:
         return _line({"error": error.message})  # the ollama client raises it as ResponseError
+
+
+def _tool_call(call: ToolCall) -> dict:
+    """Ollama's tool call: arguments as an object."""
+    return {"function": {"index": call.index, "name": call.name, "arguments": call.arguments_object}}
 
 
 def _line(payload: dict) -> bytes:
@@ -243,8 +294,17 @@ async def _show(request: web.Request) -> web.Response:
     return web.json_response({
         "modelfile": "", "parameters": "", "template": codec.bundle.chat_template, "details": {},
         "model_info": {"pdcluster.context_length": entry.context_length},
-        "capabilities": ["completion"], "modified_at": _timestamp(entry.created),
+        "capabilities": ["completion", *(["tools"] if _speaks_tools(codec.bundle.chat_template) else [])],
+        "modified_at": _timestamp(entry.created),
     })
+
+
+def _speaks_tools(chat_template: str) -> bool:
+    try:
+        detect_format(chat_template)
+    except NoToolSupport:
+        return False
+    return True
 
 
 async def _version(request: web.Request) -> web.Response:

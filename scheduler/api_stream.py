@@ -26,11 +26,13 @@ from aiohttp import web
 
 from scheduler.request import FinishEvent, RequestStats, SchedulerError, TokenEvent
 from scheduler.tokenizer import PromptCodec
+from scheduler.tools import ToolCall
 from scheduler.validation import APIError
 
 log = logging.getLogger(__name__)
 
-Deltas = AsyncIterator[tuple[str, FinishEvent | None]]
+# (text, None) ... (text, FinishEvent); with tools (scheduler/tools.py) some items are (ToolCall, None)
+Deltas = AsyncIterator[tuple["str | ToolCall", FinishEvent | None]]
 
 
 @dataclass(frozen=True)
@@ -49,13 +51,15 @@ def api_error(error: SchedulerError) -> APIError:
 
 
 async def text_deltas(
-    events: AsyncIterator, codec: PromptCodec, stops: tuple[str, ...], prompt_tokens: int
+    events: AsyncIterator, codec: PromptCodec, stops: tuple[str, ...], prompt_tokens: int,
+    keep: frozenset[int] = frozenset(),
 ) -> Deltas:
     """Backend events -> (text delta, None) ... then (last delta, FinishEvent).
 
     Applies stop strings: the text ends before the first stop string, the
-    finish is a ``StopStringHit`` naming it, and the backend request is cancelled."""
-    detok = codec.detokenizer()
+    finish is a ``StopStringHit`` naming it, and the backend request is cancelled.
+    Special tokens in ``keep`` are spelled out in the text (a tool-call marker)."""
+    detok = codec.detokenizer(keep)
     stop = [s for s in stops if s]
     num_tokens = 0
     held = ""  # text not yet emitted because it may be the start of a stop string
@@ -103,12 +107,23 @@ def _longest_stop_prefix(text: str, stops: list[str]) -> int:
 
 async def collect_text(deltas: Deltas) -> tuple[str, FinishEvent]:
     """The whole text of a non-streamed answer and how it finished (502 if it never did)."""
-    text, finish = "", None
+    text, calls, finish = await collect(deltas)
+    if calls:
+        raise APIError(500, "tool calls reached a route that cannot return them", "server_error")
+    return text, finish
+
+
+async def collect(deltas: Deltas) -> tuple[str, list[ToolCall], FinishEvent]:
+    """The whole text of a non-streamed answer, its tool calls, and how it finished (502 if it never did)."""
+    text, calls, finish = "", [], None
     async for delta, finish in deltas:
-        text += delta
+        if isinstance(delta, ToolCall):
+            calls.append(delta)
+        else:
+            text += delta
     if finish is None:
         raise APIError(502, "the request ended without a result", "server_error")
-    return text, finish
+    return text, calls, finish
 
 
 class StreamShape(Protocol):
@@ -122,6 +137,10 @@ class StreamShape(Protocol):
 
     def delta(self, text: str) -> bytes:
         """One non-empty text delta."""
+        ...
+
+    def tool_call(self, call: ToolCall) -> bytes:
+        """One whole tool call (they come after the text, once the generation ends)."""
         ...
 
     def finished(self, text: str, finish: FinishEvent) -> bytes:
@@ -162,7 +181,9 @@ async def stream_deltas(request: web.Request, deltas: Deltas, shape: StreamShape
             if finish is not None:
                 await _send(response, shape.finished(delta, finish))
                 break
-            if delta:
+            if isinstance(delta, ToolCall):
+                await _send(response, shape.tool_call(delta))
+            elif delta:
                 await _send(response, shape.delta(delta))
             item = await anext(deltas, None)
     except ClientGone as e:  # the request's record (api.py, _traced) says how it ended

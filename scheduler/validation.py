@@ -15,12 +15,15 @@ which (docs/operations.md, "Request parameters"):
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
 
 from scheduler.request import KV_CODEC_MODES, PLACEMENT_MODES
+from scheduler.structured import GrammarError, response_format_grammar
+from scheduler.tools import MAX_TOOLS, TOOL_NAME, Tool, ToolChoice
 
 MAX_STOP_STRINGS = 4
 # OpenAI's ranges; the decode engines check the same ones (workers/engines/sampling.py,
@@ -37,7 +40,8 @@ COMMON_FIELDS = frozenset({
     "model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options",
     "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "user", "pdcluster", "ignore_eos",
 })
-CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
+CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
+                               "parallel_tool_calls", "response_format"}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"}
 STREAM_OPTIONS = frozenset({"include_usage"})
 EXTENSION_FIELDS = frozenset({"placement", "kv_codec"})  # inside "pdcluster"
@@ -51,12 +55,8 @@ def _is(*values: object) -> Callable[[object], bool]:
 # Not supported yet: field -> (what it asks for, whether a value asks for nothing).
 # Such values are accepted (they change nothing); any other is a 400 naming the field.
 NOT_YET: dict[str, tuple[str, Callable[[object], bool]]] = {
-    "tools": ("tool calling is not supported yet", _is([])),
-    "tool_choice": ("tool calling is not supported yet", _is("none")),
-    "parallel_tool_calls": ("tool calling is not supported yet", _is()),
-    "functions": ("function calling is not supported yet", _is([])),
-    "function_call": ("function calling is not supported yet", _is("none")),
-    "response_format": ("only plain text output is supported yet (no JSON mode or schema)", _is({"type": "text"})),
+    "functions": ("the deprecated 'functions' is not supported: send 'tools'", _is([])),
+    "function_call": ("the deprecated 'function_call' is not supported: send 'tool_choice'", _is("none")),
     "n": ("only one choice per request (n=1) is supported", _is(1)),
     "best_of": ("only best_of=1 is supported", _is(1)),
     "echo": ("echoing the prompt is not supported", _is(False)),
@@ -73,15 +73,13 @@ NOT_YET: dict[str, tuple[str, Callable[[object], bool]]] = {
 }
 # In a chat message: field -> (what it asks for, whether a value asks for nothing).
 MESSAGE_NOT_YET: dict[str, tuple[str, Callable[[object], bool]]] = {
-    "tool_calls": ("tool calling is not supported yet", _is([])),
-    "tool_call_id": ("tool calling is not supported yet", _is()),
-    "function_call": ("function calling is not supported yet", _is()),
+    "function_call": ("the deprecated 'function_call' is not supported: send 'tool_calls'", _is()),
     "name": ("participant names are not passed to the chat template", _is()),
     "audio": ("audio is not supported", _is()),
     "refusal": ("refusals are not passed to the chat template", _is()),
     "annotations": ("annotations are not passed to the chat template", _is([])),
 }
-ROLES = ("system", "developer", "user", "assistant")  # "tool" and "function" need tool calling
+ROLES = ("system", "developer", "user", "assistant", "tool")  # "function" is the deprecated "tool"
 
 
 class APIError(Exception):
@@ -127,6 +125,12 @@ class ParsedRequest:
     # (chat: logprobs=true with top_logprobs=k; completions: logprobs=k)
     logprobs: int | None = None
     user: str | None = None  # the client's end-user id, logged with the request
+    # Tool calling (scheduler/tools.py): the functions offered, and whether/which must be called
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice = ToolChoice("none")
+    parallel_tool_calls: bool = True
+    # response_format's grammar (scheduler/structured.py): None for plain text
+    response_grammar: str | None = None
 
 
 def parse_body(body: object, *, chat: bool) -> ParsedRequest:
@@ -145,6 +149,14 @@ def parse_body(body: object, *, chat: bool) -> ParsedRequest:
         raise APIError(400, "'stream_options' must be an object", param="stream_options")
     stream_options = {name: value for name, value in stream_options.items() if value is not None}
     refuse_unhonoured(stream_options, STREAM_OPTIONS, where="stream_options.")
+    tools, tool_choice = _tools(body)
+    response_grammar = _response_format(body)
+    if response_grammar is not None and tool_choice.mode != "none":
+        raise APIError(400, "'response_format' and 'tools' cannot both shape one answer: send tool_choice "
+                       "'none' to get the formatted answer, or leave response_format out", param="response_format")
+    if _bool(body, "ignore_eos") and (response_grammar is not None or tool_choice.forces_call):
+        raise APIError(400, "'ignore_eos' cannot go with constrained output (response_format or a forced "
+                       "tool call), which ends where its grammar does", param="ignore_eos")
     return ParsedRequest(
         model=model, messages=messages, prompt=prompt,
         max_tokens=_max_tokens(body),
@@ -163,6 +175,9 @@ def parse_body(body: object, *, chat: bool) -> ParsedRequest:
         logit_bias=_logit_bias(body),
         logprobs=_chat_logprobs(body) if chat else _completion_logprobs(body),
         user=_user(body),
+        tools=tools, tool_choice=tool_choice,
+        parallel_tool_calls=_bool(body, "parallel_tool_calls", default=True),
+        response_grammar=response_grammar,
     )
 
 
@@ -201,14 +216,107 @@ def _messages(body: dict) -> list[dict]:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise APIError(400, f"messages[{i}] must be an object with a 'role'", param=f"messages[{i}]")
         m = {name: value for name, value in m.items() if value is not None}
-        refuse_unhonoured(m, ("role", "content"), where=f"messages[{i}].", not_yet=MESSAGE_NOT_YET)
+        fields = {"assistant": ("role", "content", "tool_calls"), "tool": ("role", "content", "tool_call_id")}
+        refuse_unhonoured(m, fields.get(m["role"], ("role", "content")), where=f"messages[{i}].",
+                          not_yet=MESSAGE_NOT_YET)
         if m["role"] not in ROLES:
-            why = "tool calling is not supported yet" if m["role"] in ("tool", "function") else \
-                f"expected one of {', '.join(ROLES)}"
+            why = "send 'tool' messages instead" if m["role"] == "function" else f"expected one of {', '.join(ROLES)}"
             raise APIError(400, f"messages[{i}].role {m['role']!r} is not supported: {why}",
                            param=f"messages[{i}].role")
-        out.append({"role": m["role"], "content": _content(m.get("content"), i)})
+        message = {"role": m["role"], "content": _content(m.get("content"), i)}
+        if m["role"] == "tool":
+            if not isinstance(m.get("tool_call_id"), str):
+                raise APIError(400, f"messages[{i}].tool_call_id is required for a 'tool' message",
+                               param=f"messages[{i}].tool_call_id")
+            message["tool_call_id"] = m["tool_call_id"]
+        if m.get("tool_calls"):
+            message["tool_calls"] = _history_tool_calls(m["tool_calls"], i)
+        out.append(message)
     return out
+
+
+def _history_tool_calls(calls: object, i: int) -> list[dict]:
+    """An assistant turn's ``tool_calls`` for the chat template: arguments as objects (as
+    transformers' templates expect them), each checked to be a JSON object."""
+    where = f"messages[{i}].tool_calls"
+    if not isinstance(calls, list):
+        raise APIError(400, f"'{where}' must be an array", param=where)
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or call.get("type", "function") != "function" \
+                or not isinstance(function.get("name"), str) or not isinstance(function.get("arguments"), str):
+            raise APIError(400, f"'{where}[{j}]' must be {{\"id\", \"type\": \"function\", \"function\": "
+                           "{\"name\", \"arguments\": JSON text}}", param=f"{where}[{j}]")
+        try:
+            arguments = json.loads(function["arguments"])
+        except json.JSONDecodeError:
+            arguments = None
+        if not isinstance(arguments, dict):
+            raise APIError(400, f"'{where}[{j}].function.arguments' must be the JSON text of an object",
+                           param=f"{where}[{j}].function.arguments")
+        out.append({"id": str(call.get("id", "")), "type": "function",
+                    "function": {"name": function["name"], "arguments": arguments}})
+    return out
+
+
+def _tools(body: dict) -> tuple[tuple[Tool, ...], ToolChoice]:
+    """``tools`` and ``tool_choice`` (default ``auto`` with tools, ``none`` without), checked as OpenAI checks them."""
+    raw = body.get("tools", [])
+    if not isinstance(raw, list) or len(raw) > MAX_TOOLS:
+        raise APIError(400, f"'tools' must be an array of at most {MAX_TOOLS} tools", param="tools")
+    tools = tuple(_tool(t, i) for i, t in enumerate(raw))
+    if len({t.name for t in tools}) != len(tools):
+        raise APIError(400, "'tools' names one function twice", param="tools")
+    choice = body.get("tool_choice", "auto" if tools else "none")
+    if choice in ("none", "auto", "required"):
+        mode, name = choice, None
+    elif isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict) \
+            and isinstance(choice["function"].get("name"), str) and set(choice) == {"type", "function"}:
+        mode, name = "function", choice["function"]["name"]
+    else:
+        raise APIError(400, "'tool_choice' must be 'none', 'auto', 'required' or "
+                       "{\"type\": \"function\", \"function\": {\"name\": ...}}", param="tool_choice")
+    if not tools and mode != "none":
+        raise APIError(400, "'tool_choice' is only allowed when 'tools' are given", param="tool_choice")
+    if name is not None and name not in {t.name for t in tools}:
+        raise APIError(400, f"'tool_choice' names function {name!r}, which is not among 'tools'", param="tool_choice")
+    return tools, ToolChoice(mode, name)
+
+
+def _tool(tool: object, i: int) -> Tool:
+    where = f"tools[{i}]"
+    if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
+        raise APIError(400, f"'{where}' must be {{\"type\": \"function\", \"function\": {{...}}}}", param=where)
+    refuse_unhonoured({k: v for k, v in tool.items() if v is not None}, ("type", "function"), where=f"{where}.")
+    function = {k: v for k, v in tool["function"].items() if v is not None}
+    refuse_unhonoured(function, ("name", "description", "parameters", "strict"), where=f"{where}.function.")
+    name, description = function.get("name"), function.get("description", "")
+    if not isinstance(name, str) or not TOOL_NAME.match(name):
+        raise APIError(400, f"'{where}.function.name' must be 1-64 letters, digits, '_' or '-'",
+                       param=f"{where}.function.name")
+    if not isinstance(description, str):
+        raise APIError(400, f"'{where}.function.description' must be a string", param=f"{where}.function.description")
+    parameters = function.get("parameters")
+    if parameters is not None and not isinstance(parameters, dict):
+        raise APIError(400, f"'{where}.function.parameters' must be a JSON schema object",
+                       param=f"{where}.function.parameters")
+    if "strict" in function and not isinstance(function["strict"], bool):
+        raise APIError(400, f"'{where}.function.strict' must be a boolean", param=f"{where}.function.strict")
+    return Tool(name, description, parameters)
+
+
+def _response_format(body: dict) -> str | None:
+    """``response_format`` as a grammar (None for text); 400 naming what is wrong."""
+    value = body.get("response_format")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise APIError(400, "'response_format' must be an object", param="response_format")
+    try:
+        return response_format_grammar(value)
+    except GrammarError as e:
+        raise APIError(400, f"'response_format': {e}", param="response_format") from None
 
 
 def _content(content: object, i: int) -> str:
@@ -330,8 +438,8 @@ def _stop(body: dict) -> tuple[str, ...]:
     return tuple(stop)
 
 
-def _bool(body: dict, name: str, *, where: str = "") -> bool:
-    value = body.get(name, False)
+def _bool(body: dict, name: str, *, where: str = "", default: bool = False) -> bool:
+    value = body.get(name, default)
     if not isinstance(value, bool):
         raise APIError(400, f"'{where}{name}' must be a boolean", param=f"{where}{name}")
     return value

@@ -360,9 +360,11 @@ class FakeBackend:
         self.token_delay_s = 0.0
         self.fail_with: Exception | None = None  # raised after ``fail_after`` tokens
         self.fail_after = 0
+        self.reply_text = REPLY_TEXT  # what every request answers
+        self.context_length = 512
 
     def models(self) -> list[ModelEntry]:
-        return [ModelEntry(MODEL, context_length=512, eos_token_ids=(2,))]
+        return [ModelEntry(MODEL, context_length=self.context_length, eos_token_ids=(2,))]
 
     def codec_for(self, model: str) -> PromptCodec | None:
         return self.codec if model == MODEL else None
@@ -374,7 +376,7 @@ class FakeBackend:
         if not self.capacity:
             raise NoCapacityError("no decode-capable node is available")
         self.requests.append(request)
-        ids = self.codec.encode(REPLY_TEXT)[: request.max_tokens]
+        ids = self.codec.encode(self.reply_text)[: request.max_tokens]
         finished = False
         try:
             for sent, token in enumerate(ids):
