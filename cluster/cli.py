@@ -32,6 +32,7 @@ examples:
   pdc models                                 # the built-in models: the real default and the random presets
   pdc check-handoff --model smollm2-135m-instruct --prefill torch --decode mlx
   pdc make-model /tmp/tiny-qwen3 --arch qwen3
+  pdc dashboard --scheduler http://127.0.0.1:8000   # the web dashboard, signed in
 """
 
 
@@ -119,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_status(sub)
     _add_policy(sub)
     _add_drain(sub)
+    from cluster.dashboard_cli import add_dashboard_parser
+
+    add_dashboard_parser(sub)
     from cluster.logs_cmd import add_log_format_arg, add_logs_parser
     add_logs_parser(sub, admin_call)
     _add_bench(sub)

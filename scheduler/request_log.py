@@ -17,6 +17,12 @@ The record merges what three places know:
 The open traces are the requests in flight, from arrival to the last byte:
 the drain (scheduler/drain.py) waits for them and, at its timeout, cuts them
 (``cut_open``). The ring keeps the last ``size`` records for ``pdc logs``.
+
+Timelines (the dashboard's bars): a record's ``phases()`` lay its stats out as
+queue, prefill, KV transfer and decode, each on the node that ran it, in
+seconds from its arrival. A request in flight has no stats yet: the backend
+marks its trace as it goes (``placed``, ``marked``: prefill done, first token),
+and ``RequestTrace.phases(now)`` draws what is known so far.
 """
 from __future__ import annotations
 
@@ -61,6 +67,7 @@ class RequestRecord:
     user: str | None = None
     stream: bool = False
     stats: RequestStats = field(default_factory=RequestStats)
+    arrived_ts: float = 0.0  # wall clock (Unix seconds) when it arrived; 0: unknown
 
     @property
     def placement(self) -> str:
@@ -78,6 +85,10 @@ class RequestRecord:
         return {"seq": self.seq, "ts": round(self.ts, 3), "request_id": self.request_id, "route": self.route,
                 "model": self.model, "status": self.status, "outcome": self.outcome, "error": self.error,
                 "stop": self.stop, "user": self.user, "stream": self.stream, "placement": self.placement, **stats}
+
+    def phases(self) -> list[Phase]:
+        """Its timeline from its stats (``phases_of``); empty when it was never placed."""
+        return phases_of(self.stats)
 
     def line(self) -> str:
         """The log line: ``request ID`` then ``key=value`` pairs named as in ``to_json`` (the
@@ -105,6 +116,41 @@ class RequestRecord:
         return head + " ".join(f"{k}={v}" for k, v in pairs)
 
 
+@dataclass(frozen=True)
+class Phase:
+    """One stretch of a request's timeline, in seconds from its arrival."""
+
+    name: str  # "queue", "prefill", "transfer" or "decode"
+    node: str  # where it ran: a node id, "PREFILL -> DECODE" for a transfer, "" while queued
+    start_s: float
+    end_s: float
+
+    def to_json(self) -> dict:
+        return {"phase": self.name, "node": self.node, "start_s": round(self.start_s, 6),
+                "end_s": round(self.end_s, 6)}
+
+
+def phases_of(stats: RequestStats) -> list[Phase]:
+    """A placed request's timeline from its record: queued until its prefill started
+    (``queue_s``), prefill (``prefill_s``) on the prefill node, the KV transfer when
+    it crossed a link (ending ``exposed_transfer_s`` after the prefill, lasting
+    ``transfer_s``), then decode on the decode node until its last token (``e2e_s``)."""
+    if not stats.decode_node:
+        return []
+    prefill_start = max(0.0, stats.queue_s)
+    prefill_end = prefill_start + max(0.0, stats.prefill_s)
+    phases = [Phase("queue", "", 0.0, prefill_start)] if prefill_start > 0 else []
+    phases.append(Phase("prefill", stats.prefill_node, prefill_start, prefill_end))
+    decode_start = prefill_end
+    if not stats.colocated and stats.transfer_s > 0:
+        landed = prefill_end + max(0.0, stats.exposed_transfer_s)
+        link = f"{stats.prefill_node} -> {stats.decode_node}"
+        phases.append(Phase("transfer", link, max(prefill_start, landed - stats.transfer_s), landed))
+        decode_start = landed
+    phases.append(Phase("decode", stats.decode_node, decode_start, max(decode_start, stats.e2e_s)))
+    return phases
+
+
 @dataclass(eq=False)
 class RequestTrace:
     """One HTTP request in flight, from its arrival to its last byte (the API owns it)."""
@@ -121,6 +167,25 @@ class RequestTrace:
     backend: tuple[str, RequestStats] | None = None  # the backend's outcome and record (``RequestLog.ended``)
     status: int | None = None  # the status of the response the handler returned
     cut: SchedulerError | None = None  # set by ``RequestLog.cut_open``: end with this error
+    arrived_ts: float = 0.0  # the log's clock when it arrived
+    prefill_node: str = ""  # its latest placement (the decode node when colocated); "" until placed
+    decode_node: str = ""
+    marks: dict[str, float] = field(default_factory=dict)  # "placed", "prefill_done", "first_token" -> log's clock
+
+    def phases(self, now: float) -> list[Phase]:
+        """What is known of its timeline at ``now`` (the log's clock): queued until placed,
+        prefill until the prefill node is done (or the first token came), then decode."""
+        elapsed = max(0.0, now - self.arrived_ts)
+        if "placed" not in self.marks:
+            return [Phase("queue", "", 0.0, elapsed)]
+        at = {name: max(0.0, t - self.arrived_ts) for name, t in self.marks.items()}
+        first = at.get("first_token")
+        prefill_end = at.get("prefill_done", first if first is not None else elapsed)
+        phases = [Phase("queue", "", 0.0, at["placed"])] if at["placed"] > 0 else []
+        phases.append(Phase("prefill", self.prefill_node, at["placed"], max(at["placed"], prefill_end)))
+        if first is not None:
+            phases.append(Phase("decode", self.decode_node, first, max(first, elapsed)))
+        return phases
 
     def started(self, gen: GenerationRequest, stream: bool) -> None:
         """Its generation started as ``gen``."""
@@ -180,7 +245,7 @@ class RequestLog:
 
     def open(self, route: str, task: asyncio.Task | None = None) -> RequestTrace:
         """A request arrived on ``route`` (handled by ``task``)."""
-        trace = RequestTrace(route, task)
+        trace = RequestTrace(route, task, arrived_ts=self.clock())
         self._open.add(trace)
         self._idle.clear()
         return trace
@@ -195,6 +260,24 @@ class RequestLog:
         trace = self._by_id.get(request_id)
         if trace is not None:
             trace.backend = (outcome, stats)
+
+    def placed(self, request_id: str, prefill_node: str, decode_node: str) -> None:
+        """The backend placed ``request_id`` (again, after a failure: its new nodes and marks)."""
+        trace = self._by_id.get(request_id)
+        if trace is not None:
+            trace.prefill_node, trace.decode_node = prefill_node, decode_node
+            first = trace.marks.get("first_token")
+            trace.marks = {"placed": self.clock(), **({"first_token": first} if first is not None else {})}
+
+    def marked(self, request_id: str, event: str) -> None:
+        """``request_id`` reached ``event`` ("prefill_done", "first_token"); the first time counts."""
+        trace = self._by_id.get(request_id)
+        if trace is not None:
+            trace.marks.setdefault(event, self.clock())
+
+    def in_flight(self) -> list[RequestTrace]:
+        """The requests in flight, oldest first."""
+        return sorted(self._open, key=lambda t: t.arrived_ts)
 
     def close(self, trace: RequestTrace) -> RequestRecord | None:
         """``trace``'s response ended: its record, kept in the ring (None for a request that
@@ -227,7 +310,7 @@ class RequestLog:
         self.num_recorded += 1
         return RequestRecord(seq=self.num_recorded, ts=self.clock(), request_id=trace.request_id, route=trace.route,
                              model=trace.model, status=status, outcome=outcome, error=error, stop=stop,
-                             user=trace.user, stream=trace.stream, stats=stats)
+                             user=trace.user, stream=trace.stream, stats=stats, arrived_ts=trace.arrived_ts)
 
     def recent(self, limit: int, after: int = 0) -> list[RequestRecord]:
         """The newest ``limit`` records with ``seq > after``, oldest first."""

@@ -14,7 +14,8 @@ HTTP API:
 * ``run_request`` (scheduler/lifecycle.py): one request across its workers;
 * ``SchedulerMetrics`` (scheduler/metrics.py): ``/metrics``, each request observed once as it ends;
 * ``RequestLog`` (scheduler/request_log.py): the requests in flight, each one's log line as it ends,
-  the last N for ``/admin/requests``; ``Drain`` (scheduler/drain.py): ``serve``'s stop on SIGTERM/SIGINT.
+  the last N for ``/admin/requests``; ``Drain`` (scheduler/drain.py): ``serve``'s stop on SIGTERM/SIGINT;
+* the dashboard (scheduler/dashboard.py) at ``/``: ``dashboard_state`` is its view of the cluster.
 
 No weights are loaded here, so this runs on a NAS or a Pi. This module and the
 ones it composes are the scheduler's only contact with gRPC and zeroconf.
@@ -42,11 +43,12 @@ from scheduler.admin import PolicyAdmin
 from scheduler.admission import AdmissionConfig, AdmissionQueue, NoRoomError, Turn, nodes_with_room
 from scheduler.api import build_app
 from scheduler.clients import ClientPool
+from scheduler.dashboard import STATE_KEY as DASHBOARD_STATE_KEY
 from scheduler.dispatch import Dispatcher
 from scheduler.drain import CUT_GRACE_S, Drain
 from scheduler.lifecycle import LifecycleConfig, continuation, run_request, with_fixed_seed
 from scheduler.load import LoadLedger
-from scheduler.metrics import SchedulerMetrics, cluster_sample
+from scheduler.metrics import NodeStats, SchedulerMetrics, cluster_sample
 from scheduler.models import ModelRegistry
 from scheduler.placement import ClusterView, Placement, PlacementError, ask_policy
 from scheduler.policy import load_policy
@@ -255,6 +257,8 @@ class ClusterBackend:
             async for event in events:
                 if isinstance(event, TokenEvent):
                     turn.admitted()  # no-op unless it waited: it runs now, the next waiter may try
+                    if not attempt.sent:
+                        self.requests.marked(request.request_id, "first_token")  # the dashboard's timeline
                     previous = attempt.last_token_at
                     attempt.sent_token(event.token_id)
                     if previous is not None:
@@ -288,9 +292,10 @@ class ClusterBackend:
             placement = attempt.placement = self._place(request, list(nodes.values()), attempt)
         except NoCapacityError as e:
             raise attempt.unplaceable(e) from e
-        rid = request.request_id
+        rid, original = request.request_id, attempt.request.request_id
+        self.requests.placed(original, placement.prefill_node or placement.decode_node, placement.decode_node)
         run = run_request(request, placement, lambda nid: self.clients.of(nodes[nid]), self.config.lifecycle,
-                          on_prefill_done=lambda: self.dispatcher.prefill_done(rid), deadline=attempt.deadline,
+                          on_prefill_done=lambda: self._prefill_done(rid, original), deadline=attempt.deadline,
                           on_prefix_blocks=self.dispatcher.prefixes.add)
         refused = False
         try:
@@ -307,6 +312,11 @@ class ClusterBackend:
             self.dispatcher.finish(rid)  # invariant: every placed attempt leaves the ledger
             if not refused:
                 self.admission.released(request.model)
+
+    def _prefill_done(self, request_id: str, original_id: str) -> None:
+        """Attempt ``request_id`` of ``original_id`` left its prefill node: the ledger and the timeline know."""
+        self.dispatcher.prefill_done(request_id)
+        self.requests.marked(original_id, "prefill_done")
 
     def _place(self, request: GenerationRequest, nodes: list[NodeInfo], attempt: _Attempts) -> Placement:
         """The policy's placement over the nodes with room; ``NoRoomError`` when only full nodes could take it."""
@@ -555,6 +565,35 @@ def node_json(node: NodeInfo, active: int) -> dict:
             "prefill_probe": [list(point) for point in node.prefill_probe]}
 
 
+def dashboard_state(backend: ClusterBackend) -> dict:
+    """The dashboard's view of the cluster, from memory only (no RPC): every known node (placeable,
+    draining or down) as in ``/health`` with its health and KV memory, the links, the policy."""
+    table, ledger = backend.table, backend.ledger
+    down, draining = table.down, table.draining
+    nodes = []
+    for node_id in table.known_ids():
+        node = table.node(node_id)
+        if node is None:
+            continue
+        health = "draining" if node_id in draining else "down" if node_id in down else "up"
+        nodes.append({**node_json(node, ledger.active_requests(node_id)), "health": health,
+                      "health_reason": down.get(node_id, ""),
+                      **node_memory(node, backend.metrics.node_stats.get(node_id))})
+    return {"nodes": nodes, "links": backend.links.snapshot(), "policy": backend.dispatcher.policy_name,
+            "kv_codec": backend.config.kv_codec}
+
+
+def node_memory(node: NodeInfo, stats: NodeStats | None) -> dict:
+    """A node's KV memory: used is what its leases reserve plus its prefix cache (its latest ``Stats``,
+    read every ``prefix_refresh_s``), of the free memory it advertised when it joined."""
+    reserved, cached = (stats.reserved_kv_bytes, stats.prefix_cache_bytes) if stats else (0, 0)
+    return {"kv_used_bytes": reserved + cached, "kv_total_bytes": node.free_mem_bytes,
+            "kv_reserved_bytes": reserved, "prefix_cache_bytes": cached,
+            "prefix_cache_capacity_bytes": stats.prefix_cache_capacity_bytes if stats else 0,
+            "running_requests": stats.running_requests if stats else 0,
+            "active_leases": stats.active_leases if stats else 0}
+
+
 async def serve(config: SchedulerConfig, key: ClusterKey) -> None:
     """Run until SIGINT/SIGTERM, then drain (scheduler/drain.py): new requests get 503, the ones in
     flight run to their end within ``config.drain_timeout_s``; a second signal stops at once."""
@@ -563,6 +602,7 @@ async def serve(config: SchedulerConfig, key: ClusterKey) -> None:
     drain = Drain(backend.requests, config.drain_timeout_s)
     app = build_app(backend, admin=backend.admin, api_key=config.api_key, allowed_origins=config.allowed_origins,
                     metrics=backend.metrics.exposition, request_log=backend.requests, drain=drain)
+    app[DASHBOARD_STATE_KEY] = lambda: dashboard_state(backend)
     # the drain waits for requests itself; what is left after it (the last bytes, idle keep-alive
     # connections) gets CUT_GRACE_S before aiohttp cancels it
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=CUT_GRACE_S)
