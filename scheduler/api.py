@@ -178,6 +178,9 @@ def build_app(backend: Backend, admin: AdminBackend | None = None, *, api_key: s
     app.router.add_get("/metrics", _metrics)
     for dialect in (api_ollama, api_anthropic, api_responses):
         dialect.add_routes(app)
+    from scheduler import dashboard  # the web page at / (scheduler/dashboard.py)
+
+    dashboard.add_routes(app)
     return app
 
 
