@@ -29,6 +29,7 @@ from typing import Protocol
 
 import numpy as np
 
+from workers.engines.grammar import GrammarTokenizer
 from workers.engines.sampling import SamplingParams, TokenLogprobs
 
 # wire dtype name -> numpy dtype used to hold its bytes
@@ -196,6 +197,10 @@ class Engine(Protocol):
 
     name: str  # its key in workers.engines.registry.ENGINES
     device: str
+    # Its model's tokenizer for llguidance (built on first use, safe from any thread):
+    # every TokenSampler of a request with a grammar gets it, on this engine or
+    # beside it (the prefill node's first token, a continued stream's).
+    grammar_tokenizer: GrammarTokenizer
 
     @property
     def layout_dtype(self) -> str:
@@ -249,11 +254,13 @@ class Engine(Protocol):
         step ``first_step`` and is not in the cache yet. Each later ``step``
         feeds the request's previous token and samples the next one with
         sampling step ``first_step + 1``, ``first_step + 2``, ... and its own
-        ``params`` (temperature, top_p, top_k, seed, penalties, logit bias),
-        through a ``sampling.TokenSampler``: a request draws the same tokens
-        alone or in any batch. ``history``: the tokens the request generated
-        before ``first_token`` (a continued stream's), which the penalties
-        count besides ``first_token`` and every token drawn here. The caller
+        ``params`` (temperature, top_p, top_k, seed, penalties, logit bias,
+        grammar), through a ``sampling.TokenSampler`` holding
+        ``grammar_tokenizer``: a request draws the same tokens alone or in any
+        batch. ``history``: the tokens the request generated before
+        ``first_token`` (a continued stream's), which the penalties count and a
+        grammar's matcher consumes, besides ``first_token`` and every token
+        drawn here. ValueError when the grammar or its history is refused. The caller
         adds a request only when it has something to generate
         (``not is_last(first_token, 0, params)``).
         ``KeyError`` without a cache, ``ValueError`` when already running."""
@@ -270,6 +277,13 @@ class Engine(Protocol):
         """The logprobs of the tokens the last ``step`` gave, for the requests
         whose params ask for them (``SamplingParams.logprobs``): request id ->
         its token's ``TokenLogprobs`` (``sampling.draw``)."""
+        ...
+
+    def step_errors(self) -> dict[str, Exception]:
+        """The requests the last ``step`` failed alone (a grammar matcher's
+        ``GrammarError``): request id -> why. Each got no token from that
+        step and left the batch (its cache stays until ``release``); the other
+        requests of the batch stepped as usual."""
         ...
 
     def remove(self, request_id: str) -> None:
@@ -464,7 +478,8 @@ def generate(engine: Engine, request_id: str, first_token: int, params: Sampling
         while request_id in engine.running():
             token = engine.step().get(request_id)
             if token is None:
-                raise RuntimeError(f"step() gave no token for running request {request_id!r}")
+                raise engine.step_errors().get(request_id) or RuntimeError(
+                    f"step() gave no token for running request {request_id!r}")
             yield token
     finally:
         engine.remove(request_id)

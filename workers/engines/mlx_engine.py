@@ -28,11 +28,15 @@ engine drives it:
   themselves (``_LogitsTap``), so greedy is numpy's argmax of the float32
   logits exactly and a seeded request draws the same tokens as ``sample`` on
   the prefill node's logits, alone or in any batch. Plain greedy rows share
-  one on-device argmax; a row that samples, has penalties or a logit bias, or
-  wants logprobs draws through its own ``TokenSampler`` on its numpy row (the
-  torch engine's code exactly). Its sampler runs one step ahead of the token
-  ``step`` returns (the pipelining above), so the logprobs it computes wait
-  in a queue until ``step`` hands out their token.
+  one on-device argmax; a row that samples, has penalties, a logit bias or a
+  grammar, or wants logprobs draws through its own ``TokenSampler`` on its
+  numpy row (the torch engine's code exactly). Its sampler runs one step
+  ahead of the token ``step`` returns (the pipelining above), so what each
+  draw gave (its logprobs, or the ``GrammarError`` it raised) waits in a
+  queue until ``step`` hands out that token. A draw that failed returns the
+  model's EOS, a stop token of every constrained request, so that mlx-lm ends
+  that request at that token; ``step`` reports the error for it instead of
+  the token (``step_errors``) and the rest of the batch never notices.
 
 Sliding-window layers (gpt-oss, gemma3) use mlx-lm's own ``RotatingKVCache``
 (``_StreamingRotatingKVCache`` during our prefill), which ``BatchGenerator``
@@ -83,6 +87,7 @@ from workers.engines.base import (
     run_prefill,
     timed_runs,
 )
+from workers.engines.grammar import GrammarError, GrammarTokenizer
 from workers.engines.memory import host_free_bytes
 from workers.engines.model_config import check_tokenizer, read_model_spec
 from workers.engines.sampling import SamplingParams, TokenLogprobs, TokenSampler
@@ -171,8 +176,18 @@ class _Decoding:
     num_prompt: int  # tokens its cache held at ``add``
     produced: int = 0  # tokens ``step`` gave it
     joined: bool = False  # admitted: its cache is in the batch and holds its newest token too
-    # the logprobs its sampler computed for tokens that ``step`` has not handed out yet, oldest first
-    logprobs: collections.deque[TokenLogprobs] = field(default_factory=collections.deque)
+    # what its own sampler drew for tokens that ``step`` has not handed out yet, oldest first
+    drawn: collections.deque[_Drawn] = field(default_factory=collections.deque)
+
+
+@dataclass(frozen=True)
+class _Drawn:
+    """One draw of a request's own sampler: its token, with its logprobs when
+    asked, or the error that stopped it (then ``token`` is the placeholder EOS)."""
+
+    token: int
+    logprobs: TokenLogprobs | None = None
+    error: Exception | None = None
 
 
 class MLXEngine:
@@ -183,6 +198,7 @@ class MLXEngine:
     def __init__(self, model_dir: str | Path, dtype: str | None = None) -> None:
         self.spec = read_model_spec(model_dir)
         check_tokenizer(model_dir)
+        self.grammar_tokenizer = GrammarTokenizer(Path(model_dir) / "tokenizer.json", self.spec.eos_token_ids)
         self.model = load_mlx_model(Path(model_dir))
         _check_windows(self.model, self.spec.windows)
         if dtype is not None:
@@ -198,6 +214,7 @@ class MLXEngine:
                                          prefill_batch_size=_UNBOUNDED)
         self._view: tuple[str, list[KVCache]] | None = None  # a running request's cache, extracted this step
         self._logprobs: dict[str, TokenLogprobs] = {}  # the last step's, for the requests that asked
+        self._errors: dict[str, Exception] = {}  # the last step's, for the requests it failed alone
         log.info("mlx engine: %s (%s) on %s in %s", model_dir, self.spec.model_type, self.device, self.dtype)
 
     @property
@@ -254,14 +271,15 @@ class MLXEngine:
         cache = self._cache_of(request_id)
         if is_last(first_token, 0, params):
             raise ValueError(f"request {request_id!r} has nothing to generate after its first token")
-        logprobs: collections.deque[TokenLogprobs] = collections.deque()
+        drawn: collections.deque[_Drawn] = collections.deque()
         sampler = self._greedy
         if not params.is_plain_greedy:
-            sampler = _row_sampler(self._tap, TokenSampler(params, first_step, (*history, first_token)), logprobs)
+            own = TokenSampler(params, first_step, (*history, first_token), self.grammar_tokenizer)
+            sampler = _row_sampler(self._tap, own, drawn, self.spec.eos_token_ids)
         stops = StopSequences([(token,) for token in params.stop_token_ids])
         (uid,) = self._generator.insert([[first_token]], max_tokens=[params.max_tokens - 1], caches=[cache],
                                         samplers=[sampler], stop_sequences=[stops])
-        self._decoding[request_id] = _Decoding(uid, params, num_prompt=cache[-1].offset, logprobs=logprobs)
+        self._decoding[request_id] = _Decoding(uid, params, num_prompt=cache[-1].offset, drawn=drawn)
         self._by_uid[uid] = request_id
         self._caches[request_id] = None
 
@@ -277,25 +295,33 @@ class MLXEngine:
                 decoding.joined = True
         _, responses = self._generator.next()
         tokens: dict[str, int] = {}
-        self._logprobs = {}
+        self._logprobs, self._errors = {}, {}
         for response in responses:
             request_id = self._by_uid[response.uid]
             decoding = self._decoding[request_id]
             decoding.produced += 1
+            drawn = _drawn_of(decoding, request_id, response.token) if not decoding.params.is_plain_greedy else None
+            if drawn is not None and drawn.error is not None:  # its placeholder EOS ended it in mlx-lm
+                self._errors[request_id] = drawn.error
+                self._leave(request_id, response.prompt_cache)
+                continue
             tokens[request_id] = response.token
-            if decoding.params.logprobs:
-                self._logprobs[request_id] = _logprobs_of(decoding, request_id, response.token)
+            if drawn is not None and drawn.logprobs is not None:
+                self._logprobs[request_id] = drawn.logprobs
             if (response.finish_reason is not None) != is_last(response.token, decoding.produced, decoding.params):
                 raise RuntimeError(f"mlx-lm and is_last disagree on whether token {decoding.produced} of "
                                    f"{request_id!r} is its last ({response.finish_reason})")
             if response.finish_reason is not None:
                 self._leave(request_id, response.prompt_cache)
-        if len(tokens) != len(responses) or set(tokens) != set(stepping):
+        if len(tokens) + len(self._errors) != len(responses) or {*tokens, *self._errors} != set(stepping):
             raise RuntimeError("a decode step gave some running request no token, or two")
         return tokens
 
     def step_logprobs(self) -> dict[str, TokenLogprobs]:
         return dict(self._logprobs)
+
+    def step_errors(self) -> dict[str, Exception]:
+        return dict(self._errors)
 
     def remove(self, request_id: str) -> None:
         decoding = self._decoding.get(request_id)
@@ -600,26 +626,31 @@ def _greedy_sampler(tap: _LogitsTap) -> Sampler:
     return greedy
 
 
-def _row_sampler(tap: _LogitsTap, sampler: TokenSampler, logprobs: collections.deque[TokenLogprobs]) -> Sampler:
+def _row_sampler(tap: _LogitsTap, sampler: TokenSampler, drawn: collections.deque[_Drawn],
+                 eos_token_ids: tuple[int, ...]) -> Sampler:
     """One request's own sampler: ``sampler.draw`` on its row of logits, one
-    draw (the next sampling step) per call; the logprobs of each draw, when its
-    params ask for them, go to the end of ``logprobs``."""
+    draw (the next sampling step) per call, each going to the end of
+    ``drawn``. A draw whose grammar matcher fails returns the model's first
+    EOS instead (a stop token of every constrained request) and queues the error."""
 
     def draw(mlx_logprobs: mx.array) -> mx.array:
         (row,) = np.asarray(tap.take(mlx_logprobs.shape[0]))  # [1, vocab] float32 -> [vocab]
-        token, drawn = sampler.draw(row)
-        if drawn is not None:
-            logprobs.append(drawn)
+        try:
+            token, logprobs = sampler.draw(row)
+            drawn.append(_Drawn(token, logprobs))
+        except GrammarError as e:
+            token = eos_token_ids[0]
+            drawn.append(_Drawn(token, error=e))
         return mx.array([token], dtype=mx.uint32)
 
     return draw
 
 
-def _logprobs_of(decoding: _Decoding, request_id: str, token: int) -> TokenLogprobs:
-    """The oldest logprobs ``decoding``'s sampler queued: those of ``token``, which ``step`` hands out now."""
-    if not decoding.logprobs or decoding.logprobs[0].token_id != token:
-        raise RuntimeError(f"request {request_id!r}: its sampler's logprobs are out of step with its tokens")
-    return decoding.logprobs.popleft()
+def _drawn_of(decoding: _Decoding, request_id: str, token: int) -> _Drawn:
+    """The oldest draw ``decoding``'s own sampler queued: that of ``token``, which ``step`` hands out now."""
+    if not decoding.drawn or decoding.drawn[0].token != token:
+        raise RuntimeError(f"request {request_id!r}: its sampler's draws are out of step with its tokens")
+    return decoding.drawn.popleft()
 
 
 def _argmax_like_numpy(logits: mx.array) -> mx.array:

@@ -7,23 +7,33 @@ one: the random stream for step ``i`` depends only on ``(seed, i)``, so the
 prefill node can draw token 0 and the decode node tokens 1, 2, ... without
 sharing generator state.
 
-NOTE on the order of the logits processing (``draw``), the same on every engine:
+NOTE on the order of the logits processing (``TokenSampler.draw``), the same on every engine:
 
 1. ``adjust``: the presence and frequency penalties over the tokens this
    request generated so far (OpenAI's definition: ``logit[j] -= count[j] *
    frequency_penalty + (count[j] > 0) * presence_penalty``), then ``logit_bias``
    added per token id. In float64, only when the request asks for one of them.
-2. Logprobs, when asked for, are the log-softmax of these adjusted logits:
-   after penalties and bias, before temperature, top-k and top-p. So they do
+2. The grammar's mask, when the request has a grammar (``grammar.GrammarMatcher``):
+   every token it does not allow next becomes -inf. After the bias, so that
+   no bias can bring back a token the grammar forbids.
+3. Logprobs, when asked for, are the log-softmax of these scores: after
+   penalties, bias and mask, before temperature, top-k and top-p. So they do
    not change with temperature, a greedy request's token is always its top-1,
-   and a token forced by a bias of +100 shows a logprob of about 0.
-3. Greedy (``temperature == 0``) is the argmax of the adjusted logits; else
+   and a token forced by a bias of +100 shows a logprob of about 0. After the
+   mask because that is the distribution the token is actually drawn from (as
+   vLLM and OpenAI's structured outputs report): a token the grammar forbids
+   shows ``MIN_LOGPROB``, and a token the grammar forces shows about 0.
+4. Greedy (``temperature == 0``) is the argmax of these scores; else
    temperature, top-k, top-p and a draw from ``(seed, step)``.
+5. The matcher consumes the drawn token. A complete grammar allows only EOS,
+   which ends the request (``grammar``'s NOTE).
 
-``TokenSampler`` is one request's state across steps (its sampling step and
-its generated-token counts); both engines draw every token through it.
+``TokenSampler`` is one request's state across steps (its sampling step, its
+generated-token counts, its grammar matcher); both engines and the prefill
+node draw every token through it. ``draw`` is the same without a grammar.
 
-This module imports nothing from the engines (``base`` imports it).
+This module imports nothing from the engines (``base`` imports it) but the
+grammar module, which imports none of them either.
 """
 from __future__ import annotations
 
@@ -33,6 +43,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from workers.engines.grammar import GrammarMatcher, GrammarTokenizer
 
 MAX_PENALTY = 2.0  # |presence_penalty|, |frequency_penalty| (OpenAI's range)
 MAX_LOGIT_BIAS = 100.0  # |bias| per token (OpenAI's range)
@@ -46,7 +58,8 @@ class SamplingParams:
 
     ``logit_bias`` is ``((token_id, bias), ...)``; ``logprobs`` asks for the
     chosen token's logprob and ``top_logprobs`` for that many most likely
-    alternatives besides (``TokenLogprobs``)."""
+    alternatives besides (``TokenLogprobs``). ``grammar``: an llguidance
+    grammar (TopLevelGrammar JSON) that every token must follow; "" for none."""
 
     max_tokens: int = 16
     temperature: float = 0.0
@@ -59,6 +72,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     logprobs: bool = False
     top_logprobs: int = 0
+    grammar: str = ""
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -97,7 +111,13 @@ class SamplingParams:
     @property
     def is_plain_greedy(self) -> bool:
         """Greedy on the raw logits with nothing to report: an engine may argmax on its device."""
-        return self.temperature == 0.0 and not self.adjusts_logits and not self.logprobs
+        return self.temperature == 0.0 and not self.adjusts_logits and not self.logprobs and not self.grammar
+
+    @property
+    def reads_history(self) -> bool:
+        """Whether drawing depends on the tokens generated before: the penalties
+        count them, a grammar's matcher consumes them."""
+        return self.penalizes or bool(self.grammar)
 
     def max_token_id(self) -> int:
         """The largest token id this request names (in ``logit_bias``); -1 for none."""
@@ -136,8 +156,14 @@ def sample(logits: np.ndarray, params: SamplingParams, step: int,
 
 def draw(logits: np.ndarray, params: SamplingParams, step: int,
          counts: Counter[int] | None = None) -> tuple[int, TokenLogprobs | None]:
-    """``sample``, with the drawn token's ``TokenLogprobs`` when ``params.logprobs``."""
-    scores = adjust(logits, params, counts)
+    """``sample``, with the drawn token's ``TokenLogprobs`` when ``params.logprobs``.
+    Unconstrained only: a grammar needs a ``TokenSampler`` (its matcher)."""
+    if params.grammar:
+        raise ValueError("a request with a grammar draws through a TokenSampler, which holds its matcher")
+    return _draw(adjust(logits, params, counts), params, step)
+
+
+def _draw(scores: np.ndarray, params: SamplingParams, step: int) -> tuple[int, TokenLogprobs | None]:
     token = _pick(scores, params, step)
     return token, (token_logprobs(scores, token, params.top_logprobs) if params.logprobs else None)
 
@@ -171,23 +197,51 @@ def token_logprobs(scores: np.ndarray, token: int, top: int) -> TokenLogprobs:
 
 class TokenSampler:
     """One request's sampling across steps: its params, the sampling step of
-    its last draw, and the counts of the tokens it generated (the penalties read them).
+    its last draw, the counts of the tokens it generated (the penalties read
+    them) and its grammar matcher.
 
     ``history``: the tokens it generated before (a continued stream's, and the
-    first token an engine is handed), counted at once."""
+    first token an engine is handed), counted and consumed by the matcher at
+    once. ``grammar``: the engine's ``GrammarTokenizer``, which a request with
+    a grammar needs (ValueError without it, or when the grammar or the history
+    is refused, or when the model's EOS is not among its stop tokens:
+    ``GrammarTokenizer.constrain``)."""
 
-    def __init__(self, params: SamplingParams, step: int, history: Iterable[int] = ()) -> None:
+    def __init__(self, params: SamplingParams, step: int, history: Iterable[int] = (),
+                 grammar: GrammarTokenizer | None = None) -> None:
+        history = tuple(history)
         self.params = params
         self.step = step
         self.counts: Counter[int] = Counter(history) if params.penalizes else Counter()
+        self.matcher = _matcher_of(params, history, grammar)
 
     def draw(self, logits: np.ndarray) -> tuple[int, TokenLogprobs | None]:
-        """The next token from ``logits`` [vocab] at the next sampling step, and its logprobs when asked."""
+        """The next token from ``logits`` [vocab] at the next sampling step, and
+        its logprobs when asked (the module's NOTE gives the order).
+        ``grammar.GrammarError`` when the matcher fails (this request only)."""
         self.step += 1
-        token, logprobs = draw(logits, self.params, self.step, self.counts)
+        scores = adjust(logits, self.params, self.counts)
+        if self.matcher is not None:
+            scores = self.matcher.mask(scores)
+        token, logprobs = _draw(scores, self.params, self.step)
+        if self.matcher is not None:
+            self.matcher.consume(token)
         if self.params.penalizes:
             self.counts[token] += 1
         return token, logprobs
+
+
+def _matcher_of(params: SamplingParams, history: tuple[int, ...],
+                grammar: GrammarTokenizer | None) -> GrammarMatcher | None:
+    """The matcher of ``params.grammar`` after ``history``; None without a grammar."""
+    if not params.grammar:
+        return None
+    if grammar is None:
+        raise ValueError("a request with a grammar needs its engine's GrammarTokenizer")
+    if grammar.constrain(params) is not params:
+        raise ValueError(f"a request with a grammar needs the model's EOS {list(grammar.eos_token_ids)} among "
+                         f"its stop tokens, which end it once the grammar is complete (GrammarTokenizer.constrain)")
+    return grammar.matcher(params.grammar, history)
 
 
 def _pick(scores: np.ndarray, params: SamplingParams, step: int) -> int:

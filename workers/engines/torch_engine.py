@@ -57,6 +57,7 @@ from workers.engines.base import (
     run_prefill,
     timed_runs,
 )
+from workers.engines.grammar import GrammarError, GrammarTokenizer
 from workers.engines.memory import host_free_bytes
 from workers.engines.model_config import check_tokenizer, read_model_spec
 from workers.engines.sampling import SamplingParams, TokenLogprobs, TokenSampler
@@ -209,6 +210,7 @@ class TorchEngine:
         self.spec = read_model_spec(model_dir)
         _refuse_mlx_quantized(model_dir)
         check_tokenizer(model_dir)
+        self.grammar_tokenizer = GrammarTokenizer(Path(model_dir) / "tokenizer.json", self.spec.eos_token_ids)
         self.device = pick_device(device)
         self.dtype = dtype or _default_dtype(self.spec.dtype, self.device)
         self.model = AutoModelForCausalLM.from_pretrained(
@@ -220,6 +222,7 @@ class TorchEngine:
         self._batch = _Batch(self.model.config)
         self._joining: list[str] = []  # added since the last step, in order; they join at the next one
         self._logprobs: dict[str, TokenLogprobs] = {}  # the last step's, for the requests that asked
+        self._errors: dict[str, Exception] = {}  # the last step's, for the requests it failed alone
         log.info("torch engine: %s (%s) on %s in %s", model_dir, self.spec.model_type, self.device, self.dtype)
 
     @property
@@ -266,30 +269,38 @@ class TorchEngine:
         held = self._held_of(request_id)
         if held.decoding is not None:
             raise ValueError(f"request {request_id!r} is already running")
-        held.decoding = _Decoding(TokenSampler(params, first_step, (*history, first_token)), first_token)
+        sampler = TokenSampler(params, first_step, (*history, first_token), self.grammar_tokenizer)
+        held.decoding = _Decoding(sampler, first_token)
         self._joining.append(request_id)
 
     @torch.inference_mode()
     def step(self) -> dict[str, int]:
         self._admit_joining()
+        self._logprobs, self._errors = {}, {}
         if not self._batch.ids:
             return {}
         rows = [self._held[rid].decoding for rid in self._batch.ids]
         logits = self._batch.forward(self.model, [d.token for d in rows])  # [rows, vocab]
         tokens: dict[str, int] = {}
-        self._logprobs = {}
         for request_id, decoding, row_logits in zip(self._batch.ids, rows, logits, strict=True):
             decoding.produced += 1
-            decoding.token, logprobs = decoding.sampler.draw(row_logits)
+            try:
+                decoding.token, logprobs = decoding.sampler.draw(row_logits)
+            except GrammarError as e:  # this request only: it leaves without a token
+                self._errors[request_id] = e
+                continue
             tokens[request_id] = decoding.token
             if logprobs is not None:
                 self._logprobs[request_id] = logprobs
         self._leave([rid for rid, d in zip(self._batch.ids, rows, strict=True)
-                     if is_last(d.token, d.produced, d.params)])
+                     if rid in self._errors or is_last(d.token, d.produced, d.params)])
         return tokens
 
     def step_logprobs(self) -> dict[str, TokenLogprobs]:
         return dict(self._logprobs)
+
+    def step_errors(self) -> dict[str, Exception]:
+        return dict(self._errors)
 
     def remove(self, request_id: str) -> None:
         if request_id in self._joining:

@@ -19,7 +19,15 @@ with them. The first token sampled here uses sampling step ``first_step``,
 the next ``first_step + 1``, ...: sampling depends only on (seed, step), so a
 seeded or greedy stream continues token for token as if never interrupted.
 The last ``first_step`` prompt tokens count as generated for the presence
-and frequency penalties, so a penalized stream continues as it would have too.
+and frequency penalties, and a grammar's matcher consumes them before it
+masks the next token, so a penalized or constrained stream continues as it
+would have too.
+
+A grammar (``sampling.grammar``) masks every token drawn here, the first one
+of a local prefill included; a received first token (drawn under the same
+grammar by the prefill node) is consumed by this node's matcher first. Once
+the grammar is complete only EOS may follow, a stop token of every
+constrained request (``state.check_sampling``), so the stream ends "stop".
 
 Logprobs (``sampling.logprobs``): each ``token`` event carries its token's
 logprob and top alternatives; the first token's come with it from the
@@ -178,7 +186,11 @@ class DecodeRPC:
             raise RPCFailure(grpc.StatusCode.UNAVAILABLE, str(e)) from None
         queue_s = (started[0] if started else arrival) - arrival
         cached = hit.num_tokens if hit is not None else 0
-        sampler = TokenSampler(params, first_step - 1, _generated(prompt, first_step))
+        try:
+            sampler = TokenSampler(params, first_step - 1, _generated(prompt, first_step),
+                                   state.engines.engine.grammar_tokenizer)
+        except ValueError as e:  # a continued stream whose sent tokens its grammar refuses
+            raise RPCFailure(grpc.StatusCode.INVALID_ARGUMENT, f"sampling: {e}") from None
         return sampler.draw(result.logits), pb.Timings(queue_s=queue_s, prefill_s=result.compute_s,
                                                         cached_tokens=cached)
 

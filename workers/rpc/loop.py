@@ -12,8 +12,10 @@ with ``interleave`` off, the whole prompt), then one decode step over every
 running request (``Engine.step``). *Postprocess*: each token (with its logprobs,
 when the request asked for them: ``Engine.step_logprobs``) goes to its
 request's stream on the event loop; a request whose token is its last
-(``is_last``) has left the batch by itself and its stream ends; a finished
-prefill resolves its future. The loop then queues its next iteration while
+(``is_last``) has left the batch by itself and its stream ends; a request
+the step failed alone (its grammar matcher broke: ``Engine.step_errors``)
+has left it too and its stream ends with that error, the others' untouched;
+a finished prefill resolves its future. The loop then queues its next iteration while
 any request runs or any prefill waits, and sleeps otherwise: a new request
 wakes it. So a long prompt costs running streams one chunk's time per
 token, not the whole prompt's, and a stream never waits for another to end.
@@ -263,7 +265,7 @@ class StepLoop:
                     with self._lock:
                         self._joins.appendleft(stream)  # first in line when rows leave
                     return
-                if stream.params.penalizes:  # only the penalties read the history
+                if stream.params.reads_history:  # only the penalties and a grammar read the history
                     engine.add(stream.request_id, stream.first_token, stream.params, stream.first_step,
                                history=stream.history)
                 else:
@@ -342,8 +344,14 @@ class StepLoop:
             return
         self.steps += 1
         logprobs = engine.step_logprobs() if any(s.params.logprobs for s in self._running.values()) else {}
+        errors = engine.step_errors() if any(s.params.grammar for s in self._running.values()) else {}
         for request_id, stream in list(self._running.items()):
             token = tokens.get(request_id)
+            if token is None and request_id in errors:  # failed alone: it left the batch
+                del self._running[request_id]
+                stream.done = True
+                stream._deliver(errors[request_id])
+                continue
             if token is None:  # released behind the loop's back: nothing to deliver
                 del self._running[request_id]
                 stream.done = True

@@ -13,7 +13,9 @@
    on (its prefix cache); each layer's slice goes to a ``KVPusher`` the moment
    the engine emits it, so it is on the wire while later layers compute. Only
    tokens from ``skip_tokens`` on are sent (the decode node holds the rest),
-   numbered from 0. Sample the first token and send ``end`` with it and the
+   numbered from 0. Sample the first token (masked by the request's grammar,
+   when it has one: the decode node's matcher consumes this token before it
+   draws the next) and send ``end`` with it and the
    prefill timings (``prefill_s``, ``prefill_end_wall``, ``queue_s``,
    ``cached_tokens``), and the first token's logprobs when the request asks
    for them (``first_logprobs``, ``TokenLogprobs.to_json``).
@@ -38,7 +40,7 @@ from grpc import aio
 from cluster.auth import AuthError
 from proto import pdcluster_pb2 as pb
 from workers.engines.prefix_cache import PrefixHit
-from workers.engines.sampling import SamplingParams, draw
+from workers.engines.sampling import SamplingParams, TokenSampler
 from workers.kv.listener import KVPusher, KVPushError, open_kv_connection
 from workers.rpc.loop import LoopClosed, PrefillTask, StreamCancelled
 from workers.rpc.state import (
@@ -202,7 +204,8 @@ class PrefillRPC:
                     yield
             if result is None:
                 raise RuntimeError("prefill_chunks ended without a result")
-            first, logprobs = draw(result.logits, params, 0)
+            # sampling step 0; a grammar's matcher starts here and the decode node's replays this token
+            first, logprobs = TokenSampler(params, -1, (), engine.grammar_tokenizer).draw(result.logits)
             meta = {"prefill_s": result.compute_s, "prefill_end_wall": time.time(), "queue_s": started - arrival,
                     "cached_tokens": hit.num_tokens if hit is not None else 0}
             if logprobs is not None:  # the decode node reports them with the first token

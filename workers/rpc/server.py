@@ -225,6 +225,7 @@ class Worker:
         factory = self._engine_factory or (lambda: _load_engine(config, model_dir))
         self.engines = EngineThread(factory, name=f"engine-{config.engine}")
         engine = await self.engines.start()
+        await asyncio.to_thread(_warm_grammar_tokenizer, engine)
         self.model_info = model_info(model_dir, spec, engine, config.model_id)
         if not all(config.declared_figures):
             self.measured = await self._measure(engine)
@@ -553,6 +554,19 @@ def run_worker_command(args: argparse.Namespace, discovery: Discovery | None = N
 
 def _load_engine(config: WorkerConfig, model_dir: Path) -> Engine:
     return load_engine(config.engine, model_dir, config.dtype, config.device)
+
+
+def _warm_grammar_tokenizer(engine: Engine) -> None:
+    """Build the engine's llguidance tokenizer now (it walks the vocabulary), not
+    on the event loop when the first grammar arrives. A model it cannot serve
+    grammars for still serves everything else: its grammars fail then, saying why."""
+    tokenizer = getattr(engine, "grammar_tokenizer", None)  # a test's stand-in engine may have none
+    if tokenizer is None:
+        return
+    try:
+        tokenizer.llg
+    except Exception as e:  # noqa: BLE001 - any reason is a reason to log, not to refuse to start
+        log.warning("grammar-constrained sampling is unavailable on this worker: %s", e)
 
 
 def _auto_node_id(engine: str) -> str:

@@ -226,12 +226,23 @@ class WorkerState:
         return prompt
 
     def check_sampling(self, params: pb.SamplingParams) -> SamplingParams:
-        """``sampling_from_proto``, whose logit bias names only tokens of this model, or INVALID_ARGUMENT."""
+        """``sampling_from_proto``, whose logit bias names only tokens of this
+        model and whose grammar compiles against its tokenizer, or
+        INVALID_ARGUMENT. A grammar's params get the model's EOS among their
+        stop tokens (``GrammarTokenizer.constrain``: a complete grammar ends the
+        request with "stop", even one that asked for no stop token)."""
         sampling = sampling_from_proto(params)
         if sampling.max_token_id() >= self.spec.vocab_size:
             raise RPCFailure(grpc.StatusCode.INVALID_ARGUMENT, f"sampling: logit_bias names token id "
                              f"{sampling.max_token_id()}, outside the model's vocabulary of {self.spec.vocab_size}")
-        return sampling
+        if not sampling.grammar:
+            return sampling
+        tokenizer = self.engines.engine.grammar_tokenizer
+        reason = tokenizer.check(sampling.grammar)
+        if reason:
+            raise RPCFailure(grpc.StatusCode.INVALID_ARGUMENT, f"sampling: the grammar does not compile against "
+                             f"this model's tokenizer: {reason}")
+        return tokenizer.constrain(sampling)
 
     def check_codec(self, codec: str) -> None:
         if codec not in CODECS:
@@ -248,7 +259,7 @@ def sampling_from_proto(params: pb.SamplingParams) -> SamplingParams:
             stop_token_ids=tuple(params.stop_token_ids),
             presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
             logit_bias=tuple(sorted(params.logit_bias.items())),
-            logprobs=params.logprobs, top_logprobs=params.top_logprobs,
+            logprobs=params.logprobs, top_logprobs=params.top_logprobs, grammar=params.grammar,
         )
     except ValueError as e:
         raise RPCFailure(grpc.StatusCode.INVALID_ARGUMENT, f"sampling: {e}") from None
