@@ -36,7 +36,7 @@ from scheduler.api import BACKEND_KEY, ERROR_SHAPES_KEY, start_generation
 from scheduler.api_stream import collect, stream_deltas
 from scheduler.tools import NoToolSupport, ToolCall, detect_format
 from scheduler.request import Backend, FinishEvent, ModelEntry
-from scheduler.validation import APIError, parse_translated, refuse_unsupported
+from scheduler.validation import APIError, parse_translated, refuse_unsupported, renamed
 
 ROUTES = ("/api/chat", "/api/generate", "/api/tags", "/api/show", "/api/version")
 OPTIONS = ("temperature", "top_p", "top_k", "seed", "stop", "num_predict")
@@ -97,9 +97,12 @@ async def _run(request: web.Request, *, chat: bool) -> web.StreamResponse:
         raise APIError(400, "'stream' must be a boolean", param="stream")
     if not openai_body.get("messages") and not openai_body.get("prompt"):
         return _loaded(request, shape, openai_body)
-    parsed = parse_translated(openai_body, OPTION_NAMES | {"response_format": "format"},
-                              chat="messages" in openai_body)
-    gen, deltas = start_generation(request, parsed, arrived)
+    names = OPTION_NAMES | {"response_format": "format"}
+    parsed = parse_translated(openai_body, names, chat="messages" in openai_body)
+    try:
+        gen, deltas = start_generation(request, parsed, arrived)
+    except APIError as e:  # a schema that cannot constrain decoding, found against the tokenizer
+        raise renamed(e, names) from None
     if parsed.stream:
         return await stream_deltas(request, deltas, shape, gen.request_id)
     text, calls, finish = await collect(deltas)

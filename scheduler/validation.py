@@ -495,8 +495,13 @@ def parse_translated(body: dict, names: Mapping[str, str], *, chat: bool = True)
     try:
         return parse_body(body, chat=chat)
     except APIError as e:
-        name = names.get(e.param or "")
-        if name is None:
-            raise
-        raise APIError(e.status, e.message.replace(f"'{e.param}'", f"'{name}'"), e.type, name, e.code,
-                       e.headers) from None
+        raise renamed(e, names) from None
+
+
+def renamed(error: APIError, names: Mapping[str, str]) -> APIError:
+    """``error`` naming the client's own field (``names``: chat-completions field -> the dialect's)."""
+    name = names.get(error.param or "")
+    if name is None:
+        return error
+    return APIError(error.status, error.message.replace(f"'{error.param}'", f"'{name}'"), error.type, name,
+                    error.code, error.headers)

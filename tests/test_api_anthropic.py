@@ -104,8 +104,8 @@ def test_metadata_user_id_is_logged_with_the_request(client: anthropic.Anthropic
 
 
 @pytest.mark.parametrize(("extra", "named"), [
-    ({"tools": [{"name": "f", "description": "d", "input_schema": {"type": "object"}}]}, "tools"),
-    ({"tool_choice": {"type": "auto"}}, "tool_choice"),
+    ({"tools": [{"name": "f", "type": "web_search_20250305"}]}, "tools[0].type"),
+    ({"tool_choice": {"type": "sometimes"}}, "tool_choice"),
     ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking"),
     ({"temperature": 1.5}, "temperature"),
     ({"top_p": 0}, "top_p"),

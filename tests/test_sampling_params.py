@@ -306,12 +306,12 @@ TEXT = {"model": MODEL, "prompt": "hi", "max_tokens": 3}
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
 
 REFUSED = [  # (route, fields added to the body, the param the 400 names)
-    ("chat", {"tools": [TOOL]}, "tools"),
-    ("chat", {"tool_choice": "auto"}, "tool_choice"),
-    ("chat", {"parallel_tool_calls": False}, "parallel_tool_calls"),
+    ("chat", {"tools": [{"type": "function", "function": {"name": "f g"}}]}, "tools[0].function.name"),
+    ("chat", {"tool_choice": "auto"}, "tool_choice"),  # without tools
+    ("chat", {"tools": [TOOL], "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
     ("chat", {"functions": [TOOL["function"]]}, "functions"),
     ("chat", {"function_call": "auto"}, "function_call"),
-    ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("chat", {"response_format": {"type": "yaml"}}, "response_format"),
     ("chat", {"n": 2}, "n"),
     ("chat", {"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
     ("chat", {"modalities": ["text", "audio"]}, "modalities"),
@@ -329,9 +329,10 @@ REFUSED = [  # (route, fields added to the body, the param the 400 names)
     ("chat", {"pdcluster": {"priority": 1}}, "pdcluster.priority"),
     ("chat", {"messages": [{"role": "user", "content": "hi", "name": "ann"}]}, "messages[0].name"),
     ("chat", {"messages": [{"role": "assistant", "content": None, "tool_calls": [
-        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, "messages[0].tool_calls"),
-    ("chat", {"messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"}]}, "messages[0].tool_call_id"),
-    ("chat", {"messages": [{"role": "tool", "content": "42"}]}, "messages[0].role"),
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{"}}]}]},
+     "messages[0].tool_calls[0].function.arguments"),
+    ("chat", {"messages": [{"role": "tool", "content": "42"}]}, "messages[0].tool_call_id"),
+    ("chat", {"messages": [{"role": "function", "content": "42"}]}, "messages[0].role"),
     ("chat", {"messages": [{"role": "assistant", "content": "x", "function_call": {"name": "f"}}]},
      "messages[0].function_call"),
     ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
@@ -399,13 +400,22 @@ def test_values_that_ask_for_nothing_are_accepted(server: ServerThread, route: s
 
 
 def test_the_new_parameters_reach_the_backend(server: ServerThread, backend) -> None:
+    backend.context_length = 4096  # room for the tool definitions
     status, _ = _post(server, "chat", {**CHAT, "max_tokens": None, "max_completion_tokens": 2,
                                        "presence_penalty": 0.5, "frequency_penalty": -1, "logit_bias": {"12": -7.5},
                                        "logprobs": True, "top_logprobs": 4, "user": "ann"})
     assert status == 200
     status, _ = _post(server, "text", {**TEXT, "logprobs": 0})
     assert status == 200
-    chat, text = backend.requests
+    for extra in ({"response_format": {"type": "json_object"}}, {"tools": [TOOL], "tool_choice": "required"},
+                  {"tools": [TOOL], "tool_choice": "required", "parallel_tool_calls": False}):
+        assert _post(server, "chat", {**CHAT, **extra})[0] == 200
+    assert _post(server, "chat", {**CHAT, "tools": [TOOL]})[0] == 200
+    chat, text, json_mode, parallel, single, offered = backend.requests
+    assert json_mode.grammar and parallel.grammar and single.grammar and parallel.grammar != single.grammar
+    assert not offered.grammar and "<tools>" in backend.codec.decode(list(offered.prompt_token_ids))
+    assert "<tools>" not in backend.codec.decode(list(chat.prompt_token_ids))  # tools and tool_choice: the tests of
+    # their effect on the output are in tests/test_tools.py and tests/test_tools_live.py
     assert (chat.max_tokens, chat.presence_penalty, chat.frequency_penalty, chat.logit_bias) == (2, 0.5, -1.0,
                                                                                               ((12, -7.5),))
     assert (chat.logprobs, chat.top_logprobs, chat.user) == (True, 4, "ann")
