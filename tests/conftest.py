@@ -684,3 +684,44 @@ def ray_head() -> Any:
             proc.wait(timeout=10)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- `pdc up`, as people run it
+
+
+class PdcUp:
+    """``pdc up --model MODEL`` on 127.0.0.1 in its own process (its workers and scheduler are its
+    children), ready once it prints how to switch the policy; ``stop`` sends SIGTERM and waits."""
+
+    READY_MARKER = "pdc policy --url"
+
+    def __init__(self, model: Path, *extra: str, ready_s: float = 180.0) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cluster.cli", "up", "--model", str(model), "--port", str(self.port),
+             "--host", "127.0.0.1", *extra],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+        ready = threading.Event()
+        threading.Thread(target=self._read, args=(ready,), daemon=True).start()
+        if not ready.wait(ready_s):
+            self.stop()
+            pytest.fail(f"pdc up was not ready in {ready_s} s:\n{''.join(self.lines[-60:])}")
+
+    def _read(self, ready: threading.Event) -> None:
+        for line in self.proc.stdout:  # a thread: a buffered pipe's lines are not visible to select
+            self.lines.append(line)
+            if self.READY_MARKER in line:
+                ready.set()
+
+    def stop(self) -> int:
+        """SIGTERM (pdc up stops its children); SIGKILL to the group if it hangs. Its exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(90)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait(10)
