@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 from conftest import MODEL, ROOT, FakeBackend, ServerThread, free_port, have
 
-from cluster.auth import ClusterKey, generate_key, sign_call, write_config
+from cluster.auth import generate_key, load_cluster_key, sign_call, write_config
 from cluster.cli import admin_call
 from cluster.dashboard_cli import LOGIN_CALL, login_url
 from scheduler.admin import PolicyAdmin
@@ -287,3 +287,204 @@ def test_a_live_requests_timeline_grows_with_its_marks() -> None:
     got = [(p.name, p.node, round(p.start_s, 3), round(p.end_s, 3)) for p in trace.phases(clock.now)]
     assert got == [("queue", "", 0.0, 0.2), ("prefill", "spark", 0.2, 0.7), ("decode", "mac", 0.8, 1.8)]
     assert requests.in_flight() == [trace]
+
+
+# ---------------------------------------------------------------- the page in a real browser, on a real cluster
+
+READY_S = 240.0  # pdc up's start-up on a loaded 2-core machine
+WAIT_S = 60.0  # one condition on the page
+
+
+def _browser_missing() -> str | None:
+    """Why the browser test cannot run here, or None."""
+    if not have("selenium"):
+        return "needs selenium (pyproject's dev extra)"
+    missing = [name for name in ("chromium", "chromedriver") if shutil.which(name) is None]
+    if missing:
+        return (f"needs Debian's chromium and chromium-driver ({', '.join(missing)} not on PATH; `make test` "
+                "installs them as root with apt-get)")
+    if not have("torch"):
+        return "needs the torch extra (pdc up's workers)"
+    return None
+
+
+@pytest.fixture()
+def browser(tmp_path: Path):
+    """Headless Debian chromium driven by selenium (no driver download: both paths given)."""
+    why = _browser_missing()
+    if why:
+        print(f"SKIPPED: {why}")
+        pytest.skip(why)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--no-first-run",
+                "--window-size=1400,1800", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        options.add_argument(arg)
+    service = Service(executable_path=shutil.which("chromedriver"), log_output=str(tmp_path / "chromedriver.log"))
+    driver = webdriver.Chrome(service=service, options=options)
+    driver.set_page_load_timeout(WAIT_S)
+    driver.set_script_timeout(WAIT_S)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture()
+def pdc_up(make_tiny_model, key_file: Path, tmp_path: Path):
+    """A real `pdc up` (scheduler + torch prefill worker + decode worker, mDNS on 127.0.0.1) with an API
+    key, placing with fastest-pair (disaggregated): its URL."""
+    if _browser_missing():
+        pytest.skip(_browser_missing())
+    port = free_port()
+    decode_engine = "mlx" if have("mlx.core") else "torch"
+    up = subprocess.Popen(
+        [sys.executable, "-m", "cluster.cli", "up", "--model", str(make_tiny_model("llama")), "--port", str(port),
+         "--decode-engine", decode_engine, "--api-key", API_KEY, "--cluster-key-file", str(key_file),
+         "--policy", "fastest-pair", "--log-dir", str(tmp_path / "logs")],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        for line in up.stdout:
+            lines.append(line)
+            if "pdc policy --url" in line:
+                ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        assert ready.wait(READY_S), f"pdc up not ready in {READY_S} s:\n{''.join(lines)}"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        up.send_signal(signal.SIGTERM)
+        try:
+            up.wait(60)
+        except subprocess.TimeoutExpired:
+            up.kill()
+            up.wait(10)
+
+
+def _wait(driver, condition, what: str, timeout: float = WAIT_S):
+    """``condition(driver)``'s first truthy value within ``timeout`` (the page re-renders every second:
+    a stale element is retried)."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.25,
+                         ignored_exceptions=(StaleElementReferenceException, NoSuchElementException)).until(
+        condition, message=f"the page did not show {what} within {timeout} s")
+
+
+def _texts(driver, selector: str) -> list[str]:
+    from selenium.webdriver.common.by import By
+
+    return [e.text for e in driver.find_elements(By.CSS_SELECTOR, selector)]
+
+
+def _request_row(driver, request_id: str) -> dict | None:
+    """The requests table's row for ``request_id``: its nodes cell and timeline phases, once shown."""
+    from selenium.webdriver.common.by import By
+
+    rows = driver.find_elements(By.CSS_SELECTOR, f'#requests tr[data-request-id="{request_id}"]')
+    if not rows:
+        return None
+    phases = [(p.get_attribute("data-phase"), p.get_attribute("data-node"))
+              for p in rows[0].find_elements(By.CSS_SELECTOR, ".bar > span")]
+    return {"nodes": rows[0].find_element(By.CSS_SELECTOR, "td.nodes").text, "phases": phases,
+            "live": "live" in (rows[0].get_attribute("class") or "")}
+
+
+def _chat(driver, text: str) -> str:
+    """Send ``text`` from the page's chat box; the request id the streamed answer reported."""
+    from selenium.webdriver.common.by import By
+
+    before = driver.find_element(By.ID, "chat-stats").text
+    _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#chat-model option"), "a model to chat with")
+    driver.find_element(By.ID, "chat-input").send_keys(text)
+    driver.find_element(By.ID, "chat-send").click()
+    stats = _wait(driver, lambda d: (t := d.find_element(By.ID, "chat-stats").text) != before and "chatcmpl-" in t
+                  and t, "the chat's answer and its record", timeout=120)
+    answers = _texts(driver, "#chat-log .msg.assistant .text")
+    assert answers and answers[-1], "the streamed answer stayed empty"
+    assert not driver.find_elements(By.CSS_SELECTOR, "#chat-log .msg.error"), _texts(driver, "#chat-log .msg")
+    return re.search(r"(chatcmpl-\w+)", stats).group(1)
+
+
+@pytest.mark.slow
+def test_the_dashboard_in_a_browser_chats_shows_each_request_on_its_nodes_and_switches_policy_signed_in_only(
+        browser, pdc_up: str, key_file: Path, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select
+
+    url, driver = pdc_up, browser
+    driver.get(url + "/")
+    _wait(driver, lambda d: "API key" in d.find_element(By.ID, "notice").text, "that its details need the API key")
+    assert _texts(driver, "#nodes tbody td") == ["hidden: API key or sign-in needed"]
+    key_box = driver.find_element(By.ID, "api-key")
+    key_box.send_keys(API_KEY, Keys.TAB)  # kept in this tab's sessionStorage, sent as a bearer key
+
+    nodes = _wait(driver, lambda d: len(ids := [r.get_attribute("data-node") for r in
+                                                d.find_elements(By.CSS_SELECTOR, "#nodes tr[data-node]")]) == 2
+                  and ids, "both workers in the nodes table", timeout=120)
+    prefill = next(n for n in nodes if n.startswith("local-prefill-"))
+    decode = next(n for n in nodes if n.startswith("local-decode-"))
+    node_rows = " ".join(_texts(driver, "#nodes tbody tr"))
+    assert "torch" in node_rows and "up" in node_rows and "active" in node_rows and "/" in node_rows, node_rows
+    _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, f'#links tr[data-link="{prefill}->{decode}"]'),
+          "the measured prefill -> decode link", timeout=120)
+    link_row = _texts(driver, f'#links tr[data-link="{prefill}->{decode}"] td')
+    assert float(link_row[1]) > 0 and link_row[2].endswith(" ms"), link_row
+
+    request_id = _chat(driver, "Hello from the dashboard")
+    row = _wait(driver, lambda d: (r := _request_row(d, request_id)) and not r["live"] and r,
+                f"request {request_id} in the requests list")
+    assert row["nodes"].startswith(f"{prefill} → {decode}"), row
+    names = [name for name, _ in row["phases"]]
+    assert "prefill" in names and "decode" in names, row
+    assert (("prefill", prefill) in row["phases"]) and (("decode", decode) in row["phases"]), row
+    driver.save_screenshot(str(tmp_path / "dashboard-read-only.png"))
+
+    # sign in with pdc dashboard's link: a session cookie the page's script cannot read
+    cli = subprocess.run([sys.executable, "-m", "cluster.cli", "dashboard", "--scheduler", url, "--cluster-key-file",
+                          str(key_file), "--no-browser"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         stdin=subprocess.DEVNULL)
+    assert cli.returncode == 0, cli.stderr
+    driver.get(re.search(r"(http://\S+/dashboard/login\?token=\S+)", cli.stdout).group(1))
+    _wait(driver, lambda d: d.find_element(By.ID, "signin-state").text.startswith("signed in"), "the sign-in")
+    assert driver.current_url == url + "/"  # the token left the address bar
+    cookie = driver.get_cookie(SESSION_COOKIE)
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict", cookie
+    assert SESSION_COOKIE not in driver.execute_script("return document.cookie")
+    csrf = driver.execute_script("return state.csrf")
+
+    _wait(driver, lambda d: d.find_element(By.ID, "policy-switch").is_enabled(), "the policy switch enabled")
+    assert driver.find_element(By.ID, "policy-current").text == "fastest-pair"
+    Select(driver.find_element(By.ID, "policy-select")).select_by_value("colocated")
+    driver.find_element(By.ID, "policy-switch").click()
+    _wait(driver, lambda d: d.find_element(By.ID, "policy-current").text == "colocated", "the new policy")
+    assert "switched to colocated" in driver.find_element(By.ID, "policy-message").text
+    assert admin_call(url, str(key_file), "GET", "/admin/policy", None, expect="policy")["policy"] == "colocated"
+    second = _chat(driver, "And once more")
+    row = _wait(driver, lambda d: (r := _request_row(d, second)) and not r["live"] and r, f"request {second}")
+    assert row["nodes"].startswith(f"{decode} (colocated)"), row  # the switched policy placed it
+    driver.save_screenshot(str(tmp_path / "dashboard.png"))
+    assert (tmp_path / "dashboard.png").stat().st_size > 10_000
+
+    # a browser without the session: read-only, and the switch refused even with the old CSRF token
+    driver.delete_all_cookies()
+    driver.refresh()
+    _wait(driver, lambda d: d.find_element(By.ID, "signin-state").text == "read-only", "the read-only state")
+    assert not driver.find_element(By.ID, "policy-switch").is_enabled()
+    status = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "fetch('/dashboard/policy', {method: 'POST', credentials: 'same-origin', headers: "
+        "{'Content-Type': 'application/json', 'X-PDC-CSRF': arguments[0]}, body: JSON.stringify({policy: "
+        "'round-robin'})}).then((r) => done(r.status), (e) => done(String(e)));", csrf)
+    assert status == 403
+    assert admin_call(url, str(key_file), "GET", "/admin/policy", None, expect="policy")["policy"] == "colocated"
+    secret = load_cluster_key(str(key_file)).hex()
+    assert secret not in driver.page_source and secret not in cli.stdout

@@ -53,6 +53,12 @@ function seconds(s) {
   return s < 1 ? (s * 1000).toFixed(s < 0.01 ? 1 : 0) + " ms" : s.toFixed(2) + " s";
 }
 
+function option(value) {
+  const node = el("option", "", value);
+  node.value = value;
+  return node;
+}
+
 function emptyRow(tbody, columns, text) {
   const row = el("tr", "empty");
   const td = el("td", "", text);
@@ -188,7 +194,7 @@ function renderPolicy(s) {
   const select = $("policy-select");
   const names = s.builtin_policies || [];
   if (select.options.length !== names.length) {
-    select.replaceChildren(...names.map((name) => el("option", "", name)));
+    select.replaceChildren(...names.map(option));
     if (names.includes(s.policy)) select.value = s.policy;
   }
   const allowed = Boolean(s.signed_in && s.can_switch && names.length);
@@ -286,7 +292,7 @@ async function loadModels() {
     if (!resp.ok) throw new Error(await errorMessage(resp));
     const body = await resp.json();
     const ids = body.data.map((m) => m.id);
-    if (ids.length) select.replaceChildren(...ids.map((id) => el("option", "", id)));
+    if (ids.length) select.replaceChildren(...ids.map(option));
   } catch (e) {
     $("chat-stats").textContent = `models: ${e.message}`;
   }
