@@ -23,6 +23,7 @@ import threading
 import time
 import urllib.parse
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import MODEL, ROOT, FakeBackend, ServerThread, free_port, have
@@ -30,6 +31,7 @@ from conftest import MODEL, ROOT, FakeBackend, ServerThread, free_port, have
 from cluster.auth import generate_key, load_cluster_key, sign_call, write_config
 from cluster.cli import admin_call
 from cluster.dashboard_cli import LOGIN_CALL, login_url
+from cluster.node import NodeInfo
 from scheduler.admin import PolicyAdmin
 from scheduler.api import build_app
 from scheduler.dashboard import CSRF_HEADER, SESSION_COOKIE, SESSIONS_KEY, Sessions
@@ -37,6 +39,7 @@ from scheduler.dispatch import Dispatcher
 from scheduler.policy import load_policy
 from scheduler.request import RequestStats
 from scheduler.request_log import RequestLog, phases_of
+from scheduler.service import ClusterBackend, SchedulerConfig, dashboard_state
 from scheduler.tokenizer import PromptCodec
 
 API_KEY = "sk-dashboard-test-123"
@@ -287,6 +290,45 @@ def test_a_live_requests_timeline_grows_with_its_marks() -> None:
     got = [(p.name, p.node, round(p.start_s, 3), round(p.end_s, 3)) for p in trace.phases(clock.now)]
     assert got == [("queue", "", 0.0, 0.2), ("prefill", "spark", 0.2, 0.7), ("decode", "mac", 0.8, 1.8)]
     assert requests.in_flight() == [trace]
+
+
+class _Table:
+    """The node table's read side the dashboard uses: a placeable, a draining and a failing node."""
+
+    def __init__(self) -> None:
+        self.nodes = {n: _node_info(n) for n in ("a", "b", "c")}
+        self.draining = {"b": "draining"}
+        self.down = {"b": "draining", "c": "failed 3 health checks in a row"}
+
+    def known_ids(self) -> list[str]:
+        return sorted(self.nodes)
+
+    def node(self, node_id: str) -> NodeInfo | None:
+        return self.nodes.get(node_id)
+
+
+def _node_info(node_id: str) -> NodeInfo:
+    return NodeInfo(node_id=node_id, roles=("prefill", "decode"), engine="torch", model_id="tiny",
+                    weights_fingerprint="w", host="127.0.0.1", grpc_port=50051, kv_port=50052, device="cpu",
+                    tflops=1.0, mem_bw_gbps=10.0, free_mem_bytes=8 << 30, version="0", key_fingerprint="k")
+
+
+def test_the_clusters_state_lists_every_known_node_with_its_health_load_and_kv_memory() -> None:
+    backend = ClusterBackend(SchedulerConfig(mdns=False, policy="round-robin"), generate_key())
+    backend.table = _Table()
+    backend.ledger.admit("r1", "a", "a", 0.1)
+    backend.metrics.record_stats("a", SimpleNamespace(reserved_kv_bytes=3 << 20, prefix_cache_bytes=1 << 20,
+                                                      prefix_cache_capacity_bytes=4 << 20, running_requests=1,
+                                                      active_leases=1))
+    state = dashboard_state(backend)
+    rows = {n["node_id"]: n for n in state["nodes"]}
+    assert [(n, rows[n]["health"]) for n in "abc"] == [("a", "up"), ("b", "draining"), ("c", "down")]
+    assert rows["c"]["health_reason"] == "failed 3 health checks in a row"
+    a = rows["a"]
+    assert (a["active_requests"], a["running_requests"], a["active_leases"]) == (1, 1, 1)
+    assert (a["kv_used_bytes"], a["kv_total_bytes"], a["prefix_cache_capacity_bytes"]) == (4 << 20, 8 << 30, 4 << 20)
+    assert rows["b"]["kv_used_bytes"] == 0 and a["address"] == "127.0.0.1:50051" and a["engine"] == "torch"
+    assert state["policy"] == "round-robin" and state["links"] == [] and state["kv_codec"] == "auto"
 
 
 # ---------------------------------------------------------------- the page in a real browser, on a real cluster
