@@ -62,7 +62,8 @@ class Dashboard:
         self.dispatcher = Dispatcher(load_policy("conditional"), "conditional")
         self.admin = PolicyAdmin(self.key, self.dispatcher)
         self.clock = Clock()
-        app = build_app(FakeBackend(codec), admin=self.admin, api_key=api_key)
+        self.backend = FakeBackend(codec)
+        app = build_app(self.backend, admin=self.admin, api_key=api_key)
         self.sessions = app[SESSIONS_KEY] = Sessions(ttl_s=600.0, clock=self.clock)
         self.server = ServerThread(app)
         self.seen: list[bytes] = []  # every answer's headers and body, to search for the cluster key
@@ -142,6 +143,26 @@ def test_without_an_api_key_the_state_shows_nodes_policy_and_each_request_with_i
     assert (record["prefill_node"], record["decode_node"], record["placement"]) == ("p0", "d0", "disaggregated")
     assert [p["phase"] for p in record["phases"]] == ["prefill", "decode"]
     assert record["arrived_ts"] > 0 and "user" not in record
+
+
+def test_a_request_in_flight_is_listed_live_then_moves_to_the_recent_ones(open_dashboard: Dashboard) -> None:
+    open_dashboard.backend.token_delay_s = 0.25  # 8 tokens: about 2 s in flight
+    reply: list = []
+    chat = threading.Thread(target=lambda: reply.append(open_dashboard.call("POST", "/v1/chat/completions",
+                                                                            body=CHAT)))
+    chat.start()
+    live: list = []
+    for _ in range(40):  # at most ~4 s
+        live = open_dashboard.state()["requests"]["live"]
+        if live:
+            break
+        time.sleep(0.1)
+    chat.join(20)
+    assert len(live) == 1 and live[0]["live"] and live[0]["request_id"].startswith("chatcmpl-"), live
+    assert live[0]["phases"] and live[0]["elapsed_s"] >= 0 and live[0]["prompt_tokens"] > 0
+    assert reply and reply[0][0] == 200
+    after = open_dashboard.state()["requests"]
+    assert after["live"] == [] and [r["request_id"] for r in after["recent"]] == [live[0]["request_id"]]
 
 
 def test_with_an_api_key_only_a_key_holder_or_a_session_sees_nodes_links_and_requests(
