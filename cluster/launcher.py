@@ -264,6 +264,8 @@ def run_up(config: UpConfig) -> int:
         print(f"pdcluster is up: {cluster.url}/v1 (nodes: {nodes}); logs in {cluster.log_dir}. Ctrl-C to stop.")
         print(f"reach it with: pdc status --cluster-key-file {cluster.key_file} --mdns-interface {LOOPBACK}")
         print(f"               pdc policy --url {cluster.url} --cluster-key-file {cluster.key_file}")
+        print(f"dashboard: {cluster.url}/ (to switch the policy there: pdc dashboard --url {cluster.url} "
+              f"--cluster-key-file {cluster.key_file})")
         workers = ", ".join(cluster.worker_metrics_urls().values())
         print(f"metrics (Prometheus): {cluster.url}/metrics" + (f"; each worker's: {workers}" if workers else ""))
         while not stopping:
