@@ -10,6 +10,8 @@
   request beside a constrained one draws what it draws alone; a constrained
   stream continued elsewhere goes on as if never interrupted; a broken
   matcher fails its own request only; torch and mlx draw the same tokens.
+* The scheduler's SamplingParams carry the grammar on every attempt and
+  continuation.
 * Real workers in this process: a torch prefill node drawing token 0 under
   the grammar and an mlx decode node drawing the rest give the mlx engine's
   own constrained tokens; a continued stream (first_step > 0) stays valid; a
@@ -313,6 +315,22 @@ def test_torch_and_mlx_draw_the_same_constrained_tokens(engines) -> None:
                                                                              **params))
                for kind in ("torch", "mlx")}
         assert got["torch"] == got["mlx"], params
+
+
+# ---------------------------------------------------------------- the scheduler's side of the wire
+
+
+def test_the_scheduler_sends_the_grammar_with_every_attempt_and_continuation() -> None:
+    from scheduler.lifecycle import continuation, sampling_of
+    from scheduler.request import GenerationRequest
+    from workers.rpc.state import sampling_from_proto
+
+    request = GenerationRequest("r", "tiny", tuple(PROMPT), max_tokens=40, temperature=0.0, grammar=GRAMMAR)
+    assert sampling_of(request).grammar == GRAMMAR
+    assert sampling_from_proto(sampling_of(request)).grammar == GRAMMAR  # what a worker reads back
+    moved = continuation(request, (5, 6, 7), attempt=1)
+    assert sampling_of(moved).grammar == GRAMMAR and moved.first_step == 3  # the matcher replays the 3 sent
+    assert sampling_of(GenerationRequest("u", "tiny", (1,), max_tokens=4)).grammar == ""
 
 
 # ---------------------------------------------------------------- real workers
