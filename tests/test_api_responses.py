@@ -84,16 +84,17 @@ def test_sampling_fields_reach_the_generation_request(client: openai.OpenAI, bac
 @pytest.mark.parametrize(("extra", "param"), [
     ({"previous_response_id": "resp_123"}, "previous_response_id"),
     ({"store": True}, "store"),
-    ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
+    ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
     ({"reasoning": {"effort": "low"}}, "reasoning"),
-    ({"text": {"format": {"type": "json_object"}}}, "text"),
+    ({"text": {"format": {"type": "xml"}}}, "text.format"),
     ({"truncation": "auto"}, "truncation"),
     ({"max_output_tokens": 0}, "max_output_tokens"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "data:,"}]}]},
      "input[0].content[0]"),
-    ({"input": [{"type": "function_call_output", "call_id": "c", "output": "42"}]}, "input[0]"),
-], ids=["previous_response_id", "store", "tools", "reasoning", "json-output", "truncation-auto",
-        "max_output_tokens-0", "image", "tool-output-item"])
+    ({"input": [{"type": "function_call_output", "call_id": "c"}]}, "input[0]"),
+    ({"input": [{"type": "reasoning", "summary": []}]}, "input[0]"),
+], ids=["previous_response_id", "store", "hosted-tool", "reasoning", "xml-output", "truncation-auto",
+        "max_output_tokens-0", "image", "tool-output-without-output", "reasoning-item"])
 def test_what_pdcluster_does_not_honour_is_a_400_naming_it(client: openai.OpenAI, backend: FakeBackend,
                                                            extra: dict, param: str) -> None:
     with pytest.raises(openai.BadRequestError) as err:

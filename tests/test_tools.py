@@ -368,3 +368,45 @@ def test_anthropic_tool_choice_and_history_translate(server: ServerThread, backe
     with pytest.raises(anthropic.BadRequestError, match="tool_choice"):
         client.messages.create(model=MODEL, max_tokens=20, messages=CHAT, tools=ANTHROPIC_TOOLS,
                                tool_choice={"type": "sometimes"})
+
+
+# ---------------------------------------------------------------- the Responses API
+
+
+RESPONSES_TOOLS = [{"type": "function", "name": "get_weather", "description": "Weather for a city",
+                    "parameters": WEATHER}]
+
+
+def test_responses_returns_function_call_items_streamed_and_not(oai: openai.OpenAI, backend: FakeBackend) -> None:
+    backend.reply_text = CALL_TEXT
+    reply = oai.responses.create(model=MODEL, input="Weather in Paris?", tools=RESPONSES_TOOLS,
+                                 max_output_tokens=200)
+    assert reply.status == "completed" and [o.type for o in reply.output] == ["message", "function_call"]
+    call = reply.output[1]
+    assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"} and call.call_id
+    events = list(oai.responses.create(model=MODEL, input="Weather in Paris?", tools=RESPONSES_TOOLS,
+                                       max_output_tokens=200, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds.index("response.output_item.done") < kinds.index("response.function_call_arguments.done")
+    final = events[-1].response
+    assert final.status == "completed" and final.output[-1].type == "function_call"
+    assert json.loads(final.output[-1].arguments) == {"city": "Paris"}
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == "Let me check.\n"
+
+
+def test_responses_history_tool_choice_and_text_format_translate(oai: openai.OpenAI, backend: FakeBackend) -> None:
+    history = [{"role": "user", "content": "Weather in Paris?"},
+               {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+               {"type": "function_call_output", "call_id": "call_1", "output": "sunny"}]
+    oai.responses.create(model=MODEL, input=history, tools=RESPONSES_TOOLS, max_output_tokens=20,
+                         tool_choice={"type": "function", "name": "get_weather"}, parallel_tool_calls=False)
+    prompt = backend.codec.decode(list(backend.requests[-1].prompt_token_ids))
+    assert '{"name": "get_weather", "arguments": {"city": "Paris"}}' in prompt and "<tool_response>\nsunny" in prompt
+    assert backend.requests[-1].grammar
+    oai.responses.create(model=MODEL, input="hi", max_output_tokens=20,
+                         text={"format": {"type": "json_schema", "name": "w", "schema": WEATHER, "strict": True}})
+    assert backend.requests[-1].grammar and backend.requests[-1].grammar != backend.requests[-2].grammar
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.responses.create(model=MODEL, input="hi", max_output_tokens=20,
+                             text={"format": {"type": "json_schema", "name": "w", "schema": {"type": "nonsense"}}})
+    assert e.value.body["param"] == "text.format"

@@ -154,3 +154,23 @@ def test_ollama_conversation_with_tools(up: PdcUp, model_id: str, stream: bool) 
                          options={"num_predict": 200})
     text = "".join(p.message.content for p in shaped) if stream else shaped.message.content
     jsonschema.validate(json.loads(text), WEATHER)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_responses_conversation_with_a_forced_call(oai: openai.OpenAI, model_id: str, stream: bool) -> None:
+    tools = [{"type": "function", "name": t["function"]["name"], "parameters": t["function"]["parameters"]}
+             for t in TOOLS]
+    kwargs = dict(model=model_id, input=ASK, tools=tools, tool_choice="required", parallel_tool_calls=False,
+                  max_output_tokens=200, extra_body=SPLIT)
+    if stream:
+        response = list(oai.responses.create(stream=True, **kwargs))[-1].response
+    else:
+        response = oai.responses.create(**kwargs)
+    assert response.status == "completed"
+    (call,) = [o for o in response.output if o.type == "function_call"]
+    _valid_call(call.name, call.arguments)
+    follow = oai.responses.create(model=model_id, tools=tools, max_output_tokens=12, input=[
+        *ASK, {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "Sunny, 21 C."}])
+    assert follow.status in ("completed", "incomplete")
+    assert follow.usage.input_tokens > response.usage.input_tokens
