@@ -101,11 +101,6 @@ class PrefixCache:
 
     # ---------------------------------------------------------------- lookup
 
-
-    @property
-    def sliding(self) -> bool:
-        """The model has sliding-window layers, so nothing is stored or found."""
-        return self._sliding
     def lookup(self, token_ids: Sequence[int], *, touch: bool = True) -> PrefixHit | None:
         """The longest cached full-block prefix a prompt of ``token_ids`` can
         reuse (never all of it: at least the last token is prefilled), or None.
