@@ -24,7 +24,7 @@ from typing import Protocol
 
 from aiohttp import web
 
-from scheduler.request import FinishEvent, RequestStats, SchedulerError, TokenEvent
+from scheduler.request import FinishEvent, RequestStats, SchedulerError, StopStringReached, TokenEvent
 from scheduler.tokenizer import PromptCodec
 from scheduler.tools import ToolCall
 from scheduler.validation import APIError
@@ -73,6 +73,7 @@ async def text_deltas(
                     # The backend's stats come only with its FinishEvent; report what is known here
                     # (the nodes stay "" for unknown, so the record does not claim to be colocated).
                     known = RequestStats(prompt_tokens=prompt_tokens, completion_tokens=num_tokens)
+                    await _end_at_stop_string(events)
                     yield held[:hit[0]], StopStringHit("stop", known, hit[1])
                     return
                 safe = len(held) - _longest_stop_prefix(held, stop)
@@ -86,6 +87,14 @@ async def text_deltas(
                 return
     finally:
         await events.aclose()
+
+
+async def _end_at_stop_string(events: AsyncIterator) -> None:
+    """End the backend's iterator as finished by a stop string (its metrics and record say "stop")."""
+    try:
+        await events.athrow(StopStringReached())  # type: ignore[attr-defined]
+    except (StopStringReached, StopAsyncIteration):
+        pass
 
 
 def _find_stop(text: str, stops: list[str]) -> tuple[int, str] | None:

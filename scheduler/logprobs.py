@@ -26,7 +26,7 @@ import json
 import weakref
 from collections.abc import AsyncIterator, Callable
 
-from scheduler.request import FinishEvent, TokenEvent
+from scheduler.request import FinishEvent, StopStringReached, TokenEvent
 from scheduler.tokenizer import PromptCodec
 
 Events = AsyncIterator[TokenEvent | FinishEvent]
@@ -52,6 +52,12 @@ class LogprobTap:
                     if isinstance(event, TokenEvent):
                         self._pending.append(event)
                     yield event
+            except StopStringReached as e:  # the text ended at a stop string: tell the backend so
+                try:
+                    await events.athrow(e)
+                except (StopStringReached, StopAsyncIteration):
+                    pass
+                raise
             finally:
                 await events.aclose()
 

@@ -140,6 +140,12 @@ class ModelEntry:
     nodes: tuple[str, ...] = field(default_factory=tuple)
 
 
+class StopStringReached(Exception):
+    """Thrown into a backend's event iterator when the client's stop string ended the text: the
+    request finished ("stop"), so it is counted as finished, not as an abort (its workers are
+    cancelled as on any close)."""
+
+
 class SchedulerError(Exception):
     """A request the scheduler could not serve, with the HTTP answer it maps to.
 

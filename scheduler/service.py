@@ -62,6 +62,7 @@ from scheduler.request import (
     NoCapacityError,
     RequestStats,
     SchedulerError,
+    StopStringReached,
     TokenEvent,
     check_kv_codec,
     mean_tpot_s,
@@ -490,16 +491,22 @@ class _Attempts:
         sent, and from the first token on its TTFT, TPOT and E2E so far)."""
         if self.finished is not None:
             return self.finished.finish_reason, self.finished.stats
+        if isinstance(ended, StopStringReached):  # finished by the client's stop string: a "stop"
+            return "stop", self._known_stats()
         if isinstance(ended, SchedulerError):
             outcome = ended.code
         else:
             outcome = "abort" if ended is None or isinstance(ended, (GeneratorExit, asyncio.CancelledError)) \
                 else "internal_error"
+        return outcome, self._known_stats()
+
+    def _known_stats(self) -> RequestStats:
+        """What is known of a request that did not finish on its own."""
         placement = self.placement
         arrived, first, last = self.request.arrived_at, self.first_token_at, self.last_token_at or 0.0
         times = {} if not arrived or first is None else {
             "ttft_s": first - arrived, "e2e_s": last - arrived, "tpot_s": mean_tpot_s(first, last, len(self.sent))}
-        return outcome, RequestStats(
+        return RequestStats(
             request_id=self.request.request_id, prompt_tokens=len(self.request.prompt_token_ids),
             prefill_node=(placement.prefill_node or placement.decode_node) if placement else "",
             decode_node=placement.decode_node if placement else "", completion_tokens=len(self.sent),

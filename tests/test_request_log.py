@@ -33,7 +33,7 @@ from conftest import (
     have,
 )
 
-from cluster.auth import generate_key, sign_call, write_config
+from cluster.auth import generate_key, load_cluster_key, sign_call, write_config
 from cluster.cli import build_parser, main
 from cluster.launcher import LocalCluster, UpConfig
 from cluster.logs_cmd import JsonFormatter, row, use_log_format
@@ -318,3 +318,38 @@ def test_pdc_logs_shows_the_requests_just_made_and_the_json_log_is_one_object_pe
     assert first["ttft_s"] > 0 and first["e2e_s"] >= first["ttft_s"] and first["kv_bytes"] > 0
     assert (records[2]["outcome"], records[2]["status"], records[2]["model"]) == ("model_not_found", 404, "nope")
     assert any(e["message"] == "drained" and e["logger"] == "scheduler.drain" for e in entries)
+
+
+def test_a_stop_string_end_is_a_stop_in_metrics_and_the_record_not_an_abort(workers, tmp_path: Path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    key_file, addresses = workers
+    scheduler = SchedulerProcess(key_file, addresses, tmp_path / "scheduler.log", None)
+    try:
+        scheduler.wait_ready(2)
+        client = openai.OpenAI(base_url=scheduler.url + "/v1", api_key="unused", timeout=60, max_retries=0)
+        model = client.models.list().data[0].id
+        free = client.chat.completions.create(model=model, messages=ASK, max_tokens=12, temperature=0)
+        text = free.choices[0].message.content
+        stop = text[len(text) // 2:len(text) // 2 + 3]  # greedy: the same text comes again, and stops there
+        assert stop.strip(), text
+        cut = client.chat.completions.create(model=model, messages=ASK, max_tokens=12, temperature=0, stop=[stop])
+        streamed = list(client.chat.completions.create(model=model, messages=ASK, max_tokens=12, temperature=0,
+                                                       stop=[stop], stream=True))
+        expected = text[:text.index(stop)]
+        assert cut.choices[0].finish_reason == "stop" and cut.choices[0].message.content == expected
+        assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == expected
+
+        def reasons() -> dict[str, float]:
+            with urllib.request.urlopen(scheduler.url + "/metrics", timeout=10) as reply:
+                families = text_string_to_metric_families(reply.read().decode())
+            return {s.labels["finished_reason"]: s.value for f in families
+                    if f.name == "pdcluster:request_success" for s in f.samples if s.name.endswith("_total")}
+
+        _until(lambda: sum(reasons().values()) == 3, "three ended requests in /metrics")
+        assert reasons() == {"length": 1.0, "stop": 2.0}  # no "abort": the stop string finished them
+        signed = {"X-PDC-Auth": sign_call(load_cluster_key(key_file), "GET /admin/requests")}
+        records = _get(scheduler.url + "/admin/requests", signed)[1]["requests"]
+        assert [r["outcome"] for r in records] == ["length", "stop", "stop"]
+    finally:
+        scheduler.stop()
