@@ -10,8 +10,9 @@ Anthropic requires it; ``temperature`` is in [0, 1], as Anthropic's is.
 or ``stop_sequence`` with the matched ``stop_sequence``. ``usage.input_tokens``
 counts the prompt tokens that were prefilled and ``cache_read_input_tokens``
 those whose KV came from a prefix cache, as Anthropic splits them (their sum
-is the OpenAI routes' ``prompt_tokens``). ``metadata.user_id`` is accepted and
-logged with the request, which is what it is for: attributing requests.
+is the OpenAI routes' ``prompt_tokens``). ``metadata.user_id`` becomes the
+request's ``user``: it is in the request's record and log line (``user=...``),
+which is what it is for: attributing requests.
 
 A stream sends Anthropic's events: ``message_start``, ``content_block_start``,
 ``ping``, ``content_block_delta`` (``text_delta``) ..., ``content_block_stop``,
@@ -92,9 +93,6 @@ async def _messages(request: web.Request) -> web.StreamResponse:
         raise APIError(400, "request body is not valid JSON") from None
     parsed = parse_translated(_translate(body), NAMES)
     gen, deltas = start_generation(request, parsed, arrived)
-    user_id = (body.get("metadata") or {}).get("user_id")
-    if user_id:
-        log.info("request %s: metadata.user_id=%s", gen.request_id, user_id)
     shape = _AnthropicShape(model=parsed.model, prompt_tokens=len(gen.prompt_token_ids))
     if parsed.stream:
         return await stream_deltas(request, deltas, shape, gen.request_id)
@@ -121,6 +119,8 @@ def _translate(body: object) -> dict:
     out = {k: body[k] for k in ("model", "max_tokens", "temperature", "top_p", "top_k", "stream", "pdcluster")
            if body.get(k) is not None}
     out["messages"] = _system(body.get("system")) + _conversation(body.get("messages"))
+    if (body.get("metadata") or {}).get("user_id"):
+        out["user"] = body["metadata"]["user_id"]  # the request's record carries it
     if stops:
         out["stop"] = stops
     if body.get("tools"):

@@ -96,11 +96,12 @@ def test_sampling_fields_reach_the_generation_request(client: anthropic.Anthropi
     assert (sent.temperature, sent.top_p, sent.top_k, sent.max_tokens) == (0.2, 0.5, 9, 4)
 
 
-def test_metadata_user_id_is_logged_with_the_request(client: anthropic.Anthropic,
-                                                     caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="scheduler.api_anthropic"):
+def test_metadata_user_id_is_the_requests_user_in_its_record(client: anthropic.Anthropic, backend: FakeBackend,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="scheduler.api"):
         client.messages.create(model=MODEL, max_tokens=2, messages=MESSAGES, metadata={"user_id": "user-42"})
-    assert any("user-42" in r.getMessage() for r in caplog.records)
+    assert backend.requests[0].user == "user-42"
+    assert any("user='user-42'" in r.getMessage() or "user=user-42" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize(("extra", "named"), [
