@@ -314,7 +314,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("requests_total", "requests_failed", "requests_cancelled", "kv_bytes_sent", "kv_bytes_received", "leases_expired", "active_requests", "active_leases", "reserved_kv_bytes", "tokens_generated", "prefix_blocks", "prefix_block_tokens", "prefix_cache_bytes", "prefix_cache_capacity_bytes", "prefix_hits", "prefix_hit_tokens", "running_requests")
+    __slots__ = ("requests_total", "requests_failed", "requests_cancelled", "kv_bytes_sent", "kv_bytes_received", "leases_expired", "active_requests", "active_leases", "reserved_kv_bytes", "tokens_generated", "prefix_blocks", "prefix_block_tokens", "prefix_cache_bytes", "prefix_cache_capacity_bytes", "prefix_hits", "prefix_hit_tokens", "running_requests", "kv_cache_usage_perc")
     REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FAILED_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_CANCELLED_FIELD_NUMBER: _ClassVar[int]
@@ -332,6 +332,7 @@ class StatsReply(_message.Message):
     PREFIX_HITS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_USAGE_PERC_FIELD_NUMBER: _ClassVar[int]
     requests_total: int
     requests_failed: int
     requests_cancelled: int
@@ -349,7 +350,8 @@ class StatsReply(_message.Message):
     prefix_hits: int
     prefix_hit_tokens: int
     running_requests: int
-    def __init__(self, requests_total: _Optional[int] = ..., requests_failed: _Optional[int] = ..., requests_cancelled: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., leases_expired: _Optional[int] = ..., active_requests: _Optional[int] = ..., active_leases: _Optional[int] = ..., reserved_kv_bytes: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., prefix_blocks: _Optional[_Iterable[int]] = ..., prefix_block_tokens: _Optional[int] = ..., prefix_cache_bytes: _Optional[int] = ..., prefix_cache_capacity_bytes: _Optional[int] = ..., prefix_hits: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., running_requests: _Optional[int] = ...) -> None: ...
+    kv_cache_usage_perc: float
+    def __init__(self, requests_total: _Optional[int] = ..., requests_failed: _Optional[int] = ..., requests_cancelled: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., leases_expired: _Optional[int] = ..., active_requests: _Optional[int] = ..., active_leases: _Optional[int] = ..., reserved_kv_bytes: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., prefix_blocks: _Optional[_Iterable[int]] = ..., prefix_block_tokens: _Optional[int] = ..., prefix_cache_bytes: _Optional[int] = ..., prefix_cache_capacity_bytes: _Optional[int] = ..., prefix_hits: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., running_requests: _Optional[int] = ..., kv_cache_usage_perc: _Optional[float] = ...) -> None: ...
 
 class ProbeLinkRequest(_message.Message):
     __slots__ = ("kv_host", "kv_port", "payload_bytes", "pings", "timeout_s")

@@ -70,12 +70,14 @@ class NodeStats:
     prefix_hit_tokens: int = 0
     prefix_cache_bytes: int = 0
     prefix_cache_capacity_bytes: int = 0
+    kv_cache_usage_perc: float = 0.0  # 0-1, as the node computes it
 
     @classmethod
     def from_reply(cls, reply: Any, at: float) -> NodeStats:
         """Read a ``StatsReply`` (or anything with its field names) received at ``at``."""
-        names = [f for f in cls.__dataclass_fields__ if f != "at"]
-        return cls(at=at, **{name: int(getattr(reply, name, 0)) for name in names})
+        fields = {name: f for name, f in cls.__dataclass_fields__.items() if name != "at"}
+        return cls(at=at, **{name: (float if f.type in ("float", float) else int)(getattr(reply, name, 0))
+                             for name, f in fields.items()})
 
 
 @dataclass(frozen=True)
@@ -219,6 +221,8 @@ _STATS_SERIES = (
     ("node_num_requests_active", "Prefill and Decode calls in progress on the node.", "active_requests", False),
     ("node_kv_leases_active", "KV reservations (leases) the node holds.", "active_leases", False),
     ("node_kv_reserved_bytes", "KV bytes the node's leases reserve.", "reserved_kv_bytes", False),
+    ("node_kv_cache_usage_perc", "The node's kv_cache_usage_perc (0-1): KV reserved over its budget.",
+     "kv_cache_usage_perc", False),
     ("node_requests", "Prefill and Decode calls the node received.", "requests_total", True),
     ("node_requests_failed", "Calls that failed on the node.", "requests_failed", True),
     ("node_requests_cancelled", "Calls cancelled on the node.", "requests_cancelled", True),

@@ -327,3 +327,17 @@ def test_a_waiter_that_checks_back_after_remaining_notices_a_claim_that_brings_t
         assert checks[-1] == 1035.0  # exactly lease_s after the claim, not at the 1110 waiting deadline
 
     on_loop(body)
+
+
+def test_usage_is_reserved_bytes_over_the_budget_or_leases_over_their_bound(clock: FakeClock) -> None:
+    async def body() -> None:
+        counted = LeaseTable(max_leases=4, clock=clock)
+        budgeted = LeaseTable(max_leases=4, max_reserved_bytes=4 * LAYOUT.total_bytes, clock=clock)
+        assert counted.usage == budgeted.usage == 0.0
+        for table in (counted, budgeted):
+            table.reserve("r", LAYOUT, lease_s=5.0, remote=True)
+        assert counted.usage == 0.25 and budgeted.usage == 0.25
+        budgeted.reserve("s", LAYOUT, lease_s=5.0, remote=True, extra_bytes=LAYOUT.total_bytes)
+        assert budgeted.usage == 0.75 and budgeted.num_active == 2  # by bytes, not by count
+
+    on_loop(body)

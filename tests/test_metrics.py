@@ -135,7 +135,8 @@ def test_the_cluster_view_shows_live_nodes_their_last_stats_the_links_and_the_qu
                            now=100.0)
     metrics = SchedulerMetrics(lambda: sample)
     reply = pb.StatsReply(running_requests=2, active_requests=3, reserved_kv_bytes=4096, kv_bytes_received=777,
-                          tokens_generated=50, prefix_hits=2, prefix_hit_tokens=128, active_leases=1)
+                          tokens_generated=50, prefix_hits=2, prefix_hit_tokens=128, active_leases=1,
+                          kv_cache_usage_perc=0.25)
     metrics.record_stats("b", reply, at=97.5)
     metrics.record_stats("gone", reply, at=97.5)  # not in the table any more: not shown
     s = scrape(metrics)
@@ -149,6 +150,7 @@ def test_the_cluster_view_shows_live_nodes_their_last_stats_the_links_and_the_qu
     assert labelled(s, "pdcluster:node_stats_age_seconds", "node") == {"b": 2.5}  # a was never polled
     assert labelled(s, "pdcluster:node_num_requests_running", "node") == {"b": 2}
     assert labelled(s, "pdcluster:node_kv_reserved_bytes", "node") == {"b": 4096}
+    assert labelled(s, "pdcluster:node_kv_cache_usage_perc", "node") == {"b": 0.25}  # a float, as the node sent it
     assert labelled(s, "pdcluster:node_kv_bytes_received_total", "node") == {"b": 777}
     assert labelled(s, "pdcluster:node_generation_tokens_total", "node") == {"b": 50}
     assert labelled(s, "pdcluster:node_prefix_cache_hit_tokens_total", "node") == {"b": 128}
@@ -265,7 +267,7 @@ def _get(url: str, key: str | None = None) -> tuple[int, bytes, str]:
 
 def _worker_state(*, budget: int | None) -> SimpleNamespace:
     leases = SimpleNamespace(max_reserved_bytes=budget, reserved_bytes=250, num_active=1, max_leases=4,
-                             num_expired=2)
+                             num_expired=2, usage=250 / budget if budget else 1 / 4)  # LeaseTable.usage's rule
     counters = SimpleNamespace(kv_bytes_sent=10, kv_bytes_received=20, tokens_generated=30, requests_total=4,
                                requests_failed=1, requests_cancelled=0)
     cache = SimpleNamespace(capacity_bytes=1000, nbytes=100)

@@ -109,6 +109,13 @@ class LeaseTable:
         with self._lock:
             return sum(lease.reserved_bytes for lease in self._by_rid.values())
 
+    @property
+    def usage(self) -> float:
+        """How full the KV memory is (0-1): reserved bytes over the budget; without a budget,
+        leases in use over ``max_leases`` (vLLM's ``kv_cache_usage_perc``)."""
+        budget = self.max_reserved_bytes
+        return self.reserved_bytes / budget if budget else self.num_active / self.max_leases
+
     def reserve(self, request_id: str, layout: KVLayout, lease_s: float, *, remote: bool,
                 extra_bytes: int = 0) -> Lease:
         """Reserve ``layout.total_bytes`` (the transfer's) plus ``extra_bytes``

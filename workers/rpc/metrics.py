@@ -115,7 +115,7 @@ class WorkerCollector(Collector):
         running = state.loop.num_running
         budget = leases.max_reserved_bytes
         reserved = leases.reserved_bytes
-        usage = reserved / budget if budget else leases.num_active / leases.max_leases
+        usage = leases.usage
         yield self._gauge("num_requests_running", "Requests in the decode batch.", running)
         yield self._gauge("num_requests_waiting", "Prefill and Decode calls in progress that are not in the "
                           "decode batch (prefilling, waiting for KV or a batch slot).",

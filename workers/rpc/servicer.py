@@ -85,7 +85,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             kv_bytes_received=c.kv_bytes_received, leases_expired=leases.num_expired,
             active_requests=len(self.state.active), active_leases=leases.num_active,
             reserved_kv_bytes=leases.reserved_bytes, tokens_generated=c.tokens_generated,
-            running_requests=self.state.loop.num_running, **_prefix_stats(self.state.prefix_cache),
+            running_requests=self.state.loop.num_running, kv_cache_usage_perc=leases.usage,
+            **_prefix_stats(self.state.prefix_cache),
         )
 
     async def Cancel(self, request: pb.CancelRequest, context: aio.ServicerContext) -> pb.CancelReply:
