@@ -39,7 +39,7 @@ from scheduler.request import Backend, FinishEvent, ModelEntry
 from scheduler.validation import APIError, parse_translated, refuse_unsupported, renamed
 
 ROUTES = ("/api/chat", "/api/generate", "/api/tags", "/api/show", "/api/version")
-OPTIONS = ("temperature", "top_p", "top_k", "seed", "stop", "num_predict")
+OPTIONS = ("temperature", "top_p", "top_k", "seed", "stop", "num_predict", "presence_penalty", "frequency_penalty")
 OPTION_NAMES = {name: f"options.{name}" for name in OPTIONS} | {"max_tokens": "options.num_predict"}
 CHAT_FIELDS = ("model", "messages", "stream", "options", "pdcluster", "tools", "format")
 GENERATE_FIELDS = ("model", "prompt", "system", "raw", "stream", "options", "pdcluster", "format")

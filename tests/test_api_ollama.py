@@ -70,9 +70,11 @@ def test_a_raw_generate_sends_the_prompt_as_it_is(client: ollama.Client, backend
 
 def test_options_reach_the_generation_request(client: ollama.Client, backend: FakeBackend) -> None:
     reply = client.chat(model=MODEL, messages=CHAT, options={"temperature": 0.3, "top_p": 0.5, "top_k": 7,
-                                                             "seed": 11, "num_predict": 3})
+                                                             "seed": 11, "num_predict": 3,
+                                                             "presence_penalty": 0.5, "frequency_penalty": -1})
     sent = backend.requests[0]
     assert (sent.temperature, sent.top_p, sent.top_k, sent.seed, sent.max_tokens) == (0.3, 0.5, 7, 11, 3)
+    assert (sent.presence_penalty, sent.frequency_penalty) == (0.5, -1.0)
     assert reply.done_reason == "length" and reply.eval_count == 3 and REPLY_TEXT.startswith(reply.message.content)
 
 
@@ -90,13 +92,14 @@ def test_a_stop_option_cuts_the_text_and_cancels_the_request(client: ollama.Clie
     ({"options": {"mirostat": 1}}, "options.mirostat"),
     ({"options": {"num_predict": -1}}, "options.num_predict"),
     ({"options": {"temperature": 9}}, "options.temperature"),
+    ({"options": {"presence_penalty": 3}}, "options.presence_penalty"),
     ({"format": {"type": "nonsense"}}, "format"),
     ({"tools": [{"type": "function", "function": {"name": "f g", "description": "d", "parameters": {}}}]},
      "tools[0].function.name"),
     ({"keep_alive": "5m"}, "keep_alive"),
     ({"think": True}, "think"),
     ({"logprobs": True}, "logprobs"),
-], ids=["num_ctx", "repeat_penalty", "mirostat", "unbounded-num_predict", "bad-temperature", "format", "tools",
+], ids=["num_ctx", "repeat_penalty", "mirostat", "unbounded-num_predict", "bad-temperature", "bad-presence_penalty", "format", "tools",
         "keep_alive", "think", "logprobs"])
 def test_what_pdcluster_does_not_honour_is_a_400_naming_it(client: ollama.Client, backend: FakeBackend,
                                                            kwargs: dict, named: str) -> None:
