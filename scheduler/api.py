@@ -80,7 +80,7 @@ from scheduler.request_log import RequestLog, RequestTrace
 from scheduler.structured import GrammarError, check_grammar, lark_grammar
 from scheduler.tokenizer import ChatTemplateError, PromptCodec
 from scheduler.tools import NoToolSupport, ToolCall, ToolCallSplitter, ToolFormat, call_grammar, detect_format, \
-    split_tool_calls
+    mistral_v11, split_tool_calls
 from scheduler.validation import APIError, ParsedRequest, check_logit_bias, parse_body
 
 log = logging.getLogger(__name__)
@@ -466,10 +466,14 @@ def start_generation(request: web.Request, parsed: ParsedRequest, arrived: float
     events = backend.generate(gen)
     if logprobs is not None:
         events = logprobs.wrap(events, codec)
-    keep = frozenset(filter(None, map(codec.special_token_id, tool_format.markers))) if tool_format else frozenset()
-    deltas = text_deltas(events, codec, parsed.stop, len(gen.prompt_token_ids), keep=keep)
-    if tool_format is not None and parsed.tool_choice.mode != "none":
-        deltas = split_tool_calls(deltas, ToolCallSplitter(tool_format, parsed.tools))
+    if tool_format is not None and parsed.tool_choice.mode != "none":  # calls are read from the text
+        keep = frozenset(filter(None, map(codec.special_token_id, tool_format.specials)))
+        deltas = text_deltas(events, codec, parsed.stop, len(gen.prompt_token_ids), keep=keep,
+                             section_at=lambda text: tool_format.find_section(text, True))
+        deltas = split_tool_calls(deltas, ToolCallSplitter(tool_format, parsed.tools,
+                                                           parallel=parsed.parallel_tool_calls))
+    else:
+        deltas = text_deltas(events, codec, parsed.stop, len(gen.prompt_token_ids))
     if trace is None:
         return gen, deltas
     request.app[REQUEST_LOG_KEY].started(trace, gen, parsed.stream)
@@ -491,27 +495,45 @@ def _grammar(parsed: ParsedRequest, codec: PromptCodec, tool_format: ToolFormat 
     if parsed.response_grammar is not None:
         grammar, param = parsed.response_grammar, "response_format"
     elif tool_format is not None and parsed.tool_choice.forces_call:
-        special = {m: i for m in tool_format.markers if (i := codec.special_token_id(m)) is not None}
+        special = {m: i for m in tool_format.specials if (i := codec.special_token_id(m)) is not None}
         try:
             grammar = lark_grammar(call_grammar(tool_format, parsed.tools, parsed.tool_choice,
-                                                parsed.parallel_tool_calls, special))
+                                                parsed.parallel_tool_calls, special,
+                                                v11=mistral_v11(codec.bundle.chat_template)))
         except GrammarError as e:
             raise APIError(400, f"'tools': a parameters schema cannot constrain decoding: {e}", param="tools") from None
         param = "tools"
     else:
         return ""
     try:
-        check_grammar(grammar, codec.grammar_tokenizer)
+        tokenizer = codec.grammar_tokenizer
+    except (ValueError, RuntimeError) as e:  # a tokenizer llguidance cannot read
+        raise APIError(400, f"'{param}': constrained decoding is not available for model {parsed.model!r}: {e}",
+                       param=param) from None
+    try:
+        check_grammar(grammar, tokenizer)
     except GrammarError as e:
         raise APIError(400, f"'{param}' cannot constrain decoding: {e}", param=param) from None
     return grammar
+
+
+def _template_ids(message: dict, fmt: ToolFormat) -> dict:
+    """``message`` with its call ids as the model's template takes them (Mistral's: nine characters)."""
+    if "tool_calls" in message:
+        message = {**message, "tool_calls": [{**c, "id": fmt.history_id(c["id"])} for c in message["tool_calls"]]}
+    if "tool_call_id" in message:
+        message = {**message, "tool_call_id": fmt.history_id(message["tool_call_id"])}
+    return message
 
 
 def _to_generation(parsed: ParsedRequest, codec: PromptCodec, backend: Backend, arrived: float,
                    tool_format: ToolFormat | None = None) -> GenerationRequest:
     try:
         tools = [t.to_template() for t in parsed.tools]
-        text = codec.render_chat(parsed.messages, tools) if parsed.messages is not None else parsed.prompt
+        messages = parsed.messages
+        if messages is not None and tool_format is not None:
+            messages = [_template_ids(m, tool_format) for m in messages]
+        text = codec.render_chat(messages, tools) if messages is not None else parsed.prompt
     except ChatTemplateError as e:
         raise APIError(400, str(e), "invalid_request_error", param="messages") from None
     token_ids = codec.encode(text)

@@ -91,6 +91,9 @@ async def _run(request: web.Request, *, chat: bool) -> web.StreamResponse:
     openai_body = {**_sampling(body.get("options")), **_prompt(body, chat)}
     openai_body |= {k: body[k] for k in ("model", "pdcluster", "tools") if k in body}
     if body.get("format") not in (None, ""):
+        if "prompt" in openai_body:  # a raw prompt: the chat route, which reads response_format, is not used
+            raise APIError(400, "'format' cannot go with \"raw\": true: send the prompt through the chat "
+                           "template (raw false)", param="format")
         openai_body["response_format"] = _response_format(body["format"])
     openai_body["stream"] = body.get("stream", True)  # Ollama streams unless told not to
     if not isinstance(openai_body["stream"], bool):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -52,16 +52,20 @@ def api_error(error: SchedulerError) -> APIError:
 
 async def text_deltas(
     events: AsyncIterator, codec: PromptCodec, stops: tuple[str, ...], prompt_tokens: int,
-    keep: frozenset[int] = frozenset(),
+    keep: frozenset[int] = frozenset(), section_at: Callable[[str], int | None] | None = None,
 ) -> Deltas:
     """Backend events -> (text delta, None) ... then (last delta, FinishEvent).
 
     Applies stop strings: the text ends before the first stop string, the
     finish is a ``StopStringHit`` naming it, and the backend request is cancelled.
-    Special tokens in ``keep`` are spelled out in the text (a tool-call marker)."""
+    Special tokens in ``keep`` are spelled out in the text (a tool-call marker).
+    ``section_at(text)``: where a tool-call section opens in the text so far
+    (scheduler/tools.py); stop strings apply to the content before it, never
+    inside a call."""
     detok = codec.detokenizer(keep)
     stop = [s for s in stops if s]
     num_tokens = 0
+    sent = 0  # characters emitted so far
     held = ""  # text not yet emitted because it may be the start of a stop string
     try:
         async for event in events:
@@ -69,6 +73,10 @@ async def text_deltas(
                 num_tokens += 1
                 held += detok.push(event.token_id)
                 hit = _find_stop(held, stop)
+                if hit is not None and section_at is not None:
+                    opened = section_at(detok.text[:sent] + held)
+                    if opened is not None and sent + hit[0] >= opened:  # in a call: stops apply no more
+                        stop, hit = [], None
                 if hit is not None:
                     # The backend's stats come only with its FinishEvent; report what is known here
                     # (the nodes stay "" for unknown, so the record does not claim to be colocated).
@@ -79,10 +87,15 @@ async def text_deltas(
                 safe = len(held) - _longest_stop_prefix(held, stop)
                 if safe > 0:
                     yield held[:safe], None
+                    sent += safe
                     held = held[safe:]
             elif isinstance(event, FinishEvent):
                 held += detok.flush()
                 hit = _find_stop(held, stop)
+                if hit is not None and section_at is not None:
+                    opened = section_at(detok.text[:sent] + held)
+                    if opened is not None and sent + hit[0] >= opened:
+                        hit = None
                 yield (held, event) if hit is None else (held[:hit[0]], StopStringHit("stop", event.stats, hit[1]))
                 return
     finally:

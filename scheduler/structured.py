@@ -23,7 +23,7 @@ import llguidance
 from scheduler.tools import COMPACT_JSON
 
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
-JSON_SCHEMA_FIELDS = frozenset({"name", "schema", "strict", "description"})
+JSON_SCHEMA_FIELDS = frozenset({"name", "schema", "strict"})  # "description" would need a prompt to go in
 
 
 class GrammarError(ValueError):
@@ -54,6 +54,9 @@ def response_format_grammar(response_format: dict) -> str | None:
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
         raise GrammarError("type 'json_schema' needs 'json_schema': {\"name\": ..., \"schema\": {...}}")
     unknown = sorted(set(spec) - JSON_SCHEMA_FIELDS)
+    if unknown == ["description"]:
+        raise GrammarError("'json_schema.description' is not supported: it is not shown to the model "
+                           "(describe the answer in the messages)")
     if unknown:
         raise GrammarError(f"unknown field 'json_schema.{unknown[0]}'")
     if "strict" in spec and not isinstance(spec["strict"], bool):

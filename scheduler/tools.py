@@ -14,25 +14,30 @@ how to answer. Three formats cover the common open models:
 
 ``ToolCallSplitter`` reads a stream of text deltas: text before a format's
 opening marker streams on as content; from the marker on, text is held and
-parsed when the generation ends. Calls that parse, and name one of the
-request's tools, become ``ToolCall``s and the finish reason ``tool_calls``;
-anything else is given back as content, so nothing the model wrote is lost.
+parsed when the generation ends. Calls that parse, name one of the request's
+tools and (for a ``strict`` tool) follow its schema become ``ToolCall``s and
+the finish reason ``tool_calls``; anything else is given back as content.
+Stop strings never apply inside a call (``api_stream.text_deltas``'s
+``section_at``).
 
 ``call_grammar`` is the lark grammar (llguidance's dialect) that admits only a
 call in the model's format to one of the tools, each tool's ``parameters``
 schema embedded with ``%json``: ``tool_choice: "required"`` or a named function
 is honoured by constrained decoding, not by hoping (scheduler/structured.py).
 
-This module is pure Python: no jinja, tokenizers or llguidance imports.
+This module imports no jinja, tokenizers or llguidance (``jsonschema`` checks strict tools' arguments).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
+
+import jsonschema
 
 from scheduler.request import FinishEvent
 
@@ -49,6 +54,7 @@ class Tool:
     name: str
     description: str = ""
     parameters: dict | None = None  # None: the function takes an object of any shape
+    strict: bool = False  # a call's arguments must follow ``parameters``, or it is no call
 
     def to_template(self) -> dict:
         """The OpenAI shape chat templates iterate over (as transformers passes ``tools``)."""
@@ -96,12 +102,17 @@ class ToolFormat:
 
     ``markers``: texts that open a call section anywhere in the answer;
     ``json_at_start``: a section may also open with ``{`` as the answer's first
-    non-space character (llama3). ``args_key``: the key holding the arguments."""
+    non-space character (llama3). ``args_key``: the key holding the arguments.
+    ``specials``: the format's texts that are special tokens in its models'
+    tokenizers, spelled out in the text so the parser sees them.
+    ``single_call``: the model's template takes one call per turn (Llama 3.1-3.3)."""
 
     name: str
     markers: tuple[str, ...]
     json_at_start: bool = False
     args_key: str = "arguments"
+    specials: tuple[str, ...] = ()
+    single_call: bool = False
 
     def find_section(self, text: str, at_start: bool) -> int | None:
         """Where a call section opens in ``text`` (None: not yet)."""
@@ -124,22 +135,43 @@ class ToolFormat:
 
     def parse(self, section: str) -> list[tuple[str, dict]] | None:
         """The (name, arguments) of every call in ``section``; None unless all of it is calls."""
-        return _PARSERS[self.name](self, section)
+        calls, rest = self.extract(section)
+        return [(name, args) for name, args, _ in calls] if calls and not rest.strip() else None
+
+    def extract(self, section: str) -> tuple[list[tuple[str, dict, str]], str]:
+        """The calls in ``section`` as (name, arguments, their text), and the text that is no call.
+        hermes takes each ``<tool_call>`` block that parses (text around them is content); the
+        other formats take the whole section or nothing."""
+        if self.name == "hermes":
+            return _extract_hermes(self, section)
+        calls = _PARSERS[self.name](self, section)
+        return ([(name, args, section) for name, args in calls], "") if calls else ([], section)
+
+    def call_id(self) -> str:
+        """A new call's id: Mistral's templates take exactly nine letters and digits."""
+        return uuid.uuid4().hex[:9] if self.name == "mistral" else f"call_{uuid.uuid4().hex[:24]}"
+
+    def history_id(self, call_id: str) -> str:
+        """A client's call id as the template takes it (the same id maps the same way every time)."""
+        if self.name != "mistral" or re.fullmatch(r"[A-Za-z0-9]{9}", call_id):
+            return call_id
+        return hashlib.sha1(call_id.encode()).hexdigest()[:9]
 
 
-def _parse_hermes(fmt: ToolFormat, section: str) -> list[tuple[str, dict]] | None:
-    calls, rest = [], section.strip()
-    while rest:
-        if not rest.startswith("<tool_call>"):
-            return None
-        end = rest.find("</tool_call>")
-        body = rest[len("<tool_call>"):end if end >= 0 else len(rest)]  # an unclosed last block is accepted
-        call = _call_object(body, fmt.args_key)
+_HERMES_BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
+
+
+def _extract_hermes(fmt: ToolFormat, section: str) -> tuple[list[tuple[str, dict, str]], str]:
+    calls, content, at = [], [], 0
+    for block in _HERMES_BLOCK.finditer(section):
+        call = _call_object(block.group(1), fmt.args_key)
         if call is None:
-            return None
-        calls.append(call)
-        rest = rest[end + len("</tool_call>"):].strip() if end >= 0 else ""
-    return calls or None
+            continue  # not a call: stays in the content
+        content.append(section[at:block.start()])
+        calls.append((*call, block.group(0)))
+        at = block.end()
+    content.append(section[at:])
+    return calls, "".join(content) if calls else section
 
 
 def _parse_llama3(fmt: ToolFormat, section: str) -> list[tuple[str, dict]] | None:
@@ -175,16 +207,17 @@ def _parse_mistral(fmt: ToolFormat, section: str) -> list[tuple[str, dict]] | No
             return None
         calls = [_call_fields(item, fmt.args_key) for item in items] if isinstance(items, list) else [None]
         return None if not calls or None in calls else calls  # type: ignore[return-value]
-    calls = []  # v11: name[ARGS]{...}, each call after its own [TOOL_CALLS]
+    calls = []  # v11: name[ARGS]{...} (name[CALL_ID]id[ARGS]{...} in some), each after its own [TOOL_CALLS]
     for part in text.split("[TOOL_CALLS]")[1:]:
         name, sep, args = part.partition("[ARGS]")
+        name = name.partition("[CALL_ID]")[0].strip()
         try:
             arguments = json.loads(args) if sep else None
         except json.JSONDecodeError:
             return None
-        if not isinstance(arguments, dict) or not TOOL_NAME.match(name.strip()):
+        if not isinstance(arguments, dict) or not TOOL_NAME.match(name):
             return None
-        calls.append((name.strip(), arguments))
+        calls.append((name, arguments))
     return calls or None
 
 
@@ -211,13 +244,16 @@ def _call_fields(obj: object, args_key: str) -> tuple[str, dict] | None:
     return obj["name"], arguments
 
 
-_PARSERS = {"hermes": _parse_hermes, "llama3": _parse_llama3, "mistral": _parse_mistral}
+_PARSERS = {"llama3": _parse_llama3, "mistral": _parse_mistral}
 
 FORMATS: dict[str, ToolFormat] = {
-    "hermes": ToolFormat("hermes", ("<tool_call>",)),
-    "llama3": ToolFormat("llama3", ("<|python_tag|>",), json_at_start=True, args_key="parameters"),
-    "mistral": ToolFormat("mistral", ("[TOOL_CALLS]",)),
+    "hermes": ToolFormat("hermes", ("<tool_call>",), specials=("<tool_call>", "</tool_call>")),
+    "llama3": ToolFormat("llama3", ("<|python_tag|>",), json_at_start=True, args_key="parameters",
+                         specials=("<|python_tag|>",), single_call=True),
+    "mistral": ToolFormat("mistral", ("[TOOL_CALLS]",), specials=("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]")),
 }
+# hermes: the template shows the call as <tool_call>\n{"name": ... (JSON), not as XML (<function=...>)
+_HERMES_JSON = re.compile(r'<tool_call>(?:\\n|\n)\{(?:\\"|")name')
 
 
 class NoToolSupport(ValueError):
@@ -226,7 +262,7 @@ class NoToolSupport(ValueError):
 
 def detect_format(chat_template: str) -> ToolFormat:
     """The tool-call format a chat template teaches; ``NoToolSupport`` saying why when there is none."""
-    if "<tool_call>" in chat_template:
+    if _HERMES_JSON.search(chat_template):
         return FORMATS["hermes"]
     if "[TOOL_CALLS]" in chat_template:
         return FORMATS["mistral"]
@@ -239,45 +275,48 @@ def detect_format(chat_template: str) -> ToolFormat:
     raise NoToolSupport("this model's chat template has no tool support, so it cannot be given tools")
 
 
+def mistral_v11(chat_template: str) -> bool:
+    """Whether a Mistral template writes calls as ``[TOOL_CALLS]name[ARGS]{...}`` (v11) rather than a JSON array."""
+    return "[ARGS]" in chat_template
+
+
 # ---------------------------------------------------------------- forcing a call
 
 
 def call_grammar(fmt: ToolFormat, tools: tuple[Tool, ...], choice: ToolChoice, parallel: bool,
-                 special_token_id: dict[str, int]) -> str:
+                 special_token_id: dict[str, int], *, v11: bool = False) -> str:
     """Lark text (llguidance) admitting only calls in ``fmt`` to ``tools`` (to ``choice.name`` alone
-    for a named choice); one call, or one or more when ``parallel``. ``special_token_id`` maps a
-    marker that is a special token of the model to its id (a special token is matched by id)."""
+    for a named choice); one call, or one or more when ``parallel`` (never for a single-call format).
+    Each tool's schema is its own ``%json`` root, so its ``$ref``s resolve. ``special_token_id`` maps
+    a format text that is a special token of the model to its id (matched by id); ``v11``: Mistral's
+    ``[TOOL_CALLS]name[ARGS]{...}`` form."""
     offered = [t for t in tools if choice.mode != "function" or t.name == choice.name]
-    schema = _call_schema(offered, fmt.args_key)
-    lines = [f"call: %json {json.dumps(schema)}"]
+    parallel = parallel and not fmt.single_call
+
+    def lit(text: str) -> str:
+        token = special_token_id.get(text)
+        return f"<[{token}]>" if token is not None else json.dumps(text)
+
+    lines = [f"call: {' | '.join(f'call_{i}' for i in range(len(offered)))}"]
+    for i, tool in enumerate(offered):
+        schema = json.dumps({**(tool.parameters or {"type": "object"}), "x-guidance": COMPACT_JSON})
+        if fmt.name == "mistral" and v11:
+            body = f"{lit('[TOOL_CALLS]')} {json.dumps(tool.name)} {lit('[ARGS]')} %json {schema}"
+        else:
+            head = json.dumps(f'{{"name": "{tool.name}", "{fmt.args_key}": ')
+            body = f'{head} %json {schema} "}}"'
+        lines.append(f"call_{i}: {body}")
     if fmt.name == "hermes":
-        lines.append(r'block: "<tool_call>\n" call "\n</tool_call>"')
-        lines.insert(0, r'start: block ("\n" block)*' if parallel else "start: block")
+        lines.append(f'block: {lit("<tool_call>")} "\\n" call "\\n" {lit("</tool_call>")}')
+        start = 'block ("\\n" block)*' if parallel else "block"
     elif fmt.name == "llama3":
-        lines.insert(0, 'start: call ("; " call)*' if parallel else "start: call")
-    else:  # mistral v3
-        marker = _literal("[TOOL_CALLS]", special_token_id)
-        lines.insert(0, f'start: {marker} "[" call (", " call)* "]"' if parallel else f'start: {marker} "[" call "]"')
-    return "\n".join(lines) + "\n"
-
-
-def _call_schema(tools: list[Tool], args_key: str) -> dict:
-    """One call's JSON schema: ``{"name": <a tool's name>, args_key: <that tool's parameters>}``."""
-    variants = [{
-        "type": "object",
-        "properties": {"name": {"const": t.name},
-                       args_key: t.parameters if t.parameters is not None else {"type": "object"}},
-        "required": ["name", args_key],
-        "additionalProperties": False,
-    } for t in tools]
-    schema = variants[0] if len(variants) == 1 else {"anyOf": variants}
-    return {**schema, "x-guidance": COMPACT_JSON}
-
-
-def _literal(marker: str, special_token_id: dict[str, int]) -> str:
-    """A lark terminal for ``marker``: the special token by id, else its text."""
-    token = special_token_id.get(marker)
-    return f"<[{token}]>" if token is not None else json.dumps(marker)
+        start = "call"
+    elif v11:
+        start = "call+" if parallel else "call"
+    else:  # mistral v3: [TOOL_CALLS] [{...}, ...]
+        start = f'{lit("[TOOL_CALLS]")} " [" call (", " call)* "]"' if parallel else \
+            f'{lit("[TOOL_CALLS]")} " [" call "]"'
+    return f"start: {start}\n" + "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------- reading calls from a stream
@@ -289,12 +328,14 @@ Delta = tuple["str | ToolCall", "FinishEvent | None"]
 class ToolCallSplitter:
     """Splits a stream of text deltas into content and ``ToolCall``s (see the module docstring).
 
-    ``tools`` names the callable functions: a call to any other name is not a
-    call, and its text is returned as content."""
+    A call counts when it names one of ``tools`` and, for a ``strict`` tool, its
+    arguments follow the tool's schema; any other is given back as content.
+    Without ``parallel`` (or in a single-call format) only the first call is
+    returned, as OpenAI returns at most one."""
 
-    def __init__(self, fmt: ToolFormat, tools: tuple[Tool, ...], *, id_prefix: str = "call_") -> None:
-        self.fmt, self._names = fmt, {t.name for t in tools}
-        self._id_prefix = id_prefix
+    def __init__(self, fmt: ToolFormat, tools: tuple[Tool, ...], *, parallel: bool = True) -> None:
+        self.fmt, self._tools = fmt, {t.name: t for t in tools}
+        self._max_calls = None if parallel and not fmt.single_call else 1
         self._pending = ""  # text that may open a section: held back
         self._section: str | None = None  # from the opening marker on
         self._emitted_content = False
@@ -319,15 +360,34 @@ class ToolCallSplitter:
         return out
 
     def finish(self) -> tuple[str, list[ToolCall]]:
-        """At the end: the content still held, and the calls (none if the section did not parse)."""
+        """At the end: the content still held, and the calls."""
         if self._section is None:
             return self._pending, []
-        calls = self.fmt.parse(self._section)
-        if calls is None or any(name not in self._names for name, _ in calls):
+        found, content = self.fmt.extract(self._section)
+        calls = []
+        for name, arguments, text in found:
+            if not self._is_call(name, arguments):
+                if self.fmt.name != "hermes":  # one section: one bad call makes all of it text
+                    return self._pending + self._section, []
+                content += text
+            elif self._max_calls is None or len(calls) < self._max_calls:
+                calls.append((name, arguments))
+        if not calls:
             return self._pending + self._section, []
-        return self._pending, [ToolCall(i, f"{self._id_prefix}{uuid.uuid4().hex[:24]}", name,
-                                        json.dumps(arguments, ensure_ascii=False))
-                               for i, (name, arguments) in enumerate(calls)]
+        return self._pending + (content if content.strip() else ""), [
+            ToolCall(i, self.fmt.call_id(), name, json.dumps(arguments, ensure_ascii=False))
+            for i, (name, arguments) in enumerate(calls)]
+
+    def _is_call(self, name: str, arguments: dict) -> bool:
+        tool = self._tools.get(name)
+        if tool is None:
+            return False
+        if tool.strict and tool.parameters is not None:
+            try:
+                jsonschema.validate(arguments, tool.parameters)
+            except jsonschema.exceptions.ValidationError:
+                return False
+        return True
 
 
 async def split_tool_calls(deltas: AsyncIterator[tuple[str, FinishEvent | None]],
@@ -347,7 +407,7 @@ async def split_tool_calls(deltas: AsyncIterator[tuple[str, FinishEvent | None]]
                 yield content + tail, None
             for call in calls:
                 yield call, None
-            yield "", (replace(finish, finish_reason="tool_calls") if calls else finish)
+            yield "", (FinishEvent("tool_calls", finish.stats) if calls else finish)
             return
     finally:
         await deltas.aclose()  # type: ignore[attr-defined]

@@ -303,7 +303,7 @@ def _tool(tool: object, i: int) -> Tool:
                        param=f"{where}.function.parameters")
     if "strict" in function and not isinstance(function["strict"], bool):
         raise APIError(400, f"'{where}.function.strict' must be a boolean", param=f"{where}.function.strict")
-    return Tool(name, description, parameters)
+    return Tool(name, description, parameters, strict=function.get("strict", False))
 
 
 def _response_format(body: dict) -> str | None:

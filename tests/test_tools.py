@@ -69,7 +69,8 @@ def test_malformed_sections_are_not_calls(fmt: str, text: str) -> None:
     assert FORMATS[fmt].parse(text) is None
 
 
-def _split(fmt: str, pieces: list[str], names: tuple[str, ...] = ("f", "get_weather")) -> tuple[str, list, str]:
+def _split(fmt: str, pieces: list[str], names: tuple[str, ...] = ("f", "get_weather"), *,
+           tools: tuple[Tool, ...] | None = None, parallel: bool = True) -> tuple[str, list, str]:
     """Run ``pieces`` through split_tool_calls: (content, calls, finish_reason)."""
     async def deltas():
         for piece in pieces[:-1]:
@@ -77,8 +78,9 @@ def _split(fmt: str, pieces: list[str], names: tuple[str, ...] = ("f", "get_weat
         yield pieces[-1], FinishEvent("stop", RequestStats())
 
     async def body():
+        offered = tools if tools is not None else tuple(Tool(n) for n in names)
         out = [item async for item in split_tool_calls(deltas(), ToolCallSplitter(
-            FORMATS[fmt], tuple(Tool(n) for n in names)))]
+            FORMATS[fmt], offered, parallel=parallel))]
         return out
     items = asyncio.run(body())
     content = "".join(d for d, f in items if isinstance(d, str))
@@ -410,3 +412,95 @@ def test_responses_history_tool_choice_and_text_format_translate(oai: openai.Ope
         oai.responses.create(model=MODEL, input="hi", max_output_tokens=20,
                              text={"format": {"type": "json_schema", "name": "w", "schema": {"type": "nonsense"}}})
     assert e.value.body["param"] == "text.format"
+
+
+# ---------------------------------------------------------------- what a careful client relies on
+
+
+def test_text_after_a_call_is_content_and_only_unknown_calls_become_text() -> None:
+    call = '<tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call>'
+    unknown = '<tool_call>{"name": "nope", "arguments": {}}</tool_call>'
+    assert _split("hermes", [call + "\nDone."]) == ("\nDone.", [("f", {"a": 1})], "tool_calls")
+    content, calls, _ = _split("hermes", [call + "\n" + unknown])
+    assert calls == [("f", {"a": 1})] and unknown in content
+
+
+def test_without_parallel_calls_or_in_llama3_only_the_first_call_comes_back() -> None:
+    two = '<tool_call>{"name": "f", "arguments": {}}</tool_call><tool_call>{"name": "get_weather", ' \
+          '"arguments": {}}</tool_call>'
+    assert [n for n, _ in _split("hermes", [two])[1]] == ["f", "get_weather"]
+    assert [n for n, _ in _split("hermes", [two], parallel=False)[1]] == ["f"]
+    llama = '{"name": "f", "parameters": {}}; {"name": "get_weather", "parameters": {}}'
+    assert [n for n, _ in _split("llama3", [llama])[1]] == ["f"]  # its templates take one call a turn
+    grammar = call_grammar(FORMATS["llama3"], (Tool("f"), Tool("g")), ToolChoice("required"), True, {})
+    assert "; " not in grammar
+
+
+def test_a_strict_tools_arguments_must_follow_its_schema_or_it_is_no_call() -> None:
+    strict = (Tool("get_weather", parameters=WEATHER, strict=True),)
+    good = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    bad = '<tool_call>{"name": "get_weather", "arguments": {"town": "Paris"}}</tool_call>'
+    assert _split("hermes", [good], tools=strict)[1] == [("get_weather", {"city": "Paris"})]
+    assert _split("hermes", [bad], tools=strict) == (bad, [], "stop")
+    assert _split("hermes", [bad], tools=(Tool("get_weather", parameters=WEATHER),))[1]  # not strict: a call
+
+
+def test_a_forced_call_to_a_schema_with_refs_resolves_them(codec: PromptCodec) -> None:
+    params = {"type": "object", "$defs": {"Zone": {"enum": ["UTC", "CET"]}},
+              "properties": {"zone": {"$ref": "#/$defs/Zone"}}, "required": ["zone"], "additionalProperties": False}
+    for fmt in sorted(FORMATS):
+        grammar = lark_grammar(call_grammar(FORMATS[fmt], (Tool("get_time", parameters=params),),
+                                            ToolChoice("required"), False, {}))
+        check_grammar(grammar, codec.grammar_tokenizer)
+        (name, arguments), = FORMATS[fmt].parse(_greedy_under(grammar, codec, 0))
+        jsonschema.validate(arguments, params)
+
+
+def test_mistral_ids_are_nine_characters_and_history_ids_map_stably() -> None:
+    fmt = FORMATS["mistral"]
+    assert len(fmt.call_id()) == 9 and fmt.call_id().isalnum()
+    assert fmt.history_id("call_abcdef0123456789") == fmt.history_id("call_abcdef0123456789")
+    assert len(fmt.history_id("toolu_01XYZ")) == 9 and fmt.history_id("a1B2c3D4e") == "a1B2c3D4e"
+    assert FORMATS["hermes"].history_id("call_x") == "call_x"
+
+
+def test_mistral_v11_calls_with_a_call_id_parse_and_its_grammar_writes_that_form(codec: PromptCodec) -> None:
+    assert FORMATS["mistral"].parse('[TOOL_CALLS]f[CALL_ID]a1b2c3d4e[ARGS]{"a": 1}') == [("f", {"a": 1})]
+    grammar = call_grammar(FORMATS["mistral"], (Tool("get_time", parameters=CLOCK),), ToolChoice("required"),
+                           False, {}, v11=True)
+    text = _greedy_under(lark_grammar(grammar), codec, 1)
+    assert text.startswith("[TOOL_CALLS]get_time[ARGS]{") and FORMATS["mistral"].parse(text)[0][0] == "get_time"
+
+
+def test_an_xml_tool_format_is_not_taken_for_hermes_json() -> None:
+    qwen3_coder = "{% for t in tools %}{{ t }}{% endfor %}<tool_call>\n<function={{ name }}>\n<parameter="
+    with pytest.raises(NoToolSupport, match="does not parse"):
+        detect_format(qwen3_coder)
+
+
+def test_a_stop_string_never_cuts_a_call(oai: openai.OpenAI, backend: FakeBackend, server: ServerThread) -> None:
+    backend.reply_text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    reply = oai.chat.completions.create(model=MODEL, messages=CHAT, tools=TOOLS, max_tokens=200, stop=["\n"])
+    assert reply.choices[0].finish_reason == "tool_calls" and reply.choices[0].message.tool_calls
+    backend.reply_text = "Sure.\nLet me look." + backend.reply_text  # the stop cuts the content before any call
+    cut = oai.chat.completions.create(model=MODEL, messages=CHAT, tools=TOOLS, max_tokens=200, stop=["\n"])
+    assert (cut.choices[0].message.content, cut.choices[0].finish_reason) == ("Sure.", "stop")
+    client = anthropic.Anthropic(base_url=server.url, api_key="x", timeout=20, max_retries=0)
+    backend.reply_text = CALL_TEXT
+    message = client.messages.create(model=MODEL, max_tokens=200, messages=CHAT, tools=ANTHROPIC_TOOLS,
+                                     stop_sequences=["</tool_call>"])
+    assert message.stop_reason == "tool_use"  # not stop_sequence: the call is whole
+
+
+def test_a_json_schema_description_is_refused_as_it_would_not_reach_the_model(oai: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError, match="description"):
+        oai.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=5, response_format={
+            "type": "json_schema", "json_schema": {"name": "w", "schema": WEATHER, "description": "weather"}})
+
+
+def test_ollama_format_with_a_raw_prompt_is_a_clear_400(server: ServerThread) -> None:
+    request = urllib.request.Request(server.url + "/api/generate", method="POST", data=json.dumps(
+        {"model": MODEL, "prompt": "hi", "raw": True, "format": "json", "stream": False}).encode())
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(request, timeout=20)
+    assert e.value.code == 400 and "raw" in json.loads(e.value.read())["error"]
