@@ -14,8 +14,8 @@ is the OpenAI routes' ``prompt_tokens``). ``metadata.user_id`` becomes the
 request's ``user``: it is in the request's record and log line (``user=...``),
 which is what it is for: attributing requests.
 
-A stream sends Anthropic's events: ``message_start``, ``content_block_start``,
-``ping``, ``content_block_delta`` (``text_delta``) ..., ``content_block_stop``,
+A stream sends Anthropic's events: ``message_start``, ``ping``,
+``content_block_start`` (with the first text), ``content_block_delta`` (``text_delta``) ..., ``content_block_stop``,
 ``message_delta`` (``stop_reason``, final usage), ``message_stop``; a failure
 after the first event ends it with an ``error`` event (the anthropic SDK raises
 it). Errors are Anthropic's ``{"type": "error", "error": {"type", "message"}}``.
@@ -281,7 +281,8 @@ class _AnthropicShape:
     model: str
     prompt_tokens: int
     message_id: str = field(default_factory=lambda: f"msg_{uuid.uuid4().hex[:24]}")
-    num_blocks: int = 1  # the text block (index 0) is open from the start; tool_use blocks follow it
+    num_blocks: int = 0  # content blocks opened so far: the text block (if any text) first, then tool_use blocks
+    text_open: bool = False  # the text block (index 0) is open: text deltas go there
     content_type = "text/event-stream"
 
     def message(self, text: str | None, finish: FinishEvent | None, calls: list[ToolCall] | None = None) -> dict:
@@ -299,18 +300,29 @@ class _AnthropicShape:
 
     def opening(self) -> bytes:
         return (sse({"type": "message_start", "message": self.message(None, None)}, "message_start")
-                + sse({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
-                      "content_block_start")
                 + sse({"type": "ping"}, "ping"))
 
     def delta(self, text: str) -> bytes:
-        return sse({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}},
-                   "content_block_delta")
+        """A text delta; the first opens the text block (a reply of calls alone has none, as Anthropic's)."""
+        opening = b""
+        if not self.text_open:
+            opening = sse({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+                          "content_block_start")
+            self.text_open, self.num_blocks = True, 1
+        return opening + sse({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta",
+                                                                                   "text": text}},
+                             "content_block_delta")
+
+    def _close_text(self) -> bytes:
+        if not self.text_open:
+            return b""
+        self.text_open = False
+        return sse({"type": "content_block_stop", "index": 0}, "content_block_stop")
 
     def tool_call(self, call: ToolCall) -> bytes:
-        """Closes the text block before the first call; then a ``tool_use`` block per call."""
+        """Closes the text block (if any) before the first call; then a ``tool_use`` block per call."""
         index, self.num_blocks = self.num_blocks, self.num_blocks + 1
-        return ((sse({"type": "content_block_stop", "index": 0}, "content_block_stop") if index == 1 else b"")
+        return (self._close_text()
                 + sse({"type": "content_block_start", "index": index, "content_block": {
                     "type": "tool_use", "id": call.id, "name": call.name, "input": {}}}, "content_block_start")
                 + sse({"type": "content_block_delta", "index": index, "delta": {
@@ -319,9 +331,10 @@ class _AnthropicShape:
 
     def finished(self, text: str, finish: FinishEvent) -> bytes:
         reason, sequence = _stop(finish)
-        return ((self.delta(text) if text else b"")
-                + (sse({"type": "content_block_stop", "index": 0}, "content_block_stop") if self.num_blocks == 1
-                   else b"")
+        out = self.delta(text) if text else b""
+        if not self.num_blocks:  # nothing was said: one empty text block, so the message is not blank
+            out += self.delta("")
+        return (out + self._close_text()
                 + sse({"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": sequence},
                        "usage": _usage(finish.stats), "pdcluster": finish.stats.to_json()}, "message_delta")
                 + sse({"type": "message_stop"}, "message_stop"))

@@ -504,3 +504,17 @@ def test_ollama_format_with_a_raw_prompt_is_a_clear_400(server: ServerThread) ->
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(request, timeout=20)
     assert e.value.code == 400 and "raw" in json.loads(e.value.read())["error"]
+
+
+def test_an_anthropic_stream_of_calls_alone_has_no_empty_text_block(server: ServerThread,
+                                                                     backend: FakeBackend) -> None:
+    backend.reply_text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    client = anthropic.Anthropic(base_url=server.url, api_key="x", timeout=20, max_retries=0)
+    events = list(client.messages.create(model=MODEL, max_tokens=200, messages=CHAT, tools=ANTHROPIC_TOOLS,
+                                         stream=True))
+    starts = [e.content_block for e in events if e.type == "content_block_start"]
+    assert [(b.type, b.name) for b in starts] == [("tool_use", "get_weather")]
+    assert [e.index for e in events if e.type == "content_block_stop"] == [0]
+    with client.messages.stream(model=MODEL, max_tokens=200, messages=CHAT, tools=ANTHROPIC_TOOLS) as stream:
+        final = stream.get_final_message()
+    assert [b.type for b in final.content] == ["tool_use"] and final.stop_reason == "tool_use"
