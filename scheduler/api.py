@@ -557,9 +557,23 @@ def _to_generation(parsed: ParsedRequest, codec: PromptCodec, backend: Backend, 
         stop_token_ids=entry.eos_token_ids if entry and not parsed.ignore_eos else (),
         placement=parsed.placement, arrived_at=arrived, kv_codec=parsed.kv_codec,
         presence_penalty=parsed.presence_penalty, frequency_penalty=parsed.frequency_penalty,
-        logit_bias=parsed.logit_bias, logprobs=parsed.logprobs is not None, top_logprobs=parsed.logprobs or 0,
-        user=parsed.user, grammar=_grammar(parsed, codec, tool_format),
+        logit_bias=_logit_bias(parsed, codec, tool_format), logprobs=parsed.logprobs is not None,
+        top_logprobs=parsed.logprobs or 0, user=parsed.user, grammar=_grammar(parsed, codec, tool_format),
     )
+
+
+def _logit_bias(parsed: ParsedRequest, codec: PromptCodec, tool_format: ToolFormat | None) -> tuple:
+    """The request's ``logit_bias``; with ``tool_choice: "none"``, also -100 on each marker that opens a
+    call where it is one token of the model's vocabulary, so the model writes no call (the client's own
+    bias on that token wins)."""
+    if tool_format is None or parsed.tool_choice.mode != "none":
+        return parsed.logit_bias
+    bias = dict(parsed.logit_bias)
+    for marker in tool_format.markers:
+        token = codec.tokenizer.token_to_id(marker)
+        if token is not None:
+            bias.setdefault(token, -100.0)
+    return tuple(sorted(bias.items()))
 
 
 @dataclass

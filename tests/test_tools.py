@@ -518,3 +518,22 @@ def test_an_anthropic_stream_of_calls_alone_has_no_empty_text_block(server: Serv
     with client.messages.stream(model=MODEL, max_tokens=200, messages=CHAT, tools=ANTHROPIC_TOOLS) as stream:
         final = stream.get_final_message()
     assert [b.type for b in final.content] == ["tool_use"] and final.stop_reason == "tool_use"
+
+
+def test_tool_choice_none_biases_a_one_token_marker_away(server: ServerThread, backend: FakeBackend,
+                                                         oai: openai.OpenAI) -> None:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(backend.codec.bundle.tokenizer_json)
+    tokenizer.add_tokens(["<tool_call>", "</tool_call>"])  # as in Qwen's vocabulary: one token each
+    bundle = backend.codec.bundle
+    backend.codec = PromptCodec(type(bundle)(tokenizer.to_str(), bundle.chat_template, bundle.bos_token,
+                                             bundle.eos_token))
+    marker = tokenizer.token_to_id("<tool_call>")
+    oai.chat.completions.create(model=MODEL, messages=CHAT, tools=TOOLS, tool_choice="none", max_tokens=5)
+    oai.chat.completions.create(model=MODEL, messages=CHAT, tools=TOOLS, max_tokens=5)
+    oai.chat.completions.create(model=MODEL, messages=CHAT, tools=TOOLS, tool_choice="none", max_tokens=5,
+                                logit_bias={str(marker): 5})
+    none, auto, mine = backend.requests
+    assert (marker, -100.0) in none.logit_bias and not auto.logit_bias
+    assert mine.logit_bias == ((marker, 5.0),)  # the client's own bias on it wins
