@@ -1,7 +1,7 @@
 """What every HTTP API dialect shares once a request is running: its text, and how a stream is written.
 
 ``text_deltas`` turns a backend's events into text deltas with the client's
-stop strings applied; ``collect_text`` gathers them for a non-streamed answer;
+stop strings applied; ``collect`` gathers them (text and tool calls) for a non-streamed answer;
 ``stream_deltas`` writes them as a streamed response in a dialect's
 ``StreamShape`` (OpenAI's SSE chunks, Anthropic's events, the Responses API's
 events, Ollama's NDJSON). The dialects differ only in shapes, never in how
@@ -24,7 +24,7 @@ from typing import Protocol
 
 from aiohttp import web
 
-from scheduler.request import FinishEvent, RequestStats, SchedulerError, StopStringReached, TokenEvent
+from scheduler.request import FinishEvent, RequestStats, SchedulerError, TokenEvent, end_at_stop_string
 from scheduler.tokenizer import PromptCodec
 from scheduler.tools import ToolCall
 from scheduler.validation import APIError
@@ -81,7 +81,7 @@ async def text_deltas(
                     # The backend's stats come only with its FinishEvent; report what is known here
                     # (the nodes stay "" for unknown, so the record does not claim to be colocated).
                     known = RequestStats(prompt_tokens=prompt_tokens, completion_tokens=num_tokens)
-                    await _end_at_stop_string(events)
+                    await end_at_stop_string(events)
                     yield held[:hit[0]], StopStringHit("stop", known, hit[1])
                     return
                 safe = len(held) - _longest_stop_prefix(held, stop)
@@ -102,14 +102,6 @@ async def text_deltas(
         await events.aclose()
 
 
-async def _end_at_stop_string(events: AsyncIterator) -> None:
-    """End the backend's iterator as finished by a stop string (its metrics and record say "stop")."""
-    try:
-        await events.athrow(StopStringReached())  # type: ignore[attr-defined]
-    except (StopStringReached, StopAsyncIteration):
-        pass
-
-
 def _find_stop(text: str, stops: list[str]) -> tuple[int, str] | None:
     """(index, stop string) of the earliest stop string in ``text``; None if there is none."""
     hits = [(text.find(s), s) for s in stops if s in text]
@@ -125,14 +117,6 @@ def _longest_stop_prefix(text: str, stops: list[str]) -> int:
                 best = max(best, n)
                 break
     return best
-
-
-async def collect_text(deltas: Deltas) -> tuple[str, FinishEvent]:
-    """The whole text of a non-streamed answer and how it finished (502 if it never did)."""
-    text, calls, finish = await collect(deltas)
-    if calls:
-        raise APIError(500, "tool calls reached a route that cannot return them", "server_error")
-    return text, finish
 
 
 async def collect(deltas: Deltas) -> tuple[str, list[ToolCall], FinishEvent]:

@@ -26,7 +26,7 @@ import json
 import weakref
 from collections.abc import AsyncIterator, Callable
 
-from scheduler.request import FinishEvent, StopStringReached, TokenEvent
+from scheduler.request import FinishEvent, StopStringReached, TokenEvent, end_at_stop_string
 from scheduler.tokenizer import PromptCodec
 
 Events = AsyncIterator[TokenEvent | FinishEvent]
@@ -53,10 +53,7 @@ class LogprobTap:
                         self._pending.append(event)
                     yield event
             except StopStringReached as e:  # the text ended at a stop string: tell the backend so
-                try:
-                    await events.athrow(e)
-                except (StopStringReached, StopAsyncIteration):
-                    pass
+                await end_at_stop_string(events, e)
                 raise
             finally:
                 await events.aclose()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from scheduler.tokenizer import PromptCodec
 
@@ -144,6 +144,14 @@ class StopStringReached(Exception):
     """Thrown into a backend's event iterator when the client's stop string ended the text: the
     request finished ("stop"), so it is counted as finished, not as an abort (its workers are
     cancelled as on any close)."""
+
+
+async def end_at_stop_string(events: Any, reached: StopStringReached | None = None) -> None:
+    """End a backend's event iterator as finished by a stop string (its metrics and record say "stop")."""
+    try:
+        await events.athrow(reached or StopStringReached())
+    except (StopStringReached, StopAsyncIteration):
+        pass
 
 
 class SchedulerError(Exception):

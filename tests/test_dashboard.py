@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -26,7 +24,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import MODEL, ROOT, FakeBackend, ServerThread, free_port, have
+from conftest import MODEL, ROOT, FakeBackend, PdcUp, ServerThread, free_port, have
 
 from cluster.auth import generate_key, load_cluster_key, sign_call, write_config
 from cluster.cli import admin_call
@@ -400,34 +398,14 @@ def pdc_up(make_tiny_model, key_file: Path, tmp_path: Path):
     key, placing with fastest-pair (disaggregated): its URL."""
     if _browser_missing():
         pytest.skip(_browser_missing())
-    port = free_port()
     decode_engine = "mlx" if have("mlx.core") else "torch"
-    up = subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli", "up", "--model", str(make_tiny_model("llama")), "--port", str(port),
-         "--decode-engine", decode_engine, "--api-key", API_KEY, "--cluster-key-file", str(key_file),
-         "--policy", "fastest-pair", "--log-dir", str(tmp_path / "logs")],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def read() -> None:
-        for line in up.stdout:
-            lines.append(line)
-            if "pdc policy --url" in line:
-                ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
+    up = PdcUp(make_tiny_model("llama"), "--decode-engine", decode_engine, "--api-key", API_KEY,
+               "--cluster-key-file", str(key_file), "--policy", "fastest-pair", "--log-dir", str(tmp_path / "logs"),
+               ready_s=READY_S)
     try:
-        assert ready.wait(READY_S), f"pdc up not ready in {READY_S} s:\n{''.join(lines)}"
-        yield f"http://127.0.0.1:{port}"
+        yield up.url
     finally:
-        up.send_signal(signal.SIGTERM)
-        try:
-            up.wait(60)
-        except subprocess.TimeoutExpired:
-            up.kill()
-            up.wait(10)
+        up.stop()
 
 
 def _wait(driver, condition, what: str, timeout: float = WAIT_S):
