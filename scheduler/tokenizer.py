@@ -10,10 +10,14 @@ import json
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
+
+if TYPE_CHECKING:
+    import llguidance
 
 
 class ChatTemplateError(ValueError):
@@ -66,7 +70,7 @@ class PromptCodec:
         return frozenset(i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special)
 
     @cached_property
-    def grammar_tokenizer(self):  # -> llguidance.LLTokenizer
+    def grammar_tokenizer(self) -> llguidance.LLTokenizer:
         """This tokenizer as llguidance sees it, for checking grammars (scheduler/structured.py)."""
         import llguidance  # only requests with a grammar pay for the import and the build
 
