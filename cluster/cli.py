@@ -360,6 +360,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                         "model predicts the smaller transfer beats encode + decode, never between nodes on one host "
                         "and never a codec failing its accuracy gate; docs/placement.md), raw, int8 or fp8; a request "
                         "may override it with \"pdcluster\": {\"kv_codec\": ...}")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="price every request from the nodes' start-up figures alone; by default the scheduler "
+                        "corrects each node's prefill (per codec, and kept local) and the fixed part of TTFT "
+                        "from the requests it finished there (docs/placement.md, \"Corrected by served "
+                        "requests\"; /health shows the figures)")
     p.add_argument("--lease-s", type=float, default=0.0,
                    help="decode-side KV reservation lease in seconds, sent with every request; 0 (default): "
                         "each decode worker's own pdc worker --lease-s")
@@ -415,7 +420,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     config = SchedulerConfig(
         host=args.host, port=args.port, peers=_split(args.peers), ray=args.ray, mdns=not args.no_mdns,
         mdns_interfaces=tuple(args.mdns_interface) if args.mdns_interface else None, policy=args.policy,
-        kv_codec=args.kv_codec,
+        kv_codec=args.kv_codec, calibrate=not args.no_calibrate,
         link_refresh_s=args.link_refresh_s, link_probe_bytes=int(args.link_probe_mib * (1 << 20)),
         lifecycle=LifecycleConfig(lease_s=args.lease_s),
         api_key=args.api_key or os.environ.get("PDC_API_KEY") or None,

@@ -447,6 +447,9 @@ CODEC_SPEED: dict[tuple[str, str], CodecSpeed] = {
 # against int8's 1.047 s/GB in CODEC_SPEED: 2.85x. A measured figure for that machine,
 # taken from prefill times alone (not from TTFT errors); ``request_cost`` applies it to
 # every codec's CODEC_SPEED encode on a CPU prefill node (``Efficiency.encode_shares_prefill``).
+# It is the prior: once a node has served prefills streamed in a codec, their measured
+# scale (``Served``) prices that codec on that node instead (on a quiet host with a second
+# core free, the encode overlaps the prefill and that scale is far below this prior's).
 SHARED_CORE_ENCODE_FACTOR = 2.85
 SHARED_CORE_ENCODE_SOURCE = ("docs/links.md: int8 minus raw prefill_s per GB of raw KV, median of 12 pairs, "
                              "2.98 s/GB / CODEC_SPEED int8 bf16 encode 1.047 s/GB")
@@ -610,6 +613,57 @@ def probed_prefill(model: ModelCost, points: Sequence[tuple[int, float]]) -> Pro
     return ProbedPrefill(one_rate, one_rate, points, "one rate")
 
 
+PREFILL_MODES = ("local", "raw", "int8", "fp8")  # a prefill kept on its node, or streamed in one codec
+PLACEMENT_KINDS = ("colocated", "disaggregated")
+
+
+@dataclass(frozen=True)
+class Served:
+    """What a node's served requests measured against this cost model: the live scheduler
+    learns it (``scheduler/calibration.py``), a cluster file may declare it for the simulator.
+
+    ``prefill_scale``: mode -> served prefill seconds / the probe-priced (or TFLOPS-priced)
+    compute, per ``PREFILL_MODES``: ``local`` for a prefill whose KV stays on the node, a codec
+    for one streamed in it (its sender's work on the node's cores, the checksum, a lossy
+    codec's encode). ``overhead_s``: per ``PLACEMENT_KINDS``, what a request's TTFT held
+    beyond queue, prefill and exposed transfer on this node as the decode node (RPCs, the
+    scheduler's hops, the first token's trip)."""
+
+    prefill_scale: tuple[tuple[str, float], ...] = ()
+    overhead_s: tuple[tuple[str, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        for mode, value in self.prefill_scale:
+            if mode not in PREFILL_MODES:
+                raise ValueError(f"prefill_scale mode {mode!r}: known modes are {', '.join(PREFILL_MODES)}")
+            if not 0 < value < float("inf"):
+                raise ValueError(f"prefill_scale {mode} = {value}: need a finite number > 0")
+        for kind, value in self.overhead_s:
+            if kind not in PLACEMENT_KINDS:
+                raise ValueError(f"overhead kind {kind!r}: known kinds are {', '.join(PLACEMENT_KINDS)}")
+            if not 0 <= value < float("inf"):
+                raise ValueError(f"overhead {kind} = {value}: need a finite number >= 0")
+
+    def measured(self, mode: str) -> bool:
+        """Whether ``mode``'s own prefills were measured."""
+        return any(m == mode for m, _ in self.prefill_scale)
+
+    def scale(self, mode: str) -> float:
+        """The factor on ``mode``'s computed prefill: its own, else the nearest measured mode's
+        (a lossy codec falls back to raw, raw and local to each other), else 1. A lossy codec
+        without its own figure leaves its encode to the prior (``SHARED_CORE_ENCODE_FACTOR``)."""
+        scales = dict(self.prefill_scale)
+        fallback = {"local": ("raw",), "raw": ("local",)}.get(mode, ("raw", "local"))
+        for m in (mode, *fallback):
+            if m in scales:
+                return scales[m]
+        return 1.0
+
+    def overhead(self, colocated: bool) -> float:
+        """Seconds a request's TTFT carries beyond its queue, prefill and exposed transfer; 0 unknown."""
+        return dict(self.overhead_s).get("colocated" if colocated else "disaggregated", 0.0)
+
+
 @dataclass(frozen=True)
 class Efficiency:
     """Achieved / peak for one (device, engine, weight format) combination.
@@ -626,6 +680,7 @@ class Efficiency:
     # The node computes on its CPU (``computes_on_cpu``): a codec's encode runs on the cores
     # that prefill, so ``request_cost`` adds it to prefill instead of overlapping it.
     encode_shares_prefill: bool = False
+    served: Served | None = None  # corrections from the node's served requests (``with_probe``)
 
     def __post_init__(self) -> None:
         for field in ("compute", "attention", "bandwidth", "kv_bandwidth"):
@@ -677,15 +732,18 @@ CALIBRATED: dict[tuple[str, str, str], Efficiency] = {
 
 
 def with_probe(eff: Efficiency, model: ModelCost, points: Sequence[tuple[int, float]], *,
-               device: str = "") -> Efficiency:
+               device: str = "", served: Served | None = None) -> Efficiency:
     """``eff`` for one node: its prefill probe (``probed_prefill``), when it has points, pricing
-    its prefill, and, when its engine ``device`` is a CPU (``computes_on_cpu``), a codec's encode
-    charged to its prefill (``Efficiency.encode_shares_prefill``). The one rule the live
-    ``Predictor`` and the simulator both apply."""
+    its prefill; when its engine ``device`` is a CPU (``computes_on_cpu``), a codec's encode
+    charged to its prefill (``Efficiency.encode_shares_prefill``); and what its served requests
+    measured (``Served``), correcting both. The one rule the live ``Predictor`` and the
+    simulator both apply."""
     if points:
         eff = replace(eff, probe=probed_prefill(model, points))
     if computes_on_cpu(device):
         eff = replace(eff, encode_shares_prefill=True)
+    if served is not None:
+        eff = replace(eff, served=served)
     return eff
 
 
@@ -969,18 +1027,25 @@ def request_cost(
     (``eff.encode_shares_prefill``) a lossy codec's encode runs on the prefill's
     own cores, so ``prefill_s`` = compute + ``SHARED_CORE_ENCODE_FACTOR`` x the
     codec's encode (``encode_in_prefill_s``); elsewhere the encode overlaps
-    prefill as a stage of the stream. Cached figures must be in
+    prefill as a stage of the stream. A node's served requests (``eff.served``)
+    scale the computed prefill per mode (``Served.scale``: ``local`` colocated,
+    the codec remote); a codec measured that way carries its encode in its
+    scale and pays no ``SHARED_CORE_ENCODE_FACTOR``. Cached figures must be in
     ``[0, num_prompt_tokens)``: the last prompt token is always computed (its
     logits give the first token)."""
     for name, value in (("num_prefill_cached", num_prefill_cached), ("num_decode_cached", num_decode_cached)):
         if not 0 <= value < num_prompt_tokens:
             raise ValueError(f"{name} must be in [0, {num_prompt_tokens}), got {value}")
     num_new = num_prompt_tokens - num_prefill_cached
-    prefill_s = prefill_time(model, hw, eff, num_new, num_prefill_cached)
+    compute_s = prefill_time(model, hw, eff, num_new, num_prefill_cached)
+    served = eff.served or Served()
     if link is None:
-        return RequestCost(num_prompt_tokens, num_prefill_cached, num_prefill_cached, prefill_s, 0, 0.0, 0.0, 0.0)
+        return RequestCost(num_prompt_tokens, num_prefill_cached, num_prefill_cached,
+                           compute_s * served.scale("local"), 0, 0.0, 0.0, 0.0)
+    prefill_s = compute_s * served.scale(codec)
     num_shipped = num_prompt_tokens - num_decode_cached
-    shared = eff.encode_shares_prefill and codec != "raw"
+    # a codec measured in served prefills has its encode in its scale; otherwise the prior applies
+    shared = eff.encode_shares_prefill and codec != "raw" and not served.measured(codec)
     encode_in_prefill_s = 0.0
     if shared:  # the encode takes the prefill's own cores: prefill + factor x encode, in series
         encode_in_prefill_s = SHARED_CORE_ENCODE_FACTOR * transfer_stages(
@@ -991,6 +1056,12 @@ def request_cost(
                        num_shipped, stages.wire_bytes, stages.wire_bytes / link.bytes_per_s, stages.exposed_s, codec,
                        encode_in_prefill_s if shared else stages.encode_s, stages.decode_s, stages.decode_tail_s,
                        encode_in_prefill_s)
+
+
+def request_overhead_s(decode_eff: Efficiency, colocated: bool) -> float:
+    """The fixed part of a request's TTFT on its decode node (``Served.overhead``), added by the
+    live ``Predictor`` and the simulator alike to queue + prefill + exposed transfer; 0 unknown."""
+    return decode_eff.served.overhead(colocated) if decode_eff.served is not None else 0.0
 
 
 def auto_codec_cost(

@@ -22,6 +22,8 @@ from collections.abc import Iterable, Mapping
 
 from cluster.links import LinkView
 from cluster.node import NodeInfo
+from scheduler import costmodel
+from scheduler.calibration import Observation, ServedCalibration
 from scheduler.load import LoadLedger
 from scheduler.placement import (
     ClusterView,
@@ -31,39 +33,47 @@ from scheduler.placement import (
 )
 from scheduler.policy import Policy, Predictor, choose_placement
 from scheduler.prefix_index import PrefixIndex
-from scheduler.request import GenerationRequest, NoCapacityError
+from scheduler.request import GenerationRequest, NoCapacityError, RequestStats
 
 log = logging.getLogger(__name__)
 
 
-def node_view(node: NodeInfo, ledger: LoadLedger) -> NodeView:
-    """``node`` as a policy sees it: its advertised profile and the ledger's load."""
+def node_view(node: NodeInfo, ledger: LoadLedger, served: costmodel.Served | None = None) -> NodeView:
+    """``node`` as a policy sees it: its advertised profile, the ledger's load, and what its
+    served requests measured (``scheduler/calibration.py``)."""
     return NodeView(node.node_id, node.roles, node.engine, node.model_id, node.tflops, node.mem_bw_gbps,
                     node.free_mem_bytes, ledger.active_requests(node.node_id), hardware=node.hardware,
                     device_kind=node.device, prefill_backlog_s=ledger.prefill_backlog_s(node.node_id),
-                    measured=node.profile_source != "declared", host=node.host, prefill_probe=node.prefill_probe)
+                    measured=node.profile_source != "declared", host=node.host, prefill_probe=node.prefill_probe,
+                    served=served)
 
 
-def predicted_prefill_s(request: GenerationRequest, view: ClusterView, node_id: str) -> float:
-    """The cost model's prefill seconds for ``request`` on ``node_id``; 0 when it cannot tell."""
+def predicted_prefill_s(request: GenerationRequest, view: ClusterView, node_id: str) -> tuple[float, float]:
+    """The cost model's prefill seconds for ``request`` on ``node_id``, as placement prices it
+    and as its compute alone (``Predictor.compute_s``); zeros when it cannot tell."""
     if view.model_config is None:
-        return 0.0
+        return 0.0, 0.0
     try:
-        return Predictor(request, view).prefill_s(view.node(node_id))
+        predictor, node = Predictor(request, view), view.node(node_id)
+        return predictor.prefill_s(node), predictor.compute_s(node)
     except Exception as e:  # a config the cost model cannot read: no backlog estimate, placement still works
         log.debug("no prefill estimate for %s on %s: %s", request.request_id, node_id, e)
-        return 0.0
+        return 0.0, 0.0
 
 
 class Dispatcher:
     """Holds the policy in use and the load ledger; places requests one at a time."""
 
     def __init__(self, policy: Policy, policy_name: str, ledger: LoadLedger | None = None,
-                 prefixes: PrefixIndex | None = None, *, kv_codec: str = "auto") -> None:
+                 prefixes: PrefixIndex | None = None, *, kv_codec: str = "auto",
+                 calibration: ServedCalibration | None = None) -> None:
         self.policy, self.policy_name = policy, policy_name
         self.kv_codec = kv_codec  # the server's codec mode (pdc serve --kv-codec); requests may override it
         self.ledger = ledger if ledger is not None else LoadLedger()
         self.prefixes = prefixes if prefixes is not None else PrefixIndex()
+        self.calibration = calibration if calibration is not None else ServedCalibration()
+        # request id -> (prefill node, decode node, mode, the model's compute seconds), until it ends
+        self._priced: dict[str, tuple[str, str, str, float]] = {}
         self.num_placements: dict[tuple[str, str], int] = {}  # (policy, mode) -> placements made (metrics)
 
     def use(self, policy: Policy, policy_name: str) -> None:
@@ -80,7 +90,7 @@ class Dispatcher:
         nodes it leaves out are unknown), else the prefix index's answer for
         ``request.prefix_hashes`` (every node of the view, 0 where it holds
         nothing), else none (no request, or a request without hashes)."""
-        views = tuple(node_view(n, self.ledger) for n in nodes)
+        views = tuple(node_view(n, self.ledger, self.calibration.served(n.node_id)) for n in nodes)
         ids = {v.node_id for v in views}
         among = {pair: link for pair, link in links.items() if set(pair) <= ids}
         if cached_tokens is None:
@@ -109,8 +119,10 @@ class Dispatcher:
             log.error("%s", e, exc_info=e.__cause__)
             raise NoCapacityError(f"placement {e}") from e
         prefill_on = placement.prefill_node or placement.decode_node
-        self.ledger.admit(request.request_id, placement.prefill_node, placement.decode_node,
-                          predicted_prefill_s(request, view, prefill_on))
+        prefill_s, compute_s = predicted_prefill_s(request, view, prefill_on)
+        self.ledger.admit(request.request_id, placement.prefill_node, placement.decode_node, prefill_s)
+        self._priced[request.request_id] = (prefill_on, placement.decode_node,
+                                            "local" if placement.colocated else placement.codec, compute_s)
         counted = (self.policy_name, "colocated" if placement.colocated else "disaggregated")
         self.num_placements[counted] = self.num_placements.get(counted, 0) + 1
         # debug: the request's one INFO line (its record, as it ends) names its placement
@@ -126,3 +138,20 @@ class Dispatcher:
     def finish(self, request_id: str) -> None:
         """``request_id`` ended, however it ended (idempotent)."""
         self.ledger.finish(request_id)
+        self._priced.pop(request_id, None)
+
+    def served(self, request_id: str, stats: RequestStats) -> None:
+        """``request_id`` finished on its first placement with the record ``stats`` (queue_s
+        counting its admission wait): what it measured corrects the cost model for its nodes
+        (``scheduler/calibration.py``). Call it before ``finish``."""
+        priced = self._priced.pop(request_id, None)
+        if priced is None:
+            return
+        prefill_node, decode_node, mode, compute_s = priced
+        self.calibration.observe(Observation(prefill_node, decode_node, mode, compute_s, stats.prefill_s,
+                                             stats.ttft_s, stats.queue_s, stats.exposed_transfer_s))
+
+    def forget(self, node_id: str) -> None:
+        """``node_id`` left: drop its cached prefixes and what its served requests measured."""
+        self.prefixes.forget(node_id)
+        self.calibration.forget(node_id)

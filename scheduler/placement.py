@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from cluster.links import LinkView  # a measured link, as placement sees it
+from scheduler.costmodel import Served
 from scheduler.request import GenerationRequest, NoCapacityError, check_kv_codec
 
 
@@ -37,6 +38,8 @@ class NodeView:
     # (prompt tokens, seconds) of the served model's prefill timed at start-up: when present it
     # prices this node's prefill (costmodel.with_probe) in place of TFLOPS x efficiency
     prefill_probe: tuple[tuple[int, float], ...] = ()
+    # what its served requests measured against the cost model (scheduler/calibration.py); None: nothing yet
+    served: Served | None = None
 
     @property
     def can_prefill(self) -> bool:

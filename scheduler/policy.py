@@ -196,6 +196,14 @@ class Predictor:
         """Seconds for ``node`` to prefill this request from its own cached prefix."""
         return self._cost(node).prefill_s
 
+    def compute_s(self, node: NodeView) -> float:
+        """``prefill_s`` as the probe (or TFLOPS) prices it, before what ``node``'s served
+        requests measured: the figure a served prefill is compared with (``scheduler/calibration.py``)."""
+        hw, eff = self._hardware(node)
+        cached = self.cached(node)
+        return costmodel.prefill_time(self.model, hw, replace(eff, served=None),
+                                      self.num_prompt_tokens - cached, cached)
+
     def tpot_s(self, node: NodeView) -> float:
         """Per-token decode time at mid-generation depth, in one batch with the
         node's active requests (each taken as deep as this one)."""
@@ -210,7 +218,8 @@ class Predictor:
         cost = self.cost(prefill, decode)
         if cost is None:
             return None
-        ttft = (prefill or decode).prefill_backlog_s + cost.prefill_s + cost.exposed_s
+        overhead = costmodel.request_overhead_s(self._hardware(decode)[1], colocated=prefill is None)
+        ttft = (prefill or decode).prefill_backlog_s + cost.prefill_s + cost.exposed_s + overhead
         e2e = ttft + (self.request.max_tokens - 1) * self.tpot_s(decode)
         return Estimate(Placement(prefill.node_id if prefill else None, decode.node_id, cost.codec), ttft, e2e)
 
@@ -230,10 +239,12 @@ class Predictor:
         return costmodel.request_cost(*args, link=link, num_decode_cached=num_decode_cached, codec=codec or "raw")
 
     def _hardware(self, node: NodeView) -> tuple[costmodel.Hardware, costmodel.Efficiency]:
-        """The node's machine and efficiencies, its prefill probe (if any) pricing its prefill
-        and its device saying whether a codec's encode shares its prefill's cores."""
+        """The node's machine and efficiencies, its prefill probe (if any) pricing its prefill,
+        its device saying whether a codec's encode shares its prefill's cores, and what its
+        served requests measured (``NodeView.served``) correcting both."""
         hw, eff = self._profile(node)
-        return hw, costmodel.with_probe(eff, self.model, node.prefill_probe, device=node.device_kind)
+        return hw, costmodel.with_probe(eff, self.model, node.prefill_probe, device=node.device_kind,
+                                        served=node.served)
 
     def _profile(self, node: NodeView) -> tuple[costmodel.Hardware, costmodel.Efficiency]:
         known = node.hardware in catalog.HARDWARE  # a newer worker may name hardware this catalog lacks

@@ -42,6 +42,7 @@ from cluster.node_table import NodeTable, PeerSource
 from scheduler.admin import PolicyAdmin
 from scheduler.admission import AdmissionConfig, AdmissionQueue, NoRoomError, Turn, nodes_with_room
 from scheduler.api import build_app
+from scheduler.calibration import ServedCalibration
 from scheduler.clients import ClientPool
 from scheduler.dashboard import STATE_KEY as DASHBOARD_STATE_KEY
 from scheduler.dispatch import Dispatcher
@@ -85,6 +86,7 @@ class SchedulerConfig:
     mdns_interfaces: tuple[str, ...] | None = None
     policy: str = "conditional"
     kv_codec: str = "auto"  # KV codec of each transfer: auto (the cost model picks) or raw|int8|fp8
+    calibrate: bool = True  # correct the cost model per node from finished requests (scheduler/calibration.py)
     health_interval_s: float = 1.0
     link_refresh_s: float = 300.0  # re-probe each prefill -> decode link this often (when idle)
     prefix_refresh_s: float = 5.0  # read every node's held prefix blocks (Stats) this often
@@ -124,7 +126,8 @@ class ClusterBackend:
         self.links = LinkProber(self.clients, refresh_s=config.link_refresh_s, interval_s=config.health_interval_s,
                                 probe_bytes=config.link_probe_bytes, probe_timeout_s=config.link_probe_timeout_s)
         self.dispatcher = Dispatcher(load_policy(config.policy), config.policy, LoadLedger(),
-                                     kv_codec=config.kv_codec)
+                                     kv_codec=config.kv_codec,
+                                     calibration=ServedCalibration(enabled=config.calibrate))
         self.admin = PolicyAdmin(key, self.dispatcher, drain=self.drain_node)
         self.admission = AdmissionQueue(config.admission)
         self.metrics = SchedulerMetrics(lambda: cluster_sample(self))  # /metrics
@@ -180,7 +183,9 @@ class ClusterBackend:
         the admission queue."""
         nodes = self.table.snapshot()
         ready = any(n.can_prefill for n in nodes) and any(n.can_decode for n in nodes)
-        return ready, {"nodes": [node_json(n, self.ledger.active_requests(n.node_id)) for n in nodes],
+        served = self.dispatcher.calibration.snapshot
+        return ready, {"nodes": [node_json(n, self.ledger.active_requests(n.node_id), served(n.node_id))
+                                 for n in nodes],
                        "links": self.links.snapshot(), "policy": self.dispatcher.policy_name,
                        "kv_codec": self.config.kv_codec,
                        "refused": {**self.table.refused, **self.registry.refused(nodes)},
@@ -268,6 +273,8 @@ class ClusterBackend:
                 else:
                     stats = attempt.merged_stats(event.stats)
                     stats = dataclasses.replace(stats, queue_s=stats.queue_s + turn.queued_s)
+                    if attempt.attempts == 0:  # one placement's times: the cost model learns from them
+                        self.dispatcher.served(request.request_id, stats)
                     # its INFO line is its record, logged by the API as the response ends
                     log.debug("request %s: done (%s) %s", request.request_id, event.finish_reason, describe(stats))
                     attempt.finished = FinishEvent(event.finish_reason, stats)
@@ -395,7 +402,7 @@ class ClusterBackend:
         if node is None:
             log.info("node %s left", node_id)
             self.links.forget(node_id)
-            self.dispatcher.prefixes.forget(node_id)
+            self.dispatcher.forget(node_id)  # its cached prefixes and its served figures
             self.metrics.forget(node_id)
             return
         log.info("node %s: %s %s %s at %s (%.1f TFLOPS, %.0f GB/s)", node_id, "/".join(node.roles), node.engine,
@@ -563,13 +570,15 @@ def describe(stats: RequestStats) -> str:
             f"exposed {stats.exposed_transfer_s:.3f} s")
 
 
-def node_json(node: NodeInfo, active: int) -> dict:
-    """One node's row in ``/health``."""
+def node_json(node: NodeInfo, active: int, served: dict | None = None) -> dict:
+    """One node's row in ``/health``: ``served`` is what its finished requests measured
+    (``ServedCalibration.snapshot``)."""
     return {"node_id": node.node_id, "roles": list(node.roles), "engine": node.engine, "model": node.model_id,
             "address": node.grpc_address, "device": node.device, "tflops": node.tflops,
             "mem_bw_gbps": node.mem_bw_gbps, "hardware": node.hardware, "profile_source": node.profile_source,
             "source": node.source, "active_requests": active,
-            "prefill_probe": [list(point) for point in node.prefill_probe]}
+            "prefill_probe": [list(point) for point in node.prefill_probe],
+            **({"served": served} if served is not None else {})}
 
 
 def dashboard_state(backend: ClusterBackend) -> dict:

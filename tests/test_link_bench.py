@@ -135,6 +135,19 @@ def test_a_row_carries_the_issue_schema_medians_and_verdicts() -> None:
     assert row["codec_used"] == "raw" and row["kv_bytes"] == 58_750_000
 
 
+def test_a_row_measures_how_steady_the_machine_was_by_its_warm_ups() -> None:
+    """The warm-ups' median TTFT against the row's, in the placement the simulator is judged in."""
+    disagg = [_stats("p", "d", ttft_s=t) for t in (0.5, 0.52)]
+    colocated = [_stats("d", "d", ttft_s=1.0)]
+    sim = {"ttft_s": 0.9, "placement": "colocated", "ttft_disagg_s": 0.45, "ttft_colocated_s": 0.9}
+    warm = {"disaggregated": [_stats("p", "d", ttft_s=0.1)], "colocated": [_stats("d", "d", ttft_s=t) for t in (1.3, 1.2)]}
+    row = link_report.build_row("1gbe", "raw", 256, disagg, colocated, [], LinkMeasure(0.94, 1e-4, 1.0, 0.1), sim, warm)
+    assert row["steady_ttft_s"] == 1.25 and row["steady_error"] == 0.25 and row["steady_target_met"] is False
+    without = link_report.build_row("1gbe", "raw", 256, disagg, colocated, [], LinkMeasure(0.94, 1e-4, 1.0, 0.1), sim)
+    assert without["steady_target_met"] is None
+    assert "how steady" in link_report.summary_lines([row, without])[2] and "0 of 1" in link_report.summary_lines([row])[2]
+
+
 def test_check_row_names_what_is_missing_or_mistyped() -> None:
     with pytest.raises(ValueError, match="lacks 'decision'"):
         link_report.check_row({k: None for k in link_report.ROW_KEYS if k != "decision"})
@@ -175,6 +188,19 @@ def test_the_workers_prefill_probe_and_device_reach_the_simulator_as_the_live_pr
     assert spec.node("p").prefill_probe == ((128, 0.143), (512, 0.958))
     assert (spec.node("p").device, spec.node("d").device) == ("cpu", "")  # a CPU's encode shares its prefill
     assert spec.node("d").prefill_probe == ((128, 0.4),)
+    assert spec.node("p").served is None  # nothing served yet
+
+
+def test_what_the_scheduler_learned_reaches_the_simulator_as_declared_figures() -> None:
+    from scheduler.costmodel import Served
+    from scheduler.sim import cluster_file
+
+    served = {"prefill_scale": {"local": 1.1, "int8": 0.7}, "overhead_s": {"colocated": 0.02}, "samples": {},
+              "enabled": True}
+    node = {"node_id": "p", "roles": ["prefill", "decode"], "tflops": 0.15, "mem_bw_gbps": 20.0, "served": served}
+    spec = cluster_file.loads(link_report.sim_cluster_toml(node, {**node, "node_id": "d", "served": {}}, 0.94, 1e-4))
+    assert spec.node("p").served == Served((("local", 1.1), ("int8", 0.7)), (("colocated", 0.02),))
+    assert spec.node("d").served is None
     trace = [json.loads(line) for line in link_report.sim_trace([64, 128]).splitlines()]
     assert [t["prompt_tokens"] for t in trace] == [64, 128] and trace[1]["arrival_s"] >= 1000
 
@@ -318,3 +344,20 @@ def test_a_run_killed_hard_is_cleaned_up_by_the_next(tmp_path: Path) -> None:
                              capture_output=True, text=True, timeout=120, check=False)
     assert cleanup.returncode == 0, cleanup.stderr
     assert _ours(proc.pid) == [] and _cgroups(proc.pid) == [], cleanup.stdout
+
+
+def test_the_plan_warms_every_placement_and_length_then_reads_health_then_measures(model: Path) -> None:
+    links = link_report.parse_links("1gbe")
+    config = link_bench.LinkBenchConfig(links, prompt_tokens=(64, 128), codecs=("raw", "int8"), repeats=1, warmups=2)
+    plan = link_bench.build_plan(config, model, seed=1)
+    keys = [tuple(item["key"]) for item in plan]
+    health = keys.index((0, "-", "-", "health"))
+    warm = keys[:health]
+    assert len(warm) == 2 * 2 * 3 and all(k[3] == "warmup" for k in warm)  # warmups x lengths x (colocated + 2)
+    assert {(k[0], k[1], k[2]) for k in warm} == {(n, p, c) for n in (64, 128)
+                                                 for p, c in (("colocated", "-"), ("disaggregated", "raw"),
+                                                              ("disaggregated", "int8"))}
+    assert plan[health] == {"key": [0, "-", "-", "health"], "health": True}
+    assert all(k[3] != "warmup" for k in keys[health + 1:]) and len(keys) - health - 1 == 2 * (3 + 2)
+    with pytest.raises(ValueError, match="--warmups"):
+        link_bench.LinkBenchConfig(links, warmups=0)

@@ -144,6 +144,11 @@ def test_load_is_counted_as_the_simulator_counts_it(model: Path) -> None:
                 rest = [e async for e in one] + [e async for e in two]
                 assert [e.stats.prefill_node for e in rest if isinstance(e, FinishEvent)] == ["test-prefill"] * 2
                 assert ledger.active_counts() == {} and len(ledger) == 0  # every node back to 0
+                # both records taught the calibration (scheduler/calibration.py): the decode node's fixed
+                # TTFT term; not the prefill scale, since a dgx-spark's 200 tokens price under its 10 ms floor
+                served = {n["node_id"]: n["served"] for n in backend.health()[1]["nodes"]}
+                assert served["test-both"]["samples"] == {"overhead:disaggregated": 2}
+                assert served["test-prefill"]["prefill_scale"] == {} and served["test-prefill"]["enabled"]
             finally:
                 gate.set()
                 await backend.stop()

@@ -11,6 +11,10 @@
     #   the served model's prefill, as a worker times it at start-up; prices prefill)
     # optional: device = "cpu"  (the engine device a worker reports; "cpu": a KV codec's
     #   encode shares the prefill's cores and lengthens it; default: the catalog's accelerator)
+    # optional: prefill_scale = {local = 1.1, raw = 1.2, int8 = 1.3}  (served prefill / the
+    #   cost model's, per mode: kept local, or streamed in a codec; /health's "served")
+    # optional: request_overhead_s = {colocated = 0.02, disaggregated = 0.03}  (TTFT beyond
+    #   queue, prefill and exposed transfer, with this node decoding; /health's "served")
 
     [[links]]
     nodes = ["spark", "mac"]
@@ -38,7 +42,8 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 ROLES = ("prefill", "decode")
-_NODE_KEYS = {"name", "hardware", "roles", "tflops", "mem_bw_gbps", "mem_gb", "engine", "prefill_probe", "device"}
+_NODE_KEYS = {"name", "hardware", "roles", "tflops", "mem_bw_gbps", "mem_gb", "engine", "prefill_probe", "device",
+              "prefill_scale", "request_overhead_s"}
 _LINK_KEYS = {"nodes", "kind", "gbit_s", "latency_s", "payload_efficiency"}
 _TOP_KEYS = {"name", "description", "nodes", "links"}
 _CUSTOM_LINK_LATENCY_S = 1e-4
@@ -61,6 +66,7 @@ class NodeSpec:
     engine: str | None = None
     prefill_probe: tuple[tuple[int, float], ...] = ()  # (tokens, seconds): prices prefill (costmodel.with_probe)
     device: str = ""  # the engine device as a worker reports it ("cpu", "cuda:0"); "" = the catalog's accelerator
+    served: costmodel.Served | None = None  # prefill_scale and request_overhead_s (scheduler/calibration.py)
 
     def machine(self) -> costmodel.Hardware:
         """The catalog hardware with this node's overrides applied."""
@@ -184,7 +190,26 @@ def _parse_node(entry: Any, index: int, source: str) -> NodeSpec:
         engine=engine,
         prefill_probe=_parse_probe(entry.get("prefill_probe", []), where),
         device=_parse_device(entry.get("device", ""), where),
+        served=_parse_served(entry, where),
     )
+
+
+def _parse_served(entry: Mapping[str, Any], where: str) -> costmodel.Served | None:
+    """``prefill_scale`` (mode -> factor > 0) and ``request_overhead_s`` (kind -> seconds >= 0) tables."""
+    tables = []
+    for key, names, low in (("prefill_scale", costmodel.PREFILL_MODES, "> 0"),
+                            ("request_overhead_s", costmodel.PLACEMENT_KINDS, ">= 0")):
+        table = entry.get(key, {})
+        shape = f"{where}: '{key}' must be a table of {', '.join(names)} to numbers {low}"
+        if not isinstance(table, Mapping):
+            raise ClusterFileError(f"{shape}, got {table!r}")
+        for name, value in table.items():
+            if name not in names:
+                raise ClusterFileError(f"{shape}: unknown key {name!r}")
+            if not _is_number(value) or not (0 < value < float("inf") if low == "> 0" else 0 <= value < float("inf")):
+                raise ClusterFileError(f"{shape}, got {name} = {value!r}")
+        tables.append(tuple((name, float(value)) for name, value in table.items()))
+    return costmodel.Served(*tables) if any(tables) else None
 
 
 def _parse_device(value: object, where: str) -> str:

@@ -128,7 +128,7 @@ def build_cluster(spec: ClusterSpec, model: str, *, engine: str | None = None,
             )
         node_engine = node.engine or engine or default_engine(node.hardware)
         eff = costmodel.with_probe(costmodel.efficiency(node.hardware, node_engine, cost.weight_format), cost,
-                                   node.prefill_probe, device=node.device)
+                                   node.prefill_probe, device=node.device, served=node.served)
         nodes[node.name] = SimNode(node, node_engine, machine, eff)
     links = {}
     for link in spec.links:
@@ -344,7 +344,7 @@ class Simulation:
                 tflops=node.machine.tflops, mem_bw_gbps=node.machine.mem_bw_gbps,
                 free_mem_bytes=max(0, int(free)), active_requests=self.ledger.active_requests(name),
                 hardware=node.spec.hardware, prefill_backlog_s=self.ledger.prefill_backlog_s(name),
-                prefill_probe=node.spec.prefill_probe, device_kind=node.spec.device,
+                prefill_probe=node.spec.prefill_probe, device_kind=node.spec.device, served=node.spec.served,
             ))
         return ClusterView(tuple(nodes), dict(self.link_views), self.cluster.model_config, self.cluster.weight_format,
                            cached_tokens=cached, kv_codec=self.kv_codec)
@@ -365,15 +365,23 @@ class Simulation:
                                now + cost.prefill_s + cost.exposed_s)
         flight.first_byte = max(free_at, now + cost.prefill_s / self.cluster.model.num_layers)
         self.link_free_at[pair] = flight.last_byte - cost.decode_tail_s - link.latency_s
-        self.loop.at(flight.last_byte, lambda: self._first_token(flight, self.loop.now))
+        self.loop.at(flight.last_byte + self._overhead_s(flight), lambda: self._first_token(flight, self.loop.now))
 
     def _prefill_done(self, flight: Flight, now: float) -> None:
         flight.prefill_end = now
         self.ledger.prefill_done(flight.request_id)
         if flight.colocated:
-            self._first_token(flight, now)
+            overhead = self._overhead_s(flight)
+            if overhead > 0:
+                self.loop.at(now + overhead, lambda: self._first_token(flight, self.loop.now))
+            else:
+                self._first_token(flight, now)
         elif flight.prefix_hashes:  # PrefillReply.prefix_blocks: the prefill node holds the prompt now
             self.prefixes.add(flight.prefill_node, flight.prefix_hashes)
+
+    def _overhead_s(self, flight: Flight) -> float:
+        """The decode node's fixed TTFT term (``costmodel.request_overhead_s``; 0 unless declared)."""
+        return costmodel.request_overhead_s(self.cluster.nodes[flight.decode_node].efficiency, flight.colocated)
 
     def _first_token(self, flight: Flight, now: float) -> None:
         flight.first_token = now

@@ -78,6 +78,7 @@ class LinkBenchConfig:
     codecs: tuple[str, ...] = ("raw", "int8")
     prompt_tokens: tuple[int, ...] = (128, 256, 512)
     repeats: int = 2
+    warmups: int = 2  # per placement, codec and prompt length, before the measured requests (calibration)
     decode_cpu: float = 0.5  # share of one CPU for the decode node (>= 1: unlimited)
     threads: int = 1  # OMP_NUM_THREADS of each worker
     model: str | None = None  # None: the bench's own model (built on first use)
@@ -94,8 +95,8 @@ class LinkBenchConfig:
         bad = [c for c in self.codecs if c not in CODECS]
         if not self.codecs or bad:
             raise ValueError(f"--codecs takes {', '.join(CODECS)}; got {','.join(self.codecs)!r}")
-        if self.repeats < 1 or self.threads < 1:
-            raise ValueError("--repeats and --threads must be >= 1")
+        if self.repeats < 1 or self.threads < 1 or self.warmups < 1:
+            raise ValueError("--repeats, --warmups and --threads must be >= 1")
         if not 0.05 <= self.decode_cpu:
             raise ValueError(f"--decode-cpu must be >= 0.05 (a share of one CPU; 1: no limit), got {self.decode_cpu}")
         for name in ("request_timeout_s", "link_deadline_s", "ready_timeout_s"):
@@ -303,15 +304,18 @@ class LinkBench:
             self.procs.check_alive()
             why = lines[0].get("error") if lines else done.stderr.strip()[-2000:]
             raise RuntimeError(f"the client in {self.pair.ns_decode} failed: {why}")
-        results: dict[tuple, list[dict]] = defaultdict(list)
+        results: dict[tuple, list[dict]] = defaultdict(list)  # (tokens, placement, codec[, "warmup"])
+        health = lines[0]["health"]
         for line in lines[1:]:
-            if line["key"][3] == "warmup" and line.get("ok"):
-                continue
             if not line.get("ok"):
                 raise RuntimeError(f"request {line.get('key')} failed: {line.get('error')}\n"
                                    f"{tail(self.log_dir / 'decode.log', 10)}")
-            results[tuple(line["key"][:3])].append(line["pdcluster"])
-        return lines[0]["health"], results
+            if "health" in line:  # after the warm-ups: what the scheduler learned from them
+                health = line["health"]
+            else:
+                warm = ("warmup",) if line["key"][3] == "warmup" else ()
+                results[(*line["key"][:3], *warm)].append(line["pdcluster"])
+        return health, results
 
     def link_measure(self, health: dict, link: LinkClass) -> LinkMeasure:
         probe = next((x for x in health["links"] if x["prefill_node"] == self.prefill_id
@@ -329,9 +333,11 @@ class LinkBench:
         for codec in self.config.codecs:
             sims = self.simulate(health, measure, codec, [actual[n] for n in self.config.prompt_tokens])
             for n in self.config.prompt_tokens:
+                warmups = {"disaggregated": results[(n, "disaggregated", codec, "warmup")],
+                           "colocated": results[(n, "colocated", "-", "warmup")]}
                 rows.append(report.build_row(
                     link.name, codec, n, results[(n, "disaggregated", codec)], results[(n, "colocated", "-")],
-                    results[(n, "conditional", codec)], measure, sims.get(actual[n]) if sims else None))
+                    results[(n, "conditional", codec)], measure, sims.get(actual[n]) if sims else None, warmups))
         return rows
 
     def simulate(self, health: dict, measure: LinkMeasure, codec: str, prompts: list[int]) -> dict | None:
@@ -374,7 +380,10 @@ def kv_bytes_per_token(model: Path, dtype: str) -> float:
 
 def build_plan(config: LinkBenchConfig, model: Path, seed: int) -> list[dict[str, Any]]:
     """Every request of one link, in order; each prompt distinct (no prefix is ever reused).
-    Keys: ``[prompt_tokens, placement, codec, repeat]``; warm-ups first, keyed ``warmup``."""
+    Keys: ``[prompt_tokens, placement, codec, repeat]``. Warm-ups first, keyed ``warmup``: one
+    per placement and codec at each prompt length, from which the scheduler learns its served
+    corrections (``scheduler/calibration.py``); then ``/health`` (keyed ``health``), whose
+    figures the simulator gets; then the measured requests."""
     import numpy as np
 
     from workers.tools.serve_bench import PromptMaker, load_tokenizer
@@ -389,10 +398,12 @@ def build_plan(config: LinkBenchConfig, model: Path, seed: int) -> list[dict[str
         plan.append({"key": [n, placement, codec, repeat], "prompt": maker.text(n), "pdcluster": ext,
                      "max_tokens": 1})
 
-    small = min(config.prompt_tokens)
-    add(small, "colocated", "-", "warmup")
-    for codec in config.codecs:
-        add(small, "disaggregated", codec, "warmup")
+    for _ in range(config.warmups):
+        for n in config.prompt_tokens:
+            add(n, "colocated", "-", "warmup")
+            for codec in config.codecs:
+                add(n, "disaggregated", codec, "warmup")
+    plan.append({"key": [0, "-", "-", "health"], "health": True})
     for n in config.prompt_tokens:
         for r in range(config.repeats):
             add(n, "colocated", "-", r)
@@ -482,6 +493,10 @@ def add_link_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt-tokens", default=",".join(map(str, d.prompt_tokens)),
                    help=f"prompt lengths (default: {','.join(map(str, d.prompt_tokens))}; the chat template adds a few)")
     p.add_argument("--repeats", type=int, default=d.repeats, help=f"requests per placement and row (default: {d.repeats})")
+    p.add_argument("--warmups", type=int, default=d.warmups,
+                   help="unmeasured requests per placement, codec and prompt length before the measured ones; the "
+                        "scheduler learns its served corrections from them and the simulator gets those figures "
+                        f"(default: {d.warmups})")
     p.add_argument("--decode-cpu", type=float, default=d.decode_cpu,
                    help=f"share of one CPU the decode node gets, a slower computer than the prefill node "
                         f"(default: {d.decode_cpu:g}; 1: no limit)")
@@ -505,7 +520,8 @@ def config_from_args(args: argparse.Namespace) -> LinkBenchConfig:
         links=report.parse_links("1gbe" if quick and args.emulate == ",".join(LINK_CLASSES) else args.emulate),
         codecs=report.parse_list(args.codecs, "--codecs", CODECS),
         prompt_tokens=(256,) if quick else report.parse_ints(args.prompt_tokens, "--prompt-tokens"),
-        repeats=1 if quick else args.repeats, decode_cpu=args.decode_cpu, threads=args.threads, model=args.model,
+        repeats=1 if quick else args.repeats, warmups=1 if quick else args.warmups,
+        decode_cpu=args.decode_cpu, threads=args.threads, model=args.model,
         simulate=not args.no_sim, log_dir=args.log_dir)
 
 

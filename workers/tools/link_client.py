@@ -9,7 +9,9 @@ stdin and reads one JSON object per line from its stdout:
    prefill -> decode link (or ``{"error": ...}`` and exit 1 if it never does);
 2. ``{"key": ..., "ok": true, "pdcluster": {...}}`` (or ``"ok": false`` with
    ``"error"``) per planned request, in order: non-streamed chat completions
-   whose ``pdcluster`` object carries the placement and timings.
+   whose ``pdcluster`` object carries the placement and timings; a plan entry
+   ``{"key": ..., "health": true}`` is answered with ``/health`` at that point
+   instead (``{"key": ..., "ok": true, "health": {...}}``).
 
 Every request has a timeout and the whole plan a deadline: a request past
 it is reported as skipped, never sent. Only 127.0.0.1 is contacted.
@@ -90,6 +92,9 @@ def run(plan: dict[str, Any], out: Any = sys.stdout) -> int:
         left = deadline - time.monotonic()
         if left <= 1:
             result = {"ok": False, "error": "skipped: the link's deadline passed"}
+        elif item.get("health"):
+            status, body = get_json(base + "/health", timeout=min(10.0, left))
+            result = {"ok": True, "health": body} if status == 200 else {"ok": False, "error": f"/health: {status}"}
         else:
             result = chat(base, model, item, min(float(plan.get("request_timeout_s", 120)), left))
         print(json.dumps({"key": item["key"], **result}), file=out, flush=True)

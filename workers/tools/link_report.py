@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -192,9 +192,12 @@ def _r(value: float | None, digits: int = 4) -> float | None:
 
 
 def build_row(link: str, codec: str, prompt_tokens: int, disagg: Sequence[dict], colocated: Sequence[dict],
-              conditional: Sequence[dict], measure: LinkMeasure, sim: dict[str, Any] | None) -> dict[str, Any]:
+              conditional: Sequence[dict], measure: LinkMeasure, sim: dict[str, Any] | None,
+              warmups: Mapping[str, Sequence[dict]] | None = None) -> dict[str, Any]:
     """One row from the ``pdcluster`` objects of its requests (medians over repeats). ``sim``:
-    ``{"ttft_s", "placement", "ttft_disagg_s", "ttft_colocated_s"}`` from ``read_sim``, or None."""
+    ``{"ttft_s", "placement", "ttft_disagg_s", "ttft_colocated_s"}`` from ``read_sim``, or None.
+    ``warmups``: the same prompt length's warm-up requests per placement (``disaggregated`` in
+    this row's codec, ``colocated``), the yardstick of how steady the machine was (``steady_*``)."""
     theory = [theory_exposed(s["kv_bytes"], s["prefill_s"], measure.gbps, measure.latency_s) for s in disagg]
     row: dict[str, Any] = {
         "link": link, "codec": codec,
@@ -209,7 +212,20 @@ def build_row(link: str, codec: str, prompt_tokens: int, disagg: Sequence[dict],
         "decision": placement_of(conditional[0]) if conditional else None,
     }
     row.update(_row_extras(row, disagg, colocated, conditional, measure, sim))
+    row.update(_steadiness(row, warmups or {}))
     return row
+
+
+def _steadiness(row: dict[str, Any], warmups: Mapping[str, Sequence[dict]]) -> dict[str, Any]:
+    """How far the warm-ups' own median TTFT lies from the row's measured one, for the placement
+    the simulator is compared in: what the same requests, measured minutes apart on the same
+    machine, predict of each other. A simulator cannot be held closer than this."""
+    placement = row.get("sim_placement") or "disaggregated"
+    measured = row["ttft_disagg_s"] if placement == "disaggregated" else row["ttft_colocated_s"]
+    earlier = _median([s["ttft_s"] for s in warmups.get(placement, ())])
+    error = (earlier - measured) / measured if earlier is not None and measured else None
+    return {"steady_ttft_s": _r(earlier), "steady_error": _r(error, 3),
+            "steady_target_met": None if error is None else abs(error) <= SIM_REL_TOL}
 
 
 def _row_extras(row: dict, disagg: Sequence[dict], colocated: Sequence[dict], conditional: Sequence[dict],
@@ -259,16 +275,21 @@ def check_row(row: dict[str, Any]) -> None:
 
 def sim_cluster_toml(prefill: dict[str, Any], decode: dict[str, Any], gbps: float, latency_s: float) -> str:
     """A ``pdc simulate`` cluster file for the two workers as ``/health`` lists them (their
-    start-up measurements, the prefill probe and engine device included) and the probed link. See
+    start-up measurements, the prefill probe and engine device included, and what the scheduler
+    learned from their served requests, ``served``) and the probed link. See
     ``SIM_GENERIC_COMPUTE`` for the scaling; a probe prices prefill the same way in both."""
     def node(n: dict[str, Any]) -> str:
         roles = ", ".join(f'"{r}"' for r in n["roles"])
         probe = ", ".join(f"[{int(tokens)}, {float(seconds)!r}]" for tokens, seconds in n.get("prefill_probe") or ())
+        served = n.get("served") or {}
+        tables = "".join(f"{name} = {{{', '.join(f'{k} = {float(v)!r}' for k, v in served[key].items())}}}\n"
+                         for key, name in (("prefill_scale", "prefill_scale"), ("overhead_s", "request_overhead_s"))
+                         if served.get(key))  # what the scheduler learned from the warm-ups
         return (f'[[nodes]]\nname = "{n["node_id"]}"\nhardware = "{SIM_HARDWARE}"\nroles = [{roles}]\n'
                 f'engine = "torch"\ndevice = "{n.get("device") or ""}"\n'
                 f'tflops = {n["tflops"] / SIM_GENERIC_COMPUTE!r}\n'
                 f'mem_bw_gbps = {n["mem_bw_gbps"] / SIM_GENERIC_BANDWIDTH!r}\n'
-                + (f"prefill_probe = [{probe}]\n" if probe else ""))
+                + (f"prefill_probe = [{probe}]\n" if probe else "") + tables)
     link = (f'[[links]]\nnodes = ["{prefill["node_id"]}", "{decode["node_id"]}"]\n'
             f"gbit_s = {gbps!r}\nlatency_s = {latency_s!r}\n")
     return f'name = "pdc bench link"\n\n{node(prefill)}\n{node(decode)}\n{link}'
@@ -334,6 +355,8 @@ def summary_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
         return f"{sum(judged)} of {len(judged)}"
     return [f"exposed transfer within 10 % (or 20 ms) of theory: {count('exposed_target_met')} rows",
             f"simulator within 20 % of measured TTFT: {count('sim_target_met')} rows",
+            (f"the warm-ups' own TTFT within 20 % of the rows' (how steady the machine was): "
+             f"{count('steady_target_met')} rows"),
             f"conditional decision agrees with the measured faster placement: {count('decision_matches_physics')} rows"]
 
 

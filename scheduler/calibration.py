@@ -1,0 +1,121 @@
+"""What served requests teach the cost model: per-node corrections learned live.
+
+A node's start-up probe times the served model's prefill alone, with its
+slices dropped (``workers/rpc/profile.py``). A served prefill differs: it
+streams every slice (the checksum on the engine thread, the sender thread's
+encode and socket work on the same cores), it runs under whatever else the
+machine is doing by then, and the request pays fixed costs around it (RPC
+hops, the scheduler, the first token's trip). ``pdc bench link`` measured
+all three: on a loaded 2-vCPU host served prefills ran up to 1.6x the probe's
+figure, on a quiet one a lossy codec's encode overlapped the prefill and cost
+a fraction of the cost model's prior, and 10-80 ms of TTFT lay outside queue,
+prefill and exposed transfer.
+
+So the scheduler compares each finished request with the cost model and keeps,
+per node:
+
+* ``prefill_scale[mode]``: the median, over the node's last ``window``
+  prefills in that mode, of served prefill seconds / the cost model's compute
+  seconds for the same prompt and cached prefix (``Predictor.compute_s``: the
+  probe's pricing, before any correction). Modes are ``local`` (colocated: the
+  KV stays) and the codec a remote prefill streamed in (``raw``, ``int8``,
+  ``fp8``). Prefills the model prices under ``min_compute_s`` are too short
+  to time against it and are not counted.
+* ``overhead_s[kind]``: the median, over the node's last ``window`` requests
+  it decoded, colocated or disaggregated, of TTFT less queue (the worker's and
+  the admission queue's), prefill and exposed transfer.
+
+``costmodel.Served`` carries them into ``with_probe``, the one rule the live
+``Predictor`` and the simulator share; a cluster file declares the same
+figures to the simulator (``pdc bench link`` copies them from ``/health``).
+Only a request's first attempt teaches (a re-placed or migrated request's
+times span several placements). ``pdc serve --no-calibrate`` turns it off.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from dataclasses import dataclass
+
+from scheduler import costmodel
+
+WINDOW = 16  # requests per (node, mode) whose median is the figure
+MIN_COMPUTE_S = 0.01  # predicted compute below this is not timed against the model
+SCALE_RANGE = (0.2, 5.0)  # a ratio outside this is a broken measurement, not a slow node
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One finished request, as the calibration reads it."""
+
+    prefill_node: str
+    decode_node: str
+    mode: str  # costmodel.PREFILL_MODES: "local" when colocated, else the codec the KV crossed in
+    compute_s: float  # the cost model's uncorrected compute seconds for this prefill
+    prefill_s: float  # served: the prefill node's compute seconds
+    ttft_s: float
+    queue_s: float  # the worker's queue and the admission queue
+    exposed_s: float  # prefill end -> last KV byte landed (0 colocated)
+
+    @property
+    def colocated(self) -> bool:
+        return self.mode == "local"
+
+
+class ServedCalibration:
+    """Per-node ``costmodel.Served`` figures from the requests the scheduler finished."""
+
+    def __init__(self, *, window: int = WINDOW, min_compute_s: float = MIN_COMPUTE_S, enabled: bool = True) -> None:
+        if window < 1 or min_compute_s < 0:
+            raise ValueError(f"window must be >= 1 and min_compute_s >= 0, got {window}, {min_compute_s}")
+        self.window, self.min_compute_s, self.enabled = window, min_compute_s, enabled
+        self._scales: dict[tuple[str, str], deque[float]] = {}
+        self._overheads: dict[tuple[str, str], deque[float]] = {}
+
+    def observe(self, seen: Observation) -> None:
+        """Learn from one finished request (nothing when disabled, or for figures that are not times)."""
+        if not self.enabled or seen.mode not in costmodel.PREFILL_MODES:
+            return
+        times = (seen.compute_s, seen.prefill_s, seen.ttft_s, seen.queue_s, seen.exposed_s)
+        if not all(math.isfinite(t) and t >= 0 for t in times):
+            return
+        if seen.compute_s >= self.min_compute_s and seen.prefill_s > 0:
+            ratio = seen.prefill_s / seen.compute_s
+            if SCALE_RANGE[0] <= ratio <= SCALE_RANGE[1]:
+                self._add(self._scales, (seen.prefill_node, seen.mode), ratio)
+        if seen.ttft_s > 0 and seen.prefill_s > 0:
+            kind = "colocated" if seen.colocated else "disaggregated"
+            rest = seen.ttft_s - seen.queue_s - seen.prefill_s - seen.exposed_s
+            self._add(self._overheads, (seen.decode_node, kind), max(0.0, rest))
+
+    def served(self, node_id: str) -> costmodel.Served | None:
+        """What ``node_id``'s requests measured; None before any (or when disabled)."""
+        if not self.enabled:
+            return None
+        scales = tuple((mode, statistics.median(v)) for (n, mode), v in sorted(self._scales.items()) if n == node_id)
+        overheads = tuple((kind, statistics.median(v)) for (n, kind), v in sorted(self._overheads.items())
+                          if n == node_id)
+        return costmodel.Served(scales, overheads) if scales or overheads else None
+
+    def forget(self, node_id: str) -> None:
+        """``node_id`` left (or restarted): what it measured no longer applies."""
+        for table in (self._scales, self._overheads):
+            for key in [k for k in table if k[0] == node_id]:
+                del table[key]
+
+    def snapshot(self, node_id: str) -> dict:
+        """``/health``'s ``served`` object of one node: the figures and how many requests each rests on."""
+        return {
+            "prefill_scale": {mode: round(statistics.median(v), 4) for (n, mode), v in sorted(self._scales.items())
+                              if n == node_id},
+            "overhead_s": {kind: round(statistics.median(v), 4) for (n, kind), v in sorted(self._overheads.items())
+                           if n == node_id},
+            "samples": {f"{what}:{key}": len(v) for what, table in (("prefill", self._scales),
+                                                                     ("overhead", self._overheads))
+                        for (n, key), v in sorted(table.items()) if n == node_id},
+            "enabled": self.enabled,
+        }
+
+    def _add(self, table: dict[tuple[str, str], deque[float]], key: tuple[str, str], value: float) -> None:
+        table.setdefault(key, deque(maxlen=self.window)).append(value)

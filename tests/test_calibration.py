@@ -1,0 +1,239 @@
+"""Served-request corrections: the cost model's ``Served`` arithmetic, the live scheduler's
+``ServedCalibration``, the ``Dispatcher`` feeding it, and the simulator reading the same
+figures from a cluster file. No worker, no gRPC: fake nodes, fake records."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from cluster.links import LinkView
+from cluster.node import NodeInfo
+from scheduler import catalog, costmodel
+from scheduler.calibration import Observation, ServedCalibration
+from scheduler.costmodel import Hardware, Served
+from scheduler.dispatch import Dispatcher
+from scheduler.load import LoadLedger
+from scheduler.placement import Placement
+from scheduler.policy import Conditional, Predictor
+from scheduler.request import GenerationRequest, RequestStats
+from scheduler.sim import cluster_file
+from scheduler.sim.engine import build_cluster
+
+LLAMA = catalog.model("llama-3.1-8b")
+CPU_BOX = Hardware("cpu-box", tflops=1.0, mem_bw_gbps=50.0, mem_gb=64.0)
+ONE_GBE = costmodel.Link("1gbe", 1.0, 1e-4, payload_efficiency=1.0)
+CPU_EFF = costmodel.with_probe(costmodel.MEASURED, LLAMA, [], device="cpu")
+
+
+def _cost(eff: costmodel.Efficiency, codec: str = "raw", link: costmodel.Link | None = ONE_GBE):
+    return costmodel.request_cost(LLAMA, CPU_BOX, eff, 512, link=link, codec=codec)
+
+
+# ---------------------------------------------------------------- the cost model's arithmetic
+
+
+def test_without_served_figures_request_cost_is_unchanged() -> None:
+    assert _cost(CPU_EFF) == _cost(costmodel.with_probe(CPU_EFF, LLAMA, [], served=None))
+    assert costmodel.request_overhead_s(CPU_EFF, colocated=True) == 0.0
+
+
+def test_a_mode_scales_only_its_own_prefill() -> None:
+    base_local, base_raw = _cost(CPU_EFF, link=None).prefill_s, _cost(CPU_EFF).prefill_s
+    eff = costmodel.with_probe(CPU_EFF, LLAMA, [], served=Served((("local", 1.5), ("raw", 2.0))))
+    assert _cost(eff, link=None).prefill_s == pytest.approx(1.5 * base_local)
+    assert _cost(eff).prefill_s == pytest.approx(2.0 * base_raw)
+
+
+def test_a_measured_codec_carries_its_encode_and_pays_no_prior() -> None:
+    """On a CPU node an unmeasured codec pays compute + SHARED_CORE_ENCODE_FACTOR x encode; once its
+    served prefills are measured, their scale alone prices it (the encode is inside the figure)."""
+    compute = _cost(CPU_EFF, link=None).prefill_s
+    prior = _cost(CPU_EFF, "int8")
+    assert prior.encode_in_prefill_s > 0 and prior.prefill_s == pytest.approx(compute + prior.encode_in_prefill_s)
+    measured = _cost(costmodel.with_probe(CPU_EFF, LLAMA, [], served=Served((("int8", 1.1),))), "int8")
+    assert measured.encode_in_prefill_s == 0.0 and measured.prefill_s == pytest.approx(1.1 * compute)
+
+
+@pytest.mark.parametrize(("known", "mode", "expected"), [
+    ((("raw", 1.4),), "int8", 1.4),  # a lossy codec without its own figure: raw's, then its encode prior
+    ((("local", 1.2),), "raw", 1.2),  # raw and local stand for each other
+    ((("raw", 1.3),), "local", 1.3),
+    ((("fp8", 0.9),), "int8", 1.0),  # another lossy codec says nothing about this one
+    ((), "raw", 1.0),
+])
+def test_an_unmeasured_mode_falls_back_to_the_nearest_measured_one(known, mode, expected) -> None:
+    assert Served(known).scale(mode) == expected
+
+
+def test_the_fixed_overhead_is_per_placement_kind() -> None:
+    eff = costmodel.with_probe(CPU_EFF, LLAMA, [], served=Served(overhead_s=(("colocated", 0.02),)))
+    assert costmodel.request_overhead_s(eff, colocated=True) == 0.02
+    assert costmodel.request_overhead_s(eff, colocated=False) == 0.0
+
+
+@pytest.mark.parametrize("bad", [
+    {"prefill_scale": (("remote", 1.0),)}, {"prefill_scale": (("raw", 0.0),)},
+    {"prefill_scale": (("raw", math.inf),)}, {"overhead_s": (("colocated", -0.1),)},
+    {"overhead_s": (("both", 0.1),)},
+])
+def test_served_figures_that_are_not_figures_are_refused(bad) -> None:
+    with pytest.raises(ValueError):
+        Served(**bad)
+
+
+# ---------------------------------------------------------------- learning live
+
+
+def _seen(mode: str = "raw", compute: float = 0.1, prefill: float = 0.15, ttft: float = 0.2, queue: float = 0.01,
+          exposed: float = 0.01, prefill_node: str = "p", decode_node: str = "d") -> Observation:
+    return Observation(prefill_node, decode_node, mode, compute, prefill, ttft, queue, exposed)
+
+
+def test_the_figures_are_medians_of_each_nodes_recent_requests_per_mode() -> None:
+    cal = ServedCalibration(window=3)
+    assert cal.served("p") is None
+    for prefill in (0.12, 0.3, 0.15, 0.16):  # the first falls out of the window of 3
+        cal.observe(_seen(prefill=prefill))
+    cal.observe(_seen("local", prefill_node="d", decode_node="d", prefill=0.05, ttft=0.08, queue=0.0, exposed=0.0))
+    assert cal.served("p").prefill_scale == (("raw", pytest.approx(1.6)),)
+    served_d = cal.served("d")
+    assert served_d.scale("local") == pytest.approx(0.5)
+    # ttft 0.2 less queue 0.01, exposed 0.01 and prefill 0.3 / 0.15 / 0.16: 0 (never below), 0.03, 0.02
+    assert served_d.overhead(colocated=False) == pytest.approx(0.02)
+    assert served_d.overhead(colocated=True) == pytest.approx(0.03)  # 0.08 - 0.05
+
+
+def test_short_broken_or_disabled_observations_teach_nothing() -> None:
+    cal = ServedCalibration(min_compute_s=0.01)
+    cal.observe(_seen(compute=0.001, prefill=0.003))  # too short to time against the model
+    cal.observe(_seen(compute=0.1, prefill=5.0))  # 50x: a broken measurement
+    cal.observe(_seen(prefill=math.nan))
+    cal.observe(_seen(mode="zstd"))
+    assert cal.served("p") is None
+    off = ServedCalibration(enabled=False)
+    off.observe(_seen())
+    assert off.served("p") is None and off.served("d") is None and off.snapshot("p")["enabled"] is False
+
+
+def test_a_node_that_left_is_forgotten_and_the_snapshot_counts_samples() -> None:
+    cal = ServedCalibration()
+    cal.observe(_seen())
+    cal.observe(_seen())
+    snap = cal.snapshot("p")
+    assert snap["prefill_scale"] == {"raw": 1.5} and snap["samples"] == {"prefill:raw": 2}
+    assert cal.snapshot("d")["overhead_s"] == {"disaggregated": pytest.approx(0.03)}
+    cal.forget("p")
+    assert cal.served("p") is None and cal.served("d") is not None
+
+
+# ---------------------------------------------------------------- the dispatcher feeds it, policies use it
+
+
+def _node(node_id: str, roles: tuple[str, ...], **overrides) -> NodeInfo:
+    fields = {"node_id": node_id, "roles": roles, "engine": "torch", "model_id": "llama", "weights_fingerprint": "w",
+              "host": node_id, "grpc_port": 50051, "kv_port": 50052, "device": "cpu", "tflops": 2.0,
+              "mem_bw_gbps": 50.0, "free_mem_bytes": 1 << 34, "version": "0", "key_fingerprint": "k",
+              "hardware": "", "profile_source": "measured"}
+    return NodeInfo(**{**fields, **overrides})
+
+
+FAST, SLOW = _node("fast", ("prefill",), tflops=8.0), _node("slow", ("prefill", "decode"), tflops=2.0)
+LINKS = {("fast", "slow"): LinkView(9.0, 1e-4)}
+CONFIG = catalog.model_config("llama-3.1-8b")
+
+
+class Fixed:
+    def __init__(self, placement: Placement) -> None:
+        self.placement = placement
+
+    def place(self, request, cluster):
+        return self.placement
+
+
+def _request(rid: str, prompt: int = 1024) -> GenerationRequest:
+    return GenerationRequest(rid, "llama", (7,) * prompt, max_tokens=4)
+
+
+def test_a_finished_first_attempt_teaches_its_nodes_and_the_next_view_carries_it() -> None:
+    d = Dispatcher(Fixed(Placement("fast", "slow", "raw")), "fixed", LoadLedger())
+    view = d.view((FAST, SLOW), LINKS, CONFIG, _request("r1"))
+    d.place(_request("r1"), view)
+    compute = Predictor(_request("r1"), view).compute_s(view.node("fast"))
+    stats = RequestStats(prefill_s=1.5 * compute, ttft_s=1.5 * compute + 0.05, queue_s=0.01, exposed_transfer_s=0.02)
+    d.served("r1", stats)
+    d.finish("r1")
+    later = d.view((FAST, SLOW), LINKS, CONFIG, _request("r2"))
+    assert later.node("fast").served.prefill_scale == (("raw", pytest.approx(1.5)),)
+    assert later.node("slow").served.overhead(colocated=False) == pytest.approx(0.02)
+    predictor = Predictor(_request("r2"), later)
+    assert predictor.prefill_s(later.node("fast")) == pytest.approx(1.5 * predictor.compute_s(later.node("fast")))
+
+
+def test_a_request_that_ended_without_its_record_teaches_nothing() -> None:
+    d = Dispatcher(Fixed(Placement(None, "slow")), "fixed", LoadLedger())
+    d.place(_request("r1"), d.view((FAST, SLOW), LINKS, CONFIG, _request("r1")))
+    d.finish("r1")  # failed or re-placed: no served() call before finish
+    d.served("r1", RequestStats(prefill_s=9.0, ttft_s=9.5))
+    assert d.calibration.served("slow") is None
+
+
+def test_a_prefill_node_slower_than_its_start_up_figures_loses_the_conditional_choice() -> None:
+    """The same request, before and after the fast node's served prefills ran 4x its probe's pricing:
+    remote prefill wins at first, and once the scheduler has learned, the decode node keeps it."""
+    d = Dispatcher(Conditional(), "conditional", LoadLedger())
+    request = _request("q", prompt=4096)
+    before = d.view((FAST, SLOW), LINKS, CONFIG, request)
+    assert Conditional().place(request, before).prefill_node == "fast"
+    for _ in range(3):
+        d.calibration.observe(Observation("fast", "slow", "raw", 1.0, 4.0, 4.1, 0.0, 0.0))
+    after = d.view((FAST, SLOW), LINKS, CONFIG, request)
+    assert Conditional().place(request, after).prefill_node is None
+
+
+# ---------------------------------------------------------------- the simulator reads the same figures
+
+
+SIM_FILE = """
+[[nodes]]
+name = "a"
+hardware = "dgx-spark"
+roles = ["prefill"]
+prefill_scale = {raw = 2.0}
+
+[[nodes]]
+name = "b"
+hardware = "mac-m4-max"
+roles = ["prefill", "decode"]
+request_overhead_s = {colocated = 0.05, disaggregated = 0.07}
+
+[[links]]
+nodes = ["a", "b"]
+kind = "10gbe"
+"""
+
+
+def test_a_cluster_file_declares_served_figures_and_the_simulator_applies_them() -> None:
+    spec = cluster_file.loads(SIM_FILE)
+    assert spec.node("a").served == Served((("raw", 2.0),))
+    assert spec.node("b").served == Served((), (("colocated", 0.05), ("disaggregated", 0.07)))
+    cluster = build_cluster(spec, "llama-3.1-8b")
+    plain = build_cluster(cluster_file.loads(SIM_FILE.replace("prefill_scale = {raw = 2.0}", "")), "llama-3.1-8b")
+    link = cluster.links[("a", "b")]
+    scaled = costmodel.request_cost(cluster.model, cluster.nodes["a"].machine, cluster.nodes["a"].efficiency, 2048,
+                                    link=link)
+    base = costmodel.request_cost(plain.model, plain.nodes["a"].machine, plain.nodes["a"].efficiency, 2048, link=link)
+    assert scaled.prefill_s == pytest.approx(2 * base.prefill_s)
+    assert costmodel.request_overhead_s(cluster.nodes["b"].efficiency, colocated=False) == 0.07
+
+
+@pytest.mark.parametrize(("entry", "needle"), [
+    ("prefill_scale = {remote = 1.0}", "unknown key 'remote'"),
+    ("prefill_scale = {raw = 0}", "raw = 0"),
+    ("prefill_scale = 2.0", "must be a table"),
+    ("request_overhead_s = {colocated = -1}", "colocated = -1"),
+])
+def test_a_cluster_files_bad_served_figures_are_refused_by_name(entry: str, needle: str) -> None:
+    text = SIM_FILE.replace("prefill_scale = {raw = 2.0}", entry)
+    with pytest.raises(cluster_file.ClusterFileError, match=needle):
+        cluster_file.loads(text)
