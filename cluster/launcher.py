@@ -126,6 +126,8 @@ class LocalCluster:
                 "worker", "--role", role, "--engine", engine, "--model", self.config.model,
                 "--host", LOOPBACK, "--node-id", f"local-{role}-{engine}-{suffix}", *common, *mdns,
                 "--metrics-port", "0",  # a free port: its ready line (the worker's log) says which
+                # both load and measure one at a time: neither times its prefill under the other's load
+                "--startup-lock", str(self.log_dir / "startup.lock"),
                 *self.config.extra_worker_args,
             ], env=worker_threads(len(workers)))
 

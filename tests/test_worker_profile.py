@@ -339,3 +339,54 @@ def test_worker_process_with_a_profile_file_reports_it_and_its_config_json(
         except subprocess.TimeoutExpired:
             worker.proc.kill()
             worker.proc.wait(5)
+
+
+# ---------------------------------------------------------------- one machine's workers measure one at a time
+
+
+def test_workers_given_one_startup_lock_load_and_measure_one_at_a_time(tmp_path: Path) -> None:
+    lock = str(tmp_path / "startup.lock")
+    order: list[str] = []
+
+    async def worker(name: str, hold_s: float) -> None:
+        async with profile_module.startup_lock(lock, timeout_s=10, poll_s=0.01) as held:
+            assert held
+            order.append(f"{name} in")
+            await asyncio.sleep(hold_s)
+            order.append(f"{name} out")
+
+    async def both() -> None:
+        first = asyncio.ensure_future(worker("a", 0.2))
+        await asyncio.sleep(0.05)
+        await asyncio.gather(first, worker("b", 0.0))
+
+    asyncio.run(both())
+    assert order == ["a in", "a out", "b in", "b out"]
+
+
+def test_a_startup_lock_held_too_long_is_given_up_with_a_warning(tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    import fcntl
+    import os
+
+    lock = str(tmp_path / "startup.lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another process's worker, still starting
+
+    async def body() -> bool:
+        async with profile_module.startup_lock(lock, timeout_s=0.2, poll_s=0.02) as held:
+            return held
+
+    async def unlocked() -> bool:
+        async with profile_module.startup_lock(None) as held:
+            return held
+
+    try:
+        assert asyncio.run(body()) is False
+    finally:
+        os.close(fd)
+    assert "measuring this node under its load" in caplog.text
+    assert asyncio.run(unlocked()) is False
+    parsed = build_parser().parse_args(["worker", "--role", "both", "--engine", "torch", "--model", "x",
+                                        "--startup-lock", lock])
+    assert parsed.startup_lock == lock

@@ -26,10 +26,15 @@ A declared profile keeps its figures and has no probe.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import fcntl
+import logging
 import math
+import os
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -54,6 +59,42 @@ PROBE_TOKENS = (128, 512, 2048)
 PROBE_BUDGET_S = 12.0
 PROBE_WARMUP_TOKENS = 16
 PROBE_REQUEST_ID = "__pdc_profile_probe__"
+
+log = logging.getLogger(__name__)
+
+
+STARTUP_LOCK_TIMEOUT_S = 600.0  # the longest a worker waits for another's start-up (then measures anyway)
+
+
+@contextlib.asynccontextmanager
+async def startup_lock(path: str | None, timeout_s: float = STARTUP_LOCK_TIMEOUT_S,
+                       poll_s: float = 0.1) -> AsyncIterator[bool]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) for a worker's start-up:
+    loading the model, measuring the machine and timing the probe. Workers on one machine
+    given the same path (``pdc up`` passes one) then measure one at a time, never under
+    each other's load. Yields whether the lock is held: None as ``path`` holds nothing,
+    and past ``timeout_s`` the worker goes on without it (a warning says so): the
+    figures are advice, the worker still serves."""
+    if path is None:
+        yield False
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + timeout_s
+        held = False
+        while not held:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held = True
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    log.warning("another worker held the start-up lock %s for over %.0f s; measuring this node "
+                                "under its load", path, timeout_s)
+                    break
+                await asyncio.sleep(poll_s)
+        yield held
+    finally:
+        os.close(fd)  # releases the lock
 
 
 class ProfileError(ValueError):

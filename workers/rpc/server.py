@@ -49,6 +49,7 @@ from workers.rpc.profile import (
     declared_profile,
     probe_prefill,
     profile_source,
+    startup_lock,
 )
 from workers.rpc.metrics import MeteredServicer, MetricsServer, WorkerMetrics
 from workers.rpc.info import model_info, pdcluster_version
@@ -117,6 +118,7 @@ class WorkerConfig:
     grace_s: float = 5.0  # shutdown grace for in-flight RPCs
     drain_timeout_s: float = DRAIN_TIMEOUT_S  # a drain gives requests in flight this long, then fails them over
     metrics_port: int | None = None  # HTTP /metrics on host (--metrics-port); 0 picks a free port; None: off
+    startup_lock: str | None = None  # a lock file held while loading and measuring (--startup-lock)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -224,13 +226,14 @@ class Worker:
         spec = read_model_spec(model_dir)  # refuses unsupported architectures before loading weights
         factory = self._engine_factory or (lambda: _load_engine(config, model_dir))
         self.engines = EngineThread(factory, name=f"engine-{config.engine}")
-        engine = await self.engines.start()
-        await asyncio.to_thread(_warm_grammar_tokenizer, engine)
-        self.model_info = model_info(model_dir, spec, engine, config.model_id)
-        if not all(config.declared_figures):
-            self.measured = await self._measure(engine)
-        if not config.declared_figures[0]:
-            self.prefill_probe = await self._probe(engine, spec)
+        async with startup_lock(config.startup_lock):  # load and measure alone among this machine's workers
+            engine = await self.engines.start()
+            await asyncio.to_thread(_warm_grammar_tokenizer, engine)
+            self.model_info = model_info(model_dir, spec, engine, config.model_id)
+            if not all(config.declared_figures):
+                self.measured = await self._measure(engine)
+            if not config.declared_figures[0]:
+                self.prefill_probe = await self._probe(engine, spec)
         self.listener = KVListener(self.leases, config.cluster_key, config.host, config.kv_port,
                                    handshake_timeout=config.handshake_timeout_s,
                                    max_connections=config.max_leases + 16)
@@ -437,6 +440,10 @@ def add_worker_parser(sub: Any, discovery: Discovery | None = None,
                    help="serve Prometheus metrics at http://HOST:PORT/metrics on --host, without authentication "
                         "(0: a free port, printed in the ready line; default: off; the scheduler's /metrics "
                         "carries every node's main figures)")
+    p.add_argument("--startup-lock", default=None, metavar="PATH",
+                   help="hold an exclusive lock on this file while loading the model and measuring this node, so "
+                        "workers on one machine given the same file measure one at a time, not under each other's "
+                        "load (pdc up passes one; default: none)")
     p.add_argument("--advertise-host", default=None, help="address other nodes use (default: --host)")
     p.add_argument("--peers", default="", help="static peers, host:port,... (where multicast does not work)")
     p.add_argument("--no-advertise", action="store_true", help="do not advertise over mDNS")
@@ -519,7 +526,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
     return WorkerConfig(
         role=args.role, engine=args.engine, model=args.model, cluster_key=load_cluster_key(args.cluster_key_file),
         host=args.host, port=args.port, kv_port=args.kv_port, advertise_host=args.advertise_host,
-        metrics_port=args.metrics_port,
+        metrics_port=args.metrics_port, startup_lock=args.startup_lock,
         device=args.device, dtype=args.dtype, node_id=args.node_id, model_id=args.model_id,
         lease_s=args.lease_s, queue_deadline_s=args.queue_deadline_s, chunk_size=args.chunk_size,
         max_leases=args.max_leases, max_reserved_bytes=args.kv_budget_bytes,
