@@ -15,7 +15,8 @@ So the scheduler compares each finished request with the cost model and keeps,
 per node:
 
 * ``prefill_scale[mode]``: the median, over the node's last ``window``
-  prefills in that mode, of served prefill seconds / the cost model's compute
+  prefills in that mode (of the last ``max_age_s``; used once ``min_samples``
+  back it), of served prefill seconds / the cost model's compute
   seconds for the same prompt and cached prefix (``Predictor.compute_s``: the
   probe's pricing, before any correction). Modes are ``local`` (colocated: the
   KV stays) and the codec a remote prefill streamed in (``raw``, ``int8``,
@@ -35,12 +36,16 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from scheduler import costmodel
 
 WINDOW = 16  # requests per (node, mode) whose median is the figure
+MIN_SAMPLES = 3  # a figure applies once this many requests back it (one slow request is not a slow node)
+MAX_AGE_S = 600.0  # a sample older than this is dropped: a node avoided since then returns to its probe's price
 MIN_COMPUTE_S = 0.01  # predicted compute below this is not timed against the model
 SCALE_RANGE = (0.2, 5.0)  # a ratio outside this is a broken measurement, not a slow node
 
@@ -66,12 +71,16 @@ class Observation:
 class ServedCalibration:
     """Per-node ``costmodel.Served`` figures from the requests the scheduler finished."""
 
-    def __init__(self, *, window: int = WINDOW, min_compute_s: float = MIN_COMPUTE_S, enabled: bool = True) -> None:
-        if window < 1 or min_compute_s < 0:
-            raise ValueError(f"window must be >= 1 and min_compute_s >= 0, got {window}, {min_compute_s}")
-        self.window, self.min_compute_s, self.enabled = window, min_compute_s, enabled
-        self._scales: dict[tuple[str, str], deque[float]] = {}
-        self._overheads: dict[tuple[str, str], deque[float]] = {}
+    def __init__(self, *, window: int = WINDOW, min_samples: int = MIN_SAMPLES, max_age_s: float = MAX_AGE_S,
+                 min_compute_s: float = MIN_COMPUTE_S, enabled: bool = True,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if not 1 <= min_samples <= window or min_compute_s < 0 or max_age_s <= 0:
+            raise ValueError(f"need 1 <= min_samples <= window, min_compute_s >= 0 and max_age_s > 0; got "
+                             f"{min_samples}, {window}, {min_compute_s}, {max_age_s}")
+        self.window, self.min_samples, self.max_age_s = window, min_samples, max_age_s
+        self.min_compute_s, self.enabled, self.clock = min_compute_s, enabled, clock
+        self._scales: dict[tuple[str, str], deque[tuple[float, float]]] = {}  # key -> (when, value)
+        self._overheads: dict[tuple[str, str], deque[tuple[float, float]]] = {}
 
     def observe(self, seen: Observation) -> None:
         """Learn from one finished request (nothing when disabled, or for figures that are not times)."""
@@ -82,20 +91,23 @@ class ServedCalibration:
             return
         if seen.compute_s >= self.min_compute_s and seen.prefill_s > 0:
             ratio = seen.prefill_s / seen.compute_s
-            if SCALE_RANGE[0] <= ratio <= SCALE_RANGE[1]:
-                self._add(self._scales, (seen.prefill_node, seen.mode), ratio)
+            if not SCALE_RANGE[0] <= ratio <= SCALE_RANGE[1]:
+                return  # a broken measurement: its TTFT says nothing either
+            self._add(self._scales, (seen.prefill_node, seen.mode), ratio)
         if seen.ttft_s > 0 and seen.prefill_s > 0:
             kind = "colocated" if seen.colocated else "disaggregated"
             rest = seen.ttft_s - seen.queue_s - seen.prefill_s - seen.exposed_s
             self._add(self._overheads, (seen.decode_node, kind), max(0.0, rest))
 
     def served(self, node_id: str) -> costmodel.Served | None:
-        """What ``node_id``'s requests measured; None before any (or when disabled)."""
+        """What ``node_id``'s recent requests measured, each figure once ``min_samples`` back it;
+        None before that (or when disabled)."""
         if not self.enabled:
             return None
-        scales = tuple((mode, statistics.median(v)) for (n, mode), v in sorted(self._scales.items()) if n == node_id)
-        overheads = tuple((kind, statistics.median(v)) for (n, kind), v in sorted(self._overheads.items())
-                          if n == node_id)
+        scales = tuple((mode, statistics.median(v)) for mode, v in self._figures(self._scales, node_id)
+                       if len(v) >= self.min_samples)
+        overheads = tuple((kind, statistics.median(v)) for kind, v in self._figures(self._overheads, node_id)
+                          if len(v) >= self.min_samples)
         return costmodel.Served(scales, overheads) if scales or overheads else None
 
     def forget(self, node_id: str) -> None:
@@ -105,17 +117,33 @@ class ServedCalibration:
                 del table[key]
 
     def snapshot(self, node_id: str) -> dict:
-        """``/health``'s ``served`` object of one node: the figures and how many requests each rests on."""
+        """``/health``'s ``served`` object of one node: the figures in use (as ``served``), and how many
+        recent requests back each key, those still short of ``min_samples`` included."""
+        served = self.served(node_id) or costmodel.Served()
         return {
-            "prefill_scale": {mode: round(statistics.median(v), 4) for (n, mode), v in sorted(self._scales.items())
-                              if n == node_id},
-            "overhead_s": {kind: round(statistics.median(v), 4) for (n, kind), v in sorted(self._overheads.items())
-                           if n == node_id},
+            "prefill_scale": {mode: round(value, 4) for mode, value in served.prefill_scale},
+            "overhead_s": {kind: round(value, 4) for kind, value in served.overhead_s},
             "samples": {f"{what}:{key}": len(v) for what, table in (("prefill", self._scales),
                                                                      ("overhead", self._overheads))
-                        for (n, key), v in sorted(table.items()) if n == node_id},
+                        for key, v in self._figures(table, node_id)},
+            "min_samples": self.min_samples,
             "enabled": self.enabled,
         }
 
-    def _add(self, table: dict[tuple[str, str], deque[float]], key: tuple[str, str], value: float) -> None:
-        table.setdefault(key, deque(maxlen=self.window)).append(value)
+    def _figures(self, table: dict[tuple[str, str], deque[tuple[float, float]]], node_id: str
+                 ) -> list[tuple[str, list[float]]]:
+        """``node_id``'s keys in ``table`` with their values younger than ``max_age_s`` (older ones dropped)."""
+        oldest = self.clock() - self.max_age_s
+        out = []
+        for (node, key), samples in sorted(table.items()):
+            if node != node_id:
+                continue
+            while samples and samples[0][0] < oldest:
+                samples.popleft()
+            if samples:
+                out.append((key, [value for _, value in samples]))
+        return out
+
+    def _add(self, table: dict[tuple[str, str], deque[tuple[float, float]]], key: tuple[str, str],
+             value: float) -> None:
+        table.setdefault(key, deque(maxlen=self.window)).append((self.clock(), value))

@@ -660,8 +660,11 @@ class Served:
         return 1.0
 
     def overhead(self, colocated: bool) -> float:
-        """Seconds a request's TTFT carries beyond its queue, prefill and exposed transfer; 0 unknown."""
-        return dict(self.overhead_s).get("colocated" if colocated else "disaggregated", 0.0)
+        """Seconds a request's TTFT carries beyond its queue, prefill and exposed transfer: its own
+        kind's, else the other kind's (so neither placement looks free while one is unmeasured), else 0."""
+        overheads = dict(self.overhead_s)
+        mine, other = ("colocated", "disaggregated") if colocated else ("disaggregated", "colocated")
+        return overheads.get(mine, overheads.get(other, 0.0))
 
 
 @dataclass(frozen=True)
@@ -992,7 +995,8 @@ class RequestCost:
     encode_s: float = 0.0  # the codec's encode work on the prefill node (within exposed_s where it shows)
     decode_s: float = 0.0  # the codec's decode work on the decode node (likewise)
     decode_tail_s: float = 0.0  # of exposed_s, after the last byte landed: decoding the last slice
-    encode_in_prefill_s: float = 0.0  # of prefill_s, the encode on a CPU prefill node's own cores (else 0)
+    encode_in_prefill_s: float = 0.0  # of prefill_s, the encode prior on a CPU prefill node's own cores (else 0)
+    encode_within_prefill: bool = False  # the encode is inside prefill_s (CPU node: the prior, or a measured scale)
 
     @property
     def num_new_tokens(self) -> int:
@@ -1044,18 +1048,20 @@ def request_cost(
                            compute_s * served.scale("local"), 0, 0.0, 0.0, 0.0)
     prefill_s = compute_s * served.scale(codec)
     num_shipped = num_prompt_tokens - num_decode_cached
-    # a codec measured in served prefills has its encode in its scale; otherwise the prior applies
-    shared = eff.encode_shares_prefill and codec != "raw" and not served.measured(codec)
+    # On a CPU node a lossy codec's encode runs on the prefill's own cores: within its prefill. A
+    # codec measured in served prefills has that encode in its scale; otherwise the prior adds it.
+    within = eff.encode_shares_prefill and codec != "raw"
+    prior = within and not served.measured(codec)
     encode_in_prefill_s = 0.0
-    if shared:  # the encode takes the prefill's own cores: prefill + factor x encode, in series
+    if prior:  # the encode takes the prefill's own cores: prefill + factor x encode, in series
         encode_in_prefill_s = SHARED_CORE_ENCODE_FACTOR * transfer_stages(
             model, link, num_shipped, 0.0, codec=codec, kv_dtype=kv_dtype).encode_s
     stages = transfer_stages(model, link, num_shipped, prefill_s + encode_in_prefill_s, codec=codec,
-                             kv_dtype=kv_dtype, encode_in_prefill=shared)
+                             kv_dtype=kv_dtype, encode_in_prefill=within)
     return RequestCost(num_prompt_tokens, num_prefill_cached, num_decode_cached, prefill_s + encode_in_prefill_s,
                        num_shipped, stages.wire_bytes, stages.wire_bytes / link.bytes_per_s, stages.exposed_s, codec,
-                       encode_in_prefill_s if shared else stages.encode_s, stages.decode_s, stages.decode_tail_s,
-                       encode_in_prefill_s)
+                       encode_in_prefill_s if prior else stages.encode_s, stages.decode_s, stages.decode_tail_s,
+                       encode_in_prefill_s, within)
 
 
 def request_overhead_s(decode_eff: Efficiency, colocated: bool) -> float:
@@ -1098,7 +1104,7 @@ def auto_codec_cost(
         cost = request_cost(model, hw, eff, num_prompt_tokens, num_prefill_cached, link=link,
                             num_decode_cached=num_decode_cached, codec=codec, kv_dtype=kv_dtype)
         saving = raw.prefill_s + raw.exposed_s - cost.prefill_s - cost.exposed_s
-        unhidden = cost.decode_s + (0.0 if cost.encode_in_prefill_s else cost.encode_s)
+        unhidden = cost.decode_s + (0.0 if cost.encode_within_prefill else cost.encode_s)
         if saving > unhidden and cost.prefill_s + cost.exposed_s < best.prefill_s + best.exposed_s:
             best = cost
     return best

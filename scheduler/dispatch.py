@@ -48,17 +48,20 @@ def node_view(node: NodeInfo, ledger: LoadLedger, served: costmodel.Served | Non
                     served=served)
 
 
-def predicted_prefill_s(request: GenerationRequest, view: ClusterView, node_id: str) -> tuple[float, float]:
-    """The cost model's prefill seconds for ``request`` on ``node_id``, as placement prices it
-    and as its compute alone (``Predictor.compute_s``); zeros when it cannot tell."""
+def predicted_prefill_s(request: GenerationRequest, view: ClusterView, placement: Placement
+                        ) -> tuple[float, float, int]:
+    """The cost model's prefill of ``request`` placed as ``placement``: the seconds its prefilling
+    node is booked for (``Predictor.booked_prefill_s``, as the simulator books them), its compute
+    alone (``Predictor.compute_s``) and the cached prefix that assumes; zeros when it cannot tell."""
     if view.model_config is None:
-        return 0.0, 0.0
+        return 0.0, 0.0, 0
     try:
-        predictor, node = Predictor(request, view), view.node(node_id)
-        return predictor.prefill_s(node), predictor.compute_s(node)
+        predictor = Predictor(request, view)
+        node = view.node(placement.prefill_node or placement.decode_node)
+        return predictor.booked_prefill_s(placement), predictor.compute_s(node), predictor.cached(node)
     except Exception as e:  # a config the cost model cannot read: no backlog estimate, placement still works
-        log.debug("no prefill estimate for %s on %s: %s", request.request_id, node_id, e)
-        return 0.0, 0.0
+        log.debug("no prefill estimate for %s: %s", request.request_id, e)
+        return 0.0, 0.0, 0
 
 
 class Dispatcher:
@@ -72,8 +75,10 @@ class Dispatcher:
         self.ledger = ledger if ledger is not None else LoadLedger()
         self.prefixes = prefixes if prefixes is not None else PrefixIndex()
         self.calibration = calibration if calibration is not None else ServedCalibration()
-        # request id -> (prefill node, decode node, mode, the model's compute seconds), until it ends
-        self._priced: dict[str, tuple[str, str, str, float]] = {}
+        # request id -> (prefill node, decode node, mode, the model's compute seconds, the cached
+        # prefix they assume), until it ends
+        self._priced: dict[str, tuple[str, str, str, float, int]] = {}
+        self._profiles: dict[str, tuple] = {}  # node id -> what its served figures were measured against
         self.num_placements: dict[tuple[str, str], int] = {}  # (policy, mode) -> placements made (metrics)
 
     def use(self, policy: Policy, policy_name: str) -> None:
@@ -90,6 +95,13 @@ class Dispatcher:
         nodes it leaves out are unknown), else the prefix index's answer for
         ``request.prefix_hashes`` (every node of the view, 0 where it holds
         nothing), else none (no request, or a request without hashes)."""
+        nodes = list(nodes)
+        for node in nodes:  # a node that came back measured differently: its served figures no longer apply
+            profile = (node.engine, node.device, node.tflops, node.mem_bw_gbps, node.prefill_probe,
+                       node.weights_fingerprint)
+            if self._profiles.setdefault(node.node_id, profile) != profile:
+                self._profiles[node.node_id] = profile
+                self.calibration.forget(node.node_id)
         views = tuple(node_view(n, self.ledger, self.calibration.served(n.node_id)) for n in nodes)
         ids = {v.node_id for v in views}
         among = {pair: link for pair, link in links.items() if set(pair) <= ids}
@@ -119,10 +131,10 @@ class Dispatcher:
             log.error("%s", e, exc_info=e.__cause__)
             raise NoCapacityError(f"placement {e}") from e
         prefill_on = placement.prefill_node or placement.decode_node
-        prefill_s, compute_s = predicted_prefill_s(request, view, prefill_on)
-        self.ledger.admit(request.request_id, placement.prefill_node, placement.decode_node, prefill_s)
+        booked_s, compute_s, cached = predicted_prefill_s(request, view, placement)
+        self.ledger.admit(request.request_id, placement.prefill_node, placement.decode_node, booked_s)
         self._priced[request.request_id] = (prefill_on, placement.decode_node,
-                                            "local" if placement.colocated else placement.codec, compute_s)
+                                            "local" if placement.colocated else placement.codec, compute_s, cached)
         counted = (self.policy_name, "colocated" if placement.colocated else "disaggregated")
         self.num_placements[counted] = self.num_placements.get(counted, 0) + 1
         # debug: the request's one INFO line (its record, as it ends) names its placement
@@ -147,7 +159,9 @@ class Dispatcher:
         priced = self._priced.pop(request_id, None)
         if priced is None:
             return
-        prefill_node, decode_node, mode, compute_s = priced
+        prefill_node, decode_node, mode, compute_s, cached = priced
+        if stats.cached_prefix_tokens != cached:  # it found another prefix than priced: no ratio to take
+            compute_s = 0.0
         self.calibration.observe(Observation(prefill_node, decode_node, mode, compute_s, stats.prefill_s,
                                              stats.ttft_s, stats.queue_s, stats.exposed_transfer_s))
 

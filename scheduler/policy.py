@@ -196,6 +196,20 @@ class Predictor:
         """Seconds for ``node`` to prefill this request from its own cached prefix."""
         return self._cost(node).prefill_s
 
+    def booked_prefill_s(self, placement: Placement) -> float:
+        """Seconds ``placement``'s prefilling node is busy computing this request, its mode's served
+        scale included and a CPU node's encode prior left out, as the simulator books it (the load
+        ledger's backlog)."""
+        decode = self.cluster.node(placement.decode_node)
+        prefill = self.cluster.node(placement.prefill_node) if placement.prefill_node else None
+        link = self.cluster.link(prefill.node_id, decode.node_id) if prefill is not None else None
+        if prefill is None or link is None:
+            cost = self._cost(prefill or decode)
+        else:
+            net = costmodel.Link("measured", link.gbps, link.latency_s, payload_efficiency=1.0)
+            cost = self._cost(prefill, net, self.cached(decode), placement.codec or "raw")
+        return cost.prefill_s - cost.encode_in_prefill_s
+
     def compute_s(self, node: NodeView) -> float:
         """``prefill_s`` as the probe (or TFLOPS) prices it, before what ``node``'s served
         requests measured: the figure a served prefill is compared with (``scheduler/calibration.py``)."""

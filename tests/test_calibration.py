@@ -66,10 +66,27 @@ def test_an_unmeasured_mode_falls_back_to_the_nearest_measured_one(known, mode, 
     assert Served(known).scale(mode) == expected
 
 
-def test_the_fixed_overhead_is_per_placement_kind() -> None:
-    eff = costmodel.with_probe(CPU_EFF, LLAMA, [], served=Served(overhead_s=(("colocated", 0.02),)))
-    assert costmodel.request_overhead_s(eff, colocated=True) == 0.02
-    assert costmodel.request_overhead_s(eff, colocated=False) == 0.0
+def test_the_fixed_overhead_is_per_placement_kind_and_an_unmeasured_kind_takes_the_others() -> None:
+    both = Served(overhead_s=(("colocated", 0.02), ("disaggregated", 0.05)))
+    assert both.overhead(colocated=True) == 0.02 and both.overhead(colocated=False) == 0.05
+    one = costmodel.with_probe(CPU_EFF, LLAMA, [], served=Served(overhead_s=(("colocated", 0.02),)))
+    assert costmodel.request_overhead_s(one, colocated=False) == 0.02  # remote is not free while unmeasured
+    assert costmodel.request_overhead_s(CPU_EFF, colocated=False) == 0.0
+
+
+def test_auto_does_not_charge_a_measured_codecs_encode_twice() -> None:
+    """A codec measured on a CPU node carries its encode in its scale: ``auto`` must not count that
+    encode again as work outside prefill. Given the prior's own prediction as the measured scale,
+    ``auto`` decides as it did under the prior (int8 over 1 GbE for an 8k prompt)."""
+    node = Hardware("cpu-big", tflops=40.0, mem_bw_gbps=200.0, mem_gb=256.0)
+    prior = costmodel.auto_codec_cost(LLAMA, node, CPU_EFF, 8192, link=ONE_GBE)
+    assert prior.codec == "int8" and prior.encode_within_prefill
+    compute = costmodel.request_cost(LLAMA, node, CPU_EFF, 8192).prefill_s
+    same = Served((("int8", prior.prefill_s / compute),))
+    measured = costmodel.auto_codec_cost(LLAMA, node, costmodel.with_probe(CPU_EFF, LLAMA, [], served=same), 8192,
+                                         link=ONE_GBE)
+    assert measured.codec == "int8" and measured.encode_within_prefill and measured.encode_in_prefill_s == 0.0
+    assert measured.prefill_s == pytest.approx(prior.prefill_s)
 
 
 @pytest.mark.parametrize("bad", [
@@ -91,7 +108,7 @@ def _seen(mode: str = "raw", compute: float = 0.1, prefill: float = 0.15, ttft: 
 
 
 def test_the_figures_are_medians_of_each_nodes_recent_requests_per_mode() -> None:
-    cal = ServedCalibration(window=3)
+    cal = ServedCalibration(window=3, min_samples=1)
     assert cal.served("p") is None
     for prefill in (0.12, 0.3, 0.15, 0.16):  # the first falls out of the window of 3
         cal.observe(_seen(prefill=prefill))
@@ -104,20 +121,34 @@ def test_the_figures_are_medians_of_each_nodes_recent_requests_per_mode() -> Non
     assert served_d.overhead(colocated=True) == pytest.approx(0.03)  # 0.08 - 0.05
 
 
+def test_a_figure_applies_once_enough_recent_requests_back_it_and_old_ones_expire() -> None:
+    clock = [0.0]
+    cal = ServedCalibration(min_samples=3, max_age_s=100.0, clock=lambda: clock[0])
+    for prefill in (0.5, 0.15):  # one slow request is not a slow node
+        cal.observe(_seen(prefill=prefill))
+    assert cal.served("p") is None and cal.snapshot("p")["samples"] == {"prefill:raw": 2}
+    cal.observe(_seen(prefill=0.16))
+    assert cal.served("p").scale("raw") == pytest.approx(1.6)
+    clock[0] = 150.0  # a node no longer chosen returns to its probe's price
+    assert cal.served("p") is None and cal.snapshot("p")["samples"] == {}
+
+
 def test_short_broken_or_disabled_observations_teach_nothing() -> None:
-    cal = ServedCalibration(min_compute_s=0.01)
+    cal = ServedCalibration(min_compute_s=0.01, min_samples=1)
     cal.observe(_seen(compute=0.001, prefill=0.003))  # too short to time against the model
-    cal.observe(_seen(compute=0.1, prefill=5.0))  # 50x: a broken measurement
+    cal.observe(_seen(compute=0.1, prefill=5.0))  # 50x: a broken measurement, its TTFT too
     cal.observe(_seen(prefill=math.nan))
     cal.observe(_seen(mode="zstd"))
     assert cal.served("p") is None
+    # the short prefill still timed its request's fixed overhead; the broken one taught nothing at all
+    assert cal.snapshot("d")["samples"] == {"overhead:disaggregated": 1}
     off = ServedCalibration(enabled=False)
     off.observe(_seen())
     assert off.served("p") is None and off.served("d") is None and off.snapshot("p")["enabled"] is False
 
 
 def test_a_node_that_left_is_forgotten_and_the_snapshot_counts_samples() -> None:
-    cal = ServedCalibration()
+    cal = ServedCalibration(min_samples=2)
     cal.observe(_seen())
     cal.observe(_seen())
     snap = cal.snapshot("p")
@@ -156,7 +187,8 @@ def _request(rid: str, prompt: int = 1024) -> GenerationRequest:
 
 
 def test_a_finished_first_attempt_teaches_its_nodes_and_the_next_view_carries_it() -> None:
-    d = Dispatcher(Fixed(Placement("fast", "slow", "raw")), "fixed", LoadLedger())
+    d = Dispatcher(Fixed(Placement("fast", "slow", "raw")), "fixed", LoadLedger(),
+                   calibration=ServedCalibration(min_samples=1))
     view = d.view((FAST, SLOW), LINKS, CONFIG, _request("r1"))
     d.place(_request("r1"), view)
     compute = Predictor(_request("r1"), view).compute_s(view.node("fast"))
@@ -168,6 +200,23 @@ def test_a_finished_first_attempt_teaches_its_nodes_and_the_next_view_carries_it
     assert later.node("slow").served.overhead(colocated=False) == pytest.approx(0.02)
     predictor = Predictor(_request("r2"), later)
     assert predictor.prefill_s(later.node("fast")) == pytest.approx(1.5 * predictor.compute_s(later.node("fast")))
+    # the ledger books the placed mode's scaled prefill, as the simulator does
+    d.place(_request("r2"), later)
+    assert d.ledger.prefill_backlog_s("fast") == pytest.approx(1.5 * predictor.compute_s(later.node("fast")))
+
+
+def test_a_prefill_that_found_another_cached_prefix_teaches_no_scale_and_a_new_profile_forgets() -> None:
+    d = Dispatcher(Fixed(Placement(None, "slow")), "fixed", LoadLedger(), calibration=ServedCalibration(min_samples=1))
+    d.place(_request("r1"), d.view((FAST, SLOW), LINKS, CONFIG, _request("r1")))
+    d.served("r1", RequestStats(prefill_s=0.5, ttft_s=0.6, cached_prefix_tokens=512))  # priced with none cached
+    assert d.calibration.snapshot("slow")["samples"] == {"overhead:colocated": 1}
+    view = d.view((FAST, SLOW), LINKS, CONFIG, _request("r2"))
+    d.place(_request("r2"), view)
+    compute = Predictor(_request("r2"), view).compute_s(view.node("slow"))
+    d.served("r2", RequestStats(prefill_s=compute, ttft_s=compute + 0.1))
+    assert d.calibration.snapshot("slow")["samples"] == {"overhead:colocated": 2, "prefill:local": 1}
+    restarted = _node("slow", ("prefill", "decode"), tflops=2.0, prefill_probe=((128, 0.5),))
+    assert d.view((FAST, restarted), LINKS, CONFIG).node("slow").served is None
 
 
 def test_a_request_that_ended_without_its_record_teaches_nothing() -> None:
@@ -185,7 +234,7 @@ def test_a_prefill_node_slower_than_its_start_up_figures_loses_the_conditional_c
     request = _request("q", prompt=4096)
     before = d.view((FAST, SLOW), LINKS, CONFIG, request)
     assert Conditional().place(request, before).prefill_node == "fast"
-    for _ in range(3):
+    for _ in range(3):  # MIN_SAMPLES requests
         d.calibration.observe(Observation("fast", "slow", "raw", 1.0, 4.0, 4.1, 0.0, 0.0))
     after = d.view((FAST, SLOW), LINKS, CONFIG, request)
     assert Conditional().place(request, after).prefill_node is None
@@ -227,13 +276,14 @@ def test_a_cluster_file_declares_served_figures_and_the_simulator_applies_them()
     assert costmodel.request_overhead_s(cluster.nodes["b"].efficiency, colocated=False) == 0.07
 
 
-@pytest.mark.parametrize(("entry", "needle"), [
-    ("prefill_scale = {remote = 1.0}", "unknown key 'remote'"),
-    ("prefill_scale = {raw = 0}", "raw = 0"),
-    ("prefill_scale = 2.0", "must be a table"),
-    ("request_overhead_s = {colocated = -1}", "colocated = -1"),
+@pytest.mark.parametrize(("old", "entry", "needle"), [
+    ("prefill_scale = {raw = 2.0}", "prefill_scale = {remote = 1.0}", "unknown key 'remote'"),
+    ("prefill_scale = {raw = 2.0}", "request_overhead_s = {colocated = 0.1}", "applies to a node with the 'decode'"),
+    ("prefill_scale = {raw = 2.0}", "prefill_scale = {raw = 0}", "raw = 0"),
+    ("prefill_scale = {raw = 2.0}", "prefill_scale = 2.0", "must be a table"),
+    ("request_overhead_s = {colocated = 0.05, disaggregated = 0.07}", "request_overhead_s = {colocated = -1}",
+     "colocated = -1"),
 ])
-def test_a_cluster_files_bad_served_figures_are_refused_by_name(entry: str, needle: str) -> None:
-    text = SIM_FILE.replace("prefill_scale = {raw = 2.0}", entry)
+def test_a_cluster_files_bad_served_figures_are_refused_by_name(old: str, entry: str, needle: str) -> None:
     with pytest.raises(cluster_file.ClusterFileError, match=needle):
-        cluster_file.loads(text)
+        cluster_file.loads(SIM_FILE.replace(old, entry))

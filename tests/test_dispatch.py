@@ -96,7 +96,7 @@ def test_the_policy_sees_earlier_requests_load() -> None:
     first, second = policy.seen[0], policy.seen[1]
     assert [(n.node_id, n.active_requests, n.prefill_backlog_s) for n in first.nodes] == [
         ("spark", 0, 0.0), ("mac", 0, 0.0)]
-    one = predicted_prefill_s(_request("r1"), first, "spark")[0]
+    one = predicted_prefill_s(_request("r1"), first, Placement("spark", "mac"))[0]
     assert (second.node("spark").active_requests, second.node("spark").prefill_backlog_s) == (1, one)
     assert second.node("mac").active_requests == 1
     d.prefill_done("r1")

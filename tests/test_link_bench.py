@@ -352,7 +352,9 @@ def test_the_plan_warms_every_placement_and_length_then_reads_health_then_measur
     plan = link_bench.build_plan(config, model, seed=1)
     keys = [tuple(item["key"]) for item in plan]
     health = keys.index((0, "-", "-", "health"))
-    warm = keys[:health]
+    assert keys[:3] == [(64, "colocated", "-", "prewarm"), (64, "disaggregated", "raw", "prewarm"),
+                        (64, "disaggregated", "int8", "prewarm")]
+    warm = keys[3:health]
     assert len(warm) == 2 * 2 * 3 and all(k[3] == "warmup" for k in warm)  # warmups x lengths x (colocated + 2)
     assert {(k[0], k[1], k[2]) for k in warm} == {(n, p, c) for n in (64, 128)
                                                  for p, c in (("colocated", "-"), ("disaggregated", "raw"),

@@ -190,15 +190,19 @@ def _parse_node(entry: Any, index: int, source: str) -> NodeSpec:
         engine=engine,
         prefill_probe=_parse_probe(entry.get("prefill_probe", []), where),
         device=_parse_device(entry.get("device", ""), where),
-        served=_parse_served(entry, where),
+        served=_parse_served(entry, roles, where),
     )
 
 
-def _parse_served(entry: Mapping[str, Any], where: str) -> costmodel.Served | None:
-    """``prefill_scale`` (mode -> factor > 0) and ``request_overhead_s`` (kind -> seconds >= 0) tables."""
+def _parse_served(entry: Mapping[str, Any], roles: tuple[str, ...], where: str) -> costmodel.Served | None:
+    """``prefill_scale`` (mode -> factor > 0; a prefill-capable node's) and ``request_overhead_s``
+    (kind -> seconds >= 0; a decode-capable node's) tables."""
     tables = []
-    for key, names, low in (("prefill_scale", costmodel.PREFILL_MODES, "> 0"),
-                            ("request_overhead_s", costmodel.PLACEMENT_KINDS, ">= 0")):
+    for key, names, low, role in (("prefill_scale", costmodel.PREFILL_MODES, "> 0", "prefill"),
+                                  ("request_overhead_s", costmodel.PLACEMENT_KINDS, ">= 0", "decode")):
+        if key in entry and role not in roles:
+            raise ClusterFileError(f"{where}: '{key}' applies to a node with the {role!r} role; this one has "
+                                   f"{list(roles)}")
         table = entry.get(key, {})
         shape = f"{where}: '{key}' must be a table of {', '.join(names)} to numbers {low}"
         if not isinstance(table, Mapping):

@@ -312,7 +312,7 @@ class LinkBench:
                                    f"{tail(self.log_dir / 'decode.log', 10)}")
             if "health" in line:  # after the warm-ups: what the scheduler learned from them
                 health = line["health"]
-            else:
+            elif line["key"][3] != "prewarm":
                 warm = ("warmup",) if line["key"][3] == "warmup" else ()
                 results[(*line["key"][:3], *warm)].append(line["pdcluster"])
         return health, results
@@ -380,8 +380,9 @@ def kv_bytes_per_token(model: Path, dtype: str) -> float:
 
 def build_plan(config: LinkBenchConfig, model: Path, seed: int) -> list[dict[str, Any]]:
     """Every request of one link, in order; each prompt distinct (no prefix is ever reused).
-    Keys: ``[prompt_tokens, placement, codec, repeat]``. Warm-ups first, keyed ``warmup``: one
-    per placement and codec at each prompt length, from which the scheduler learns its served
+    Keys: ``[prompt_tokens, placement, codec, repeat]``. First one cold round at the smallest
+    length (``prewarm``, used for nothing), then the warm-ups, keyed ``warmup``: one
+    per placement and codec at each prompt length and round, from which the scheduler learns its served
     corrections (``scheduler/calibration.py``); then ``/health`` (keyed ``health``), whose
     figures the simulator gets; then the measured requests."""
     import numpy as np
@@ -398,6 +399,10 @@ def build_plan(config: LinkBenchConfig, model: Path, seed: int) -> list[dict[str
         plan.append({"key": [n, placement, codec, repeat], "prompt": maker.text(n), "pdcluster": ext,
                      "max_tokens": 1})
 
+    small = min(config.prompt_tokens)  # one cold round first, unmeasured and outside the yardstick
+    add(small, "colocated", "-", "prewarm")
+    for codec in config.codecs:
+        add(small, "disaggregated", codec, "prewarm")
     for _ in range(config.warmups):
         for n in config.prompt_tokens:
             add(n, "colocated", "-", "warmup")
