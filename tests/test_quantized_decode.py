@@ -37,6 +37,7 @@ from workers.engines.model_config import read_model_spec
 from workers.rpc import info
 from workers.rpc.info import model_info, served_model_id
 from workers.tools import quantize
+from workers.tools.modelgen import PRESETS, WINDOWED_ARCHES
 from workers.tools.handoff import (
     HandoffConfig,
     check_quantized_handoff,
@@ -46,6 +47,7 @@ from workers.tools.handoff import (
 
 pytestmark = pytest.mark.skipif(not have("mlx.core"), reason="needs the mlx extra (mlx-lm quantizes)")
 N_TOKENS = 16
+WINDOW = PRESETS["tiny"]["sliding_window"]
 
 
 @pytest.fixture(scope="module")
@@ -327,3 +329,40 @@ def test_placement_never_pairs_a_node_the_registry_refused(base: Path) -> None:
     request = GenerationRequest("r", base.name, (1, 2, 3), max_tokens=1)
     with pytest.raises(NoCapacityError):
         asyncio.run(anext(aiter(backend.generate(request))))
+
+
+# ---------------------------------------------------------------- sliding-window models (gpt-oss, gemma3)
+
+
+@requires_torch_and_mlx
+@pytest.mark.parametrize("arch", WINDOWED_ARCHES)
+def test_teacher_forcing_over_a_window_reproduces_the_engines_own_greedy_tokens(arch: str, tmp_path: Path) -> None:
+    """``forced_logits`` loads the prompt as a whole-length prefix and lets the model's own window
+    mask do the rest: fed its own greedy tokens, each engine's forced argmax is exactly those tokens,
+    on a prompt longer than the window (so the mask has tokens to hide)."""
+    from workers.engines.registry import load_engine
+    from workers.engines.sampling import SamplingParams
+    from workers.tools.handoff import _alone_with_logits, forced_logits, prompt_token_ids
+
+    folder = tmp_path / arch
+    assert main(["make-model", str(folder), "--arch", arch]) == 0
+    token_ids = prompt_token_ids(folder, WINDOW + 44)
+    for engine_name in ("mlx", "torch"):
+        engine = load_engine(engine_name, folder, "float32")
+        tokens, logits, kv = _alone_with_logits(engine, token_ids, SamplingParams(max_tokens=8, temperature=0.0), 128)
+        assert [int(t) for t in np.argmax(forced_logits(engine, token_ids, kv, logits, tokens), axis=-1)] == tokens
+
+
+@requires_torch_and_mlx
+@pytest.mark.parametrize("arch", WINDOWED_ARCHES)
+def test_check_handoff_measures_a_quantized_decode_copy_of_a_sliding_window_model(arch: str, tmp_path: Path) -> None:
+    """gpt-oss (its transformers-fused experts included) and gemma3 quantize with mlx-lm, and the
+    measurement runs on a prompt longer than their window: figures in range, the copy's own bits."""
+    folder = tmp_path / arch
+    assert main(["make-model", str(folder), "--arch", arch, "--quantize", "8"]) == 0
+    config = HandoffConfig(model=str(folder), quantized_decode=str(_copy(folder, 8)), max_tokens=8,
+                           prompt_tokens=WINDOW + 44)
+    r = check_quantized_handoff(config)
+    assert r.tokens_compared == 8 and r.quantization["bits"] == 8 and r.prompt_tokens == WINDOW + 44
+    assert 0 <= r.greedy_agreement <= 8 and 0.0 <= r.top1_agreement <= 1.0
+    assert math.isfinite(r.mean_kl) and 0.0 <= r.mean_kl <= r.max_kl

@@ -58,6 +58,7 @@ This is the only module that imports mlx or mlx-lm; load it through
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import math
 import sys
@@ -680,10 +681,26 @@ def write_quantized(model_dir: str | Path, out_dir: str | Path, bits: int, group
     must not exist): what ``mlx_lm.convert -q --q-bits BITS --q-group-size
     GROUP_SIZE`` writes, run in-process (mlx-lm 0.32 API). Layers whose input
     width is not a multiple of ``group_size`` stay unquantized, as mlx-lm decides.
-    ``workers/tools/quantize.py`` drives it; this module is the one that imports mlx-lm."""
-    import contextlib
+    ``workers/tools/quantize.py`` drives it; this module is the one that imports mlx-lm.
 
-    from mlx_lm.convert import convert
+    The model is read by ``load_mlx_model`` (so a transformers gpt-oss checkpoint, whose fused
+    experts mlx-lm's own loader refuses, quantizes too); the rest is ``convert``'s own steps:
+    the config's dtype, ``quantize_model``, ``save``."""
+    from mlx.utils import tree_map_with_path
+    from mlx_lm.utils import load_tokenizer, quantize_model, save
 
-    with contextlib.redirect_stdout(sys.stderr):  # its progress lines are not our output
-        convert(str(model_dir), str(out_dir), quantize=True, q_bits=bits, q_group_size=group_size)
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if out_dir.exists():
+        raise ValueError(f"cannot write a quantized copy to {out_dir}: it exists")
+    model = load_mlx_model(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    dtype = config.get("torch_dtype") or config.get("dtype")
+    if dtype in ("float16", "bfloat16", "float32"):  # as convert: floats in the checkpoint's dtype
+        target = getattr(mx, dtype)
+        keep = getattr(model, "cast_predicate", lambda _: True)
+        model.update(tree_map_with_path(
+            lambda k, v: v.astype(target) if keep(k) and mx.issubdtype(v.dtype, mx.floating) else v,
+            model.parameters()))
+    model, config = quantize_model(model, config, group_size, bits, mode="affine")
+    tokenizer = load_tokenizer(model_dir, {}, eos_token_ids=config.get("eos_token_id", None))
+    save(out_dir, model_dir, model, tokenizer, config)

@@ -145,11 +145,13 @@ def generate_handoff(
     return tokens, kv, result.compute_s, transfer_s
 
 
-def ship_kv(prefill: Engine, token_ids: list[int], params: SamplingParams, chunk_size: int
-            ) -> tuple[ReceivedKV, PrefillResult, float]:
+def ship_kv(prefill: Engine, token_ids: list[int], params: SamplingParams, chunk_size: int,
+            keep: list[KVSlice] | None = None) -> tuple[ReceivedKV, PrefillResult, float]:
     """Prefill on ``prefill``, each slice through ``KVSender`` over a real
     loopback TCP connection, the first token sampled from its logits. Returns
-    what the receiver got, the prefill's result and the transfer seconds."""
+    what the receiver got, the prefill's result and the transfer seconds.
+    ``keep``: also append every slice as the engine emitted it (before the
+    sender cuts sliding layers to their windows)."""
     rid = "handoff"
     layout = prefill.kv_layout(len(token_ids))
     receiver = KVReceiver()
@@ -160,7 +162,8 @@ def ship_kv(prefill: Engine, token_ids: list[int], params: SamplingParams, chunk
     with connect(server.host, server.port, timeout=TRANSFER_TIMEOUT_S) as sock, KVSender(sock) as sender:
         sent_at = time.monotonic()
         sender.begin(rid, layout)
-        result = prefill.prefill(rid, token_ids, sender.send_slice, chunk_size=chunk_size)
+        sink = sender.send_slice if keep is None else (lambda s: (keep.append(s), sender.send_slice(s)))
+        result = prefill.prefill(rid, token_ids, sink, chunk_size=chunk_size)
         first = sample(result.logits, params, 0)
         sender.end(first)
     kv = server.result(TRANSFER_TIMEOUT_S)
@@ -331,14 +334,16 @@ def check_quantized_handoff(config: HandoffConfig) -> QuantizedHandoffResult:
     token_ids = prompt_token_ids(model_dir, config.prompt_tokens)
     params = SamplingParams(max_tokens=config.max_tokens, temperature=0.0)
     reference, reference_logits, reference_kv = _alone_with_logits(decode, token_ids, params, config.chunk_size)
-    kv, prefill_result, transfer_s = ship_kv(prefill, token_ids, params, config.chunk_size)
-    if kv.layout.sliding:
-        raise ValueError(f"{model_dir}: the quantized-decode measurement covers full-attention models only; "
-                         f"this one has sliding-window layers")
-    decode.load_kv("handoff", kv.layout, kv.slices)
+    emitted: list[KVSlice] = []
+    kv, prefill_result, transfer_s = ship_kv(prefill, token_ids, params, config.chunk_size, keep=emitted)
+    decode.load_kv("handoff", kv.layout, kv.slices)  # as the cluster does: sliding layers hold their window
     tokens = [kv.first_token, *generate(decode, "handoff", kv.first_token, params)]
     decode.release("handoff")
-    shipped = _prompt_kv(kv.slices, kv.layout.num_layers, kv.layout.num_tokens)
+    # Teacher forcing loads the prompt as a prefix, which covers every token of every layer: the
+    # prefill's slices as it emitted them. A sliding layer's tokens before its window are ones the
+    # shipped KV left out; the model's own window mask hides them from every later position, so
+    # the candidate still sees exactly the shipped KV (the handoff above is the cluster's path).
+    shipped = _prompt_kv(emitted, kv.layout.num_layers, kv.layout.num_tokens)
     forced = {  # [tokens, vocab] next-token logits, every side fed the reference's tokens
         "reference": forced_logits(decode, token_ids, reference_kv, reference_logits, reference),
         "candidate": forced_logits(decode, token_ids, shipped, prefill_result.logits, reference),
@@ -375,14 +380,24 @@ def forced_logits(engine: Engine, token_ids: list[int], prompt_kv: list[KVSlice]
     (one slice per layer, the whole prompt): row 0 is ``first_logits`` (the
     prompt's last position, whichever engine computed it), row ``i`` the
     logits after ``forced[:i]``. Each step is a one-token prefill over the
-    cache so far, loaded as a prefix (the ``Engine`` protocol only)."""
-    rid, rows, prefix = "forced", [np.asarray(first_logits, dtype=np.float32)], prompt_kv
+    cache so far, loaded as a prefix (the ``Engine`` protocol only); the new
+    token's K/V, as the step emits it, extends that prefix for the next step,
+    every layer whole (a sliding layer's window is the model's mask to apply)."""
+    rid, rows = "forced", [np.asarray(first_logits, dtype=np.float32)]
+    keys = [s.keys for s in prompt_kv]  # [kv_heads, tokens, head_dim] per layer
+    values = [s.values for s in prompt_kv]
+    dtype = prompt_kv[0].dtype
     try:
         for i in range(1, len(forced)):
             sequence = [*token_ids, *forced[:i]]
-            result = engine.prefill(rid, sequence, lambda _: None, prefix=prefix, emit_from=len(sequence))
+            prefix = [KVSlice(layer, 0, keys[layer], values[layer], dtype) for layer in range(len(prompt_kv))]
+            new: list[KVSlice] = []
+            result = engine.prefill(rid, sequence, new.append, prefix=prefix, emit_from=len(sequence) - 1)
+            engine.release(rid)
             rows.append(result.logits)
-            prefix = [engine.cached_layer(rid, layer) for layer in range(len(prompt_kv))]
+            for s in new:  # the one new token, per layer, in the wire dtype
+                keys[s.layer] = np.concatenate([keys[s.layer], s.keys.astype(keys[s.layer].dtype)], axis=1)
+                values[s.layer] = np.concatenate([values[s.layer], s.values.astype(values[s.layer].dtype)], axis=1)
     finally:
         engine.release(rid)
     return np.stack(rows)  # [len(forced), vocab]
