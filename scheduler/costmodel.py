@@ -406,7 +406,17 @@ def linear_flops(model: ModelCost, num_new: int) -> float:
 # --------------------------------------------------------------- KV codecs on the wire
 
 KV_DTYPE_BYTES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}
-KV_DTYPE = "bfloat16"  # the wire dtype the cost model prices KV in (the catalog's models compute in bf16)
+KV_DTYPE = "bfloat16"  # the wire dtype the cost model prices KV in by default (the catalog's models compute in bf16)
+
+
+def kv_dtype_of(config: Mapping[str, Any] | None, engine_dtype: str = "") -> str:
+    """The dtype a model's KV crosses the link in: the serving engine's (``ModelInfo.dtype``) when
+    known, else the checkpoint's (``torch_dtype`` / ``dtype``, also under ``text_config``), else
+    ``KV_DTYPE``; one the codecs do not know (an 8-bit cache) is priced as ``KV_DTYPE``."""
+    candidates = [engine_dtype]
+    for scope in (config or {}, (config or {}).get("text_config") or {}):
+        candidates += [scope.get("torch_dtype"), scope.get("dtype")]
+    return next((d for d in candidates if isinstance(d, str) and d in KV_DTYPE_BYTES), KV_DTYPE)
 
 
 @dataclass(frozen=True)

@@ -87,14 +87,15 @@ class Dispatcher:
 
     def view(self, nodes: Iterable[NodeInfo], links: Mapping[tuple[str, str], LinkView],
              model_config: dict | None, request: GenerationRequest | None = None, *,
-             cached_tokens: Mapping[str, int] | None = None) -> ClusterView:
+             cached_tokens: Mapping[str, int] | None = None, kv_dtype: str = "") -> ClusterView:
         """What the policy sees: ``nodes`` with their load, the links among them,
         the model's config, and the prompt tokens of ``request`` each node holds.
 
         The cached figures are ``cached_tokens`` when given (node id -> tokens;
         nodes it leaves out are unknown), else the prefix index's answer for
         ``request.prefix_hashes`` (every node of the view, 0 where it holds
-        nothing), else none (no request, or a request without hashes)."""
+        nothing), else none (no request, or a request without hashes).
+        ``kv_dtype``: the serving engine's dtype, as its Info reply says ("": the config's)."""
         nodes = list(nodes)
         for node in nodes:  # a node that came back measured differently: its served figures no longer apply
             profile = (node.engine, node.device, node.tflops, node.mem_bw_gbps, node.prefill_probe,
@@ -108,7 +109,8 @@ class Dispatcher:
         if cached_tokens is None:
             cached_tokens = self.cached_tokens(request, ids) if request is not None else {}
         cached = {node: tokens for node, tokens in cached_tokens.items() if node in ids}
-        return ClusterView(views, among, model_config, cached_tokens=cached, kv_codec=self.kv_codec)
+        return ClusterView(views, among, model_config, cached_tokens=cached, kv_codec=self.kv_codec,
+                           kv_dtype=costmodel.kv_dtype_of(model_config, kv_dtype))
 
     def cached_tokens(self, request: GenerationRequest, node_ids: Iterable[str]) -> dict[str, int]:
         """Node -> prompt tokens of ``request`` it holds, per the prefix index; {} without hashes."""

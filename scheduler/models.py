@@ -54,6 +54,7 @@ class ModelRecord:
     config: dict | None
     shape: dict[str, object] = field(default_factory=dict)
     source: str = ""
+    dtype: str = ""  # the teaching node's engine dtype (its KV's wire dtype), "" unknown
 
 
 def model_shape(model: pb.ModelInfo) -> dict[str, object]:
@@ -93,7 +94,8 @@ def record_from_info(model: pb.ModelInfo, source: str = "") -> ModelRecord:
     """The ``ModelRecord`` an Info reply's model describes; ``source`` names the node for warnings."""
     bundle = TokenizerBundle(model.tokenizer_json, model.chat_template, model.bos_token, model.eos_token)
     entry = ModelEntry(model.model_id, model.max_position_embeddings, tuple(model.eos_token_ids))
-    return ModelRecord(entry, PromptCodec(bundle), _config_of(model, source), model_shape(model), source)
+    return ModelRecord(entry, PromptCodec(bundle), _config_of(model, source), model_shape(model), source,
+                       model.dtype)
 
 
 def _config_of(model: pb.ModelInfo, source: str) -> dict | None:

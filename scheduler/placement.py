@@ -90,6 +90,7 @@ class ClusterView:
     weight_format: str | None = None
     cached_tokens: Mapping[str, int] = field(default_factory=dict)  # node id -> prompt tokens it holds
     kv_codec: str = "auto"  # the server's codec mode (--kv-codec); a request's hint overrides it
+    kv_dtype: str = "bfloat16"  # the KV's wire dtype (costmodel.kv_dtype_of): sizes transfers and codecs
 
     def __post_init__(self) -> None:
         check_kv_codec(self.kv_codec, "ClusterView.kv_codec")

@@ -176,6 +176,7 @@ class Predictor:
             cluster.model_config, dense_format=self.format, expert_format=self.format)
         self.num_prompt_tokens = len(request.prompt_token_ids)
         self.codec_mode = codec_mode(request, cluster)
+        self.kv_dtype = cluster.kv_dtype  # what a transfer's bytes and a codec's cost are counted in
 
     def cached(self, node: NodeView) -> int:
         """Prompt tokens of this request whose KV ``node`` holds."""
@@ -241,7 +242,7 @@ class Predictor:
         """The codec of a transfer ``prefill`` -> ``decode`` when there is
         nothing to weigh; None: ``auto`` weighs the codecs on the link."""
         if self.codec_mode != "auto":  # explicit; a cache only raw can carry (MLA) is priced raw
-            return self.codec_mode if costmodel.can_encode(self.model, self.codec_mode) else "raw"
+            return self.codec_mode if costmodel.can_encode(self.model, self.codec_mode, self.kv_dtype) else "raw"
         return "raw" if same_host(prefill, decode) else None
 
     def _cost(self, node: NodeView, link: costmodel.Link | None = None,
@@ -249,8 +250,10 @@ class Predictor:
         hw, eff = self._hardware(node)
         args = (self.model, hw, eff, self.num_prompt_tokens, self.cached(node))
         if link is not None and codec is None:
-            return costmodel.auto_codec_cost(*args, link=link, num_decode_cached=num_decode_cached)
-        return costmodel.request_cost(*args, link=link, num_decode_cached=num_decode_cached, codec=codec or "raw")
+            return costmodel.auto_codec_cost(*args, link=link, num_decode_cached=num_decode_cached,
+                                             kv_dtype=self.kv_dtype)
+        return costmodel.request_cost(*args, link=link, num_decode_cached=num_decode_cached, codec=codec or "raw",
+                                      kv_dtype=self.kv_dtype)
 
     def _hardware(self, node: NodeView) -> tuple[costmodel.Hardware, costmodel.Efficiency]:
         """The node's machine and efficiencies, its prefill probe (if any) pricing its prefill,

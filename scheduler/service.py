@@ -362,8 +362,9 @@ class ClusterBackend:
         also how many of its prompt tokens each node holds in its prefix cache."""
         nodes = list(nodes)
         cached = prefix_cached_tokens(self.dispatcher.prefixes, request, nodes) if request is not None else None
+        record = self.registry.record(model)
         return self.dispatcher.view(nodes, self.links.views(), self.registry.config_for(model),
-                                    cached_tokens=cached)
+                                    cached_tokens=cached, kv_dtype=record.dtype if record else "")
 
     async def _refresh_prefixes(self) -> None:
         """Every ``prefix_refresh_s``: each node's whole set of held prefix blocks

@@ -287,3 +287,32 @@ def test_a_cluster_file_declares_served_figures_and_the_simulator_applies_them()
 def test_a_cluster_files_bad_served_figures_are_refused_by_name(old: str, entry: str, needle: str) -> None:
     with pytest.raises(cluster_file.ClusterFileError, match=needle):
         cluster_file.loads(SIM_FILE.replace(old, entry))
+
+
+# ---------------------------------------------------------------- the KV's wire dtype
+
+
+@pytest.mark.parametrize(("config", "engine", "expected"), [
+    ({"torch_dtype": "bfloat16"}, "", "bfloat16"),
+    ({"dtype": "float32"}, "", "float32"),
+    ({"text_config": {"dtype": "float16"}}, "", "float16"),
+    ({"torch_dtype": "bfloat16"}, "float32", "float32"),  # the serving engine's dtype wins
+    ({}, "", costmodel.KV_DTYPE),
+    (None, "int8", costmodel.KV_DTYPE),  # not a dtype the codecs know: priced as the default
+])
+def test_the_kv_dtype_is_the_engines_else_the_checkpoints(config, engine: str, expected: str) -> None:
+    assert costmodel.kv_dtype_of(config, engine) == expected
+
+
+def test_a_float32_cluster_ships_twice_the_bytes_of_a_bfloat16_one() -> None:
+    """The view's KV dtype sizes the transfer: the engine's dtype from the registry, live; the
+    checkpoint's in the simulator."""
+    d = Dispatcher(Fixed(Placement("fast", "slow", "raw")), "fixed", LoadLedger())
+    shipped = {}
+    for dtype in ("bfloat16", "float32"):
+        view = d.view((FAST, SLOW), LINKS, CONFIG, _request("r"), kv_dtype=dtype)
+        assert view.kv_dtype == dtype
+        shipped[dtype] = Predictor(_request("r"), view).cost(view.node("fast"), view.node("slow")).shipped_bytes
+    assert shipped["float32"] == pytest.approx(2 * shipped["bfloat16"])
+    assert d.view((FAST, SLOW), LINKS, CONFIG).kv_dtype == "bfloat16"  # llama-3.1-8b's config says bf16
+    assert build_cluster(cluster_file.loads(SIM_FILE), "llama-3.1-8b").kv_dtype == "bfloat16"

@@ -79,6 +79,7 @@ def test_the_live_view_carries_profiles_the_measured_link_and_the_config(model: 
                 assert link.gbps > 0 and link.latency_s >= 0
                 assert view.link("test-both", "test-prefill") is None  # the prefill-only node cannot decode
                 assert view.model_config == json.loads((model / "config.json").read_text())
+                assert view.kv_dtype == "float32"  # the workers' engines' dtype, from their Info replies
                 s, m = view.node("test-prefill"), view.node("test-both")
                 assert (s.hardware, s.tflops, s.mem_bw_gbps, s.measured) == ("dgx-spark", 125.0, 273.0, False)
                 assert (m.hardware, m.tflops, m.measured) == ("", 1.0, False)

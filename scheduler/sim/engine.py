@@ -89,6 +89,7 @@ class SimCluster:
     model_name: str
     model_config: dict
     weight_format: str
+    kv_dtype: str = costmodel.KV_DTYPE  # the KV's wire dtype: the checkpoint's (costmodel.kv_dtype_of)
 
     def link_views(self) -> dict[tuple[str, str], LinkView]:
         return {pair: LinkView(link.gbit_s, link.latency_s) for pair, link in self.links.items()}
@@ -136,7 +137,7 @@ def build_cluster(spec: ClusterSpec, model: str, *, engine: str | None = None,
         measured = costmodel.Link(net.name, net.bytes_per_s * 8 / 1e9, net.latency_s, payload_efficiency=1.0)
         a, b = link.nodes
         links[(a, b)] = links[(b, a)] = measured
-    return SimCluster(nodes, links, cost, name, config, cost.weight_format)
+    return SimCluster(nodes, links, cost, name, config, cost.weight_format, costmodel.kv_dtype_of(config))
 
 
 # ---------------------------------------------------------------- event loop and engine queues
@@ -299,7 +300,7 @@ class Simulation:
         link = None if prefill == decode else self.cluster.links[(prefill, decode)]
         cost = costmodel.request_cost(self.cluster.model, node.machine, node.efficiency, item.prompt_tokens,
                                       cached[prefill], link=link, num_decode_cached=cached[decode] if link else 0,
-                                      codec=placement.codec if link else "raw")
+                                      codec=placement.codec if link else "raw", kv_dtype=self.cluster.kv_dtype)
         flight = Flight(index, item, prefill, decode, cost, hashes,
                         kv_bytes=costmodel.kv_bytes(self.cluster.model, item.prompt_tokens))
         self.flights.append(flight)
@@ -347,7 +348,7 @@ class Simulation:
                 prefill_probe=node.spec.prefill_probe, device_kind=node.spec.device, served=node.spec.served,
             ))
         return ClusterView(tuple(nodes), dict(self.link_views), self.cluster.model_config, self.cluster.weight_format,
-                           cached_tokens=cached, kv_codec=self.kv_codec)
+                           cached_tokens=cached, kv_codec=self.kv_codec, kv_dtype=self.cluster.kv_dtype)
 
     # ------------------------------------------------------------ stages
 
