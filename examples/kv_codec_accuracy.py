@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from workers.engines.base import Engine, KVLayout, KVSlice, generate, join_layer
+from workers.engines.base import Engine, KVLayout, KVSlice, generate, join_layer, join_window
 from workers.engines.registry import load_engine
 from workers.engines.sampling import SamplingParams, sample
 from workers.kv.kvcodecs import (
@@ -175,6 +175,7 @@ def one_prompt(prefill: Engine, decoder: Engine, prompt: list[int], steps: int) 
     first = sample(result.logits, SamplingParams(temperature=0.0), 0)
     params = SamplingParams(max_tokens=steps + 1, temperature=0.0)
     layout: KVLayout = prefill.kv_layout(len(prompt))
+    emitted = slices  # every token of every layer, as the engine produced them
     slices = [c for c in (layout.clip(s) for s in slices) if c is not None]  # what travels
     raw_bytes = sum(s.nbytes for s in slices)
     figures, reference, reference_lp = {}, None, None
@@ -184,11 +185,14 @@ def one_prompt(prefill: Engine, decoder: Engine, prompt: list[int], steps: int) 
         decoder.load_kv(codec, layout, received)
         tokens = [first, *generate(decoder, codec, first, params)]
         decoder.release(codec)
-        prefix = [KVSlice(layer, 0, *join_layer(received, layer, layout), layout.dtype)
-                  for layer in range(layout.num_layers)]
+        prefix = whole_prefix(emitted, received, layout)
         if reference is None:  # raw comes first: the reference
             reference = tokens
             reference_lp = next_token_logprobs(decoder, prompt, prefix, reference)
+            # the method's own check: teacher-forced on its own greedy tokens, raw gives them back
+            if [int(t) for t in np.argmax(reference_lp, -1)] != reference[1:]:
+                raise RuntimeError("teacher forcing over the received KV does not reproduce the raw handoff's "
+                                   "own greedy tokens: the measurement is broken for this model")
         lp = next_token_logprobs(decoder, prompt, prefix, reference)
         kl = np.sum(np.exp(reference_lp) * (reference_lp - lp), axis=-1)
         matches = [a == b for a, b in zip(tokens, reference, strict=False)]
@@ -204,6 +208,21 @@ def one_prompt(prefill: Engine, decoder: Engine, prompt: list[int], steps: int) 
             "wire_ratio": sum(n for _, n in shipped) / raw_bytes,
         }
     return figures
+
+
+def whole_prefix(emitted: list[KVSlice], received: list[KVSlice], layout: KVLayout) -> list[KVSlice]:
+    """The prompt's KV as a prefill prefix: one slice per layer covering every token, as a prefix
+    must. A full-attention layer is what was received. A sliding layer received only its window:
+    the tokens before it come from the prefill as emitted, and the model's own window mask hides
+    them from every later position, so the decoder still attends to exactly what was received."""
+    whole = KVLayout(layout.num_layers, layout.kv_heads, layout.head_dim, layout.dtype, layout.num_tokens)
+    prefix = []
+    for layer in range(layout.num_layers):
+        keys, values = (np.array(a) for a in join_layer(emitted, layer, whole))
+        start, got_keys, got_values = join_window(received, layer, layout)
+        keys[:, start:], values[:, start:] = got_keys, got_values
+        prefix.append(KVSlice(layer, 0, keys, values, layout.dtype))
+    return prefix
 
 
 def _mean_rel_rms(got: list[KVSlice], want: list[KVSlice], part: str) -> float:

@@ -261,3 +261,29 @@ def test_untruncated_yarn_rotates_like_transformers(make_tiny_model, tmp_path: P
     reference, _ = generate_alone(mlx, ids, greedy(16), 128)
     tokens, _, _, _ = generate_handoff(torch_engine, mlx, ids, greedy(16), 128)
     assert tokens == reference
+
+
+# ---------------------------------------------------------------- codec accuracy over a window
+
+
+@pytest.mark.parametrize("arch", WINDOWED_ARCHES)
+def test_codec_accuracy_runs_over_a_window_and_checks_its_own_method(arch: str) -> None:
+    """examples/kv_codec_accuracy.py on a prompt longer than the window: its teacher forcing loads
+    a whole-length prefix (the received window plus the emitted tokens before it) and checks that
+    raw, fed its own greedy tokens, gives them back; it exits non-zero if not."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    done = subprocess.run(
+        [sys.executable, "examples/kv_codec_accuracy.py", "--models", f"{arch}:tiny", "--steps", "4",
+         "--prompt-tokens", str(WINDOW + 44), "--repeats", "1", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {r["codec"]: r for r in json.loads(done.stdout.splitlines()[-1])["accuracy"]}
+    assert rows["raw"]["mean_kl"] == 0.0 and rows["raw"]["top1_agreement"] == 1.0
+    for codec in ("int8", "fp8"):
+        assert 0.0 <= rows[codec]["mean_kl"] <= rows[codec]["max_kl"] and 0.0 <= rows[codec]["top1_agreement"] <= 1
