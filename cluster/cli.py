@@ -256,14 +256,27 @@ def _add_make_model(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quantize", type=int, choices=(4, 8), default=None, metavar="BITS",
                    help="also write mlx-lm's BITS-bit copy (4 or 8) to DIR-qBITS, a decode copy declaring "
                         "DIR's name as its base model id (needs the mlx extra)")
+    p.add_argument("--mxfp4", action="store_true",
+                   help="gpt_oss only: store the MoE experts as the released gpt-oss checkpoints do, MXFP4 "
+                        "blocks and scales with quantization_config quant_method mxfp4 (transformers "
+                        "dequantizes them where it has no MXFP4 kernels; mlx-lm computes in MXFP4)")
     p.set_defaults(run=_run_make_model)
 
 
 def _run_make_model(args: argparse.Namespace) -> int:
     from workers.tools.modelgen import make_model
 
-    path = make_model(args.dir, args.arch, seed=args.seed, preset=args.preset, progress=sys.stderr.isatty())
-    print(f"wrote {args.preset} {args.arch} checkpoint (seed {args.seed}) to {path}")
+    if args.mxfp4 and args.arch != "gpt_oss":
+        print(f"pdc: error: --mxfp4 is gpt-oss's expert format; --arch {args.arch} has none", file=sys.stderr)
+        return 2
+    if args.mxfp4 and args.quantize:
+        print("pdc: error: --quantize makes an mlx-lm copy of a float checkpoint; --mxfp4 experts are quantized "
+              "already", file=sys.stderr)
+        return 2
+    path = make_model(args.dir, args.arch, seed=args.seed, preset=args.preset, progress=sys.stderr.isatty(),
+                      mxfp4=args.mxfp4)
+    experts = ", experts in MXFP4" if args.mxfp4 else ""
+    print(f"wrote {args.preset} {args.arch} checkpoint (seed {args.seed}{experts}) to {path}")
     if args.quantize:
         from workers.tools.quantize import make_quantized_sibling
 

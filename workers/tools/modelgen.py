@@ -29,6 +29,9 @@ import numpy as np
 from safetensors.numpy import save_file
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from workers.tools.mxfp4 import QUANTIZATION_CONFIG as MXFP4_CONFIG
+from workers.tools.mxfp4 import quantize as mxfp4_quantize
+
 ARCHES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gpt_oss", "gemma3")
 # The architectures with sliding-window layers (``KVLayout.windows``).
 WINDOWED_ARCHES: tuple[str, ...] = ("gpt_oss", "gemma3")
@@ -227,21 +230,29 @@ def make_model(
     seed: int = 0,
     preset: str = "tiny",
     progress: bool = False,
+    mxfp4: bool = False,
 ) -> Path:
     """Write a random-weight ``arch`` checkpoint of size ``preset`` into ``out_dir``.
 
     Creates ``out_dir`` if needed and overwrites only the files it writes.
     Raises ``ValueError`` for an unknown ``arch`` or ``preset``. With
-    ``progress`` a tqdm bar tracks weight generation. Returns ``out_dir``.
+    ``progress`` a tqdm bar tracks weight generation. ``mxfp4`` (gpt_oss
+    only) stores the MoE experts as the released checkpoints do, MXFP4 blocks
+    and scales (``workers/tools/mxfp4.py``). Returns ``out_dir``.
     """
     _check_choice("arch", arch, ARCHES)
     _check_choice("preset", preset, tuple(PRESETS))
+    if mxfp4 and arch != "gpt_oss":
+        raise ValueError(f"--mxfp4 is gpt-oss's expert format; arch {arch!r} has no MXFP4 checkpoint")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     num_tokens = tokenizer.get_vocab_size()
     config = build_config(arch, preset, num_tokens)
     weights = build_weights(config, seed, num_tokens, progress)
+    if mxfp4:
+        weights = _mxfp4_experts(weights)
+        config["quantization_config"] = dict(MXFP4_CONFIG)
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save(str(out / "tokenizer.json"))
     _write_json(out / "config.json", config)
@@ -249,7 +260,19 @@ def make_model(
     _write_json(out / "tokenizer_config.json", _tokenizer_config())
     _write_json(out / "special_tokens_map.json", _special_tokens_map())
     # says "random weights" to pdc demo and pdc models; no model loader reads it
-    _write_json(out / "pdcluster-model.json", {"kind": "random", "arch": arch, "seed": seed, "preset": preset})
+    _write_json(out / "pdcluster-model.json", {"kind": "random", "arch": arch, "seed": seed, "preset": preset,
+                                               **({"experts": "mxfp4"} if mxfp4 else {})})
+    return out
+
+
+def _mxfp4_experts(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """gpt-oss's float expert matrices as MXFP4 ``_blocks`` and ``_scales`` (biases stay float)."""
+    out = {}
+    for name, value in weights.items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            out[name + "_blocks"], out[name + "_scales"] = mxfp4_quantize(value)
+        else:
+            out[name] = value
     return out
 
 
