@@ -16,12 +16,16 @@ per node:
 
 * ``prefill_scale[mode]``: the median, over the node's last ``window``
   prefills in that mode (of the last ``max_age_s``; used once ``min_samples``
-  back it), of served prefill seconds / the cost model's compute
-  seconds for the same prompt and cached prefix (``Predictor.compute_s``: the
-  probe's pricing, before any correction). Modes are ``local`` (colocated: the
-  KV stays) and the codec a remote prefill streamed in (``raw``, ``int8``,
-  ``fp8``). Prefills the model prices under ``min_compute_s`` are too short
-  to time against it and are not counted.
+  back it), of served prefill seconds / the cost model's compute seconds for
+  the same prompt and cached prefix (``Predictor.compute_s``: the probe's
+  pricing, before any correction); and the same per length band
+  (``prefill_points``: a band per factor of two in prompt length, used once
+  two bands have samples), since a node's ratio can change with length.
+  Modes are ``local`` (colocated: the KV stays) and the codec a remote
+  prefill streamed in (``raw``, ``int8``, ``fp8``). Prefills the model
+  prices under ``min_compute_s`` are too short to time against it and are
+  not counted, nor one that found a different cached prefix than placement
+  assumed (``Dispatcher.served``).
 * ``overhead_s[kind]``: the median, over the node's last ``window`` requests
   it decoded, colocated or disaggregated, of TTFT less queue (the worker's and
   the admission queue's), prefill and exposed transfer.
@@ -62,6 +66,7 @@ class Observation:
     ttft_s: float
     queue_s: float  # the worker's queue and the admission queue
     exposed_s: float  # prefill end -> last KV byte landed (0 colocated)
+    num_tokens: int = 0  # the tokens this prefill computed (prompt less its cached prefix); 0 unknown
 
     @property
     def colocated(self) -> bool:
@@ -79,7 +84,8 @@ class ServedCalibration:
                              f"{min_samples}, {window}, {min_compute_s}, {max_age_s}")
         self.window, self.min_samples, self.max_age_s = window, min_samples, max_age_s
         self.min_compute_s, self.enabled, self.clock = min_compute_s, enabled, clock
-        self._scales: dict[tuple[str, str], deque[tuple[float, float]]] = {}  # key -> (when, value)
+        # (node, mode) -> (when, (ratio, tokens)); (node, kind) -> (when, seconds)
+        self._scales: dict[tuple[str, str], deque[tuple[float, tuple[float, int]]]] = {}
         self._overheads: dict[tuple[str, str], deque[tuple[float, float]]] = {}
 
     def observe(self, seen: Observation) -> None:
@@ -93,7 +99,7 @@ class ServedCalibration:
             ratio = seen.prefill_s / seen.compute_s
             if not SCALE_RANGE[0] <= ratio <= SCALE_RANGE[1]:
                 return  # a broken measurement: its TTFT says nothing either
-            self._add(self._scales, (seen.prefill_node, seen.mode), ratio)
+            self._add(self._scales, (seen.prefill_node, seen.mode), (ratio, seen.num_tokens))
         if seen.ttft_s > 0 and seen.prefill_s > 0:
             kind = "colocated" if seen.colocated else "disaggregated"
             rest = seen.ttft_s - seen.queue_s - seen.prefill_s - seen.exposed_s
@@ -104,11 +110,12 @@ class ServedCalibration:
         None before that (or when disabled)."""
         if not self.enabled:
             return None
-        scales = tuple((mode, statistics.median(v)) for mode, v in self._figures(self._scales, node_id)
-                       if len(v) >= self.min_samples)
+        ready = [(mode, v) for mode, v in self._figures(self._scales, node_id) if len(v) >= self.min_samples]
+        scales = tuple((mode, statistics.median(ratio for ratio, _ in v)) for mode, v in ready)
+        points = tuple((mode, p) for mode, v in ready if len(p := length_points(v)) >= 2)
         overheads = tuple((kind, statistics.median(v)) for kind, v in self._figures(self._overheads, node_id)
                           if len(v) >= self.min_samples)
-        return costmodel.Served(scales, overheads) if scales or overheads else None
+        return costmodel.Served(scales, overheads, points) if scales or overheads else None
 
     def forget(self, node_id: str) -> None:
         """``node_id`` left (or restarted): what it measured no longer applies."""
@@ -122,6 +129,7 @@ class ServedCalibration:
         served = self.served(node_id) or costmodel.Served()
         return {
             "prefill_scale": {mode: round(value, 4) for mode, value in served.prefill_scale},
+            "prefill_points": {mode: [[n, round(f, 4)] for n, f in p] for mode, p in served.prefill_points},
             "overhead_s": {kind: round(value, 4) for kind, value in served.overhead_s},
             "samples": {f"{what}:{key}": len(v) for what, table in (("prefill", self._scales),
                                                                      ("overhead", self._overheads))
@@ -130,8 +138,7 @@ class ServedCalibration:
             "enabled": self.enabled,
         }
 
-    def _figures(self, table: dict[tuple[str, str], deque[tuple[float, float]]], node_id: str
-                 ) -> list[tuple[str, list[float]]]:
+    def _figures(self, table: dict[tuple[str, str], deque], node_id: str) -> list[tuple[str, list]]:
         """``node_id``'s keys in ``table`` with their values younger than ``max_age_s`` (older ones dropped)."""
         oldest = self.clock() - self.max_age_s
         out = []
@@ -144,6 +151,18 @@ class ServedCalibration:
                 out.append((key, [value for _, value in samples]))
         return out
 
-    def _add(self, table: dict[tuple[str, str], deque[tuple[float, float]]], key: tuple[str, str],
-             value: float) -> None:
+    def _add(self, table: dict[tuple[str, str], deque], key: tuple[str, str], value: object) -> None:
         table.setdefault(key, deque(maxlen=self.window)).append((self.clock(), value))
+
+
+def length_points(samples: list[tuple[float, int]]) -> tuple[tuple[int, float], ...]:
+    """(ratio, tokens) samples as ``Served.prefill_points``: one point per length band (a
+    factor of two, ``round(log2(tokens))``), at the band's median tokens with its median
+    ratio, ascending; samples of unknown length (0 tokens) count only in the overall figure."""
+    bands: dict[int, list[tuple[float, int]]] = {}
+    for ratio, tokens in samples:
+        if tokens > 0:
+            bands.setdefault(round(math.log2(tokens)), []).append((ratio, tokens))
+    points = [(int(statistics.median(n for _, n in band)), statistics.median(r for r, _ in band))
+              for _, band in sorted(bands.items())]
+    return tuple(points)  # bands are disjoint length ranges: their medians ascend

@@ -31,6 +31,7 @@ combination only; every other combination gets ``GENERIC[weight_format]``.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -637,10 +638,17 @@ class Served:
     for one streamed in it (its sender's work on the node's cores, the checksum, a lossy
     codec's encode). ``overhead_s``: per ``PLACEMENT_KINDS``, what a request's TTFT held
     beyond queue, prefill and exposed transfer on this node as the decode node (RPCs, the
-    scheduler's hops, the first token's trip)."""
+    scheduler's hops, the first token's trip).
+
+    ``prefill_points``: optionally, per mode, the factor at several prompt lengths
+    ``((tokens, factor), ...)``, ascending: a node whose served / probed ratio changes with
+    length is priced at each length by interpolating them in log2(tokens), flat beyond the
+    ends (``scale`` with ``num_tokens``); ``prefill_scale`` stays the figure over all
+    lengths, used where a mode has no points."""
 
     prefill_scale: tuple[tuple[str, float], ...] = ()
     overhead_s: tuple[tuple[str, float], ...] = ()
+    prefill_points: tuple[tuple[str, tuple[tuple[int, float], ...]], ...] = ()
 
     def __post_init__(self) -> None:
         for mode, value in self.prefill_scale:
@@ -648,6 +656,16 @@ class Served:
                 raise ValueError(f"prefill_scale mode {mode!r}: known modes are {', '.join(PREFILL_MODES)}")
             if not 0 < value < float("inf"):
                 raise ValueError(f"prefill_scale {mode} = {value}: need a finite number > 0")
+        scaled = {mode for mode, _ in self.prefill_scale}
+        for mode, points in self.prefill_points:
+            if mode not in scaled:
+                raise ValueError(f"prefill_points for {mode!r} without a prefill_scale for it")
+            tokens = [n for n, _ in points]
+            if not points or tokens != sorted(set(tokens)) or tokens[0] < 1:
+                raise ValueError(f"prefill_points {mode}: need (tokens >= 1, factor) pairs in ascending tokens")
+            for n, value in points:
+                if not 0 < value < float("inf"):
+                    raise ValueError(f"prefill_points {mode} at {n} tokens = {value}: need a finite number > 0")
         for kind, value in self.overhead_s:
             if kind not in PLACEMENT_KINDS:
                 raise ValueError(f"overhead kind {kind!r}: known kinds are {', '.join(PLACEMENT_KINDS)}")
@@ -658,14 +676,17 @@ class Served:
         """Whether ``mode``'s own prefills were measured."""
         return any(m == mode for m, _ in self.prefill_scale)
 
-    def scale(self, mode: str) -> float:
-        """The factor on ``mode``'s computed prefill: its own, else the nearest measured mode's
-        (a lossy codec falls back to raw, raw and local to each other), else 1. A lossy codec
-        without its own figure leaves its encode to the prior (``SHARED_CORE_ENCODE_FACTOR``)."""
-        scales = dict(self.prefill_scale)
+    def scale(self, mode: str, num_tokens: int | None = None) -> float:
+        """The factor on ``mode``'s computed prefill of ``num_tokens`` new tokens: its own, else the
+        nearest measured mode's (a lossy codec falls back to raw, raw and local to each other),
+        else 1; at ``num_tokens`` along that mode's ``prefill_points`` when it has them. A lossy
+        codec without its own figure leaves its encode to the prior (``SHARED_CORE_ENCODE_FACTOR``)."""
+        scales, points = dict(self.prefill_scale), dict(self.prefill_points)
         fallback = {"local": ("raw",), "raw": ("local",)}.get(mode, ("raw", "local"))
         for m in (mode, *fallback):
             if m in scales:
+                if num_tokens is not None and m in points:
+                    return _along(points[m], num_tokens)
                 return scales[m]
         return 1.0
 
@@ -675,6 +696,21 @@ class Served:
         overheads = dict(self.overhead_s)
         mine, other = ("colocated", "disaggregated") if colocated else ("disaggregated", "colocated")
         return overheads.get(mine, overheads.get(other, 0.0))
+
+
+def _along(points: Sequence[tuple[int, float]], num_tokens: int) -> float:
+    """``points``' factor at ``num_tokens``: linear in log2(tokens) between the two around it,
+    the end's factor beyond either end."""
+    x = math.log2(max(1, num_tokens))
+    (n0, f0), rest = points[0], points[1:]
+    if x <= math.log2(n0) or not rest:
+        return f0 if x <= math.log2(n0) else points[-1][1]
+    for n1, f1 in rest:
+        x0, x1 = math.log2(n0), math.log2(n1)
+        if x <= x1:
+            return f0 + (f1 - f0) * (x - x0) / (x1 - x0)
+        n0, f0 = n1, f1
+    return f0
 
 
 @dataclass(frozen=True)
@@ -1055,8 +1091,8 @@ def request_cost(
     served = eff.served or Served()
     if link is None:
         return RequestCost(num_prompt_tokens, num_prefill_cached, num_prefill_cached,
-                           compute_s * served.scale("local"), 0, 0.0, 0.0, 0.0)
-    prefill_s = compute_s * served.scale(codec)
+                           compute_s * served.scale("local", num_new), 0, 0.0, 0.0, 0.0)
+    prefill_s = compute_s * served.scale(codec, num_new)
     num_shipped = num_prompt_tokens - num_decode_cached
     # On a CPU node a lossy codec's encode runs on the prefill's own cores: within its prefill. A
     # codec measured in served prefills has that encode in its scale; otherwise the prior adds it.

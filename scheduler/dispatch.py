@@ -165,7 +165,8 @@ class Dispatcher:
         if stats.cached_prefix_tokens != cached:  # it found another prefix than priced: no ratio to take
             compute_s = 0.0
         self.calibration.observe(Observation(prefill_node, decode_node, mode, compute_s, stats.prefill_s,
-                                             stats.ttft_s, stats.queue_s, stats.exposed_transfer_s))
+                                             stats.ttft_s, stats.queue_s, stats.exposed_transfer_s,
+                                             stats.prompt_tokens - stats.cached_prefix_tokens))
 
     def forget(self, node_id: str) -> None:
         """``node_id`` left: drop its cached prefixes and what its served requests measured."""

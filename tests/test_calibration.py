@@ -103,8 +103,8 @@ def test_served_figures_that_are_not_figures_are_refused(bad) -> None:
 
 
 def _seen(mode: str = "raw", compute: float = 0.1, prefill: float = 0.15, ttft: float = 0.2, queue: float = 0.01,
-          exposed: float = 0.01, prefill_node: str = "p", decode_node: str = "d") -> Observation:
-    return Observation(prefill_node, decode_node, mode, compute, prefill, ttft, queue, exposed)
+          exposed: float = 0.01, prefill_node: str = "p", decode_node: str = "d", num_tokens: int = 0) -> Observation:
+    return Observation(prefill_node, decode_node, mode, compute, prefill, ttft, queue, exposed, num_tokens)
 
 
 def test_the_figures_are_medians_of_each_nodes_recent_requests_per_mode() -> None:
@@ -316,3 +316,46 @@ def test_a_float32_cluster_ships_twice_the_bytes_of_a_bfloat16_one() -> None:
     assert shipped["float32"] == pytest.approx(2 * shipped["bfloat16"])
     assert d.view((FAST, SLOW), LINKS, CONFIG).kv_dtype == "bfloat16"  # llama-3.1-8b's config says bf16
     assert build_cluster(cluster_file.loads(SIM_FILE), "llama-3.1-8b").kv_dtype == "bfloat16"
+
+
+# ---------------------------------------------------------------- the factor along prompt length
+
+
+def test_a_modes_factor_follows_its_points_along_prompt_length() -> None:
+    points = ((141, 1.3), (269, 1.15), (525, 1.1))
+    served = Served((("int8", 1.15),), prefill_points=(("int8", points),))
+    assert served.scale("int8") == 1.15  # no length: the overall figure
+    assert [served.scale("int8", n) for n in (64, 141, 269, 525, 4096)] == [1.3, 1.3, 1.15, 1.1, 1.1]
+    midway = served.scale("int8", round((141 * 269) ** 0.5))  # halfway in log2(tokens)
+    assert midway == pytest.approx(1.225, abs=2e-3)
+    compute = _cost(CPU_EFF, link=None).prefill_s  # 512 new tokens
+    eff = costmodel.with_probe(CPU_EFF, LLAMA, [], served=served)
+    assert _cost(eff, "int8").prefill_s == pytest.approx(served.scale("int8", 512) * compute)
+    with pytest.raises(ValueError, match="without a prefill_scale"):
+        Served(prefill_points=(("raw", ((128, 1.0),)),))
+    with pytest.raises(ValueError, match="ascending"):
+        Served((("raw", 1.0),), prefill_points=(("raw", ((256, 1.0), (128, 1.1))),))
+
+
+def test_the_calibration_keeps_a_point_per_length_band_once_two_bands_have_samples() -> None:
+    cal = ServedCalibration(min_samples=3)
+    for tokens, prefill in ((141, 0.13), (141, 0.13), (150, 0.14)):
+        cal.observe(_seen(prefill=prefill, num_tokens=tokens))
+    one_band = cal.served("p")
+    assert one_band.prefill_points == () and one_band.scale("raw", 500) == pytest.approx(1.3)
+    for tokens, prefill in ((525, 0.11), (530, 0.11)):
+        cal.observe(_seen(prefill=prefill, num_tokens=tokens))
+    served = cal.served("p")
+    assert served.prefill_points == (("raw", ((141, pytest.approx(1.3)), (527, pytest.approx(1.1)))),)
+    assert served.scale("raw", 1000) == pytest.approx(1.1) and served.scale("raw") == pytest.approx(1.3)
+    assert cal.snapshot("p")["prefill_points"] == {"raw": [[141, 1.3], [527, 1.1]]}
+
+
+def test_a_cluster_file_may_give_a_factor_along_prompt_length() -> None:
+    text = SIM_FILE.replace("prefill_scale = {raw = 2.0}", "prefill_scale = {raw = [[128, 2.0], [512, 1.5], [2048, 1.2]]}")
+    served = cluster_file.loads(text).node("a").served
+    assert served.prefill_points == (("raw", ((128, 2.0), (512, 1.5), (2048, 1.2))),)
+    assert served.prefill_scale == (("raw", 1.5),)  # their median, where no length is known
+    for bad in ("[[512, 1.5], [128, 2.0]]", "[[128, 0]]", "[]", "[[128.5, 1.0]]"):
+        with pytest.raises(cluster_file.ClusterFileError, match="tokens, factor"):
+            cluster_file.loads(SIM_FILE.replace("prefill_scale = {raw = 2.0}", f"prefill_scale = {{raw = {bad}}}"))

@@ -196,10 +196,12 @@ def test_what_the_scheduler_learned_reaches_the_simulator_as_declared_figures() 
     from scheduler.sim import cluster_file
 
     served = {"prefill_scale": {"local": 1.1, "int8": 0.7}, "overhead_s": {"colocated": 0.02}, "samples": {},
-              "enabled": True}
+              "prefill_points": {"int8": [[141, 0.8], [525, 0.6]]}, "enabled": True}
     node = {"node_id": "p", "roles": ["prefill", "decode"], "tflops": 0.15, "mem_bw_gbps": 20.0, "served": served}
     spec = cluster_file.loads(link_report.sim_cluster_toml(node, {**node, "node_id": "d", "served": {}}, 0.94, 1e-4))
-    assert spec.node("p").served == Served((("local", 1.1), ("int8", 0.7)), (("colocated", 0.02),))
+    got = spec.node("p").served
+    assert got.overhead_s == (("colocated", 0.02),) and got.prefill_points == (("int8", ((141, 0.8), (525, 0.6))),)
+    assert got.scale("local") == 1.1 and got.scale("int8", 141) == 0.8 and got.scale("int8", 525) == 0.6
     assert spec.node("d").served is None
     trace = [json.loads(line) for line in link_report.sim_trace([64, 128]).splitlines()]
     assert [t["prompt_tokens"] for t in trace] == [64, 128] and trace[1]["arrival_s"] >= 1000

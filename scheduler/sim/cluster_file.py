@@ -11,8 +11,9 @@
     #   the served model's prefill, as a worker times it at start-up; prices prefill)
     # optional: device = "cpu"  (the engine device a worker reports; "cpu": a KV codec's
     #   encode shares the prefill's cores and lengthens it; default: the catalog's accelerator)
-    # optional: prefill_scale = {local = 1.1, raw = 1.2, int8 = 1.3}  (served prefill / the
-    #   cost model's, per mode: kept local, or streamed in a codec; /health's "served")
+    # optional: prefill_scale = {local = 1.1, raw = 1.2, int8 = [[141, 1.3], [525, 1.1]]}  (served
+    #   prefill / the cost model's, per mode: kept local, or streamed in a codec; a number, or
+    #   [tokens, factor] pairs along prompt length; /health's "served")
     # optional: request_overhead_s = {colocated = 0.02, disaggregated = 0.03}  (TTFT beyond
     #   queue, prefill and exposed transfer, with this node decoding; /health's "served")
 
@@ -195,25 +196,42 @@ def _parse_node(entry: Any, index: int, source: str) -> NodeSpec:
 
 
 def _parse_served(entry: Mapping[str, Any], roles: tuple[str, ...], where: str) -> costmodel.Served | None:
-    """``prefill_scale`` (mode -> factor > 0; a prefill-capable node's) and ``request_overhead_s``
-    (kind -> seconds >= 0; a decode-capable node's) tables."""
-    tables = []
+    """``prefill_scale`` (mode -> a factor > 0, or [tokens, factor] pairs in ascending tokens, the
+    factor along prompt length; a prefill-capable node's) and ``request_overhead_s`` (kind ->
+    seconds >= 0; a decode-capable node's) tables."""
+    tables, points = [], []
     for key, names, low, role in (("prefill_scale", costmodel.PREFILL_MODES, "> 0", "prefill"),
                                   ("request_overhead_s", costmodel.PLACEMENT_KINDS, ">= 0", "decode")):
         if key in entry and role not in roles:
             raise ClusterFileError(f"{where}: '{key}' applies to a node with the {role!r} role; this one has "
                                    f"{list(roles)}")
         table = entry.get(key, {})
-        shape = f"{where}: '{key}' must be a table of {', '.join(names)} to numbers {low}"
+        pairs = " (or [tokens, factor] pairs)" if key == "prefill_scale" else ""
+        shape = f"{where}: '{key}' must be a table of {', '.join(names)} to numbers {low}{pairs}"
         if not isinstance(table, Mapping):
             raise ClusterFileError(f"{shape}, got {table!r}")
+        figures = []
         for name, value in table.items():
             if name not in names:
                 raise ClusterFileError(f"{shape}: unknown key {name!r}")
+            if key == "prefill_scale" and isinstance(value, list):
+                along = _parse_points(value, f"{shape}, got {name} = {value!r}")
+                points.append((name, along))
+                value = sorted(f for _, f in along)[len(along) // 2]  # the overall figure: their median
             if not _is_number(value) or not (0 < value < float("inf") if low == "> 0" else 0 <= value < float("inf")):
                 raise ClusterFileError(f"{shape}, got {name} = {value!r}")
-        tables.append(tuple((name, float(value)) for name, value in table.items()))
-    return costmodel.Served(*tables) if any(tables) else None
+            figures.append((name, float(value)))
+        tables.append(tuple(figures))
+    return costmodel.Served(tables[0], tables[1], tuple(points)) if any(tables) else None
+
+
+def _parse_points(value: list, problem: str) -> tuple[tuple[int, float], ...]:
+    """[[tokens >= 1, factor > 0], ...] in strictly ascending tokens."""
+    ok = value and all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], int) and not isinstance(p[0], bool)
+                       and p[0] >= 1 and _is_number(p[1]) and 0 < p[1] < float("inf") for p in value)
+    if not ok or [p[0] for p in value] != sorted({p[0] for p in value}):
+        raise ClusterFileError(problem)
+    return tuple((int(n), float(f)) for n, f in value)
 
 
 def _parse_device(value: object, where: str) -> str:

@@ -281,10 +281,13 @@ def sim_cluster_toml(prefill: dict[str, Any], decode: dict[str, Any], gbps: floa
     def node(n: dict[str, Any]) -> str:
         roles = ", ".join(f'"{r}"' for r in n["roles"])
         probe = ", ".join(f"[{int(tokens)}, {float(seconds)!r}]" for tokens, seconds in n.get("prefill_probe") or ())
-        served = n.get("served") or {}
-        tables = "".join(f"{name} = {{{', '.join(f'{k} = {float(v)!r}' for k, v in served[key].items())}}}\n"
-                         for key, name in (("prefill_scale", "prefill_scale"), ("overhead_s", "request_overhead_s"))
-                         if served.get(key))  # what the scheduler learned from the warm-ups
+        served = n.get("served") or {}  # what the scheduler learned from the warm-ups
+        scales = {mode: (f"[{', '.join(f'[{int(t)}, {float(f)!r}]' for t, f in served['prefill_points'][mode])}]"
+                         if mode in (served.get("prefill_points") or {}) else repr(float(value)))
+                  for mode, value in (served.get("prefill_scale") or {}).items()}
+        overheads = {kind: repr(float(v)) for kind, v in (served.get("overhead_s") or {}).items()}
+        tables = "".join(f"{name} = {{{', '.join(f'{k} = {v}' for k, v in table.items())}}}\n"
+                         for name, table in (("prefill_scale", scales), ("request_overhead_s", overheads)) if table)
         return (f'[[nodes]]\nname = "{n["node_id"]}"\nhardware = "{SIM_HARDWARE}"\nroles = [{roles}]\n'
                 f'engine = "torch"\ndevice = "{n.get("device") or ""}"\n'
                 f'tflops = {n["tflops"] / SIM_GENERIC_COMPUTE!r}\n'
