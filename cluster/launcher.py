@@ -38,7 +38,7 @@ from workers.engines.registry import (
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
-READY_TIMEOUT_S = 300.0
+READY_TIMEOUT_S = 600.0  # the workers load and measure in turn (--startup-lock): room for both
 STOP_GRACE_S = 10.0
 
 

@@ -123,3 +123,14 @@ def test_an_mxfp4_gpt_oss_hands_off_token_identically(oss_mxfp4: Path, direction
     result = check_handoff(HandoffConfig(model=str(oss_mxfp4), prefill_engine=direction[0],
                                          decode_engine=direction[1], prompt_tokens=WINDOW + 44, max_tokens=16))
     assert result.identical, (result.first_mismatch, result.handoff_tokens, result.reference_tokens)
+
+
+def test_a_quantized_decode_copy_of_an_mxfp4_checkpoint_is_refused(oss_mxfp4: Path, tmp_path: Path) -> None:
+    """mlx-lm's affine copy is made from float weights; MXFP4 experts are quantized already."""
+    pytest.importorskip("mlx.core")
+    from workers.tools import quantize
+
+    assert quantize.quantization_of(oss_mxfp4) == {"quant_method": "mxfp4"}
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize.quantize_checkpoint(oss_mxfp4, tmp_path / "copy", 8)
+    assert not (tmp_path / "copy").exists()

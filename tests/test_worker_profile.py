@@ -387,6 +387,12 @@ def test_a_startup_lock_held_too_long_is_given_up_with_a_warning(tmp_path: Path,
         os.close(fd)
     assert "measuring this node under its load" in caplog.text
     assert asyncio.run(unlocked()) is False
+
+    async def unopenable() -> bool:  # a folder that is not there: the worker goes on without the lock
+        async with profile_module.startup_lock(str(tmp_path / "gone" / "startup.lock")) as held:
+            return held
+
+    assert asyncio.run(unopenable()) is False and "cannot open the start-up lock" in caplog.text
     parsed = build_parser().parse_args(["worker", "--role", "both", "--engine", "torch", "--model", "x",
                                         "--startup-lock", lock])
     assert parsed.startup_lock == lock

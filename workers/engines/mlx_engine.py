@@ -522,24 +522,33 @@ def load_mlx_model(model_dir: Path) -> object:
       transformers does not when told so. Its frequencies are recomputed
       unrounded (``_untruncated_yarn``), so both engines rotate alike.
 
-    The one place that uses mlx-lm's private ``_get_classes``."""
+    ``load_mlx_model_and_config`` also returns the config as mlx-lm read it."""
+    return load_mlx_model_and_config(model_dir)[0]
 
-    def classes(config: dict) -> tuple[type, type]:
-        model_class, args_class = _get_classes(config)
-        if config.get("model_type") != "gpt_oss":
-            return model_class, args_class
 
-        class FromTransformers(model_class):
-            def sanitize(self, weights: dict) -> dict:
-                return super().sanitize(_split_fused_experts(weights))
+def _model_classes(config: dict) -> tuple[type, type]:
+    """mlx-lm's classes for ``config`` (the one place that uses its private ``_get_classes``),
+    gpt-oss's taught to read transformers' fused float experts."""
+    model_class, args_class = _get_classes(config)
+    if config.get("model_type") != "gpt_oss":
+        return model_class, args_class
 
-        return FromTransformers, args_class
+    class FromTransformers(model_class):
+        def sanitize(self, weights: dict) -> dict:
+            return super().sanitize(_split_fused_experts(weights))
 
-    model, config = load_model(model_dir, get_model_classes=classes)
+    return FromTransformers, args_class
+
+
+def load_mlx_model_and_config(model_dir: Path, lazy: bool = False) -> tuple[object, dict]:
+    """``load_mlx_model``, lazily when asked (weights read on first use), with the config
+    as mlx-lm's loader read it (``generation_config``'s eos merged in, a checkpoint's
+    ``quantization_config`` turned into mlx-lm's ``quantization``)."""
+    model, config = load_model(Path(model_dir), lazy=lazy, get_model_classes=_model_classes)
     rope = config.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type")) == "yarn" and rope.get("truncate") is False:
         _untruncated_yarn(model, rope, float(config.get("rope_theta", 10000.0)))
-    return model
+    return model, config
 
 
 def _split_fused_experts(weights: dict[str, mx.array]) -> dict[str, mx.array]:
@@ -683,24 +692,30 @@ def write_quantized(model_dir: str | Path, out_dir: str | Path, bits: int, group
     width is not a multiple of ``group_size`` stay unquantized, as mlx-lm decides.
     ``workers/tools/quantize.py`` drives it; this module is the one that imports mlx-lm.
 
-    The model is read by ``load_mlx_model`` (so a transformers gpt-oss checkpoint, whose fused
-    experts mlx-lm's own loader refuses, quantizes too); the rest is ``convert``'s own steps:
-    the config's dtype, ``quantize_model``, ``save``."""
+    The model is read lazily by our loader (``load_mlx_model_and_config``, so a transformers
+    gpt-oss checkpoint, whose fused experts mlx-lm's own loader refuses, quantizes too); the
+    rest is ``convert``'s own steps on the config mlx-lm read: the checkpoint's dtype,
+    ``quantize_model``, ``save``. A checkpoint quantized already (an MXFP4 gpt-oss) is refused."""
+    import contextlib
+
     from mlx.utils import tree_map_with_path
     from mlx_lm.utils import load_tokenizer, quantize_model, save
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if out_dir.exists():
         raise ValueError(f"cannot write a quantized copy to {out_dir}: it exists")
-    model = load_mlx_model(model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
-    dtype = config.get("torch_dtype") or config.get("dtype")
+    native = json.loads((model_dir / "config.json").read_text()).get("quantization_config") or {}
+    if native.get("quant_method"):
+        raise ValueError(f"{model_dir} is quantized already ({native['quant_method']}); quantize a float checkpoint")
+    model, config = load_mlx_model_and_config(model_dir, lazy=True)
+    dtype = config.get("torch_dtype") or (config.get("text_config") or {}).get("dtype")
     if dtype in ("float16", "bfloat16", "float32"):  # as convert: floats in the checkpoint's dtype
         target = getattr(mx, dtype)
         keep = getattr(model, "cast_predicate", lambda _: True)
         model.update(tree_map_with_path(
             lambda k, v: v.astype(target) if keep(k) and mx.issubdtype(v.dtype, mx.floating) else v,
             model.parameters()))
-    model, config = quantize_model(model, config, group_size, bits, mode="affine")
-    tokenizer = load_tokenizer(model_dir, {}, eos_token_ids=config.get("eos_token_id", None))
-    save(out_dir, model_dir, model, tokenizer, config)
+    with contextlib.redirect_stdout(sys.stderr):  # its progress lines are not our output
+        model, config = quantize_model(model, config, group_size, bits, mode="affine")
+        tokenizer = load_tokenizer(model_dir, {}, eos_token_ids=config.get("eos_token_id", None))
+        save(out_dir, model_dir, model, tokenizer, config)

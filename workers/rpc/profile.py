@@ -63,7 +63,7 @@ PROBE_REQUEST_ID = "__pdc_profile_probe__"
 log = logging.getLogger(__name__)
 
 
-STARTUP_LOCK_TIMEOUT_S = 600.0  # the longest a worker waits for another's start-up (then measures anyway)
+STARTUP_LOCK_TIMEOUT_S = 240.0  # the longest a worker waits for another's start-up (then measures anyway)
 
 
 @contextlib.asynccontextmanager
@@ -78,7 +78,12 @@ async def startup_lock(path: str | None, timeout_s: float = STARTUP_LOCK_TIMEOUT
     if path is None:
         yield False
         return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as e:
+        log.warning("cannot open the start-up lock %s (%s); measuring this node without it", path, e.strerror or e)
+        yield False
+        return
     try:
         deadline = time.monotonic() + timeout_s
         held = False

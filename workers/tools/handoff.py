@@ -396,8 +396,11 @@ def forced_logits(engine: Engine, token_ids: list[int], prompt_kv: list[KVSlice]
             engine.release(rid)
             rows.append(result.logits)
             for s in new:  # the one new token, per layer, in the wire dtype
-                keys[s.layer] = np.concatenate([keys[s.layer], s.keys.astype(keys[s.layer].dtype)], axis=1)
-                values[s.layer] = np.concatenate([values[s.layer], s.values.astype(values[s.layer].dtype)], axis=1)
+                if s.dtype != dtype:  # bf16 travels as uint16 bit patterns: never convert by value
+                    raise ValueError(f"teacher forcing needs one wire dtype: the prompt's KV is {dtype}, "
+                                     f"{type(engine).__name__} emits {s.dtype}")
+                keys[s.layer] = np.concatenate([keys[s.layer], s.keys], axis=1)
+                values[s.layer] = np.concatenate([values[s.layer], s.values], axis=1)
     finally:
         engine.release(rid)
     return np.stack(rows)  # [len(forced), vocab]

@@ -43,7 +43,8 @@ def quantize(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     experts, width, out = x.shape
     groups = x.transpose(0, 2, 1).reshape(experts, out, width // GROUP, GROUP)  # [E, out, G, 32]
     amax = np.abs(groups).max(axis=-1)
-    exponent = np.where(amax > 0, np.floor(np.log2(np.where(amax > 0, amax, 1.0))) - E2M1_MAX_EXP, -SCALE_BIAS)
+    _, power = np.frexp(amax)  # amax = m x 2^power, m in [0.5, 1): floor(log2(amax)) = power - 1, exactly
+    exponent = np.where(amax > 0, power - 1 - E2M1_MAX_EXP, -SCALE_BIAS)
     exponent = np.clip(exponent, -SCALE_BIAS, SCALE_BIAS).astype(np.int32)
     scaled = groups / np.ldexp(np.float32(1.0), exponent)[..., None]
     magnitude = np.abs(scaled)

@@ -72,9 +72,17 @@ def check_same_model(base: ModelSpec, other: ModelSpec, where: str = "the quanti
 
 
 def quantization_of(model_dir: str | Path) -> dict | None:
-    """The ``quantization`` block mlx-lm wrote into ``config.json``; None for full-precision weights."""
-    block = load_config(model_dir).get("quantization")
-    return block if isinstance(block, dict) else None
+    """The ``quantization`` block mlx-lm wrote into ``config.json``, else a checkpoint's own
+    ``quantization_config`` method (gpt-oss's ``{"quant_method": "mxfp4"}``); None for
+    full-precision weights."""
+    config = load_config(model_dir)
+    block = config.get("quantization")
+    if isinstance(block, dict):
+        return block
+    native = config.get("quantization_config")
+    if isinstance(native, dict) and native.get("quant_method"):
+        return {"quant_method": native["quant_method"]}
+    return None
 
 
 def declared_base(model_dir: str | Path) -> dict | None:
