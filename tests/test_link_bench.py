@@ -192,7 +192,6 @@ def test_the_workers_prefill_probe_and_device_reach_the_simulator_as_the_live_pr
 
 
 def test_what_the_scheduler_learned_reaches_the_simulator_as_declared_figures() -> None:
-    from scheduler.costmodel import Served
     from scheduler.sim import cluster_file
 
     served = {"prefill_scale": {"local": 1.1, "int8": 0.7}, "overhead_s": {"colocated": 0.02}, "samples": {},
