@@ -25,7 +25,8 @@ per node:
   prefill streamed in (``raw``, ``int8``, ``fp8``). Prefills the model
   prices under ``min_compute_s`` are too short to time against it and are
   not counted, nor one that found a different cached prefix than placement
-  assumed (``Dispatcher.served``).
+  assumed (``Dispatcher.served``), nor a node's first prefill in each mode
+  (cold: one-time costs, not its pace).
 * ``overhead_s[kind]``: the median, over the node's last ``window`` requests
   it decoded, colocated or disaggregated, of TTFT less queue (the worker's and
   the admission queue's), prefill and exposed transfer.
@@ -77,16 +78,17 @@ class ServedCalibration:
     """Per-node ``costmodel.Served`` figures from the requests the scheduler finished."""
 
     def __init__(self, *, window: int = WINDOW, min_samples: int = MIN_SAMPLES, max_age_s: float = MAX_AGE_S,
-                 min_compute_s: float = MIN_COMPUTE_S, enabled: bool = True,
+                 min_compute_s: float = MIN_COMPUTE_S, enabled: bool = True, skip_cold: bool = True,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if not 1 <= min_samples <= window or min_compute_s < 0 or max_age_s <= 0:
             raise ValueError(f"need 1 <= min_samples <= window, min_compute_s >= 0 and max_age_s > 0; got "
                              f"{min_samples}, {window}, {min_compute_s}, {max_age_s}")
         self.window, self.min_samples, self.max_age_s = window, min_samples, max_age_s
-        self.min_compute_s, self.enabled, self.clock = min_compute_s, enabled, clock
+        self.min_compute_s, self.enabled, self.skip_cold, self.clock = min_compute_s, enabled, skip_cold, clock
         # (node, mode) -> (when, (ratio, tokens)); (node, kind) -> (when, seconds)
         self._scales: dict[tuple[str, str], deque[tuple[float, tuple[float, int]]]] = {}
         self._overheads: dict[tuple[str, str], deque[tuple[float, float]]] = {}
+        self._cold: set[tuple[str, str]] = set()  # (node, mode) whose first, cold prefill was set aside
 
     def observe(self, seen: Observation) -> None:
         """Learn from one finished request (nothing when disabled, or for figures that are not times)."""
@@ -99,7 +101,11 @@ class ServedCalibration:
             ratio = seen.prefill_s / seen.compute_s
             if not SCALE_RANGE[0] <= ratio <= SCALE_RANGE[1]:
                 return  # a broken measurement: its TTFT says nothing either
-            self._add(self._scales, (seen.prefill_node, seen.mode), (ratio, seen.num_tokens))
+            key = (seen.prefill_node, seen.mode)
+            if self.skip_cold and key not in self._cold:  # a node's first prefill in a mode: one-time costs
+                self._cold.add(key)
+            else:
+                self._add(self._scales, key, (ratio, seen.num_tokens))
         if seen.ttft_s > 0 and seen.prefill_s > 0:
             kind = "colocated" if seen.colocated else "disaggregated"
             rest = seen.ttft_s - seen.queue_s - seen.prefill_s - seen.exposed_s
@@ -122,6 +128,7 @@ class ServedCalibration:
         for table in (self._scales, self._overheads):
             for key in [k for k in table if k[0] == node_id]:
                 del table[key]
+        self._cold = {key for key in self._cold if key[0] != node_id}
 
     def snapshot(self, node_id: str) -> dict:
         """``/health``'s ``served`` object of one node: the figures in use (as ``served``), and how many

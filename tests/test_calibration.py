@@ -108,7 +108,7 @@ def _seen(mode: str = "raw", compute: float = 0.1, prefill: float = 0.15, ttft: 
 
 
 def test_the_figures_are_medians_of_each_nodes_recent_requests_per_mode() -> None:
-    cal = ServedCalibration(window=3, min_samples=1)
+    cal = ServedCalibration(window=3, min_samples=1, skip_cold=False)
     assert cal.served("p") is None
     for prefill in (0.12, 0.3, 0.15, 0.16):  # the first falls out of the window of 3
         cal.observe(_seen(prefill=prefill))
@@ -123,7 +123,7 @@ def test_the_figures_are_medians_of_each_nodes_recent_requests_per_mode() -> Non
 
 def test_a_figure_applies_once_enough_recent_requests_back_it_and_old_ones_expire() -> None:
     clock = [0.0]
-    cal = ServedCalibration(min_samples=3, max_age_s=100.0, clock=lambda: clock[0])
+    cal = ServedCalibration(min_samples=3, max_age_s=100.0, skip_cold=False, clock=lambda: clock[0])
     for prefill in (0.5, 0.15):  # one slow request is not a slow node
         cal.observe(_seen(prefill=prefill))
     assert cal.served("p") is None and cal.snapshot("p")["samples"] == {"prefill:raw": 2}
@@ -133,8 +133,21 @@ def test_a_figure_applies_once_enough_recent_requests_back_it_and_old_ones_expir
     assert cal.served("p") is None and cal.snapshot("p")["samples"] == {}
 
 
+def test_a_nodes_first_prefill_in_each_mode_is_cold_and_set_aside() -> None:
+    cal = ServedCalibration(min_samples=1)
+    cal.observe(_seen(prefill=0.4))  # the first raw prefill: one-time costs
+    assert cal.served("p") is None or not cal.served("p").prefill_scale
+    cal.observe(_seen(prefill=0.15))
+    assert cal.served("p").scale("raw") == pytest.approx(1.5)
+    cal.observe(_seen("int8", prefill=0.3))  # int8's own first one
+    assert cal.served("p").scale("int8") == pytest.approx(1.5)  # still raw's, by the fallback
+    cal.forget("p")
+    cal.observe(_seen(prefill=0.15))  # back, cold again
+    assert cal.served("p") is None
+
+
 def test_short_broken_or_disabled_observations_teach_nothing() -> None:
-    cal = ServedCalibration(min_compute_s=0.01, min_samples=1)
+    cal = ServedCalibration(min_compute_s=0.01, min_samples=1, skip_cold=False)
     cal.observe(_seen(compute=0.001, prefill=0.003))  # too short to time against the model
     cal.observe(_seen(compute=0.1, prefill=5.0))  # 50x: a broken measurement, its TTFT too
     cal.observe(_seen(prefill=math.nan))
@@ -148,7 +161,7 @@ def test_short_broken_or_disabled_observations_teach_nothing() -> None:
 
 
 def test_a_node_that_left_is_forgotten_and_the_snapshot_counts_samples() -> None:
-    cal = ServedCalibration(min_samples=2)
+    cal = ServedCalibration(min_samples=2, skip_cold=False)
     cal.observe(_seen())
     cal.observe(_seen())
     snap = cal.snapshot("p")
@@ -188,7 +201,7 @@ def _request(rid: str, prompt: int = 1024) -> GenerationRequest:
 
 def test_a_finished_first_attempt_teaches_its_nodes_and_the_next_view_carries_it() -> None:
     d = Dispatcher(Fixed(Placement("fast", "slow", "raw")), "fixed", LoadLedger(),
-                   calibration=ServedCalibration(min_samples=1))
+                   calibration=ServedCalibration(min_samples=1, skip_cold=False))
     view = d.view((FAST, SLOW), LINKS, CONFIG, _request("r1"))
     d.place(_request("r1"), view)
     compute = Predictor(_request("r1"), view).compute_s(view.node("fast"))
@@ -206,7 +219,7 @@ def test_a_finished_first_attempt_teaches_its_nodes_and_the_next_view_carries_it
 
 
 def test_a_prefill_that_found_another_cached_prefix_teaches_no_scale_and_a_new_profile_forgets() -> None:
-    d = Dispatcher(Fixed(Placement(None, "slow")), "fixed", LoadLedger(), calibration=ServedCalibration(min_samples=1))
+    d = Dispatcher(Fixed(Placement(None, "slow")), "fixed", LoadLedger(), calibration=ServedCalibration(min_samples=1, skip_cold=False))
     d.place(_request("r1"), d.view((FAST, SLOW), LINKS, CONFIG, _request("r1")))
     d.served("r1", RequestStats(prefill_s=0.5, ttft_s=0.6, cached_prefix_tokens=512))  # priced with none cached
     assert d.calibration.snapshot("slow")["samples"] == {"overhead:colocated": 1}
@@ -234,7 +247,7 @@ def test_a_prefill_node_slower_than_its_start_up_figures_loses_the_conditional_c
     request = _request("q", prompt=4096)
     before = d.view((FAST, SLOW), LINKS, CONFIG, request)
     assert Conditional().place(request, before).prefill_node == "fast"
-    for _ in range(3):  # MIN_SAMPLES requests
+    for _ in range(1 + 3):  # the cold first one, then MIN_SAMPLES requests
         d.calibration.observe(Observation("fast", "slow", "raw", 1.0, 4.0, 4.1, 0.0, 0.0))
     after = d.view((FAST, SLOW), LINKS, CONFIG, request)
     assert Conditional().place(request, after).prefill_node is None
@@ -338,7 +351,7 @@ def test_a_modes_factor_follows_its_points_along_prompt_length() -> None:
 
 
 def test_the_calibration_keeps_a_point_per_length_band_once_two_bands_have_samples() -> None:
-    cal = ServedCalibration(min_samples=3)
+    cal = ServedCalibration(min_samples=3, skip_cold=False)
     for tokens, prefill in ((141, 0.13), (141, 0.13), (150, 0.14)):
         cal.observe(_seen(prefill=prefill, num_tokens=tokens))
     one_band = cal.served("p")
