@@ -20,7 +20,8 @@ per node:
   the same prompt and cached prefix (``Predictor.compute_s``: the probe's
   pricing, before any correction); and the same per length band
   (``prefill_points``: a band per factor of two in prompt length, used once
-  two bands have samples), since a node's ratio can change with length.
+  two bands each have ``min_samples``), since a node's ratio can change with
+  length.
   Modes are ``local`` (colocated: the KV stays) and the codec a remote
   prefill streamed in (``raw``, ``int8``, ``fp8``). Prefills the model
   prices under ``min_compute_s`` are too short to time against it and are
@@ -118,7 +119,7 @@ class ServedCalibration:
             return None
         ready = [(mode, v) for mode, v in self._figures(self._scales, node_id) if len(v) >= self.min_samples]
         scales = tuple((mode, statistics.median(ratio for ratio, _ in v)) for mode, v in ready)
-        points = tuple((mode, p) for mode, v in ready if len(p := length_points(v)) >= 2)
+        points = tuple((mode, p) for mode, v in ready if len(p := length_points(v, self.min_samples)) >= 2)
         overheads = tuple((kind, statistics.median(v)) for kind, v in self._figures(self._overheads, node_id)
                           if len(v) >= self.min_samples)
         return costmodel.Served(scales, overheads, points) if scales or overheads else None
@@ -162,14 +163,15 @@ class ServedCalibration:
         table.setdefault(key, deque(maxlen=self.window)).append((self.clock(), value))
 
 
-def length_points(samples: list[tuple[float, int]]) -> tuple[tuple[int, float], ...]:
+def length_points(samples: list[tuple[float, int]], min_samples: int = 1) -> tuple[tuple[int, float], ...]:
     """(ratio, tokens) samples as ``Served.prefill_points``: one point per length band (a
-    factor of two, ``round(log2(tokens))``), at the band's median tokens with its median
-    ratio, ascending; samples of unknown length (0 tokens) count only in the overall figure."""
+    factor of two, ``round(log2(tokens))``) that ``min_samples`` back, at the band's median
+    tokens with its median ratio, ascending; samples of unknown length (0 tokens) count only
+    in the overall figure."""
     bands: dict[int, list[tuple[float, int]]] = {}
     for ratio, tokens in samples:
         if tokens > 0:
             bands.setdefault(round(math.log2(tokens)), []).append((ratio, tokens))
     points = [(int(statistics.median(n for _, n in band)), statistics.median(r for r, _ in band))
-              for _, band in sorted(bands.items())]
+              for _, band in sorted(bands.items()) if len(band) >= min_samples]
     return tuple(points)  # bands are disjoint length ranges: their medians ascend

@@ -350,7 +350,7 @@ def test_a_modes_factor_follows_its_points_along_prompt_length() -> None:
         Served((("raw", 1.0),), prefill_points=(("raw", ((256, 1.0), (128, 1.1))),))
 
 
-def test_the_calibration_keeps_a_point_per_length_band_once_two_bands_have_samples() -> None:
+def test_the_calibration_keeps_a_point_per_length_band_once_two_bands_have_enough_samples() -> None:
     cal = ServedCalibration(min_samples=3, skip_cold=False)
     for tokens, prefill in ((141, 0.13), (141, 0.13), (150, 0.14)):
         cal.observe(_seen(prefill=prefill, num_tokens=tokens))
@@ -358,10 +358,12 @@ def test_the_calibration_keeps_a_point_per_length_band_once_two_bands_have_sampl
     assert one_band.prefill_points == () and one_band.scale("raw", 500) == pytest.approx(1.3)
     for tokens, prefill in ((525, 0.11), (530, 0.11)):
         cal.observe(_seen(prefill=prefill, num_tokens=tokens))
+    assert cal.served("p").prefill_points == ()  # the second band has 2 of its 3 samples
+    cal.observe(_seen(prefill=0.11, num_tokens=520))
     served = cal.served("p")
-    assert served.prefill_points == (("raw", ((141, pytest.approx(1.3)), (527, pytest.approx(1.1)))),)
-    assert served.scale("raw", 1000) == pytest.approx(1.1) and served.scale("raw") == pytest.approx(1.3)
-    assert cal.snapshot("p")["prefill_points"] == {"raw": [[141, 1.3], [527, 1.1]]}
+    assert served.prefill_points == (("raw", ((141, pytest.approx(1.3)), (525, pytest.approx(1.1)))),)
+    assert served.scale("raw", 1000) == pytest.approx(1.1) and served.scale("raw") == pytest.approx(1.2)
+    assert cal.snapshot("p")["prefill_points"] == {"raw": [[141, 1.3], [525, 1.1]]}
 
 
 def test_a_cluster_file_may_give_a_factor_along_prompt_length() -> None:
