@@ -187,10 +187,9 @@ class Predictor:
         None when the link between them is unknown."""
         if prefill is None or prefill.node_id == decode.node_id:
             return self._cost(decode)
-        link = self.cluster.link(prefill.node_id, decode.node_id)
-        if link is None:
+        net = self._link(prefill, decode)
+        if net is None:
             return None
-        net = costmodel.Link("measured", link.gbps, link.latency_s, payload_efficiency=1.0)
         return self._cost(prefill, net, self.cached(decode), self._fixed_codec(prefill, decode))
 
     def prefill_s(self, node: NodeView) -> float:
@@ -203,11 +202,10 @@ class Predictor:
         ledger's backlog)."""
         decode = self.cluster.node(placement.decode_node)
         prefill = self.cluster.node(placement.prefill_node) if placement.prefill_node else None
-        link = self.cluster.link(prefill.node_id, decode.node_id) if prefill is not None else None
-        if prefill is None or link is None:
+        net = self._link(prefill, decode) if prefill is not None else None
+        if prefill is None or net is None:
             cost = self._cost(prefill or decode)
         else:
-            net = costmodel.Link("measured", link.gbps, link.latency_s, payload_efficiency=1.0)
             cost = self._cost(prefill, net, self.cached(decode), placement.codec or "raw")
         return cost.prefill_s - cost.encode_in_prefill_s
 
@@ -237,6 +235,11 @@ class Predictor:
         ttft = (prefill or decode).prefill_backlog_s + cost.prefill_s + cost.exposed_s + overhead
         e2e = ttft + (self.request.max_tokens - 1) * self.tpot_s(decode)
         return Estimate(Placement(prefill.node_id if prefill else None, decode.node_id, cost.codec), ttft, e2e)
+
+    def _link(self, prefill: NodeView, decode: NodeView) -> costmodel.Link | None:
+        """The measured link ``prefill`` -> ``decode`` as the cost model takes it; None when unknown."""
+        link = self.cluster.link(prefill.node_id, decode.node_id)
+        return None if link is None else costmodel.Link("measured", link.gbps, link.latency_s, payload_efficiency=1.0)
 
     def _fixed_codec(self, prefill: NodeView, decode: NodeView) -> str | None:
         """The codec of a transfer ``prefill`` -> ``decode`` when there is

@@ -226,12 +226,17 @@ def _parse_served(entry: Mapping[str, Any], roles: tuple[str, ...], where: str) 
 
 
 def _parse_points(value: list, problem: str) -> tuple[tuple[int, float], ...]:
-    """[[tokens >= 1, factor > 0], ...] in strictly ascending tokens."""
-    ok = value and all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], int) and not isinstance(p[0], bool)
-                       and p[0] >= 1 and _is_number(p[1]) and 0 < p[1] < float("inf") for p in value)
-    if not ok or [p[0] for p in value] != sorted({p[0] for p in value}):
+    """[[tokens >= 1, factor > 0], ...], at least one, in strictly ascending tokens."""
+    if not value or not all(_is_token_pair(p) for p in value) or [p[0] for p in value] != sorted({p[0] for p in value}):
         raise ClusterFileError(problem)
     return tuple((int(n), float(f)) for n, f in value)
+
+
+def _is_token_pair(point: object) -> bool:
+    """``[tokens >= 1, a finite number > 0]``."""
+    return (isinstance(point, list) and len(point) == 2 and isinstance(point[0], int)
+            and not isinstance(point[0], bool) and point[0] >= 1 and _is_number(point[1])
+            and 0 < point[1] < float("inf"))
 
 
 def _parse_device(value: object, where: str) -> str:
@@ -247,8 +252,7 @@ def _parse_probe(points: Any, where: str) -> tuple[tuple[int, float], ...]:
     if not isinstance(points, list):
         raise ClusterFileError(f"{shape}, got {points!r}")
     for point in points:
-        if (not isinstance(point, list) or len(point) != 2 or not isinstance(point[0], int) or isinstance(point[0], bool)
-                or point[0] < 1 or not _is_number(point[1]) or not 0 < point[1] < float("inf")):
+        if not _is_token_pair(point):
             raise ClusterFileError(f"{shape}, got {point!r}")
     return tuple((int(n), float(t)) for n, t in points)
 

@@ -280,10 +280,13 @@ def sim_cluster_toml(prefill: dict[str, Any], decode: dict[str, Any], gbps: floa
     ``SIM_GENERIC_COMPUTE`` for the scaling; a probe prices prefill the same way in both."""
     def node(n: dict[str, Any]) -> str:
         roles = ", ".join(f'"{r}"' for r in n["roles"])
-        probe = ", ".join(f"[{int(tokens)}, {float(seconds)!r}]" for tokens, seconds in n.get("prefill_probe") or ())
+        def pairs(points: Any) -> str:  # [[tokens, figure], ...] as TOML
+            return ", ".join(f"[{int(tokens)}, {float(figure)!r}]" for tokens, figure in points or ())
+
+        probe = pairs(n.get("prefill_probe"))
         served = n.get("served") or {}  # what the scheduler learned from the warm-ups
-        scales = {mode: (f"[{', '.join(f'[{int(t)}, {float(f)!r}]' for t, f in served['prefill_points'][mode])}]"
-                         if mode in (served.get("prefill_points") or {}) else repr(float(value)))
+        points = served.get("prefill_points") or {}
+        scales = {mode: f"[{pairs(points[mode])}]" if mode in points else repr(float(value))
                   for mode, value in (served.get("prefill_scale") or {}).items()}
         overheads = {kind: repr(float(v)) for kind, v in (served.get("overhead_s") or {}).items()}
         tables = "".join(f"{name} = {{{', '.join(f'{k} = {v}' for k, v in table.items())}}}\n"
